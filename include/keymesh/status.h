@@ -1,0 +1,83 @@
+// KeyMesh's one error vocabulary.
+//
+// Every fallible call returns a Status (or a Result<T>, a value or a Status).
+// The OK case holds no string and costs a byte compare. The set of codes is
+// closed; each has a fixed meaning documented below and a stable numeric value
+// that the C ABI (keymesh.h) exposes as KM_* constants.
+#ifndef KEYMESH_STATUS_H_
+#define KEYMESH_STATUS_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "keymesh/export.h"
+
+namespace keymesh {
+
+enum class Code : int32_t {
+  kOk = 0,
+  kNoAvailableKey = 1,    // no eligible key before the timeout
+  kKeyExhausted = 2,      // mark_failed made the key reach max_failures (reported once)
+  kUnknownKey = 3,        // no key/pool of that name or secret in this pool
+  kNotHeld = 4,           // the caller does not hold this lease (double release, reclaimed)
+  kCapacityExceeded = 5,  // a fixed capacity of the segment would be exceeded
+  kInvalidArgument = 6,   // bad input from the caller
+  kLayoutMismatch = 7,    // segment has another magic/layout version/size
+  kSegmentError = 8,      // the segment cannot be created, opened or mapped
+  kBrokerUnavailable = 9, // the broker socket cannot be reached
+  kProtocolError = 10,    // malformed or unexpected control-protocol message
+  kPermissionDenied = 11, // the peer is not allowed (SO_PEERCRED, file modes)
+  kIoError = 12,          // a file or socket operation failed
+  kCorruptState = 13,     // a persisted state file failed its checks
+  kAlreadyExists = 14,    // a name is taken (pool, key, lock file)
+  kClosed = 15,           // the object was closed
+  kInternal = 16,         // a bug: an invariant did not hold
+};
+
+// Short, stable, lowercase name of a code ("no_available_key", ...).
+KEYMESH_EXPORT const char* CodeName(Code code) noexcept;
+
+class [[nodiscard]] Status {
+ public:
+  Status() noexcept = default;
+  Status(Code code, std::string message) : code_(code), message_(std::move(message)) {}
+
+  static Status Ok() noexcept { return Status(); }
+
+  bool ok() const noexcept { return code_ == Code::kOk; }
+  Code code() const noexcept { return code_; }
+  const std::string& message() const noexcept { return message_; }
+  // "code_name: message", or "ok".
+  KEYMESH_EXPORT std::string ToString() const;
+
+ private:
+  Code code_ = Code::kOk;
+  std::string message_;
+};
+
+// A value or the Status that says why there is none.
+template <typename T>
+class [[nodiscard]] Result {
+ public:
+  Result(T value) : value_(std::move(value)) {}  // NOLINT(google-explicit-constructor): natural return
+  Result(Status status) : status_(std::move(status)) {}  // NOLINT(google-explicit-constructor)
+
+  bool ok() const noexcept { return value_.has_value(); }
+  const Status& status() const noexcept { return status_; }
+  T& value() & { return *value_; }
+  const T& value() const& { return *value_; }
+  T&& value() && { return std::move(*value_); }
+  T* operator->() { return &*value_; }
+  const T* operator->() const { return &*value_; }
+  T& operator*() & { return *value_; }
+
+ private:
+  std::optional<T> value_;
+  Status status_;
+};
+
+}  // namespace keymesh
+
+#endif  // KEYMESH_STATUS_H_

@@ -1,0 +1,109 @@
+// Plain value types shared by the C++ API, the broker and the C ABI.
+#ifndef KEYMESH_TYPES_H_
+#define KEYMESH_TYPES_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "keymesh/export.h"
+#include "keymesh/status.h"
+
+namespace keymesh {
+
+enum class Strategy : uint32_t { kRoundRobin = 0, kLeastBusy = 1, kWeighted = 2 };
+
+// "round_robin", "least_busy", "weighted".
+KEYMESH_EXPORT std::string_view StrategyName(Strategy strategy) noexcept;
+KEYMESH_EXPORT Result<Strategy> ParseStrategy(std::string_view name);
+
+// Pool-wide options; defaults are the original KeyPool's.
+struct PoolOptions {
+  Strategy strategy = Strategy::kLeastBusy;
+  double default_cooldown = 60.0;   // seconds a 429 cools a key when no Retry-After is given
+  uint32_t max_failures = 10;       // consecutive failures that exhaust a key (>= 1)
+  double acquire_timeout = 30.0;    // seconds Acquire() waits by default (0: try once)
+  double max_lease_seconds = 600.0; // a lease held longer is reclaimed by the broker
+  double max_cooldown = 600.0;      // cap of escalating 429 cooldowns
+};
+
+// Checks ranges and finiteness; the message names the offending field.
+KEYMESH_EXPORT Status ValidatePoolOptions(const PoolOptions& options);
+
+// One key as configured. `secret` never enters the shared segment.
+struct KeySpec {
+  std::string name;             // stable, unique in its pool, 1..63 bytes
+  std::string secret;           // the API key itself
+  uint32_t weight = 1;          // >= 1; used by the weighted strategy
+  uint32_t max_concurrency = 0; // 0: unlimited
+  uint32_t rpm = 0;             // requests per minute, 0: unlimited
+  uint64_t tpm = 0;             // tokens per minute, 0: unlimited
+};
+
+// Why a key is or is not eligible right now.
+enum class KeyState : uint32_t {
+  kAvailable = 0,  // eligible
+  kBusy = 1,       // in-flight == max_concurrency
+  kCooling = 2,    // cooldown deadline in the future
+  kExhausted = 3,  // consecutive failures reached max_failures
+  kDisabled = 4,   // disabled by an operator
+  kRemoving = 5,   // removed; waits for its leases to end
+};
+KEYMESH_EXPORT std::string_view KeyStateName(KeyState state) noexcept;
+
+struct KeyStatus {
+  uint32_t slot = 0;
+  std::string name;
+  uint64_t fingerprint = 0;  // salted hash of the secret, never the secret
+  KeyState state = KeyState::kAvailable;
+  bool enabled = true;
+  uint32_t weight = 1;
+  uint32_t max_concurrency = 0;
+  uint32_t rpm = 0;
+  uint64_t tpm = 0;
+  uint32_t in_flight = 0;
+  double cooldown_remaining = 0.0;  // seconds
+  uint32_t fail_streak = 0;
+  uint32_t rate_limit_streak = 0;
+  uint64_t acquires = 0;
+  uint64_t successes = 0;
+  uint64_t failures = 0;
+  uint64_t rate_limited = 0;
+  uint64_t reclaimed = 0;
+  uint64_t tokens = 0;
+  uint64_t cancelled = 0;        // leases ended without an outcome
+  double latency_avg = 0.0;      // seconds, EMA alpha 0.2; 0 until the first sample
+  bool has_latency = false;
+  double last_used_ago = -1.0;   // seconds since the last acquire, -1 if never
+  double health_score = 1.0;     // success rate x 1/(1+latency_avg), 0 when not eligible
+};
+
+struct PoolTotals {
+  uint64_t acquires = 0;
+  uint64_t releases = 0;  // successful releases
+  uint64_t failures = 0;
+  uint64_t rate_limited = 0;
+  uint64_t reclaimed = 0;
+  uint64_t no_key_available = 0;  // failed acquires, once each
+  uint64_t timeouts = 0;          // acquires that gave up after waiting
+};
+
+struct PoolStatus {
+  std::string name;
+  Strategy strategy = Strategy::kLeastBusy;
+  PoolOptions options;
+  PoolTotals totals;
+  double uptime = 0.0;  // seconds since the pool was created
+  uint64_t generation = 0;
+  std::vector<KeyStatus> keys;
+};
+
+// Masks a secret for display: "..." plus at most the last 4 characters, and
+// only when the secret is at least 12 characters long ("***" otherwise).
+KEYMESH_EXPORT std::string MaskSecret(std::string_view secret);
+
+}  // namespace keymesh
+
+#endif  // KEYMESH_TYPES_H_

@@ -1,0 +1,83 @@
+#include "shm/process_id.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+namespace keymesh::shm {
+namespace {
+
+// Reads /proc/PID/stat; returns false if the process does not exist.
+// Sets *zombie when its state is Z or X.
+bool ReadStat(pid_t pid, uint64_t* start_time, bool* zombie) noexcept {
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
+  int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buf[1024];
+  ssize_t n = ::read(fd, buf, sizeof(buf) - 1);
+  ::close(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  // The command name (field 2) may contain spaces and parentheses: skip to
+  // the last ')'.
+  char* p = std::strrchr(buf, ')');
+  if (p == nullptr || p[1] == '\0') return false;
+  p += 2;  // now at field 3 (state)
+  *zombie = (*p == 'Z' || *p == 'X');
+  // Field 22 is starttime: skip 19 more fields after state.
+  int field = 3;
+  while (*p != '\0' && field < 22) {
+    if (*p == ' ') ++field;
+    ++p;
+  }
+  if (field != 22) return false;
+  *start_time = std::strtoull(p, nullptr, 10);
+  return true;
+}
+
+ProcessId g_self;
+bool g_self_valid = false;
+
+void ResetSelfInChild() noexcept { g_self_valid = false; }
+
+void ComputeSelf() noexcept {
+  static const bool registered = [] {
+    pthread_atfork(nullptr, nullptr, &ResetSelfInChild);
+    return true;
+  }();
+  (void)registered;
+  ProcessId id;
+  id.pid = static_cast<uint32_t>(::getpid());
+  bool zombie = false;
+  if (!ReadStat(static_cast<pid_t>(id.pid), &id.start_time, &zombie)) id.start_time = 0;
+  g_self = id;
+  g_self_valid = true;
+}
+
+}  // namespace
+
+const ProcessId& Self() noexcept {
+  if (!g_self_valid) [[unlikely]] ComputeSelf();
+  return g_self;
+}
+
+std::optional<uint64_t> ReadStartTime(pid_t pid) noexcept {
+  uint64_t start = 0;
+  bool zombie = false;
+  if (!ReadStat(pid, &start, &zombie)) return std::nullopt;
+  return start;
+}
+
+bool IsAlive(const ProcessId& id) noexcept {
+  uint64_t start = 0;
+  bool zombie = false;
+  if (!ReadStat(static_cast<pid_t>(id.pid), &start, &zombie)) return false;
+  return !zombie && start == id.start_time;
+}
+
+}  // namespace keymesh::shm

@@ -1,0 +1,93 @@
+// Implementations of the small value helpers of keymesh/status.h and
+// keymesh/types.h.
+#include <cmath>
+
+#include "keymesh/status.h"
+#include "keymesh/types.h"
+
+namespace keymesh {
+
+const char* CodeName(Code code) noexcept {
+  switch (code) {
+    case Code::kOk: return "ok";
+    case Code::kNoAvailableKey: return "no_available_key";
+    case Code::kKeyExhausted: return "key_exhausted";
+    case Code::kUnknownKey: return "unknown_key";
+    case Code::kNotHeld: return "not_held";
+    case Code::kCapacityExceeded: return "capacity_exceeded";
+    case Code::kInvalidArgument: return "invalid_argument";
+    case Code::kLayoutMismatch: return "layout_mismatch";
+    case Code::kSegmentError: return "segment_error";
+    case Code::kBrokerUnavailable: return "broker_unavailable";
+    case Code::kProtocolError: return "protocol_error";
+    case Code::kPermissionDenied: return "permission_denied";
+    case Code::kIoError: return "io_error";
+    case Code::kCorruptState: return "corrupt_state";
+    case Code::kAlreadyExists: return "already_exists";
+    case Code::kClosed: return "closed";
+    case Code::kInternal: return "internal";
+  }
+  return "unknown";
+}
+
+std::string Status::ToString() const {
+  if (ok()) return "ok";
+  return std::string(CodeName(code_)) + ": " + message_;
+}
+
+std::string_view StrategyName(Strategy strategy) noexcept {
+  switch (strategy) {
+    case Strategy::kRoundRobin: return "round_robin";
+    case Strategy::kLeastBusy: return "least_busy";
+    case Strategy::kWeighted: return "weighted";
+  }
+  return "least_busy";
+}
+
+Result<Strategy> ParseStrategy(std::string_view name) {
+  if (name == "round_robin") return Strategy::kRoundRobin;
+  if (name == "least_busy") return Strategy::kLeastBusy;
+  if (name == "weighted") return Strategy::kWeighted;
+  return Status(Code::kInvalidArgument, "strategy must be round_robin, least_busy or weighted, not '" +
+                                            std::string(name) + "'");
+}
+
+std::string_view KeyStateName(KeyState state) noexcept {
+  switch (state) {
+    case KeyState::kAvailable: return "available";
+    case KeyState::kBusy: return "busy";
+    case KeyState::kCooling: return "cooling";
+    case KeyState::kExhausted: return "exhausted";
+    case KeyState::kDisabled: return "disabled";
+    case KeyState::kRemoving: return "removing";
+  }
+  return "unknown";
+}
+
+namespace {
+Status CheckSeconds(const char* field, double v, bool allow_zero) {
+  if (!std::isfinite(v) || v < 0 || (!allow_zero && v == 0) || v > 1e9) {
+    return Status(Code::kInvalidArgument, std::string(field) + " must be a finite number of seconds " +
+                                              (allow_zero ? ">= 0" : "> 0"));
+  }
+  return Status::Ok();
+}
+}  // namespace
+
+Status ValidatePoolOptions(const PoolOptions& o) {
+  if (o.max_failures < 1) return Status(Code::kInvalidArgument, "max_failures must be >= 1");
+  for (Status st : {CheckSeconds("default_cooldown", o.default_cooldown, true),
+                    CheckSeconds("acquire_timeout", o.acquire_timeout, true),
+                    CheckSeconds("max_lease_seconds", o.max_lease_seconds, true),
+                    CheckSeconds("max_cooldown", o.max_cooldown, true)}) {
+    if (!st.ok()) return st;
+  }
+  return Status::Ok();
+}
+
+std::string MaskSecret(std::string_view secret) {
+  if (secret.size() < 12) return "***";
+  return "..." + std::string(secret.substr(secret.size() - 4));
+}
+
+}  // namespace keymesh
