@@ -218,14 +218,17 @@ Result<Lease> Pool::MakeLease(uint32_t slot, uint32_t lease_index, uint32_t seq,
   return lease;
 }
 
-Result<Lease> Pool::Acquire(std::optional<double> timeout) {
+Result<Lease> Pool::Acquire(std::optional<double> timeout) { return Acquire(timeout, nullptr); }
+
+Result<Lease> Pool::Acquire(std::optional<double> timeout, const std::atomic<bool>* cancel) {
   uint64_t timeout_ns = access_->header()->config.acquire_timeout;
   if (timeout) {
     Status st = ValidateTimeout(*timeout);
     if (!st.ok()) return st;
     timeout_ns = shm::SecondsToNanos(*timeout);
   }
-  Result<shm::LeaseHandle> h = access_->Acquire(timeout_ns, selector_raw_.load(std::memory_order_acquire));
+  Result<shm::LeaseHandle> h =
+      access_->Acquire(timeout_ns, selector_raw_.load(std::memory_order_acquire), shm::Self(), cancel);
   if (!h.ok()) return h.status();
   return MakeLease(h->slot, h->lease, h->seq, h->acquire_ns, h->fingerprint);
 }
@@ -302,6 +305,13 @@ std::optional<std::string> Pool::NameOfSecret(std::string_view secret) {
     if (e != nullptr && e->fingerprint == fp && e->secret == secret) return e->name;
   }
   return std::nullopt;
+}
+
+std::optional<std::string> Pool::MaskedSecretOfSlot(uint32_t slot) {
+  if (slot >= entries_size_) return std::nullopt;
+  const detail::KeyEntry* e = entries_[slot].load(std::memory_order_acquire);
+  if (e == nullptr) return std::nullopt;
+  return MaskSecret(e->secret);
 }
 
 void Pool::SetSelector(std::shared_ptr<const Selector> selector) {

@@ -55,9 +55,13 @@ class PoolAccess::Guard {
   }
   ~Guard() {
     bool must_wake = false;
-    if (wake_) {
+    // Sleepers announce themselves (sleepers = 1) under the lock before they
+    // sleep, so when nobody is announced no wake-up is owed and the fast
+    // path stays free of atomic read-modify-writes and system calls.
+    if (wake_ && pool_->ph_->sleepers.load(std::memory_order_relaxed) != 0) {
+      pool_->ph_->sleepers.store(0, std::memory_order_relaxed);
       pool_->ph_->wake_seq.fetch_add(1, std::memory_order_release);
-      must_wake = pool_->ph_->sleepers.exchange(0, std::memory_order_acq_rel) != 0;
+      must_wake = true;
     }
     pool_->ph_->mutex.Unlock();
     if (must_wake) FutexWakeAll(&pool_->ph_->wake_seq);
@@ -389,9 +393,13 @@ void PoolAccess::HeapRemove(uint32_t slot) noexcept {
 
 void PoolAccess::HeapFix(uint32_t slot) noexcept {
   const uint32_t pos = heap_pos_[slot];
+  const HeapEntry old = heap_[pos];
   HeapKey(slot, &heap_[pos]);
-  SiftUp(pos);
-  SiftDown(heap_pos_[slot]);
+  if (Less(heap_[pos], old)) {
+    SiftUp(pos);
+  } else {
+    SiftDown(pos);
+  }
 }
 
 void PoolAccess::IndexUpdate(uint32_t slot, uint64_t now) noexcept {
@@ -459,7 +467,8 @@ uint64_t PoolAccess::Stride(uint32_t slot) const noexcept {
 // ---------------------------------------------------------------------------
 // Fast path
 
-Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest) {
+Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
+                                                  const ProcessId& holder) {
   if (now >= ph_->next_deadline) [[unlikely]] Sweep(now);
   if (ph_->index_strategy != ph_->config.strategy) [[unlikely]] IndexRebuild(now);
   const Selector& sel = selector != nullptr ? *selector : BuiltinSelector(ph_->config.strategy);
@@ -479,7 +488,7 @@ Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint6
                                                std::to_string(lease_cap_) + " leases at once");
   }
   const uint32_t l = free_[ph_->free_top - 1];
-  const ProcessId& self = Self();
+  const ProcessId& self = holder;
   SlotState& st = keys_[s].state;
   LeaseRecord& lease = leases_[l];
 
@@ -509,10 +518,10 @@ Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint6
   return LeaseHandle{s, l, lease.seq, now, keys_[s].config.fingerprint};
 }
 
-Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* earliest) {
+Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* earliest, const ProcessId& holder) {
   Result<LeaseHandle> r = [&] {
     Guard g(this);
-    return TryAcquireLocked(selector, clock_->NowNanos(), earliest);
+    return TryAcquireLocked(selector, clock_->NowNanos(), earliest, holder);
   }();
   if (!r.ok() && r.status().code() == Code::kNoAvailableKey) {
     ph_->no_key.fetch_add(1, std::memory_order_relaxed);
@@ -520,7 +529,8 @@ Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* e
   return r;
 }
 
-Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* selector) {
+Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* selector, const ProcessId& holder,
+                                         const std::atomic<bool>* cancel) {
   const uint64_t start = MonotonicNowNanos();
   const uint64_t deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
   for (;;) {
@@ -529,8 +539,11 @@ Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* sel
     {
       Guard g(this);
       const uint64_t now = clock_->NowNanos();
-      Result<LeaseHandle> r = TryAcquireLocked(selector, now, &earliest);
+      Result<LeaseHandle> r = TryAcquireLocked(selector, now, &earliest, holder);
       if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
+      if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
+        return Status(Code::kClosed, "acquire cancelled");
+      }
       if (MonotonicNowNanos() >= deadline) {
         ph_->no_key.fetch_add(1, std::memory_order_relaxed);
         if (timeout_ns > 0) ph_->timeouts.fetch_add(1, std::memory_order_relaxed);
@@ -553,7 +566,7 @@ Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* sel
 }
 
 Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, const ProcessId& holder,
-                                 uint64_t now, bool* wake) {
+                                 bool* wake) {
   if (h.lease >= lease_cap_ || h.slot >= key_cap_) {
     return Status(Code::kNotHeld, "lease handle out of range");
   }
@@ -567,6 +580,12 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
   KeySlot& key = keys_[s];
   SlotState& st = key.state;
   bool exhausted_now = false;
+  // The clock is read only when the answer depends on it: a key whose
+  // cooldown ended before this lease was granted is past it at any later
+  // time, so the grant time serves (saves a clock read per success).
+  const uint64_t now = (outcome.kind == OutcomeKind::kRateLimited || st.cooldown_deadline > lease.acquire_ns)
+                           ? clock_->NowNanos()
+                           : lease.acquire_ns;
 
   JournalBegin(kJournalSlotState | kJournalLease, s, h.lease);
   lease.state = LeaseState::kFree;
@@ -638,7 +657,7 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
 Status PoolAccess::Release(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder) {
   Guard g(this);
   bool wake = false;
-  Status st = ReleaseLocked(lease, outcome, holder, clock_->NowNanos(), &wake);
+  Status st = ReleaseLocked(lease, outcome, holder, &wake);
   if (wake) g.RequestWake();
   return st;
 }
@@ -837,6 +856,36 @@ Status PoolAccess::RestoreKeyState(std::string_view name, const RestoredState& r
   NoteDeadline(st.cooldown_deadline, now);
   IndexUpdate(*s, now);
   return Status::Ok();
+}
+
+std::vector<PoolAccess::ExportedKey> PoolAccess::ExportKeyStates() {
+  std::vector<ExportedKey> out;
+  Guard g(this);
+  for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
+    const KeySlot& k = keys_[s];
+    const SlotState& st = k.state;
+    if (st.use != SlotUse::kActive) continue;
+    ExportedKey e;
+    e.name = SlotName(k);
+    e.fingerprint = k.config.fingerprint;
+    RestoredState& r = e.state;
+    r.fail_streak = st.fail_streak;
+    r.rl_streak = st.rl_streak;
+    r.cooldown_deadline = st.cooldown_deadline;
+    r.last_cooldown = st.last_cooldown;
+    r.enabled = st.enabled != 0;
+    r.exhausted = st.circuit != Circuit::kClosed;
+    r.acquires = st.acquires;
+    r.successes = st.successes;
+    r.failures = st.failures;
+    r.rate_limited = st.rate_limited;
+    r.reclaimed = st.reclaimed;
+    r.tokens = st.tokens;
+    r.has_latency = st.has_latency != 0;
+    r.ema_latency = st.ema_latency;
+    out.push_back(std::move(e));
+  }
+  return out;
 }
 
 Result<uint32_t> PoolAccess::ReclaimProcess(const ProcessId& holder) {

@@ -27,8 +27,10 @@
 #ifndef KEYMESH_SHM_POOL_H_
 #define KEYMESH_SHM_POOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -111,11 +113,18 @@ class PoolAccess {
   // One attempt. kNoAvailableKey when no key is eligible now; then
   // *earliest (if given) receives the earliest cooldown deadline (kNever if
   // none). `selector` null: the pool's strategy.
-  Result<LeaseHandle> TryAcquire(const Selector* selector = nullptr, uint64_t* earliest = nullptr);
+  // `holder` names the process the lease belongs to (the broker's socket
+  // slow path grants leases on behalf of its clients).
+  Result<LeaseHandle> TryAcquire(const Selector* selector = nullptr, uint64_t* earliest = nullptr,
+                                 const ProcessId& holder = Self());
   // Waits up to timeout_ns (real CLOCK_MONOTONIC time) for an eligible key,
   // sleeping on the pool's futex until a release, a cooldown end, a key
   // added, or the timeout. Never spins.
-  Result<LeaseHandle> Acquire(uint64_t timeout_ns, const Selector* selector = nullptr);
+  // `holder` as for TryAcquire. `cancel` (may be null) is checked at every
+  // wake-up: set it, then call WakeWaiters(), to end the wait early with
+  // kClosed. It must outlive the call.
+  Result<LeaseHandle> Acquire(uint64_t timeout_ns, const Selector* selector = nullptr,
+                              const ProcessId& holder = Self(), const std::atomic<bool>* cancel = nullptr);
   // Ends a lease held by `holder`. kNotHeld if it is not held by holder.
   // Returns kKeyExhausted (the lease ended normally) exactly once: on the
   // failure that made the key reach max_failures.
@@ -144,6 +153,14 @@ class PoolAccess {
     double ema_latency = 0.0;
   };
   Status RestoreKeyState(std::string_view name, const RestoredState& state);
+  // The persistable state of every active key (removed keys excluded), read
+  // under the lock; the inverse of RestoreKeyState (deadline in CLOCK_MONOTONIC ns).
+  struct ExportedKey {
+    std::string name;
+    uint64_t fingerprint = 0;
+    RestoredState state;
+  };
+  std::vector<ExportedKey> ExportKeyStates();
 
   // Frees every lease held by `holder`; returns how many.
   Result<uint32_t> ReclaimProcess(const ProcessId& holder);
@@ -172,9 +189,9 @@ class PoolAccess {
   class Guard;
   friend class PoolSelection;
 
-  Result<LeaseHandle> TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest);
-  Status ReleaseLocked(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder,
-                       uint64_t now, bool* wake);
+  Result<LeaseHandle> TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
+                                       const ProcessId& holder);
+  Status ReleaseLocked(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder, bool* wake);
   void FreeLeaseLocked(uint32_t lease_index, uint64_t now, bool count_reclaim);
   bool Eligible(uint32_t slot, uint64_t now) const noexcept;
   void Sweep(uint64_t now) noexcept;

@@ -124,9 +124,23 @@ class KEYMESH_EXPORT Pool {
   static Result<std::unique_ptr<Pool>> AttachSegment(std::string_view segment_name,
                                                      std::string_view pool_name, SecretSource secrets);
 
+  // Connects to the keymesh-broker at `socket_path` (empty: $KEYMESH_SOCKET,
+  // else /run/keymesh/keymesh.sock): hello (registers this process for lease
+  // ownership), secrets, then maps the broker's segment and attaches to the
+  // pool. When the segment cannot be mapped, every call goes over the socket
+  // (slow path). kBrokerUnavailable when nobody answers. Implemented in
+  // client/broker_client.cc.
+  static Result<std::unique_ptr<Pool>> Connect(std::string_view socket_path, std::string_view pool_name);
+
   // Waits up to `timeout` seconds (the pool's acquire_timeout when absent)
   // for an eligible key. kNoAvailableKey on timeout.
   Result<Lease> Acquire(std::optional<double> timeout = std::nullopt);
+  // As Acquire(timeout), but another thread may end the wait early: it sets
+  // *cancel to true and then calls access().WakeWaiters(); the call returns
+  // kClosed. A wait ended this way is not counted as a failed acquire, so a
+  // flag already set makes one uncounted attempt. *cancel must outlive the
+  // call. (Used by the C ABI for asyncio cancellation and close.)
+  Result<Lease> Acquire(std::optional<double> timeout, const std::atomic<bool>* cancel);
   // One attempt, never waits.
   Result<Lease> TryAcquire();
 
@@ -147,6 +161,9 @@ class KEYMESH_EXPORT Pool {
   const std::string& name() const noexcept { return name_; }
   // Name of the key holding `secret`, if any.
   std::optional<std::string> NameOfSecret(std::string_view secret);
+  // MaskSecret() of the secret of the key in `slot`, if this process knows
+  // it (for status output: the secret itself never leaves the Pool).
+  std::optional<std::string> MaskedSecretOfSlot(uint32_t slot);
 
   // Replaces the pool's strategy for this process's acquires (nullptr: back
   // to the pool's strategy). The selector must outlive its use.

@@ -1,0 +1,327 @@
+#include "broker/config.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <unistd.h>
+
+#include <boost/json.hpp>
+
+#include "shm/segment.h"
+
+namespace keymesh::broker {
+namespace {
+
+namespace json = boost::json;
+
+Status Error(const std::string& field, const std::string& message) {
+  return Status(Code::kInvalidArgument, "config: " + field + ": " + message);
+}
+
+std::string Join(const std::string& base, std::string_view key) {
+  return base.empty() ? std::string(key) : base + "." + std::string(key);
+}
+
+std::string Absolute(const std::string& path, const std::string& base_dir) {
+  if (path.empty() || path[0] == '/') return path;
+  return base_dir + "/" + path;
+}
+
+// Checks that `obj` has only `allowed` fields.
+Status OnlyFields(const json::object& obj, const std::string& where, std::initializer_list<std::string_view> allowed) {
+  for (const auto& kv : obj) {
+    bool ok = false;
+    for (std::string_view a : allowed) ok = ok || kv.key() == a;
+    if (!ok) return Error(Join(where, kv.key()), "unknown field");
+  }
+  return Status::Ok();
+}
+
+Result<std::string> GetString(const json::value& v, const std::string& field) {
+  if (!v.is_string()) return Error(field, "must be a string");
+  return std::string(v.get_string());
+}
+
+Result<double> GetSeconds(const json::value& v, const std::string& field) {
+  double d = 0;
+  if (v.is_int64()) {
+    d = static_cast<double>(v.get_int64());
+  } else if (v.is_uint64()) {
+    d = static_cast<double>(v.get_uint64());
+  } else if (v.is_double()) {
+    d = v.get_double();
+  } else {
+    return Error(field, "must be a number of seconds");
+  }
+  if (!std::isfinite(d) || d < 0 || d > 1e9) return Error(field, "must be a finite number of seconds >= 0");
+  return d;
+}
+
+Result<uint64_t> GetUint(const json::value& v, const std::string& field, uint64_t min, uint64_t max) {
+  uint64_t u = 0;
+  if (v.is_int64() && v.get_int64() >= 0) {
+    u = static_cast<uint64_t>(v.get_int64());
+  } else if (v.is_uint64()) {
+    u = v.get_uint64();
+  } else {
+    return Error(field, "must be a non-negative integer");
+  }
+  if (u < min || u > max) return Error(field, "must be between " + std::to_string(min) + " and " + std::to_string(max));
+  return u;
+}
+
+Result<std::vector<uint32_t>> GetIdList(const json::value& v, const std::string& field) {
+  if (!v.is_array()) return Error(field, "must be an array of integers");
+  std::vector<uint32_t> out;
+  const json::array& a = v.get_array();
+  for (size_t i = 0; i < a.size(); ++i) {
+    Result<uint64_t> id = GetUint(a[i], field + "[" + std::to_string(i) + "]", 0, UINT32_MAX - 1);
+    if (!id.ok()) return id.status();
+    out.push_back(static_cast<uint32_t>(*id));
+  }
+  return out;
+}
+
+Result<std::string> ReadSecretFile(const std::string& path, const std::string& field) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Error(field, "cannot read " + path + ": " + std::strerror(errno));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return Error(field, "cannot read " + path);
+  std::string s = ss.str();
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t')) s.pop_back();
+  return s;
+}
+
+Result<KeySpec> ParseKey(const json::value& v, const std::string& where, const std::string& base_dir,
+                         const EnvLookup& env) {
+  if (!v.is_object()) return Error(where, "must be an object");
+  const json::object& o = v.as_object();
+  Status st = OnlyFields(o, where, {"name", "secret", "secret_env", "secret_file", "weight", "max_concurrency", "rpm", "tpm"});
+  if (!st.ok()) return st;
+  KeySpec k;
+  const json::value* name = o.if_contains("name");
+  if (name == nullptr) return Error(where + ".name", "is required");
+  Result<std::string> n = GetString(*name, where + ".name");
+  if (!n.ok()) return n.status();
+  st = shm::ValidateName("key", *n);
+  if (!st.ok()) return Error(where + ".name", st.message());
+  k.name = *n;
+  int sources = 0;
+  for (const char* f : {"secret", "secret_env", "secret_file"}) sources += o.contains(f) ? 1 : 0;
+  if (sources != 1) return Error(where, "needs exactly one of secret, secret_env, secret_file");
+  if (const json::value* s = o.if_contains("secret")) {
+    Result<std::string> r = GetString(*s, where + ".secret");
+    if (!r.ok()) return r.status();
+    k.secret = *r;
+  } else if (const json::value* e = o.if_contains("secret_env")) {
+    Result<std::string> var = GetString(*e, where + ".secret_env");
+    if (!var.ok()) return var.status();
+    std::optional<std::string> val = env(*var);
+    if (!val) return Error(where + ".secret_env", "environment variable " + *var + " is not set");
+    k.secret = *val;
+  } else {
+    Result<std::string> path = GetString(o.at("secret_file"), where + ".secret_file");
+    if (!path.ok()) return path.status();
+    Result<std::string> r = ReadSecretFile(Absolute(*path, base_dir), where + ".secret_file");
+    if (!r.ok()) return r.status();
+    k.secret = *r;
+  }
+  if (k.secret.empty() || k.secret.find_first_not_of(" \t\r\n") == std::string::npos) {
+    return Error(where, "the secret is empty");
+  }
+  if (const json::value* w = o.if_contains("weight")) {
+    Result<uint64_t> r = GetUint(*w, where + ".weight", 1, UINT32_MAX);
+    if (!r.ok()) return r.status();
+    k.weight = static_cast<uint32_t>(*r);
+  }
+  if (const json::value* w = o.if_contains("max_concurrency")) {
+    Result<uint64_t> r = GetUint(*w, where + ".max_concurrency", 0, UINT32_MAX);
+    if (!r.ok()) return r.status();
+    k.max_concurrency = static_cast<uint32_t>(*r);
+  }
+  if (const json::value* w = o.if_contains("rpm")) {
+    Result<uint64_t> r = GetUint(*w, where + ".rpm", 0, UINT32_MAX);
+    if (!r.ok()) return r.status();
+    k.rpm = static_cast<uint32_t>(*r);
+  }
+  if (const json::value* w = o.if_contains("tpm")) {
+    Result<uint64_t> r = GetUint(*w, where + ".tpm", 0, UINT64_MAX);
+    if (!r.ok()) return r.status();
+    k.tpm = *r;
+  }
+  return k;
+}
+
+Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, const std::string& base_dir,
+                                  const EnvLookup& env) {
+  const std::string where = "pools." + std::string(name);
+  Status st = shm::ValidateName("pool", name);
+  if (!st.ok()) return Error(where, st.message());
+  if (!v.is_object()) return Error(where, "must be an object");
+  const json::object& o = v.as_object();
+  st = OnlyFields(o, where, {"strategy", "default_cooldown", "max_failures", "acquire_timeout", "max_lease_seconds",
+                             "max_cooldown", "keys"});
+  if (!st.ok()) return st;
+  PoolConfigEntry p;
+  p.name = std::string(name);
+  if (const json::value* s = o.if_contains("strategy")) {
+    Result<std::string> r = GetString(*s, where + ".strategy");
+    if (!r.ok()) return r.status();
+    Result<Strategy> strategy = ParseStrategy(*r);
+    if (!strategy.ok()) return Error(where + ".strategy", strategy.status().message());
+    p.options.strategy = *strategy;
+  }
+  struct Dur {
+    const char* field;
+    double* dest;
+  };
+  for (Dur d : {Dur{"default_cooldown", &p.options.default_cooldown}, Dur{"acquire_timeout", &p.options.acquire_timeout},
+                Dur{"max_lease_seconds", &p.options.max_lease_seconds}, Dur{"max_cooldown", &p.options.max_cooldown}}) {
+    if (const json::value* x = o.if_contains(d.field)) {
+      Result<double> r = GetSeconds(*x, where + "." + d.field);
+      if (!r.ok()) return r.status();
+      *d.dest = *r;
+    }
+  }
+  if (const json::value* x = o.if_contains("max_failures")) {
+    Result<uint64_t> r = GetUint(*x, where + ".max_failures", 1, UINT32_MAX);
+    if (!r.ok()) return r.status();
+    p.options.max_failures = static_cast<uint32_t>(*r);
+  }
+  st = ValidatePoolOptions(p.options);
+  if (!st.ok()) return Error(where, st.message());
+  const json::value* keys = o.if_contains("keys");
+  if (keys == nullptr) return Error(where + ".keys", "is required");
+  if (!keys->is_array()) return Error(where + ".keys", "must be an array");
+  std::unordered_map<std::string, size_t> names;
+  std::unordered_map<std::string, size_t> secrets;
+  const json::array& a = keys->get_array();
+  for (size_t i = 0; i < a.size(); ++i) {
+    const std::string kwhere = where + ".keys[" + std::to_string(i) + "]";
+    Result<KeySpec> k = ParseKey(a[i], kwhere, base_dir, env);
+    if (!k.ok()) return k.status();
+    if (auto [it, fresh] = names.emplace(k->name, i); !fresh) {
+      return Error(kwhere + ".name", "duplicate key name '" + k->name + "' (also keys[" + std::to_string(it->second) + "])");
+    }
+    if (auto [it, fresh] = secrets.emplace(k->secret, i); !fresh) {
+      return Error(kwhere, "repeats the secret of keys[" + std::to_string(it->second) + "]");
+    }
+    p.keys.push_back(std::move(k).value());
+  }
+  return p;
+}
+
+}  // namespace
+
+const PoolConfigEntry* BrokerConfig::FindPool(std::string_view name) const {
+  for (const PoolConfigEntry& p : pools) {
+    if (p.name == name) return &p;
+  }
+  return nullptr;
+}
+
+Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_dir, const EnvLookup& env) {
+  boost::system::error_code ec;
+  json::value root;
+  try {
+    root = json::parse(text, ec);
+  } catch (const std::exception& e) {  // bad_alloc only; never let it escape
+    return Status(Code::kInvalidArgument, std::string("config: cannot parse: ") + e.what());
+  }
+  if (ec) return Status(Code::kInvalidArgument, "config: not valid JSON: " + ec.message());
+  if (!root.is_object()) return Error("(top level)", "must be a JSON object");
+  const json::object& o = root.as_object();
+  Status st = OnlyFields(o, "", {"socket", "state_file", "allow_uids", "allow_gids", "pools", "capacity"});
+  if (!st.ok()) return st;
+  BrokerConfig c;
+  c.socket = kDefaultSocket;
+  c.state_file = kDefaultStateFile;
+  if (const json::value* v = o.if_contains("socket")) {
+    Result<std::string> r = GetString(*v, "socket");
+    if (!r.ok()) return r.status();
+    if (r->empty()) return Error("socket", "must not be empty");
+    if (r->size() > 100) return Error("socket", "path is longer than a Unix socket address allows");
+    c.socket = Absolute(*r, base_dir);
+  }
+  if (const json::value* v = o.if_contains("state_file")) {
+    Result<std::string> r = GetString(*v, "state_file");
+    if (!r.ok()) return r.status();
+    if (r->empty()) return Error("state_file", "must not be empty");
+    c.state_file = Absolute(*r, base_dir);
+  }
+  if (c.socket.size() > 100) return Error("socket", "path is longer than a Unix socket address allows");
+  if (const json::value* v = o.if_contains("allow_uids")) {
+    Result<std::vector<uint32_t>> r = GetIdList(*v, "allow_uids");
+    if (!r.ok()) return r.status();
+    c.allow_uids = *r;
+  }
+  if (const json::value* v = o.if_contains("allow_gids")) {
+    Result<std::vector<uint32_t>> r = GetIdList(*v, "allow_gids");
+    if (!r.ok()) return r.status();
+    c.allow_gids = *r;
+  }
+  if (const json::value* v = o.if_contains("capacity")) {
+    if (!v->is_object()) return Error("capacity", "must be an object");
+    const json::object& co = v->as_object();
+    st = OnlyFields(co, "capacity", {"max_pools", "keys_per_pool", "leases_per_pool"});
+    if (!st.ok()) return st;
+    struct Cap {
+      const char* field;
+      uint32_t* dest;
+      uint32_t max;
+    };
+    for (Cap cap : {Cap{"max_pools", &c.capacity.max_pools, shm::kMaxPoolsLimit},
+                    Cap{"keys_per_pool", &c.capacity.keys_per_pool, shm::kMaxKeysPerPoolLimit},
+                    Cap{"leases_per_pool", &c.capacity.leases_per_pool, shm::kMaxLeasesPerPoolLimit}}) {
+      if (const json::value* x = co.if_contains(cap.field)) {
+        Result<uint64_t> r = GetUint(*x, std::string("capacity.") + cap.field, 1, cap.max);
+        if (!r.ok()) return r.status();
+        *cap.dest = static_cast<uint32_t>(*r);
+      }
+    }
+  }
+  const json::value* pools = o.if_contains("pools");
+  if (pools == nullptr) return Error("pools", "is required");
+  if (!pools->is_object()) return Error("pools", "must be an object of pool name -> pool");
+  for (const auto& kv : pools->get_object()) {
+    Result<PoolConfigEntry> p = ParsePool(kv.key(), kv.value(), base_dir, env);
+    if (!p.ok()) return p.status();
+    if (p->keys.size() > c.capacity.keys_per_pool) {
+      return Error("pools." + p->name + ".keys", std::to_string(p->keys.size()) + " keys exceed capacity.keys_per_pool " +
+                                                   std::to_string(c.capacity.keys_per_pool));
+    }
+    c.pools.push_back(std::move(p).value());
+  }
+  if (c.pools.size() > c.capacity.max_pools) {
+    return Error("pools", std::to_string(c.pools.size()) + " pools exceed capacity.max_pools " +
+                              std::to_string(c.capacity.max_pools));
+  }
+  return c;
+}
+
+Result<BrokerConfig> LoadConfig(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status(Code::kInvalidArgument, "config: cannot read " + path + ": " + std::strerror(errno));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  std::string base_dir = ".";
+  if (const size_t slash = path.rfind('/'); slash != std::string::npos) base_dir = slash == 0 ? "/" : path.substr(0, slash);
+  if (base_dir.empty() || base_dir[0] != '/') {
+    char cwd[4096];
+    if (::getcwd(cwd, sizeof(cwd)) != nullptr) base_dir = base_dir == "." ? std::string(cwd) : std::string(cwd) + "/" + base_dir;
+  }
+  return ParseConfig(ss.str(), base_dir, [](const std::string& var) -> std::optional<std::string> {
+    const char* v = std::getenv(var.c_str());
+    if (v == nullptr) return std::nullopt;
+    return std::string(v);
+  });
+}
+
+}  // namespace keymesh::broker

@@ -1,0 +1,58 @@
+// The broker's configuration file (CONTRACT.md "Config"), parsed and
+// validated completely before anything starts.
+//
+// Extensions beyond CONTRACT.md: per pool `max_lease_seconds` (default 600)
+// and `max_cooldown` (default 600); top-level optional
+// `"capacity": {"max_pools", "keys_per_pool", "leases_per_pool"}`. Unknown
+// fields are errors. Every error is one line naming the field:
+//   config: pools.openai.keys[1].secret_env: environment variable OPENAI_KEY_B is not set
+// Secrets never appear in messages.
+#ifndef KEYMESH_BROKER_CONFIG_H_
+#define KEYMESH_BROKER_CONFIG_H_
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "keymesh/status.h"
+#include "keymesh/types.h"
+#include "shm/capacities.h"
+
+namespace keymesh::broker {
+
+inline constexpr const char* kDefaultSocket = "/run/keymesh/keymesh.sock";
+inline constexpr const char* kDefaultStateFile = "/var/lib/keymesh/state.json";
+
+struct PoolConfigEntry {
+  std::string name;
+  PoolOptions options;
+  std::vector<KeySpec> keys;  // secrets resolved (inline, env or file)
+};
+
+struct BrokerConfig {
+  std::string socket;      // absolute
+  std::string state_file;  // absolute
+  std::vector<uint32_t> allow_uids;
+  std::vector<uint32_t> allow_gids;
+  shm::Capacities capacity;
+  std::vector<PoolConfigEntry> pools;  // in file order
+
+  const PoolConfigEntry* FindPool(std::string_view name) const;
+};
+
+// Returns the value of an environment variable, or nullopt if unset.
+using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
+
+// Parses config text. Relative paths (socket, state_file, secret_file) are
+// taken relative to `base_dir`. kInvalidArgument with a one-line message.
+Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_dir, const EnvLookup& env);
+
+// Reads and parses the file at `path` with the process environment.
+Result<BrokerConfig> LoadConfig(const std::string& path);
+
+}  // namespace keymesh::broker
+
+#endif  // KEYMESH_BROKER_CONFIG_H_

@@ -1,0 +1,86 @@
+#include "broker/log.h"
+
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+
+namespace keymesh::broker {
+namespace {
+
+std::atomic<int> g_level{static_cast<int>(LogLevel::kInfo)};
+
+const char* LevelName(LogLevel level) {
+  switch (level) {
+    case LogLevel::kDebug: return "debug";
+    case LogLevel::kInfo: return "info";
+    case LogLevel::kWarn: return "warn";
+    case LogLevel::kError: return "error";
+  }
+  return "info";
+}
+
+void AppendValue(std::string* out, std::string_view v) {
+  const bool quote = v.empty() || v.find_first_of(" \"=\t\n\\") != std::string_view::npos;
+  if (!quote) {
+    out->append(v);
+    return;
+  }
+  out->push_back('"');
+  for (char c : v) {
+    if (c == '"' || c == '\\') {
+      out->push_back('\\');
+      out->push_back(c);
+    } else if (c == '\n') {
+      out->append("\\n");
+    } else {
+      out->push_back(c);
+    }
+  }
+  out->push_back('"');
+}
+
+}  // namespace
+
+bool ParseLogLevel(std::string_view text, LogLevel* level) {
+  for (LogLevel l : {LogLevel::kDebug, LogLevel::kInfo, LogLevel::kWarn, LogLevel::kError}) {
+    if (text == LevelName(l)) {
+      *level = l;
+      return true;
+    }
+  }
+  return false;
+}
+
+void SetLogLevel(LogLevel level) { g_level.store(static_cast<int>(level), std::memory_order_relaxed); }
+
+bool LogEnabled(LogLevel level) { return static_cast<int>(level) >= g_level.load(std::memory_order_relaxed); }
+
+void Log(LogLevel level, std::string_view event, std::initializer_list<LogField> fields) {
+  if (!LogEnabled(level)) return;
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  struct tm tm;
+  gmtime_r(&ts.tv_sec, &tm);
+  char stamp[64];
+  std::snprintf(stamp, sizeof(stamp), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+  std::string line = "ts=";
+  line += stamp;
+  line += " level=";
+  line += LevelName(level);
+  line += " event=";
+  AppendValue(&line, event);
+  for (const LogField& f : fields) {
+    line.push_back(' ');
+    line.append(f.key);
+    line.push_back('=');
+    AppendValue(&line, f.value);
+  }
+  line.push_back('\n');
+  ssize_t n = ::write(STDERR_FILENO, line.data(), line.size());
+  (void)n;
+}
+
+}  // namespace keymesh::broker

@@ -1,0 +1,1 @@
+// Socket slow path and broker attach (Pool::Connect): implemented with the broker.

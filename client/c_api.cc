@@ -1,0 +1,1 @@
+// The C ABI (include/keymesh/keymesh.h): implemented with the Python package.

@@ -1,0 +1,249 @@
+/* KeyMesh C ABI: a key pool for other languages (the Python package uses it
+ * through ctypes). Plain C11, opaque handles, nothing throws across it.
+ *
+ * Conventions
+ *  - Every call returns an int status: KM_OK (0) or one of the KM_* codes
+ *    below (the numbers of keymesh::Code). On failure a one-line message is
+ *    kept per thread and read with km_last_error(); it never holds a secret
+ *    (secrets are masked to their last 4 characters).
+ *  - Output parameters are written only on KM_OK.
+ *  - Strings returned as `const char*` are owned by the library and stay
+ *    valid as documented; strings returned as `char*` are the caller's and
+ *    are freed with km_string_free().
+ *  - Durations are seconds (double).
+ *
+ * Threads and processes
+ *  - A km_pool may be used from any number of threads at once, except that
+ *    km_pool_destroy() must be the last call on it.
+ *  - A pool created before fork() works in every child: an embedded pool's
+ *    shared segment is inherited; an attached pool reconnects to the broker
+ *    (registering the child) on the child's first call. Leases belong to the
+ *    process that acquired them: the child starts with none held.
+ *
+ * Two ways to hold a key
+ *  - Lease handles (km_pool_acquire -> km_lease): end each with exactly one
+ *    of km_lease_release / _mark_failed / _mark_rate_limited / _cancel, then
+ *    km_lease_destroy() it.
+ *  - Keys held by this process (km_pool_acquire_key): the pool remembers,
+ *    per process, the leases held for each secret, and the
+ *    km_pool_*_key() calls end one of them, chosen by ticket or, with ticket
+ *    0, the oldest held for that secret. Ending a key this process does not
+ *    hold is KM_NOT_HELD. This is the original Python API's model
+ *    (acquire() returns the key string; release(key)).
+ */
+#ifndef KEYMESH_KEYMESH_H_
+#define KEYMESH_KEYMESH_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "keymesh/export.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes (== keymesh::Code). */
+#define KM_OK 0
+#define KM_NO_AVAILABLE_KEY 1  /* no eligible key before the timeout */
+#define KM_KEY_EXHAUSTED 2     /* mark_failed made the key reach max_failures (once) */
+#define KM_UNKNOWN_KEY 3       /* no key/pool of that name or secret */
+#define KM_NOT_HELD 4          /* this process does not hold that lease/key */
+#define KM_CAPACITY_EXCEEDED 5 /* a fixed capacity of the segment */
+#define KM_INVALID_ARGUMENT 6  /* bad input from the caller */
+#define KM_LAYOUT_MISMATCH 7   /* segment of another layout version */
+#define KM_SEGMENT_ERROR 8     /* the segment cannot be created/opened/mapped */
+#define KM_BROKER_UNAVAILABLE 9
+#define KM_PROTOCOL_ERROR 10
+#define KM_PERMISSION_DENIED 11
+#define KM_IO_ERROR 12
+#define KM_CORRUPT_STATE 13
+#define KM_ALREADY_EXISTS 14
+#define KM_CLOSED 15           /* the pool was closed, or the wait was cancelled */
+#define KM_INTERNAL 16
+
+/* Strategies (== keymesh::Strategy). */
+#define KM_ROUND_ROBIN 0
+#define KM_LEAST_BUSY 1
+#define KM_WEIGHTED 2
+
+/* Special latency values for the release calls. */
+#define KM_LATENCY_MEASURED (-1.0) /* the time since the grant */
+#define KM_LATENCY_NONE (-2.0)     /* no sample: the latency EMA is unchanged */
+/* Special timeout / cooldown value: the pool's configured default. */
+#define KM_DEFAULT (-1.0)
+
+typedef struct km_pool km_pool;
+typedef struct km_lease km_lease;
+typedef struct km_cancel km_cancel;
+
+/* The original KeyPool's options; km_pool_options_init() sets its defaults
+ * (least_busy, cooldown 60, max_failures 10, acquire_timeout 30). */
+typedef struct km_pool_options {
+  int32_t strategy;         /* KM_ROUND_ROBIN / KM_LEAST_BUSY / KM_WEIGHTED */
+  double default_cooldown;  /* seconds a 429 cools a key when no cooldown is given */
+  uint32_t max_failures;    /* consecutive failures that exhaust a key, >= 1 */
+  double acquire_timeout;   /* default wait of an acquire, seconds (0: try once) */
+  double max_lease_seconds; /* leases held longer are reclaimed by a broker */
+  double max_cooldown;      /* cap of escalating 429 cooldowns */
+} km_pool_options;
+
+/* One key. `name` may be NULL or "" (a name "key-N" is generated); the
+ * strings are copied. weight 0 means 1; zero limits mean unlimited. */
+typedef struct km_key_spec {
+  const char* name;
+  const char* secret;
+  uint32_t weight;
+  uint32_t max_concurrency;
+  uint32_t rpm;
+  uint64_t tpm;
+} km_key_spec;
+
+/* A key held by this process (km_pool_acquire_key). `secret` and `name`
+ * stay valid until the pool is closed. */
+typedef struct km_held {
+  const char* secret;
+  const char* name;
+  uint64_t ticket; /* identifies this lease for the *_key calls; never 0 */
+} km_held;
+
+/* ---- Errors and version ------------------------------------------------ */
+
+/* The message of the last failed call on this thread ("" if none). Valid
+ * until the next km_* call on this thread. */
+KEYMESH_EXPORT const char* km_last_error(void);
+/* Stable lowercase name of a status code ("no_available_key", ...). */
+KEYMESH_EXPORT const char* km_code_name(int code);
+/* Writes the library version ("0.1.0") to *out (static string). */
+KEYMESH_EXPORT int km_version(const char** out);
+/* Frees a string returned as char* by this library. NULL is ignored. */
+KEYMESH_EXPORT int km_string_free(char* s);
+
+/* ---- Pools ------------------------------------------------------------- */
+
+KEYMESH_EXPORT int km_pool_options_init(km_pool_options* options);
+
+/* A pool without a broker, in an anonymous shared segment shared with every
+ * child forked afterwards. `options` NULL: the defaults. Needs n >= 1 keys
+ * with non-empty, unique secrets and unique names (KM_INVALID_ARGUMENT). */
+KEYMESH_EXPORT int km_pool_create(const km_key_spec* keys, size_t n, const km_pool_options* options,
+                                  km_pool** out);
+
+/* Attaches to pool `pool_name` of the keymesh-broker listening on
+ * `socket_path` (NULL or "": $KEYMESH_SOCKET, else the default path).
+ * KM_BROKER_UNAVAILABLE when nobody answers. */
+KEYMESH_EXPORT int km_pool_connect(const char* socket_path, const char* pool_name, km_pool** out);
+
+/* Closes the pool: waits blocked in it end with KM_CLOSED, calls in progress
+ * are waited for, keys this process still holds are cancelled (no outcome
+ * counted), the segment is unmapped. Later calls return KM_CLOSED.
+ * Idempotent; safe while other threads use the pool. */
+KEYMESH_EXPORT int km_pool_close(km_pool* pool);
+/* Closes (if needed) and frees the handle. Must be the last call on it, and
+ * every km_lease and km_cancel of the pool must have been destroyed. */
+KEYMESH_EXPORT int km_pool_destroy(km_pool* pool);
+
+/* ---- Lease handles ----------------------------------------------------- */
+
+/* Waits up to `timeout` seconds (KM_DEFAULT: the pool's acquire_timeout)
+ * for an eligible key. KM_NO_AVAILABLE_KEY on timeout. */
+KEYMESH_EXPORT int km_pool_acquire(km_pool* pool, double timeout, km_lease** out);
+/* One attempt, never waits. */
+KEYMESH_EXPORT int km_pool_try_acquire(km_pool* pool, km_lease** out);
+/* The lease's secret and key name (either out pointer may be NULL); valid
+ * until the pool is closed. */
+KEYMESH_EXPORT int km_lease_info(const km_lease* lease, const char** secret, const char** name);
+/* Success. latency: seconds, KM_LATENCY_MEASURED or KM_LATENCY_NONE;
+ * tokens: tokens the request used. */
+KEYMESH_EXPORT int km_lease_release(km_lease* lease, double latency, uint64_t tokens);
+/* A non-429 failure. KM_KEY_EXHAUSTED (lease ended) exactly once: on the
+ * failure that made the key reach max_failures. */
+KEYMESH_EXPORT int km_lease_mark_failed(km_lease* lease);
+/* A 429: cools the key for `cooldown` seconds (KM_DEFAULT: the pool's
+ * default_cooldown), never shortening a deadline already set. */
+KEYMESH_EXPORT int km_lease_mark_rate_limited(km_lease* lease, double cooldown);
+/* Ends the lease without an outcome (the request was never sent). */
+KEYMESH_EXPORT int km_lease_cancel(km_lease* lease);
+/* Frees the handle; a lease not yet ended is cancelled. NULL is ignored. */
+KEYMESH_EXPORT int km_lease_destroy(km_lease* lease);
+
+/* ---- Keys held by this process (by secret) ----------------------------- */
+
+/* Like km_pool_acquire, and remembers the lease as held by this process.
+ * `cancel` (may be NULL) lets another thread end the wait with KM_CLOSED
+ * (see km_cancel_trigger). */
+KEYMESH_EXPORT int km_pool_acquire_key(km_pool* pool, double timeout, km_cancel* cancel, km_held* out);
+/* One attempt that, when no key is eligible, returns KM_NO_AVAILABLE_KEY
+ * without counting a failed acquire (for bindings that then wait
+ * elsewhere and count the outcome of that wait). */
+KEYMESH_EXPORT int km_pool_poll_key(km_pool* pool, km_held* out);
+/* End a held lease of `secret`: the one with `ticket`, or with ticket 0 the
+ * oldest. KM_UNKNOWN_KEY if no key of the pool has that secret,
+ * KM_NOT_HELD if this process holds no such lease. Arguments as for the
+ * km_lease_* calls. */
+KEYMESH_EXPORT int km_pool_release_key(km_pool* pool, const char* secret, uint64_t ticket, double latency,
+                                       uint64_t tokens);
+KEYMESH_EXPORT int km_pool_mark_failed_key(km_pool* pool, const char* secret, uint64_t ticket);
+KEYMESH_EXPORT int km_pool_mark_rate_limited_key(km_pool* pool, const char* secret, uint64_t ticket,
+                                                 double cooldown);
+KEYMESH_EXPORT int km_pool_cancel_key(km_pool* pool, const char* secret, uint64_t ticket);
+/* How many leases this process holds for `secret` (NULL: for all keys). */
+KEYMESH_EXPORT int km_pool_held_count(km_pool* pool, const char* secret, uint32_t* out);
+
+/* ---- Cancelling waits --------------------------------------------------- */
+
+/* A token that ends a km_pool_acquire_key() wait from another thread.
+ * Closing the pool triggers every token of the pool. */
+KEYMESH_EXPORT int km_cancel_create(km_pool* pool, km_cancel** out);
+/* Sets the token and wakes the waits of its pool; the wait using it returns
+ * KM_CLOSED (unless it got a key first). Idempotent; any thread. */
+KEYMESH_EXPORT int km_cancel_trigger(km_cancel* token);
+/* Frees the token; no wait may still be using it. NULL is ignored. */
+KEYMESH_EXPORT int km_cancel_destroy(km_cancel* token);
+
+/* ---- Administration and status ----------------------------------------- */
+
+/* Adds a key, or re-admits the existing key of the same name (or, with no
+ * name, of the same secret): clears its failure streak and exhaustion. In
+ * an embedded pool only the creating process can add keys (before fork). */
+KEYMESH_EXPORT int km_pool_add_key(km_pool* pool, const km_key_spec* key);
+KEYMESH_EXPORT int km_pool_remove_key(km_pool* pool, const char* name);
+KEYMESH_EXPORT int km_pool_enable_key(km_pool* pool, const char* name);
+KEYMESH_EXPORT int km_pool_disable_key(km_pool* pool, const char* name);
+/* Clears cooldown, failure and 429 streaks and exhaustion. */
+KEYMESH_EXPORT int km_pool_reset_key(km_pool* pool, const char* name);
+/* The name of the key whose secret is `secret` (km_string_free it). */
+KEYMESH_EXPORT int km_pool_key_name(km_pool* pool, const char* secret, char** out);
+
+/* The pool's status as a JSON object (free with km_string_free):
+ *   {"name", "scheduler", "uptime", "generation",
+ *    "options": {strategy, default_cooldown, max_failures, acquire_timeout,
+ *                max_lease_seconds, max_cooldown},
+ *    "pool_metrics": {total_acquires, total_releases, total_failures,
+ *                     total_rate_limited, total_reclaimed,
+ *                     no_key_available_count, total_timeouts, uptime},
+ *    "keys": [{name, slot, key_suffix (masked secret), state, enabled,
+ *              weight, max_concurrency, rpm, tpm, active_requests,
+ *              cooldown_remaining, fail_streak, rate_limit_streak,
+ *              acquire_count, success_count, failure_count,
+ *              rate_limited_count, reclaimed_count, cancelled_count,
+ *              tokens, latency_avg, has_latency, last_used_ago,
+ *              is_available, health_score}, ...]}
+ * Counters are pool-wide (all processes). Never contains a secret. */
+KEYMESH_EXPORT int km_pool_status_json(km_pool* pool, char** out);
+/* Keys eligible right now. */
+KEYMESH_EXPORT int km_pool_available_count(km_pool* pool, uint32_t* out);
+
+/* ---- Broker helpers ----------------------------------------------------- */
+
+/* Asks the broker at `socket_path` (NULL or "": $KEYMESH_SOCKET, else the
+ * default) to reclaim at once the leases of process `pid`, which has
+ * exited (gunicorn child_exit). *reclaimed (may be NULL) receives how many
+ * leases were freed, when the broker says. */
+KEYMESH_EXPORT int km_broker_reclaim(const char* socket_path, int32_t pid, uint32_t* reclaimed);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+
+#endif /* KEYMESH_KEYMESH_H_ */
