@@ -11,6 +11,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <functional>
+#include <memory>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include "keymesh/pool.h"
+#include "redis_pool.h"
 #include "shm/clock.h"
 #include "shm/pool.h"
 #include "shm/robust_mutex.h"
@@ -171,9 +174,163 @@ double Throughput(keymesh::shm::Segment& seg, uint32_t procs, double seconds) {
   return static_cast<double>(total) / (static_cast<double>(t1 - t0) / 1e9);
 }
 
+// --- Side-by-side contenders -----------------------------------------------
+//
+// `keymesh-bench contend NAME PROCS SECONDS [ARG]` forks PROCS processes that
+// each run acquire+release pairs through contender NAME for SECONDS, timing
+// every pair, and prints one JSON line: {"name", "procs", "pairs_per_s",
+// "p50_ns", "p99_ns"}. scripts/bench merges these lines into one table.
+
+struct Sample {
+  uint64_t pairs = 0;
+  std::vector<uint32_t> lat_ns;  // a bounded reservoir of pair latencies
+};
+
+using PairFn = std::function<bool()>;
+
+void RecordPairs(const PairFn& pair, uint64_t until, Sample* out) {
+  constexpr size_t kReservoir = 200000;
+  out->lat_ns.reserve(kReservoir);
+  uint64_t seen = 0;
+  uint64_t rng = 88172645463325252ull;
+  while (MonotonicNowNanos() < until) {
+    for (int i = 0; i < 64; ++i) {
+      const uint64_t t0 = MonotonicNowNanos();
+      if (!pair()) {
+        std::fprintf(stderr, "bench: pair failed\n");
+        std::_Exit(3);
+      }
+      const uint64_t dt = MonotonicNowNanos() - t0;
+      ++out->pairs;
+      const uint32_t v = static_cast<uint32_t>(std::min<uint64_t>(dt, UINT32_MAX));
+      if (out->lat_ns.size() < kReservoir) {
+        out->lat_ns.push_back(v);
+      } else {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        const uint64_t j = rng % (seen + 1);
+        if (j < kReservoir) out->lat_ns[j] = v;
+      }
+      ++seen;
+    }
+  }
+}
+
+int Contend(const std::string& name, uint32_t procs, double seconds, const std::string& arg) {
+  std::unique_ptr<keymesh::shm::Segment> seg;
+  if (name == "fastpath") {
+    seg = MakeSegment(64);
+    (void)MakePool(*seg, 64, keymesh::Strategy::kLeastBusy);
+  }
+  std::vector<std::string> key_names;
+  for (int k = 0; k < 64; ++k) key_names.push_back("key-" + std::to_string(k));
+  if (name == "redis") {
+    auto init = keymesh::bench::RedisPool::Connect(std::atoi(arg.c_str()), "keymesh-bench", key_names, true);
+    if (!init.ok()) {
+      std::fprintf(stderr, "bench: %s\n", init.status().ToString().c_str());
+      return 2;
+    }
+  }
+  auto* go = static_cast<std::atomic<uint64_t>*>(
+      mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  new (go) std::atomic<uint64_t>(0);
+  std::vector<pid_t> kids;
+  std::vector<int> fds;
+  for (uint32_t p = 0; p < procs; ++p) {
+    int pipefd[2];
+    if (pipe(pipefd) != 0) return 2;
+    pid_t pid = fork();
+    if (pid == 0) {
+      close(pipefd[0]);
+      PairFn pair;
+      std::unique_ptr<keymesh::shm::PoolAccess> access;
+      std::unique_ptr<keymesh::bench::RedisPool> redis;
+      keymesh::shm::Outcome ok;
+      if (name == "fastpath") {
+        access = std::make_unique<keymesh::shm::PoolAccess>(*seg, 0);
+        pair = [&] {
+          auto h = access->TryAcquire();
+          return h.ok() && access->Release(*h, ok).ok();
+        };
+      } else if (name == "redis") {
+        auto r = keymesh::bench::RedisPool::Connect(std::atoi(arg.c_str()), "keymesh-bench", key_names, false);
+        if (!r.ok()) std::_Exit(4);
+        redis = std::move(r).value();
+        pair = [&] {
+          auto k = redis->Acquire();
+          return k.ok() && redis->Release(*k).ok();
+        };
+      } else {
+        std::_Exit(5);
+      }
+      while (go->load(std::memory_order_acquire) == 0) {
+      }
+      Sample sample;
+      RecordPairs(pair, go->load() , &sample);
+      std::string out = std::to_string(sample.pairs) + "\n";
+      for (uint32_t v : sample.lat_ns) out += std::to_string(v) + "\n";
+      for (size_t off = 0; off < out.size();) {
+        ssize_t n = write(pipefd[1], out.data() + off, out.size() - off);
+        if (n <= 0) break;
+        off += static_cast<size_t>(n);
+      }
+      std::_Exit(0);
+    }
+    close(pipefd[1]);
+    kids.push_back(pid);
+    fds.push_back(pipefd[0]);
+  }
+  const uint64_t start = MonotonicNowNanos();
+  const uint64_t until = start + static_cast<uint64_t>(seconds * 1e9);
+  go->store(until, std::memory_order_release);
+  uint64_t pairs = 0;
+  std::vector<uint32_t> all;
+  for (int fd : fds) {
+    std::string text;
+    char buf[65536];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof(buf))) > 0) text.append(buf, static_cast<size_t>(n));
+    close(fd);
+    size_t pos = 0;
+    bool first = true;
+    while (pos < text.size()) {
+      size_t nl = text.find('\n', pos);
+      if (nl == std::string::npos) break;
+      const uint64_t v = std::strtoull(text.c_str() + pos, nullptr, 10);
+      if (first) {
+        pairs += v;
+        first = false;
+      } else {
+        all.push_back(static_cast<uint32_t>(v));
+      }
+      pos = nl + 1;
+    }
+  }
+  int failed = 0;
+  for (pid_t k : kids) {
+    int status = 0;
+    waitpid(k, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) ++failed;
+  }
+  if (failed != 0 || all.empty()) {
+    std::fprintf(stderr, "bench: %d contender processes failed\n", failed);
+    return 2;
+  }
+  std::sort(all.begin(), all.end());
+  const double elapsed = static_cast<double>(MonotonicNowNanos() - start) / 1e9;
+  std::printf("{\"name\":\"%s\",\"procs\":%u,\"pairs_per_s\":%.0f,\"p50_ns\":%u,\"p99_ns\":%u}\n",
+              name.c_str(), procs, static_cast<double>(pairs) / std::min(elapsed, seconds), all[all.size() / 2],
+              all[std::min(all.size() - 1, all.size() * 99 / 100)]);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 5 && std::strcmp(argv[1], "contend") == 0) {
+    return Contend(argv[2], static_cast<uint32_t>(std::atoi(argv[3])), std::atof(argv[4]), argc > 5 ? argv[5] : "");
+  }
   if (argc > 1 && std::strcmp(argv[1], "--pair-only") == 0) {
     // For profilers: 8 keys, least_busy, pairs only.
     auto seg = MakeSegment(8);
