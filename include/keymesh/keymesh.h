@@ -234,6 +234,12 @@ KEYMESH_EXPORT int km_pool_status_json(km_pool* pool, char** out);
 /* Keys eligible right now. */
 KEYMESH_EXPORT int km_pool_available_count(km_pool* pool, uint32_t* out);
 
+/* Frees the leases of processes that no longer run (e.g. a gunicorn worker
+ * that was killed while holding keys); *reclaimed (may be NULL) receives
+ * how many. An attached pool's broker does this by itself; an embedded
+ * pool needs its creator (the gunicorn master) to call it. */
+KEYMESH_EXPORT int km_pool_reclaim_dead(km_pool* pool, uint32_t* reclaimed);
+
 /* ---- Broker helpers ----------------------------------------------------- */
 
 /* Asks the broker at `socket_path` (NULL or "": $KEYMESH_SOCKET, else the

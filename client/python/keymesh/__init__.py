@@ -1,0 +1,63 @@
+"""KeyMesh: a pool of AI API keys shared by every thread and process of a host.
+
+A drop-in for the original Python package's ``KeyPool`` / ``SyncKeyPool``,
+over libkeymesh.so (C ABI, loaded with ctypes; standard library only)::
+
+    import keymesh
+
+    pool = keymesh.SyncKeyPool(["sk-a", "sk-b"])          # embedded, no broker
+    pool = keymesh.SyncKeyPool.connect("openai")            # attached to keymesh-broker
+
+    with pool.lease() as key:
+        call_the_api(key)
+
+Fork safety: create the pool in the master (gunicorn --preload, uwsgi
+without lazy-apps) and use it in the workers. An embedded pool's state is
+inherited shared memory; an attached pool reconnects (registering the child
+with the broker) on the child's first call. Leases belong to the process that
+acquired them. See keymesh.gunicorn and keymesh.uwsgi for the server hooks.
+
+The library is found through $KEYMESH_LIB, else build/lib/libkeymesh.so of
+this checkout, else the system library path.
+"""
+from .exceptions import (BrokerUnavailableError, CapacityError, ConfigError, KeyCooldownError,
+                         KeyExhaustedError, KeyMeshError, KeyNotHeldError, NoAvailableKeyError,
+                         PoolClosedError, ProtocolError, UnknownKeyError)
+from .pool import KeyPool
+from .scheduler import (BaseScheduler, LeastBusyScheduler, RoundRobinScheduler, SchedulerStrategy,
+                        WeightedScheduler, build_scheduler)
+from .sync_pool import SyncKeyPool
+from ._native import mask_secret as mask_key
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KeyPool", "SyncKeyPool", "SchedulerStrategy",
+    "BaseScheduler", "RoundRobinScheduler", "LeastBusyScheduler", "WeightedScheduler", "build_scheduler",
+    "KeyMeshError", "NoAvailableKeyError", "KeyExhaustedError", "KeyCooldownError", "UnknownKeyError",
+    "KeyNotHeldError", "BrokerUnavailableError", "ConfigError", "ProtocolError", "PoolClosedError",
+    "CapacityError", "mask_key", "reclaim_worker",
+]
+
+
+def reclaim_worker(pid: int) -> int:
+    """Frees at once the leases of worker ``pid``, which has exited: asks the broker
+    of every attached pool of this process to reclaim it, and frees dead holders'
+    leases in every embedded pool. Returns how many leases were freed. Errors are
+    not raised (the broker also reaps dead workers by itself)."""
+    from . import _native
+    freed = 0
+    sockets = set()
+    for core in list(_native.live_cores):
+        if core.closed:
+            continue
+        try:
+            if core.attached:
+                if core.socket not in sockets:
+                    sockets.add(core.socket)
+                    freed += _native.broker_reclaim(pid, core.socket)
+            else:
+                freed += core.reclaim_dead()
+        except KeyMeshError:
+            pass
+    return freed

@@ -1,0 +1,215 @@
+"""KeyPool: the original's asyncio pool, over the shared segment.
+
+``await acquire()`` never blocks the event loop: it first makes one
+uncounted attempt (a few hundred nanoseconds under the pool's lock), and
+only when no key is eligible does it wait, in a helper thread blocked on the
+pool's futex, for a release, a cooldown expiry, a key added or the timeout.
+The grant is handed to the loop with call_soon_threadsafe, so a waiting
+coroutine resumes within a millisecond or so of the key becoming available.
+
+Cancelling a waiting coroutine triggers its cancel token, which ends the
+helper's wait; if a key was granted in the meantime, it is cancelled
+(Lease::Cancel: no outcome counted), so nothing leaks.
+
+The other calls are coroutines for compatibility but never block: they
+take the pool's lock for well under a microsecond.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from typing import Any, AsyncIterator, Dict, Optional, Sequence, Union
+
+from . import _native
+from .exceptions import KeyMeshError
+from .scheduler import SchedulerStrategy
+from .sync_pool import _build_core, _end_quietly, shape_status
+
+
+class _Waiter:
+    """One acquire waiting in a helper thread, handed over to the event loop.
+
+    The hand-over is exactly-once: whichever side learns last that the other
+    gave up (the coroutine cancelled, or the loop gone) cancels the granted
+    lease, so a key granted to a waiter nobody awaits any more is never kept.
+    """
+
+    def __init__(self, core: "_native.Core", loop: asyncio.AbstractEventLoop) -> None:
+        self.core = core
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+        self.token = core.new_token()
+        self.lock = threading.Lock()
+        self.result: Any = None     # (rc, Key or error) once the wait ended
+        self.abandoned = False      # the coroutine gave up
+        self.consumed = False       # the result was taken or given back
+
+    def run(self, timeout: Optional[float]) -> None:  # helper thread
+        rc, value = self.core.acquire_rc(timeout, self.token)
+        with self.lock:
+            self.result = (rc, value)
+            give_back = self.abandoned
+            if give_back:
+                self.consumed = True
+        if give_back:
+            self._give_back(rc, value)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed
+            self.abandon()
+
+    def _deliver(self) -> None:  # loop thread
+        with self.lock:
+            if self.consumed:
+                return
+            self.consumed = True
+            rc, value = self.result
+            late = self.future.done()
+        if late:
+            self._give_back(rc, value)
+        elif rc == _native.OK:
+            self.future.set_result(value)
+        else:
+            self.future.set_exception(value)
+
+    def abandon(self) -> None:
+        """The coroutine was cancelled (or the loop is gone): it will never use the key."""
+        take: Any = None
+        with self.lock:
+            self.abandoned = True
+            pending = self.result is None
+            if not pending and not self.consumed:
+                self.consumed = True
+                take = self.result
+            elif not pending and self.future.done() and not self.future.cancelled() \
+                    and self.future.exception() is None:
+                # Delivered, but the task was cancelled before it resumed.
+                take = (_native.OK, self.future.result())
+        if pending:
+            self.token.trigger()
+        elif take is not None:
+            self._give_back(*take)
+
+    def _give_back(self, rc: int, value: Any) -> None:
+        if rc == _native.OK:
+            _end_quietly(self.core.cancel, value, swallow_all=True)
+
+
+class KeyPool:
+    """The asyncio pool. Same constructor and ``connect`` as SyncKeyPool.
+
+    One KeyPool may be used from several event loops and threads at once.
+    """
+
+    _owner = "KeyPool"
+
+    def __init__(self, keys: Sequence[Any], *, strategy: Union[str, SchedulerStrategy] = SchedulerStrategy.LEAST_BUSY,
+                 scheduler: Any = None, storage: Any = None, default_cooldown: float = 60.0,
+                 max_failures: int = 10, acquire_timeout: float = 30.0) -> None:
+        keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
+        self._core = _build_core(self._owner, keys, strategy, scheduler, storage, default_cooldown,
+                                 max_failures, acquire_timeout)
+        self._default_cooldown = float(default_cooldown)
+
+    @classmethod
+    def connect(cls, pool: str, socket: Optional[str] = None) -> "KeyPool":
+        """Attach to pool ``pool`` of the broker at ``socket``. Connecting is a short
+        blocking exchange with the local broker (done once per process)."""
+        self = cls.__new__(cls)
+        self._core = _native.Core.connect(pool, socket)
+        self._default_cooldown = None
+        return self
+
+    async def acquire(self, timeout: Optional[float] = None) -> str:
+        core = self._core
+        key = core.poll()
+        if key is not None:
+            return key
+        if timeout is not None and timeout <= 0:
+            return core.acquire(0.0)  # one counted attempt, never waits
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(core, loop)
+        threading.Thread(target=waiter.run, args=(timeout,), name="keymesh-acquire", daemon=True).start()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            waiter.abandon()
+            raise
+
+    async def release(self, key: str, latency: Optional[float] = None, tokens: int = 0) -> None:
+        self._core.release(key, latency, tokens)
+
+    async def mark_failed(self, key: str) -> None:
+        self._core.mark_failed(key)
+
+    async def mark_rate_limited(self, key: str, cooldown: Optional[float] = None) -> None:
+        self._core.mark_rate_limited(key, cooldown)
+
+    async def cancel(self, key: str) -> None:
+        self._core.cancel(key)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, timeout: Optional[float] = None) -> AsyncIterator[str]:
+        """As SyncKeyPool.lease; a cancelled task cancels the lease (no outcome)."""
+        key = await self.acquire(timeout)
+        start = time.monotonic()
+        try:
+            yield key
+        except Exception:
+            _end_quietly(self._core.mark_failed, key, swallow_all=True)
+            raise
+        except BaseException:
+            _end_quietly(self._core.cancel, key, swallow_all=True)
+            raise
+        else:
+            _end_quietly(self._core.release, key, time.monotonic() - start, 0)
+
+    async def add_key(self, key: str, name: Optional[str] = None, **limits: int) -> None:
+        self._core.add_key(key, name, **limits)
+
+    async def remove_key(self, name: str) -> None:
+        self._core.admin(_native.km_pool_remove_key, name)
+
+    async def enable_key(self, name: str) -> None:
+        self._core.admin(_native.km_pool_enable_key, name)
+
+    async def disable_key(self, name: str) -> None:
+        self._core.admin(_native.km_pool_disable_key, name)
+
+    async def reset_key(self, name: str) -> None:
+        self._core.admin(_native.km_pool_reset_key, name)
+
+    def key_name(self, key: str) -> str:
+        return self._core.key_name(key)
+
+    def held_count(self, key: Optional[str] = None) -> int:
+        return self._core.held_count(key)
+
+    def reclaim_dead(self) -> int:
+        return self._core.reclaim_dead()
+
+    def status(self) -> Dict[str, Any]:
+        return shape_status(self._core.status_raw())
+
+    def available_count(self) -> int:
+        return self._core.available_count()
+
+    async def close(self) -> None:
+        """Idempotent. Waiting acquires raise PoolClosedError."""
+        self._core.close()
+
+    async def __aenter__(self) -> "KeyPool":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        kind = "attached" if self._core.attached else "embedded"
+        return f"<{type(self).__name__} {kind}{' closed' if self._core.closed else ''}>"
+
+
+__all__ = ["KeyPool", "KeyMeshError"]

@@ -1,0 +1,130 @@
+"""Fixtures: pools in both modes.
+
+``make_pool(keys, **options)`` builds an embedded SyncKeyPool, or, for the
+``attached`` mode, starts the real keymesh-broker ($KEYMESH_BROKER, else
+build/bin/keymesh-broker) with a temporary config holding those keys and
+connects to it. Attached tests are skipped when the broker is not built.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+import keymesh
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER = os.environ.get("KEYMESH_BROKER") or str(ROOT / "build" / "bin" / "keymesh-broker")
+
+
+def broker_available() -> bool:
+    return os.path.isfile(BROKER) and os.access(BROKER, os.X_OK)
+
+
+def secret(i: int) -> str:
+    return f"sk-test-{i:04d}-abcdefghijklmnop{i:04d}"
+
+
+def key_dicts(keys: List[Any]) -> List[Dict[str, Any]]:
+    out = []
+    for i, k in enumerate(keys):
+        if isinstance(k, str):
+            out.append({"name": f"key-{i + 1}", "secret": k})
+        elif isinstance(k, tuple):
+            out.append({"name": k[0], "secret": k[1]})
+        else:
+            d = dict(k)
+            d.setdefault("name", f"key-{i + 1}")
+            out.append(d)
+    return out
+
+
+class Broker:
+    """A keymesh-broker process with a temporary config, socket and state."""
+
+    def __init__(self, keys: List[Any], options: Dict[str, Any]) -> None:
+        self.dir = tempfile.mkdtemp(prefix="kmpy-")
+        self.socket = os.path.join(self.dir, "km.sock")
+        pool: Dict[str, Any] = {"keys": key_dicts(keys)}
+        strategy = options.get("strategy", "least_busy")
+        pool["strategy"] = getattr(strategy, "value", strategy)
+        for opt in ("default_cooldown", "max_failures", "acquire_timeout"):
+            if opt in options:
+                pool[opt] = options[opt]
+        config = {"socket": self.socket, "state_file": os.path.join(self.dir, "state.json"),
+                  "pools": {"test": pool}}
+        self.config = os.path.join(self.dir, "config.json")
+        with open(self.config, "w") as f:
+            json.dump(config, f)
+        self.log = open(os.path.join(self.dir, "broker.log"), "w+")
+        self.proc = subprocess.Popen([BROKER, "--config", self.config], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while True:  # ready when the socket accepts connections
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"keymesh-broker exited {self.proc.returncode}: {self.log.read()}")
+            if os.path.exists(self.socket):
+                try:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(self.socket)
+                    break
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("keymesh-broker did not create its socket in 10 s")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+MODES = ["embedded", "attached"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request: Any) -> str:
+    if request.param == "attached" and not broker_available():
+        pytest.skip(f"keymesh-broker not built ({BROKER})")
+    return request.param
+
+
+@pytest.fixture
+def make_pool(mode: str):
+    """make_pool(keys, cls=SyncKeyPool, **options) -> pool (closed at teardown)."""
+    made: List[Any] = []
+    brokers: List[Broker] = []
+
+    def make(keys: List[Any], cls: Any = keymesh.SyncKeyPool, **options: Any) -> Any:
+        if mode == "embedded":
+            pool = cls(keys, **options)
+        else:
+            broker = Broker(keys, options)
+            brokers.append(broker)
+            pool = cls.connect("test", socket=broker.socket)
+        made.append(pool)
+        return pool
+
+    make.mode = mode  # type: ignore[attr-defined]
+    yield make
+    for pool in made:
+        core = pool._core
+        core.close()
+    for broker in brokers:
+        broker.stop()
