@@ -39,15 +39,24 @@
 namespace keymesh::shm {
 
 inline constexpr uint64_t kMagic = 0x314853454D59454Bull;  // "KEYMESH1"
-inline constexpr uint32_t kLayoutVersion = 1;
+inline constexpr uint32_t kLayoutVersion = 2;
 inline constexpr uint32_t kNoSlot = UINT32_MAX;
 inline constexpr uint64_t kNever = UINT64_MAX;
 
 enum class SlotUse : uint8_t { kFree = 0, kActive = 1, kRemoving = 2 };
-enum class Circuit : uint8_t { kClosed = 0, kExhausted = 1 };
+// Circuit breaker of a key:
+//   kClosed   -> kOpen      max_failures consecutive failures (reported once)
+//   kOpen     -> kHalfOpen  the cooldown ended and one caller got the key as a probe
+//   kHalfOpen -> kClosed    the probe succeeded
+//   kHalfOpen -> kOpen      the probe failed (longer cooldown) or never finished
+//   any       -> kRevoked   an authentication failure (permanent); only reset/add_key
+enum class Circuit : uint8_t { kClosed = 0, kOpen = 1, kHalfOpen = 2, kRevoked = 3 };
 enum class LeaseState : uint32_t { kFree = 0, kHeld = 1 };
 
-// The mutable state of one key (128 bytes). Journaled before every change.
+// The mutable state of one key (192 bytes). Journaled before every change.
+// The rate-limit buckets (req_tat, tok_tat) are plain GCRA theoretical
+// arrival times, so a broker can top them up or overwrite them from outside
+// (e.g. from another host's budget) without any other field.
 struct SlotState {
   uint32_t in_flight;           // == live LeaseRecords naming this slot
   uint32_t fail_streak;         // consecutive failures; a success resets it
@@ -69,9 +78,14 @@ struct SlotState {
   uint64_t pass;                // weighted strategy: stride-scheduling pass
   uint64_t tokens;              // tokens reported by releases
   uint64_t cancelled;           // leases ended without an outcome (abandoned)
-  uint64_t reserved;            // rate-limit bucket (next layout version)
+  uint64_t req_tat;             // GCRA: next request's theoretical arrival (ns), 0 = fresh
+  uint64_t tok_tat;             // GCRA: token bucket's theoretical arrival (ns)
+  uint64_t open_cooldown;       // ns the circuit stays open this time (doubles per failed probe)
+  uint32_t circuit_opens;       // times the circuit opened
+  uint32_t pad0;
+  uint64_t reserved[5];
 };
-static_assert(sizeof(SlotState) == 128, "SlotState is journaled as 128 bytes");
+static_assert(sizeof(SlotState) == 192, "SlotState is journaled as 192 bytes");
 
 // Configuration of one key, changed only by admin operations (64 bytes).
 struct KeyConfig {
@@ -79,10 +93,13 @@ struct KeyConfig {
   uint32_t weight;           // >= 1
   uint32_t max_concurrency;  // 0: unlimited
   uint32_t rpm;              // 0: unlimited
-  uint32_t reserved0;
+  uint32_t burst;            // requests granted back to back (0 or 1: smooth pacing)
   uint64_t tpm;              // 0: unlimited
-  uint64_t reserved[4];
+  uint32_t margin_ppm;       // safety margin in millionths; kPoolMargin: the pool's
+  uint32_t pad0;
+  uint64_t reserved[3];
 };
+inline constexpr uint32_t kPoolMargin = UINT32_MAX;
 static_assert(sizeof(KeyConfig) == 64, "KeyConfig layout");
 
 struct alignas(64) KeySlot {
@@ -90,10 +107,10 @@ struct alignas(64) KeySlot {
   KeyConfig config;
   char name[kNameCapacity];  // NUL-terminated, unique among non-free slots
 };
-static_assert(sizeof(KeySlot) == 256 && alignof(KeySlot) == 64,
-              "a KeySlot is 4 cache lines, the hot state first");
-static_assert(offsetof(KeySlot, state) == 0 && offsetof(KeySlot, config) == 128 &&
-                  offsetof(KeySlot, name) == 192,
+static_assert(sizeof(KeySlot) == 320 && alignof(KeySlot) == 64,
+              "a KeySlot is 5 cache lines, the hot state first");
+static_assert(offsetof(KeySlot, state) == 0 && offsetof(KeySlot, config) == 192 &&
+                  offsetof(KeySlot, name) == 256,
               "KeySlot field offsets are part of the layout version");
 
 // One acquired key. kHeld records are the truth for in_flight (invariant 4).
@@ -104,8 +121,12 @@ struct LeaseRecord {
   uint32_t seq;          // bumped at every allocation: stale handles are refused
   uint64_t start_time;   // holder's start time (/proc/PID/stat field 22)
   uint64_t acquire_ns;   // CLOCK_MONOTONIC ns when granted
+  uint64_t tokens;       // tokens reserved at acquire (debited from the TPM bucket)
+  uint32_t flags;        // kLeaseProbe
+  uint32_t pad;
 };
-static_assert(sizeof(LeaseRecord) == 32, "LeaseRecord layout");
+inline constexpr uint32_t kLeaseProbe = 1;  // the half-open circuit's single probe
+static_assert(sizeof(LeaseRecord) == 48, "LeaseRecord layout");
 
 // Priority-index entry; the sort key is stored inline so sifting stays in
 // the index's cache lines.
@@ -124,7 +145,9 @@ struct PoolConfig {
   uint64_t acquire_timeout;     // ns
   uint64_t max_lease;           // ns
   uint64_t max_cooldown;        // ns: escalation cap
-  uint64_t reserved[3];
+  uint32_t margin_ppm;          // rate-limit safety margin in millionths
+  uint32_t pad0;
+  uint64_t reserved[2];
 };
 static_assert(sizeof(PoolConfig) == 64, "PoolConfig layout");
 
@@ -158,7 +181,7 @@ inline constexpr uint32_t kJournalSlotState = 1;
 inline constexpr uint32_t kJournalSlotFull = 2;
 inline constexpr uint32_t kJournalLease = 4;
 inline constexpr uint32_t kJournalPool = 8;
-static_assert(sizeof(Journal) == 448, "Journal layout");
+static_assert(sizeof(Journal) % 64 == 0, "Journal layout");
 
 struct alignas(64) PoolHeader {
   RobustMutex mutex;                 // guards this header and the pool's data region

@@ -312,12 +312,74 @@ void PoolAccess::Repair() noexcept {
 // ---------------------------------------------------------------------------
 // Eligibility index
 
+void PoolAccess::RequestPacing(uint32_t slot, uint64_t* interval, uint64_t* tolerance) const noexcept {
+  const KeyConfig& c = keys_[slot].config;
+  if (c.rpm == 0) {
+    *interval = 0;
+    *tolerance = 0;
+    return;
+  }
+  const uint32_t ppm = c.margin_ppm == kPoolMargin ? ph_->config.margin_ppm : c.margin_ppm;
+  const double rate = static_cast<double>(c.rpm) * (1.0 - static_cast<double>(ppm) / 1e6);  // per minute
+  *interval = static_cast<uint64_t>(60e9 / std::max(rate, 1e-9));
+  *tolerance = uint64_t{c.burst > 1 ? c.burst - 1 : 0} * *interval;
+}
+
+void PoolAccess::TokenPacing(uint32_t slot, double* per_token, uint64_t* tolerance) const noexcept {
+  const KeyConfig& c = keys_[slot].config;
+  if (c.tpm == 0) {
+    *per_token = 0;
+    *tolerance = 0;
+    return;
+  }
+  const uint32_t ppm = c.margin_ppm == kPoolMargin ? ph_->config.margin_ppm : c.margin_ppm;
+  const double rate = static_cast<double>(c.tpm) * (1.0 - static_cast<double>(ppm) / 1e6);
+  *per_token = 60e9 / std::max(rate, 1e-9);
+  *tolerance = kNanosPerSecond;  // at most one second of token budget in a burst
+}
+
+uint64_t PoolAccess::ReadyAt(uint32_t slot) const noexcept {
+  const SlotState& st = keys_[slot].state;
+  uint64_t ready = st.cooldown_deadline;
+  uint64_t interval, tolerance;
+  RequestPacing(slot, &interval, &tolerance);
+  if (interval != 0 && st.req_tat > tolerance) ready = std::max(ready, st.req_tat - tolerance);
+  double per_token;
+  TokenPacing(slot, &per_token, &tolerance);
+  if (per_token != 0 && st.tok_tat > tolerance) ready = std::max(ready, st.tok_tat - tolerance);
+  return ready;
+}
+
 bool PoolAccess::Eligible(uint32_t slot, uint64_t now) const noexcept {
   const KeySlot& k = keys_[slot];
   const SlotState& st = k.state;
-  return st.use == SlotUse::kActive && st.enabled != 0 && st.circuit == Circuit::kClosed &&
-         st.cooldown_deadline <= now &&
-         (k.config.max_concurrency == 0 || st.in_flight < k.config.max_concurrency);
+  if (st.use != SlotUse::kActive || st.enabled == 0) return false;
+  switch (st.circuit) {
+    case Circuit::kClosed:
+      if (k.config.max_concurrency != 0 && st.in_flight >= k.config.max_concurrency) return false;
+      break;
+    case Circuit::kOpen:
+      if (st.in_flight != 0) return false;  // exactly one probe, after the others ended
+      break;
+    case Circuit::kHalfOpen:
+    case Circuit::kRevoked:
+      return false;
+  }
+  return ReadyAt(slot) <= now;
+}
+
+void PoolAccess::OpenCircuit(SlotState& st, uint64_t now) noexcept {
+  const uint64_t base = ph_->config.default_cooldown > 0 ? ph_->config.default_cooldown : kNanosPerSecond;
+  if (st.circuit == Circuit::kHalfOpen && st.open_cooldown > 0) {
+    // A failed probe: stay out longer each time, up to the cap.
+    st.open_cooldown = std::max(base, std::min(ph_->config.max_cooldown, st.open_cooldown * 2));
+  } else {
+    st.open_cooldown = base;
+  }
+  st.circuit = Circuit::kOpen;
+  st.circuit_opens += 1;
+  const uint64_t until = now + st.open_cooldown;
+  if (until > st.cooldown_deadline) st.cooldown_deadline = until;
 }
 
 bool PoolAccess::HeapStrategy() const noexcept {
@@ -432,7 +494,7 @@ void PoolAccess::IndexRebuild(uint64_t now) noexcept {
   ph_->next_deadline = kNever;
   for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
     if (keys_[s].state.use == SlotUse::kFree) continue;
-    NoteDeadline(keys_[s].state.cooldown_deadline, now);
+    NoteDeadline(ReadyAt(s), now);
     IndexUpdate(s, now);
   }
 }
@@ -445,10 +507,13 @@ void PoolAccess::Sweep(uint64_t now) noexcept {
   uint64_t next = kNever;
   for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
     const SlotState& st = keys_[s].state;
-    if (st.use != SlotUse::kActive) continue;
-    if (st.cooldown_deadline > now) {
-      next = std::min(next, st.cooldown_deadline);
-    } else if (st.cooldown_deadline != 0 && !BitTest(s)) {
+    // Removing keys count for next_deadline too (I4): AddKey may re-admit
+    // one while it cools, and it must come back when its deadline passes.
+    if (st.use == SlotUse::kFree) continue;
+    const uint64_t ready = ReadyAt(s);
+    if (ready > now) {
+      next = std::min(next, ready);
+    } else if (ready != 0 && !BitTest(s)) {
       IndexUpdate(s, now);
     }
   }
@@ -468,7 +533,7 @@ uint64_t PoolAccess::Stride(uint32_t slot) const noexcept {
 // Fast path
 
 Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
-                                                  const ProcessId& holder) {
+                                                  uint64_t tokens, const ProcessId& holder) {
   if (now >= ph_->next_deadline) [[unlikely]] Sweep(now);
   if (ph_->index_strategy != ph_->config.strategy) [[unlikely]] IndexRebuild(now);
   const Selector& sel = selector != nullptr ? *selector : BuiltinSelector(ph_->config.strategy);
@@ -499,6 +564,8 @@ Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint6
   lease.start_time = self.start_time;
   lease.acquire_ns = now;
   lease.seq += 1;
+  lease.tokens = 0;
+  lease.flags = 0;
   lease.state = LeaseState::kHeld;
   CrashPointReached(CrashPoint::kAcquireMidMutation);
   st.in_flight += 1;
@@ -509,19 +576,42 @@ Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint6
     ph_->vtime = st.pass;
     st.pass += Stride(s);
   }
+  const KeyConfig& cfg = keys_[s].config;
+  bool paced = false;
+  if (cfg.rpm != 0) [[unlikely]] {
+    // GCRA: reserve this request's slot in the key's request budget.
+    uint64_t interval, tolerance;
+    RequestPacing(s, &interval, &tolerance);
+    st.req_tat = std::max(st.req_tat, now) + interval;
+    paced = true;
+  }
+  if (cfg.tpm != 0 && tokens != 0) [[unlikely]] {
+    double per_token;
+    uint64_t tolerance;
+    TokenPacing(s, &per_token, &tolerance);
+    st.tok_tat = std::max(st.tok_tat, now) + static_cast<uint64_t>(static_cast<double>(tokens) * per_token);
+    lease.tokens = tokens;
+    paced = true;
+  }
+  if (st.circuit == Circuit::kOpen) [[unlikely]] {
+    st.circuit = Circuit::kHalfOpen;  // this caller is the one probe
+    lease.flags = kLeaseProbe;
+  }
   JournalCommit();
   CrashPointReached(CrashPoint::kAcquireAfterCommit);
 
   --ph_->free_top;
   ph_->rr_cursor = s + 1;
+  if (paced) NoteDeadline(ReadyAt(s), now);
   IndexUpdate(s, now);
   return LeaseHandle{s, l, lease.seq, now, keys_[s].config.fingerprint};
 }
 
-Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* earliest, const ProcessId& holder) {
+Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* earliest, const ProcessId& holder,
+                                            uint64_t tokens) {
   Result<LeaseHandle> r = [&] {
     Guard g(this);
-    return TryAcquireLocked(selector, clock_->NowNanos(), earliest, holder);
+    return TryAcquireLocked(selector, clock_->NowNanos(), earliest, tokens, holder);
   }();
   if (!r.ok() && r.status().code() == Code::kNoAvailableKey) {
     ph_->no_key.fetch_add(1, std::memory_order_relaxed);
@@ -530,7 +620,7 @@ Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* e
 }
 
 Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* selector, const ProcessId& holder,
-                                         const std::atomic<bool>* cancel) {
+                                         const std::atomic<bool>* cancel, uint64_t tokens) {
   const uint64_t start = MonotonicNowNanos();
   const uint64_t deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
   for (;;) {
@@ -539,7 +629,7 @@ Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* sel
     {
       Guard g(this);
       const uint64_t now = clock_->NowNanos();
-      Result<LeaseHandle> r = TryAcquireLocked(selector, now, &earliest, holder);
+      Result<LeaseHandle> r = TryAcquireLocked(selector, now, &earliest, tokens, holder);
       if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
       if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
         return Status(Code::kClosed, "acquire cancelled");
@@ -547,6 +637,11 @@ Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* sel
       if (MonotonicNowNanos() >= deadline) {
         ph_->no_key.fetch_add(1, std::memory_order_relaxed);
         if (timeout_ns > 0) ph_->timeouts.fetch_add(1, std::memory_order_relaxed);
+        if (earliest != kNever && earliest > now) {
+          char when[64];
+          std::snprintf(when, sizeof(when), " The next key returns in %.3f s.", NanosToSeconds(earliest - now));
+          return Status(Code::kNoAvailableKey, r.status().message() + when);
+        }
         return r;
       }
       // Announce the sleep while holding the lock: any change after the
@@ -581,22 +676,41 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
   SlotState& st = key.state;
   bool exhausted_now = false;
   // The clock is read only when the answer depends on it: a key whose
-  // cooldown ended before this lease was granted is past it at any later
-  // time, so the grant time serves (saves a clock read per success).
-  const uint64_t now = (outcome.kind == OutcomeKind::kRateLimited || st.cooldown_deadline > lease.acquire_ns)
-                           ? clock_->NowNanos()
-                           : lease.acquire_ns;
+  // cooldown and budgets allowed it before this lease was granted allows it
+  // at any later time, so the grant time serves (saves a clock read per
+  // success on keys without limits).
+  const bool timed = outcome.kind != OutcomeKind::kSuccess || key.config.rpm != 0 || key.config.tpm != 0 ||
+                     st.circuit != Circuit::kClosed || st.cooldown_deadline > lease.acquire_ns;
+  const uint64_t now = timed ? clock_->NowNanos() : lease.acquire_ns;
+  const bool probe = (lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen;
 
   JournalBegin(kJournalSlotState | kJournalLease, s, h.lease);
   lease.state = LeaseState::kFree;
   CrashPointReached(CrashPoint::kReleaseMidMutation);
   st.in_flight -= 1;
+  if (key.config.tpm != 0 && outcome.tokens != 0 && outcome.tokens != lease.tokens) [[unlikely]] {
+    // Debit what the request really used, correcting the reservation.
+    double per_token;
+    uint64_t tolerance;
+    TokenPacing(s, &per_token, &tolerance);
+    if (outcome.tokens > lease.tokens) {
+      st.tok_tat = std::max(st.tok_tat, now) +
+                   static_cast<uint64_t>(static_cast<double>(outcome.tokens - lease.tokens) * per_token);
+    } else {
+      const uint64_t refund = static_cast<uint64_t>(static_cast<double>(lease.tokens - outcome.tokens) * per_token);
+      st.tok_tat = st.tok_tat > refund ? st.tok_tat - refund : 0;
+    }
+  }
   switch (outcome.kind) {
     case OutcomeKind::kSuccess:
       st.successes += 1;
       st.fail_streak = 0;
       st.rl_streak = 0;
       st.last_cooldown = 0;
+      if (st.circuit == Circuit::kOpen || st.circuit == Circuit::kHalfOpen) {
+        st.circuit = Circuit::kClosed;  // the key works again
+        st.open_cooldown = 0;
+      }
       st.tokens += outcome.tokens;
       if (outcome.latency && std::isfinite(*outcome.latency) && *outcome.latency >= 0) {
         if (st.has_latency) {
@@ -611,13 +725,21 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
       st.failures += 1;
       st.fail_streak += 1;
       st.tokens += outcome.tokens;
-      if (st.fail_streak >= ph_->config.max_failures && st.circuit == Circuit::kClosed) {
-        st.circuit = Circuit::kExhausted;
+      if (outcome.permanent) {
+        if (st.circuit != Circuit::kRevoked) {
+          st.circuit = Circuit::kRevoked;
+          exhausted_now = true;
+        }
+      } else if (probe) {
+        OpenCircuit(st, now);  // the probe failed: open again, for longer
+      } else if (st.fail_streak >= ph_->config.max_failures && st.circuit == Circuit::kClosed) {
+        OpenCircuit(st, now);
         exhausted_now = true;
       }
       break;
     case OutcomeKind::kCancelled:
       st.cancelled += 1;
+      if (probe) st.circuit = Circuit::kOpen;  // nothing learned: the next caller probes
       break;
     case OutcomeKind::kRateLimited: {
       st.rate_limited += 1;
@@ -636,20 +758,27 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
       st.last_cooldown = cooldown;
       const uint64_t until = now + cooldown;
       if (until > st.cooldown_deadline) st.cooldown_deadline = until;  // never shortens
+      if (probe) st.circuit = Circuit::kOpen;  // probe again once the 429 cooldown ends
       break;
     }
   }
   JournalCommit();
 
   free_[ph_->free_top++] = h.lease;
-  NoteDeadline(st.cooldown_deadline, now);
+  if (timed) NoteDeadline(ReadyAt(s), now);
   RetireSlotIfDone(s);
   if (st.use != SlotUse::kFree) IndexUpdate(s, now);
   *wake = true;
   if (exhausted_now) {
+    if (st.circuit == Circuit::kRevoked) {
+      return Status(Code::kKeyExhausted, "Key '" + SlotName(key) +
+                                             "' failed authentication and is out of rotation until reset or add_key.");
+    }
+    char detail[96];
+    std::snprintf(detail, sizeof(detail), "; its circuit is open for %.1f s, then one caller probes it.",
+                  NanosToSeconds(st.open_cooldown));
     return Status(Code::kKeyExhausted, "Key '" + SlotName(key) + "' has been exhausted (" +
-                                           std::to_string(st.fail_streak) +
-                                           " consecutive failures) and is out of rotation until reset.");
+                                           std::to_string(st.fail_streak) + " consecutive failures)" + detail);
   }
   return Status::Ok();
 }
@@ -671,6 +800,7 @@ void PoolAccess::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) {
   lease.state = LeaseState::kFree;
   st.in_flight -= 1;
   if (count_reclaim) st.reclaimed += 1;
+  if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) st.circuit = Circuit::kOpen;
   JournalCommit();
   free_[ph_->free_top++] = l;
   RetireSlotIfDone(s);
@@ -726,6 +856,12 @@ Result<AddKeyResult> PoolAccess::AddKey(const KeyDefinition& def) {
     CrashPointReached(CrashPoint::kAdminMidMutation);
     if (k.state.use == SlotUse::kRemoving) k.state.use = SlotUse::kActive;
     k.state.fail_streak = 0;
+    if (k.state.circuit != Circuit::kClosed) {
+      // The open circuit's cooldown ends with the exhaustion: a re-admitted
+      // key is back in rotation at once (as in the original's add_key).
+      k.state.cooldown_deadline = 0;
+      k.state.open_cooldown = 0;
+    }
     k.state.circuit = Circuit::kClosed;
     k.state.enabled = 1;
     k.config.fingerprint = def.fingerprint;
@@ -733,6 +869,8 @@ Result<AddKeyResult> PoolAccess::AddKey(const KeyDefinition& def) {
     k.config.max_concurrency = def.max_concurrency;
     k.config.rpm = def.rpm;
     k.config.tpm = def.tpm;
+    k.config.burst = def.burst;
+    k.config.margin_ppm = def.margin_ppm;
     JournalCommit();
     IndexUpdate(s, now);
     g.RequestWake();
@@ -753,6 +891,8 @@ Result<AddKeyResult> PoolAccess::AddKey(const KeyDefinition& def) {
   k.config.max_concurrency = def.max_concurrency;
   k.config.rpm = def.rpm;
   k.config.tpm = def.tpm;
+  k.config.burst = def.burst;
+  k.config.margin_ppm = def.margin_ppm;
   k.state.enabled = 1;
   k.state.pass = ph_->vtime;
   CrashPointReached(CrashPoint::kAdminMidMutation);
@@ -801,9 +941,64 @@ Status PoolAccess::ResetKey(std::string_view name) {
   st.fail_streak = 0;
   st.rl_streak = 0;
   st.circuit = Circuit::kClosed;
+  st.open_cooldown = 0;
   JournalCommit();
   IndexUpdate(*s, clock_->NowNanos());
   g.RequestWake();
+  return Status::Ok();
+}
+
+Status PoolAccess::ObserveLimits(std::string_view name, const LimitUpdate& u) {
+  for (const std::optional<double>& d : {u.reset_requests, u.reset_tokens, u.retry_after}) {
+    if (d && !(*d >= 0 && *d <= 1e9)) return Status(Code::kInvalidArgument, "limit durations must be finite seconds >= 0");
+  }
+  Guard g(this);
+  std::optional<uint32_t> s = FindByNameLocked(name);
+  if (!s) return Status(Code::kUnknownKey, "no key '" + std::string(name) + "' in pool '" + ph_->name + "'");
+  const uint64_t now = clock_->NowNanos();
+  SlotState& st = keys_[*s].state;
+  uint64_t interval, req_tol, tok_tol;
+  double per_token;
+  RequestPacing(*s, &interval, &req_tol);
+  TokenPacing(*s, &per_token, &tok_tol);
+  // A reset in the headers is measured from now; without one, assume the
+  // provider's usual one-second quantum.
+  const uint64_t req_reset = now + (u.reset_requests ? SecondsToNanos(*u.reset_requests) : kNanosPerSecond);
+  const uint64_t tok_reset = now + (u.reset_tokens ? SecondsToNanos(*u.reset_tokens) : kNanosPerSecond);
+  JournalBegin(kJournalSlotState, *s, 0);
+  if (u.remaining_requests) {
+    const uint64_t n = *u.remaining_requests;
+    if (n == 0) {
+      if (interval != 0) {
+        st.req_tat = std::max(st.req_tat, req_reset + req_tol);
+      } else {
+        st.cooldown_deadline = std::max(st.cooldown_deadline, req_reset);
+      }
+    } else if (interval != 0) {
+      // At most n requests grantable now: tat >= now + tolerance - (n-1)*interval.
+      const uint64_t allow = (n - 1) >= (kNever / interval) ? kNever : (n - 1) * interval;
+      const uint64_t floor = now + req_tol > allow ? now + req_tol - allow : 0;
+      st.req_tat = std::max(st.req_tat, floor);
+    }
+  }
+  if (u.remaining_tokens) {
+    const uint64_t m = *u.remaining_tokens;
+    if (m == 0) {
+      if (per_token != 0) {
+        st.tok_tat = std::max(st.tok_tat, tok_reset + tok_tol);
+      } else {
+        st.cooldown_deadline = std::max(st.cooldown_deadline, tok_reset);
+      }
+    } else if (per_token != 0) {
+      const double allow = static_cast<double>(m) * per_token;
+      const double floor = static_cast<double>(now + tok_tol) - allow;
+      if (floor > 0) st.tok_tat = std::max(st.tok_tat, static_cast<uint64_t>(floor));
+    }
+  }
+  if (u.retry_after) st.cooldown_deadline = std::max(st.cooldown_deadline, now + SecondsToNanos(*u.retry_after));
+  JournalCommit();
+  NoteDeadline(ReadyAt(*s), now);
+  IndexUpdate(*s, now);
   return Status::Ok();
 }
 
@@ -825,6 +1020,7 @@ Status PoolAccess::SetOptions(const PoolOptions& o) {
   c.acquire_timeout = SecondsToNanos(o.acquire_timeout);
   c.max_lease = SecondsToNanos(o.max_lease_seconds);
   c.max_cooldown = SecondsToNanos(o.max_cooldown);
+  c.margin_ppm = static_cast<uint32_t>(std::lround(o.rate_margin * 1e6));
   ph_->config = c;  // plain scalars: each write is atomic for a crash
   IndexRebuild(clock_->NowNanos());
   g.RequestWake();
@@ -842,7 +1038,13 @@ Status PoolAccess::RestoreKeyState(std::string_view name, const RestoredState& r
   st.cooldown_deadline = r.cooldown_deadline;
   st.last_cooldown = r.last_cooldown;
   st.enabled = r.enabled ? 1 : 0;
-  st.circuit = r.exhausted ? Circuit::kExhausted : Circuit::kClosed;
+  Circuit circuit = r.circuit <= static_cast<uint32_t>(Circuit::kRevoked) ? static_cast<Circuit>(r.circuit)
+                                                                          : Circuit::kOpen;
+  if (circuit == Circuit::kClosed && r.exhausted) circuit = Circuit::kOpen;
+  if (circuit == Circuit::kHalfOpen) circuit = Circuit::kOpen;  // its probe did not survive
+  st.circuit = circuit;
+  st.open_cooldown = r.open_cooldown;
+  st.circuit_opens = r.circuit_opens;
   st.acquires = r.acquires;
   st.successes = r.successes;
   st.failures = r.failures;
@@ -875,6 +1077,9 @@ std::vector<PoolAccess::ExportedKey> PoolAccess::ExportKeyStates() {
     r.last_cooldown = st.last_cooldown;
     r.enabled = st.enabled != 0;
     r.exhausted = st.circuit != Circuit::kClosed;
+    r.circuit = static_cast<uint32_t>(st.circuit);
+    r.open_cooldown = st.open_cooldown;
+    r.circuit_opens = st.circuit_opens;
     r.acquires = st.acquires;
     r.successes = st.successes;
     r.failures = st.failures;
@@ -959,6 +1164,7 @@ Result<PoolStatus> PoolAccess::Snapshot() {
   out.options.acquire_timeout = NanosToSeconds(ph_->config.acquire_timeout);
   out.options.max_lease_seconds = NanosToSeconds(ph_->config.max_lease);
   out.options.max_cooldown = NanosToSeconds(ph_->config.max_cooldown);
+  out.options.rate_margin = static_cast<double>(ph_->config.margin_ppm) / 1e6;
   out.uptime = NanosToSeconds(MonotonicNowNanos() - ph_->created_mono);
   out.generation = segment_->generation();
   PoolTotals& t = out.totals;
@@ -996,20 +1202,62 @@ Result<PoolStatus> PoolAccess::Snapshot() {
     ks.latency_avg = st.ema_latency;
     ks.has_latency = st.has_latency != 0;
     ks.last_used_ago = st.last_used == 0 ? -1.0 : NanosToSeconds(now > st.last_used ? now - st.last_used : 0);
+    ks.burst = k.config.burst;
+    ks.escalation = st.rl_streak;
+    ks.circuit_opens = st.circuit_opens;
+    static constexpr const char* kCircuitNames[] = {"closed", "open", "half_open", "revoked"};
+    ks.circuit = kCircuitNames[static_cast<uint32_t>(st.circuit) & 3];
+    uint64_t interval, req_tol, tok_tol;
+    double per_token;
+    RequestPacing(s, &interval, &req_tol);
+    TokenPacing(s, &per_token, &tok_tol);
+    if (interval != 0) {
+      const uint64_t tat = std::max(st.req_tat, now);
+      const uint64_t limit = now + req_tol;
+      ks.requests_available = tat > limit ? 0 : static_cast<int64_t>((limit - tat) / interval + 1);
+    }
+    if (per_token != 0) {
+      const double room = static_cast<double>(now + tok_tol) - static_cast<double>(std::max(st.tok_tat, now));
+      ks.tokens_available = room > 0 ? static_cast<int64_t>(room / per_token) : 0;
+    }
+    const uint64_t ready = ReadyAt(s);
+    char why[160] = "";
+    auto secs = [&](uint64_t at) { return at > now ? NanosToSeconds(at - now) : 0.0; };
     if (st.use == SlotUse::kRemoving) {
       ks.state = keymesh::KeyState::kRemoving;
+      std::snprintf(why, sizeof(why), "removed; waits for %u lease(s) to end", st.in_flight);
     } else if (!st.enabled) {
       ks.state = keymesh::KeyState::kDisabled;
-    } else if (st.circuit != Circuit::kClosed) {
+      std::snprintf(why, sizeof(why), "disabled by an operator");
+    } else if (st.circuit == Circuit::kRevoked) {
+      ks.state = keymesh::KeyState::kRevoked;
+      std::snprintf(why, sizeof(why), "authentication failed; out until reset or add_key");
+    } else if (st.circuit == Circuit::kHalfOpen) {
+      ks.state = keymesh::KeyState::kHalfOpen;
+      std::snprintf(why, sizeof(why), "circuit half-open: its probe is in flight");
+    } else if (st.circuit == Circuit::kOpen && st.cooldown_deadline > now) {
       ks.state = keymesh::KeyState::kExhausted;
+      std::snprintf(why, sizeof(why), "circuit open after %u consecutive failures; half-open in %.1fs",
+                    st.fail_streak, secs(st.cooldown_deadline));
+    } else if (st.circuit == Circuit::kOpen) {
+      ks.state = keymesh::KeyState::kProbe;
+      std::snprintf(why, sizeof(why), "circuit half-open: the next caller probes it");
     } else if (st.cooldown_deadline > now) {
       ks.state = keymesh::KeyState::kCooling;
+      std::snprintf(why, sizeof(why), "rate limited (429 #%u in a row); cooling %.1fs", st.rl_streak,
+                    secs(st.cooldown_deadline));
+    } else if (ready > now) {
+      ks.state = keymesh::KeyState::kThrottled;
+      std::snprintf(why, sizeof(why), "request/token budget spent; refills in %.3fs", secs(ready));
     } else if (k.config.max_concurrency != 0 && st.in_flight >= k.config.max_concurrency) {
       ks.state = keymesh::KeyState::kBusy;
+      std::snprintf(why, sizeof(why), "at max concurrency %u", k.config.max_concurrency);
     } else {
       ks.state = keymesh::KeyState::kAvailable;
     }
-    const bool available = ks.state == keymesh::KeyState::kAvailable || ks.state == keymesh::KeyState::kBusy;
+    ks.reason = why;
+    const bool available = ks.state == keymesh::KeyState::kAvailable || ks.state == keymesh::KeyState::kBusy ||
+                           ks.state == keymesh::KeyState::kThrottled || ks.state == keymesh::KeyState::kProbe;
     ks.health_score = available ? SuccessRate(st) / (1.0 + st.ema_latency) : 0.0;
     t.acquires += st.acquires;
     t.releases += st.successes;

@@ -64,6 +64,16 @@ struct Outcome {
   std::optional<double> latency;   // seconds; absent leaves the EMA unchanged
   uint64_t tokens = 0;             // tokens used by the request
   std::optional<double> cooldown;  // 429: seconds (Retry-After); absent: pool default
+  bool permanent = false;          // kFailure: an authentication failure; revokes the key
+};
+
+// What a provider's headers said about a key's limits (seconds, counts).
+struct LimitUpdate {
+  std::optional<uint64_t> remaining_requests;
+  std::optional<double> reset_requests;
+  std::optional<uint64_t> remaining_tokens;
+  std::optional<double> reset_tokens;
+  std::optional<double> retry_after;
 };
 
 // A key's configuration as the segment stores it (no secret).
@@ -74,6 +84,8 @@ struct KeyDefinition {
   uint32_t max_concurrency = 0;
   uint32_t rpm = 0;
   uint64_t tpm = 0;
+  uint32_t burst = 0;
+  uint32_t margin_ppm = kPoolMargin;
 };
 
 struct AddKeyResult {
@@ -115,19 +127,24 @@ class PoolAccess {
   // none). `selector` null: the pool's strategy.
   // `holder` names the process the lease belongs to (the broker's socket
   // slow path grants leases on behalf of its clients).
+  // `tokens` is the expected token count, reserved from the key's TPM budget
+  // up front and corrected by the release's actual count.
   Result<LeaseHandle> TryAcquire(const Selector* selector = nullptr, uint64_t* earliest = nullptr,
-                                 const ProcessId& holder = Self());
+                                 const ProcessId& holder = Self(), uint64_t tokens = 0);
   // Waits up to timeout_ns (real CLOCK_MONOTONIC time) for an eligible key,
   // sleeping on the pool's futex until a release, a cooldown end, a key
   // added, or the timeout. Never spins.
   // `holder` as for TryAcquire. `cancel` (may be null) is checked at every
   // wake-up: set it, then call WakeWaiters(), to end the wait early with
   // kClosed. It must outlive the call.
+  // On timeout the message says when the next key returns, if one will.
   Result<LeaseHandle> Acquire(uint64_t timeout_ns, const Selector* selector = nullptr,
-                              const ProcessId& holder = Self(), const std::atomic<bool>* cancel = nullptr);
+                              const ProcessId& holder = Self(), const std::atomic<bool>* cancel = nullptr,
+                              uint64_t tokens = 0);
   // Ends a lease held by `holder`. kNotHeld if it is not held by holder.
   // Returns kKeyExhausted (the lease ended normally) exactly once: on the
-  // failure that made the key reach max_failures.
+  // failure that opened the key's circuit (max_failures consecutive
+  // failures), or on a permanent failure that revoked it.
   Status Release(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder = Self());
 
   // --- Admin (broker, embedded pool owner) -------------------------------
@@ -135,8 +152,14 @@ class PoolAccess {
   // Removes the key once its last lease ended; it leaves rotation at once.
   Status RemoveKey(std::string_view name);
   Status SetEnabled(std::string_view name, bool enabled);
-  // Clears cooldown, failure and 429 streaks and the exhausted state.
+  // Clears cooldown, failure and 429 streaks, and closes the circuit (also
+  // a revoked one).
   Status ResetKey(std::string_view name);
+  // Applies what a provider said about a key's remaining budget: a key the
+  // provider says is out of requests/tokens waits for the reset, and the
+  // buckets never allow more than the provider says remain. Never shortens a
+  // cooldown.
+  Status ObserveLimits(std::string_view name, const LimitUpdate& update);
   Status SetStrategy(Strategy strategy);
   Status SetOptions(const PoolOptions& options);
   // Overwrites persisted per-key state (restore after reboot). Deadline is
@@ -147,7 +170,10 @@ class PoolAccess {
     uint64_t cooldown_deadline = 0;
     uint64_t last_cooldown = 0;
     bool enabled = true;
-    bool exhausted = false;
+    bool exhausted = false;         // circuit not closed (kept for older state files)
+    uint32_t circuit = 0;           // shm::Circuit value
+    uint64_t open_cooldown = 0;     // ns
+    uint32_t circuit_opens = 0;
     uint64_t acquires = 0, successes = 0, failures = 0, rate_limited = 0, reclaimed = 0, tokens = 0;
     bool has_latency = false;
     double ema_latency = 0.0;
@@ -189,11 +215,18 @@ class PoolAccess {
   class Guard;
   friend class PoolSelection;
 
-  Result<LeaseHandle> TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
+  Result<LeaseHandle> TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest, uint64_t tokens,
                                        const ProcessId& holder);
   Status ReleaseLocked(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder, bool* wake);
   void FreeLeaseLocked(uint32_t lease_index, uint64_t now, bool count_reclaim);
   bool Eligible(uint32_t slot, uint64_t now) const noexcept;
+  // When the key's cooldown and rate-limit budgets allow a grant (ns).
+  uint64_t ReadyAt(uint32_t slot) const noexcept;
+  // GCRA parameters of a key: emission interval per request / per token (ns,
+  // 0 = unlimited) and burst tolerance (ns).
+  void RequestPacing(uint32_t slot, uint64_t* interval, uint64_t* tolerance) const noexcept;
+  void TokenPacing(uint32_t slot, double* per_token, uint64_t* tolerance) const noexcept;
+  void OpenCircuit(SlotState& st, uint64_t now) noexcept;
   void Sweep(uint64_t now) noexcept;
   void IndexUpdate(uint32_t slot, uint64_t now) noexcept;
   void IndexRebuild(uint64_t now) noexcept;

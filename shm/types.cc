@@ -60,6 +60,10 @@ std::string_view KeyStateName(KeyState state) noexcept {
     case KeyState::kExhausted: return "exhausted";
     case KeyState::kDisabled: return "disabled";
     case KeyState::kRemoving: return "removing";
+    case KeyState::kHalfOpen: return "half_open";
+    case KeyState::kRevoked: return "revoked";
+    case KeyState::kThrottled: return "throttled";
+    case KeyState::kProbe: return "probe";
   }
   return "unknown";
 }
@@ -81,6 +85,9 @@ Status ValidatePoolOptions(const PoolOptions& o) {
                     CheckSeconds("max_lease_seconds", o.max_lease_seconds, true),
                     CheckSeconds("max_cooldown", o.max_cooldown, true)}) {
     if (!st.ok()) return st;
+  }
+  if (!(o.rate_margin >= 0.0 && o.rate_margin < 0.5)) {
+    return Status(Code::kInvalidArgument, "rate_margin must be >= 0 and < 0.5");
   }
   return Status::Ok();
 }

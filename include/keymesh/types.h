@@ -26,7 +26,11 @@ struct PoolOptions {
   uint32_t max_failures = 10;       // consecutive failures that exhaust a key (>= 1)
   double acquire_timeout = 30.0;    // seconds Acquire() waits by default (0: try once)
   double max_lease_seconds = 600.0; // a lease held longer is reclaimed by the broker
-  double max_cooldown = 600.0;      // cap of escalating 429 cooldowns
+  double max_cooldown = 600.0;      // cap of escalating 429 and circuit cooldowns
+  // Rate-limit safety margin: keys are paced at (1 - rate_margin) x their
+  // rpm/tpm, because requests reach the provider a few ms after the grant,
+  // with jitter. 0 <= rate_margin < 0.5.
+  double rate_margin = 0.02;
 };
 
 // Checks ranges and finiteness; the message names the offending field.
@@ -40,6 +44,11 @@ struct KeySpec {
   uint32_t max_concurrency = 0; // 0: unlimited
   uint32_t rpm = 0;             // requests per minute, 0: unlimited
   uint64_t tpm = 0;             // tokens per minute, 0: unlimited
+  // Requests that may be granted back to back (0 or 1: smooth pacing, the
+  // default, right for providers that quantize limits per second).
+  uint32_t burst = 0;
+  // Per-key override of PoolOptions::rate_margin; negative: the pool's.
+  double rate_margin = -1.0;
 };
 
 // Why a key is or is not eligible right now.
@@ -50,6 +59,10 @@ enum class KeyState : uint32_t {
   kExhausted = 3,  // consecutive failures reached max_failures
   kDisabled = 4,   // disabled by an operator
   kRemoving = 5,   // removed; waits for its leases to end
+  kHalfOpen = 6,   // circuit half-open: its one probe is in flight
+  kRevoked = 7,    // an authentication failure: out until reset or add_key
+  kThrottled = 8,  // out of request or token budget until it refills
+  kProbe = 9,      // circuit open, cooldown over: the next caller gets it as a probe
 };
 KEYMESH_EXPORT std::string_view KeyStateName(KeyState state) noexcept;
 
@@ -74,6 +87,13 @@ struct KeyStatus {
   uint64_t reclaimed = 0;
   uint64_t tokens = 0;
   uint64_t cancelled = 0;        // leases ended without an outcome
+  std::string circuit = "closed";  // closed, open, half_open, revoked
+  uint32_t circuit_opens = 0;
+  uint32_t escalation = 0;       // consecutive 429s (each doubles the cooldown)
+  int64_t requests_available = -1;  // requests grantable now; -1: no rpm limit
+  int64_t tokens_available = -1;    // tokens left in the bucket now; -1: no tpm limit
+  uint32_t burst = 0;
+  std::string reason;            // why the key is not eligible ("" when it is)
   double latency_avg = 0.0;      // seconds, EMA alpha 0.2; 0 until the first sample
   bool has_latency = false;
   double last_used_ago = -1.0;   // seconds since the last acquire, -1 if never
