@@ -4,6 +4,8 @@
 
 #include <unistd.h>
 
+#include <cmath>
+
 #include <unordered_set>
 
 #include "shm/clock.h"
@@ -23,6 +25,7 @@ shm::PoolConfig ToConfig(const PoolOptions& o) {
   c.acquire_timeout = shm::SecondsToNanos(o.acquire_timeout);
   c.max_lease = shm::SecondsToNanos(o.max_lease_seconds);
   c.max_cooldown = shm::SecondsToNanos(o.max_cooldown);
+  c.margin_ppm = static_cast<uint32_t>(std::lround(o.rate_margin * 1e6));
   return c;
 }
 
@@ -70,6 +73,11 @@ Status Lease::End(uint32_t kind, std::optional<double> latency, uint64_t tokens,
   outcome.cooldown = cooldown;
   shm::LeaseHandle h{slot_, lease_, seq_, acquire_ns_, 0};
   Pool* pool = pool_;
+  if (!pool->access_) {
+    Status st = pool->RemoteEnd(*this, kind, latency, tokens, cooldown);
+    pool_ = nullptr;
+    return st;
+  }
   pool_ = nullptr;
   return pool->access_->Release(h, outcome);
 }
@@ -221,6 +229,7 @@ Result<Lease> Pool::MakeLease(uint32_t slot, uint32_t lease_index, uint32_t seq,
 Result<Lease> Pool::Acquire(std::optional<double> timeout) { return Acquire(timeout, nullptr); }
 
 Result<Lease> Pool::Acquire(std::optional<double> timeout, const std::atomic<bool>* cancel) {
+  if (!access_) return RemoteAcquire(timeout);  // slow path: `cancel` is not supported over the socket
   uint64_t timeout_ns = access_->header()->config.acquire_timeout;
   if (timeout) {
     Status st = ValidateTimeout(*timeout);
@@ -234,12 +243,14 @@ Result<Lease> Pool::Acquire(std::optional<double> timeout, const std::atomic<boo
 }
 
 Result<Lease> Pool::TryAcquire() {
+  if (!access_) return RemoteAcquire(0.0);
   Result<shm::LeaseHandle> h = access_->TryAcquire(selector_raw_.load(std::memory_order_acquire));
   if (!h.ok()) return h.status();
   return MakeLease(h->slot, h->lease, h->seq, h->acquire_ns, h->fingerprint);
 }
 
 Status Pool::AddKey(const KeySpec& key) {
+  if (broker_) return RemoteAddKey(key);
   if (key.secret.empty() || key.secret.find_first_not_of(" \t\r\n") == std::string::npos) {
     return Status(Code::kInvalidArgument, "key has an empty secret");
   }
@@ -276,6 +287,8 @@ Status Pool::AddKey(const KeySpec& key) {
   def.max_concurrency = key.max_concurrency;
   def.rpm = key.rpm;
   def.tpm = key.tpm;
+  def.burst = key.burst;
+  def.margin_ppm = key.rate_margin < 0 ? shm::kPoolMargin : static_cast<uint32_t>(std::lround(key.rate_margin * 1e6));
   Result<shm::AddKeyResult> r = access_->AddKey(def);
   if (!r.ok()) return r.status();
   const detail::KeyEntry* cur = entries_[r->slot].load(std::memory_order_acquire);
@@ -285,20 +298,44 @@ Status Pool::AddKey(const KeySpec& key) {
 }
 
 Status Pool::RemoveKey(std::string_view name) {
+  if (broker_) return RemoteKeyOp("remove_key", name);
   Status st = access_->RemoveKey(name);
   if (st.ok()) segment_->BumpGeneration();
   return st;
 }
 
-Status Pool::EnableKey(std::string_view name) { return access_->SetEnabled(name, true); }
-Status Pool::DisableKey(std::string_view name) { return access_->SetEnabled(name, false); }
-Status Pool::ResetKey(std::string_view name) { return access_->ResetKey(name); }
+Status Pool::EnableKey(std::string_view name) {
+  if (broker_) return RemoteKeyOp("enable", name);
+  return access_->SetEnabled(name, true);
+}
+Status Pool::DisableKey(std::string_view name) {
+  if (broker_) return RemoteKeyOp("disable", name);
+  return access_->SetEnabled(name, false);
+}
+Status Pool::ResetKey(std::string_view name) {
+  if (broker_) return RemoteKeyOp("reset", name);
+  return access_->ResetKey(name);
+}
 
-Result<PoolStatus> Pool::GetStatus() { return access_->Snapshot(); }
+Result<PoolStatus> Pool::GetStatus() {
+  if (!access_) return RemoteStatus();
+  return access_->Snapshot();
+}
 
-uint32_t Pool::AvailableCount() { return access_->AvailableCount(); }
+uint32_t Pool::AvailableCount() {
+  if (!access_) {
+    Result<PoolStatus> st = RemoteStatus();
+    uint32_t n = 0;
+    if (st.ok()) {
+      for (const KeyStatus& k : st->keys) n += k.state == KeyState::kAvailable ? 1 : 0;
+    }
+    return n;
+  }
+  return access_->AvailableCount();
+}
 
 std::optional<std::string> Pool::NameOfSecret(std::string_view secret) {
+  if (!access_) return RemoteNameOfSecret(secret);
   const uint64_t fp = segment_->Fingerprint(secret);
   for (uint32_t s = 0; s < entries_size_; ++s) {
     const detail::KeyEntry* e = entries_[s].load(std::memory_order_acquire);

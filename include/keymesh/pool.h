@@ -47,6 +47,7 @@ struct KeyEntry {
   std::string secret;
   uint64_t fingerprint = 0;
 };
+class BrokerLink;  // the connection to keymesh-broker (client/broker_client.cc)
 }  // namespace detail
 
 // One acquired key. Move-only. Unless one of Release / MarkFailed /
@@ -169,9 +170,13 @@ class KEYMESH_EXPORT Pool {
   // to the pool's strategy). The selector must outlive its use.
   void SetSelector(std::shared_ptr<const Selector> selector);
 
-  // For bindings and tests: the underlying segment view.
+  // For bindings and tests: the underlying segment view. Only for pools
+  // that map a segment (not slow_path()).
   shm::PoolAccess& access() noexcept { return *access_; }
   shm::Segment& segment() noexcept { return *segment_; }
+  // True when every call goes over the broker socket (Connect() could not
+  // map the segment).
+  bool slow_path() const noexcept { return access_ == nullptr; }
 
  private:
   friend class Lease;
@@ -196,6 +201,19 @@ class KEYMESH_EXPORT Pool {
   std::vector<std::unique_ptr<detail::KeyEntry>> entry_storage_;
   std::vector<std::shared_ptr<const Selector>> selectors_;  // every selector ever set stays alive
   std::atomic<const Selector*> selector_raw_{nullptr};
+
+  // Broker client (client/broker_client.cc). broker_ is set for pools made
+  // by Connect(): admin calls go to the broker, which knows the secrets.
+  // In slow-path mode (no segment) every call goes over it.
+  Pool(std::shared_ptr<detail::BrokerLink> broker, std::string name);
+  Result<Lease> RemoteAcquire(std::optional<double> timeout);
+  Status RemoteEnd(const Lease& lease, uint32_t kind, std::optional<double> latency, uint64_t tokens,
+                   std::optional<double> cooldown);
+  Status RemoteKeyOp(std::string_view op, std::string_view name);
+  Status RemoteAddKey(const KeySpec& key);
+  Result<PoolStatus> RemoteStatus();
+  std::optional<std::string> RemoteNameOfSecret(std::string_view secret);
+  std::shared_ptr<detail::BrokerLink> broker_;
 };
 
 }  // namespace keymesh

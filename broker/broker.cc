@@ -1,0 +1,320 @@
+#include "broker/broker.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+
+#include "broker/handlers.h"
+#include "broker/listener.h"
+#include "broker/log.h"
+#include "broker/recovery.h"
+#include "broker/session.h"
+#include "shm/clock.h"
+#include "shm/process_id.h"
+
+namespace keymesh::broker {
+
+namespace {
+constexpr std::chrono::seconds kTickInterval{1};
+
+void RaiseFileLimit() {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+}  // namespace
+
+Broker::Broker(BrokerOptions options)
+    : options_(std::move(options)), signals_(io_, SIGTERM, SIGINT, SIGHUP), tick_(io_) {}
+
+Broker::~Broker() = default;
+
+int Broker::Run() {
+  Status st = Start();
+  if (!st.ok()) {
+    std::fprintf(stderr, "keymesh-broker: %s\n", st.message().c_str());
+    return st.code() == Code::kAlreadyExists ? 3 : 1;
+  }
+  io_.run();
+  return 0;
+}
+
+Status Broker::Start() {
+  Result<BrokerConfig> config = LoadConfig(options_.config_path);
+  if (!config.ok()) return config.status();
+  config_ = std::move(config).value();
+  RaiseFileLimit();
+  // The lock comes before the socket path or the segment is touched.
+  Result<std::unique_ptr<LockFile>> lock = LockFile::Acquire(config_.socket + ".lock");
+  if (!lock.ok()) return lock.status();
+  lock_ = std::move(lock).value();
+  segment_name_ = SegmentNameFor(config_.socket);
+  wall_minus_mono_ = static_cast<int64_t>(shm::WallNowNanos()) - static_cast<int64_t>(shm::MonotonicNowNanos());
+  Result<OpenedSegment> opened = OpenSegment(config_, segment_name_, options_.discard_state);
+  if (!opened.ok()) return opened.status();
+  segment_ = std::move(opened->segment);
+  const shm::ProcessId& self = shm::Self();
+  segment_->header()->broker_pid.store(self.pid, std::memory_order_release);
+  segment_->header()->broker_start_time.store(self.start_time, std::memory_order_release);
+  RebuildTables();
+
+  reaper_ = std::make_unique<Reaper>(io_, [this](const shm::ProcessId& id) { OnProcessDied(id); });
+  slow_ = std::make_unique<SlowAcquirer>(io_);
+  cooldown_ = std::make_unique<CooldownTimer>(io_, [this] { return AllPools(); });
+  persister_ = std::make_unique<StatePersister>(config_.state_file);
+  handlers_ = std::make_unique<Handlers>(*this);
+  listener_ = std::make_unique<Listener>(io_, *handlers_);
+
+  SaveState(true);
+  WatchHolders();  // leases of workers that were served by a previous broker
+  cooldown_->Rearm();
+  Status st = listener_->Open(config_.socket);
+  if (!st.ok()) return st;
+  listener_->Start();
+  WaitSignal();
+  ArmTick();
+  size_t keys = 0;
+  for (const auto& [pool, s] : secrets_) keys += s.size();
+  Log(LogLevel::kInfo, "ready", {{"socket", config_.socket}, {"segment", segment_name_},
+                                 {"mode", StartModeName(opened->mode)}, {"pools", std::to_string(pools_.size())},
+                                 {"keys", std::to_string(keys)}, {"pid", std::to_string(::getpid())}});
+  return Status::Ok();
+}
+
+void Broker::WaitSignal() {
+  signals_.async_wait([this](const boost::system::error_code& ec, int signo) {
+    if (ec) return;
+    if (signo == SIGHUP) {
+      Reload();
+      WaitSignal();
+      return;
+    }
+    Log(LogLevel::kInfo, "stopping", {{"signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"}});
+    Shutdown();
+  });
+}
+
+void Broker::Shutdown() {
+  if (stopping_) return;
+  stopping_ = true;
+  listener_->Stop();
+  slow_->Stop();
+  handlers_->CloseAll();
+  cooldown_->Stop();
+  tick_.cancel();
+  signals_.cancel();
+  SaveState(true);
+  segment_->header()->broker_pid.store(0, std::memory_order_release);
+  segment_->header()->broker_start_time.store(0, std::memory_order_release);
+  Log(LogLevel::kInfo, "stopped", {{"state_file", config_.state_file}});
+  io_.stop();
+}
+
+void Broker::ArmTick() {
+  tick_.expires_after(kTickInterval);
+  tick_.async_wait([this](const boost::system::error_code& ec) {
+    if (ec || stopping_) return;
+    Tick();
+    ArmTick();
+  });
+}
+
+void Broker::Tick() {
+  for (auto& [name, pool] : pools_) {
+    Result<uint32_t> n = pool->ReclaimExpired();
+    if (n.ok() && *n > 0) {
+      Log(LogLevel::kWarn, "leases_expired", {{"pool", name}, {"count", std::to_string(*n)},
+                                              {"max_lease_seconds", std::to_string(pool->header()->config.max_lease / 1000000000ull)}});
+    }
+  }
+  WatchHolders();
+  SaveState(false);
+  cooldown_->Rearm();
+}
+
+void Broker::WatchHolders() {
+  for (auto& [name, pool] : pools_) {
+    for (const shm::ProcessId& id : pool->Holders()) reaper_->Watch(id);
+  }
+}
+
+void Broker::OnProcessDied(const shm::ProcessId& id) {
+  uint32_t total = 0;
+  for (auto& [name, pool] : pools_) {
+    Result<uint32_t> n = pool->ReclaimProcess(id);
+    if (n.ok() && *n > 0) {
+      total += *n;
+      Log(LogLevel::kWarn, "leases_reclaimed", {{"pool", name}, {"pid", std::to_string(id.pid)}, {"count", std::to_string(*n)}});
+    }
+  }
+  if (total > 0) cooldown_->Rearm();
+}
+
+uint32_t Broker::ReclaimIfDead(uint32_t pid) {
+  uint32_t total = 0;
+  for (auto& [name, pool] : pools_) {
+    for (const shm::ProcessId& id : pool->Holders()) {
+      if (id.pid != pid || shm::IsAlive(id)) continue;
+      Result<uint32_t> n = pool->ReclaimProcess(id);
+      if (n.ok()) total += *n;
+    }
+  }
+  if (total > 0) {
+    Log(LogLevel::kWarn, "leases_reclaimed", {{"pid", std::to_string(pid)}, {"count", std::to_string(total)}, {"by", "request"}});
+  }
+  return total;
+}
+
+void Broker::SaveState(bool force) {
+  Status st = persister_->Save(CaptureState(*segment_, wall_minus_mono_), force);
+  if (!st.ok()) Log(LogLevel::kError, "state_write_failed", {{"file", config_.state_file}, {"error", st.message()}});
+}
+
+std::vector<PoolConfigEntry> Broker::DesiredPools() const {
+  std::vector<PoolConfigEntry> pools = config_.pools;
+  for (PoolConfigEntry& p : pools) {
+    auto rk = runtime_keys_.find(p.name);
+    if (rk == runtime_keys_.end()) continue;
+    for (const auto& [name, spec] : rk->second) {
+      bool in_config = false;
+      for (const KeySpec& k : p.keys) in_config = in_config || k.name == name;
+      if (!in_config) p.keys.push_back(spec);
+    }
+  }
+  return pools;
+}
+
+void Broker::RebuildTables() {
+  for (uint32_t i = 0; i < segment_->header()->max_pools; ++i) {
+    if (segment_->pool_header(i)->use != 1) continue;
+    auto access = std::make_unique<shm::PoolAccess>(*segment_, i);
+    std::string name = access->Info().name;
+    if (pools_.find(name) == pools_.end()) pools_.emplace(std::move(name), std::move(access));
+  }
+  secrets_.clear();
+  for (const PoolConfigEntry& p : DesiredPools()) {
+    auto& table = secrets_[p.name];
+    for (const KeySpec& k : p.keys) table[k.name] = k.secret;
+  }
+}
+
+void Broker::Reload() {
+  Result<BrokerConfig> fresh = LoadConfig(options_.config_path);
+  if (!fresh.ok()) {
+    Log(LogLevel::kError, "reload_refused", {{"error", fresh.status().message()}});
+    return;
+  }
+  BrokerConfig next = std::move(fresh).value();
+  if (next.socket != config_.socket || next.state_file != config_.state_file ||
+      next.capacity.max_pools != config_.capacity.max_pools ||
+      next.capacity.keys_per_pool != config_.capacity.keys_per_pool ||
+      next.capacity.leases_per_pool != config_.capacity.leases_per_pool) {
+    Log(LogLevel::kWarn, "reload_partial", {{"reason", "socket, state_file and capacity change only on restart"}});
+    next.socket = config_.socket;
+    next.state_file = config_.state_file;
+    next.capacity = config_.capacity;
+  }
+  BrokerConfig old = std::move(config_);
+  config_ = std::move(next);
+  Status st = ReconcileSegment(*segment_, DesiredPools());
+  if (!st.ok()) {
+    // Whatever was applied stays applied; report and keep serving.
+    Log(LogLevel::kError, "reload_failed", {{"error", st.message()}});
+  }
+  RebuildTables();
+  cooldown_->Rearm();
+  SaveState(false);
+  Log(LogLevel::kInfo, "reloaded", {{"pools", std::to_string(config_.pools.size())},
+                                    {"generation", std::to_string(segment_->generation())}});
+}
+
+shm::PoolAccess* Broker::FindPool(std::string_view name) {
+  auto it = pools_.find(name);
+  return it == pools_.end() ? nullptr : it->second.get();
+}
+
+std::vector<std::string> Broker::PoolNames() const {
+  std::vector<std::string> out;
+  for (const PoolConfigEntry& p : config_.pools) out.push_back(p.name);
+  return out;
+}
+
+std::vector<shm::PoolAccess*> Broker::AllPools() {
+  std::vector<shm::PoolAccess*> out;
+  for (auto& [name, pool] : pools_) out.push_back(pool.get());
+  return out;
+}
+
+const std::map<std::string, std::string>* Broker::Secrets(std::string_view pool) const {
+  auto it = secrets_.find(pool);
+  return it == secrets_.end() ? nullptr : &it->second;
+}
+
+std::string Broker::Masked(std::string_view pool, const std::string& key) const {
+  const std::map<std::string, std::string>* s = Secrets(pool);
+  if (s == nullptr) return "";
+  auto it = s->find(key);
+  return it == s->end() ? std::string() : MaskSecret(it->second);
+}
+
+bool Broker::PeerAllowed(const PeerCred& peer) const {
+  if (peer.uid == 0 || peer.uid == ::geteuid()) return true;
+  if (std::find(config_.allow_uids.begin(), config_.allow_uids.end(), peer.uid) != config_.allow_uids.end()) return true;
+  return std::find(config_.allow_gids.begin(), config_.allow_gids.end(), peer.gid) != config_.allow_gids.end();
+}
+
+Status Broker::AddKey(std::string_view pool, const KeySpec& key) {
+  if (config_.FindPool(pool) == nullptr || FindPool(pool) == nullptr) {
+    return Status(Code::kUnknownKey, "no pool '" + std::string(pool) + "'");
+  }
+  auto& runtime = runtime_keys_[std::string(pool)];
+  const auto previous = runtime.find(key.name);
+  std::optional<KeySpec> saved;
+  if (previous != runtime.end()) saved = previous->second;
+  runtime[key.name] = key;
+  Status st = ReconcileSegment(*segment_, DesiredPools());
+  if (!st.ok()) {
+    if (saved) {
+      runtime[key.name] = *saved;
+    } else {
+      runtime.erase(key.name);
+    }
+    return st;
+  }
+  RebuildTables();
+  return Status::Ok();
+}
+
+Status Broker::RemoveKey(std::string_view pool, std::string_view name) {
+  shm::PoolAccess* access = FindPool(pool);
+  if (access == nullptr) return Status(Code::kUnknownKey, "no pool '" + std::string(pool) + "'");
+  Status st = access->RemoveKey(name);
+  if (!st.ok()) return st;
+  segment_->BumpGeneration();
+  auto rk = runtime_keys_.find(pool);
+  if (rk != runtime_keys_.end()) rk->second.erase(std::string(name));
+  // A key removed at run time stays removed until a reload re-reads the
+  // config that names it.
+  for (PoolConfigEntry& p : config_.pools) {
+    if (p.name != pool) continue;
+    std::erase_if(p.keys, [&](const KeySpec& k) { return k.name == name; });
+  }
+  RebuildTables();
+  Log(LogLevel::kInfo, "key_removed", {{"pool", std::string(pool)}, {"key", std::string(name)}});
+  return Status::Ok();
+}
+
+std::string Broker::SlotName(const shm::PoolAccess& pool, uint32_t slot) const {
+  const shm::SegmentHeader* h = segment_->header();
+  if (slot >= h->keys_per_pool) return "";
+  const auto* slots = reinterpret_cast<const shm::KeySlot*>(segment_->pool_data(pool.index()) + h->keys_offset);
+  return std::string(slots[slot].name, strnlen(slots[slot].name, shm::kNameCapacity));
+}
+
+}  // namespace keymesh::broker

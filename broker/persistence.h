@@ -1,0 +1,77 @@
+// The state file: per pool and key name, what must survive a reboot
+// (cooldown deadline as wall-clock time, failure and 429 streaks, last
+// cooldown, enabled, exhausted, counters, EMA latency) plus the segment's
+// fingerprint salt so fingerprints stay stable across a fresh segment.
+//
+// File format (one JSON object):
+//   {"format":"keymesh-state","version":1,"written_at":<wall ns>,
+//    "body":{"salt":[u64,u64],"pools":{"<pool>":{"<key>":{...}}}},
+//    "checksum":"fnv1a64:<16 hex>"}
+// The checksum covers the compact serialization of "body". Writes are
+// atomic: temp file, fsync, rename over the old file, fsync the directory,
+// so a crash at any point leaves the old or the new file, never a mix.
+#ifndef KEYMESH_BROKER_PERSISTENCE_H_
+#define KEYMESH_BROKER_PERSISTENCE_H_
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "keymesh/status.h"
+#include "shm/pool.h"
+#include "shm/segment.h"
+
+namespace keymesh::broker {
+
+inline constexpr int64_t kStateFormatVersion = 1;
+
+struct PersistedKey {
+  std::string name;
+  uint64_t fingerprint = 0;
+  // cooldown_deadline is unused here: see cooldown_until_wall_ns.
+  shm::PoolAccess::RestoredState state;
+  uint64_t cooldown_until_wall_ns = 0;  // 0: none
+};
+
+struct StateImage {
+  uint64_t salt[2] = {0, 0};
+  std::map<std::string, std::vector<PersistedKey>> pools;
+};
+
+// Reads the persistable state of every pool in `segment`. Monotonic
+// deadlines become wall-clock by adding `wall_minus_mono` (ns), a constant
+// per broker run, so unchanged state captures to identical bytes.
+StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono);
+
+// File content for `image` (newline-terminated) and its parse.
+std::string SerializeState(const StateImage& image);
+// kCorruptState with a message saying what is wrong.
+Result<StateImage> ParseState(std::string_view text);
+
+// nullopt when the file does not exist; kCorruptState or kIoError when it
+// exists but cannot be used.
+Result<std::optional<StateImage>> ReadStateFile(const std::string& path);
+
+// Moves a bad state file aside to `<path>.corrupt-<unix time>`, returns the
+// new name. Never deletes it.
+Result<std::string> MoveAside(const std::string& path);
+
+// Writes state files atomically, skipping a write when nothing changed.
+// Not thread-safe; the broker calls it from its io thread only.
+class StatePersister {
+ public:
+  explicit StatePersister(std::string path) : path_(std::move(path)) {}
+  // Writes `image` unless it equals the last image written (force: always).
+  Status Save(const StateImage& image, bool force = false);
+  const std::string& path() const noexcept { return path_; }
+
+ private:
+  std::string path_;
+  std::string last_body_;
+};
+
+}  // namespace keymesh::broker
+
+#endif  // KEYMESH_BROKER_PERSISTENCE_H_

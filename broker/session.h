@@ -1,0 +1,94 @@
+// One client connection: reads newline-delimited frames, hands each to the
+// Handlers, and writes replies with one write in flight plus a queue, so a
+// slow reader never stalls the io thread or other sessions.
+//
+// Limits: a frame longer than protocol::kMaxFrame gets an error reply and the
+// connection is closed; a started frame must complete within kFrameTimeout;
+// an idle connection is closed after kIdleTimeout unless it holds slow-path
+// leases or waits for an acquire. A client that stops reading is dropped once
+// kMaxQueuedReplies replies pile up.
+//
+// Lifetime: shared_ptr-owned (enable_shared_from_this); every pending Asio
+// operation holds a reference. All members are used on the io thread only.
+#ifndef KEYMESH_BROKER_SESSION_H_
+#define KEYMESH_BROKER_SESSION_H_
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "shm/pool.h"
+#include "shm/process_id.h"
+
+namespace keymesh::broker {
+
+class Handlers;
+
+// The peer's credentials from SO_PEERCRED, taken at accept.
+struct PeerCred {
+  int32_t pid = 0;
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+};
+
+inline constexpr std::chrono::seconds kFrameTimeout{5};
+inline constexpr std::chrono::seconds kIdleTimeout{30};
+inline constexpr size_t kMaxQueuedReplies = 4096;
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  using Socket = boost::asio::local::stream_protocol::socket;
+
+  // `handlers` must outlive the session.
+  Session(Socket socket, PeerCred peer, Handlers& handlers);
+  ~Session();
+
+  void Start();
+  // Queues one serialized frame (newline included).
+  void Send(std::string frame);
+  // Sends `frame`, then closes.
+  void SendAndClose(std::string frame);
+  void Close();
+  bool closed() const noexcept { return closed_; }
+  const PeerCred& peer() const noexcept { return peer_; }
+  // Re-evaluates the read timeout (after `slow_leases`/`pending` changed).
+  void ArmTimer();
+
+  // --- state kept for the Handlers ---
+  std::optional<shm::ProcessId> client;  // set by hello
+  struct SlowLease {
+    shm::PoolAccess* pool;
+    shm::LeaseHandle handle;
+  };
+  std::vector<SlowLease> slow_leases;  // granted over this connection, not yet ended
+  std::set<uint64_t> pending;          // SlowAcquirer tickets of waiting acquires
+
+ private:
+  void DoRead();
+  void OnRead(const boost::system::error_code& ec, size_t n);
+  void DoWrite();
+
+  Socket socket_;
+  PeerCred peer_;
+  Handlers& handlers_;
+  boost::asio::steady_timer timer_;
+  std::array<char, 16384> buf_;
+  std::string in_;  // bytes of the frame(s) not yet complete
+  std::deque<std::string> out_;
+  bool writing_ = false;
+  bool close_after_write_ = false;
+  bool closed_ = false;
+};
+
+}  // namespace keymesh::broker
+
+#endif  // KEYMESH_BROKER_SESSION_H_

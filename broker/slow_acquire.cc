@@ -1,0 +1,188 @@
+#include "broker/slow_acquire.h"
+
+#include <chrono>
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "shm/clock.h"
+
+namespace keymesh::broker {
+
+struct SlowAcquirer::Waiter {
+  Waiter(boost::asio::io_context& io) : timer(io) {}
+  uint64_t ticket = 0;
+  shm::PoolAccess* pool = nullptr;
+  shm::ProcessId holder;
+  uint64_t deadline = 0;
+  Done done;
+  std::atomic<bool> cancel{false};
+  bool finished = false;   // io thread: done ran or was cancelled
+  bool in_service = false; // guarded by the lane mutex: the lane thread took it
+  boost::asio::steady_timer timer;
+};
+
+struct SlowAcquirer::Lane {
+  shm::PoolAccess* pool = nullptr;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::shared_ptr<Waiter>> queue;  // guarded by mu
+  std::shared_ptr<Waiter> head;               // guarded by mu
+  bool stop = false;                          // guarded by mu
+  std::thread thread;
+};
+
+SlowAcquirer::SlowAcquirer(boost::asio::io_context& io) : io_(io) {}
+
+SlowAcquirer::~SlowAcquirer() { Stop(); }
+
+uint64_t SlowAcquirer::Enqueue(shm::PoolAccess* pool, const shm::ProcessId& holder, uint64_t deadline_ns, Done done) {
+  auto w = std::make_shared<Waiter>(io_);
+  w->ticket = next_ticket_++;
+  w->pool = pool;
+  w->holder = holder;
+  w->deadline = deadline_ns;
+  w->done = std::move(done);
+  waiters_[w->ticket] = w;
+  std::unique_ptr<Lane>& lane = lanes_[pool];
+  if (!lane) {
+    lane = std::make_unique<Lane>();
+    lane->pool = pool;
+    Lane* raw = lane.get();
+    lane->thread = std::thread([this, raw] { RunLane(raw); });
+  }
+  {
+    std::lock_guard<std::mutex> lock(lane->mu);
+    lane->queue.push_back(w);
+  }
+  lane->cv.notify_one();
+  // A waiter still queued behind the head at its deadline times out here.
+  w->timer.expires_at(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline_ns)));
+  Lane* raw = lane.get();
+  w->timer.async_wait([this, w, raw](const boost::system::error_code& ec) {
+    if (ec == boost::asio::error::operation_aborted || w->finished) return;
+    bool removed = false;
+    {
+      std::lock_guard<std::mutex> lock(raw->mu);
+      if (!w->in_service) {
+        for (auto it = raw->queue.begin(); it != raw->queue.end(); ++it) {
+          if (*it == w) {
+            raw->queue.erase(it);
+            removed = true;
+            break;
+          }
+        }
+      }
+    }
+    if (!removed) return;  // the lane thread has it; Acquire ends at the same deadline
+    w->pool->header()->no_key.fetch_add(1, std::memory_order_relaxed);
+    w->pool->header()->timeouts.fetch_add(1, std::memory_order_relaxed);
+    Deliver(w, Status(Code::kNoAvailableKey,
+                      "No API keys are currently available. All keys are either cooling down or exhausted."));
+  });
+  return w->ticket;
+}
+
+void SlowAcquirer::RunLane(Lane* lane) {
+  for (;;) {
+    std::shared_ptr<Waiter> w;
+    {
+      std::unique_lock<std::mutex> lock(lane->mu);
+      lane->cv.wait(lock, [lane] { return lane->stop || !lane->queue.empty(); });
+      if (lane->stop) return;
+      w = lane->queue.front();
+      lane->queue.pop_front();
+      w->in_service = true;
+      lane->head = w;
+    }
+    Result<shm::LeaseHandle> r = Status(Code::kClosed, "acquire cancelled");
+    if (!w->cancel.load(std::memory_order_acquire)) {
+      const uint64_t now = shm::MonotonicNowNanos();
+      const uint64_t wait = w->deadline > now ? w->deadline - now : 0;
+      r = lane->pool->Acquire(wait, nullptr, w->holder, &w->cancel);
+    }
+    {
+      std::lock_guard<std::mutex> lock(lane->mu);
+      lane->head.reset();
+    }
+    boost::asio::post(io_, [this, w, r = std::move(r)]() mutable { Deliver(w, std::move(r)); });
+  }
+}
+
+void SlowAcquirer::Deliver(const std::shared_ptr<Waiter>& w, Result<shm::LeaseHandle> r) {
+  if (w->finished) {
+    // Cancelled while the lane thread waited: give the key back unused.
+    if (r.ok()) {
+      shm::Outcome outcome;
+      outcome.kind = shm::OutcomeKind::kCancelled;
+      (void)w->pool->Release(*r, outcome, w->holder);
+    }
+    waiters_.erase(w->ticket);
+    return;
+  }
+  w->finished = true;
+  w->timer.cancel();
+  waiters_.erase(w->ticket);
+  Done done = std::move(w->done);
+  done(std::move(r));
+}
+
+void SlowAcquirer::Cancel(uint64_t ticket) {
+  auto it = waiters_.find(ticket);
+  if (it == waiters_.end()) return;
+  std::shared_ptr<Waiter> w = it->second;
+  if (w->finished) return;
+  w->finished = true;
+  w->done = nullptr;
+  w->timer.cancel();
+  w->cancel.store(true, std::memory_order_release);
+  Lane* lane = lanes_[w->pool].get();
+  bool queued = false;
+  {
+    std::lock_guard<std::mutex> lock(lane->mu);
+    for (auto q = lane->queue.begin(); q != lane->queue.end(); ++q) {
+      if (*q == w) {
+        lane->queue.erase(q);
+        queued = true;
+        break;
+      }
+    }
+  }
+  if (queued) {
+    waiters_.erase(ticket);
+  } else {
+    w->pool->WakeWaiters();  // the lane thread sees `cancel` and posts back
+  }
+}
+
+bool SlowAcquirer::Idle(const shm::PoolAccess* pool) const {
+  auto it = lanes_.find(pool);
+  if (it == lanes_.end()) return true;
+  std::lock_guard<std::mutex> lock(it->second->mu);
+  return it->second->queue.empty() && !it->second->head;
+}
+
+void SlowAcquirer::Stop() {
+  for (auto& [pool, lane] : lanes_) {
+    std::shared_ptr<Waiter> head;
+    {
+      std::lock_guard<std::mutex> lock(lane->mu);
+      lane->stop = true;
+      head = lane->head;
+      lane->queue.clear();
+    }
+    if (head) {
+      head->cancel.store(true, std::memory_order_release);
+      lane->pool->WakeWaiters();
+    }
+    lane->cv.notify_all();
+  }
+  for (auto& [pool, lane] : lanes_) {
+    if (lane->thread.joinable()) lane->thread.join();
+  }
+  lanes_.clear();
+  for (auto& [ticket, w] : waiters_) w->timer.cancel();
+  waiters_.clear();
+}
+
+}  // namespace keymesh::broker

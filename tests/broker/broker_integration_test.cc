@@ -1,0 +1,484 @@
+// Integration tests: the real keymesh-broker binary, real client processes
+// (fork), real SIGKILL. Tests wait on events (the broker's log lines, pipes
+// between processes); the only polling is where no event exists (a lease
+// being freed in shm), always under a deadline.
+#define BOOST_TEST_MODULE broker_integration
+#include <boost/test/unit_test.hpp>
+
+#include <grp.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <thread>
+
+#include "broker_harness.h"
+#include "keymesh/pool.h"
+#include "shm/pool.h"
+
+namespace km = keymesh;
+using km::testing::BrokerProcess;
+using km::testing::ForkChild;
+using km::testing::Latch;
+using km::testing::NowSeconds;
+using km::testing::RawClient;
+using km::testing::WaitChild;
+
+namespace {
+
+// Two keys of one concurrent lease each: easy to exhaust on purpose.
+const std::string kPools =
+    R"({"p":{"strategy":"round_robin","default_cooldown":60,"max_failures":3,"acquire_timeout":5,"keys":[)"
+    R"({"name":"a","secret":"sk-test-aaaaaaaaaaaa1111","max_concurrency":1},)"
+    R"({"name":"b","secret":"sk-test-bbbbbbbbbbbb2222","max_concurrency":1}]}})";
+
+std::unique_ptr<km::Pool> Connect(const BrokerProcess& b) {
+  km::Result<std::unique_ptr<km::Pool>> p = km::Pool::Connect(b.socket(), "p");
+  BOOST_REQUIRE_MESSAGE(p.ok(), p.status().ToString());
+  return std::move(p).value();
+}
+
+const km::KeyStatus& Key(const km::PoolStatus& s, const std::string& name) {
+  for (const km::KeyStatus& k : s.keys) {
+    if (k.name == name) return k;
+  }
+  BOOST_FAIL("no key " + name);
+  return s.keys.front();
+}
+
+// Status of pool "p" over the socket.
+boost::json::object StatusJson(const BrokerProcess& b) {
+  RawClient c(b.socket());
+  BOOST_REQUIRE(c.connected());
+  std::optional<boost::json::object> r = c.Call("status", {{"pool", "p"}});
+  BOOST_REQUIRE(r && r->at("ok").as_bool());
+  return r->at("pools").as_array()[0].as_object();
+}
+
+const boost::json::object& KeyJson(const boost::json::object& pool, const std::string& name) {
+  for (const auto& k : pool.at("keys").as_array()) {
+    if (k.as_object().at("name").as_string() == name) return k.as_object();
+  }
+  BOOST_FAIL("no key " + name);
+  return pool;
+}
+
+std::string ErrorCode(const std::optional<boost::json::object>& r) {
+  if (!r || r->at("ok").as_bool()) return "";
+  return std::string(r->at("error").as_object().at("code").as_string());
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(check_validates_config) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  std::string cmd = std::string(KEYMESH_BROKER_BIN) + " --check --config " + b.config_file() + " >/dev/null 2>&1";
+  BOOST_CHECK_EQUAL(std::system(cmd.c_str()), 0);
+  b.WriteConfig(R"({"p":{"keys":[{"name":"a","secret_env":"KM_TEST_UNSET_VAR"}]}})");
+  const std::string out = b.dir() + "/check.out";
+  cmd = std::string(KEYMESH_BROKER_BIN) + " --check --config " + b.config_file() + " 2>" + out;
+  BOOST_CHECK_NE(std::system(cmd.c_str()), 0);
+  std::ifstream in(out);
+  std::string line;
+  std::getline(in, line);
+  BOOST_CHECK_EQUAL(line, "config: pools.p.keys[0].secret_env: environment variable KM_TEST_UNSET_VAR is not set");
+  // A broker with a bad config starts nothing.
+  BOOST_CHECK(!b.Start({}, 5));
+  BOOST_CHECK(!std::filesystem::exists(b.socket()));
+}
+
+BOOST_AUTO_TEST_CASE(acquire_across_processes) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  struct stat sock_stat{};
+  BOOST_REQUIRE(::stat(b.socket().c_str(), &sock_stat) == 0);
+  BOOST_CHECK_EQUAL(sock_stat.st_mode & 0777, 0660u);
+  Latch held, release;
+  const pid_t child = ForkChild([&] {
+    auto pool = km::Pool::Connect(b.socket(), "p");
+    if (!pool.ok()) return 1;
+    km::Result<km::Lease> l = (*pool)->Acquire(2.0);
+    if (!l.ok() || l->secret().rfind("sk-test-", 0) != 0) return 2;
+    held.Notify();
+    if (release.Wait(10) == 0) return 3;
+    return l->Release(0.25).ok() ? 0 : 4;
+  });
+  BOOST_REQUIRE(held.Wait(10));
+  std::unique_ptr<km::Pool> pool = Connect(b);
+  BOOST_CHECK(!pool->slow_path());
+  km::Result<km::Lease> mine = pool->TryAcquire();
+  BOOST_REQUIRE(mine.ok());
+  // Both keys are now held, one by each process.
+  BOOST_CHECK(pool->TryAcquire().status().code() == km::Code::kNoAvailableKey);
+  release.Notify();
+  BOOST_CHECK_EQUAL(WaitChild(child), 0);
+  km::Result<km::Lease> again = pool->Acquire(2.0);
+  BOOST_CHECK(again.ok());
+  BOOST_CHECK(again->key_name() != mine->key_name());
+  km::Result<km::PoolStatus> st = pool->GetStatus();
+  BOOST_REQUIRE(st.ok());
+  BOOST_CHECK_EQUAL(st->totals.acquires, 3u);
+  BOOST_CHECK_EQUAL(st->totals.releases, 1u);
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  BOOST_CHECK(!std::filesystem::exists(b.socket()));
+}
+
+BOOST_AUTO_TEST_CASE(sigkill_worker_leases_reclaimed_within_100ms) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  Latch held;
+  const pid_t child = ForkChild([&] {
+    auto pool = km::Pool::Connect(b.socket(), "p");
+    if (!pool.ok()) return 1;
+    km::Result<km::Lease> l1 = (*pool)->Acquire(2.0);
+    km::Result<km::Lease> l2 = (*pool)->Acquire(2.0);
+    if (!l1.ok() || !l2.ok()) return 2;
+    held.Notify();
+    ::pause();
+    return 0;
+  });
+  BOOST_REQUIRE(held.Wait(10));
+  std::unique_ptr<km::Pool> pool = Connect(b);
+  BOOST_REQUIRE_EQUAL(pool->GetStatus()->keys[0].in_flight + pool->GetStatus()->keys[1].in_flight, 2u);
+  const double t0 = NowSeconds();
+  ::kill(child, SIGKILL);
+  double freed_at = 0;
+  while (NowSeconds() - t0 < 2.0) {  // no event exists for "freed in shm": poll under a deadline
+    km::Result<km::PoolStatus> s = pool->GetStatus();
+    if (s.ok() && s->keys[0].in_flight + s->keys[1].in_flight == 0) {
+      freed_at = NowSeconds();
+      break;
+    }
+    ::usleep(500);
+  }
+  BOOST_CHECK_EQUAL(WaitChild(child), 128 + SIGKILL);
+  BOOST_REQUIRE_MESSAGE(freed_at > 0, "leases of the killed worker were not reclaimed");
+  BOOST_CHECK_MESSAGE(freed_at - t0 < 0.1, "reclaimed after " << (freed_at - t0) * 1000 << " ms");
+  BOOST_CHECK_EQUAL(StatusJson(b).at("pool_metrics").as_object().at("total_reclaimed").to_number<uint64_t>(), 2u);
+  RawClient c(b.socket());
+  std::optional<boost::json::object> m = c.Call("metrics");
+  BOOST_REQUIRE(m);
+  BOOST_CHECK(std::string(m->at("text").as_string()).find("keymesh_pool_reclaimed_total{pool=\"p\"} 2") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(max_lease_seconds_reclaims_a_hung_holder) {
+  BrokerProcess b;
+  b.WriteConfig(R"({"p":{"max_lease_seconds":0.5,"keys":[{"name":"a","secret":"sk-test-aaaaaaaaaaaa1111"}]}})");
+  BOOST_REQUIRE(b.Start());
+  std::unique_ptr<km::Pool> pool = Connect(b);
+  km::Result<km::Lease> l = pool->Acquire(1.0);
+  BOOST_REQUIRE(l.ok());
+  BOOST_REQUIRE(b.WaitLog("event=leases_expired", 5));
+  BOOST_CHECK_EQUAL(pool->GetStatus()->keys[0].in_flight, 0u);
+  BOOST_CHECK_EQUAL(pool->GetStatus()->keys[0].reclaimed, 1u);
+  BOOST_CHECK(l->Release().code() == km::Code::kNotHeld);
+}
+
+BOOST_AUTO_TEST_CASE(broker_killed_workers_continue_and_restart_reattaches) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  std::unique_ptr<km::Pool> pool = Connect(b);
+  {
+    km::Result<km::Lease> l = pool->Acquire(1.0);
+    BOOST_REQUIRE(l.ok());
+    BOOST_REQUIRE(l->MarkRateLimited(30.0).ok());
+  }
+  km::Result<km::Lease> held = pool->Acquire(1.0);  // held across the restart
+  BOOST_REQUIRE(held.ok());
+  b.Kill();
+  // Broker down: the fast path keeps working and honours the cooldown.
+  BOOST_CHECK(pool->TryAcquire().status().code() == km::Code::kNoAvailableKey);
+  BOOST_REQUIRE(held->Release(0.1).ok());
+  for (int i = 0; i < 5; ++i) {
+    km::Result<km::Lease> l = pool->Acquire(1.0);
+    BOOST_REQUIRE(l.ok());
+    BOOST_CHECK_EQUAL(l->key_name(), held->key_name());
+  }
+  BOOST_REQUIRE(b.Start());
+  BOOST_CHECK(b.Log().find("mode=reattached") != std::string::npos);
+  boost::json::object st = StatusJson(b);
+  BOOST_CHECK_EQUAL(st.at("pool_metrics").as_object().at("total_acquires").to_number<uint64_t>(), 7u);
+  BOOST_CHECK_EQUAL(st.at("pool_metrics").as_object().at("total_releases").to_number<uint64_t>(), 6u);
+  BOOST_CHECK_EQUAL(st.at("pool_metrics").as_object().at("total_rate_limited").to_number<uint64_t>(), 1u);
+  int cooling = 0;
+  for (const auto& k : st.at("keys").as_array()) cooling += k.as_object().at("state").as_string() == "cooling";
+  BOOST_CHECK_EQUAL(cooling, 1);
+  // The same Pool keeps working with the restarted broker (admin goes over the socket).
+  BOOST_CHECK(pool->ResetKey("a").ok());
+  BOOST_CHECK(pool->ResetKey("b").ok());
+  BOOST_CHECK_EQUAL(pool->AvailableCount(), 2u);
+}
+
+BOOST_AUTO_TEST_CASE(segment_removed_state_restored_from_file) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  {
+    std::unique_ptr<km::Pool> pool = Connect(b);
+    BOOST_REQUIRE(pool->DisableKey("b").ok());
+    for (int i = 0; i < 2; ++i) {
+      km::Result<km::Lease> l = pool->Acquire(1.0);
+      BOOST_REQUIRE(l.ok());
+      BOOST_CHECK_EQUAL(l->key_name(), "a");
+      BOOST_REQUIRE(l->MarkFailed().ok());
+    }
+    km::Result<km::Lease> l = pool->Acquire(1.0);
+    BOOST_REQUIRE(l.ok());
+    BOOST_REQUIRE(l->MarkRateLimited(100.0).ok());
+  }
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  BOOST_REQUIRE(km::shm::Segment::Remove(b.segment()).ok());  // a reboot
+  BOOST_REQUIRE(b.Start());
+  BOOST_CHECK(b.Log().find("mode=restored") != std::string::npos);
+  boost::json::object st = StatusJson(b);
+  const boost::json::object& a = KeyJson(st, "a");
+  BOOST_CHECK_EQUAL(a.at("failure_count").to_number<uint64_t>(), 2u);
+  BOOST_CHECK_EQUAL(a.at("fail_streak").to_number<uint64_t>(), 2u);
+  BOOST_CHECK_EQUAL(a.at("rate_limited").to_number<uint64_t>(), 1u);
+  BOOST_CHECK_EQUAL(a.at("state").as_string(), "cooling");
+  BOOST_CHECK_GT(a.at("cooldown_remaining").as_double(), 90.0);
+  BOOST_CHECK_EQUAL(KeyJson(st, "b").at("state").as_string(), "disabled");
+  // The secret stays out of the state file and the status.
+  std::ifstream in(b.state_file());
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  BOOST_CHECK(text.find("sk-test") == std::string::npos);
+  BOOST_CHECK(boost::json::serialize(st).find("sk-test") == std::string::npos);
+  BOOST_CHECK(b.Log().find("sk-test") == std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(corrupt_state_file_is_refused) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  {
+    std::ofstream out(b.state_file());
+    out << "{\"format\":\"keymesh-state\",\"version\":1,\"body\":{tr";
+  }
+  BOOST_CHECK(!b.Start({}, 5));
+  std::optional<int> code = b.WaitExit(5);
+  BOOST_REQUIRE(code);
+  BOOST_CHECK_NE(*code, 0);
+  BOOST_CHECK(b.Log().find("is corrupt") != std::string::npos);
+  BOOST_CHECK(b.Log().find("--discard-state") != std::string::npos);
+  BOOST_CHECK(!std::filesystem::exists(b.socket()));
+  BOOST_REQUIRE(std::filesystem::exists(b.state_file()));  // never silently replaced
+  BOOST_REQUIRE(b.Start({"--discard-state"}));
+  int aside = 0;
+  for (const auto& e : std::filesystem::directory_iterator(b.dir())) {
+    aside += e.path().filename().string().rfind("state.json.corrupt-", 0) == 0;
+  }
+  BOOST_CHECK_EQUAL(aside, 1);
+}
+
+BOOST_AUTO_TEST_CASE(malformed_oversized_and_unknown_requests) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  RawClient c(b.socket());
+  BOOST_REQUIRE(c.connected());
+  BOOST_REQUIRE(c.SendRaw("{this is not json\n"));
+  std::optional<std::string> line = c.ReadLine();
+  BOOST_REQUIRE(line);
+  BOOST_CHECK(line->find("\"code\":\"protocol_error\"") != std::string::npos);
+  BOOST_CHECK_EQUAL(ErrorCode(c.Call("launch_missiles")), "protocol_error");
+  BOOST_CHECK_EQUAL(ErrorCode(c.Call("status", {{"pool", 5}})), "protocol_error");
+  BOOST_CHECK_EQUAL(ErrorCode(c.Call("status", {{"pool", "nope"}})), "unknown_key");
+  BOOST_CHECK_EQUAL(ErrorCode(c.Call("acquire", {{"pool", "p"}})), "protocol_error");  // no hello
+  BOOST_CHECK_EQUAL(ErrorCode(c.Call("hello", {{"pid", "me"}})), "protocol_error");
+  BOOST_REQUIRE(c.SendRaw("{\"op\":\"status\",\"id\":1}\n"));  // no version
+  line = c.ReadLine();
+  BOOST_REQUIRE(line);
+  BOOST_CHECK(line->find("version") != std::string::npos);
+  // The connection survived all of that.
+  std::optional<boost::json::object> ok = c.Call("status");
+  BOOST_REQUIRE(ok);
+  BOOST_CHECK(ok->at("ok").as_bool());
+  // An oversized frame: an error reply, then the connection is closed.
+  RawClient big(b.socket());
+  BOOST_REQUIRE(big.SendRaw(std::string(70 * 1024, 'x')));
+  line = big.ReadLine();
+  BOOST_REQUIRE(line);
+  BOOST_CHECK(line->find("exceeds") != std::string::npos);
+  BOOST_CHECK(big.WaitClosed(5));
+  // A partial frame that never completes is dropped after the frame timeout.
+  RawClient slow(b.socket());
+  BOOST_REQUIRE(slow.SendRaw("{\"v\":1,"));
+  BOOST_CHECK(slow.WaitClosed(10));
+  // The broker is unaffected.
+  RawClient after(b.socket());
+  ok = after.Call("status");
+  BOOST_REQUIRE(ok);
+  BOOST_CHECK(ok->at("ok").as_bool());
+}
+
+BOOST_AUTO_TEST_CASE(uid_not_allowed_is_refused_secrets) {
+  BrokerProcess b;
+  b.WriteConfig(kPools, R"(,"allow_uids":[4242])");
+  BOOST_REQUIRE(b.Start());
+  // Let "nobody" reach the socket, so the SO_PEERCRED check is what refuses.
+  BOOST_REQUIRE(::chmod(b.dir().c_str(), 0755) == 0);
+  BOOST_REQUIRE(::chmod(b.socket().c_str(), 0666) == 0);
+  const pid_t child = ForkChild([&] {
+    if (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0) return 10;
+    RawClient c(b.socket());
+    if (!c.connected()) return 11;
+    std::optional<boost::json::object> r = c.Call("secrets", {{"pool", "p"}});
+    if (ErrorCode(r) != "permission_denied") return 12;
+    if (ErrorCode(c.Call("disable", {{"pool", "p"}, {"name", "a"}})) != "permission_denied") return 13;
+    auto pool = km::Pool::Connect(b.socket(), "p");
+    if (pool.ok() || pool.status().code() != km::Code::kPermissionDenied) return 14;
+    return 0;
+  });
+  BOOST_CHECK_EQUAL(WaitChild(child), 0);
+  BOOST_CHECK(b.WaitLog("event=secrets_refused", 5));
+  // Root is always allowed.
+  RawClient c(b.socket());
+  std::optional<boost::json::object> r = c.Call("secrets", {{"pool", "p"}});
+  BOOST_REQUIRE(r);
+  BOOST_CHECK(r->at("ok").as_bool());
+}
+
+BOOST_AUTO_TEST_CASE(sighup_reload_keeps_in_flight_and_refuses_bad_config) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  std::unique_ptr<km::Pool> pool = Connect(b);
+  km::Result<km::Lease> held = pool->Acquire(1.0);
+  BOOST_REQUIRE(held.ok());
+  const std::string held_key = held->key_name();
+  BOOST_REQUIRE(held->MarkFailed().ok());
+  held = pool->Acquire(1.0);
+  BOOST_REQUIRE(held.ok());
+  const uint64_t gen = pool->GetStatus()->generation;
+  // New config: key c added, b's weight changed, a untouched.
+  b.WriteConfig(
+      R"({"p":{"strategy":"round_robin","default_cooldown":60,"max_failures":3,"acquire_timeout":5,"keys":[)"
+      R"({"name":"a","secret":"sk-test-aaaaaaaaaaaa1111","max_concurrency":1},)"
+      R"({"name":"b","secret":"sk-test-bbbbbbbbbbbb2222","max_concurrency":1,"weight":3},)"
+      R"({"name":"c","secret":"sk-test-cccccccccccc3333"}]}})");
+  b.Signal(SIGHUP);
+  BOOST_REQUIRE(b.WaitLog("event=reloaded", 5));
+  km::Result<km::PoolStatus> st = pool->GetStatus();
+  BOOST_REQUIRE(st.ok());
+  BOOST_CHECK_GT(st->generation, gen);
+  BOOST_REQUIRE_EQUAL(st->keys.size(), 3u);
+  BOOST_CHECK_EQUAL(Key(*st, held->key_name()).in_flight, 1u);
+  BOOST_CHECK_EQUAL(Key(*st, held_key).failures, 1u);
+  BOOST_CHECK_EQUAL(Key(*st, "b").weight, 3u);
+  BOOST_CHECK_EQUAL(st->totals.acquires, 2u);
+  // The new key's secret reaches this process on demand.
+  bool got_c = false;
+  std::vector<km::Lease> leases;
+  for (int i = 0; i < 3 && !got_c; ++i) {
+    km::Result<km::Lease> l = pool->TryAcquire();
+    if (!l.ok()) break;
+    got_c = l->key_name() == "c" && l->secret() == "sk-test-cccccccccccc3333";
+    leases.push_back(std::move(l).value());
+  }
+  BOOST_CHECK(got_c);
+  leases.clear();
+  BOOST_CHECK(held->Release(0.1).ok());
+  // A broken config is refused; the old one stays.
+  b.WriteConfig(R"({"p":{"keys":[{"name":"a"}]}})");
+  b.Signal(SIGHUP);
+  BOOST_REQUIRE(b.WaitLog("event=reload_refused", 5));
+  BOOST_CHECK_EQUAL(pool->GetStatus()->keys.size(), 3u);
+  // Removing a key by reload takes it out of rotation.
+  b.WriteConfig(R"({"p":{"strategy":"round_robin","keys":[{"name":"a","secret":"sk-test-aaaaaaaaaaaa1111"}]}})");
+  b.Signal(SIGHUP);
+  BOOST_REQUIRE(b.WaitLog("event=reloaded", 5, 2));
+  BOOST_CHECK_EQUAL(pool->GetStatus()->keys.size(), 1u);
+}
+
+BOOST_AUTO_TEST_CASE(second_broker_on_same_config_refuses) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  const std::string out = b.dir() + "/second.err";
+  const std::string cmd = std::string(KEYMESH_BROKER_BIN) + " --config " + b.config_file() + " 2>" + out;
+  BOOST_CHECK_NE(std::system(cmd.c_str()), 0);
+  std::ifstream in(out);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  BOOST_CHECK(text.find("already serves this config") != std::string::npos);
+  // The live broker's socket is intact and serving.
+  RawClient c(b.socket());
+  std::optional<boost::json::object> r = c.Call("status");
+  BOOST_REQUIRE(r);
+  BOOST_CHECK(r->at("ok").as_bool());
+  // A stale socket of a dead broker is replaced.
+  b.Kill();
+  BOOST_CHECK(std::filesystem::exists(b.socket()));
+  BOOST_REQUIRE(b.Start());
+  RawClient c2(b.socket());
+  BOOST_CHECK(c2.Call("status").has_value());
+}
+
+BOOST_AUTO_TEST_CASE(slow_path_over_the_socket) {
+  BrokerProcess b;
+  b.WriteConfig(R"({"p":{"default_cooldown":0.3,"keys":[{"name":"a","secret":"sk-test-aaaaaaaaaaaa1111","max_concurrency":1}]}})");
+  BOOST_REQUIRE(b.Start());
+  std::unique_ptr<km::Pool> fast = Connect(b);
+  km::Result<km::Lease> held = fast->Acquire(1.0);
+  BOOST_REQUIRE(held.ok());
+  Latch waiting, done;
+  const pid_t child = ForkChild([&] {
+    ::setenv("KEYMESH_SLOW_PATH", "1", 1);
+    auto pool = km::Pool::Connect(b.socket(), "p");
+    if (!pool.ok() || !(*pool)->slow_path()) return 1;
+    if ((*pool)->TryAcquire().status().code() != km::Code::kNoAvailableKey) return 2;
+    waiting.Notify();
+    // Blocks in the broker's waiter thread until the other process releases.
+    km::Result<km::Lease> l = (*pool)->Acquire(5.0);
+    if (!l.ok() || l->secret() != "sk-test-aaaaaaaaaaaa1111") return 3;
+    // A 429 over the socket; the cooldown timer wakes the next waiter.
+    if (!l->MarkRateLimited().ok()) return 4;
+    const double t0 = NowSeconds();
+    l = (*pool)->Acquire(5.0);
+    const double waited = NowSeconds() - t0;
+    if (!l.ok() || waited < 0.2 || waited > 2.0) return 5;
+    if (!l->Release(0.5).ok() || l->Release().code() != km::Code::kNotHeld) return 6;
+    km::Result<km::PoolStatus> st = (*pool)->GetStatus();
+    if (!st.ok() || st->keys.size() != 1 || st->keys[0].rate_limited != 1) return 7;
+    if (!(*pool)->Acquire(0.2).ok()) return 8;  // one more lease, released at once
+    done.Notify();
+    return 0;
+  });
+  BOOST_REQUIRE(waiting.Wait(10));
+  BOOST_REQUIRE(held->Release(0.1).ok());
+  BOOST_CHECK(done.Wait(15));
+  BOOST_CHECK_EQUAL(WaitChild(child), 0);
+  km::Result<km::PoolStatus> st = fast->GetStatus();
+  BOOST_REQUIRE(st.ok());
+  BOOST_CHECK_EQUAL(st->keys[0].in_flight, 0u);
+  BOOST_CHECK_EQUAL(st->keys[0].acquires, 4u);
+}
+
+BOOST_AUTO_TEST_CASE(thousand_connections_and_a_slow_reader) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  // A client that floods requests and never reads its replies.
+  RawClient flooder(b.socket());
+  std::string burst;
+  for (int i = 0; i < 2000; ++i) burst += "{\"v\":1,\"op\":\"status\",\"id\":" + std::to_string(i) + "}\n";
+  std::thread flood([&] { flooder.SendRaw(burst); });
+  std::vector<std::unique_ptr<RawClient>> clients;
+  for (int i = 0; i < 1000; ++i) {
+    clients.push_back(std::make_unique<RawClient>(b.socket()));
+    BOOST_REQUIRE(clients.back()->connected());
+  }
+  int answered = 0;
+  for (auto& c : clients) {
+    std::optional<boost::json::object> r = c->Call("hello", {{"pid", ::getpid()}});
+    answered += r && r->at("ok").as_bool();
+  }
+  BOOST_CHECK_EQUAL(answered, 1000);
+  flood.join();
+}

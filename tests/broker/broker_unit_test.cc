@@ -1,0 +1,206 @@
+// Unit tests of the broker's pure parts: protocol framing and status
+// round-trips, config validation messages, the state file format.
+#define BOOST_TEST_MODULE broker_unit
+#include <boost/test/unit_test.hpp>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/json.hpp>
+#include <map>
+
+#include "broker/config.h"
+#include "broker/persistence.h"
+#include "broker/protocol.h"
+#include "broker/recovery.h"
+
+namespace km = keymesh;
+namespace kb = keymesh::broker;
+namespace kp = keymesh::protocol;
+
+namespace {
+
+km::Result<kb::BrokerConfig> Parse(const std::string& text, std::map<std::string, std::string> env = {}) {
+  return kb::ParseConfig(text, "/tmp", [env](const std::string& v) -> std::optional<std::string> {
+    auto it = env.find(v);
+    if (it == env.end()) return std::nullopt;
+    return it->second;
+  });
+}
+
+std::string ConfigError(const std::string& text, std::map<std::string, std::string> env = {}) {
+  km::Result<kb::BrokerConfig> c = Parse(text, env);
+  BOOST_REQUIRE(!c.ok());
+  BOOST_CHECK(c.status().message().find('\n') == std::string::npos);
+  return c.status().message();
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(request_parsing) {
+  int64_t id = -1;
+  km::Result<kp::Request> r = kp::ParseRequest(R"({"v":1,"op":"status","id":7,"pool":"p"})", &id);
+  BOOST_REQUIRE(r.ok());
+  BOOST_CHECK_EQUAL(r->op, "status");
+  BOOST_CHECK_EQUAL(r->id, 7);
+  BOOST_CHECK_EQUAL(id, 7);
+
+  BOOST_CHECK(kp::ParseRequest("{not json", &id).status().code() == km::Code::kProtocolError);
+  BOOST_CHECK(kp::ParseRequest("[1,2]", &id).status().code() == km::Code::kProtocolError);
+  r = kp::ParseRequest(R"({"v":2,"op":"status","id":9})", &id);
+  BOOST_CHECK(!r.ok());
+  BOOST_CHECK_EQUAL(id, 9);  // the error reply can still carry the id
+  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"id":3})", &id).ok());
+  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"op":5,"id":3})", &id).ok());
+  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"op":"x","id":"3"})", &id).ok());
+  const std::string big(kp::kMaxFrame + 1, ' ');
+  BOOST_CHECK(kp::ParseRequest(big, &id).status().code() == km::Code::kProtocolError);
+}
+
+BOOST_AUTO_TEST_CASE(reply_round_trip) {
+  std::string ok = kp::OkReply(4, {{"x", 1}});
+  BOOST_CHECK_EQUAL(ok.back(), '\n');
+  ok.pop_back();
+  km::Result<kp::Reply> r = kp::ParseReply(ok);
+  BOOST_REQUIRE(r.ok());
+  BOOST_CHECK_EQUAL(r->id, 4);
+  BOOST_CHECK(r->status.ok());
+  std::string err = kp::ErrorReply(5, km::Status(km::Code::kNotHeld, "gone"));
+  err.pop_back();
+  r = kp::ParseReply(err);
+  BOOST_REQUIRE(r.ok());
+  BOOST_CHECK(r->status.code() == km::Code::kNotHeld);
+  BOOST_CHECK_EQUAL(r->status.message(), "gone");
+  BOOST_CHECK(kp::CodeFromName("protocol_error") == km::Code::kProtocolError);
+}
+
+BOOST_AUTO_TEST_CASE(status_round_trip) {
+  km::PoolStatus s;
+  s.name = "openai";
+  s.strategy = km::Strategy::kWeighted;
+  s.totals.acquires = 12;
+  s.totals.reclaimed = 3;
+  km::KeyStatus k;
+  k.name = "a";
+  k.state = km::KeyState::kCooling;
+  k.in_flight = 2;
+  k.cooldown_remaining = 1.5;
+  k.fingerprint = 0xFFFFFFFFFFFFFFF0ull;
+  s.keys.push_back(k);
+  boost::json::object o = kp::PoolStatusToJson(s, [](const std::string&) { return std::string("...abcd"); });
+  BOOST_CHECK_EQUAL(o.at("keys").as_array()[0].as_object().at("key_suffix").as_string(), "...abcd");
+  km::Result<km::PoolStatus> back = kp::PoolStatusFromJson(boost::json::parse(boost::json::serialize(o)));
+  BOOST_REQUIRE(back.ok());
+  BOOST_CHECK_EQUAL(back->name, "openai");
+  BOOST_CHECK(back->strategy == km::Strategy::kWeighted);
+  BOOST_CHECK_EQUAL(back->totals.acquires, 12u);
+  BOOST_CHECK_EQUAL(back->totals.reclaimed, 3u);
+  BOOST_REQUIRE_EQUAL(back->keys.size(), 1u);
+  BOOST_CHECK(back->keys[0].state == km::KeyState::kCooling);
+  BOOST_CHECK_EQUAL(back->keys[0].in_flight, 2u);
+  BOOST_CHECK_EQUAL(back->keys[0].fingerprint, 0xFFFFFFFFFFFFFFF0ull);
+}
+
+BOOST_AUTO_TEST_CASE(config_valid_and_defaults) {
+  km::Result<kb::BrokerConfig> c = Parse(R"({"socket":"s.sock","state_file":"/var/x.json","allow_uids":[1000],
+    "capacity":{"keys_per_pool":16},
+    "pools":{"p":{"strategy":"weighted","max_lease_seconds":5,"keys":[{"name":"a","secret":"sk-1","weight":3},
+                                                                        {"name":"b","secret_env":"B"}]}}})",
+                                         {{"B", "sk-2"}});
+  BOOST_REQUIRE_MESSAGE(c.ok(), c.status().message());
+  BOOST_CHECK_EQUAL(c->socket, "/tmp/s.sock");
+  BOOST_CHECK_EQUAL(c->capacity.keys_per_pool, 16u);
+  BOOST_REQUIRE_EQUAL(c->pools.size(), 1u);
+  BOOST_CHECK(c->pools[0].options.strategy == km::Strategy::kWeighted);
+  BOOST_CHECK_EQUAL(c->pools[0].options.default_cooldown, 60.0);
+  BOOST_CHECK_EQUAL(c->pools[0].options.max_failures, 10u);
+  BOOST_CHECK_EQUAL(c->pools[0].options.max_lease_seconds, 5.0);
+  BOOST_CHECK_EQUAL(c->pools[0].keys[0].weight, 3u);
+  BOOST_CHECK_EQUAL(c->pools[0].keys[1].secret, "sk-2");
+}
+
+BOOST_AUTO_TEST_CASE(config_errors_name_the_field) {
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{},"bogus":1})"), "config: bogus: unknown field");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x"},{"name":"b","secret_env":"OPENAI_KEY_B"}]}}})"),
+                    "config: pools.p.keys[1].secret_env: environment variable OPENAI_KEY_B is not set");
+  BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x"},{"name":"a","secret":"y"}]}}})")
+                  .find("pools.p.keys[1].name: duplicate key name 'a'") != std::string::npos);
+  BOOST_CHECK(ConfigError(R"({"pools":{"p":{"default_cooldown":"x","keys":[]}}})").find("pools.p.default_cooldown") !=
+              std::string::npos);
+  BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret_file":"/nonexistent/k"}]}}})")
+                  .find("pools.p.keys[0].secret_file: cannot read /nonexistent/k") != std::string::npos);
+  BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x","secret_env":"Y"}]}}})")
+                  .find("exactly one of") != std::string::npos);
+  BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x","weight":0}]}}})")
+                  .find("pools.p.keys[0].weight") != std::string::npos);
+  BOOST_CHECK(ConfigError(R"({"pools":{"p":{"strategy":"fastest","keys":[]}}})").find("pools.p.strategy") !=
+              std::string::npos);
+  BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[],"extra":true}}})") == "config: pools.p.extra: unknown field");
+  BOOST_CHECK(ConfigError("{oops").find("not valid JSON") != std::string::npos);
+  // A secret never appears in a message.
+  std::string msg = ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-supersecret-1"},{"name":"b","secret":"sk-supersecret-1"}]}}})");
+  BOOST_CHECK(msg.find("supersecret") == std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(state_file_round_trip_and_corruption) {
+  kb::StateImage image;
+  image.salt[0] = 0xDEADBEEFCAFEF00Dull;
+  image.salt[1] = 42;
+  kb::PersistedKey k;
+  k.name = "a";
+  k.fingerprint = 0x8000000000000001ull;
+  k.state.fail_streak = 3;
+  k.state.exhausted = true;
+  k.state.enabled = false;
+  k.state.successes = 99;
+  k.state.has_latency = true;
+  k.state.ema_latency = 0.123456789;
+  k.cooldown_until_wall_ns = 1'900'000'000'000'000'000ull;
+  image.pools["p"].push_back(k);
+  const std::string text = kb::SerializeState(image);
+  km::Result<kb::StateImage> back = kb::ParseState(text);
+  BOOST_REQUIRE_MESSAGE(back.ok(), back.status().message());
+  BOOST_CHECK_EQUAL(back->salt[0], image.salt[0]);
+  const kb::PersistedKey& b = back->pools.at("p").at(0);
+  BOOST_CHECK_EQUAL(b.fingerprint, k.fingerprint);
+  BOOST_CHECK_EQUAL(b.state.fail_streak, 3u);
+  BOOST_CHECK(b.state.exhausted);
+  BOOST_CHECK(!b.state.enabled);
+  BOOST_CHECK_EQUAL(b.state.successes, 99u);
+  BOOST_CHECK_EQUAL(b.state.ema_latency, 0.123456789);
+  BOOST_CHECK_EQUAL(b.cooldown_until_wall_ns, k.cooldown_until_wall_ns);
+
+  std::string tampered = text;
+  tampered.replace(tampered.find("\"successes\":99"), 14, "\"successes\":98");
+  BOOST_CHECK(kb::ParseState(tampered).status().code() == km::Code::kCorruptState);
+  BOOST_CHECK(kb::ParseState(text.substr(0, text.size() / 2)).status().code() == km::Code::kCorruptState);
+  BOOST_CHECK(kb::ParseState("{}").status().code() == km::Code::kCorruptState);
+}
+
+BOOST_AUTO_TEST_CASE(state_persister_writes_atomically_and_skips_unchanged) {
+  const std::string dir = "/tmp/km-unit-" + std::to_string(::getpid());
+  BOOST_REQUIRE(::mkdir(dir.c_str(), 0700) == 0);
+  const std::string path = dir + "/state.json";
+  kb::StatePersister p(path);
+  kb::StateImage image;
+  image.pools["p"];
+  BOOST_CHECK(p.Save(image).ok());
+  struct stat st1{};
+  BOOST_REQUIRE(::stat(path.c_str(), &st1) == 0);
+  BOOST_CHECK(p.Save(image).ok());  // unchanged: no write
+  struct stat st2{};
+  BOOST_REQUIRE(::stat(path.c_str(), &st2) == 0);
+  BOOST_CHECK_EQUAL(st1.st_ino, st2.st_ino);
+  km::Result<std::optional<kb::StateImage>> read = kb::ReadStateFile(path);
+  BOOST_REQUIRE(read.ok());
+  BOOST_CHECK(read->has_value());
+  BOOST_CHECK(!kb::ReadStateFile(dir + "/missing.json")->has_value());
+  ::unlink(path.c_str());
+  ::rmdir(dir.c_str());
+}
+
+BOOST_AUTO_TEST_CASE(segment_names_are_stable_and_distinct) {
+  BOOST_CHECK_EQUAL(kb::SegmentNameFor("/run/keymesh/keymesh.sock"), kb::SegmentNameFor("/run/keymesh/keymesh.sock"));
+  BOOST_CHECK(kb::SegmentNameFor("/a.sock") != kb::SegmentNameFor("/b.sock"));
+  BOOST_CHECK_EQUAL(kb::SegmentNameFor("/a.sock").rfind("keymesh", 0), 0u);
+}
