@@ -195,7 +195,18 @@ json::object PoolStatusToJson(const PoolStatus& s, const std::function<std::stri
   opt["acquire_timeout"] = s.options.acquire_timeout;
   opt["max_lease_seconds"] = s.options.max_lease_seconds;
   opt["max_cooldown"] = s.options.max_cooldown;
+  opt["rate_margin"] = s.options.rate_margin;
   o["options"] = std::move(opt);
+  json::object wait;
+  json::array counts;
+  for (uint64_t c : s.acquire_wait.counts) counts.push_back(c);
+  wait["counts"] = std::move(counts);
+  json::array bounds;
+  for (double b : kWaitBucketBounds) bounds.push_back(b);
+  wait["bounds"] = std::move(bounds);
+  wait["sum"] = s.acquire_wait.sum;
+  wait["count"] = s.acquire_wait.count;
+  o["acquire_wait"] = std::move(wait);
   json::object t;
   t["total_acquires"] = s.totals.acquires;
   t["total_releases"] = s.totals.releases;
@@ -236,6 +247,13 @@ json::object PoolStatusToJson(const PoolStatus& s, const std::function<std::stri
     j["last_used_ago"] = k.last_used_ago;
     j["is_available"] = k.state == KeyState::kAvailable;
     j["health_score"] = k.health_score;
+    j["circuit"] = k.circuit;
+    j["circuit_opens"] = k.circuit_opens;
+    j["escalation"] = k.escalation;
+    j["requests_available"] = k.requests_available;
+    j["tokens_available"] = k.tokens_available;
+    j["burst"] = k.burst;
+    j["reason"] = k.reason;
     keys.push_back(std::move(j));
   }
   o["keys"] = std::move(keys);
@@ -257,6 +275,19 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     s.options.acquire_timeout = F64(p, "acquire_timeout");
     s.options.max_lease_seconds = F64(p, "max_lease_seconds");
     s.options.max_cooldown = F64(p, "max_cooldown");
+    if (p.if_contains("rate_margin")) s.options.rate_margin = F64(p, "rate_margin");
+  }
+  if (const json::value* wv = o.if_contains("acquire_wait"); wv != nullptr && wv->is_object()) {
+    const json::object& w = wv->get_object();
+    if (const json::value* c = w.if_contains("counts"); c != nullptr && c->is_array()) {
+      const json::array& a = c->get_array();
+      for (size_t b = 0; b < kWaitBuckets && b < a.size(); ++b) {
+        if (a[b].is_uint64()) s.acquire_wait.counts[b] = a[b].get_uint64();
+        else if (a[b].is_int64() && a[b].get_int64() >= 0) s.acquire_wait.counts[b] = static_cast<uint64_t>(a[b].get_int64());
+      }
+    }
+    s.acquire_wait.sum = F64(w, "sum");
+    s.acquire_wait.count = U64(w, "count");
   }
   if (const json::value* tv = o.if_contains("pool_metrics"); tv != nullptr && tv->is_object()) {
     const json::object& t = tv->get_object();
@@ -281,7 +312,8 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     k.fingerprint = U64(j, "fingerprint");
     const std::string state = Str(j, "state");
     for (KeyState ks : {KeyState::kAvailable, KeyState::kBusy, KeyState::kCooling, KeyState::kExhausted,
-                        KeyState::kDisabled, KeyState::kRemoving}) {
+                        KeyState::kDisabled, KeyState::kRemoving, KeyState::kHalfOpen, KeyState::kRevoked,
+                        KeyState::kThrottled, KeyState::kProbe}) {
       if (state == KeyStateName(ks)) k.state = ks;
     }
     k.enabled = Bool(j, "enabled");
@@ -304,6 +336,13 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     k.has_latency = Bool(j, "has_latency");
     k.last_used_ago = F64(j, "last_used_ago");
     k.health_score = F64(j, "health_score");
+    if (j.if_contains("circuit")) k.circuit = Str(j, "circuit");
+    k.circuit_opens = static_cast<uint32_t>(U64(j, "circuit_opens"));
+    k.escalation = static_cast<uint32_t>(U64(j, "escalation"));
+    k.requests_available = j.if_contains("requests_available") ? static_cast<int64_t>(F64(j, "requests_available")) : -1;
+    k.tokens_available = j.if_contains("tokens_available") ? static_cast<int64_t>(F64(j, "tokens_available")) : -1;
+    k.burst = static_cast<uint32_t>(U64(j, "burst"));
+    k.reason = Str(j, "reason");
     s.keys.push_back(std::move(k));
   }
   return s;

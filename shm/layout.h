@@ -207,6 +207,11 @@ struct alignas(64) PoolHeader {
   PoolConfig config;
   RetiredTotals retired;
   char name[kNameCapacity];
+  // Acquire wait-time histogram (keymesh::kWaitBucketBounds), all processes.
+  // Plain counters under the mutex; not journaled (a crash may lose one sample).
+  uint64_t wait_counts[16];
+  uint64_t wait_sum_ns;
+  uint64_t wait_count;
   Journal journal;
 };
 static_assert(std::is_standard_layout_v<PoolHeader>, "PoolHeader is shared plain data");

@@ -25,6 +25,8 @@ inline void CrashPointReached(CrashPoint point) noexcept {
 // leaves.
 inline void CompilerFence() noexcept { std::atomic_signal_fence(std::memory_order_seq_cst); }
 
+static_assert(kWaitBuckets <= 16, "PoolHeader::wait_counts holds the histogram");
+
 constexpr double kEmaAlpha = 0.2;
 constexpr double kStrideOne = 4294967296.0;  // 2^32
 constexpr double kMinHealth = 0.05;          // keeps every weight > 0 key in rotation
@@ -533,7 +535,7 @@ uint64_t PoolAccess::Stride(uint32_t slot) const noexcept {
 // Fast path
 
 Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
-                                                  uint64_t tokens, const ProcessId& holder) {
+                                                  uint64_t tokens, uint64_t waited_ns, const ProcessId& holder) {
   if (now >= ph_->next_deadline) [[unlikely]] Sweep(now);
   if (ph_->index_strategy != ph_->config.strategy) [[unlikely]] IndexRebuild(now);
   const Selector& sel = selector != nullptr ? *selector : BuiltinSelector(ph_->config.strategy);
@@ -602,6 +604,14 @@ Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint6
 
   --ph_->free_top;
   ph_->rr_cursor = s + 1;
+  size_t bucket = 0;
+  if (waited_ns != 0) [[unlikely]] {
+    const double w = NanosToSeconds(waited_ns);
+    while (bucket + 1 < kWaitBuckets && w > kWaitBucketBounds[bucket]) ++bucket;
+    ph_->wait_sum_ns += waited_ns;
+  }
+  ph_->wait_counts[bucket] += 1;
+  ph_->wait_count += 1;
   if (paced) NoteDeadline(ReadyAt(s), now);
   IndexUpdate(s, now);
   return LeaseHandle{s, l, lease.seq, now, keys_[s].config.fingerprint};
@@ -611,7 +621,7 @@ Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* e
                                             uint64_t tokens) {
   Result<LeaseHandle> r = [&] {
     Guard g(this);
-    return TryAcquireLocked(selector, clock_->NowNanos(), earliest, tokens, holder);
+    return TryAcquireLocked(selector, clock_->NowNanos(), earliest, tokens, 0, holder);
   }();
   if (!r.ok() && r.status().code() == Code::kNoAvailableKey) {
     ph_->no_key.fetch_add(1, std::memory_order_relaxed);
@@ -623,13 +633,14 @@ Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* sel
                                          const std::atomic<bool>* cancel, uint64_t tokens) {
   const uint64_t start = MonotonicNowNanos();
   const uint64_t deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
-  for (;;) {
+  for (bool first = true;; first = false) {
     uint32_t seq = 0;
     uint64_t earliest = kNever;
     {
       Guard g(this);
       const uint64_t now = clock_->NowNanos();
-      Result<LeaseHandle> r = TryAcquireLocked(selector, now, &earliest, tokens, holder);
+      const uint64_t waited = first ? 0 : std::max<uint64_t>(MonotonicNowNanos() - start, 1);
+      Result<LeaseHandle> r = TryAcquireLocked(selector, now, &earliest, tokens, waited, holder);
       if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
       if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
         return Status(Code::kClosed, "acquire cancelled");
@@ -1174,6 +1185,9 @@ Result<PoolStatus> PoolAccess::Snapshot() {
   t.rate_limited = ph_->retired.rate_limited;
   t.reclaimed = ph_->retired.reclaimed;
   t.no_key_available = ph_->no_key.load(std::memory_order_relaxed);
+  for (size_t b = 0; b < kWaitBuckets; ++b) out.acquire_wait.counts[b] = ph_->wait_counts[b];
+  out.acquire_wait.sum = NanosToSeconds(ph_->wait_sum_ns);
+  out.acquire_wait.count = ph_->wait_count;
   t.timeouts = ph_->timeouts.load(std::memory_order_relaxed);
   for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
     const KeySlot& k = keys_[s];

@@ -215,7 +215,9 @@ class PoolAccess {
   class Guard;
   friend class PoolSelection;
 
+  // `waited_ns`: how long the caller has waited so far (for the histogram).
   Result<LeaseHandle> TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest, uint64_t tokens,
+                                       uint64_t waited_ns,
                                        const ProcessId& holder);
   Status ReleaseLocked(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder, bool* wake);
   void FreeLeaseLocked(uint32_t lease_index, uint64_t now, bool count_reclaim);

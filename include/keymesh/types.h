@@ -2,6 +2,7 @@
 #ifndef KEYMESH_TYPES_H_
 #define KEYMESH_TYPES_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -110,8 +111,21 @@ struct PoolTotals {
   uint64_t timeouts = 0;          // acquires that gave up after waiting
 };
 
+// Upper bounds (seconds) of the acquire wait-time histogram buckets; the
+// last bucket is +Inf. Counts are per bucket (not cumulative).
+inline constexpr double kWaitBucketBounds[] = {0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05,
+                                               0.1,    0.5,    1.0,   5.0,   30.0};
+inline constexpr size_t kWaitBuckets = sizeof(kWaitBucketBounds) / sizeof(kWaitBucketBounds[0]) + 1;
+
+struct WaitHistogram {
+  uint64_t counts[kWaitBuckets] = {};  // counts[i]: waits <= kWaitBucketBounds[i] (last: the rest)
+  double sum = 0.0;                    // seconds waited in total by granted acquires
+  uint64_t count = 0;                  // granted acquires
+};
+
 struct PoolStatus {
   std::string name;
+  WaitHistogram acquire_wait;  // time from the acquire call to the grant, all processes
   Strategy strategy = Strategy::kLeastBusy;
   PoolOptions options;
   PoolTotals totals;
