@@ -2,8 +2,10 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -40,10 +42,15 @@ bool ReadStat(pid_t pid, uint64_t* start_time, bool* zombie) noexcept {
   return true;
 }
 
+// g_self is written once per process by the thread that wins the 0 -> 1
+// transition of g_self_state and published by the release store of 2;
+// threads racing it wait for that store (a few microseconds, once per
+// process), so nobody reads a half-written identity.
 ProcessId g_self;
-bool g_self_valid = false;
+std::atomic<int> g_self_state{0};  // 0: unknown, 1: being computed, 2: valid
 
-void ResetSelfInChild() noexcept { g_self_valid = false; }
+// Runs in the only thread of a fork child.
+void ResetSelfInChild() noexcept { g_self_state.store(0, std::memory_order_relaxed); }
 
 void ComputeSelf() noexcept {
   static const bool registered = [] {
@@ -51,18 +58,23 @@ void ComputeSelf() noexcept {
     return true;
   }();
   (void)registered;
-  ProcessId id;
-  id.pid = static_cast<uint32_t>(::getpid());
-  bool zombie = false;
-  if (!ReadStat(static_cast<pid_t>(id.pid), &id.start_time, &zombie)) id.start_time = 0;
-  g_self = id;
-  g_self_valid = true;
+  int expected = 0;
+  if (g_self_state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+    ProcessId id;
+    id.pid = static_cast<uint32_t>(::getpid());
+    bool zombie = false;
+    if (!ReadStat(static_cast<pid_t>(id.pid), &id.start_time, &zombie)) id.start_time = 0;
+    g_self = id;
+    g_self_state.store(2, std::memory_order_release);
+    return;
+  }
+  while (g_self_state.load(std::memory_order_acquire) != 2) sched_yield();
 }
 
 }  // namespace
 
 const ProcessId& Self() noexcept {
-  if (!g_self_valid) [[unlikely]] ComputeSelf();
+  if (g_self_state.load(std::memory_order_acquire) != 2) [[unlikely]] ComputeSelf();
   return g_self;
 }
 
