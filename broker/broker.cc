@@ -49,6 +49,7 @@ Status Broker::Start() {
   Result<BrokerConfig> config = LoadConfig(options_.config_path);
   if (!config.ok()) return config.status();
   config_ = std::move(config).value();
+  if (config_.log_level) SetConfigLogLevel(*config_.log_level);
   RaiseFileLimit();
   // The lock comes before the socket path or the segment is touched.
   Result<std::unique_ptr<LockFile>> lock = LockFile::Acquire(config_.socket + ".lock");
@@ -84,6 +85,7 @@ Status Broker::Start() {
   Log(LogLevel::kInfo, "ready", {{"socket", config_.socket}, {"segment", segment_name_},
                                  {"mode", StartModeName(opened->mode)}, {"pools", std::to_string(pools_.size())},
                                  {"keys", std::to_string(keys)}, {"pid", std::to_string(::getpid())}});
+  StartMetricsFile();
   return Status::Ok();
 }
 
@@ -110,6 +112,7 @@ void Broker::Shutdown() {
   tick_.cancel();
   signals_.cancel();
   SaveState(true);
+  if (metrics_file_) metrics_file_->Stop();  // the final counters
   segment_->header()->broker_pid.store(0, std::memory_order_release);
   segment_->header()->broker_start_time.store(0, std::memory_order_release);
   Log(LogLevel::kInfo, "stopped", {{"state_file", config_.state_file}});
@@ -176,6 +179,27 @@ void Broker::SaveState(bool force) {
   if (!st.ok()) Log(LogLevel::kError, "state_write_failed", {{"file", config_.state_file}, {"error", st.message()}});
 }
 
+void Broker::StartMetricsFile() {
+  if (config_.metrics_file.empty()) return;
+  const auto interval = std::chrono::milliseconds(static_cast<int64_t>(config_.metrics_interval * 1000));
+  metrics_file_ = std::make_unique<MetricsFileWriter>(io_, config_.metrics_file, interval,
+                                                      [this]() -> Result<std::vector<PoolStatus>> {
+    std::vector<PoolStatus> pools;
+    for (const std::string& name : PoolNames()) {
+      shm::PoolAccess* pool = FindPool(name);
+      if (pool == nullptr) continue;
+      Result<PoolStatus> snap = pool->Snapshot();
+      if (!snap.ok()) return snap.status();
+      pools.push_back(std::move(snap).value());
+    }
+    return pools;
+  });
+  metrics_file_->Start();
+  char interval_text[32];
+  std::snprintf(interval_text, sizeof(interval_text), "%gs", config_.metrics_interval);
+  Log(LogLevel::kInfo, "metrics_file", {{"file", config_.metrics_file}, {"interval", interval_text}});
+}
+
 std::vector<PoolConfigEntry> Broker::DesiredPools() const {
   std::vector<PoolConfigEntry> pools = config_.pools;
   for (PoolConfigEntry& p : pools) {
@@ -222,6 +246,12 @@ void Broker::Reload() {
   }
   BrokerConfig old = std::move(config_);
   config_ = std::move(next);
+  if (config_.log_level) SetConfigLogLevel(*config_.log_level);
+  if (config_.metrics_file != old.metrics_file || config_.metrics_interval != old.metrics_interval) {
+    if (metrics_file_) metrics_file_->Stop();
+    metrics_file_.reset();
+    StartMetricsFile();
+  }
   Status st = ReconcileSegment(*segment_, DesiredPools());
   if (!st.ok()) {
     // Whatever was applied stays applied; report and keep serving.

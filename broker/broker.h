@@ -25,6 +25,7 @@
 #include "broker/config.h"
 #include "broker/cooldown_timer.h"
 #include "broker/lock_file.h"
+#include "broker/metrics.h"
 #include "broker/persistence.h"
 #include "broker/reaper.h"
 #include "broker/slow_acquire.h"
@@ -54,6 +55,16 @@ class Broker {
   // process exit code (0 after a clean stop); start-up errors are printed
   // as one line on stderr.
   int Run();
+
+  // --- for in-process tests and fuzzers -----------------------------------
+  // Start() without serving: after it returns ok the caller drives
+  // io_context() itself (poll()) and may feed frames straight to handlers()
+  // with a Session of its own; StopForTesting() then shuts down as SIGTERM
+  // would. The listening socket is opened but nobody needs to connect.
+  Status StartForTesting() { return Start(); }
+  void StopForTesting() { Shutdown(); }
+  boost::asio::io_context& io_context() noexcept { return io_; }
+  Handlers& handlers() noexcept { return *handlers_; }
 
   // --- for the Handlers (io thread) ---------------------------------------
   const BrokerConfig& config() const noexcept { return config_; }
@@ -91,6 +102,8 @@ class Broker {
   void OnProcessDied(const shm::ProcessId& id);
   void WatchHolders();
   void SaveState(bool force);
+  // (Re)starts the metrics file writer for config_ (none without metrics_file).
+  void StartMetricsFile();
   void RebuildTables();
   std::vector<PoolConfigEntry> DesiredPools() const;
   std::vector<shm::PoolAccess*> AllPools();
@@ -114,6 +127,7 @@ class Broker {
   std::unique_ptr<StatePersister> persister_;
   std::unique_ptr<Handlers> handlers_;
   std::unique_ptr<Listener> listener_;
+  std::unique_ptr<MetricsFileWriter> metrics_file_;  // null without metrics_file
   bool stopping_ = false;
 };
 

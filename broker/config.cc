@@ -103,7 +103,8 @@ Result<KeySpec> ParseKey(const json::value& v, const std::string& where, const s
                          const EnvLookup& env) {
   if (!v.is_object()) return Error(where, "must be an object");
   const json::object& o = v.as_object();
-  Status st = OnlyFields(o, where, {"name", "secret", "secret_env", "secret_file", "weight", "max_concurrency", "rpm", "tpm"});
+  Status st = OnlyFields(o, where, {"name", "secret", "secret_env", "secret_file", "weight", "max_concurrency", "rpm",
+                                    "tpm", "burst", "rate_margin"});
   if (!st.ok()) return st;
   KeySpec k;
   const json::value* name = o.if_contains("name");
@@ -156,6 +157,17 @@ Result<KeySpec> ParseKey(const json::value& v, const std::string& where, const s
     if (!r.ok()) return r.status();
     k.tpm = *r;
   }
+  if (const json::value* w = o.if_contains("burst")) {
+    Result<uint64_t> r = GetUint(*w, where + ".burst", 0, 1000000);
+    if (!r.ok()) return r.status();
+    k.burst = static_cast<uint32_t>(*r);
+  }
+  if (const json::value* w = o.if_contains("rate_margin")) {
+    Result<double> r = GetSeconds(*w, where + ".rate_margin");  // a plain non-negative number
+    if (!r.ok()) return r.status();
+    if (!(*r < 0.5)) return Error(where + ".rate_margin", "must be >= 0 and < 0.5");
+    k.rate_margin = *r;
+  }
   return k;
 }
 
@@ -167,7 +179,7 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
   if (!v.is_object()) return Error(where, "must be an object");
   const json::object& o = v.as_object();
   st = OnlyFields(o, where, {"strategy", "default_cooldown", "max_failures", "acquire_timeout", "max_lease_seconds",
-                             "max_cooldown", "keys"});
+                             "max_cooldown", "rate_margin", "keys"});
   if (!st.ok()) return st;
   PoolConfigEntry p;
   p.name = std::string(name);
@@ -189,6 +201,11 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
       if (!r.ok()) return r.status();
       *d.dest = *r;
     }
+  }
+  if (const json::value* x = o.if_contains("rate_margin")) {
+    Result<double> r = GetSeconds(*x, where + ".rate_margin");
+    if (!r.ok()) return r.status();
+    p.options.rate_margin = *r;
   }
   if (const json::value* x = o.if_contains("max_failures")) {
     Result<uint64_t> r = GetUint(*x, where + ".max_failures", 1, UINT32_MAX);
@@ -238,7 +255,8 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
   if (ec) return Status(Code::kInvalidArgument, "config: not valid JSON: " + ec.message());
   if (!root.is_object()) return Error("(top level)", "must be a JSON object");
   const json::object& o = root.as_object();
-  Status st = OnlyFields(o, "", {"socket", "state_file", "allow_uids", "allow_gids", "pools", "capacity"});
+  Status st = OnlyFields(o, "", {"socket", "state_file", "allow_uids", "allow_gids", "pools", "capacity",
+                                 "log_level", "metrics_file", "metrics_interval"});
   if (!st.ok()) return st;
   BrokerConfig c;
   c.socket = kDefaultSocket;
@@ -266,6 +284,25 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
     Result<std::vector<uint32_t>> r = GetIdList(*v, "allow_gids");
     if (!r.ok()) return r.status();
     c.allow_gids = *r;
+  }
+  if (const json::value* v = o.if_contains("log_level")) {
+    Result<std::string> r = GetString(*v, "log_level");
+    if (!r.ok()) return r.status();
+    LogLevel level;
+    if (!ParseLogLevel(*r, &level)) return Error("log_level", "must be one of debug, info, warn, error");
+    c.log_level = level;
+  }
+  if (const json::value* v = o.if_contains("metrics_file")) {
+    Result<std::string> r = GetString(*v, "metrics_file");
+    if (!r.ok()) return r.status();
+    if (r->empty() || r->back() == '/') return Error("metrics_file", "must be a file path");
+    c.metrics_file = Absolute(*r, base_dir);
+  }
+  if (const json::value* v = o.if_contains("metrics_interval")) {
+    Result<double> r = GetSeconds(*v, "metrics_interval");
+    if (!r.ok()) return r.status();
+    if (*r < 0.1) return Error("metrics_interval", "must be at least 0.1 seconds");
+    c.metrics_interval = *r;
   }
   if (const json::value* v = o.if_contains("capacity")) {
     if (!v->is_object()) return Error("capacity", "must be an object");

@@ -3,7 +3,11 @@
 //
 // Extensions beyond CONTRACT.md: per pool `max_lease_seconds` (default 600)
 // and `max_cooldown` (default 600); top-level optional
-// `"capacity": {"max_pools", "keys_per_pool", "leases_per_pool"}`. Unknown
+// `"capacity": {"max_pools", "keys_per_pool", "leases_per_pool"}`,
+// `"log_level"` (debug|info|warn|error; --log-level wins), `"metrics_file"`
+// (a path the broker rewrites atomically with the Prometheus exposition,
+// for node_exporter's textfile collector) and `"metrics_interval"` (seconds
+// between writes, default 10, at least 0.1). Unknown
 // fields are errors. Every error is one line naming the field:
 //   config: pools.openai.keys[1].secret_env: environment variable OPENAI_KEY_B is not set
 // Secrets never appear in messages.
@@ -17,6 +21,7 @@
 #include <string_view>
 #include <vector>
 
+#include "broker/log.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
 #include "shm/capacities.h"
@@ -38,6 +43,9 @@ struct BrokerConfig {
   std::vector<uint32_t> allow_uids;
   std::vector<uint32_t> allow_gids;
   shm::Capacities capacity;
+  std::optional<LogLevel> log_level;  // absent: info (or --log-level)
+  std::string metrics_file;           // absolute; empty: no metrics file
+  double metrics_interval = 10.0;     // seconds
   std::vector<PoolConfigEntry> pools;  // in file order
 
   const PoolConfigEntry* FindPool(std::string_view name) const;

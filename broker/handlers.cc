@@ -93,6 +93,8 @@ void Handlers::Handle(const std::shared_ptr<Session>& session, std::string_view 
     r = Metrics();
   } else if (op == "reclaim") {
     r = Reclaim(*session, body);
+  } else if (op == "observe_limits") {
+    r = ObserveLimits(*session, body);
   }
   session->Send(r.ok() ? protocol::OkReply(id, std::move(r).value()) : protocol::ErrorReply(id, r.status()));
 }
@@ -161,11 +163,14 @@ void Handlers::Acquire(const std::shared_ptr<Session>& s, int64_t id, const json
   Result<std::optional<double>> timeout = protocol::GetOptSeconds(req, "timeout");
   if (!timeout.ok()) return fail(timeout.status());
   const uint64_t timeout_ns = *timeout ? shm::SecondsToNanos(**timeout) : pool->header()->config.acquire_timeout;
+  Result<std::optional<uint64_t>> tokens_field = protocol::GetOptUint(req, "tokens");
+  if (!tokens_field.ok()) return fail(tokens_field.status());
+  const uint64_t tokens = tokens_field->value_or(0);
   const shm::ProcessId holder = *s->client;
   // Try at once unless others already wait (no overtaking) or nothing is
   // eligible (a doomed try would count a miss twice).
   if (timeout_ns == 0 || (broker_.slow().Idle(pool) && pool->AvailableCount() > 0)) {
-    Result<shm::LeaseHandle> h = pool->TryAcquire(nullptr, nullptr, holder);
+    Result<shm::LeaseHandle> h = pool->TryAcquire(nullptr, nullptr, holder, tokens);
     if (h.ok()) {
       s->slow_leases.push_back({pool, *h});
       s->Send(protocol::OkReply(id, GrantFields(broker_.SlotName(*pool, h->slot), *h)));
@@ -176,7 +181,7 @@ void Handlers::Acquire(const std::shared_ptr<Session>& s, int64_t id, const json
   auto ticket = std::make_shared<uint64_t>(0);
   std::weak_ptr<Session> weak = s;
   *ticket = broker_.slow().Enqueue(
-      pool, holder, shm::MonotonicNowNanos() + timeout_ns,
+      pool, holder, shm::MonotonicNowNanos() + timeout_ns, tokens,
       [this, weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
         std::shared_ptr<Session> session = weak.lock();
         if (!session || session->closed()) {
@@ -219,6 +224,11 @@ Result<json::object> Handlers::End(Session& s, const std::string& op, const json
   if (!tokens.ok()) return tokens.status();
   Result<std::optional<double>> cooldown = protocol::GetOptSeconds(req, "cooldown");
   if (!cooldown.ok()) return cooldown.status();
+  bool permanent = false;
+  if (const json::value* p = req.if_contains("permanent"); p != nullptr && !p->is_null()) {
+    if (!p->is_bool()) return Status(Code::kProtocolError, "field 'permanent' must be a boolean");
+    permanent = p->get_bool();
+  }
   if (*slot > UINT32_MAX || *lease > UINT32_MAX || *seq > UINT32_MAX) {
     return Status(Code::kNotHeld, "lease handle out of range");
   }
@@ -235,6 +245,7 @@ Result<json::object> Handlers::End(Session& s, const std::string& op, const json
   outcome.latency = *latency;
   outcome.tokens = tokens->value_or(0);
   outcome.cooldown = *cooldown;
+  outcome.permanent = permanent && outcome.kind == shm::OutcomeKind::kFailure;
   Status st = pool->Release(h, outcome, *s.client);
   if (st.ok() || st.code() == Code::kKeyExhausted || st.code() == Code::kNotHeld) {
     std::erase_if(s.slow_leases, [&](const Session::SlowLease& l) {
@@ -243,6 +254,34 @@ Result<json::object> Handlers::End(Session& s, const std::string& op, const json
   }
   if (outcome.kind == shm::OutcomeKind::kRateLimited) broker_.NoteChange();
   if (!st.ok()) return st;
+  return json::object();
+}
+
+Result<json::object> Handlers::ObserveLimits(Session& s, const json::object& req) {
+  if (!s.client) return NeedHello();
+  Result<std::string> pool_name = protocol::GetString(req, "pool");
+  if (!pool_name.ok()) return pool_name.status();
+  shm::PoolAccess* pool = broker_.FindPool(*pool_name);
+  if (pool == nullptr) return UnknownPool(*pool_name);
+  Result<std::string> name = protocol::GetString(req, "name");
+  if (!name.ok()) return name.status();
+  shm::LimitUpdate u;
+  Result<std::optional<uint64_t>> rr = protocol::GetOptUint(req, "remaining_requests");
+  Result<std::optional<uint64_t>> rt = protocol::GetOptUint(req, "remaining_tokens");
+  Result<std::optional<double>> sr = protocol::GetOptSeconds(req, "reset_requests");
+  Result<std::optional<double>> st = protocol::GetOptSeconds(req, "reset_tokens");
+  Result<std::optional<double>> ra = protocol::GetOptSeconds(req, "retry_after");
+  for (const Status* e : {&rr.status(), &rt.status(), &sr.status(), &st.status(), &ra.status()}) {
+    if (!e->ok()) return *e;
+  }
+  u.remaining_requests = *rr;
+  u.remaining_tokens = *rt;
+  u.reset_requests = *sr;
+  u.reset_tokens = *st;
+  u.retry_after = *ra;
+  Status done = pool->ObserveLimits(*name, u);
+  if (!done.ok()) return done;
+  broker_.NoteChange();
   return json::object();
 }
 

@@ -45,6 +45,8 @@ class Handlers {
   Result<Object> KeyOp(Session& s, const std::string& op, const Object& req);
   Result<Object> Metrics();
   Result<Object> Reclaim(Session& s, const Object& req);
+  // Applies x-ratelimit-* / Retry-After values a client observed for a key.
+  Result<Object> ObserveLimits(Session& s, const Object& req);
 
   Broker& broker_;
   std::unordered_map<Session*, std::weak_ptr<Session>> sessions_;

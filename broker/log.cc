@@ -10,6 +10,7 @@ namespace keymesh::broker {
 namespace {
 
 std::atomic<int> g_level{static_cast<int>(LogLevel::kInfo)};
+std::atomic<bool> g_pinned{false};
 
 const char* LevelName(LogLevel level) {
   switch (level) {
@@ -22,7 +23,8 @@ const char* LevelName(LogLevel level) {
 }
 
 void AppendValue(std::string* out, std::string_view v) {
-  const bool quote = v.empty() || v.find_first_of(" \"=\t\n\\") != std::string_view::npos;
+  bool quote = v.empty();
+  for (char c : v) quote = quote || c == ' ' || c == '"' || c == '=' || c == '\\' || static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
   if (!quote) {
     out->append(v);
     return;
@@ -34,6 +36,14 @@ void AppendValue(std::string* out, std::string_view v) {
       out->push_back(c);
     } else if (c == '\n') {
       out->append("\\n");
+    } else if (c == '\t') {
+      out->append("\\t");
+    } else if (c == '\r') {
+      out->append("\\r");
+    } else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      char hex[8];
+      std::snprintf(hex, sizeof(hex), "\\x%02x", static_cast<unsigned char>(c));
+      out->append(hex);
     } else {
       out->push_back(c);
     }
@@ -53,7 +63,16 @@ bool ParseLogLevel(std::string_view text, LogLevel* level) {
   return false;
 }
 
-void SetLogLevel(LogLevel level) { g_level.store(static_cast<int>(level), std::memory_order_relaxed); }
+std::string_view LogLevelName(LogLevel level) { return LevelName(level); }
+
+void SetLogLevel(LogLevel level) {
+  g_level.store(static_cast<int>(level), std::memory_order_relaxed);
+  g_pinned.store(true, std::memory_order_relaxed);
+}
+
+void SetConfigLogLevel(LogLevel level) {
+  if (!g_pinned.load(std::memory_order_relaxed)) g_level.store(static_cast<int>(level), std::memory_order_relaxed);
+}
 
 bool LogEnabled(LogLevel level) { return static_cast<int>(level) >= g_level.load(std::memory_order_relaxed); }
 

@@ -253,6 +253,7 @@ json::object PoolStatusToJson(const PoolStatus& s, const std::function<std::stri
     j["requests_available"] = k.requests_available;
     j["tokens_available"] = k.tokens_available;
     j["burst"] = k.burst;
+    j["rate_margin"] = k.rate_margin;
     j["reason"] = k.reason;
     keys.push_back(std::move(j));
   }
@@ -342,6 +343,7 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     k.requests_available = j.if_contains("requests_available") ? static_cast<int64_t>(F64(j, "requests_available")) : -1;
     k.tokens_available = j.if_contains("tokens_available") ? static_cast<int64_t>(F64(j, "tokens_available")) : -1;
     k.burst = static_cast<uint32_t>(U64(j, "burst"));
+    k.rate_margin = j.if_contains("rate_margin") ? F64(j, "rate_margin") : -1.0;
     k.reason = Str(j, "reason");
     s.keys.push_back(std::move(k));
   }

@@ -10,7 +10,7 @@
 // Ops and their fields:
 //   hello      pid, start_time?, pool?      -> segment, layout_version, generation, pools[], broker_pid, keys_per_pool
 //   secrets    pool                          -> secrets: [{name, secret}]   (peer must be allowed)
-//   acquire    pool, timeout? (s; 0 = once)  -> key, slot, lease, seq, acquire_ns, fingerprint
+//   acquire    pool, timeout? (s; 0 = once), tokens? -> key, slot, lease, seq, acquire_ns, fingerprint
 //   release / mark_failed / mark_rate_limited / cancel
 //              pool, slot, lease, seq, latency?, tokens?, cooldown?
 //   status     pool?                         -> pools: [PoolStatus]
@@ -18,6 +18,8 @@
 //   remove_key / enable / disable / reset    pool, name
 //   metrics                                  -> text (Prometheus exposition)
 //   reclaim    pid, start_time?              -> reclaimed
+//   observe_limits pool, name, remaining_requests?, reset_requests?,
+//              remaining_tokens?, reset_tokens?, retry_after?  (seconds)
 #ifndef KEYMESH_BROKER_PROTOCOL_H_
 #define KEYMESH_BROKER_PROTOCOL_H_
 

@@ -1,5 +1,6 @@
 #include "broker/recovery.h"
 
+#include <cmath>
 #include <cinttypes>
 #include <cstdio>
 
@@ -83,8 +84,11 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
     def.max_concurrency = k.max_concurrency;
     def.rpm = k.rpm;
     def.tpm = k.tpm;
+    def.burst = k.burst;
+    def.margin_ppm = k.rate_margin < 0 ? shm::kPoolMargin : static_cast<uint32_t>(std::lround(k.rate_margin * 1e6));
     if (cur != nullptr && cur->state != KeyState::kRemoving && cur->fingerprint == fp && cur->weight == k.weight &&
-        cur->max_concurrency == k.max_concurrency && cur->rpm == k.rpm && cur->tpm == k.tpm) {
+        cur->max_concurrency == k.max_concurrency && cur->rpm == k.rpm && cur->tpm == k.tpm &&
+        cur->burst == k.burst && cur->rate_margin == k.rate_margin) {
       continue;  // unchanged: not touched at all
     }
     if (cur != nullptr && exported.empty()) exported = access.ExportKeyStates();

@@ -77,11 +77,13 @@ void Session::OnRead(const boost::system::error_code& ec, size_t n) {
 
 void Session::Send(std::string frame) {
   if (closed_ || close_after_write_) return;
-  if (out_.size() >= kMaxQueuedReplies) {
+  const size_t behind = out_bytes_ - (writing_ ? out_.front().size() : 0);
+  if (out_.size() >= kMaxQueuedReplies || (behind > 0 && behind + frame.size() > kMaxQueuedBytes)) {
     Log(LogLevel::kWarn, "session_dropped", {{"peer_pid", std::to_string(peer_.pid)}, {"reason", "client does not read its replies"}});
     Close();
     return;
   }
+  out_bytes_ += frame.size();
   out_.push_back(std::move(frame));
   ArmTimer();
   if (!writing_) DoWrite();
@@ -110,6 +112,7 @@ void Session::DoWrite() {
                                self->Close();
                                return;
                              }
+                             self->out_bytes_ -= self->out_.front().size();
                              self->out_.pop_front();
                              self->DoWrite();
                            });

@@ -6,7 +6,9 @@
 // connection is closed; a started frame must complete within kFrameTimeout;
 // an idle connection is closed after kIdleTimeout unless it holds slow-path
 // leases or waits for an acquire. A client that stops reading is dropped once
-// kMaxQueuedReplies replies pile up.
+// kMaxQueuedReplies replies, or kMaxQueuedBytes bytes behind the reply being
+// written, pile up (a 30-byte status request can cost a reply 100x larger, so
+// a count alone would let each flooder hold many MB).
 //
 // Lifetime: shared_ptr-owned (enable_shared_from_this); every pending Asio
 // operation holds a reference. All members are used on the io thread only.
@@ -43,6 +45,7 @@ struct PeerCred {
 inline constexpr std::chrono::seconds kFrameTimeout{5};
 inline constexpr std::chrono::seconds kIdleTimeout{30};
 inline constexpr size_t kMaxQueuedReplies = 4096;
+inline constexpr size_t kMaxQueuedBytes = 512 * 1024;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
@@ -84,6 +87,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::array<char, 16384> buf_;
   std::string in_;  // bytes of the frame(s) not yet complete
   std::deque<std::string> out_;
+  size_t out_bytes_ = 0;  // sum of out_'s sizes
   bool writing_ = false;
   bool close_after_write_ = false;
   bool closed_ = false;

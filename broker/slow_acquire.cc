@@ -14,6 +14,7 @@ struct SlowAcquirer::Waiter {
   uint64_t ticket = 0;
   shm::PoolAccess* pool = nullptr;
   shm::ProcessId holder;
+  uint64_t tokens = 0;
   uint64_t deadline = 0;
   Done done;
   std::atomic<bool> cancel{false};
@@ -36,11 +37,13 @@ SlowAcquirer::SlowAcquirer(boost::asio::io_context& io) : io_(io) {}
 
 SlowAcquirer::~SlowAcquirer() { Stop(); }
 
-uint64_t SlowAcquirer::Enqueue(shm::PoolAccess* pool, const shm::ProcessId& holder, uint64_t deadline_ns, Done done) {
+uint64_t SlowAcquirer::Enqueue(shm::PoolAccess* pool, const shm::ProcessId& holder, uint64_t deadline_ns,
+                               uint64_t tokens, Done done) {
   auto w = std::make_shared<Waiter>(io_);
   w->ticket = next_ticket_++;
   w->pool = pool;
   w->holder = holder;
+  w->tokens = tokens;
   w->deadline = deadline_ns;
   w->done = std::move(done);
   waiters_[w->ticket] = w;
@@ -99,7 +102,7 @@ void SlowAcquirer::RunLane(Lane* lane) {
     if (!w->cancel.load(std::memory_order_acquire)) {
       const uint64_t now = shm::MonotonicNowNanos();
       const uint64_t wait = w->deadline > now ? w->deadline - now : 0;
-      r = lane->pool->Acquire(wait, nullptr, w->holder, &w->cancel);
+      r = lane->pool->Acquire(wait, nullptr, w->holder, &w->cancel, w->tokens);
     }
     {
       std::lock_guard<std::mutex> lock(lane->mu);

@@ -42,9 +42,11 @@ class SlowAcquirer {
   SlowAcquirer& operator=(const SlowAcquirer&) = delete;
 
   // Queues a wait on `pool` (which must outlive the SlowAcquirer) until
-  // `deadline_ns` (CLOCK_MONOTONIC) for `holder`. Returns a ticket for
+  // `deadline_ns` (CLOCK_MONOTONIC) for `holder`, reserving `tokens` of the
+  // key's token budget at the grant. Returns a ticket for
   // Cancel. io thread only.
-  uint64_t Enqueue(shm::PoolAccess* pool, const shm::ProcessId& holder, uint64_t deadline_ns, Done done);
+  uint64_t Enqueue(shm::PoolAccess* pool, const shm::ProcessId& holder, uint64_t deadline_ns, uint64_t tokens,
+                   Done done);
   // Drops a waiter: `done` will not run; a key granted meanwhile is
   // released unused. io thread only.
   void Cancel(uint64_t ticket);

@@ -317,9 +317,10 @@ Result<std::unique_ptr<Pool>> Pool::Connect(std::string_view socket_path, std::s
   return std::unique_ptr<Pool>(new Pool(std::move(link), std::string(pool_name)));
 }
 
-Result<Lease> Pool::RemoteAcquire(std::optional<double> timeout) {
+Result<Lease> Pool::RemoteAcquire(std::optional<double> timeout, uint64_t tokens) {
   json::object f;
   f["pool"] = name_;
+  if (tokens != 0) f["tokens"] = tokens;
   double wait = 24 * 3600.0;  // the broker applies the pool's acquire_timeout
   if (timeout) {
     if (!(*timeout >= 0) || *timeout > 1e9) {
@@ -353,7 +354,7 @@ Result<Lease> Pool::RemoteAcquire(std::optional<double> timeout) {
 }
 
 Status Pool::RemoteEnd(const Lease& lease, uint32_t kind, std::optional<double> latency, uint64_t tokens,
-                       std::optional<double> cooldown) {
+                       std::optional<double> cooldown, bool permanent) {
   static constexpr const char* kOps[] = {"release", "mark_failed", "mark_rate_limited", "cancel"};
   if (kind > 3) return Status(Code::kInvalidArgument, "bad outcome");
   json::object f;
@@ -365,7 +366,21 @@ Status Pool::RemoteEnd(const Lease& lease, uint32_t kind, std::optional<double> 
   if (latency && *latency >= 0 && *latency <= 1e9) f["latency"] = *latency;
   if (tokens != 0) f["tokens"] = tokens;
   if (cooldown) f["cooldown"] = *cooldown;
+  if (permanent) f["permanent"] = true;
   Result<json::object> r = broker_->Call(kOps[kind], std::move(f));
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+Status Pool::RemoteObserve(std::string_view key_name, const LimitObservation& o) {
+  json::object f;
+  f["pool"] = name_;
+  f["name"] = key_name;
+  if (o.remaining_requests) f["remaining_requests"] = *o.remaining_requests;
+  if (o.reset_requests) f["reset_requests"] = *o.reset_requests;
+  if (o.remaining_tokens) f["remaining_tokens"] = *o.remaining_tokens;
+  if (o.reset_tokens) f["reset_tokens"] = *o.reset_tokens;
+  if (o.retry_after) f["retry_after"] = *o.retry_after;
+  Result<json::object> r = broker_->Call("observe_limits", std::move(f));
   return r.ok() ? Status::Ok() : r.status();
 }
 

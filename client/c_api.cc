@@ -304,13 +304,15 @@ int FillHeld(ProcState* s, Lease lease, km_held* out) {
   return KM_OK;
 }
 
-int AcquireKey(km_pool* p, double timeout, const std::atomic<bool>* cancel, bool poll, km_held* out) {
+int AcquireKey(km_pool* p, double timeout, const std::atomic<bool>* cancel, bool poll, km_held* out,
+               uint64_t tokens = 0) {
   if (p == nullptr || out == nullptr) return Fail(Code::kInvalidArgument, "pool and out must not be NULL");
   Use use(p);
   if (!use.ok()) return ClosedError();
   Result<ProcState*> s = CurrentState(p);
   if (!s.ok()) return Fail(s.status());
-  Result<Lease> lease = (*s)->pool->Acquire(poll ? std::optional<double>(0.0) : TimeoutArg(timeout), cancel);
+  Result<Lease> lease = (*s)->pool->Acquire(
+      Pool::AcquireOptions{poll ? std::optional<double>(0.0) : TimeoutArg(timeout), tokens, cancel});
   if (!lease.ok()) {
     if (poll && lease.status().code() == Code::kClosed && !p->closed.load()) {
       return Fail(Code::kNoAvailableKey,
@@ -321,7 +323,7 @@ int AcquireKey(km_pool* p, double timeout, const std::atomic<bool>* cancel, bool
   return FillHeld(*s, std::move(lease).value(), out);
 }
 
-enum class EndKind { kRelease, kFailed, kRateLimited, kCancel };
+enum class EndKind { kRelease, kFailed, kFailedPermanent, kRateLimited, kCancel };
 
 // Ends one lease of `secret` held by this process (by ticket, or the oldest).
 int EndKey(km_pool* p, const char* secret, uint64_t ticket, EndKind kind, double latency, uint64_t tokens,
@@ -370,6 +372,7 @@ int EndKey(km_pool* p, const char* secret, uint64_t ticket, EndKind kind, double
   switch (kind) {
     case EndKind::kRelease: result = lease->Release(*lat, tokens); break;
     case EndKind::kFailed: result = lease->MarkFailed(); break;
+    case EndKind::kFailedPermanent: result = lease->MarkFailed(true); break;
     case EndKind::kRateLimited: result = lease->MarkRateLimited(*cool); break;
     case EndKind::kCancel: result = lease->Cancel(); break;
   }
@@ -389,6 +392,7 @@ int LeaseEnd(km_lease* l, EndKind kind, double latency, uint64_t tokens, double 
       break;
     }
     case EndKind::kFailed: st = l->lease.MarkFailed(); break;
+    case EndKind::kFailedPermanent: st = l->lease.MarkFailed(true); break;
     case EndKind::kRateLimited: {
       Result<std::optional<double>> cool = CooldownArg(cooldown);
       if (!cool.ok()) return Fail(cool.status());
@@ -741,6 +745,76 @@ int km_pool_mark_failed_key(km_pool* p, const char* secret, uint64_t ticket) {
 
 int km_pool_mark_rate_limited_key(km_pool* p, const char* secret, uint64_t ticket, double cooldown) {
   return Guarded([&] { return EndKey(p, secret, ticket, EndKind::kRateLimited, KM_LATENCY_NONE, 0, cooldown); });
+}
+
+int km_pool_acquire_key_tokens(km_pool* p, double timeout, uint64_t tokens, km_cancel* cancel, km_held* out) {
+  return Guarded([&] {
+    if (cancel != nullptr && cancel->pool != p) {
+      return Fail(Code::kInvalidArgument, "the cancel token belongs to another pool");
+    }
+    return AcquireKey(p, timeout, cancel != nullptr ? &cancel->flag : (p != nullptr ? &p->closed : nullptr), false,
+                      out, tokens);
+  });
+}
+
+int km_pool_mark_failed_key_permanent(km_pool* p, const char* secret, uint64_t ticket) {
+  return Guarded(
+      [&] { return EndKey(p, secret, ticket, EndKind::kFailedPermanent, KM_LATENCY_NONE, 0, KM_DEFAULT); });
+}
+
+int km_pool_observe_limits(km_pool* p, const char* secret, const char* const* names, const char* const* values,
+                           size_t n) {
+  return Guarded([&] {
+    if (p == nullptr || secret == nullptr || (n > 0 && (names == nullptr || values == nullptr))) {
+      return Fail(Code::kInvalidArgument, "pool, secret, names and values must not be NULL");
+    }
+    std::vector<std::pair<std::string, std::string>> headers;
+    headers.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      if (names[i] == nullptr || values[i] == nullptr) return Fail(Code::kInvalidArgument, "NULL header");
+      headers.emplace_back(names[i], values[i]);
+    }
+    timeval tv{};
+    gettimeofday(&tv, nullptr);
+    Result<keymesh::LimitObservation> obs =
+        keymesh::ParseLimitHeaders(headers, static_cast<double>(tv.tv_sec) + static_cast<double>(tv.tv_usec) / 1e6);
+    if (!obs.ok()) return Fail(obs.status());
+    if (obs->empty()) return KM_OK;
+    Use use(p);
+    if (!use.ok()) return ClosedError();
+    Result<ProcState*> s = CurrentState(p);
+    if (!s.ok()) return Fail(s.status());
+    std::optional<std::string> name = (*s)->pool->NameOfSecret(secret);
+    if (!name) {
+      return Fail(Code::kUnknownKey, "Unknown key '" + keymesh::MaskSecret(secret) + "' — was it added to this pool?");
+    }
+    Status st = (*s)->pool->ObserveLimits(*name, *obs);
+    if (!st.ok()) return Fail(st);
+    return KM_OK;
+  });
+}
+
+int km_parse_retry_after(const char* value, double* seconds) {
+  return Guarded([&] {
+    if (value == nullptr || seconds == nullptr) return Fail(Code::kInvalidArgument, "value and seconds must not be NULL");
+    timeval tv{};
+    gettimeofday(&tv, nullptr);
+    Result<double> r =
+        keymesh::ParseRetryAfter(value, static_cast<double>(tv.tv_sec) + static_cast<double>(tv.tv_usec) / 1e6);
+    if (!r.ok()) return Fail(r.status());
+    *seconds = *r;
+    return KM_OK;
+  });
+}
+
+int km_parse_duration(const char* value, double* seconds) {
+  return Guarded([&] {
+    if (value == nullptr || seconds == nullptr) return Fail(Code::kInvalidArgument, "value and seconds must not be NULL");
+    Result<double> r = keymesh::ParseRateLimitDuration(value);
+    if (!r.ok()) return Fail(r.status());
+    *seconds = *r;
+    return KM_OK;
+  });
 }
 
 int km_pool_cancel_key(km_pool* p, const char* secret, uint64_t ticket) {

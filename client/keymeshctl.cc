@@ -176,11 +176,16 @@ std::string RenderPool(const json::object& pool) {
       if (!reason.empty() && state != "available") state += " (" + reason + ")";
       const double max = Num(k, "max_concurrency");
       std::string inflight = Str(k, "active_requests") + "/" + (max > 0 ? Str(k, "max_concurrency") : "-");
-      std::string budget = "-";
-      if (k.if_contains("requests_available") && Num(k, "rpm") > 0) {
-        budget = Str(k, "requests_available") + " req";
-        if (Num(k, "tpm") > 0) budget += ", " + std::to_string(static_cast<long long>(Num(k, "tokens_available"))) + " tok";
+      // Budget left now: requests (rpm keys) and tokens (tpm keys).
+      std::string budget;
+      if (Num(k, "rpm") > 0 && k.if_contains("requests_available")) {
+        budget = std::to_string(static_cast<long long>(Num(k, "requests_available"))) + " req";
       }
+      if (Num(k, "tpm") > 0 && k.if_contains("tokens_available")) {
+        if (!budget.empty()) budget += ", ";
+        budget += std::to_string(static_cast<long long>(Num(k, "tokens_available"))) + " tok";
+      }
+      if (budget.empty()) budget = "-";
       char ema[32];
       if (k.if_contains("has_latency") && k.at("has_latency").is_bool() && k.at("has_latency").get_bool()) {
         std::snprintf(ema, sizeof(ema), "%.0fms", Num(k, "latency_avg") * 1000);
@@ -291,6 +296,11 @@ int main(int argc, char** argv) {
     if (args[i] == "--socket" && i + 1 < args.size()) {
       socket_path = args[i + 1];
       i += 2;
+      continue;
+    }
+    if (args[i].rfind("--socket=", 0) == 0) {
+      socket_path = args[i].substr(9);
+      ++i;
       continue;
     }
     return UsageError("unknown option '" + args[i] + "'");

@@ -64,17 +64,19 @@ double Lease::elapsed() const noexcept {
   return now > acquire_ns_ ? shm::NanosToSeconds(now - acquire_ns_) : 0.0;
 }
 
-Status Lease::End(uint32_t kind, std::optional<double> latency, uint64_t tokens, std::optional<double> cooldown) {
+Status Lease::End(uint32_t kind, std::optional<double> latency, uint64_t tokens, std::optional<double> cooldown,
+                  bool permanent) {
   if (pool_ == nullptr) return Status(Code::kNotHeld, "lease already ended");
   shm::Outcome outcome;
   outcome.kind = static_cast<shm::OutcomeKind>(kind);
   outcome.latency = latency;
   outcome.tokens = tokens;
   outcome.cooldown = cooldown;
+  outcome.permanent = permanent;
   shm::LeaseHandle h{slot_, lease_, seq_, acquire_ns_, 0};
   Pool* pool = pool_;
   if (!pool->access_) {
-    Status st = pool->RemoteEnd(*this, kind, latency, tokens, cooldown);
+    Status st = pool->RemoteEnd(*this, kind, latency, tokens, cooldown, permanent);
     pool_ = nullptr;
     return st;
   }
@@ -87,8 +89,13 @@ Status Lease::Release(std::optional<double> latency, uint64_t tokens) {
   return End(static_cast<uint32_t>(shm::OutcomeKind::kSuccess), latency, tokens, std::nullopt);
 }
 
-Status Lease::MarkFailed() {
-  return End(static_cast<uint32_t>(shm::OutcomeKind::kFailure), std::nullopt, 0, std::nullopt);
+Status Lease::MarkFailed(bool permanent) {
+  return End(static_cast<uint32_t>(shm::OutcomeKind::kFailure), std::nullopt, 0, std::nullopt, permanent);
+}
+
+Status Lease::ObserveLimits(const LimitObservation& observation) {
+  if (pool_ == nullptr) return Status(Code::kNotHeld, "lease already ended");
+  return pool_->ObserveLimits(entry_->name, observation);
 }
 
 Status Lease::MarkRateLimited(std::optional<double> cooldown) {
@@ -226,20 +233,36 @@ Result<Lease> Pool::MakeLease(uint32_t slot, uint32_t lease_index, uint32_t seq,
   return lease;
 }
 
-Result<Lease> Pool::Acquire(std::optional<double> timeout) { return Acquire(timeout, nullptr); }
+Result<Lease> Pool::Acquire(std::optional<double> timeout) { return Acquire(AcquireOptions{timeout, 0, nullptr}); }
 
 Result<Lease> Pool::Acquire(std::optional<double> timeout, const std::atomic<bool>* cancel) {
-  if (!access_) return RemoteAcquire(timeout);  // slow path: `cancel` is not supported over the socket
+  return Acquire(AcquireOptions{timeout, 0, cancel});
+}
+
+Result<Lease> Pool::Acquire(const AcquireOptions& options) {
+  // Slow path: `cancel` is not supported over the socket.
+  if (!access_) return RemoteAcquire(options.timeout, options.tokens);
   uint64_t timeout_ns = access_->header()->config.acquire_timeout;
-  if (timeout) {
-    Status st = ValidateTimeout(*timeout);
+  if (options.timeout) {
+    Status st = ValidateTimeout(*options.timeout);
     if (!st.ok()) return st;
-    timeout_ns = shm::SecondsToNanos(*timeout);
+    timeout_ns = shm::SecondsToNanos(*options.timeout);
   }
-  Result<shm::LeaseHandle> h =
-      access_->Acquire(timeout_ns, selector_raw_.load(std::memory_order_acquire), shm::Self(), cancel);
+  Result<shm::LeaseHandle> h = access_->Acquire(timeout_ns, selector_raw_.load(std::memory_order_acquire),
+                                                shm::Self(), options.cancel, options.tokens);
   if (!h.ok()) return h.status();
   return MakeLease(h->slot, h->lease, h->seq, h->acquire_ns, h->fingerprint);
+}
+
+Status Pool::ObserveLimits(std::string_view key_name, const LimitObservation& o) {
+  if (!access_) return RemoteObserve(key_name, o);
+  shm::LimitUpdate u;
+  u.remaining_requests = o.remaining_requests;
+  u.reset_requests = o.reset_requests;
+  u.remaining_tokens = o.remaining_tokens;
+  u.reset_tokens = o.reset_tokens;
+  u.retry_after = o.retry_after;
+  return access_->ObserveLimits(key_name, u);
 }
 
 Result<Lease> Pool::TryAcquire() {

@@ -187,6 +187,23 @@ KEYMESH_EXPORT int km_pool_mark_failed_key(km_pool* pool, const char* secret, ui
 KEYMESH_EXPORT int km_pool_mark_rate_limited_key(km_pool* pool, const char* secret, uint64_t ticket,
                                                  double cooldown);
 KEYMESH_EXPORT int km_pool_cancel_key(km_pool* pool, const char* secret, uint64_t ticket);
+/* km_pool_acquire_key reserving `tokens` (the request's expected token
+ * count) from the key's TPM budget; the release's token count corrects it. */
+KEYMESH_EXPORT int km_pool_acquire_key_tokens(km_pool* pool, double timeout, uint64_t tokens, km_cancel* cancel,
+                                              km_held* out);
+/* An authentication failure (e.g. HTTP 401): the key is revoked until
+ * reset or add_key. KM_KEY_EXHAUSTED when this call revoked it. */
+KEYMESH_EXPORT int km_pool_mark_failed_key_permanent(km_pool* pool, const char* secret, uint64_t ticket);
+/* Feeds a response's headers (Retry-After, retry-after-ms,
+ * x-ratelimit-{limit,remaining,reset}-{requests,tokens}; others are
+ * ignored, names case-insensitive) for the key with `secret` to the pool.
+ * KM_INVALID_ARGUMENT names a malformed header (never echoing its value). */
+KEYMESH_EXPORT int km_pool_observe_limits(km_pool* pool, const char* secret, const char* const* names,
+                                          const char* const* values, size_t n);
+/* Retry-After (delay-seconds or an HTTP-date) in seconds from now. */
+KEYMESH_EXPORT int km_parse_retry_after(const char* value, double* seconds);
+/* A Go-style duration as in x-ratelimit-reset-* ("1s", "6m0s", "250ms"). */
+KEYMESH_EXPORT int km_parse_duration(const char* value, double* seconds);
 /* How many leases this process holds for `secret` (NULL: for all keys). */
 KEYMESH_EXPORT int km_pool_held_count(km_pool* pool, const char* secret, uint32_t* out);
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "keymesh/export.h"
+#include "keymesh/rate_limit_headers.h"
 #include "keymesh/selector.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
@@ -73,21 +74,27 @@ class KEYMESH_EXPORT Lease {
   // Success. latency: seconds (default: measured since the grant); tokens:
   // tokens the request used.
   Status Release(std::optional<double> latency = std::nullopt, uint64_t tokens = 0);
-  // A non-429 failure. Returns kKeyExhausted once, when this failure made the
-  // key reach max_failures (the lease is ended either way).
-  Status MarkFailed();
+  // A non-429 failure. Returns kKeyExhausted once, when this failure opened
+  // the key's circuit (max_failures consecutive failures) — the lease is
+  // ended either way. `permanent` (an authentication failure, e.g. HTTP 401)
+  // revokes the key until reset or AddKey.
+  Status MarkFailed(bool permanent = false);
   // A 429: cools the key for `cooldown` seconds (pool default when absent),
   // never shortening a deadline already set; consecutive 429s escalate.
   Status MarkRateLimited(std::optional<double> cooldown = std::nullopt);
   // Ends the lease without an outcome (the request was never sent).
   Status Cancel();
+  // Feeds what the provider's response headers said about this key's limits
+  // (ParseLimitHeaders) to the pool; the lease stays held.
+  Status ObserveLimits(const LimitObservation& observation);
 
   // Opaque identity of the lease (for language bindings).
   uint32_t slot() const noexcept { return slot_; }
 
  private:
   friend class Pool;
-  Status End(uint32_t kind, std::optional<double> latency, uint64_t tokens, std::optional<double> cooldown);
+  Status End(uint32_t kind, std::optional<double> latency, uint64_t tokens, std::optional<double> cooldown,
+             bool permanent = false);
 
   Pool* pool_ = nullptr;
   const detail::KeyEntry* entry_ = nullptr;
@@ -142,8 +149,19 @@ class KEYMESH_EXPORT Pool {
   // flag already set makes one uncounted attempt. *cancel must outlive the
   // call. (Used by the C ABI for asyncio cancellation and close.)
   Result<Lease> Acquire(std::optional<double> timeout, const std::atomic<bool>* cancel);
+  // The general form: `tokens` is the expected token count of the request,
+  // reserved up front from the key's TPM budget (the release's count
+  // corrects it).
+  struct AcquireOptions {
+    std::optional<double> timeout;            // seconds; absent: the pool's acquire_timeout
+    uint64_t tokens = 0;
+    const std::atomic<bool>* cancel = nullptr;  // as for Acquire(timeout, cancel)
+  };
+  Result<Lease> Acquire(const AcquireOptions& options);
   // One attempt, never waits.
   Result<Lease> TryAcquire();
+  // What the provider said about a key's limits (by key name).
+  Status ObserveLimits(std::string_view key_name, const LimitObservation& observation);
 
   // Adds a key, or re-admits an existing one of the same name (clears its
   // failure streak and exhaustion, keeps its counters and leases). An empty
@@ -206,9 +224,10 @@ class KEYMESH_EXPORT Pool {
   // by Connect(): admin calls go to the broker, which knows the secrets.
   // In slow-path mode (no segment) every call goes over it.
   Pool(std::shared_ptr<detail::BrokerLink> broker, std::string name);
-  Result<Lease> RemoteAcquire(std::optional<double> timeout);
+  Result<Lease> RemoteAcquire(std::optional<double> timeout, uint64_t tokens = 0);
   Status RemoteEnd(const Lease& lease, uint32_t kind, std::optional<double> latency, uint64_t tokens,
-                   std::optional<double> cooldown);
+                   std::optional<double> cooldown, bool permanent);
+  Status RemoteObserve(std::string_view key_name, const LimitObservation& observation);
   Status RemoteKeyOp(std::string_view op, std::string_view name);
   Status RemoteAddKey(const KeySpec& key);
   Result<PoolStatus> RemoteStatus();

@@ -94,6 +94,7 @@ struct KeyStatus {
   int64_t requests_available = -1;  // requests grantable now; -1: no rpm limit
   int64_t tokens_available = -1;    // tokens left in the bucket now; -1: no tpm limit
   uint32_t burst = 0;
+  double rate_margin = -1.0;     // per-key override; -1: the pool's
   std::string reason;            // why the key is not eligible ("" when it is)
   double latency_avg = 0.0;      // seconds, EMA alpha 0.2; 0 until the first sample
   bool has_latency = false;
