@@ -757,6 +757,11 @@ int km_pool_acquire_key_tokens(km_pool* p, double timeout, uint64_t tokens, km_c
   });
 }
 
+int km_pool_poll_key_tokens(km_pool* p, uint64_t tokens, km_held* out) {
+  static const std::atomic<bool> kAlwaysCancelled{true};
+  return Guarded([&] { return AcquireKey(p, 0.0, &kAlwaysCancelled, true, out, tokens); });
+}
+
 int km_pool_mark_failed_key_permanent(km_pool* p, const char* secret, uint64_t ticket) {
   return Guarded(
       [&] { return EndKey(p, secret, ticket, EndKind::kFailedPermanent, KM_LATENCY_NONE, 0, KM_DEFAULT); });

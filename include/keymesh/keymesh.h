@@ -191,6 +191,8 @@ KEYMESH_EXPORT int km_pool_cancel_key(km_pool* pool, const char* secret, uint64_
  * count) from the key's TPM budget; the release's token count corrects it. */
 KEYMESH_EXPORT int km_pool_acquire_key_tokens(km_pool* pool, double timeout, uint64_t tokens, km_cancel* cancel,
                                               km_held* out);
+/* km_pool_poll_key reserving `tokens`. */
+KEYMESH_EXPORT int km_pool_poll_key_tokens(km_pool* pool, uint64_t tokens, km_held* out);
 /* An authentication failure (e.g. HTTP 401): the key is revoked until
  * reset or add_key. KM_KEY_EXHAUSTED when this call revoked it. */
 KEYMESH_EXPORT int km_pool_mark_failed_key_permanent(km_pool* pool, const char* secret, uint64_t ticket);

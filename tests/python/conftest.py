@@ -91,6 +91,15 @@ class Broker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # The broker keeps its shared-memory segment on exit (a restarted
+        # broker re-attaches to it); a test's broker is gone for good.
+        self.log.seek(0)
+        for word in self.log.read().split():
+            if word.startswith("segment=keymesh"):
+                try:
+                    os.unlink("/dev/shm/" + word[len("segment="):])
+                except FileNotFoundError:
+                    pass
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -101,7 +110,7 @@ MODES = ["embedded", "attached"]
 @pytest.fixture(params=MODES)
 def mode(request: Any) -> str:
     if request.param == "attached" and not broker_available():
-        pytest.skip(f"keymesh-broker not built ({BROKER})")
+        pytest.fail(f"keymesh-broker not built ({BROKER}): build it first (scripts/setup)")
     return request.param
 
 

@@ -28,10 +28,12 @@ from .scheduler import (BaseScheduler, LeastBusyScheduler, RoundRobinScheduler, 
                         WeightedScheduler, build_scheduler)
 from .sync_pool import SyncKeyPool
 from ._native import mask_secret as mask_key
+from ._native import parse_duration, parse_retry_after
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "parse_duration", "parse_retry_after",
     "KeyPool", "SyncKeyPool", "SchedulerStrategy",
     "BaseScheduler", "RoundRobinScheduler", "LeastBusyScheduler", "WeightedScheduler", "build_scheduler",
     "KeyMeshError", "NoAvailableKeyError", "KeyExhaustedError", "KeyCooldownError", "UnknownKeyError",

@@ -135,6 +135,34 @@ km_pool_status_json = _sig("km_pool_status_json", _P, ctypes.POINTER(ctypes.c_vo
 km_pool_available_count = _sig("km_pool_available_count", _P, _u32p)
 km_pool_reclaim_dead = _sig("km_pool_reclaim_dead", _P, _u32p)
 km_broker_reclaim = _sig("km_broker_reclaim", ctypes.c_char_p, ctypes.c_int32, _u32p)
+km_pool_acquire_key_tokens = _sig("km_pool_acquire_key_tokens", _P, ctypes.c_double, ctypes.c_uint64, _P,
+                                  ctypes.POINTER(_Held))
+km_pool_poll_key_tokens = _sig("km_pool_poll_key_tokens", _P, ctypes.c_uint64, ctypes.POINTER(_Held))
+km_pool_mark_failed_key_permanent = _sig("km_pool_mark_failed_key_permanent", _P, ctypes.c_char_p, ctypes.c_uint64)
+km_pool_observe_limits = _sig("km_pool_observe_limits", _P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
+                              ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t)
+km_parse_retry_after = _sig("km_parse_retry_after", ctypes.c_char_p, ctypes.POINTER(ctypes.c_double))
+km_parse_duration = _sig("km_parse_duration", ctypes.c_char_p, ctypes.POINTER(ctypes.c_double))
+
+
+def parse_retry_after(value: str) -> float:
+    """Seconds from now that a Retry-After value (delay-seconds or an
+    HTTP-date) asks for. ConfigError (a ValueError) when malformed."""
+    out = ctypes.c_double()
+    rc = km_parse_retry_after(_encode(value, "Retry-After"), ctypes.byref(out))
+    if rc != OK:
+        raise error(rc)
+    return out.value
+
+
+def parse_duration(value: str) -> float:
+    """Seconds of a Go-style duration as in x-ratelimit-reset-* ("1s", "6m0s",
+    "250ms"). ConfigError (a ValueError) when malformed."""
+    out = ctypes.c_double()
+    rc = km_parse_duration(_encode(value, "duration"), ctypes.byref(out))
+    if rc != OK:
+        raise error(rc)
+    return out.value
 
 
 def mask_secret(secret: str) -> str:
@@ -278,26 +306,36 @@ class Core:
         k.name = held.name.decode("utf-8", "replace")
         return k
 
-    def acquire(self, timeout: Optional[float], token: Optional[CancelToken] = None) -> Key:
+    def acquire(self, timeout: Optional[float], token: Optional[CancelToken] = None, tokens: int = 0) -> Key:
         held = _Held()
         t = DEFAULT if timeout is None else _seconds(timeout, "timeout")
-        rc = km_pool_acquire_key(self.handle, t, token._handle if token is not None else None,
-                                 ctypes.byref(held))
+        if tokens:
+            n = int(tokens)
+            if n < 0:
+                raise exc.ConfigError("tokens must be >= 0")
+            rc = km_pool_acquire_key_tokens(self.handle, t, n, token._handle if token is not None else None,
+                                            ctypes.byref(held))
+        else:
+            rc = km_pool_acquire_key(self.handle, t, token._handle if token is not None else None,
+                                     ctypes.byref(held))
         if rc != OK:
             raise error(rc)
         return self._key(held)
 
-    def acquire_rc(self, timeout: Optional[float], token: Optional[CancelToken]) -> Tuple[int, Any]:
+    def acquire_rc(self, timeout: Optional[float], token: Optional[CancelToken], tokens: int = 0) -> Tuple[int, Any]:
         """As acquire, but returns (rc, Key or error) instead of raising (for threads)."""
         try:
-            return OK, self.acquire(timeout, token)
+            return OK, self.acquire(timeout, token, tokens)
         except exc.KeyMeshError as e:
             return e.code or -1, e
 
-    def poll(self) -> Optional[Key]:
+    def poll(self, tokens: int = 0) -> Optional[Key]:
         """One uncounted attempt: a Key, or None when no key is eligible now."""
         held = _Held()
-        rc = km_pool_poll_key(self.handle, ctypes.byref(held))
+        if tokens:
+            rc = km_pool_poll_key_tokens(self.handle, int(tokens), ctypes.byref(held))
+        else:
+            rc = km_pool_poll_key(self.handle, ctypes.byref(held))
         if rc == OK:
             return self._key(held)
         if rc == NO_AVAILABLE_KEY:
@@ -318,9 +356,12 @@ class Core:
         if rc != OK:
             raise error(rc, raw)
 
-    def mark_failed(self, key: Any) -> None:
+    def mark_failed(self, key: Any, permanent: bool = False) -> None:
         raw, ticket = _key_args(key)
-        rc = km_pool_mark_failed_key(self.handle, raw, ticket)
+        if permanent:
+            rc = km_pool_mark_failed_key_permanent(self.handle, raw, ticket)
+        else:
+            rc = km_pool_mark_failed_key(self.handle, raw, ticket)
         if rc != OK:
             raise error(rc, raw, getattr(key, "name", None))
 
@@ -328,6 +369,19 @@ class Core:
         raw, ticket = _key_args(key)
         c = DEFAULT if cooldown is None else _seconds(cooldown, "cooldown")
         rc = km_pool_mark_rate_limited_key(self.handle, raw, ticket, c)
+        if rc != OK:
+            raise error(rc, raw)
+
+    def observe_limits(self, key: Any, headers: Any) -> None:
+        raw, _ = _key_args(key)
+        items = list(headers.items()) if hasattr(headers, "items") else list(headers)
+        n = len(items)
+        names = (ctypes.c_char_p * max(n, 1))()
+        values = (ctypes.c_char_p * max(n, 1))()
+        for i, (name, value) in enumerate(items):
+            names[i] = _encode(str(name), "header name")
+            values[i] = _encode(str(value), "header value")
+        rc = km_pool_observe_limits(self.handle, raw, names, values, n)
         if rc != OK:
             raise error(rc, raw)
 

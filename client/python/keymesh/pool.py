@@ -46,8 +46,8 @@ class _Waiter:
         self.abandoned = False      # the coroutine gave up
         self.consumed = False       # the result was taken or given back
 
-    def run(self, timeout: Optional[float]) -> None:  # helper thread
-        rc, value = self.core.acquire_rc(timeout, self.token)
+    def run(self, timeout: Optional[float], tokens: int = 0) -> None:  # helper thread
+        rc, value = self.core.acquire_rc(timeout, self.token, tokens)
         with self.lock:
             self.result = (rc, value)
             give_back = self.abandoned
@@ -123,16 +123,17 @@ class KeyPool:
         self._default_cooldown = None
         return self
 
-    async def acquire(self, timeout: Optional[float] = None) -> str:
+    async def acquire(self, timeout: Optional[float] = None, tokens: int = 0) -> str:
+        """As SyncKeyPool.acquire; never blocks the event loop."""
         core = self._core
-        key = core.poll()
+        key = core.poll(tokens)
         if key is not None:
             return key
         if timeout is not None and timeout <= 0:
-            return core.acquire(0.0)  # one counted attempt, never waits
+            return core.acquire(0.0, None, tokens)  # one counted attempt, never waits
         loop = asyncio.get_running_loop()
         waiter = _Waiter(core, loop)
-        threading.Thread(target=waiter.run, args=(timeout,), name="keymesh-acquire", daemon=True).start()
+        threading.Thread(target=waiter.run, args=(timeout, tokens), name="keymesh-acquire", daemon=True).start()
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -142,8 +143,12 @@ class KeyPool:
     async def release(self, key: str, latency: Optional[float] = None, tokens: int = 0) -> None:
         self._core.release(key, latency, tokens)
 
-    async def mark_failed(self, key: str) -> None:
-        self._core.mark_failed(key)
+    async def mark_failed(self, key: str, permanent: bool = False) -> None:
+        self._core.mark_failed(key, permanent)
+
+    def observe_limits(self, key: str, headers: Any) -> None:
+        """As SyncKeyPool.observe_limits (it never blocks)."""
+        self._core.observe_limits(key, headers)
 
     async def mark_rate_limited(self, key: str, cooldown: Optional[float] = None) -> None:
         self._core.mark_rate_limited(key, cooldown)

@@ -93,11 +93,12 @@ class SyncKeyPool:
         return self
 
     # ---- keys ---------------------------------------------------------
-    def acquire(self, timeout: Optional[float] = None) -> str:
+    def acquire(self, timeout: Optional[float] = None, tokens: int = 0) -> str:
         """The secret of an eligible key; waits up to ``timeout`` seconds (default:
         the pool's acquire_timeout). Raises NoAvailableKeyError. The GIL is
-        released while waiting."""
-        return self._core.acquire(timeout)
+        released while waiting. ``tokens``: the request's expected token count,
+        reserved up front from the key's TPM budget (release(tokens=) corrects it)."""
+        return self._core.acquire(timeout, None, tokens)
 
     def release(self, key: str, latency: Optional[float] = None, tokens: int = 0) -> None:
         """Success. ``latency`` None leaves the key's latency average unchanged.
@@ -105,10 +106,20 @@ class SyncKeyPool:
         the key is not in the pool."""
         self._core.release(key, latency, tokens)
 
-    def mark_failed(self, key: str) -> None:
+    def mark_failed(self, key: str, permanent: bool = False) -> None:
         """A non-429 failure; KeyExhaustedError when this failure made the key
-        reach max_failures (once; the key leaves rotation until add_key/reset)."""
-        self._core.mark_failed(key)
+        reach max_failures (once: the key's circuit opens for its cooldown, then
+        one caller probes it). ``permanent=True`` (an authentication failure,
+        e.g. HTTP 401) revokes the key until reset_key/add_key."""
+        self._core.mark_failed(key, permanent)
+
+    def observe_limits(self, key: str, headers: Any) -> None:
+        """Feeds a response's rate-limit headers for ``key`` (a mapping or
+        (name, value) pairs: Retry-After, retry-after-ms,
+        x-ratelimit-{remaining,reset,limit}-{requests,tokens}) to the pool, so
+        every process paces the key by what the provider says is left.
+        ConfigError names a malformed header. The lease stays held."""
+        self._core.observe_limits(key, headers)
 
     def mark_rate_limited(self, key: str, cooldown: Optional[float] = None) -> None:
         """A 429: cools the key for ``cooldown`` seconds (None: the pool's default)."""

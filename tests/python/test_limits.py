@@ -1,0 +1,83 @@
+"""Rate-limit-aware scheduling through the Python package: token budgets,
+permanent (authentication) failures, observed rate-limit headers, and the
+header parsers — for embedded and attached pools."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import keymesh
+from conftest import secret
+
+
+def test_parse_helpers() -> None:
+    assert keymesh.parse_retry_after("120") == 120.0
+    assert keymesh.parse_retry_after("Thu, 01 Jan 1970 00:00:00 GMT") == 0.0  # in the past: now
+    assert keymesh.parse_duration("6m0s") == 360.0
+    assert keymesh.parse_duration("250ms") == pytest.approx(0.25)
+    for bad in ("soon", "", "-1", "1e3"):
+        with pytest.raises(ValueError):
+            keymesh.parse_retry_after(bad)
+    with pytest.raises(keymesh.ConfigError):
+        keymesh.parse_duration("5 minutes")
+
+
+def test_permanent_failure_revokes_until_reset(make_pool) -> None:
+    pool = make_pool([secret(1), secret(2)], strategy="round_robin")
+    key = pool.acquire()
+    with pytest.raises(keymesh.KeyExhaustedError):
+        pool.mark_failed(key, permanent=True)
+    revoked = [k for k in pool.status()["keys"] if k["state"] == "revoked"]
+    assert len(revoked) == 1
+    for _ in range(6):  # only the other key is handed out
+        other = pool.acquire(timeout=1)
+        assert other != key
+        pool.release(other)
+    pool.reset_key(revoked[0]["name"])
+    assert pool.available_count() == 2
+
+
+def test_observed_headers_take_the_key_out_until_reset(make_pool) -> None:
+    pool = make_pool([secret(1), secret(2)], strategy="round_robin")
+    key = pool.acquire()
+    pool.observe_limits(key, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "30s"})
+    pool.release(key)
+    st = {k["name"]: k for k in pool.status()["keys"]}
+    assert st[pool.key_name(key)]["cooldown_remaining"] == pytest.approx(30, abs=1)
+    for _ in range(4):
+        other = pool.acquire(timeout=1)
+        assert other != key
+        pool.release(other)
+    with pytest.raises(keymesh.ConfigError) as e:
+        held = pool.acquire(timeout=1)
+        try:
+            pool.observe_limits(held, [("retry-after", "later sk-do-not-echo")])
+        finally:
+            pool.release(held)
+    assert "retry-after" in str(e.value).lower() and "sk-do-not-echo" not in str(e.value)
+
+
+def test_token_budget_paces_acquires(make_pool) -> None:
+    # 6000 tokens per minute = 100 per second, a bucket of one second.
+    pool = make_pool([{"name": "t", "secret": secret(1), "tpm": 6000}])
+    key = pool.acquire(timeout=1, tokens=100)
+    pool.release(key, tokens=250)  # used more than reserved: 150 more debited
+    t0 = time.monotonic()
+    key = pool.acquire(timeout=5, tokens=10)  # waits for the bucket to refill (~1.5 s)
+    waited = time.monotonic() - t0
+    pool.release(key, tokens=10)
+    assert 1.2 < waited < 2.5
+    assert pool.status()["keys"][0]["tokens"] == 260
+
+
+def test_async_acquire_with_tokens(make_pool) -> None:
+    import asyncio
+
+    async def main() -> None:
+        pool = make_pool([{"name": "t", "secret": secret(1), "tpm": 60000}], cls=keymesh.KeyPool)
+        key = await pool.acquire(timeout=1, tokens=500)
+        await pool.release(key, tokens=400)
+        assert pool.status()["keys"][0]["tokens"] == 400
+
+    asyncio.run(main())
