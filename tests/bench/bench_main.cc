@@ -6,7 +6,9 @@
 //   - a bare robust-mutex lock+unlock (the pthread mutex in shm the pool uses)
 //   - an uncontended linear scan of the same key slots (what a naive
 //     "min over all keys" would cost)
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -246,12 +248,59 @@ int Contend(const std::string& name, uint32_t procs, double seconds, const std::
       PairFn pair;
       std::unique_ptr<keymesh::shm::PoolAccess> access;
       std::unique_ptr<keymesh::bench::RedisPool> redis;
+      std::unique_ptr<keymesh::Pool> slow;
+      int echo_fd = -1;
       keymesh::shm::Outcome ok;
       if (name == "fastpath") {
         access = std::make_unique<keymesh::shm::PoolAccess>(*seg, 0);
         pair = [&] {
           auto h = access->TryAcquire();
           return h.ok() && access->Release(*h, ok).ok();
+        };
+      } else if (name == "slowpath") {
+        // Every call over the broker socket (the fallback when the segment
+        // cannot be mapped): the pool "bench" of the broker at `arg`.
+        setenv("KEYMESH_SLOW_PATH", "1", 1);
+        auto p = keymesh::Pool::Connect(arg, "bench");
+        if (!p.ok()) {
+          std::fprintf(stderr, "bench: %s\n", p.status().ToString().c_str());
+          std::_Exit(4);
+        }
+        slow = std::move(p).value();
+        pair = [&] {
+          auto lease = slow->TryAcquire();
+          return lease.ok() && lease->Release(0.1).ok();
+        };
+      } else if (name == "pingpong") {
+        // The floor of any socket protocol: 100 bytes to an echo process
+        // over a Unix socket and back.
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) std::_Exit(4);
+        if (fork() == 0) {
+          close(sv[0]);
+          char buf[100];
+          for (;;) {
+            size_t got = 0;
+            while (got < sizeof(buf)) {
+              ssize_t n = read(sv[1], buf + got, sizeof(buf) - got);
+              if (n <= 0) std::_Exit(0);
+              got += static_cast<size_t>(n);
+            }
+            if (write(sv[1], buf, sizeof(buf)) != static_cast<ssize_t>(sizeof(buf))) std::_Exit(0);
+          }
+        }
+        close(sv[1]);
+        echo_fd = sv[0];
+        pair = [&] {
+          char buf[100] = {1};
+          if (write(echo_fd, buf, sizeof(buf)) != static_cast<ssize_t>(sizeof(buf))) return false;
+          size_t got = 0;
+          while (got < sizeof(buf)) {
+            ssize_t n = read(echo_fd, buf + got, sizeof(buf) - got);
+            if (n <= 0) return false;
+            got += static_cast<size_t>(n);
+          }
+          return true;
         };
       } else if (name == "redis") {
         auto r = keymesh::bench::RedisPool::Connect(std::atoi(arg.c_str()), "keymesh-bench", key_names, false);
@@ -325,9 +374,58 @@ int Contend(const std::string& name, uint32_t procs, double seconds, const std::
   return 0;
 }
 
+// `keymesh-bench kill-to-free SOCKET N`: N times, a child attached to the
+// broker's pool "one" (a single key, max_concurrency 1) acquires the key and
+// is SIGKILLed while holding it; the parent, blocked in Acquire on the same
+// key, measures the time from the kill to its own grant (the broker sees the
+// death through a pidfd and reclaims the lease). Prints p50/p99/max as JSON.
+int KillToFree(const std::string& socket, int rounds) {
+  auto pool = keymesh::Pool::Connect(socket, "one");
+  if (!pool.ok()) {
+    std::fprintf(stderr, "bench: %s\n", pool.status().ToString().c_str());
+    return 2;
+  }
+  std::vector<double> ms;
+  for (int r = 0; r < rounds; ++r) {
+    int ready[2];
+    if (pipe(ready) != 0) return 2;
+    pid_t pid = fork();
+    if (pid == 0) {
+      close(ready[0]);
+      auto mine = keymesh::Pool::Connect(socket, "one");
+      if (!mine.ok()) std::_Exit(3);
+      auto lease = (*mine)->Acquire(5.0);
+      if (!lease.ok()) std::_Exit(4);
+      char c = 1;
+      if (write(ready[1], &c, 1) != 1) std::_Exit(5);
+      for (;;) pause();
+    }
+    close(ready[1]);
+    char c = 0;
+    if (read(ready[0], &c, 1) != 1) return 2;
+    close(ready[0]);
+    const uint64_t t0 = MonotonicNowNanos();
+    kill(pid, SIGKILL);
+    auto lease = (*pool)->Acquire(2.0);
+    const uint64_t t1 = MonotonicNowNanos();
+    waitpid(pid, nullptr, 0);
+    if (!lease.ok()) {
+      std::fprintf(stderr, "bench: lease not freed within 2 s: %s\n", lease.status().ToString().c_str());
+      return 2;
+    }
+    ms.push_back(static_cast<double>(t1 - t0) / 1e6);
+    (void)lease->Release(0.0);
+  }
+  std::sort(ms.begin(), ms.end());
+  std::printf("{\"name\":\"kill-to-free\",\"rounds\":%d,\"p50_ms\":%.2f,\"p99_ms\":%.2f,\"max_ms\":%.2f}\n", rounds,
+              ms[ms.size() / 2], ms[std::min(ms.size() - 1, ms.size() * 99 / 100)], ms.back());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 4 && std::strcmp(argv[1], "kill-to-free") == 0) return KillToFree(argv[2], std::atoi(argv[3]));
   if (argc >= 5 && std::strcmp(argv[1], "contend") == 0) {
     return Contend(argv[2], static_cast<uint32_t>(std::atoi(argv[3])), std::atof(argv[4]), argc > 5 ? argv[5] : "");
   }
