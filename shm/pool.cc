@@ -1217,6 +1217,7 @@ Result<PoolStatus> PoolAccess::Snapshot() {
     ks.has_latency = st.has_latency != 0;
     ks.last_used_ago = st.last_used == 0 ? -1.0 : NanosToSeconds(now > st.last_used ? now - st.last_used : 0);
     ks.burst = k.config.burst;
+    ks.rate_margin = k.config.margin_ppm == kPoolMargin ? -1.0 : static_cast<double>(k.config.margin_ppm) / 1e6;
     ks.escalation = st.rl_streak;
     ks.circuit_opens = st.circuit_opens;
     static constexpr const char* kCircuitNames[] = {"closed", "open", "half_open", "revoked"};
