@@ -133,7 +133,7 @@ std::string RenderMetrics(const std::vector<PoolStatus>& pools) {
               [](const PoolStatus& p) { return p.totals.failures; });
   pool_family("keymesh_pool_rate_limited_total", "counter", "Leases ended by a rate limit (429).",
               [](const PoolStatus& p) { return p.totals.rate_limited; });
-  pool_family("keymesh_pool_reclaimed_leases_total", "counter",
+  pool_family("keymesh_pool_reclaimed_total", "counter",
               "Leases freed because the holder died or held them longer than max_lease_seconds.",
               [](const PoolStatus& p) { return p.totals.reclaimed; });
   pool_family("keymesh_pool_no_key_available_total", "counter", "Acquires that found no eligible key (once each).",
@@ -182,7 +182,7 @@ std::string RenderMetrics(const std::vector<PoolStatus>& pools) {
              [](const KeyStatus& k) { return k.failures; });
   key_family("keymesh_key_rate_limited_total", "counter", "Leases ended by a rate limit (429).",
              [](const KeyStatus& k) { return k.rate_limited; });
-  key_family("keymesh_key_reclaimed_leases_total", "counter", "Leases reclaimed from dead or hung holders.",
+  key_family("keymesh_key_reclaimed_total", "counter", "Leases reclaimed from dead or hung holders.",
              [](const KeyStatus& k) { return k.reclaimed; });
   key_family("keymesh_key_cancelled_total", "counter", "Leases ended without an outcome.",
              [](const KeyStatus& k) { return k.cancelled; });

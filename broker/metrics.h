@@ -6,12 +6,12 @@
 // processes attached to it. Labels: `pool`, and `key` for per-key series
 // (the key's name, never its secret). Families (see RenderMetrics):
 //
-//   keymesh_pool_{acquires,releases,failures,rate_limited,reclaimed_leases,
+//   keymesh_pool_{acquires,releases,failures,rate_limited,reclaimed,
 //                 no_key_available,acquire_timeouts}_total   counter {pool}
 //   keymesh_pool_{in_flight,keys,eligible_keys}             gauge   {pool}
 //   keymesh_pool_uptime_seconds                              gauge   {pool}
 //   keymesh_acquire_wait_seconds                             histogram {pool}
-//   keymesh_key_{acquires,successes,failures,rate_limited,reclaimed_leases,
+//   keymesh_key_{acquires,successes,failures,rate_limited,reclaimed,
 //                cancelled,tokens,circuit_opens}_total       counter {pool,key}
 //   keymesh_key_{in_flight,max_concurrency,eligible,enabled,
 //                cooldown_remaining_seconds,circuit_state}   gauge   {pool,key}
