@@ -11,22 +11,6 @@
 namespace keymesh::broker {
 namespace {
 
-shm::PoolConfig ToPoolConfig(const PoolOptions& o) {
-  shm::PoolConfig c{};
-  c.strategy = static_cast<uint32_t>(o.strategy);
-  c.max_failures = o.max_failures;
-  c.default_cooldown = shm::SecondsToNanos(o.default_cooldown);
-  c.acquire_timeout = shm::SecondsToNanos(o.acquire_timeout);
-  c.max_lease = shm::SecondsToNanos(o.max_lease_seconds);
-  c.max_cooldown = shm::SecondsToNanos(o.max_cooldown);
-  return c;
-}
-
-bool SameConfig(const shm::PoolConfig& a, const shm::PoolConfig& b) {
-  return a.strategy == b.strategy && a.max_failures == b.max_failures && a.default_cooldown == b.default_cooldown &&
-         a.acquire_timeout == b.acquire_timeout && a.max_lease == b.max_lease && a.max_cooldown == b.max_cooldown;
-}
-
 const shm::PoolAccess::ExportedKey* FindExported(const std::vector<shm::PoolAccess::ExportedKey>& keys,
                                                  std::string_view name) {
   for (const auto& k : keys) {
@@ -57,13 +41,13 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
   std::optional<uint32_t> index = segment.FindPool(p.name);
   if (!index) {
     Result<uint32_t> created =
-        segment.CreatePool(p.name, static_cast<uint32_t>(p.options.strategy), ToPoolConfig(p.options));
+        segment.CreatePool(p.name, static_cast<uint32_t>(p.options.strategy), shm::ToPoolConfig(p.options));
     if (!created.ok()) return created.status();
     index = *created;
     Log(LogLevel::kInfo, "pool_created", {{"pool", p.name}});
   }
   shm::PoolAccess access(segment, *index);
-  if (!SameConfig(access.header()->config, ToPoolConfig(p.options))) {
+  if (!shm::SamePoolConfig(access.header()->config, shm::ToPoolConfig(p.options))) {
     Status st = access.SetOptions(p.options);
     if (!st.ok()) return st;
     Log(LogLevel::kInfo, "pool_options_changed", {{"pool", p.name}, {"strategy", std::string(StrategyName(p.options.strategy))}});
@@ -85,7 +69,7 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
     def.rpm = k.rpm;
     def.tpm = k.tpm;
     def.burst = k.burst;
-    def.margin_ppm = k.rate_margin < 0 ? shm::kPoolMargin : static_cast<uint32_t>(std::lround(k.rate_margin * 1e6));
+    def.margin_ppm = shm::KeyMarginPpm(k.rate_margin);
     if (cur != nullptr && cur->state != KeyState::kRemoving && cur->fingerprint == fp && cur->weight == k.weight &&
         cur->max_concurrency == k.max_concurrency && cur->rpm == k.rpm && cur->tpm == k.tpm &&
         cur->burst == k.burst && cur->rate_margin == k.rate_margin) {
@@ -98,7 +82,11 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
       return Status(added.status().code(), "pool '" + p.name + "' key '" + k.name + "': " + added.status().message());
     }
     if (old != nullptr) {
-      Status st = access.RestoreKeyState(k.name, Carried(old->state, old->fingerprint == fp));
+      // AddKey kept the counters; workers may have moved them since the
+      // export, so only streaks, cooldown and circuit are carried over.
+      shm::PoolAccess::RestoredState carried = Carried(old->state, old->fingerprint == fp);
+      carried.restore_counters = false;
+      Status st = access.RestoreKeyState(k.name, carried);
       if (!st.ok()) return st;
     }
     *changed = true;

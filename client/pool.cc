@@ -17,18 +17,6 @@ namespace {
 
 constexpr const char* kEmbeddedPoolName = "embedded";
 
-shm::PoolConfig ToConfig(const PoolOptions& o) {
-  shm::PoolConfig c{};
-  c.strategy = static_cast<uint32_t>(o.strategy);
-  c.max_failures = o.max_failures;
-  c.default_cooldown = shm::SecondsToNanos(o.default_cooldown);
-  c.acquire_timeout = shm::SecondsToNanos(o.acquire_timeout);
-  c.max_lease = shm::SecondsToNanos(o.max_lease_seconds);
-  c.max_cooldown = shm::SecondsToNanos(o.max_cooldown);
-  c.margin_ppm = static_cast<uint32_t>(std::lround(o.rate_margin * 1e6));
-  return c;
-}
-
 Status ValidateTimeout(double t) {
   if (!(t >= 0) || t > 1e9) return Status(Code::kInvalidArgument, "timeout must be a finite number of seconds >= 0");
   return Status::Ok();
@@ -166,7 +154,7 @@ Result<std::unique_ptr<Pool>> Pool::CreateEmbedded(const std::vector<KeySpec>& k
   Result<std::unique_ptr<shm::Segment>> seg = shm::Segment::CreateAnonymous(caps);
   if (!seg.ok()) return seg.status();
   Result<uint32_t> index =
-      (*seg)->CreatePool(kEmbeddedPoolName, static_cast<uint32_t>(options.strategy), ToConfig(options));
+      (*seg)->CreatePool(kEmbeddedPoolName, static_cast<uint32_t>(options.strategy), shm::ToPoolConfig(options));
   if (!index.ok()) return index.status();
   std::unique_ptr<Pool> pool(new Pool(std::move(seg).value(), *index, kEmbeddedPoolName, nullptr));
   for (const KeySpec& k : keys) {
@@ -311,7 +299,7 @@ Status Pool::AddKey(const KeySpec& key) {
   def.rpm = key.rpm;
   def.tpm = key.tpm;
   def.burst = key.burst;
-  def.margin_ppm = key.rate_margin < 0 ? shm::kPoolMargin : static_cast<uint32_t>(std::lround(key.rate_margin * 1e6));
+  def.margin_ppm = shm::KeyMarginPpm(key.rate_margin);
   Result<shm::AddKeyResult> r = access_->AddKey(def);
   if (!r.ok()) return r.status();
   const detail::KeyEntry* cur = entries_[r->slot].load(std::memory_order_acquire);

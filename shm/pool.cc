@@ -42,6 +42,28 @@ std::string SlotName(const KeySlot& k) { return std::string(k.name, strnlen(k.na
 
 void SetCrashHookForTesting(CrashHook hook) noexcept { g_crash_hook.store(hook); }
 
+PoolConfig ToPoolConfig(const PoolOptions& o) noexcept {
+  PoolConfig c{};
+  c.strategy = static_cast<uint32_t>(o.strategy);
+  c.max_failures = o.max_failures;
+  c.default_cooldown = SecondsToNanos(o.default_cooldown);
+  c.acquire_timeout = SecondsToNanos(o.acquire_timeout);
+  c.max_lease = SecondsToNanos(o.max_lease_seconds);
+  c.max_cooldown = SecondsToNanos(o.max_cooldown);
+  c.margin_ppm = static_cast<uint32_t>(std::lround(o.rate_margin * 1e6));
+  return c;
+}
+
+bool SamePoolConfig(const PoolConfig& a, const PoolConfig& b) noexcept {
+  return a.strategy == b.strategy && a.max_failures == b.max_failures && a.default_cooldown == b.default_cooldown &&
+         a.acquire_timeout == b.acquire_timeout && a.max_lease == b.max_lease && a.max_cooldown == b.max_cooldown &&
+         a.margin_ppm == b.margin_ppm;
+}
+
+uint32_t KeyMarginPpm(double rate_margin) noexcept {
+  return rate_margin < 0 ? kPoolMargin : static_cast<uint32_t>(std::lround(rate_margin * 1e6));
+}
+
 // Holds the pool mutex; repairs on EOWNERDEAD; wakes sleepers after unlock
 // when asked to.
 class PoolAccess::Guard {
@@ -1024,15 +1046,7 @@ Status PoolAccess::SetOptions(const PoolOptions& o) {
   Status st = ValidatePoolOptions(o);
   if (!st.ok()) return st;
   Guard g(this);
-  PoolConfig c = ph_->config;
-  c.strategy = static_cast<uint32_t>(o.strategy);
-  c.max_failures = o.max_failures;
-  c.default_cooldown = SecondsToNanos(o.default_cooldown);
-  c.acquire_timeout = SecondsToNanos(o.acquire_timeout);
-  c.max_lease = SecondsToNanos(o.max_lease_seconds);
-  c.max_cooldown = SecondsToNanos(o.max_cooldown);
-  c.margin_ppm = static_cast<uint32_t>(std::lround(o.rate_margin * 1e6));
-  ph_->config = c;  // plain scalars: each write is atomic for a crash
+  ph_->config = ToPoolConfig(o);  // plain scalars: each write is atomic for a crash
   IndexRebuild(clock_->NowNanos());
   g.RequestWake();
   return Status::Ok();
@@ -1056,14 +1070,16 @@ Status PoolAccess::RestoreKeyState(std::string_view name, const RestoredState& r
   st.circuit = circuit;
   st.open_cooldown = r.open_cooldown;
   st.circuit_opens = r.circuit_opens;
-  st.acquires = r.acquires;
-  st.successes = r.successes;
-  st.failures = r.failures;
-  st.rate_limited = r.rate_limited;
-  st.reclaimed = r.reclaimed;
-  st.tokens = r.tokens;
-  st.has_latency = r.has_latency ? 1 : 0;
-  st.ema_latency = r.ema_latency;
+  if (r.restore_counters) {
+    st.acquires = r.acquires;
+    st.successes = r.successes;
+    st.failures = r.failures;
+    st.rate_limited = r.rate_limited;
+    st.reclaimed = r.reclaimed;
+    st.tokens = r.tokens;
+    st.has_latency = r.has_latency ? 1 : 0;
+    st.ema_latency = r.ema_latency;
+  }
   JournalCommit();
   const uint64_t now = clock_->NowNanos();
   NoteDeadline(st.cooldown_deadline, now);

@@ -105,6 +105,14 @@ enum class CrashPoint : uint32_t {
 using CrashHook = void (*)(CrashPoint);
 void SetCrashHookForTesting(CrashHook hook) noexcept;
 
+// The segment's form of pool options (strategy, durations in ns, margin in
+// millionths), shared by every creator of pools (embedded pools, the broker).
+PoolConfig ToPoolConfig(const PoolOptions& options) noexcept;
+// True when two pool configs hold the same options (reserved fields aside).
+bool SamePoolConfig(const PoolConfig& a, const PoolConfig& b) noexcept;
+// A key's rate margin in millionths; negative means "the pool's" (kPoolMargin).
+uint32_t KeyMarginPpm(double rate_margin) noexcept;
+
 // Read-only scalars other code needs without a full snapshot.
 struct PoolInfo {
   std::string name;
@@ -177,6 +185,10 @@ class PoolAccess {
     uint64_t acquires = 0, successes = 0, failures = 0, rate_limited = 0, reclaimed = 0, tokens = 0;
     bool has_latency = false;
     double ema_latency = 0.0;
+    // false: leave the counters and the latency EMA as they are. For an
+    // in-place reconfigure (AddKey kept them): writing back a copy read
+    // before AddKey would undo what workers counted in between.
+    bool restore_counters = true;
   };
   Status RestoreKeyState(std::string_view name, const RestoredState& state);
   // The persistable state of every active key (removed keys excluded), read
