@@ -21,6 +21,8 @@
 // km_pool_destroy.
 #include "keymesh/keymesh.h"
 
+#include "broker/protocol.h"
+
 #include <pthread.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -423,63 +425,31 @@ char* CopyOut(const std::string& s) {
   return out;
 }
 
+// The protocol's status JSON (the broker's, so every status has one shape),
+// masked through this process's secrets, plus the names the Python package's
+// original-compatible status() reads.
 std::string StatusJson(Pool& pool, const keymesh::PoolStatus& ps) {
   namespace json = boost::json;
-  json::object root;
-  root["name"] = ps.name;
+  json::object root = keymesh::protocol::PoolStatusToJson(ps, [&](const std::string& name) -> std::string {
+    for (const keymesh::KeyStatus& k : ps.keys) {
+      if (k.name == name) {
+        std::optional<std::string> masked = pool.MaskedSecretOfSlot(k.slot);
+        return masked ? *masked : std::string("***");
+      }
+    }
+    return "***";
+  });
   root["scheduler"] = std::string(keymesh::StrategyName(ps.strategy));
   root["uptime"] = ps.uptime;
-  root["generation"] = ps.generation;
-  json::object opts;
-  opts["strategy"] = std::string(keymesh::StrategyName(ps.options.strategy));
-  opts["default_cooldown"] = ps.options.default_cooldown;
-  opts["max_failures"] = ps.options.max_failures;
-  opts["acquire_timeout"] = ps.options.acquire_timeout;
-  opts["max_lease_seconds"] = ps.options.max_lease_seconds;
-  opts["max_cooldown"] = ps.options.max_cooldown;
-  root["options"] = std::move(opts);
-  json::object m;
-  m["total_acquires"] = ps.totals.acquires;
-  m["total_releases"] = ps.totals.releases;
-  m["total_failures"] = ps.totals.failures;
-  m["total_rate_limited"] = ps.totals.rate_limited;
-  m["total_reclaimed"] = ps.totals.reclaimed;
-  m["no_key_available_count"] = ps.totals.no_key_available;
+  json::object& m = root["pool_metrics"].as_object();
   m["total_timeouts"] = ps.totals.timeouts;
-  m["uptime"] = ps.uptime;
-  root["pool_metrics"] = std::move(m);
-  json::array keys;
-  for (const keymesh::KeyStatus& k : ps.keys) {
-    json::object o;
-    o["name"] = k.name;
-    o["slot"] = k.slot;
-    std::optional<std::string> masked = pool.MaskedSecretOfSlot(k.slot);
-    o["key_suffix"] = masked ? *masked : std::string("***");
-    o["state"] = std::string(keymesh::KeyStateName(k.state));
-    o["enabled"] = k.enabled;
-    o["weight"] = k.weight;
-    o["max_concurrency"] = k.max_concurrency;
-    o["rpm"] = k.rpm;
-    o["tpm"] = k.tpm;
-    o["active_requests"] = k.in_flight;
-    o["cooldown_remaining"] = k.cooldown_remaining;
-    o["fail_streak"] = k.fail_streak;
-    o["rate_limit_streak"] = k.rate_limit_streak;
-    o["acquire_count"] = k.acquires;
-    o["success_count"] = k.successes;
-    o["failure_count"] = k.failures;
-    o["rate_limited_count"] = k.rate_limited;
-    o["reclaimed_count"] = k.reclaimed;
-    o["cancelled_count"] = k.cancelled;
-    o["tokens"] = k.tokens;
-    o["latency_avg"] = k.latency_avg;
-    o["has_latency"] = k.has_latency;
-    o["last_used_ago"] = k.last_used_ago;
-    o["is_available"] = k.state == keymesh::KeyState::kAvailable;
-    o["health_score"] = k.health_score;
-    keys.push_back(std::move(o));
+  for (json::value& kv : root["keys"].as_array()) {
+    json::object& o = kv.as_object();
+    o["acquire_count"] = o["acquires"];
+    o["rate_limited_count"] = o["rate_limited"];
+    o["reclaimed_count"] = o["reclaimed"];
+    o["cancelled_count"] = o["cancelled"];
   }
-  root["keys"] = std::move(keys);
   return json::serialize(root);
 }
 
