@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import threading
 import time
-from typing import Any, AsyncIterator, Dict, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Optional, Sequence, Union
 
 from . import _native
 from .exceptions import KeyMeshError
 from .scheduler import SchedulerStrategy
-from .sync_pool import _build_core, _end_quietly, shape_status
+from .sync_pool import _PoolReads, _build_core, _end_quietly
 
 
 class _Waiter:
@@ -98,7 +98,7 @@ class _Waiter:
             _end_quietly(self.core.cancel, value, swallow_all=True)
 
 
-class KeyPool:
+class KeyPool(_PoolReads):
     """The asyncio pool. Same constructor and ``connect`` as SyncKeyPool.
 
     One KeyPool may be used from several event loops and threads at once.
@@ -187,21 +187,6 @@ class KeyPool:
     async def reset_key(self, name: str) -> None:
         self._core.admin(_native.km_pool_reset_key, name)
 
-    def key_name(self, key: str) -> str:
-        return self._core.key_name(key)
-
-    def held_count(self, key: Optional[str] = None) -> int:
-        return self._core.held_count(key)
-
-    def reclaim_dead(self) -> int:
-        return self._core.reclaim_dead()
-
-    def status(self) -> Dict[str, Any]:
-        return shape_status(self._core.status_raw())
-
-    def available_count(self) -> int:
-        return self._core.available_count()
-
     async def close(self) -> None:
         """Idempotent. Waiting acquires raise PoolClosedError."""
         self._core.close()
@@ -211,10 +196,6 @@ class KeyPool:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        kind = "attached" if self._core.attached else "embedded"
-        return f"<{type(self).__name__} {kind}{' closed' if self._core.closed else ''}>"
 
 
 __all__ = ["KeyPool", "KeyMeshError"]

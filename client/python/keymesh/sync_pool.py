@@ -56,7 +56,37 @@ def shape_status(raw: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-class SyncKeyPool:
+class _PoolReads:
+    """What SyncKeyPool and KeyPool share: the calls that never wait, so
+    they are plain methods in both (the original's status and
+    available_count were plain in the async pool too)."""
+
+    _core: "_native.Core"
+
+    def key_name(self, key: str) -> str:
+        """The name of the pool's key holding secret ``key``."""
+        return self._core.key_name(key)
+
+    def held_count(self, key: Optional[str] = None) -> int:
+        """Leases this process holds (for ``key``, or in all)."""
+        return self._core.held_count(key)
+
+    def reclaim_dead(self) -> int:
+        """Frees leases of processes that died holding them (embedded pools)."""
+        return self._core.reclaim_dead()
+
+    def status(self) -> Dict[str, Any]:
+        return shape_status(self._core.status_raw())
+
+    def available_count(self) -> int:
+        return self._core.available_count()
+
+    def __repr__(self) -> str:
+        kind = "attached" if self._core.attached else "embedded"
+        return f"<{type(self).__name__} {kind}{' closed' if self._core.closed else ''}>"
+
+
+class SyncKeyPool(_PoolReads):
     """A pool of API keys shared by threads and processes.
 
     Embedded (the original's constructor; no broker: state lives in an
@@ -166,23 +196,6 @@ class SyncKeyPool:
     def reset_key(self, name: str) -> None:
         self._core.admin(_native.km_pool_reset_key, name)
 
-    def key_name(self, key: str) -> str:
-        return self._core.key_name(key)
-
-    def held_count(self, key: Optional[str] = None) -> int:
-        """Leases this process holds (for ``key``, or in all)."""
-        return self._core.held_count(key)
-
-    def reclaim_dead(self) -> int:
-        """Frees leases of processes that died holding them (embedded pools)."""
-        return self._core.reclaim_dead()
-
-    def status(self) -> Dict[str, Any]:
-        return shape_status(self._core.status_raw())
-
-    def available_count(self) -> int:
-        return self._core.available_count()
-
     def close(self) -> None:
         """Idempotent. Waiting acquires raise PoolClosedError."""
         self._core.close()
@@ -192,10 +205,6 @@ class SyncKeyPool:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        kind = "attached" if self._core.attached else "embedded"
-        return f"<{type(self).__name__} {kind}{' closed' if self._core.closed else ''}>"
 
 
 def _end_quietly(fn: Any, *args: Any, swallow_all: bool = False) -> None:
