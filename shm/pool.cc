@@ -365,6 +365,8 @@ void PoolAccess::TokenPacing(uint32_t slot, double* per_token, uint64_t* toleran
 uint64_t PoolAccess::ReadyAt(uint32_t slot) const noexcept {
   const SlotState& st = keys_[slot].state;
   uint64_t ready = st.cooldown_deadline;
+  const KeyConfig& c = keys_[slot].config;
+  if (c.rpm == 0 && c.tpm == 0) [[likely]] return ready;  // no budgets: only the cooldown
   uint64_t interval, tolerance;
   RequestPacing(slot, &interval, &tolerance);
   if (interval != 0 && st.req_tat > tolerance) ready = std::max(ready, st.req_tat - tolerance);
@@ -423,10 +425,12 @@ void PoolAccess::HeapKey(uint32_t slot, HeapEntry* e) const noexcept {
 }
 
 namespace {
+// (k1, k2, slot) in lexicographic order; (k1, k2) compared as one 128-bit
+// number (keys rarely tie: k2 is the acquire sequence or the slot).
 inline bool Less(const HeapEntry& a, const HeapEntry& b) noexcept {
-  if (a.k1 != b.k1) return a.k1 < b.k1;
-  if (a.k2 != b.k2) return a.k2 < b.k2;
-  return a.slot < b.slot;
+  const unsigned __int128 ka = (static_cast<unsigned __int128>(a.k1) << 64) | a.k2;
+  const unsigned __int128 kb = (static_cast<unsigned __int128>(b.k1) << 64) | b.k2;
+  return ka < kb || (ka == kb && a.slot < b.slot);
 }
 }  // namespace
 
