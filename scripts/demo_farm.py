@@ -297,7 +297,9 @@ def worker(pool: Any, port: int, until: float, keymesh: Any) -> dict[str, int]:
         else:
             counts["401" if resp.status == 401 else "other"] += 1
             try:
-                pool.mark_failed(key)
+                # 401: the key is revoked (out until reset); other errors count
+                # towards the circuit breaker.
+                pool.mark_failed(key, permanent=resp.status == 401)
             except keymesh.KeyExhaustedError:
                 pass  # this failure took the key out of rotation
     return counts
