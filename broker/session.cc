@@ -1,5 +1,6 @@
 #include "broker/session.h"
 
+#include <boost/asio/post.hpp>
 #include <boost/asio/write.hpp>
 
 #include "broker/handlers.h"
@@ -55,9 +56,16 @@ void Session::OnRead(const boost::system::error_code& ec, size_t n) {
   }
   in_.append(buf_.data(), n);
   size_t start = 0;
-  for (;;) {
+  for (int frames = 0;; ++frames) {
     const size_t nl = in_.find('\n', start);
     if (nl == std::string::npos) break;
+    if (frames == kFramesPerTurn) {
+      // Fairness: one read may hold hundreds of frames; handle the rest
+      // after the other sessions' ready handlers, not before them.
+      in_.erase(0, start);
+      boost::asio::post(socket_.get_executor(), [self = shared_from_this()] { self->OnRead({}, 0); });
+      return;
+    }
     std::string_view frame(in_.data() + start, nl - start);
     if (!frame.empty() && frame.back() == '\r') frame.remove_suffix(1);
     start = nl + 1;

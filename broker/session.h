@@ -7,8 +7,9 @@
 // an idle connection is closed after kIdleTimeout unless it holds slow-path
 // leases or waits for an acquire. A client that stops reading is dropped once
 // kMaxQueuedReplies replies, or kMaxQueuedBytes bytes behind the reply being
-// written, pile up (a 30-byte status request can cost a reply 100x larger, so
-// a count alone would let each flooder hold many MB).
+// written, pile up beyond what the kernel's socket buffer holds (a 30-byte
+// status request can cost a reply 100x larger, so a count alone would let
+// each of a thousand non-reading clients hold megabytes).
 //
 // Lifetime: shared_ptr-owned (enable_shared_from_this); every pending Asio
 // operation holds a reference. All members are used on the io thread only.
@@ -45,7 +46,9 @@ struct PeerCred {
 inline constexpr std::chrono::seconds kFrameTimeout{5};
 inline constexpr std::chrono::seconds kIdleTimeout{30};
 inline constexpr size_t kMaxQueuedReplies = 4096;
-inline constexpr size_t kMaxQueuedBytes = 512 * 1024;
+inline constexpr size_t kMaxQueuedBytes = 64 * 1024;
+// Frames handled per turn of a session before the others get theirs.
+inline constexpr int kFramesPerTurn = 1;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
