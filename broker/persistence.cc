@@ -1,5 +1,7 @@
 #include "broker/persistence.h"
 
+#include "broker/hash.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -21,13 +23,8 @@ namespace json = boost::json;
 constexpr const char* kFormat = "keymesh-state";
 
 std::string Checksum(std::string_view bytes) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : bytes) {
-    h ^= c;
-    h *= 0x100000001b3ull;
-  }
   char buf[40];
-  std::snprintf(buf, sizeof(buf), "fnv1a64:%016" PRIx64, h);
+  std::snprintf(buf, sizeof(buf), "fnv1a64:%016" PRIx64, Fnv1a64(bytes));
   return buf;
 }
 

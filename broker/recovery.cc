@@ -1,5 +1,7 @@
 #include "broker/recovery.h"
 
+#include "broker/hash.h"
+
 #include <cmath>
 #include <cinttypes>
 #include <cstdio>
@@ -109,13 +111,8 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
 }  // namespace
 
 std::string SegmentNameFor(const std::string& socket_path) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : socket_path) {
-    h ^= c;
-    h *= 0x100000001b3ull;
-  }
   char buf[40];
-  std::snprintf(buf, sizeof(buf), "keymesh-%016" PRIx64, h);
+  std::snprintf(buf, sizeof(buf), "keymesh-%016" PRIx64, Fnv1a64(socket_path));
   return buf;
 }
 
