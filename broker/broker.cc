@@ -8,6 +8,7 @@
 #include <csignal>
 #include <cstdio>
 
+#include "common/text.h"
 #include "broker/handlers.h"
 #include "broker/listener.h"
 #include "broker/log.h"
@@ -301,7 +302,7 @@ bool Broker::PeerAllowed(const PeerCred& peer) const {
 
 Status Broker::AddKey(std::string_view pool, const KeySpec& key) {
   if (config_.FindPool(pool) == nullptr || FindPool(pool) == nullptr) {
-    return Status(Code::kUnknownKey, "no pool '" + std::string(pool) + "'");
+    return Status(Code::kUnknownKey, "no pool " + Quoted(pool));
   }
   auto& runtime = runtime_keys_[std::string(pool)];
   const auto previous = runtime.find(key.name);
@@ -323,7 +324,7 @@ Status Broker::AddKey(std::string_view pool, const KeySpec& key) {
 
 Status Broker::RemoveKey(std::string_view pool, std::string_view name) {
   shm::PoolAccess* access = FindPool(pool);
-  if (access == nullptr) return Status(Code::kUnknownKey, "no pool '" + std::string(pool) + "'");
+  if (access == nullptr) return Status(Code::kUnknownKey, "no pool " + Quoted(pool));
   Status st = access->RemoveKey(name);
   if (!st.ok()) return st;
   segment_->BumpGeneration();

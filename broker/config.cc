@@ -13,6 +13,7 @@
 
 #include <boost/json.hpp>
 
+#include "common/text.h"
 #include "shm/segment.h"
 
 namespace keymesh::broker {
@@ -25,7 +26,7 @@ Status Error(const std::string& field, const std::string& message) {
 }
 
 std::string Join(const std::string& base, std::string_view key) {
-  return base.empty() ? std::string(key) : base + "." + std::string(key);
+  return base.empty() ? Escaped(key) : base + "." + Escaped(key);
 }
 
 std::string Absolute(const std::string& path, const std::string& base_dir) {
@@ -90,10 +91,10 @@ Result<std::vector<uint32_t>> GetIdList(const json::value& v, const std::string&
 
 Result<std::string> ReadSecretFile(const std::string& path, const std::string& field) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) return Error(field, "cannot read " + path + ": " + std::strerror(errno));
+  if (!in) return Error(field, "cannot read " + Escaped(path) + ": " + std::strerror(errno));
   std::ostringstream ss;
   ss << in.rdbuf();
-  if (in.bad()) return Error(field, "cannot read " + path);
+  if (in.bad()) return Error(field, "cannot read " + Escaped(path));
   std::string s = ss.str();
   while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t')) s.pop_back();
   return s;
@@ -125,7 +126,7 @@ Result<KeySpec> ParseKey(const json::value& v, const std::string& where, const s
     Result<std::string> var = GetString(*e, where + ".secret_env");
     if (!var.ok()) return var.status();
     std::optional<std::string> val = env(*var);
-    if (!val) return Error(where + ".secret_env", "environment variable " + *var + " is not set");
+    if (!val) return Error(where + ".secret_env", "environment variable " + Escaped(*var) + " is not set");
     k.secret = *val;
   } else {
     Result<std::string> path = GetString(o.at("secret_file"), where + ".secret_file");
@@ -173,7 +174,7 @@ Result<KeySpec> ParseKey(const json::value& v, const std::string& where, const s
 
 Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, const std::string& base_dir,
                                   const EnvLookup& env) {
-  const std::string where = "pools." + std::string(name);
+  const std::string where = "pools." + Escaped(name);
   Status st = shm::ValidateName("pool", name);
   if (!st.ok()) return Error(where, st.message());
   if (!v.is_object()) return Error(where, "must be an object");
@@ -225,7 +226,7 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
     Result<KeySpec> k = ParseKey(a[i], kwhere, base_dir, env);
     if (!k.ok()) return k.status();
     if (auto [it, fresh] = names.emplace(k->name, i); !fresh) {
-      return Error(kwhere + ".name", "duplicate key name '" + k->name + "' (also keys[" + std::to_string(it->second) + "])");
+      return Error(kwhere + ".name", "duplicate key name " + Quoted(k->name) + " (also keys[" + std::to_string(it->second) + "])");
     }
     if (auto [it, fresh] = secrets.emplace(k->secret, i); !fresh) {
       return Error(kwhere, "repeats the secret of keys[" + std::to_string(it->second) + "]");
@@ -331,7 +332,7 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
     Result<PoolConfigEntry> p = ParsePool(kv.key(), kv.value(), base_dir, env);
     if (!p.ok()) return p.status();
     if (p->keys.size() > c.capacity.keys_per_pool) {
-      return Error("pools." + p->name + ".keys", std::to_string(p->keys.size()) + " keys exceed capacity.keys_per_pool " +
+      return Error("pools." + Escaped(p->name) + ".keys", std::to_string(p->keys.size()) + " keys exceed capacity.keys_per_pool " +
                                                    std::to_string(c.capacity.keys_per_pool));
     }
     c.pools.push_back(std::move(p).value());
@@ -345,7 +346,7 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
 
 Result<BrokerConfig> LoadConfig(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) return Status(Code::kInvalidArgument, "config: cannot read " + path + ": " + std::strerror(errno));
+  if (!in) return Status(Code::kInvalidArgument, "config: cannot read " + Escaped(path) + ": " + std::strerror(errno));
   std::ostringstream ss;
   ss << in.rdbuf();
   std::string base_dir = ".";

@@ -4,6 +4,7 @@
 
 #include <boost/json.hpp>
 
+#include "common/text.h"
 #include "broker/broker.h"
 #include "broker/log.h"
 #include "broker/metrics.h"
@@ -23,7 +24,7 @@ Status NotAllowed(const PeerCred& peer, const char* what) {
                                              ") may not " + what + "; see allow_uids/allow_gids");
 }
 
-Status UnknownPool(const std::string& pool) { return Status(Code::kUnknownKey, "no pool '" + pool + "'"); }
+Status UnknownPool(const std::string& pool) { return Status(Code::kUnknownKey, "no pool " + Quoted(pool)); }
 
 json::object GrantFields(const std::string& key, const shm::LeaseHandle& h) {
   json::object o;
@@ -73,7 +74,7 @@ void Handlers::Handle(const std::shared_ptr<Session>& session, std::string_view 
   }
   const std::string& op = req->op;
   const json::object& body = req->body;
-  Result<json::object> r = Status(Code::kProtocolError, "unknown op '" + op + "'");
+  Result<json::object> r = Status(Code::kProtocolError, "unknown op " + Quoted(op));
   if (op == "acquire") {
     Acquire(session, id, body);
     return;

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 
+#include "common/text.h"
 #include "broker/handlers.h"
 #include "broker/log.h"
 #include "broker/session.h"
@@ -34,7 +35,7 @@ Status Listener::Open(const std::string& path) {
   }
   if (!ec && ::chmod(path.c_str(), 0660) != 0) ec.assign(errno, boost::system::system_category());
   if (!ec) acceptor_.listen(SOMAXCONN, ec);
-  if (ec) return Status(Code::kIoError, "cannot listen on " + path + ": " + ec.message());
+  if (ec) return Status(Code::kIoError, "cannot listen on " + Escaped(path) + ": " + ec.message());
   return Status::Ok();
 }
 

@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/text.h"
+
 namespace keymesh::broker {
 
 LockFile::~LockFile() {
@@ -15,7 +17,7 @@ LockFile::~LockFile() {
 
 Result<std::unique_ptr<LockFile>> LockFile::Acquire(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) return Status(Code::kIoError, "cannot open lock file " + path + ": " + std::strerror(errno));
+  if (fd < 0) return Status(Code::kIoError, "cannot open lock file " + Escaped(path) + ": " + std::strerror(errno));
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     char buf[32] = {0};
@@ -25,9 +27,9 @@ Result<std::unique_ptr<LockFile>> LockFile::Acquire(const std::string& path) {
       std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("?");
       while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
       return Status(Code::kAlreadyExists,
-                    "another keymesh-broker (pid " + holder + ") already serves this config (lock " + path + ")");
+                    "another keymesh-broker (pid " + Escaped(holder) + ") already serves this config (lock " + Escaped(path) + ")");
     }
-    return Status(Code::kIoError, "cannot lock " + path + ": " + std::strerror(err));
+    return Status(Code::kIoError, "cannot lock " + Escaped(path) + ": " + std::strerror(err));
   }
   const std::string pid = std::to_string(::getpid()) + "\n";
   if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {

@@ -6,6 +6,8 @@
 #include <atomic>
 #include <cstdio>
 
+#include "common/text.h"
+
 namespace keymesh::broker {
 namespace {
 
@@ -30,24 +32,7 @@ void AppendValue(std::string* out, std::string_view v) {
     return;
   }
   out->push_back('"');
-  for (char c : v) {
-    if (c == '"' || c == '\\') {
-      out->push_back('\\');
-      out->push_back(c);
-    } else if (c == '\n') {
-      out->append("\\n");
-    } else if (c == '\t') {
-      out->append("\\t");
-    } else if (c == '\r') {
-      out->append("\\r");
-    } else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
-      char hex[8];
-      std::snprintf(hex, sizeof(hex), "\\x%02x", static_cast<unsigned char>(c));
-      out->append(hex);
-    } else {
-      out->push_back(c);
-    }
-  }
+  AppendEscaped(out, v, '"');
   out->push_back('"');
 }
 

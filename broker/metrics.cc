@@ -10,6 +10,7 @@
 #include <cstring>
 #include <utility>
 
+#include "common/text.h"
 #include "broker/log.h"
 
 namespace keymesh::broker {
@@ -237,7 +238,7 @@ Status WriteFileAtomically(const std::string& path, const std::string& text) {
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     const int err = errno;
     ::unlink(tmp.c_str());
-    return Status(Code::kIoError, "cannot rename " + tmp + " to " + path + ": " + std::strerror(err));
+    return Status(Code::kIoError, "cannot rename " + Escaped(tmp) + " to " + Escaped(path) + ": " + std::strerror(err));
   }
   return Status::Ok();
 }

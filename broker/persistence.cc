@@ -1,5 +1,6 @@
 #include "broker/persistence.h"
 
+#include "common/text.h"
 #include "broker/hash.h"
 
 #include <fcntl.h>
@@ -90,11 +91,11 @@ Status SyncDirectory(const std::string& path) {
   std::string dir = ".";
   if (const size_t slash = path.rfind('/'); slash != std::string::npos) dir = slash == 0 ? "/" : path.substr(0, slash);
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Status(Code::kIoError, "cannot open directory " + dir + ": " + std::strerror(errno));
+  if (fd < 0) return Status(Code::kIoError, "cannot open directory " + Escaped(dir) + ": " + std::strerror(errno));
   const int rc = ::fsync(fd);
   const int err = errno;
   ::close(fd);
-  if (rc != 0) return Status(Code::kIoError, "cannot fsync directory " + dir + ": " + std::strerror(err));
+  if (rc != 0) return Status(Code::kIoError, "cannot fsync directory " + Escaped(dir) + ": " + std::strerror(err));
   return Status::Ok();
 }
 
@@ -180,10 +181,10 @@ Result<StateImage> ParseState(std::string_view text) {
   const json::value* pools = b.if_contains("pools");
   if (pools == nullptr || !pools->is_object()) return Corrupt("missing pools");
   for (const auto& pv : pools->get_object()) {
-    if (!pv.value().is_object()) return Corrupt("pool '" + std::string(pv.key()) + "' is not an object");
+    if (!pv.value().is_object()) return Corrupt("pool " + Quoted(pv.key()) + " is not an object");
     std::vector<PersistedKey>& keys = image.pools[std::string(pv.key())];
     for (const auto& kv : pv.value().get_object()) {
-      const std::string where = "key '" + std::string(pv.key()) + "/" + std::string(kv.key()) + "'";
+      const std::string where = "key " + Quoted(std::string(pv.key()) + "/" + std::string(kv.key()));
       if (!kv.value().is_object()) return Corrupt(where + " is not an object");
       const json::object& o = kv.value().get_object();
       PersistedKey k;
@@ -216,7 +217,7 @@ Result<std::optional<StateImage>> ReadStateFile(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ENOENT) return std::optional<StateImage>();
-    return Status(Code::kIoError, "cannot read state file " + path + ": " + std::strerror(errno));
+    return Status(Code::kIoError, "cannot read state file " + Escaped(path) + ": " + std::strerror(errno));
   }
   std::string text;
   char buf[65536];
@@ -226,21 +227,21 @@ Result<std::optional<StateImage>> ReadStateFile(const std::string& path) {
       if (errno == EINTR) continue;
       const int err = errno;
       ::close(fd);
-      return Status(Code::kIoError, "cannot read state file " + path + ": " + std::strerror(err));
+      return Status(Code::kIoError, "cannot read state file " + Escaped(path) + ": " + std::strerror(err));
     }
     if (n == 0) break;
     text.append(buf, static_cast<size_t>(n));
   }
   ::close(fd);
   Result<StateImage> image = ParseState(text);
-  if (!image.ok()) return Status(Code::kCorruptState, "state file " + path + " is corrupt: " + image.status().message());
+  if (!image.ok()) return Status(Code::kCorruptState, "state file " + Escaped(path) + " is corrupt: " + image.status().message());
   return std::optional<StateImage>(std::move(image).value());
 }
 
 Result<std::string> MoveAside(const std::string& path) {
   const std::string aside = path + ".corrupt-" + std::to_string(::time(nullptr));
   if (::rename(path.c_str(), aside.c_str()) != 0) {
-    return Status(Code::kIoError, "cannot move " + path + " aside: " + std::strerror(errno));
+    return Status(Code::kIoError, "cannot move " + Escaped(path) + " aside: " + std::strerror(errno));
   }
   return aside;
 }
@@ -274,7 +275,7 @@ Status StatePersister::Save(const StateImage& image, bool force) {
   if (::rename(tmp.c_str(), path_.c_str()) != 0) {
     const int err = errno;
     ::unlink(tmp.c_str());
-    return Status(Code::kIoError, "cannot rename " + tmp + " to " + path_ + ": " + std::strerror(err));
+    return Status(Code::kIoError, "cannot rename " + Escaped(tmp) + " to " + Escaped(path_) + ": " + std::strerror(err));
   }
   Status st = SyncDirectory(path_);
   if (!st.ok()) return st;

@@ -4,6 +4,8 @@
 
 #include <boost/json.hpp>
 
+#include "common/text.h"
+
 namespace keymesh::protocol {
 namespace {
 
@@ -141,7 +143,8 @@ Result<Reply> ParseReply(std::string_view frame) {
   if (!ok->get_bool()) {
     const json::value* err = o->if_contains("error");
     if (err == nullptr || !err->is_object()) return ProtocolError("error reply without an 'error' object");
-    r.status = Status(CodeFromName(Str(err->get_object(), "code")), Str(err->get_object(), "message"));
+    // The peer's message is input too: it stays one line here.
+    r.status = Status(CodeFromName(Str(err->get_object(), "code")), OneLine(Str(err->get_object(), "message")));
   }
   r.body = std::move(o).value();
   return r;

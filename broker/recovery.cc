@@ -1,5 +1,6 @@
 #include "broker/recovery.h"
 
+#include "common/text.h"
 #include "broker/hash.h"
 
 #include <cmath>
@@ -81,7 +82,7 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
     const shm::PoolAccess::ExportedKey* old = cur != nullptr ? FindExported(exported, k.name) : nullptr;
     Result<shm::AddKeyResult> added = access.AddKey(def);
     if (!added.ok()) {
-      return Status(added.status().code(), "pool '" + p.name + "' key '" + k.name + "': " + added.status().message());
+      return Status(added.status().code(), "pool " + Quoted(p.name) + " key " + Quoted(k.name) + ": " + added.status().message());
     }
     if (old != nullptr) {
       // AddKey kept the counters; workers may have moved them since the

@@ -22,6 +22,7 @@
 
 #include <boost/json.hpp>
 
+#include "common/text.h"
 #include "broker/protocol.h"
 #include "keymesh/pool.h"
 #include "shm/clock.h"
@@ -41,7 +42,7 @@ constexpr double kCallTimeout = 10.0;         // seconds, for everything but acq
 constexpr uint64_t kMaxIdleNs = 20'000'000'000;  // the broker drops idle connections after 30 s
 
 Status Unavailable(const std::string& path, const std::string& why) {
-  return Status(Code::kBrokerUnavailable, "cannot reach keymesh-broker at " + path + ": " + why);
+  return Status(Code::kBrokerUnavailable, "cannot reach keymesh-broker at " + Escaped(path) + ": " + why);
 }
 
 }  // namespace
@@ -247,7 +248,7 @@ class BrokerLink {
         return std::move(reply->body);
       }
       const uint64_t now = shm::MonotonicNowNanos();
-      if (now >= deadline) return Status(Code::kBrokerUnavailable, "keymesh-broker did not answer '" + std::string(op) + "' in time");
+      if (now >= deadline) return Status(Code::kBrokerUnavailable, "keymesh-broker did not answer " + Quoted(op) + " in time");
       pollfd p{c->fd, POLLIN, 0};
       const uint64_t left_ms = (deadline - now) / 1'000'000 + 1;
       const int rc = ::poll(&p, 1, left_ms > INT32_MAX ? INT32_MAX : static_cast<int>(left_ms));
@@ -348,7 +349,7 @@ Result<Lease> Pool::RemoteAcquire(std::optional<double> timeout, uint64_t tokens
   lease.entry_ = broker_->Entry(*key);
   if (lease.entry_ == nullptr) {
     (void)lease.Cancel();
-    return Status(Code::kUnknownKey, "the broker granted key '" + *key + "' but did not give its secret");
+    return Status(Code::kUnknownKey, "the broker granted key " + Quoted(*key) + " but did not give its secret");
   }
   return lease;
 }

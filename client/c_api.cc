@@ -21,6 +21,7 @@
 // km_pool_destroy.
 #include "keymesh/keymesh.h"
 
+#include "common/text.h"
 #include "broker/protocol.h"
 
 #include <pthread.h>
@@ -364,9 +365,9 @@ int EndKey(km_pool* p, const char* secret, uint64_t ticket, EndKind kind, double
   if (!lease) {
     std::optional<std::string> name = st->pool->NameOfSecret(secret);
     if (!name) {
-      return Fail(Code::kUnknownKey, "Unknown key '" + keymesh::MaskSecret(secret) + "' — was it added to this pool?");
+      return Fail(Code::kUnknownKey, "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
     }
-    return Fail(Code::kNotHeld, "key '" + *name + "' is not held by this process" +
+    return Fail(Code::kNotHeld, "key " + keymesh::Quoted(*name) + " is not held by this process" +
                                     (ticket != 0 ? std::string(" under that lease (already ended?)")
                                                  : std::string(" (already released, or acquired elsewhere)")));
   }
@@ -479,7 +480,7 @@ Result<std::string> BrokerRoundTrip(const char* socket_path, const std::string& 
   (void)::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
     return Status(Code::kBrokerUnavailable,
-                  "cannot connect to the broker at " + path + ": " + std::strerror(errno));
+                  "cannot connect to the broker at " + keymesh::Escaped(path) + ": " + std::strerror(errno));
   }
   const std::string line = request + "\n";
   size_t sent = 0;
@@ -761,7 +762,7 @@ int km_pool_observe_limits(km_pool* p, const char* secret, const char* const* na
     if (!s.ok()) return Fail(s.status());
     std::optional<std::string> name = (*s)->pool->NameOfSecret(secret);
     if (!name) {
-      return Fail(Code::kUnknownKey, "Unknown key '" + keymesh::MaskSecret(secret) + "' — was it added to this pool?");
+      return Fail(Code::kUnknownKey, "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
     }
     Status st = (*s)->pool->ObserveLimits(*name, *obs);
     if (!st.ok()) return Fail(st);
@@ -899,7 +900,7 @@ int km_pool_key_name(km_pool* p, const char* secret, char** out) {
     if (!s.ok()) return Fail(s.status());
     std::optional<std::string> name = (*s)->pool->NameOfSecret(secret);
     if (!name) {
-      return Fail(Code::kUnknownKey, "Unknown key '" + keymesh::MaskSecret(secret) + "' — was it added to this pool?");
+      return Fail(Code::kUnknownKey, "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
     }
     *out = CopyOut(*name);
     return KM_OK;
@@ -971,10 +972,10 @@ int km_broker_reclaim(const char* socket_path, int32_t pid, uint32_t* reclaimed)
           code = CodeFromName(c->as_string());
         }
         if (const auto* m = err->as_object().if_contains("message"); m != nullptr && m->is_string()) {
-          message = std::string(m->as_string());
+          message = keymesh::OneLine(m->as_string());
         }
       } else if (err->is_string()) {
-        message = std::string(err->as_string());
+        message = keymesh::OneLine(err->as_string());
       }
       return Fail(code, message);
     }

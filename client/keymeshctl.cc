@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "common/text.h"
 #include "broker/protocol.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
@@ -38,6 +39,8 @@ namespace json = boost::json;
 using keymesh::Code;
 using keymesh::Result;
 using keymesh::Status;
+using keymesh::Escaped;
+using keymesh::Quoted;
 
 constexpr const char* kDefaultSocket = "/run/keymesh/keymesh.sock";
 constexpr int kExitFailed = 1;
@@ -70,7 +73,7 @@ class Connection {
   Status Open(const std::string& path) {
     path_ = path;
     if (path.size() >= sizeof(sockaddr_un::sun_path)) {
-      return Status(Code::kInvalidArgument, "socket path too long: " + path);
+      return Status(Code::kInvalidArgument, "socket path too long: " + Escaped(path));
     }
     fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd_ < 0) return Unreachable(std::strerror(errno));
@@ -105,7 +108,7 @@ class Connection {
       }
       pollfd p{fd_, POLLIN, 0};
       const int r = ::poll(&p, 1, 10'000);
-      if (r == 0) return Status(Code::kBrokerUnavailable, "the broker at " + path_ + " did not answer within 10 s");
+      if (r == 0) return Status(Code::kBrokerUnavailable, "the broker at " + Escaped(path_) + " did not answer within 10 s");
       if (r < 0) {
         if (errno == EINTR && !g_stop) continue;
         return Status(Code::kBrokerUnavailable, "interrupted");
@@ -113,7 +116,7 @@ class Connection {
       char buf[65536];
       const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
       if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return Status(Code::kBrokerUnavailable, "the broker at " + path_ + " closed the connection");
+      if (n <= 0) return Status(Code::kBrokerUnavailable, "the broker at " + Escaped(path_) + " closed the connection");
       buffer_.append(buf, static_cast<size_t>(n));
       if (buffer_.size() > 64 * 1024 * 1024) return Status(Code::kProtocolError, "reply too large");
     }
@@ -122,7 +125,7 @@ class Connection {
  private:
   Status Unreachable(const std::string& why) {
     return Status(Code::kBrokerUnavailable,
-                  "cannot reach keymesh-broker at " + path_ + " (" + why +
+                  "cannot reach keymesh-broker at " + Escaped(path_) + " (" + why +
                       "); is it running? start it with 'keymesh-broker --config FILE' or 'systemctl start "
                       "keymesh-broker', or point --socket / $KEYMESH_SOCKET at its socket");
   }
@@ -241,10 +244,10 @@ Result<std::string> ReadSecret(const std::string& env, const std::string& file) 
     return std::string(v);
   }
   std::ifstream in(file, std::ios::binary);
-  if (!in) return Status(Code::kIoError, "cannot read secret file " + file + ": " + std::strerror(errno));
+  if (!in) return Status(Code::kIoError, "cannot read secret file " + Escaped(file) + ": " + std::strerror(errno));
   std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
-  if (s.empty()) return Status(Code::kInvalidArgument, "secret file " + file + " is empty");
+  if (s.empty()) return Status(Code::kInvalidArgument, "secret file " + Escaped(file) + " is empty");
   return s;
 }
 
@@ -253,7 +256,7 @@ Result<uint64_t> ParseCount(const std::string& flag, const char* text) {
   errno = 0;
   const unsigned long long v = std::strtoull(text, &end, 10);
   if (errno != 0 || end == text || *end != '\0' || text[0] == '-') {
-    return Status(Code::kInvalidArgument, flag + " needs a non-negative integer, not '" + std::string(text) + "'");
+    return Status(Code::kInvalidArgument, flag + " needs a non-negative integer, not " + Quoted(text));
   }
   return static_cast<uint64_t>(v);
 }
@@ -303,7 +306,7 @@ int main(int argc, char** argv) {
       ++i;
       continue;
     }
-    return UsageError("unknown option '" + args[i] + "'");
+    return UsageError("unknown option " + Quoted(args[i]));
   }
   if (i >= args.size()) {
     Usage();
@@ -322,7 +325,7 @@ int main(int argc, char** argv) {
       if (a == "--json" && command == "status") {
         as_json = true;
       } else if (a.rfind("--", 0) == 0 || !pool.empty()) {
-        return UsageError("unexpected argument '" + a + "' for " + command);
+        return UsageError("unexpected argument " + Quoted(a) + " for " + command);
       } else {
         pool = a;
       }
@@ -385,7 +388,7 @@ int main(int argc, char** argv) {
         for (char& c : field) c = c == '-' ? '_' : c;
         f[field] = *v;
       } else {
-        return UsageError("unknown add-key option '" + flag + "'");
+        return UsageError("unknown add-key option " + Quoted(flag));
       }
     }
     if (env.empty() == file.empty()) return UsageError("add-key needs exactly one of --secret-env and --secret-file");
@@ -402,5 +405,5 @@ int main(int argc, char** argv) {
     return 0;
   }
 
-  return UsageError("unknown command '" + command + "'");
+  return UsageError("unknown command " + Quoted(command));
 }

@@ -8,6 +8,7 @@
 
 #include <unordered_set>
 
+#include "common/text.h"
 #include "shm/clock.h"
 #include "shm/pool.h"
 #include "shm/segment.h"
@@ -144,7 +145,7 @@ Result<std::unique_ptr<Pool>> Pool::CreateEmbedded(const std::vector<KeySpec>& k
       return Status(Code::kInvalidArgument, "key #" + std::to_string(i + 1) + " repeats the secret of an earlier key");
     }
     if (!k.name.empty() && !names.insert(k.name).second) {
-      return Status(Code::kInvalidArgument, "duplicate key name '" + k.name + "'");
+      return Status(Code::kInvalidArgument, "duplicate key name " + Quoted(k.name));
     }
   }
   shm::Capacities caps;
@@ -170,8 +171,8 @@ Result<std::unique_ptr<Pool>> Pool::AttachSegment(std::string_view segment_name,
   if (!seg.ok()) return seg.status();
   std::optional<uint32_t> index = (*seg)->FindPool(pool_name);
   if (!index) {
-    return Status(Code::kUnknownKey, "no pool '" + std::string(pool_name) + "' in segment '" +
-                                         std::string(segment_name) + "'");
+    return Status(Code::kUnknownKey, "no pool " + Quoted(pool_name) + " in segment " +
+                                         Quoted(segment_name));
   }
   std::unique_ptr<Pool> pool(new Pool(std::move(seg).value(), *index, std::string(pool_name), std::move(secrets)));
   if (pool->source_) {

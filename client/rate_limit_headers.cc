@@ -5,6 +5,8 @@
 #include <cmath>
 #include <ctime>
 
+#include "common/text.h"
+
 namespace keymesh {
 namespace {
 
@@ -158,17 +160,18 @@ Result<double> ParseRateLimitDuration(std::string_view value) {
 Result<LimitObservation> ParseLimitHeaders(const std::vector<std::pair<std::string, std::string>>& headers,
                                            double now_unix_seconds) {
   LimitObservation obs;
-  for (const auto& [raw_name, value] : headers) {
-    const std::string_view name = Trim(raw_name);
+  for (const auto& header : headers) {
+    const std::string_view name = Trim(header.first);
+    const std::string& value = header.second;
     auto count = [&](std::optional<uint64_t>* out) -> Status {
       std::optional<uint64_t> v = ParseCount(value);
-      if (!v) return Status(Code::kInvalidArgument, "malformed " + std::string(name) + " value");
+      if (!v) return Status(Code::kInvalidArgument, "malformed " + Escaped(name) + " value");
       *out = v;
       return Status::Ok();
     };
     auto duration = [&](std::optional<double>* out) -> Status {
       Result<double> v = ParseRateLimitDuration(value);
-      if (!v.ok()) return Status(Code::kInvalidArgument, "malformed " + std::string(name) + " value");
+      if (!v.ok()) return Status(Code::kInvalidArgument, "malformed " + Escaped(name) + " value");
       *out = *v;
       return Status::Ok();
     };

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <unordered_set>
 
+#include "common/text.h"
 #include "shm/check.h"
 #include "shm/futex.h"
 
@@ -37,6 +38,7 @@ double SuccessRate(const SlotState& st) noexcept {
 }
 
 std::string SlotName(const KeySlot& k) { return std::string(k.name, strnlen(k.name, kNameCapacity)); }
+std::string PoolName(const PoolHeader& ph) { return std::string(ph.name, strnlen(ph.name, kNameCapacity)); }
 
 }  // namespace
 
@@ -254,6 +256,10 @@ PoolAccess::PoolAccess(const Segment& segment, uint32_t pool_index, const Clock&
 PoolInfo PoolAccess::Info() const {
   return PoolInfo{std::string(ph_->name, strnlen(ph_->name, kNameCapacity)),
                   static_cast<Strategy>(ph_->config.strategy), ph_->config.acquire_timeout};
+}
+
+Status PoolAccess::NoSuchKey(std::string_view name) const {
+  return Status(Code::kUnknownKey, "no key " + Quoted(name) + " in pool " + Quoted(PoolName(*ph_)));
 }
 
 // ---------------------------------------------------------------------------
@@ -577,7 +583,7 @@ Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint6
     return Status(Code::kInternal, "selector returned slot " + std::to_string(s) + ", which is not eligible");
   }
   if (ph_->free_top == 0) {
-    return Status(Code::kCapacityExceeded, "pool '" + std::string(ph_->name) + "' holds at most " +
+    return Status(Code::kCapacityExceeded, "pool " + Quoted(PoolName(*ph_)) + " holds at most " +
                                                std::to_string(lease_cap_) + " leases at once");
   }
   const uint32_t l = free_[ph_->free_top - 1];
@@ -705,8 +711,8 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
   LeaseRecord& lease = leases_[h.lease];
   if (lease.state != LeaseState::kHeld || lease.seq != h.seq || lease.slot != h.slot ||
       lease.pid != holder.pid || lease.start_time != holder.start_time) {
-    return Status(Code::kNotHeld, "key '" + SlotName(keys_[h.slot]) +
-                                      "' is not held by this lease (already released or reclaimed)");
+    return Status(Code::kNotHeld, "key " + Quoted(SlotName(keys_[h.slot])) +
+                                      " is not held by this lease (already released or reclaimed)");
   }
   const uint32_t s = h.slot;
   KeySlot& key = keys_[s];
@@ -808,13 +814,13 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
   *wake = true;
   if (exhausted_now) {
     if (st.circuit == Circuit::kRevoked) {
-      return Status(Code::kKeyExhausted, "Key '" + SlotName(key) +
-                                             "' failed authentication and is out of rotation until reset or add_key.");
+      return Status(Code::kKeyExhausted, "Key " + Quoted(SlotName(key)) +
+                                             " failed authentication and is out of rotation until reset or add_key.");
     }
     char detail[96];
     std::snprintf(detail, sizeof(detail), "; its circuit is open for %.1f s, then one caller probes it.",
                   NanosToSeconds(st.open_cooldown));
-    return Status(Code::kKeyExhausted, "Key '" + SlotName(key) + "' has been exhausted (" +
+    return Status(Code::kKeyExhausted, "Key " + Quoted(SlotName(key)) + " has been exhausted (" +
                                            std::to_string(st.fail_streak) + " consecutive failures)" + detail);
   }
   return Status::Ok();
@@ -916,7 +922,7 @@ Result<AddKeyResult> PoolAccess::AddKey(const KeyDefinition& def) {
   uint32_t s = 0;
   while (s < key_cap_ && keys_[s].state.use != SlotUse::kFree) ++s;
   if (s == key_cap_) {
-    return Status(Code::kCapacityExceeded, "pool '" + std::string(ph_->name) + "' holds at most " +
+    return Status(Code::kCapacityExceeded, "pool " + Quoted(PoolName(*ph_)) + " holds at most " +
                                                std::to_string(key_cap_) + " keys");
   }
   KeySlot& k = keys_[s];
@@ -945,7 +951,7 @@ Result<AddKeyResult> PoolAccess::AddKey(const KeyDefinition& def) {
 Status PoolAccess::RemoveKey(std::string_view name) {
   Guard g(this);
   std::optional<uint32_t> s = FindByNameLocked(name);
-  if (!s) return Status(Code::kUnknownKey, "no key '" + std::string(name) + "' in pool '" + ph_->name + "'");
+  if (!s) return NoSuchKey(name);
   if (keys_[*s].state.use == SlotUse::kRemoving) return Status::Ok();
   JournalBegin(kJournalSlotState, *s, 0);
   keys_[*s].state.use = SlotUse::kRemoving;
@@ -958,7 +964,7 @@ Status PoolAccess::RemoveKey(std::string_view name) {
 Status PoolAccess::SetEnabled(std::string_view name, bool enabled) {
   Guard g(this);
   std::optional<uint32_t> s = FindByNameLocked(name);
-  if (!s) return Status(Code::kUnknownKey, "no key '" + std::string(name) + "' in pool '" + ph_->name + "'");
+  if (!s) return NoSuchKey(name);
   JournalBegin(kJournalSlotState, *s, 0);
   keys_[*s].state.enabled = enabled ? 1 : 0;
   JournalCommit();
@@ -970,7 +976,7 @@ Status PoolAccess::SetEnabled(std::string_view name, bool enabled) {
 Status PoolAccess::ResetKey(std::string_view name) {
   Guard g(this);
   std::optional<uint32_t> s = FindByNameLocked(name);
-  if (!s) return Status(Code::kUnknownKey, "no key '" + std::string(name) + "' in pool '" + ph_->name + "'");
+  if (!s) return NoSuchKey(name);
   SlotState& st = keys_[*s].state;
   JournalBegin(kJournalSlotState, *s, 0);
   st.cooldown_deadline = 0;
@@ -991,7 +997,7 @@ Status PoolAccess::ObserveLimits(std::string_view name, const LimitUpdate& u) {
   }
   Guard g(this);
   std::optional<uint32_t> s = FindByNameLocked(name);
-  if (!s) return Status(Code::kUnknownKey, "no key '" + std::string(name) + "' in pool '" + ph_->name + "'");
+  if (!s) return NoSuchKey(name);
   const uint64_t now = clock_->NowNanos();
   SlotState& st = keys_[*s].state;
   uint64_t interval, req_tol, tok_tol;
@@ -1059,7 +1065,7 @@ Status PoolAccess::SetOptions(const PoolOptions& o) {
 Status PoolAccess::RestoreKeyState(std::string_view name, const RestoredState& r) {
   Guard g(this);
   std::optional<uint32_t> s = FindByNameLocked(name);
-  if (!s) return Status(Code::kUnknownKey, "no key '" + std::string(name) + "' in pool '" + ph_->name + "'");
+  if (!s) return NoSuchKey(name);
   SlotState& st = keys_[*s].state;
   JournalBegin(kJournalSlotState, *s, 0);
   st.fail_streak = r.fail_streak;

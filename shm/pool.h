@@ -250,6 +250,8 @@ class PoolAccess {
   void JournalCommit() noexcept;
   void RetireSlotIfDone(uint32_t slot) noexcept;
   std::optional<uint32_t> FindByNameLocked(std::string_view name) const noexcept;
+  // kUnknownKey naming `name` and this pool.
+  Status NoSuchKey(std::string_view name) const;
   uint64_t Stride(uint32_t slot) const noexcept;
 
   // Heap over eligible slots (least_busy / weighted).

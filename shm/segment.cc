@@ -9,6 +9,7 @@
 #include <cstring>
 #include <new>
 
+#include "common/text.h"
 #include "shm/clock.h"
 
 namespace keymesh::shm {
@@ -43,8 +44,8 @@ Status CheckSegmentName(std::string_view name) {
   if (name.size() < 7 || name.substr(0, 7) != "keymesh" || name.size() > 200 ||
       name.find('/') != std::string_view::npos) {
     return Status(Code::kInvalidArgument,
-                  "segment name must begin with 'keymesh', contain no '/', and be at most 200 bytes: '" +
-                      std::string(name) + "'");
+                  "segment name must begin with 'keymesh', contain no '/', and be at most 200 bytes: " +
+                      Quoted(name));
   }
   return Status::Ok();
 }
@@ -99,8 +100,8 @@ Status ValidateName(std::string_view what, std::string_view name) {
   for (char c : name) {
     if (c <= ' ' || c > '~') {
       return Status(Code::kInvalidArgument,
-                    std::string(what) + " name may hold only printable ASCII without spaces: '" +
-                        std::string(name) + "'");
+                    std::string(what) + " name may hold only printable ASCII without spaces: " +
+                        Quoted(name));
     }
   }
   return Status::Ok();
@@ -265,7 +266,7 @@ Result<std::unique_ptr<Segment>> Segment::Open(std::string_view name) {
     mapping->region = bip::mapped_region(shm, bip::read_write);
     std::unique_ptr<Segment> seg(new Segment(std::move(mapping), n));
     st = Validate(seg->header_, seg->size_);
-    if (!st.ok()) return Status(st.code(), "segment '" + n + "': " + st.message());
+    if (!st.ok()) return Status(st.code(), "segment " + Quoted(n) + ": " + st.message());
     return seg;
   } catch (const bip::interprocess_exception& e) {
     return FromInterprocess(e, "cannot open", name);
@@ -309,7 +310,7 @@ Result<uint32_t> Segment::CreatePool(std::string_view name, uint32_t strategy, c
     RobustMutex& m;
     ~Unlocker() { m.Unlock(); }
   } unlock{header_->admin_mutex};
-  if (FindPool(name)) return Status(Code::kAlreadyExists, "pool '" + std::string(name) + "' already exists");
+  if (FindPool(name)) return Status(Code::kAlreadyExists, "pool " + Quoted(name) + " already exists");
   for (uint32_t p = 0; p < header_->max_pools; ++p) {
     PoolHeader* ph = pool_header(p);
     if (ph->use != 0) continue;

@@ -2,6 +2,7 @@
 // keymesh/types.h.
 #include <cmath>
 
+#include "common/text.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
 
@@ -48,8 +49,8 @@ Result<Strategy> ParseStrategy(std::string_view name) {
   if (name == "round_robin") return Strategy::kRoundRobin;
   if (name == "least_busy") return Strategy::kLeastBusy;
   if (name == "weighted") return Strategy::kWeighted;
-  return Status(Code::kInvalidArgument, "strategy must be round_robin, least_busy or weighted, not '" +
-                                            std::string(name) + "'");
+  return Status(Code::kInvalidArgument, "strategy must be round_robin, least_busy or weighted, not " +
+                                            Quoted(name));
 }
 
 std::string_view KeyStateName(KeyState state) noexcept {

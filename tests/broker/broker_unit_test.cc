@@ -142,6 +142,21 @@ BOOST_AUTO_TEST_CASE(config_errors_name_the_field) {
   BOOST_CHECK(msg.find("supersecret") == std::string::npos);
 }
 
+// A message that quotes input stays one line, with the input's control
+// characters escaped (ConfigError also checks for a newline).
+BOOST_AUTO_TEST_CASE(config_errors_escape_control_characters) {
+  BOOST_CHECK_EQUAL(
+      ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-0123456789ab","max_concurr\ncy":1}]}}})"),
+      "config: pools.p.keys[0].max_concurr\\ncy: unknown field");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p\u001b[2J":{"keys":[]}}})"),
+                    "config: pools.p\\x1b[2J: pool name may hold only printable ASCII without spaces: 'p\\x1b[2J'");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"strategy":"fast\test","keys":[]}}})"),
+                    "config: pools.p.strategy: strategy must be round_robin, least_busy or weighted, not 'fast\\test'");
+  BOOST_CHECK_EQUAL(
+      ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret_env":"A\rB"}]}}})"),
+      "config: pools.p.keys[0].secret_env: environment variable A\\rB is not set");
+}
+
 BOOST_AUTO_TEST_CASE(state_file_round_trip_and_corruption) {
   kb::StateImage image;
   image.salt[0] = 0xDEADBEEFCAFEF00Dull;

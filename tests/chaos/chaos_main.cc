@@ -1,6 +1,11 @@
 // keymesh-chaos: the chaos soak run by scripts/chaos (CI runs a short one).
 //
-//   keymesh-chaos SECONDS [WORKERS]
+//   keymesh-chaos SECONDS [WORKERS [SEED]]
+//
+// SEED (default: random, printed) fixes every random choice the driver and
+// its workers make (which worker dies when, when the broker dies, what each
+// worker does next), so CI runs the same schedule each time; what still
+// varies between runs is only where in its instruction stream a kill lands.
 //
 // Starts the real keymesh-broker on a private config (three pools, small
 // cooldowns), forks a farm of workers that hammer acquire / release /
@@ -111,12 +116,12 @@ std::string PoolsJson(int reload_round) {
 
 // The worker process: connects (retrying while the broker is down), then
 // loops until killed. Counts only operations whose call returned.
-[[noreturn]] void WorkerMain(const std::string& socket, Shared* shared, int index) {
+[[noreturn]] void WorkerMain(const std::string& socket, Shared* shared, int index, uint32_t seed) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (::getppid() == 1) _exit(0);
   ::signal(SIGINT, SIG_IGN);  // Ctrl-C: the driver kills us
   WorkerCounts& c = shared->workers[index];
-  std::mt19937 rng(static_cast<uint32_t>(::getpid()) * 2654435761u);
+  std::mt19937 rng(seed);
   std::unique_ptr<keymesh::Pool> pools[kPoolCount];
   for (int p = 0; p < kPoolCount; ++p) {
     for (;;) {
@@ -168,7 +173,8 @@ std::string PoolsJson(int reload_round) {
 
 class Chaos {
  public:
-  Chaos(double seconds, int workers) : seconds_(seconds), nworkers_(workers), rng_(std::random_device{}()) {}
+  Chaos(double seconds, int workers, uint32_t seed)
+      : seconds_(seconds), nworkers_(workers), seed_(seed), rng_(seed) {}
   ~Chaos() { KillAllWorkers(); if (shared_) ::munmap(shared_, sizeof(Shared)); }
 
   int Run();
@@ -187,6 +193,7 @@ class Chaos {
 
   double seconds_;
   int nworkers_;
+  uint32_t seed_;
   std::mt19937 rng_;
   BrokerProcess broker_;
   std::string segment_;
@@ -228,9 +235,12 @@ void Chaos::KillBroker() {
 }
 
 pid_t Chaos::Spawn(int index) {
+  // Each worker its own stream, drawn from the driver's: a respawned worker
+  // does not repeat the one it replaces.
+  const uint32_t seed = static_cast<uint32_t>(rng_());
   std::fflush(stdout);
   const pid_t pid = ::fork();
-  if (pid == 0) WorkerMain(broker_.socket(), shared_, index);
+  if (pid == 0) WorkerMain(broker_.socket(), shared_, index, seed);
   return pid;
 }
 
@@ -256,7 +266,7 @@ int Chaos::Run() {
   shared_ = new (mem) Shared();
   broker_.WriteConfig(PoolsJson(0));
   if (!StartBroker()) return 2;
-  std::printf("chaos: %.0f s, %d workers, broker pid %d, segment %s\n", seconds_, nworkers_, broker_.pid(),
+  std::printf("chaos: %.0f s, %d workers, seed %u, broker pid %d, segment %s\n", seconds_, nworkers_, seed_, broker_.pid(),
               segment_.c_str());
   pids_.assign(nworkers_, -1);
   for (int i = 0; i < nworkers_; ++i) pids_[i] = Spawn(i);
@@ -440,12 +450,13 @@ int Chaos::Check() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2 || argc > 3) {
-    std::fprintf(stderr, "usage: keymesh-chaos SECONDS [WORKERS]\n");
+  if (argc < 2 || argc > 4) {
+    std::fprintf(stderr, "usage: keymesh-chaos SECONDS [WORKERS [SEED]]\n");
     return 2;
   }
   const double seconds = std::atof(argv[1]);
   const int workers = argc > 2 ? std::atoi(argv[2]) : 8;
+  const uint32_t seed = argc > 3 ? static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10)) : std::random_device{}();
   if (seconds <= 0 || workers < 1 || workers > kMaxWorkers) {
     std::fprintf(stderr, "keymesh-chaos: bad SECONDS or WORKERS (1..%d)\n", kMaxWorkers);
     return 2;
@@ -457,7 +468,7 @@ int main(int argc, char** argv) {
   ::sigaction(SIGTERM, &sa, nullptr);
   int rc;
   {
-    Chaos chaos(seconds, workers);
+    Chaos chaos(seconds, workers, seed);
     rc = chaos.Run();
   }  // workers killed, broker killed, segment and directory removed
   if (g_stop) {

@@ -1,5 +1,5 @@
 // Entry points shared by the libFuzzer targets (built with KEYMESH_FUZZ in
-// build-fuzz/ by scripts/fuzz) and by fuzz_regression_test (the normal
+// build-asan/ by scripts/setup --asan, run by scripts/fuzz) and by fuzz_regression_test (the normal
 // build), which replays tests/fuzz/regressions/<target>/* and the seed
 // corpus through the same functions.
 //

@@ -516,7 +516,8 @@ BOOST_AUTO_TEST_CASE(metrics_count_the_work_of_every_process_and_reach_the_file)
     const std::string text = ReadFile(file);
     if (!text.empty() && ParseExposition(text, &from_file, &error) &&
         from_file.Get("keymesh_pool_eligible_keys", {{"pool", "m"}}) == 0 &&
-        from_file.Get("keymesh_pool_no_key_available_total", {{"pool", "m"}}) >= 1) {
+        from_file.Get("keymesh_pool_no_key_available_total", {{"pool", "m"}}) >= 1 &&
+        from_file.Get("keymesh_pool_acquire_timeouts_total", {{"pool", "m"}}) >= 1) {  // the last change made
       break;
     }
     ::usleep(20'000);
