@@ -8,7 +8,7 @@
 #include "broker/broker.h"
 #include "broker/log.h"
 #include "broker/metrics.h"
-#include "broker/protocol.h"
+#include "protocol/protocol.h"
 #include "broker/session.h"
 #include "shm/clock.h"
 

@@ -5,7 +5,7 @@
 
 #include "broker/handlers.h"
 #include "broker/log.h"
-#include "broker/protocol.h"
+#include "protocol/protocol.h"
 
 namespace keymesh::broker {
 

@@ -23,7 +23,7 @@
 #include <boost/json.hpp>
 
 #include "common/text.h"
-#include "broker/protocol.h"
+#include "protocol/protocol.h"
 #include "keymesh/pool.h"
 #include "shm/clock.h"
 #include "shm/pool.h"

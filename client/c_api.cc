@@ -22,7 +22,7 @@
 #include "keymesh/keymesh.h"
 
 #include "common/text.h"
-#include "broker/protocol.h"
+#include "protocol/protocol.h"
 
 #include <pthread.h>
 #include <sys/socket.h>

@@ -1,6 +1,6 @@
 # Install rules that span the tree: the CMake package (find_package(KeyMesh)
 # -> KeyMesh::keymesh), the pkg-config file, the systemd unit and the example
-# config. Targets install themselves in client/ and broker/.
+# config. Targets install themselves in client/, client/keymeshctl/ and broker/.
 #
 #   cmake --install build --prefix P
 #     P/bin/{keymesh-broker,keymeshctl}
@@ -11,7 +11,6 @@
 #     P/lib/systemd/system/keymesh-broker.service
 #     P/share/keymesh/keymesh.example.json
 #     P/share/keymesh/python/keymesh/     (the Python package)
-include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 set(KEYMESH_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/KeyMesh)

@@ -7,7 +7,7 @@
 #include <unordered_set>
 
 #include "common/text.h"
-#include "shm/check.h"
+#include "common/check.h"
 #include "shm/futex.h"
 
 namespace keymesh::shm {

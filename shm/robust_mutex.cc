@@ -3,7 +3,7 @@
 #include <cerrno>
 #include <cstring>
 
-#include "shm/check.h"
+#include "common/check.h"
 
 namespace keymesh::shm {
 

@@ -16,7 +16,7 @@
 #include <memory>
 #include <thread>
 
-#include "broker_harness.h"
+#include "support/broker_harness.h"
 #include "keymesh/pool.h"
 #include "shm/pool.h"
 

@@ -11,7 +11,7 @@
 
 #include "broker/config.h"
 #include "broker/persistence.h"
-#include "broker/protocol.h"
+#include "protocol/protocol.h"
 #include "broker/recovery.h"
 
 namespace km = keymesh;

@@ -49,7 +49,7 @@
 #include <thread>
 #include <vector>
 
-#include "broker/broker_harness.h"
+#include "support/broker_harness.h"
 #include "keymesh/pool.h"
 #include "shm/pool.h"
 #include "shm/segment.h"

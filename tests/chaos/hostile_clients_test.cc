@@ -29,7 +29,7 @@
 #include <thread>
 #include <vector>
 
-#include "broker/broker_harness.h"
+#include "support/broker_harness.h"
 
 namespace {
 

@@ -20,7 +20,7 @@
 #include "broker/handlers.h"
 #include "broker/log.h"
 #include "broker/persistence.h"
-#include "broker/protocol.h"
+#include "protocol/protocol.h"
 #include "broker/recovery.h"
 #include "broker/session.h"
 #include "common/text.h"

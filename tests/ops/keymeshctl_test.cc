@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "broker/metrics.h"
-#include "broker/broker_harness.h"
+#include "support/broker_harness.h"
 #include "keymesh/pool.h"
 #include "ops/exposition_check.h"
 #include "shm/segment.h"

@@ -12,7 +12,7 @@
 
 #include "keymesh/selector.h"
 #include "shm/process_id.h"
-#include "tests/shm/shm_test_util.h"
+#include "support/shm_test_util.h"
 
 namespace keymesh::shm {
 namespace {

@@ -14,7 +14,7 @@
 #include <cstring>
 
 #include "shm/process_id.h"
-#include "tests/shm/shm_test_util.h"
+#include "support/shm_test_util.h"
 
 namespace keymesh::shm {
 namespace {

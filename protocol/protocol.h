@@ -20,8 +20,8 @@
 //   reclaim    pid, start_time?              -> reclaimed
 //   observe_limits pool, name, remaining_requests?, reset_requests?,
 //              remaining_tokens?, reset_tokens?, retry_after?  (seconds)
-#ifndef KEYMESH_BROKER_PROTOCOL_H_
-#define KEYMESH_BROKER_PROTOCOL_H_
+#ifndef KEYMESH_PROTOCOL_PROTOCOL_H_
+#define KEYMESH_PROTOCOL_PROTOCOL_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -84,4 +84,4 @@ Result<PoolStatus> PoolStatusFromJson(const boost::json::value& v);
 
 }  // namespace keymesh::protocol
 
-#endif  // KEYMESH_BROKER_PROTOCOL_H_
+#endif  // KEYMESH_PROTOCOL_PROTOCOL_H_

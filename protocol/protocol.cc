@@ -1,4 +1,4 @@
-#include "broker/protocol.h"
+#include "protocol/protocol.h"
 
 #include <cmath>
 

@@ -6,8 +6,8 @@
 // Every BrokerProcess uses names derived from the test process's pid and a
 // counter; its destructor kills a still-running broker, removes the segment
 // and the directory, so nothing is left behind even when a test fails.
-#ifndef KEYMESH_TESTS_BROKER_BROKER_HARNESS_H_
-#define KEYMESH_TESTS_BROKER_BROKER_HARNESS_H_
+#ifndef KEYMESH_TESTS_SUPPORT_BROKER_HARNESS_H_
+#define KEYMESH_TESTS_SUPPORT_BROKER_HARNESS_H_
 
 #include <sys/types.h>
 
@@ -110,4 +110,4 @@ double NowSeconds();
 
 }  // namespace keymesh::testing
 
-#endif  // KEYMESH_TESTS_BROKER_BROKER_HARNESS_H_
+#endif  // KEYMESH_TESTS_SUPPORT_BROKER_HARNESS_H_

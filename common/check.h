@@ -1,7 +1,7 @@
 // A broken invariant is a bug: report file and line, then abort. Never used
 // for conditions a caller can cause (those are Status errors).
-#ifndef KEYMESH_SHM_CHECK_H_
-#define KEYMESH_SHM_CHECK_H_
+#ifndef KEYMESH_COMMON_CHECK_H_
+#define KEYMESH_COMMON_CHECK_H_
 
 #include <cstdio>
 #include <cstdlib>
@@ -17,4 +17,4 @@
 
 #define KM_CHECK(cond) KM_CHECK_MSG(cond, "bug")
 
-#endif  // KEYMESH_SHM_CHECK_H_
+#endif  // KEYMESH_COMMON_CHECK_H_

@@ -2,8 +2,8 @@
 // pipes and forked children that always end with _exit (a child must never
 // return into Boost.Test), and a named-segment guard that removes the segment
 // even when the test fails.
-#ifndef KEYMESH_TESTS_SHM_SHM_TEST_UTIL_H_
-#define KEYMESH_TESTS_SHM_SHM_TEST_UTIL_H_
+#ifndef KEYMESH_TESTS_SUPPORT_SHM_TEST_UTIL_H_
+#define KEYMESH_TESTS_SUPPORT_SHM_TEST_UTIL_H_
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -236,4 +236,4 @@ struct SegmentNameGuard {
 
 }  // namespace keymesh::shm::testing
 
-#endif  // KEYMESH_TESTS_SHM_SHM_TEST_UTIL_H_
+#endif  // KEYMESH_TESTS_SUPPORT_SHM_TEST_UTIL_H_

@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "common/text.h"
-#include "broker/protocol.h"
+#include "protocol/protocol.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
 

@@ -1,4 +1,4 @@
-#include "broker_harness.h"
+#include "support/broker_harness.h"
 
 #include <fcntl.h>
 #include <poll.h>
