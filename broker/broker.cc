@@ -8,12 +8,12 @@
 #include <csignal>
 #include <cstdio>
 
-#include "common/text.h"
 #include "broker/handlers.h"
 #include "broker/listener.h"
 #include "broker/log.h"
 #include "broker/recovery.h"
 #include "broker/session.h"
+#include "common/text.h"
 #include "shm/clock.h"
 #include "shm/process_id.h"
 
@@ -83,9 +83,13 @@ Status Broker::Start() {
   ArmTick();
   size_t keys = 0;
   for (const auto& [pool, s] : secrets_) keys += s.size();
-  Log(LogLevel::kInfo, "ready", {{"socket", config_.socket}, {"segment", segment_name_},
-                                 {"mode", StartModeName(opened->mode)}, {"pools", std::to_string(pools_.size())},
-                                 {"keys", std::to_string(keys)}, {"pid", std::to_string(::getpid())}});
+  Log(LogLevel::kInfo, "ready",
+      {{"socket", config_.socket},
+       {"segment", segment_name_},
+       {"mode", StartModeName(opened->mode)},
+       {"pools", std::to_string(pools_.size())},
+       {"keys", std::to_string(keys)},
+       {"pid", std::to_string(::getpid())}});
   StartMetricsFile();
   return Status::Ok();
 }
@@ -133,8 +137,10 @@ void Broker::Tick() {
   for (auto& [name, pool] : pools_) {
     Result<uint32_t> n = pool->ReclaimExpired();
     if (n.ok() && *n > 0) {
-      Log(LogLevel::kWarn, "leases_expired", {{"pool", name}, {"count", std::to_string(*n)},
-                                              {"max_lease_seconds", std::to_string(pool->header()->config.max_lease / 1000000000ull)}});
+      Log(LogLevel::kWarn, "leases_expired",
+          {{"pool", name},
+           {"count", std::to_string(*n)},
+           {"max_lease_seconds", std::to_string(pool->header()->config.max_lease / 1000000000ull)}});
     }
   }
   WatchHolders();
@@ -154,7 +160,8 @@ void Broker::OnProcessDied(const shm::ProcessId& id) {
     Result<uint32_t> n = pool->ReclaimProcess(id);
     if (n.ok() && *n > 0) {
       total += *n;
-      Log(LogLevel::kWarn, "leases_reclaimed", {{"pool", name}, {"pid", std::to_string(id.pid)}, {"count", std::to_string(*n)}});
+      Log(LogLevel::kWarn, "leases_reclaimed",
+          {{"pool", name}, {"pid", std::to_string(id.pid)}, {"count", std::to_string(*n)}});
     }
   }
   if (total > 0) cooldown_->Rearm();
@@ -170,7 +177,8 @@ uint32_t Broker::ReclaimIfDead(uint32_t pid) {
     }
   }
   if (total > 0) {
-    Log(LogLevel::kWarn, "leases_reclaimed", {{"pid", std::to_string(pid)}, {"count", std::to_string(total)}, {"by", "request"}});
+    Log(LogLevel::kWarn, "leases_reclaimed",
+        {{"pid", std::to_string(pid)}, {"count", std::to_string(total)}, {"by", "request"}});
   }
   return total;
 }
@@ -185,16 +193,16 @@ void Broker::StartMetricsFile() {
   const auto interval = std::chrono::milliseconds(static_cast<int64_t>(config_.metrics_interval * 1000));
   metrics_file_ = std::make_unique<MetricsFileWriter>(io_, config_.metrics_file, interval,
                                                       [this]() -> Result<std::vector<PoolStatus>> {
-    std::vector<PoolStatus> pools;
-    for (const std::string& name : PoolNames()) {
-      shm::PoolAccess* pool = FindPool(name);
-      if (pool == nullptr) continue;
-      Result<PoolStatus> snap = pool->Snapshot();
-      if (!snap.ok()) return snap.status();
-      pools.push_back(std::move(snap).value());
-    }
-    return pools;
-  });
+                                                        std::vector<PoolStatus> pools;
+                                                        for (const std::string& name : PoolNames()) {
+                                                          shm::PoolAccess* pool = FindPool(name);
+                                                          if (pool == nullptr) continue;
+                                                          Result<PoolStatus> snap = pool->Snapshot();
+                                                          if (!snap.ok()) return snap.status();
+                                                          pools.push_back(std::move(snap).value());
+                                                        }
+                                                        return pools;
+                                                      });
   metrics_file_->Start();
   char interval_text[32];
   std::snprintf(interval_text, sizeof(interval_text), "%gs", config_.metrics_interval);
@@ -261,8 +269,8 @@ void Broker::Reload() {
   RebuildTables();
   cooldown_->Rearm();
   SaveState(false);
-  Log(LogLevel::kInfo, "reloaded", {{"pools", std::to_string(config_.pools.size())},
-                                    {"generation", std::to_string(segment_->generation())}});
+  Log(LogLevel::kInfo, "reloaded",
+      {{"pools", std::to_string(config_.pools.size())}, {"generation", std::to_string(segment_->generation())}});
 }
 
 shm::PoolAccess* Broker::FindPool(std::string_view name) {
@@ -296,7 +304,8 @@ std::string Broker::Masked(std::string_view pool, const std::string& key) const 
 
 bool Broker::PeerAllowed(const PeerCred& peer) const {
   if (peer.uid == 0 || peer.uid == ::geteuid()) return true;
-  if (std::find(config_.allow_uids.begin(), config_.allow_uids.end(), peer.uid) != config_.allow_uids.end()) return true;
+  if (std::find(config_.allow_uids.begin(), config_.allow_uids.end(), peer.uid) != config_.allow_uids.end())
+    return true;
   return std::find(config_.allow_gids.begin(), config_.allow_gids.end(), peer.gid) != config_.allow_gids.end();
 }
 

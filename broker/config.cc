@@ -1,5 +1,7 @@
 #include "broker/config.h"
 
+#include <unistd.h>
+
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -8,8 +10,6 @@
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
-
-#include <unistd.h>
 
 #include <boost/json.hpp>
 
@@ -104,8 +104,9 @@ Result<KeySpec> ParseKey(const json::value& v, const std::string& where, const s
                          const EnvLookup& env) {
   if (!v.is_object()) return Error(where, "must be an object");
   const json::object& o = v.as_object();
-  Status st = OnlyFields(o, where, {"name", "secret", "secret_env", "secret_file", "weight", "max_concurrency", "rpm",
-                                    "tpm", "burst", "rate_margin"});
+  Status st = OnlyFields(o, where,
+                         {"name", "secret", "secret_env", "secret_file", "weight", "max_concurrency", "rpm", "tpm",
+                          "burst", "rate_margin"});
   if (!st.ok()) return st;
   KeySpec k;
   const json::value* name = o.if_contains("name");
@@ -179,8 +180,9 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
   if (!st.ok()) return Error(where, st.message());
   if (!v.is_object()) return Error(where, "must be an object");
   const json::object& o = v.as_object();
-  st = OnlyFields(o, where, {"strategy", "default_cooldown", "max_failures", "acquire_timeout", "max_lease_seconds",
-                             "max_cooldown", "rate_margin", "keys"});
+  st = OnlyFields(o, where,
+                  {"strategy", "default_cooldown", "max_failures", "acquire_timeout", "max_lease_seconds",
+                   "max_cooldown", "rate_margin", "keys"});
   if (!st.ok()) return st;
   PoolConfigEntry p;
   p.name = std::string(name);
@@ -195,8 +197,9 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
     const char* field;
     double* dest;
   };
-  for (Dur d : {Dur{"default_cooldown", &p.options.default_cooldown}, Dur{"acquire_timeout", &p.options.acquire_timeout},
-                Dur{"max_lease_seconds", &p.options.max_lease_seconds}, Dur{"max_cooldown", &p.options.max_cooldown}}) {
+  for (Dur d :
+       {Dur{"default_cooldown", &p.options.default_cooldown}, Dur{"acquire_timeout", &p.options.acquire_timeout},
+        Dur{"max_lease_seconds", &p.options.max_lease_seconds}, Dur{"max_cooldown", &p.options.max_cooldown}}) {
     if (const json::value* x = o.if_contains(d.field)) {
       Result<double> r = GetSeconds(*x, where + "." + d.field);
       if (!r.ok()) return r.status();
@@ -226,7 +229,8 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
     Result<KeySpec> k = ParseKey(a[i], kwhere, base_dir, env);
     if (!k.ok()) return k.status();
     if (auto [it, fresh] = names.emplace(k->name, i); !fresh) {
-      return Error(kwhere + ".name", "duplicate key name " + Quoted(k->name) + " (also keys[" + std::to_string(it->second) + "])");
+      return Error(kwhere + ".name",
+                   "duplicate key name " + Quoted(k->name) + " (also keys[" + std::to_string(it->second) + "])");
     }
     if (auto [it, fresh] = secrets.emplace(k->secret, i); !fresh) {
       return Error(kwhere, "repeats the secret of keys[" + std::to_string(it->second) + "]");
@@ -256,8 +260,9 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
   if (ec) return Status(Code::kInvalidArgument, "config: not valid JSON: " + ec.message());
   if (!root.is_object()) return Error("(top level)", "must be a JSON object");
   const json::object& o = root.as_object();
-  Status st = OnlyFields(o, "", {"socket", "state_file", "allow_uids", "allow_gids", "pools", "capacity",
-                                 "log_level", "metrics_file", "metrics_interval"});
+  Status st = OnlyFields(o, "",
+                         {"socket", "state_file", "allow_uids", "allow_gids", "pools", "capacity", "log_level",
+                          "metrics_file", "metrics_interval"});
   if (!st.ok()) return st;
   BrokerConfig c;
   c.socket = kDefaultSocket;
@@ -332,8 +337,9 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
     Result<PoolConfigEntry> p = ParsePool(kv.key(), kv.value(), base_dir, env);
     if (!p.ok()) return p.status();
     if (p->keys.size() > c.capacity.keys_per_pool) {
-      return Error("pools." + Escaped(p->name) + ".keys", std::to_string(p->keys.size()) + " keys exceed capacity.keys_per_pool " +
-                                                   std::to_string(c.capacity.keys_per_pool));
+      return Error("pools." + Escaped(p->name) + ".keys", std::to_string(p->keys.size()) +
+                                                              " keys exceed capacity.keys_per_pool " +
+                                                              std::to_string(c.capacity.keys_per_pool));
     }
     c.pools.push_back(std::move(p).value());
   }
@@ -350,10 +356,12 @@ Result<BrokerConfig> LoadConfig(const std::string& path) {
   std::ostringstream ss;
   ss << in.rdbuf();
   std::string base_dir = ".";
-  if (const size_t slash = path.rfind('/'); slash != std::string::npos) base_dir = slash == 0 ? "/" : path.substr(0, slash);
+  if (const size_t slash = path.rfind('/'); slash != std::string::npos)
+    base_dir = slash == 0 ? "/" : path.substr(0, slash);
   if (base_dir.empty() || base_dir[0] != '/') {
     char cwd[4096];
-    if (::getcwd(cwd, sizeof(cwd)) != nullptr) base_dir = base_dir == "." ? std::string(cwd) : std::string(cwd) + "/" + base_dir;
+    if (::getcwd(cwd, sizeof(cwd)) != nullptr)
+      base_dir = base_dir == "." ? std::string(cwd) : std::string(cwd) + "/" + base_dir;
   }
   return ParseConfig(ss.str(), base_dir, [](const std::string& var) -> std::optional<std::string> {
     const char* v = std::getenv(var.c_str());

@@ -43,9 +43,9 @@ struct BrokerConfig {
   std::vector<uint32_t> allow_uids;
   std::vector<uint32_t> allow_gids;
   shm::Capacities capacity;
-  std::optional<LogLevel> log_level;  // absent: info (or --log-level)
-  std::string metrics_file;           // absolute; empty: no metrics file
-  double metrics_interval = 10.0;     // seconds
+  std::optional<LogLevel> log_level;   // absent: info (or --log-level)
+  std::string metrics_file;            // absolute; empty: no metrics file
+  double metrics_interval = 10.0;      // seconds
   std::vector<PoolConfigEntry> pools;  // in file order
 
   const PoolConfigEntry* FindPool(std::string_view name) const;

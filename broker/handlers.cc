@@ -4,12 +4,12 @@
 
 #include <boost/json.hpp>
 
-#include "common/text.h"
 #include "broker/broker.h"
 #include "broker/log.h"
 #include "broker/metrics.h"
-#include "protocol/protocol.h"
 #include "broker/session.h"
+#include "common/text.h"
+#include "protocol/protocol.h"
 #include "shm/clock.h"
 
 namespace keymesh::broker {
@@ -133,7 +133,8 @@ Result<json::object> Handlers::Hello(Session& s, const json::object& req) {
 
 Result<json::object> Handlers::Secrets(Session& s, const json::object& req) {
   if (!broker_.PeerAllowed(s.peer())) {
-    Log(LogLevel::kWarn, "secrets_refused", {{"peer_uid", std::to_string(s.peer().uid)}, {"peer_pid", std::to_string(s.peer().pid)}});
+    Log(LogLevel::kWarn, "secrets_refused",
+        {{"peer_uid", std::to_string(s.peer().uid)}, {"peer_pid", std::to_string(s.peer().pid)}});
     return NotAllowed(s.peer(), "read secrets");
   }
   Result<std::string> pool = protocol::GetString(req, "pool");
@@ -147,8 +148,11 @@ Result<json::object> Handlers::Secrets(Session& s, const json::object& req) {
     e["secret"] = secret;
     list.push_back(std::move(e));
   }
-  Log(LogLevel::kInfo, "secrets_sent", {{"pool", *pool}, {"peer_uid", std::to_string(s.peer().uid)},
-                                        {"peer_pid", std::to_string(s.peer().pid)}, {"keys", std::to_string(secrets->size())}});
+  Log(LogLevel::kInfo, "secrets_sent",
+      {{"pool", *pool},
+       {"peer_uid", std::to_string(s.peer().uid)},
+       {"peer_pid", std::to_string(s.peer().pid)},
+       {"keys", std::to_string(secrets->size())}});
   json::object o;
   o["secrets"] = std::move(list);
   return o;
@@ -181,26 +185,26 @@ void Handlers::Acquire(const std::shared_ptr<Session>& s, int64_t id, const json
   }
   auto ticket = std::make_shared<uint64_t>(0);
   std::weak_ptr<Session> weak = s;
-  *ticket = broker_.slow().Enqueue(
-      pool, holder, shm::MonotonicNowNanos() + timeout_ns, tokens,
-      [this, weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
-        std::shared_ptr<Session> session = weak.lock();
-        if (!session || session->closed()) {
-          if (h.ok()) {
-            shm::Outcome cancelled;
-            cancelled.kind = shm::OutcomeKind::kCancelled;
-            (void)pool->Release(*h, cancelled, holder);
-          }
-          return;
-        }
-        session->pending.erase(*ticket);
-        if (!h.ok()) {
-          session->Send(protocol::ErrorReply(id, h.status()));
-          return;
-        }
-        session->slow_leases.push_back({pool, *h});
-        session->Send(protocol::OkReply(id, GrantFields(broker_.SlotName(*pool, h->slot), *h)));
-      });
+  *ticket =
+      broker_.slow().Enqueue(pool, holder, shm::MonotonicNowNanos() + timeout_ns, tokens,
+                             [this, weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
+                               std::shared_ptr<Session> session = weak.lock();
+                               if (!session || session->closed()) {
+                                 if (h.ok()) {
+                                   shm::Outcome cancelled;
+                                   cancelled.kind = shm::OutcomeKind::kCancelled;
+                                   (void)pool->Release(*h, cancelled, holder);
+                                 }
+                                 return;
+                               }
+                               session->pending.erase(*ticket);
+                               if (!h.ok()) {
+                                 session->Send(protocol::ErrorReply(id, h.status()));
+                                 return;
+                               }
+                               session->slow_leases.push_back({pool, *h});
+                               session->Send(protocol::OkReply(id, GrantFields(broker_.SlotName(*pool, h->slot), *h)));
+                             });
   s->pending.insert(*ticket);
   s->ArmTimer();
 }
@@ -301,7 +305,8 @@ Result<json::object> Handlers::StatusOp(const json::object& req) {
     if (pool == nullptr) continue;
     Result<PoolStatus> snap = pool->Snapshot();
     if (!snap.ok()) return snap.status();
-    pools.push_back(protocol::PoolStatusToJson(*snap, [&](const std::string& key) { return broker_.Masked(name, key); }));
+    pools.push_back(
+        protocol::PoolStatusToJson(*snap, [&](const std::string& key) { return broker_.Masked(name, key); }));
   }
   json::object o;
   o["pools"] = std::move(pools);

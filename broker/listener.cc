@@ -8,10 +8,10 @@
 #include <cstring>
 #include <memory>
 
-#include "common/text.h"
 #include "broker/handlers.h"
 #include "broker/log.h"
 #include "broker/session.h"
+#include "common/text.h"
 
 namespace keymesh::broker {
 

@@ -26,8 +26,8 @@ Result<std::unique_ptr<LockFile>> LockFile::Acquire(const std::string& path) {
     if (err == EWOULDBLOCK) {
       std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("?");
       while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
-      return Status(Code::kAlreadyExists,
-                    "another keymesh-broker (pid " + Escaped(holder) + ") already serves this config (lock " + Escaped(path) + ")");
+      return Status(Code::kAlreadyExists, "another keymesh-broker (pid " + Escaped(holder) +
+                                              ") already serves this config (lock " + Escaped(path) + ")");
     }
     return Status(Code::kIoError, "cannot lock " + Escaped(path) + ": " + std::strerror(err));
   }

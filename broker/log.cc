@@ -26,7 +26,8 @@ const char* LevelName(LogLevel level) {
 
 void AppendValue(std::string* out, std::string_view v) {
   bool quote = v.empty();
-  for (char c : v) quote = quote || c == ' ' || c == '"' || c == '=' || c == '\\' || static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+  for (char c : v)
+    quote = quote || c == ' ' || c == '"' || c == '=' || c == '\\' || static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
   if (!quote) {
     out->append(v);
     return;

@@ -10,8 +10,8 @@
 #include <cstring>
 #include <utility>
 
-#include "common/text.h"
 #include "broker/log.h"
+#include "common/text.h"
 
 namespace keymesh::broker {
 namespace {
@@ -202,14 +202,17 @@ std::string RenderMetrics(const std::vector<PoolStatus>& pools) {
              [](const KeyStatus& k) { return k.cooldown_remaining > 0 ? k.cooldown_remaining : 0.0; });
   key_family("keymesh_key_circuit_state", "gauge", "Circuit: 0 closed, 1 open, 2 half-open, 3 revoked.",
              [](const KeyStatus& k) { return static_cast<uint32_t>(CircuitStateValue(k.circuit)); });
-  key_family("keymesh_key_requests_available", "gauge", "Requests the key's rpm budget grants now.",
-             [](const KeyStatus& k) { return k.requests_available; },
-             [](const KeyStatus& k) { return k.rpm > 0 && k.requests_available >= 0; });
-  key_family("keymesh_key_tokens_available", "gauge", "Tokens left in the key's tpm budget now.",
-             [](const KeyStatus& k) { return k.tokens_available; },
-             [](const KeyStatus& k) { return k.tpm > 0 && k.tokens_available >= 0; });
-  key_family("keymesh_key_latency_ema_seconds", "gauge", "EMA of the key's request latency (alpha 0.2).",
-             [](const KeyStatus& k) { return k.latency_avg; }, [](const KeyStatus& k) { return k.has_latency; });
+  key_family(
+      "keymesh_key_requests_available", "gauge", "Requests the key's rpm budget grants now.",
+      [](const KeyStatus& k) { return k.requests_available; },
+      [](const KeyStatus& k) { return k.rpm > 0 && k.requests_available >= 0; });
+  key_family(
+      "keymesh_key_tokens_available", "gauge", "Tokens left in the key's tpm budget now.",
+      [](const KeyStatus& k) { return k.tokens_available; },
+      [](const KeyStatus& k) { return k.tpm > 0 && k.tokens_available >= 0; });
+  key_family(
+      "keymesh_key_latency_ema_seconds", "gauge", "EMA of the key's request latency (alpha 0.2).",
+      [](const KeyStatus& k) { return k.latency_avg; }, [](const KeyStatus& k) { return k.has_latency; });
   return e.Take();
 }
 
@@ -243,8 +246,8 @@ Status WriteFileAtomically(const std::string& path, const std::string& text) {
   return Status::Ok();
 }
 
-MetricsFileWriter::MetricsFileWriter(boost::asio::io_context& io, std::string path,
-                                     std::chrono::milliseconds interval, Snapshot snapshot)
+MetricsFileWriter::MetricsFileWriter(boost::asio::io_context& io, std::string path, std::chrono::milliseconds interval,
+                                     Snapshot snapshot)
     : path_(std::move(path)), interval_(interval), snapshot_(std::move(snapshot)), timer_(io) {}
 
 void MetricsFileWriter::Start() {

@@ -1,8 +1,5 @@
 #include "broker/persistence.h"
 
-#include "common/text.h"
-#include "broker/hash.h"
-
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -14,6 +11,8 @@
 
 #include <boost/json.hpp>
 
+#include "broker/hash.h"
+#include "common/text.h"
 #include "shm/clock.h"
 
 namespace keymesh::broker {
@@ -116,7 +115,8 @@ StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono) {
       k.fingerprint = e.fingerprint;
       k.state = e.state;
       if (e.state.cooldown_deadline != 0) {
-        k.cooldown_until_wall_ns = static_cast<uint64_t>(static_cast<int64_t>(e.state.cooldown_deadline) + wall_minus_mono);
+        k.cooldown_until_wall_ns =
+            static_cast<uint64_t>(static_cast<int64_t>(e.state.cooldown_deadline) + wall_minus_mono);
       }
       k.state.cooldown_deadline = 0;
       out.push_back(std::move(k));
@@ -193,7 +193,8 @@ Result<StateImage> ParseState(std::string_view text) {
       uint64_t fs = 0, rs = 0;
       bool ok = ReadU64(o, "fingerprint", &k.fingerprint) && ReadBool(o, "enabled", &s.enabled) &&
                 ReadBool(o, "exhausted", &s.exhausted) && ReadU64(o, "fail_streak", &fs) &&
-                ReadU64(o, "rate_limit_streak", &rs) && ReadU64(o, "cooldown_until_wall_ns", &k.cooldown_until_wall_ns) &&
+                ReadU64(o, "rate_limit_streak", &rs) &&
+                ReadU64(o, "cooldown_until_wall_ns", &k.cooldown_until_wall_ns) &&
                 ReadU64(o, "last_cooldown_ns", &s.last_cooldown) && ReadU64(o, "acquires", &s.acquires) &&
                 ReadU64(o, "successes", &s.successes) && ReadU64(o, "failures", &s.failures) &&
                 ReadU64(o, "rate_limited", &s.rate_limited) && ReadU64(o, "reclaimed", &s.reclaimed) &&
@@ -234,7 +235,8 @@ Result<std::optional<StateImage>> ReadStateFile(const std::string& path) {
   }
   ::close(fd);
   Result<StateImage> image = ParseState(text);
-  if (!image.ok()) return Status(Code::kCorruptState, "state file " + Escaped(path) + " is corrupt: " + image.status().message());
+  if (!image.ok())
+    return Status(Code::kCorruptState, "state file " + Escaped(path) + " is corrupt: " + image.status().message());
   return std::optional<StateImage>(std::move(image).value());
 }
 
@@ -275,7 +277,8 @@ Status StatePersister::Save(const StateImage& image, bool force) {
   if (::rename(tmp.c_str(), path_.c_str()) != 0) {
     const int err = errno;
     ::unlink(tmp.c_str());
-    return Status(Code::kIoError, "cannot rename " + Escaped(tmp) + " to " + Escaped(path_) + ": " + std::strerror(err));
+    return Status(Code::kIoError,
+                  "cannot rename " + Escaped(tmp) + " to " + Escaped(path_) + ": " + std::strerror(err));
   }
   Status st = SyncDirectory(path_);
   if (!st.ok()) return st;

@@ -3,8 +3,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 
 namespace keymesh::broker {
 
@@ -38,10 +38,11 @@ void Reaper::Watch(const shm::ProcessId& id) {
     ::close(fd);
     return;
   }
-  entry->fd.async_wait(boost::asio::posix::stream_descriptor::wait_read, [this, id](const boost::system::error_code& e) {
-    if (e == boost::asio::error::operation_aborted) return;
-    Died(id);
-  });
+  entry->fd.async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                       [this, id](const boost::system::error_code& e) {
+                         if (e == boost::asio::error::operation_aborted) return;
+                         Died(id);
+                       });
   watched_.emplace(key, std::move(entry));
 }
 

@@ -1,13 +1,12 @@
 #include "broker/recovery.h"
 
-#include "common/text.h"
-#include "broker/hash.h"
-
-#include <cmath>
 #include <cinttypes>
+#include <cmath>
 #include <cstdio>
 
+#include "broker/hash.h"
 #include "broker/log.h"
+#include "common/text.h"
 #include "shm/clock.h"
 #include "shm/pool.h"
 
@@ -53,7 +52,8 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
   if (!shm::SamePoolConfig(access.header()->config, shm::ToPoolConfig(p.options))) {
     Status st = access.SetOptions(p.options);
     if (!st.ok()) return st;
-    Log(LogLevel::kInfo, "pool_options_changed", {{"pool", p.name}, {"strategy", std::string(StrategyName(p.options.strategy))}});
+    Log(LogLevel::kInfo, "pool_options_changed",
+        {{"pool", p.name}, {"strategy", std::string(StrategyName(p.options.strategy))}});
   }
   Result<PoolStatus> snap = access.Snapshot();
   if (!snap.ok()) return snap.status();
@@ -74,15 +74,16 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
     def.burst = k.burst;
     def.margin_ppm = shm::KeyMarginPpm(k.rate_margin);
     if (cur != nullptr && cur->state != KeyState::kRemoving && cur->fingerprint == fp && cur->weight == k.weight &&
-        cur->max_concurrency == k.max_concurrency && cur->rpm == k.rpm && cur->tpm == k.tpm &&
-        cur->burst == k.burst && cur->rate_margin == k.rate_margin) {
+        cur->max_concurrency == k.max_concurrency && cur->rpm == k.rpm && cur->tpm == k.tpm && cur->burst == k.burst &&
+        cur->rate_margin == k.rate_margin) {
       continue;  // unchanged: not touched at all
     }
     if (cur != nullptr && exported.empty()) exported = access.ExportKeyStates();
     const shm::PoolAccess::ExportedKey* old = cur != nullptr ? FindExported(exported, k.name) : nullptr;
     Result<shm::AddKeyResult> added = access.AddKey(def);
     if (!added.ok()) {
-      return Status(added.status().code(), "pool " + Quoted(p.name) + " key " + Quoted(k.name) + ": " + added.status().message());
+      return Status(added.status().code(),
+                    "pool " + Quoted(p.name) + " key " + Quoted(k.name) + ": " + added.status().message());
     }
     if (old != nullptr) {
       // AddKey kept the counters; workers may have moved them since the
@@ -104,7 +105,8 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
     Status st = access.RemoveKey(ks.name);
     if (!st.ok() && st.code() != Code::kUnknownKey) return st;
     *changed = true;
-    Log(LogLevel::kInfo, "key_removed", {{"pool", p.name}, {"key", ks.name}, {"in_flight", std::to_string(ks.in_flight)}});
+    Log(LogLevel::kInfo, "key_removed",
+        {{"pool", p.name}, {"key", ks.name}, {"in_flight", std::to_string(ks.in_flight)}});
   }
   return Status::Ok();
 }
@@ -204,8 +206,8 @@ Result<OpenedSegment> OpenSegment(const BrokerConfig& config, const std::string&
       Result<std::string> aside = MoveAside(config.state_file);
       if (!aside.ok()) return aside.status();
       out.moved_aside = *aside;
-      Log(LogLevel::kWarn, "state_discarded", {{"file", config.state_file}, {"moved_to", *aside},
-                                               {"reason", image.status().message()}});
+      Log(LogLevel::kWarn, "state_discarded",
+          {{"file", config.state_file}, {"moved_to", *aside}, {"reason", image.status().message()}});
       image = std::optional<StateImage>();
     }
     Result<std::unique_ptr<shm::Segment>> seg = shm::Segment::CreateNamed(name, config.capacity);

@@ -33,8 +33,8 @@ void Session::ArmTimer() {
   timer_.expires_after(limit);
   timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     if (ec == boost::asio::error::operation_aborted || self->closed_) return;
-    Log(LogLevel::kDebug, "session_timeout", {{"peer_pid", std::to_string(self->peer_.pid)},
-                                               {"partial_frame", self->in_.empty() ? "false" : "true"}});
+    Log(LogLevel::kDebug, "session_timeout",
+        {{"peer_pid", std::to_string(self->peer_.pid)}, {"partial_frame", self->in_.empty() ? "false" : "true"}});
     self->Close();
   });
 }
@@ -42,10 +42,8 @@ void Session::ArmTimer() {
 void Session::DoRead() {
   if (closed_) return;
   ArmTimer();
-  socket_.async_read_some(boost::asio::buffer(buf_),
-                          [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
-                            self->OnRead(ec, n);
-                          });
+  socket_.async_read_some(boost::asio::buffer(buf_), [self = shared_from_this()](const boost::system::error_code& ec,
+                                                                                 size_t n) { self->OnRead(ec, n); });
 }
 
 void Session::OnRead(const boost::system::error_code& ec, size_t n) {
@@ -87,7 +85,8 @@ void Session::Send(std::string frame) {
   if (closed_ || close_after_write_) return;
   const size_t behind = out_bytes_ - (writing_ ? out_.front().size() : 0);
   if (out_.size() >= kMaxQueuedReplies || (behind > 0 && behind + frame.size() > kMaxQueuedBytes)) {
-    Log(LogLevel::kWarn, "session_dropped", {{"peer_pid", std::to_string(peer_.pid)}, {"reason", "client does not read its replies"}});
+    Log(LogLevel::kWarn, "session_dropped",
+        {{"peer_pid", std::to_string(peer_.pid)}, {"reason", "client does not read its replies"}});
     Close();
     return;
   }

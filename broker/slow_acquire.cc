@@ -18,8 +18,8 @@ struct SlowAcquirer::Waiter {
   uint64_t deadline = 0;
   Done done;
   std::atomic<bool> cancel{false};
-  bool finished = false;   // io thread: done ran or was cancelled
-  bool in_service = false; // guarded by the lane mutex: the lane thread took it
+  bool finished = false;    // io thread: done ran or was cancelled
+  bool in_service = false;  // guarded by the lane mutex: the lane thread took it
   boost::asio::steady_timer timer;
 };
 

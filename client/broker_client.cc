@@ -23,8 +23,8 @@
 #include <boost/json.hpp>
 
 #include "common/text.h"
-#include "protocol/protocol.h"
 #include "keymesh/pool.h"
+#include "protocol/protocol.h"
 #include "shm/clock.h"
 #include "shm/pool.h"
 #include "shm/process_id.h"
@@ -38,7 +38,7 @@ namespace json = boost::json;
 namespace {
 
 constexpr const char* kDefaultSocket = "/run/keymesh/keymesh.sock";
-constexpr double kCallTimeout = 10.0;         // seconds, for everything but acquire
+constexpr double kCallTimeout = 10.0;            // seconds, for everything but acquire
 constexpr uint64_t kMaxIdleNs = 20'000'000'000;  // the broker drops idle connections after 30 s
 
 Status Unavailable(const std::string& path, const std::string& why) {
@@ -248,7 +248,8 @@ class BrokerLink {
         return std::move(reply->body);
       }
       const uint64_t now = shm::MonotonicNowNanos();
-      if (now >= deadline) return Status(Code::kBrokerUnavailable, "keymesh-broker did not answer " + Quoted(op) + " in time");
+      if (now >= deadline)
+        return Status(Code::kBrokerUnavailable, "keymesh-broker did not answer " + Quoted(op) + " in time");
       pollfd p{c->fd, POLLIN, 0};
       const uint64_t left_ms = (deadline - now) / 1'000'000 + 1;
       const int rc = ::poll(&p, 1, left_ms > INT32_MAX ? INT32_MAX : static_cast<int>(left_ms));
@@ -268,13 +269,13 @@ class BrokerLink {
   const std::string path_;
   const std::string pool_;
   std::mutex mu_;
-  std::vector<Conn> idle_;            // guarded by mu_
+  std::vector<Conn> idle_;                                  // guarded by mu_
   uint32_t owner_pid_ = static_cast<uint32_t>(::getpid());  // guarded by mu_
-  json::object hello_;                // guarded by mu_; written once
+  json::object hello_;                                      // guarded by mu_; written once
   std::atomic<int64_t> next_id_{1};
   std::mutex entries_mu_;
-  std::map<std::string, const KeyEntry*> entries_;     // guarded by entries_mu_
-  std::vector<std::unique_ptr<KeyEntry>> storage_;     // guarded by entries_mu_
+  std::map<std::string, const KeyEntry*> entries_;  // guarded by entries_mu_
+  std::vector<std::unique_ptr<KeyEntry>> storage_;  // guarded by entries_mu_
 };
 
 }  // namespace detail
@@ -309,7 +310,8 @@ Result<std::unique_ptr<Pool>> Pool::Connect(std::string_view socket_path, std::s
       (*attached)->broker_ = std::move(link);
       return std::move(attached).value();
     }
-    if (attached.status().code() == Code::kPermissionDenied && attached.status().message().find("secret") != std::string::npos) {
+    if (attached.status().code() == Code::kPermissionDenied &&
+        attached.status().message().find("secret") != std::string::npos) {
       return attached.status();
     }
     // Cannot map the segment (permissions, another layout version): every
@@ -441,8 +443,6 @@ Result<PoolStatus> Pool::RemoteStatus() {
   return protocol::PoolStatusFromJson(pools->get_array()[0]);
 }
 
-std::optional<std::string> Pool::RemoteNameOfSecret(std::string_view secret) {
-  return broker_->NameOfSecret(secret);
-}
+std::optional<std::string> Pool::RemoteNameOfSecret(std::string_view secret) { return broker_->NameOfSecret(secret); }
 
 }  // namespace keymesh

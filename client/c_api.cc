@@ -19,11 +19,6 @@
 // triggers every cancel token of the pool, waits until `users` drops to
 // zero, and only then frees the Pool. The km_pool shell itself lives until
 // km_pool_destroy.
-#include "keymesh/keymesh.h"
-
-#include "common/text.h"
-#include "protocol/protocol.h"
-
 #include <pthread.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -48,9 +43,12 @@
 
 #include <boost/json.hpp>
 
+#include "common/text.h"
+#include "keymesh/keymesh.h"
 #include "keymesh/pool.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
+#include "protocol/protocol.h"
 #include "shm/pool.h"
 
 using keymesh::Code;
@@ -133,14 +131,14 @@ struct km_pool {
   bool attached = false;
   std::string socket_path;
   std::string pool_name;
-  std::unique_ptr<Pool> embedded;           // embedded pools: shared by every generation
+  std::unique_ptr<Pool> embedded;  // embedded pools: shared by every generation
   std::atomic<ProcState*> state{nullptr};
   std::atomic<bool> closed{false};
   std::atomic<int64_t> users{0};
-  std::mutex reconnect_mu;                  // one (re)connection at a time
-  std::mutex tokens_mu;                     // guards tokens
+  std::mutex reconnect_mu;  // one (re)connection at a time
+  std::mutex tokens_mu;     // guards tokens
   std::unordered_set<km_cancel*> tokens;
-  bool freed = false;                       // close finished (under close_mu)
+  bool freed = false;  // close finished (under close_mu)
   std::mutex close_mu;
 };
 
@@ -221,7 +219,8 @@ int ClosedError() { return Fail(Code::kClosed, "the pool is closed"); }
 Result<ProcState*> CurrentState(km_pool* p) {
   const uint64_t gen = g_fork_generation.load(std::memory_order_relaxed);
   ProcState* s = p->state.load(std::memory_order_acquire);
-  if (s != nullptr && s->generation == gen) [[likely]] return s;
+  if (s != nullptr && s->generation == gen) [[likely]]
+    return s;
   std::lock_guard<std::mutex> lock(p->reconnect_mu);
   s = p->state.load(std::memory_order_acquire);
   if (s != nullptr && s->generation == gen) return s;
@@ -365,7 +364,8 @@ int EndKey(km_pool* p, const char* secret, uint64_t ticket, EndKind kind, double
   if (!lease) {
     std::optional<std::string> name = st->pool->NameOfSecret(secret);
     if (!name) {
-      return Fail(Code::kUnknownKey, "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
+      return Fail(Code::kUnknownKey,
+                  "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
     }
     return Fail(Code::kNotHeld, "key " + keymesh::Quoted(*name) + " is not held by this process" +
                                     (ticket != 0 ? std::string(" under that lease (already ended?)")
@@ -580,7 +580,8 @@ int km_pool_create(const km_key_spec* keys, size_t n, const km_pool_options* opt
 
 int km_pool_connect(const char* socket_path, const char* pool_name, km_pool** out) {
   return Guarded([&] {
-    if (out == nullptr || pool_name == nullptr) return Fail(Code::kInvalidArgument, "pool_name and out must not be NULL");
+    if (out == nullptr || pool_name == nullptr)
+      return Fail(Code::kInvalidArgument, "pool_name and out must not be NULL");
     auto p = std::make_unique<km_pool>();
     p->attached = true;
     p->socket_path = socket_path != nullptr ? socket_path : "";
@@ -723,8 +724,8 @@ int km_pool_acquire_key_tokens(km_pool* p, double timeout, uint64_t tokens, km_c
     if (cancel != nullptr && cancel->pool != p) {
       return Fail(Code::kInvalidArgument, "the cancel token belongs to another pool");
     }
-    return AcquireKey(p, timeout, cancel != nullptr ? &cancel->flag : (p != nullptr ? &p->closed : nullptr), false,
-                      out, tokens);
+    return AcquireKey(p, timeout, cancel != nullptr ? &cancel->flag : (p != nullptr ? &p->closed : nullptr), false, out,
+                      tokens);
   });
 }
 
@@ -734,8 +735,7 @@ int km_pool_poll_key_tokens(km_pool* p, uint64_t tokens, km_held* out) {
 }
 
 int km_pool_mark_failed_key_permanent(km_pool* p, const char* secret, uint64_t ticket) {
-  return Guarded(
-      [&] { return EndKey(p, secret, ticket, EndKind::kFailedPermanent, KM_LATENCY_NONE, 0, KM_DEFAULT); });
+  return Guarded([&] { return EndKey(p, secret, ticket, EndKind::kFailedPermanent, KM_LATENCY_NONE, 0, KM_DEFAULT); });
 }
 
 int km_pool_observe_limits(km_pool* p, const char* secret, const char* const* names, const char* const* values,
@@ -762,7 +762,8 @@ int km_pool_observe_limits(km_pool* p, const char* secret, const char* const* na
     if (!s.ok()) return Fail(s.status());
     std::optional<std::string> name = (*s)->pool->NameOfSecret(secret);
     if (!name) {
-      return Fail(Code::kUnknownKey, "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
+      return Fail(Code::kUnknownKey,
+                  "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
     }
     Status st = (*s)->pool->ObserveLimits(*name, *obs);
     if (!st.ok()) return Fail(st);
@@ -772,7 +773,8 @@ int km_pool_observe_limits(km_pool* p, const char* secret, const char* const* na
 
 int km_parse_retry_after(const char* value, double* seconds) {
   return Guarded([&] {
-    if (value == nullptr || seconds == nullptr) return Fail(Code::kInvalidArgument, "value and seconds must not be NULL");
+    if (value == nullptr || seconds == nullptr)
+      return Fail(Code::kInvalidArgument, "value and seconds must not be NULL");
     timeval tv{};
     gettimeofday(&tv, nullptr);
     Result<double> r =
@@ -785,7 +787,8 @@ int km_parse_retry_after(const char* value, double* seconds) {
 
 int km_parse_duration(const char* value, double* seconds) {
   return Guarded([&] {
-    if (value == nullptr || seconds == nullptr) return Fail(Code::kInvalidArgument, "value and seconds must not be NULL");
+    if (value == nullptr || seconds == nullptr)
+      return Fail(Code::kInvalidArgument, "value and seconds must not be NULL");
     Result<double> r = keymesh::ParseRateLimitDuration(value);
     if (!r.ok()) return Fail(r.status());
     *seconds = *r;
@@ -900,7 +903,8 @@ int km_pool_key_name(km_pool* p, const char* secret, char** out) {
     if (!s.ok()) return Fail(s.status());
     std::optional<std::string> name = (*s)->pool->NameOfSecret(secret);
     if (!name) {
-      return Fail(Code::kUnknownKey, "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
+      return Fail(Code::kUnknownKey,
+                  "Unknown key " + keymesh::Quoted(keymesh::MaskSecret(secret)) + " — was it added to this pool?");
     }
     *out = CopyOut(*name);
     return KM_OK;

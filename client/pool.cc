@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <cmath>
-
 #include <unordered_set>
 
 #include "common/text.h"
@@ -131,8 +130,8 @@ Result<std::unique_ptr<Pool>> Pool::CreateEmbedded(const std::vector<KeySpec>& k
   Status st = ValidatePoolOptions(options);
   if (!st.ok()) return st;
   if (keys.size() > embedded.keys_capacity) {
-    return Status(Code::kCapacityExceeded, std::to_string(keys.size()) + " keys exceed keys_capacity " +
-                                               std::to_string(embedded.keys_capacity));
+    return Status(Code::kCapacityExceeded,
+                  std::to_string(keys.size()) + " keys exceed keys_capacity " + std::to_string(embedded.keys_capacity));
   }
   std::unordered_set<std::string_view> names;
   std::unordered_set<std::string_view> secrets;
@@ -171,8 +170,7 @@ Result<std::unique_ptr<Pool>> Pool::AttachSegment(std::string_view segment_name,
   if (!seg.ok()) return seg.status();
   std::optional<uint32_t> index = (*seg)->FindPool(pool_name);
   if (!index) {
-    return Status(Code::kUnknownKey, "no pool " + Quoted(pool_name) + " in segment " +
-                                         Quoted(segment_name));
+    return Status(Code::kUnknownKey, "no pool " + Quoted(pool_name) + " in segment " + Quoted(segment_name));
   }
   std::unique_ptr<Pool> pool(new Pool(std::move(seg).value(), *index, std::string(pool_name), std::move(secrets)));
   if (pool->source_) {
@@ -237,8 +235,8 @@ Result<Lease> Pool::Acquire(const AcquireOptions& options) {
     if (!st.ok()) return st;
     timeout_ns = shm::SecondsToNanos(*options.timeout);
   }
-  Result<shm::LeaseHandle> h = access_->Acquire(timeout_ns, selector_raw_.load(std::memory_order_acquire),
-                                                shm::Self(), options.cancel, options.tokens);
+  Result<shm::LeaseHandle> h = access_->Acquire(timeout_ns, selector_raw_.load(std::memory_order_acquire), shm::Self(),
+                                                options.cancel, options.tokens);
   if (!h.ok()) return h.status();
   return MakeLease(h->slot, h->lease, h->seq, h->acquire_ns, h->fingerprint);
 }

@@ -58,7 +58,7 @@ std::optional<uint64_t> ParseCount(std::string_view s) {
 
 int MonthIndex(std::string_view m) {
   static constexpr std::string_view kMonths[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
-                                                  "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+                                                 "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
   for (int i = 0; i < 12; ++i) {
     if (IEquals(m, kMonths[i])) return i;
   }
@@ -74,14 +74,15 @@ std::optional<double> ParseHttpDate(std::string_view s) {
   int day = 0, year = 0, hh = 0, mm = 0, ss = 0, used = 0;
   char wkday[16] = {0}, mon[4] = {0};
   // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT"
-  if (std::sscanf(buf, "%15[A-Za-z], %2d %3s %4d %2d:%2d:%2d GMT%n", wkday, &day, mon, &year, &hh, &mm, &ss,
-                  &used) == 7 && used == static_cast<int>(s.size())) {
-  } else if (used = 0; std::sscanf(buf, "%15[A-Za-z], %2d-%3s-%2d %2d:%2d:%2d GMT%n", wkday, &day, mon, &year,
-                                   &hh, &mm, &ss, &used) == 7 &&
+  if (std::sscanf(buf, "%15[A-Za-z], %2d %3s %4d %2d:%2d:%2d GMT%n", wkday, &day, mon, &year, &hh, &mm, &ss, &used) ==
+          7 &&
+      used == static_cast<int>(s.size())) {
+  } else if (used = 0; std::sscanf(buf, "%15[A-Za-z], %2d-%3s-%2d %2d:%2d:%2d GMT%n", wkday, &day, mon, &year, &hh, &mm,
+                                   &ss, &used) == 7 &&
                        used == static_cast<int>(s.size())) {
     year += year < 70 ? 2000 : 1900;  // RFC 850: two-digit year
-  } else if (used = 0; std::sscanf(buf, "%15[A-Za-z] %3s %2d %2d:%2d:%2d %4d%n", wkday, mon, &day, &hh, &mm, &ss,
-                                   &year, &used) == 7 &&
+  } else if (used = 0; std::sscanf(buf, "%15[A-Za-z] %3s %2d %2d:%2d:%2d %4d%n", wkday, mon, &day, &hh, &mm, &ss, &year,
+                                   &used) == 7 &&
                        used == static_cast<int>(s.size())) {
     // asctime
   } else {
@@ -190,12 +191,16 @@ Result<LimitObservation> ParseLimitHeaders(const std::vector<std::pair<std::stri
       st = duration(&obs.reset_tokens);
     } else if (IEquals(name, "retry-after-ms")) {
       std::optional<double> ms = ParseDecimal(Trim(value));
-      if (!ms) st = Status(Code::kInvalidArgument, "malformed retry-after-ms value");
-      else obs.retry_after = *ms / 1000.0;
+      if (!ms)
+        st = Status(Code::kInvalidArgument, "malformed retry-after-ms value");
+      else
+        obs.retry_after = *ms / 1000.0;
     } else if (IEquals(name, "retry-after")) {
       Result<double> v = ParseRetryAfter(value, now_unix_seconds);
-      if (!v.ok()) st = v.status();
-      else if (!obs.retry_after) obs.retry_after = *v;  // retry-after-ms is more precise
+      if (!v.ok())
+        st = v.status();
+      else if (!obs.retry_after)
+        obs.retry_after = *v;  // retry-after-ms is more precise
     }
     if (!st.ok()) return st;
   }

@@ -6,13 +6,12 @@
 #include <cstdio>
 #include <cstdlib>
 
-#define KM_CHECK_MSG(cond, msg)                                                      \
-  do {                                                                               \
-    if (!(cond)) [[unlikely]] {                                                      \
-      std::fprintf(stderr, "keymesh: invariant failed at %s:%d: %s (%s)\n", __FILE__, \
-                   __LINE__, #cond, msg);                                            \
-      std::abort();                                                                  \
-    }                                                                                \
+#define KM_CHECK_MSG(cond, msg)                                                                              \
+  do {                                                                                                       \
+    if (!(cond)) [[unlikely]] {                                                                              \
+      std::fprintf(stderr, "keymesh: invariant failed at %s:%d: %s (%s)\n", __FILE__, __LINE__, #cond, msg); \
+      std::abort();                                                                                          \
+    }                                                                                                        \
   } while (0)
 
 #define KM_CHECK(cond) KM_CHECK_MSG(cond, "bug")

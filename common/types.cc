@@ -20,8 +20,7 @@ Result<Strategy> ParseStrategy(std::string_view name) {
   if (name == "round_robin") return Strategy::kRoundRobin;
   if (name == "least_busy") return Strategy::kLeastBusy;
   if (name == "weighted") return Strategy::kWeighted;
-  return Status(Code::kInvalidArgument, "strategy must be round_robin, least_busy or weighted, not " +
-                                            Quoted(name));
+  return Status(Code::kInvalidArgument, "strategy must be round_robin, least_busy or weighted, not " + Quoted(name));
 }
 
 std::string_view KeyStateName(KeyState state) noexcept {
@@ -43,8 +42,8 @@ std::string_view KeyStateName(KeyState state) noexcept {
 namespace {
 Status CheckSeconds(const char* field, double v, bool allow_zero) {
   if (!std::isfinite(v) || v < 0 || (!allow_zero && v == 0) || v > 1e9) {
-    return Status(Code::kInvalidArgument, std::string(field) + " must be a finite number of seconds " +
-                                              (allow_zero ? ">= 0" : "> 0"));
+    return Status(Code::kInvalidArgument,
+                  std::string(field) + " must be a finite number of seconds " + (allow_zero ? ">= 0" : "> 0"));
   }
   return Status::Ok();
 }

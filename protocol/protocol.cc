@@ -286,8 +286,10 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     if (const json::value* c = w.if_contains("counts"); c != nullptr && c->is_array()) {
       const json::array& a = c->get_array();
       for (size_t b = 0; b < kWaitBuckets && b < a.size(); ++b) {
-        if (a[b].is_uint64()) s.acquire_wait.counts[b] = a[b].get_uint64();
-        else if (a[b].is_int64() && a[b].get_int64() >= 0) s.acquire_wait.counts[b] = static_cast<uint64_t>(a[b].get_int64());
+        if (a[b].is_uint64())
+          s.acquire_wait.counts[b] = a[b].get_uint64();
+        else if (a[b].is_int64() && a[b].get_int64() >= 0)
+          s.acquire_wait.counts[b] = static_cast<uint64_t>(a[b].get_int64());
       }
     }
     s.acquire_wait.sum = F64(w, "sum");
@@ -315,9 +317,9 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     k.slot = static_cast<uint32_t>(U64(j, "slot"));
     k.fingerprint = U64(j, "fingerprint");
     const std::string state = Str(j, "state");
-    for (KeyState ks : {KeyState::kAvailable, KeyState::kBusy, KeyState::kCooling, KeyState::kExhausted,
-                        KeyState::kDisabled, KeyState::kRemoving, KeyState::kHalfOpen, KeyState::kRevoked,
-                        KeyState::kThrottled, KeyState::kProbe}) {
+    for (KeyState ks :
+         {KeyState::kAvailable, KeyState::kBusy, KeyState::kCooling, KeyState::kExhausted, KeyState::kDisabled,
+          KeyState::kRemoving, KeyState::kHalfOpen, KeyState::kRevoked, KeyState::kThrottled, KeyState::kProbe}) {
       if (state == KeyStateName(ks)) k.state = ks;
     }
     k.enabled = Bool(j, "enabled");
@@ -343,7 +345,8 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     if (j.if_contains("circuit")) k.circuit = Str(j, "circuit");
     k.circuit_opens = static_cast<uint32_t>(U64(j, "circuit_opens"));
     k.escalation = static_cast<uint32_t>(U64(j, "escalation"));
-    k.requests_available = j.if_contains("requests_available") ? static_cast<int64_t>(F64(j, "requests_available")) : -1;
+    k.requests_available =
+        j.if_contains("requests_available") ? static_cast<int64_t>(F64(j, "requests_available")) : -1;
     k.tokens_available = j.if_contains("tokens_available") ? static_cast<int64_t>(F64(j, "tokens_available")) : -1;
     k.burst = static_cast<uint32_t>(U64(j, "burst"));
     k.rate_margin = j.if_contains("rate_margin") ? F64(j, "rate_margin") : -1.0;

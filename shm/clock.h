@@ -18,9 +18,7 @@ inline constexpr uint64_t kNanosPerSecond = 1'000'000'000ull;
 // Seconds (may be fractional, must be finite and >= 0) to nanoseconds,
 // saturating at ~292 years.
 uint64_t SecondsToNanos(double seconds) noexcept;
-inline double NanosToSeconds(uint64_t nanos) noexcept {
-  return static_cast<double>(nanos) / 1e9;
-}
+inline double NanosToSeconds(uint64_t nanos) noexcept { return static_cast<double>(nanos) / 1e9; }
 
 // Thread-safe; Now() must be monotonic non-decreasing and comparable across
 // processes that share a segment.

@@ -9,8 +9,7 @@
 
 namespace keymesh::shm {
 
-static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) &&
-                  std::atomic<uint32_t>::is_always_lock_free,
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) && std::atomic<uint32_t>::is_always_lock_free,
               "futex words must be plain lock-free 32-bit words");
 
 void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, uint64_t timeout_nanos) noexcept {

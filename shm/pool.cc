@@ -6,8 +6,8 @@
 #include <cstring>
 #include <unordered_set>
 
-#include "common/text.h"
 #include "common/check.h"
+#include "common/text.h"
 #include "shm/futex.h"
 
 namespace keymesh::shm {
@@ -17,7 +17,8 @@ std::atomic<CrashHook> g_crash_hook{nullptr};
 
 inline void CrashPointReached(CrashPoint point) noexcept {
   CrashHook hook = g_crash_hook.load(std::memory_order_relaxed);
-  if (hook != nullptr) [[unlikely]] hook(point);
+  if (hook != nullptr) [[unlikely]]
+    hook(point);
 }
 
 // Orders the stores of a critical section against the journal flag as the
@@ -326,8 +327,7 @@ void PoolAccess::Repair() noexcept {
   uint32_t top = 0;
   for (uint32_t l = lease_cap_; l-- > 0;) {
     LeaseRecord& r = leases_[l];
-    if (r.state == LeaseState::kHeld && r.slot < ph_->slot_high_water &&
-        keys_[r.slot].state.use != SlotUse::kFree) {
+    if (r.state == LeaseState::kHeld && r.slot < ph_->slot_high_water && keys_[r.slot].state.use != SlotUse::kFree) {
       ++keys_[r.slot].state.in_flight;
     } else {
       r.state = LeaseState::kFree;
@@ -372,7 +372,8 @@ uint64_t PoolAccess::ReadyAt(uint32_t slot) const noexcept {
   const SlotState& st = keys_[slot].state;
   uint64_t ready = st.cooldown_deadline;
   const KeyConfig& c = keys_[slot].config;
-  if (c.rpm == 0 && c.tpm == 0) [[likely]] return ready;  // no budgets: only the cooldown
+  if (c.rpm == 0 && c.tpm == 0) [[likely]]
+    return ready;  // no budgets: only the cooldown
   uint64_t interval, tolerance;
   RequestPacing(slot, &interval, &tolerance);
   if (interval != 0 && st.req_tat > tolerance) ready = std::max(ready, st.req_tat - tolerance);
@@ -394,8 +395,7 @@ bool PoolAccess::Eligible(uint32_t slot, uint64_t now) const noexcept {
       if (st.in_flight != 0) return false;  // exactly one probe, after the others ended
       break;
     case Circuit::kHalfOpen:
-    case Circuit::kRevoked:
-      return false;
+    case Circuit::kRevoked: return false;
   }
   return ReadyAt(slot) <= now;
 }
@@ -567,9 +567,11 @@ uint64_t PoolAccess::Stride(uint32_t slot) const noexcept {
 // Fast path
 
 Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
-                                                  uint64_t tokens, uint64_t waited_ns, const ProcessId& holder) {
-  if (now >= ph_->next_deadline) [[unlikely]] Sweep(now);
-  if (ph_->index_strategy != ph_->config.strategy) [[unlikely]] IndexRebuild(now);
+                                                 uint64_t tokens, uint64_t waited_ns, const ProcessId& holder) {
+  if (now >= ph_->next_deadline) [[unlikely]]
+    Sweep(now);
+  if (ph_->index_strategy != ph_->config.strategy) [[unlikely]]
+    IndexRebuild(now);
   const Selector& sel = selector != nullptr ? *selector : BuiltinSelector(ph_->config.strategy);
   PoolSelection ctx(this);
   const std::optional<uint32_t> choice = sel.Select(ctx);
@@ -650,7 +652,7 @@ Result<LeaseHandle> PoolAccess::TryAcquireLocked(const Selector* selector, uint6
 }
 
 Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* earliest, const ProcessId& holder,
-                                            uint64_t tokens) {
+                                           uint64_t tokens) {
   Result<LeaseHandle> r = [&] {
     Guard g(this);
     return TryAcquireLocked(selector, clock_->NowNanos(), earliest, tokens, 0, holder);
@@ -662,7 +664,7 @@ Result<LeaseHandle> PoolAccess::TryAcquire(const Selector* selector, uint64_t* e
 }
 
 Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* selector, const ProcessId& holder,
-                                         const std::atomic<bool>* cancel, uint64_t tokens) {
+                                        const std::atomic<bool>* cancel, uint64_t tokens) {
   const uint64_t start = MonotonicNowNanos();
   const uint64_t deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
   for (bool first = true;; first = false) {
@@ -703,14 +705,13 @@ Result<LeaseHandle> PoolAccess::Acquire(uint64_t timeout_ns, const Selector* sel
   }
 }
 
-Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, const ProcessId& holder,
-                                 bool* wake) {
+Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, const ProcessId& holder, bool* wake) {
   if (h.lease >= lease_cap_ || h.slot >= key_cap_) {
     return Status(Code::kNotHeld, "lease handle out of range");
   }
   LeaseRecord& lease = leases_[h.lease];
-  if (lease.state != LeaseState::kHeld || lease.seq != h.seq || lease.slot != h.slot ||
-      lease.pid != holder.pid || lease.start_time != holder.start_time) {
+  if (lease.state != LeaseState::kHeld || lease.seq != h.seq || lease.slot != h.slot || lease.pid != holder.pid ||
+      lease.start_time != holder.start_time) {
     return Status(Code::kNotHeld, "key " + Quoted(SlotName(keys_[h.slot])) +
                                       " is not held by this lease (already released or reclaimed)");
   }
@@ -787,8 +788,7 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
     case OutcomeKind::kRateLimited: {
       st.rate_limited += 1;
       st.tokens += outcome.tokens;
-      const uint64_t requested = outcome.cooldown ? SecondsToNanos(*outcome.cooldown)
-                                                  : ph_->config.default_cooldown;
+      const uint64_t requested = outcome.cooldown ? SecondsToNanos(*outcome.cooldown) : ph_->config.default_cooldown;
       uint64_t cooldown = requested;
       if (st.rl_streak > 0) {
         // Consecutive 429s escalate: at least twice the previous, capped.
@@ -801,7 +801,7 @@ Status PoolAccess::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, c
       st.last_cooldown = cooldown;
       const uint64_t until = now + cooldown;
       if (until > st.cooldown_deadline) st.cooldown_deadline = until;  // never shortens
-      if (probe) st.circuit = Circuit::kOpen;  // probe again once the 429 cooldown ends
+      if (probe) st.circuit = Circuit::kOpen;                          // probe again once the 429 cooldown ends
       break;
     }
   }
@@ -922,8 +922,8 @@ Result<AddKeyResult> PoolAccess::AddKey(const KeyDefinition& def) {
   uint32_t s = 0;
   while (s < key_cap_ && keys_[s].state.use != SlotUse::kFree) ++s;
   if (s == key_cap_) {
-    return Status(Code::kCapacityExceeded, "pool " + Quoted(PoolName(*ph_)) + " holds at most " +
-                                               std::to_string(key_cap_) + " keys");
+    return Status(Code::kCapacityExceeded,
+                  "pool " + Quoted(PoolName(*ph_)) + " holds at most " + std::to_string(key_cap_) + " keys");
   }
   KeySlot& k = keys_[s];
   JournalBegin(kJournalSlotFull | kJournalPool, s, 0);
@@ -993,7 +993,8 @@ Status PoolAccess::ResetKey(std::string_view name) {
 
 Status PoolAccess::ObserveLimits(std::string_view name, const LimitUpdate& u) {
   for (const std::optional<double>& d : {u.reset_requests, u.reset_tokens, u.retry_after}) {
-    if (d && !(*d >= 0 && *d <= 1e9)) return Status(Code::kInvalidArgument, "limit durations must be finite seconds >= 0");
+    if (d && !(*d >= 0 && *d <= 1e9))
+      return Status(Code::kInvalidArgument, "limit durations must be finite seconds >= 0");
   }
   Guard g(this);
   std::optional<uint32_t> s = FindByNameLocked(name);
@@ -1073,8 +1074,8 @@ Status PoolAccess::RestoreKeyState(std::string_view name, const RestoredState& r
   st.cooldown_deadline = r.cooldown_deadline;
   st.last_cooldown = r.last_cooldown;
   st.enabled = r.enabled ? 1 : 0;
-  Circuit circuit = r.circuit <= static_cast<uint32_t>(Circuit::kRevoked) ? static_cast<Circuit>(r.circuit)
-                                                                          : Circuit::kOpen;
+  Circuit circuit =
+      r.circuit <= static_cast<uint32_t>(Circuit::kRevoked) ? static_cast<Circuit>(r.circuit) : Circuit::kOpen;
   if (circuit == Circuit::kClosed && r.exhausted) circuit = Circuit::kOpen;
   if (circuit == Circuit::kHalfOpen) circuit = Circuit::kOpen;  // its probe did not survive
   st.circuit = circuit;
@@ -1278,8 +1279,8 @@ Result<PoolStatus> PoolAccess::Snapshot() {
       std::snprintf(why, sizeof(why), "circuit half-open: its probe is in flight");
     } else if (st.circuit == Circuit::kOpen && st.cooldown_deadline > now) {
       ks.state = keymesh::KeyState::kExhausted;
-      std::snprintf(why, sizeof(why), "circuit open after %u consecutive failures; half-open in %.1fs",
-                    st.fail_streak, secs(st.cooldown_deadline));
+      std::snprintf(why, sizeof(why), "circuit open after %u consecutive failures; half-open in %.1fs", st.fail_streak,
+                    secs(st.cooldown_deadline));
     } else if (st.circuit == Circuit::kOpen) {
       ks.state = keymesh::KeyState::kProbe;
       std::snprintf(why, sizeof(why), "circuit half-open: the next caller probes it");

@@ -96,11 +96,11 @@ struct AddKeyResult {
 // Test-only: points inside critical sections where a crash test parks or
 // kills the process. The hook runs with the pool mutex held.
 enum class CrashPoint : uint32_t {
-  kAcquireAfterJournal = 1,   // journal active, nothing changed yet
-  kAcquireMidMutation = 2,    // lease written, slot counters half done
-  kAcquireAfterCommit = 3,    // state done, derived index not yet updated
-  kReleaseMidMutation = 4,    // lease freed, in_flight not yet decremented
-  kAdminMidMutation = 5,      // admin op half done
+  kAcquireAfterJournal = 1,  // journal active, nothing changed yet
+  kAcquireMidMutation = 2,   // lease written, slot counters half done
+  kAcquireAfterCommit = 3,   // state done, derived index not yet updated
+  kReleaseMidMutation = 4,   // lease freed, in_flight not yet decremented
+  kAdminMidMutation = 5,     // admin op half done
 };
 using CrashHook = void (*)(CrashPoint);
 void SetCrashHookForTesting(CrashHook hook) noexcept;
@@ -122,8 +122,7 @@ struct PoolInfo {
 
 class PoolAccess {
  public:
-  PoolAccess(const Segment& segment, uint32_t pool_index,
-             const Clock& clock = SystemClock::Instance()) noexcept;
+  PoolAccess(const Segment& segment, uint32_t pool_index, const Clock& clock = SystemClock::Instance()) noexcept;
 
   uint32_t index() const noexcept { return index_; }
   PoolHeader* header() const noexcept { return ph_; }
@@ -146,9 +145,8 @@ class PoolAccess {
   // wake-up: set it, then call WakeWaiters(), to end the wait early with
   // kClosed. It must outlive the call.
   // On timeout the message says when the next key returns, if one will.
-  Result<LeaseHandle> Acquire(uint64_t timeout_ns, const Selector* selector = nullptr,
-                              const ProcessId& holder = Self(), const std::atomic<bool>* cancel = nullptr,
-                              uint64_t tokens = 0);
+  Result<LeaseHandle> Acquire(uint64_t timeout_ns, const Selector* selector = nullptr, const ProcessId& holder = Self(),
+                              const std::atomic<bool>* cancel = nullptr, uint64_t tokens = 0);
   // Ends a lease held by `holder`. kNotHeld if it is not held by holder.
   // Returns kKeyExhausted (the lease ended normally) exactly once: on the
   // failure that opened the key's circuit (max_failures consecutive
@@ -178,9 +176,9 @@ class PoolAccess {
     uint64_t cooldown_deadline = 0;
     uint64_t last_cooldown = 0;
     bool enabled = true;
-    bool exhausted = false;         // circuit not closed (kept for older state files)
-    uint32_t circuit = 0;           // shm::Circuit value
-    uint64_t open_cooldown = 0;     // ns
+    bool exhausted = false;      // circuit not closed (kept for older state files)
+    uint32_t circuit = 0;        // shm::Circuit value
+    uint64_t open_cooldown = 0;  // ns
     uint32_t circuit_opens = 0;
     uint64_t acquires = 0, successes = 0, failures = 0, rate_limited = 0, reclaimed = 0, tokens = 0;
     bool has_latency = false;
@@ -229,8 +227,7 @@ class PoolAccess {
 
   // `waited_ns`: how long the caller has waited so far (for the histogram).
   Result<LeaseHandle> TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest, uint64_t tokens,
-                                       uint64_t waited_ns,
-                                       const ProcessId& holder);
+                                       uint64_t waited_ns, const ProcessId& holder);
   Status ReleaseLocked(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder, bool* wake);
   void FreeLeaseLocked(uint32_t lease_index, uint64_t now, bool count_reclaim);
   bool Eligible(uint32_t slot, uint64_t now) const noexcept;

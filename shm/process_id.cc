@@ -74,7 +74,8 @@ void ComputeSelf() noexcept {
 }  // namespace
 
 const ProcessId& Self() noexcept {
-  if (g_self_state.load(std::memory_order_acquire) != 2) [[unlikely]] ComputeSelf();
+  if (g_self_state.load(std::memory_order_acquire) != 2) [[unlikely]]
+    ComputeSelf();
   return g_self;
 }
 

@@ -2,12 +2,13 @@
 
 #include <sys/random.h>
 
+#include <cstring>
+#include <new>
+
 #include <boost/interprocess/anonymous_shared_memory.hpp>
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <boost/uuid/detail/sha1.hpp>
-#include <cstring>
-#include <new>
 
 #include "common/text.h"
 #include "shm/clock.h"
@@ -27,8 +28,7 @@ constexpr uint64_t kPage = 4096;
 uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
 // Converts whatever Boost.Interprocess throws into our vocabulary.
-Status FromInterprocess(const bip::interprocess_exception& e, std::string_view action,
-                        std::string_view name) {
+Status FromInterprocess(const bip::interprocess_exception& e, std::string_view action, std::string_view name) {
   Code code = Code::kSegmentError;
   if (e.get_error_code() == bip::already_exists_error) code = Code::kAlreadyExists;
   if (e.get_error_code() == bip::security_error) code = Code::kPermissionDenied;
@@ -44,8 +44,7 @@ Status CheckSegmentName(std::string_view name) {
   if (name.size() < 7 || name.substr(0, 7) != "keymesh" || name.size() > 200 ||
       name.find('/') != std::string_view::npos) {
     return Status(Code::kInvalidArgument,
-                  "segment name must begin with 'keymesh', contain no '/', and be at most 200 bytes: " +
-                      Quoted(name));
+                  "segment name must begin with 'keymesh', contain no '/', and be at most 200 bytes: " + Quoted(name));
   }
   return Status::Ok();
 }
@@ -78,12 +77,10 @@ LayoutPlan PlanLayout(const Capacities& caps) noexcept {
 
 Status ValidateCapacities(const Capacities& caps) {
   if (caps.max_pools < 1 || caps.max_pools > kMaxPoolsLimit) {
-    return Status(Code::kInvalidArgument,
-                  "capacity max_pools must be 1.." + std::to_string(kMaxPoolsLimit));
+    return Status(Code::kInvalidArgument, "capacity max_pools must be 1.." + std::to_string(kMaxPoolsLimit));
   }
   if (caps.keys_per_pool < 1 || caps.keys_per_pool > kMaxKeysPerPoolLimit) {
-    return Status(Code::kInvalidArgument,
-                  "capacity keys_per_pool must be 1.." + std::to_string(kMaxKeysPerPoolLimit));
+    return Status(Code::kInvalidArgument, "capacity keys_per_pool must be 1.." + std::to_string(kMaxKeysPerPoolLimit));
   }
   if (caps.leases_per_pool < 1 || caps.leases_per_pool > kMaxLeasesPerPoolLimit) {
     return Status(Code::kInvalidArgument,
@@ -94,14 +91,13 @@ Status ValidateCapacities(const Capacities& caps) {
 
 Status ValidateName(std::string_view what, std::string_view name) {
   if (name.empty() || name.size() >= kNameCapacity) {
-    return Status(Code::kInvalidArgument, std::string(what) + " name must be 1.." +
-                                              std::to_string(kNameCapacity - 1) + " bytes");
+    return Status(Code::kInvalidArgument,
+                  std::string(what) + " name must be 1.." + std::to_string(kNameCapacity - 1) + " bytes");
   }
   for (char c : name) {
     if (c <= ' ' || c > '~') {
       return Status(Code::kInvalidArgument,
-                    std::string(what) + " name may hold only printable ASCII without spaces: " +
-                        Quoted(name));
+                    std::string(what) + " name may hold only printable ASCII without spaces: " + Quoted(name));
     }
   }
   return Status::Ok();
@@ -179,10 +175,9 @@ Status Segment::Validate(const SegmentHeader* h, uint64_t mapped_size) {
     return Status(Code::kLayoutMismatch, "segment is not a KeyMesh segment (bad magic)");
   }
   if (h->layout_version != kLayoutVersion) {
-    return Status(Code::kLayoutMismatch,
-                  "segment has layout version " + std::to_string(h->layout_version) +
-                      ", this library reads version " + std::to_string(kLayoutVersion) +
-                      "; restart the broker with matching KeyMesh versions");
+    return Status(Code::kLayoutMismatch, "segment has layout version " + std::to_string(h->layout_version) +
+                                             ", this library reads version " + std::to_string(kLayoutVersion) +
+                                             "; restart the broker with matching KeyMesh versions");
   }
   if (h->ready.load(std::memory_order_acquire) != 1) {
     return Status(Code::kSegmentError, "segment is still being laid out (or its creator died)");
@@ -196,9 +191,8 @@ Status Segment::Validate(const SegmentHeader* h, uint64_t mapped_size) {
   const LayoutPlan p = PlanLayout(caps);
   if (p.segment_size != h->segment_size || p.pools_offset != h->pools_offset ||
       p.pool_data_offset != h->pool_data_offset || p.pool_data_stride != h->pool_data_stride ||
-      p.keys_offset != h->keys_offset || p.leases_offset != h->leases_offset ||
-      p.heap_offset != h->heap_offset || p.heap_pos_offset != h->heap_pos_offset ||
-      p.bits_offset != h->bits_offset || p.free_offset != h->free_offset) {
+      p.keys_offset != h->keys_offset || p.leases_offset != h->leases_offset || p.heap_offset != h->heap_offset ||
+      p.heap_pos_offset != h->heap_pos_offset || p.bits_offset != h->bits_offset || p.free_offset != h->free_offset) {
     return Status(Code::kLayoutMismatch, "segment offsets differ from this library's layout");
   }
   if (mapped_size < h->segment_size) {
@@ -333,8 +327,7 @@ Result<uint32_t> Segment::CreatePool(std::string_view name, uint32_t strategy, c
     ph->use = 1;
     return p;
   }
-  return Status(Code::kCapacityExceeded,
-                "segment holds at most " + std::to_string(header_->max_pools) + " pools");
+  return Status(Code::kCapacityExceeded, "segment holds at most " + std::to_string(header_->max_pools) + " pools");
 }
 
 uint64_t Segment::Fingerprint(std::string_view secret) const noexcept {

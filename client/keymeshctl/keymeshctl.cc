@@ -17,7 +17,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <boost/json.hpp>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -28,19 +27,21 @@
 #include <string>
 #include <vector>
 
+#include <boost/json.hpp>
+
 #include "common/text.h"
-#include "protocol/protocol.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
+#include "protocol/protocol.h"
 
 namespace {
 
 namespace json = boost::json;
 using keymesh::Code;
-using keymesh::Result;
-using keymesh::Status;
 using keymesh::Escaped;
 using keymesh::Quoted;
+using keymesh::Result;
+using keymesh::Status;
 
 constexpr const char* kDefaultSocket = "/run/keymesh/keymesh.sock";
 constexpr int kExitFailed = 1;
@@ -108,7 +109,8 @@ class Connection {
       }
       pollfd p{fd_, POLLIN, 0};
       const int r = ::poll(&p, 1, 10'000);
-      if (r == 0) return Status(Code::kBrokerUnavailable, "the broker at " + Escaped(path_) + " did not answer within 10 s");
+      if (r == 0)
+        return Status(Code::kBrokerUnavailable, "the broker at " + Escaped(path_) + " did not answer within 10 s");
       if (r < 0) {
         if (errno == EINTR && !g_stop) continue;
         return Status(Code::kBrokerUnavailable, "interrupted");
@@ -333,7 +335,7 @@ int main(int argc, char** argv) {
     Status st = open();
     if (!st.ok()) return Fail(st);
     if (command == "status") return Status_(conn, pool, as_json, false);
-    struct sigaction sa{};
+    struct sigaction sa {};
     sa.sa_handler = OnSignal;
     sigaction(SIGINT, &sa, nullptr);
     sigaction(SIGTERM, &sa, nullptr);

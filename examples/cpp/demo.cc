@@ -61,8 +61,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "keymesh-demo: %s\n", pool.status().ToString().c_str());
     return 1;
   }
-  std::printf("KeyMesh demo: %d forked workers x %d requests over %zu keys (embedded pool, least_busy)\n",
-              workers, requests, keys.size());
+  std::printf("KeyMesh demo: %d forked workers x %d requests over %zu keys (embedded pool, least_busy)\n", workers,
+              requests, keys.size());
   std::vector<pid_t> children;
   for (int w = 0; w < workers; ++w) {
     pid_t pid = fork();
@@ -80,8 +80,8 @@ int main(int argc, char** argv) {
 
   keymesh::Result<keymesh::PoolStatus> st = (*pool)->GetStatus();
   if (!st.ok()) return 1;
-  std::printf("\n%-8s %-16s %-10s %8s %8s %8s %6s %10s\n", "key", "secret", "state", "acquires", "success",
-              "failures", "429s", "ema_ms");
+  std::printf("\n%-8s %-16s %-10s %8s %8s %8s %6s %10s\n", "key", "secret", "state", "acquires", "success", "failures",
+              "429s", "ema_ms");
   for (const keymesh::KeyStatus& k : st->keys) {
     std::printf("%-8s %-16s %-10s %8llu %8llu %8llu %6llu %10.2f\n", k.name.c_str(),
                 keymesh::MaskSecret(keys[k.slot].secret).c_str(), std::string(keymesh::KeyStateName(k.state)).c_str(),
@@ -92,8 +92,7 @@ int main(int argc, char** argv) {
   const keymesh::PoolTotals& t = st->totals;
   std::printf("\ntotal: %llu acquires = %llu successes + %llu failures + %llu rate-limited; in flight now: %u\n",
               static_cast<unsigned long long>(t.acquires), static_cast<unsigned long long>(t.releases),
-              static_cast<unsigned long long>(t.failures), static_cast<unsigned long long>(t.rate_limited),
-              [&] {
+              static_cast<unsigned long long>(t.failures), static_cast<unsigned long long>(t.rate_limited), [&] {
                 uint32_t n = 0;
                 for (const auto& k : st->keys) n += k.in_flight;
                 return n;

@@ -59,7 +59,7 @@ extern "C" {
 #define KM_IO_ERROR 12
 #define KM_CORRUPT_STATE 13
 #define KM_ALREADY_EXISTS 14
-#define KM_CLOSED 15           /* the pool was closed, or the wait was cancelled */
+#define KM_CLOSED 15 /* the pool was closed, or the wait was cancelled */
 #define KM_INTERNAL 16
 
 /* Strategies (== keymesh::Strategy). */
@@ -126,8 +126,7 @@ KEYMESH_EXPORT int km_pool_options_init(km_pool_options* options);
 /* A pool without a broker, in an anonymous shared segment shared with every
  * child forked afterwards. `options` NULL: the defaults. Needs n >= 1 keys
  * with non-empty, unique secrets and unique names (KM_INVALID_ARGUMENT). */
-KEYMESH_EXPORT int km_pool_create(const km_key_spec* keys, size_t n, const km_pool_options* options,
-                                  km_pool** out);
+KEYMESH_EXPORT int km_pool_create(const km_key_spec* keys, size_t n, const km_pool_options* options, km_pool** out);
 
 /* Attaches to pool `pool_name` of the keymesh-broker listening on
  * `socket_path` (NULL or "": $KEYMESH_SOCKET, else the default path).
@@ -184,8 +183,7 @@ KEYMESH_EXPORT int km_pool_poll_key(km_pool* pool, km_held* out);
 KEYMESH_EXPORT int km_pool_release_key(km_pool* pool, const char* secret, uint64_t ticket, double latency,
                                        uint64_t tokens);
 KEYMESH_EXPORT int km_pool_mark_failed_key(km_pool* pool, const char* secret, uint64_t ticket);
-KEYMESH_EXPORT int km_pool_mark_rate_limited_key(km_pool* pool, const char* secret, uint64_t ticket,
-                                                 double cooldown);
+KEYMESH_EXPORT int km_pool_mark_rate_limited_key(km_pool* pool, const char* secret, uint64_t ticket, double cooldown);
 KEYMESH_EXPORT int km_pool_cancel_key(km_pool* pool, const char* secret, uint64_t ticket);
 /* km_pool_acquire_key reserving `tokens` (the request's expected token
  * count) from the key's TPM budget; the release's token count corrects it. */

@@ -118,8 +118,7 @@ class KEYMESH_EXPORT Pool {
   // A pool without a broker, in an anonymous shared segment inherited by
   // children forked afterwards. Keys need unique non-empty names and
   // non-empty, unique secrets (kInvalidArgument otherwise).
-  static Result<std::unique_ptr<Pool>> CreateEmbedded(const std::vector<KeySpec>& keys,
-                                                      const PoolOptions& options,
+  static Result<std::unique_ptr<Pool>> CreateEmbedded(const std::vector<KeySpec>& keys, const PoolOptions& options,
                                                       const EmbeddedOptions& embedded = {});
 
   // Called when the pool meets a key whose secret it does not know (a key
@@ -129,8 +128,8 @@ class KEYMESH_EXPORT Pool {
 
   // Opens the named segment (validating magic, layout version and shape)
   // and the pool in it. kLayoutMismatch on another layout version.
-  static Result<std::unique_ptr<Pool>> AttachSegment(std::string_view segment_name,
-                                                     std::string_view pool_name, SecretSource secrets);
+  static Result<std::unique_ptr<Pool>> AttachSegment(std::string_view segment_name, std::string_view pool_name,
+                                                     SecretSource secrets);
 
   // Connects to the keymesh-broker at `socket_path` (empty: $KEYMESH_SOCKET,
   // else /run/keymesh/keymesh.sock): hello (registers this process for lease
@@ -153,7 +152,7 @@ class KEYMESH_EXPORT Pool {
   // reserved up front from the key's TPM budget (the release's count
   // corrects it).
   struct AcquireOptions {
-    std::optional<double> timeout;            // seconds; absent: the pool's acquire_timeout
+    std::optional<double> timeout;  // seconds; absent: the pool's acquire_timeout
     uint64_t tokens = 0;
     const std::atomic<bool>* cancel = nullptr;  // as for Acquire(timeout, cancel)
   };
@@ -199,8 +198,7 @@ class KEYMESH_EXPORT Pool {
  private:
   friend class Lease;
   Pool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index, std::string name, SecretSource source);
-  Result<Lease> MakeLease(uint32_t slot, uint32_t lease, uint32_t seq, uint64_t acquire_ns,
-                          uint64_t fingerprint);
+  Result<Lease> MakeLease(uint32_t slot, uint32_t lease, uint32_t seq, uint64_t acquire_ns, uint64_t fingerprint);
   Status RefreshSecrets();
   void Publish(uint32_t slot, std::string name, std::string secret, uint64_t fingerprint);
 

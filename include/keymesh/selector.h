@@ -45,10 +45,10 @@ struct KeyView {
   uint32_t in_flight;
   uint32_t max_concurrency;  // 0: unlimited
   uint32_t weight;
-  uint64_t last_used_seq;    // higher = acquired more recently; 0 = never
+  uint64_t last_used_seq;  // higher = acquired more recently; 0 = never
   uint64_t successes;
   uint64_t failures;
-  double latency_avg;        // seconds
+  double latency_avg;  // seconds
 };
 
 class SelectionContext {

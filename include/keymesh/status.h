@@ -18,22 +18,22 @@ namespace keymesh {
 
 enum class Code : int32_t {
   kOk = 0,
-  kNoAvailableKey = 1,    // no eligible key before the timeout
-  kKeyExhausted = 2,      // mark_failed made the key reach max_failures (reported once)
-  kUnknownKey = 3,        // no key/pool of that name or secret in this pool
-  kNotHeld = 4,           // the caller does not hold this lease (double release, reclaimed)
-  kCapacityExceeded = 5,  // a fixed capacity of the segment would be exceeded
-  kInvalidArgument = 6,   // bad input from the caller
-  kLayoutMismatch = 7,    // segment has another magic/layout version/size
-  kSegmentError = 8,      // the segment cannot be created, opened or mapped
-  kBrokerUnavailable = 9, // the broker socket cannot be reached
-  kProtocolError = 10,    // malformed or unexpected control-protocol message
-  kPermissionDenied = 11, // the peer is not allowed (SO_PEERCRED, file modes)
-  kIoError = 12,          // a file or socket operation failed
-  kCorruptState = 13,     // a persisted state file failed its checks
-  kAlreadyExists = 14,    // a name is taken (pool, key, lock file)
-  kClosed = 15,           // the object was closed
-  kInternal = 16,         // a bug: an invariant did not hold
+  kNoAvailableKey = 1,     // no eligible key before the timeout
+  kKeyExhausted = 2,       // mark_failed made the key reach max_failures (reported once)
+  kUnknownKey = 3,         // no key/pool of that name or secret in this pool
+  kNotHeld = 4,            // the caller does not hold this lease (double release, reclaimed)
+  kCapacityExceeded = 5,   // a fixed capacity of the segment would be exceeded
+  kInvalidArgument = 6,    // bad input from the caller
+  kLayoutMismatch = 7,     // segment has another magic/layout version/size
+  kSegmentError = 8,       // the segment cannot be created, opened or mapped
+  kBrokerUnavailable = 9,  // the broker socket cannot be reached
+  kProtocolError = 10,     // malformed or unexpected control-protocol message
+  kPermissionDenied = 11,  // the peer is not allowed (SO_PEERCRED, file modes)
+  kIoError = 12,           // a file or socket operation failed
+  kCorruptState = 13,      // a persisted state file failed its checks
+  kAlreadyExists = 14,     // a name is taken (pool, key, lock file)
+  kClosed = 15,            // the object was closed
+  kInternal = 16,          // a bug: an invariant did not hold
 };
 
 // Short, stable, lowercase name of a code ("no_available_key", ...).
@@ -61,7 +61,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT(google-explicit-constructor): natural return
+  Result(T value) : value_(std::move(value)) {}          // NOLINT(google-explicit-constructor): natural return
   Result(Status status) : status_(std::move(status)) {}  // NOLINT(google-explicit-constructor)
 
   bool ok() const noexcept { return value_.has_value(); }

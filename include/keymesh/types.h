@@ -23,11 +23,11 @@ KEYMESH_EXPORT Result<Strategy> ParseStrategy(std::string_view name);
 // Pool-wide options; defaults are the original KeyPool's.
 struct PoolOptions {
   Strategy strategy = Strategy::kLeastBusy;
-  double default_cooldown = 60.0;   // seconds a 429 cools a key when no Retry-After is given
-  uint32_t max_failures = 10;       // consecutive failures that exhaust a key (>= 1)
-  double acquire_timeout = 30.0;    // seconds Acquire() waits by default (0: try once)
-  double max_lease_seconds = 600.0; // a lease held longer is reclaimed by the broker
-  double max_cooldown = 600.0;      // cap of escalating 429 and circuit cooldowns
+  double default_cooldown = 60.0;    // seconds a 429 cools a key when no Retry-After is given
+  uint32_t max_failures = 10;        // consecutive failures that exhaust a key (>= 1)
+  double acquire_timeout = 30.0;     // seconds Acquire() waits by default (0: try once)
+  double max_lease_seconds = 600.0;  // a lease held longer is reclaimed by the broker
+  double max_cooldown = 600.0;       // cap of escalating 429 and circuit cooldowns
   // Rate-limit safety margin: keys are paced at (1 - rate_margin) x their
   // rpm/tpm, because requests reach the provider a few ms after the grant,
   // with jitter. 0 <= rate_margin < 0.5.
@@ -39,12 +39,12 @@ KEYMESH_EXPORT Status ValidatePoolOptions(const PoolOptions& options);
 
 // One key as configured. `secret` never enters the shared segment.
 struct KeySpec {
-  std::string name;             // stable, unique in its pool, 1..63 bytes
-  std::string secret;           // the API key itself
-  uint32_t weight = 1;          // >= 1; used by the weighted strategy
-  uint32_t max_concurrency = 0; // 0: unlimited
-  uint32_t rpm = 0;             // requests per minute, 0: unlimited
-  uint64_t tpm = 0;             // tokens per minute, 0: unlimited
+  std::string name;              // stable, unique in its pool, 1..63 bytes
+  std::string secret;            // the API key itself
+  uint32_t weight = 1;           // >= 1; used by the weighted strategy
+  uint32_t max_concurrency = 0;  // 0: unlimited
+  uint32_t rpm = 0;              // requests per minute, 0: unlimited
+  uint64_t tpm = 0;              // tokens per minute, 0: unlimited
   // Requests that may be granted back to back (0 or 1: smooth pacing, the
   // default, right for providers that quantize limits per second).
   uint32_t burst = 0;
@@ -87,19 +87,19 @@ struct KeyStatus {
   uint64_t rate_limited = 0;
   uint64_t reclaimed = 0;
   uint64_t tokens = 0;
-  uint64_t cancelled = 0;        // leases ended without an outcome
+  uint64_t cancelled = 0;          // leases ended without an outcome
   std::string circuit = "closed";  // closed, open, half_open, revoked
   uint32_t circuit_opens = 0;
-  uint32_t escalation = 0;       // consecutive 429s (each doubles the cooldown)
+  uint32_t escalation = 0;          // consecutive 429s (each doubles the cooldown)
   int64_t requests_available = -1;  // requests grantable now; -1: no rpm limit
   int64_t tokens_available = -1;    // tokens left in the bucket now; -1: no tpm limit
   uint32_t burst = 0;
-  double rate_margin = -1.0;     // per-key override; -1: the pool's
-  std::string reason;            // why the key is not eligible ("" when it is)
-  double latency_avg = 0.0;      // seconds, EMA alpha 0.2; 0 until the first sample
+  double rate_margin = -1.0;  // per-key override; -1: the pool's
+  std::string reason;         // why the key is not eligible ("" when it is)
+  double latency_avg = 0.0;   // seconds, EMA alpha 0.2; 0 until the first sample
   bool has_latency = false;
-  double last_used_ago = -1.0;   // seconds since the last acquire, -1 if never
-  double health_score = 1.0;     // success rate x 1/(1+latency_avg), 0 when not eligible
+  double last_used_ago = -1.0;  // seconds since the last acquire, -1 if never
+  double health_score = 1.0;    // success rate x 1/(1+latency_avg), 0 when not eligible
 };
 
 struct PoolTotals {
@@ -114,8 +114,7 @@ struct PoolTotals {
 
 // Upper bounds (seconds) of the acquire wait-time histogram buckets; the
 // last bucket is +Inf. Counts are per bucket (not cumulative).
-inline constexpr double kWaitBucketBounds[] = {0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05,
-                                               0.1,    0.5,    1.0,   5.0,   30.0};
+inline constexpr double kWaitBucketBounds[] = {0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0};
 inline constexpr size_t kWaitBuckets = sizeof(kWaitBucketBounds) / sizeof(kWaitBucketBounds[0]) + 1;
 
 struct WaitHistogram {

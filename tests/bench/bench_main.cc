@@ -13,13 +13,13 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <functional>
-#include <memory>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -84,10 +84,12 @@ double LockUnlockNs() {
   void* mem = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   auto* m = new (mem) keymesh::shm::RobustMutex();
   (void)m->Init();
-  const double ns = NanosPerOp([&] {
-    m->Lock();
-    m->Unlock();
-  }, 2'000'000);
+  const double ns = NanosPerOp(
+      [&] {
+        m->Lock();
+        m->Unlock();
+      },
+      2'000'000);
   munmap(mem, 4096);
   return ns;
 }
@@ -98,27 +100,31 @@ double ScanNs(keymesh::shm::Segment& seg, uint32_t keys) {
   const auto* slots = reinterpret_cast<const keymesh::shm::KeySlot*>(seg.pool_data(0) + seg.header()->keys_offset);
   volatile uint32_t sink = 0;
   const uint64_t iters = keys >= 1000 ? 200'000 : 2'000'000;
-  return NanosPerOp([&] {
-    uint32_t best = 0;
-    uint32_t best_in = UINT32_MAX;
-    for (uint32_t s = 0; s < keys; ++s) {
-      const auto& st = slots[s].state;
-      const bool eligible = st.enabled && st.cooldown_deadline == 0;
-      if (eligible && st.in_flight < best_in) {
-        best_in = st.in_flight;
-        best = s;
-      }
-    }
-    sink = best;
-  }, iters);
+  return NanosPerOp(
+      [&] {
+        uint32_t best = 0;
+        uint32_t best_in = UINT32_MAX;
+        for (uint32_t s = 0; s < keys; ++s) {
+          const auto& st = slots[s].state;
+          const bool eligible = st.enabled && st.cooldown_deadline == 0;
+          if (eligible && st.in_flight < best_in) {
+            best_in = st.in_flight;
+            best = s;
+          }
+        }
+        sink = best;
+      },
+      iters);
 }
 
 double PairNs(keymesh::shm::PoolAccess& pool) {
   keymesh::shm::Outcome ok;
-  return NanosPerOp([&] {
-    auto h = pool.TryAcquire();
-    (void)pool.Release(*h, ok);
-  }, 1'000'000);
+  return NanosPerOp(
+      [&] {
+        auto h = pool.TryAcquire();
+        (void)pool.Release(*h, ok);
+      },
+      1'000'000);
 }
 
 double PoolApiPairNs(uint32_t keys) {
@@ -129,10 +135,12 @@ double PoolApiPairNs(uint32_t keys) {
   keymesh::EmbeddedOptions emb;
   emb.keys_capacity = std::max<uint32_t>(keys, 8);
   auto pool = keymesh::Pool::CreateEmbedded(specs, {}, emb);
-  return NanosPerOp([&] {
-    auto lease = (*pool)->TryAcquire();
-    (void)lease->Release(0.1);
-  }, 1'000'000);
+  return NanosPerOp(
+      [&] {
+        auto lease = (*pool)->TryAcquire();
+        (void)lease->Release(0.1);
+      },
+      1'000'000);
 }
 
 // Aggregate pairs/s with `procs` forked processes on one pool.
@@ -316,7 +324,7 @@ int Contend(const std::string& name, uint32_t procs, double seconds, const std::
       while (go->load(std::memory_order_acquire) == 0) {
       }
       Sample sample;
-      RecordPairs(pair, go->load() , &sample);
+      RecordPairs(pair, go->load(), &sample);
       std::string out = std::to_string(sample.pairs) + "\n";
       for (uint32_t v : sample.lat_ns) out += std::to_string(v) + "\n";
       for (size_t off = 0; off < out.size();) {
@@ -368,8 +376,8 @@ int Contend(const std::string& name, uint32_t procs, double seconds, const std::
   }
   std::sort(all.begin(), all.end());
   const double elapsed = static_cast<double>(MonotonicNowNanos() - start) / 1e9;
-  std::printf("{\"name\":\"%s\",\"procs\":%u,\"pairs_per_s\":%.0f,\"p50_ns\":%u,\"p99_ns\":%u}\n",
-              name.c_str(), procs, static_cast<double>(pairs) / std::min(elapsed, seconds), all[all.size() / 2],
+  std::printf("{\"name\":\"%s\",\"procs\":%u,\"pairs_per_s\":%.0f,\"p50_ns\":%u,\"p99_ns\":%u}\n", name.c_str(), procs,
+              static_cast<double>(pairs) / std::min(elapsed, seconds), all[all.size() / 2],
               all[std::min(all.size() - 1, all.size() * 99 / 100)]);
   return 0;
 }
@@ -440,8 +448,8 @@ int main(int argc, char** argv) {
   const double lock_ns = LockUnlockNs();
   std::printf("\n== Fast path: one acquire+release pair, one process (median of 7 runs) ==\n");
   std::printf("bare robust-mutex lock+unlock: %.1f ns\n\n", lock_ns);
-  std::printf("%-6s %-11s %10s %10s %11s %12s %12s %14s\n", "keys", "strategy", "pair ns", "scan ns",
-              "floor ns", "pair/floor", "pair/2locks", "Pool API ns");
+  std::printf("%-6s %-11s %10s %10s %11s %12s %12s %14s\n", "keys", "strategy", "pair ns", "scan ns", "floor ns",
+              "pair/floor", "pair/2locks", "Pool API ns");
   for (uint32_t keys : {8u, 64u, 1000u}) {
     for (keymesh::Strategy strategy :
          {keymesh::Strategy::kLeastBusy, keymesh::Strategy::kRoundRobin, keymesh::Strategy::kWeighted}) {
@@ -458,11 +466,11 @@ int main(int argc, char** argv) {
                   pair / (2 * lock_ns), api_text);
     }
   }
-  std::printf("\nfloor = lock+unlock + scan of the same slots; pair/2locks compares with the two lock\n"
-              "round trips a pair needs at least. Pool API = keymesh::Pool TryAcquire + Lease::Release.\n");
+  std::printf(
+      "\nfloor = lock+unlock + scan of the same slots; pair/2locks compares with the two lock\n"
+      "round trips a pair needs at least. Pool API = keymesh::Pool TryAcquire + Lease::Release.\n");
 
-  std::printf("\n== Aggregate throughput: processes hammering one 64-key least_busy pool (%.1f s each) ==\n",
-              seconds);
+  std::printf("\n== Aggregate throughput: processes hammering one 64-key least_busy pool (%.1f s each) ==\n", seconds);
   std::printf("%-10s %16s %14s\n", "processes", "pairs/s", "vs 1 process");
   double one = 0;
   for (uint32_t procs : {1u, 2u, 8u}) {

@@ -65,10 +65,8 @@ Result<std::string> RedisPool::Command(const std::vector<std::string>& args) {
   if (line.empty()) return Status(Code::kProtocolError, "redis: empty reply");
   switch (line[0]) {
     case '+':
-    case ':':
-      return line.substr(1);
-    case '-':
-      return Status(Code::kProtocolError, "redis: " + line.substr(1));
+    case ':': return line.substr(1);
+    case '-': return Status(Code::kProtocolError, "redis: " + line.substr(1));
     case '$': {
       const long len = std::strtol(line.c_str() + 1, nullptr, 10);
       if (len < 0) return std::string();
@@ -82,8 +80,7 @@ Result<std::string> RedisPool::Command(const std::vector<std::string>& args) {
       buf_.erase(0, static_cast<size_t>(len) + 2);
       return v;
     }
-    default:
-      return Status(Code::kProtocolError, "redis: unexpected reply '" + line + "'");
+    default: return Status(Code::kProtocolError, "redis: unexpected reply '" + line + "'");
   }
 }
 

@@ -3,8 +3,6 @@
 // between processes); the only polling is where no event exists (a lease
 // being freed in shm), always under a deadline.
 #define BOOST_TEST_MODULE broker_integration
-#include <boost/test/unit_test.hpp>
-
 #include <grp.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -16,9 +14,11 @@
 #include <memory>
 #include <thread>
 
-#include "support/broker_harness.h"
+#include <boost/test/unit_test.hpp>
+
 #include "keymesh/pool.h"
 #include "shm/pool.h"
+#include "support/broker_harness.h"
 
 namespace km = keymesh;
 using km::testing::BrokerProcess;
@@ -96,7 +96,7 @@ BOOST_AUTO_TEST_CASE(acquire_across_processes) {
   BrokerProcess b;
   b.WriteConfig(kPools);
   BOOST_REQUIRE(b.Start());
-  struct stat sock_stat{};
+  struct stat sock_stat {};
   BOOST_REQUIRE(::stat(b.socket().c_str(), &sock_stat) == 0);
   BOOST_CHECK_EQUAL(sock_stat.st_mode & 0777, 0660u);
   Latch held, release;
@@ -165,7 +165,8 @@ BOOST_AUTO_TEST_CASE(sigkill_worker_leases_reclaimed_within_100ms) {
   RawClient c(b.socket());
   std::optional<boost::json::object> m = c.Call("metrics");
   BOOST_REQUIRE(m);
-  BOOST_CHECK(std::string(m->at("text").as_string()).find("keymesh_pool_reclaimed_total{pool=\"p\"} 2") != std::string::npos);
+  BOOST_CHECK(std::string(m->at("text").as_string()).find("keymesh_pool_reclaimed_total{pool=\"p\"} 2") !=
+              std::string::npos);
 }
 
 BOOST_AUTO_TEST_CASE(max_lease_seconds_reclaims_a_hung_holder) {
@@ -358,11 +359,10 @@ BOOST_AUTO_TEST_CASE(sighup_reload_keeps_in_flight_and_refuses_bad_config) {
   BOOST_REQUIRE(held.ok());
   const uint64_t gen = pool->GetStatus()->generation;
   // New config: key c added, b's weight changed, a untouched.
-  b.WriteConfig(
-      R"({"p":{"strategy":"round_robin","default_cooldown":60,"max_failures":3,"acquire_timeout":5,"keys":[)"
-      R"({"name":"a","secret":"sk-test-aaaaaaaaaaaa1111","max_concurrency":1},)"
-      R"({"name":"b","secret":"sk-test-bbbbbbbbbbbb2222","max_concurrency":1,"weight":3},)"
-      R"({"name":"c","secret":"sk-test-cccccccccccc3333"}]}})");
+  b.WriteConfig(R"({"p":{"strategy":"round_robin","default_cooldown":60,"max_failures":3,"acquire_timeout":5,"keys":[)"
+                R"({"name":"a","secret":"sk-test-aaaaaaaaaaaa1111","max_concurrency":1},)"
+                R"({"name":"b","secret":"sk-test-bbbbbbbbbbbb2222","max_concurrency":1,"weight":3},)"
+                R"({"name":"c","secret":"sk-test-cccccccccccc3333"}]}})");
   b.Signal(SIGHUP);
   BOOST_REQUIRE(b.WaitLog("event=reloaded", 5));
   km::Result<km::PoolStatus> st = pool->GetStatus();
@@ -422,7 +422,8 @@ BOOST_AUTO_TEST_CASE(second_broker_on_same_config_refuses) {
 
 BOOST_AUTO_TEST_CASE(slow_path_over_the_socket) {
   BrokerProcess b;
-  b.WriteConfig(R"({"p":{"default_cooldown":0.3,"keys":[{"name":"a","secret":"sk-test-aaaaaaaaaaaa1111","max_concurrency":1}]}})");
+  b.WriteConfig(
+      R"({"p":{"default_cooldown":0.3,"keys":[{"name":"a","secret":"sk-test-aaaaaaaaaaaa1111","max_concurrency":1}]}})");
   BOOST_REQUIRE(b.Start());
   std::unique_ptr<km::Pool> fast = Connect(b);
   km::Result<km::Lease> held = fast->Acquire(1.0);

@@ -1,18 +1,18 @@
 // Unit tests of the broker's pure parts: protocol framing and status
 // round-trips, config validation messages, the state file format.
 #define BOOST_TEST_MODULE broker_unit
-#include <boost/test/unit_test.hpp>
-
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <boost/json.hpp>
 #include <map>
+
+#include <boost/json.hpp>
+#include <boost/test/unit_test.hpp>
 
 #include "broker/config.h"
 #include "broker/persistence.h"
-#include "protocol/protocol.h"
 #include "broker/recovery.h"
+#include "protocol/protocol.h"
 
 namespace km = keymesh;
 namespace kb = keymesh::broker;
@@ -121,16 +121,18 @@ BOOST_AUTO_TEST_CASE(config_valid_and_defaults) {
 
 BOOST_AUTO_TEST_CASE(config_errors_name_the_field) {
   BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{},"bogus":1})"), "config: bogus: unknown field");
-  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x"},{"name":"b","secret_env":"OPENAI_KEY_B"}]}}})"),
-                    "config: pools.p.keys[1].secret_env: environment variable OPENAI_KEY_B is not set");
+  BOOST_CHECK_EQUAL(
+      ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x"},{"name":"b","secret_env":"OPENAI_KEY_B"}]}}})"),
+      "config: pools.p.keys[1].secret_env: environment variable OPENAI_KEY_B is not set");
   BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x"},{"name":"a","secret":"y"}]}}})")
                   .find("pools.p.keys[1].name: duplicate key name 'a'") != std::string::npos);
   BOOST_CHECK(ConfigError(R"({"pools":{"p":{"default_cooldown":"x","keys":[]}}})").find("pools.p.default_cooldown") !=
               std::string::npos);
   BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret_file":"/nonexistent/k"}]}}})")
                   .find("pools.p.keys[0].secret_file: cannot read /nonexistent/k") != std::string::npos);
-  BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x","secret_env":"Y"}]}}})")
-                  .find("exactly one of") != std::string::npos);
+  BOOST_CHECK(
+      ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x","secret_env":"Y"}]}}})").find("exactly one of") !=
+      std::string::npos);
   BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"x","weight":0}]}}})")
                   .find("pools.p.keys[0].weight") != std::string::npos);
   BOOST_CHECK(ConfigError(R"({"pools":{"p":{"strategy":"fastest","keys":[]}}})").find("pools.p.strategy") !=
@@ -138,7 +140,8 @@ BOOST_AUTO_TEST_CASE(config_errors_name_the_field) {
   BOOST_CHECK(ConfigError(R"({"pools":{"p":{"keys":[],"extra":true}}})") == "config: pools.p.extra: unknown field");
   BOOST_CHECK(ConfigError("{oops").find("not valid JSON") != std::string::npos);
   // A secret never appears in a message.
-  std::string msg = ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-supersecret-1"},{"name":"b","secret":"sk-supersecret-1"}]}}})");
+  std::string msg = ConfigError(
+      R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-supersecret-1"},{"name":"b","secret":"sk-supersecret-1"}]}}})");
   BOOST_CHECK(msg.find("supersecret") == std::string::npos);
 }
 
@@ -152,9 +155,8 @@ BOOST_AUTO_TEST_CASE(config_errors_escape_control_characters) {
                     "config: pools.p\\x1b[2J: pool name may hold only printable ASCII without spaces: 'p\\x1b[2J'");
   BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"strategy":"fast\test","keys":[]}}})"),
                     "config: pools.p.strategy: strategy must be round_robin, least_busy or weighted, not 'fast\\test'");
-  BOOST_CHECK_EQUAL(
-      ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret_env":"A\rB"}]}}})"),
-      "config: pools.p.keys[0].secret_env: environment variable A\\rB is not set");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret_env":"A\rB"}]}}})"),
+                    "config: pools.p.keys[0].secret_env: environment variable A\\rB is not set");
 }
 
 BOOST_AUTO_TEST_CASE(state_file_round_trip_and_corruption) {
@@ -200,10 +202,10 @@ BOOST_AUTO_TEST_CASE(state_persister_writes_atomically_and_skips_unchanged) {
   kb::StateImage image;
   image.pools["p"];
   BOOST_CHECK(p.Save(image).ok());
-  struct stat st1{};
+  struct stat st1 {};
   BOOST_REQUIRE(::stat(path.c_str(), &st1) == 0);
   BOOST_CHECK(p.Save(image).ok());  // unchanged: no write
-  struct stat st2{};
+  struct stat st2 {};
   BOOST_REQUIRE(::stat(path.c_str(), &st2) == 0);
   BOOST_CHECK_EQUAL(st1.st_ino, st2.st_ino);
   km::Result<std::optional<kb::StateImage>> read = kb::ReadStateFile(path);

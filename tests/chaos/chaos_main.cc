@@ -49,10 +49,10 @@
 #include <thread>
 #include <vector>
 
-#include "support/broker_harness.h"
 #include "keymesh/pool.h"
 #include "shm/pool.h"
 #include "shm/segment.h"
+#include "support/broker_harness.h"
 
 namespace {
 
@@ -71,13 +71,13 @@ struct WorkerCounts {
   std::atomic<uint64_t> failed;
   std::atomic<uint64_t> rate_limited;
   std::atomic<uint64_t> cancelled;
-  std::atomic<uint64_t> no_key;     // Acquire gave up (timeout)
-  std::atomic<uint64_t> errors;     // an End that did not end the lease
+  std::atomic<uint64_t> no_key;  // Acquire gave up (timeout)
+  std::atomic<uint64_t> errors;  // an End that did not end the lease
   std::atomic<uint64_t> connects;
 };
 
 struct Shared {
-  std::atomic<uint32_t> broker_down;    // 1 while the broker is killed/not ready
+  std::atomic<uint32_t> broker_down;     // 1 while the broker is killed/not ready
   std::atomic<uint64_t> ops_while_down;  // operations completed then
   WorkerCounts workers[kMaxWorkers];
 };
@@ -173,9 +173,11 @@ std::string PoolsJson(int reload_round) {
 
 class Chaos {
  public:
-  Chaos(double seconds, int workers, uint32_t seed)
-      : seconds_(seconds), nworkers_(workers), seed_(seed), rng_(seed) {}
-  ~Chaos() { KillAllWorkers(); if (shared_) ::munmap(shared_, sizeof(Shared)); }
+  Chaos(double seconds, int workers, uint32_t seed) : seconds_(seconds), nworkers_(workers), seed_(seed), rng_(seed) {}
+  ~Chaos() {
+    KillAllWorkers();
+    if (shared_) ::munmap(shared_, sizeof(Shared));
+  }
 
   int Run();
 
@@ -230,9 +232,7 @@ bool Chaos::StartBroker() {
   return true;
 }
 
-void Chaos::KillBroker() {
-  broker_.Kill();
-}
+void Chaos::KillBroker() { broker_.Kill(); }
 
 pid_t Chaos::Spawn(int index) {
   // Each worker its own stream, drawn from the driver's: a respawned worker
@@ -266,8 +266,8 @@ int Chaos::Run() {
   shared_ = new (mem) Shared();
   broker_.WriteConfig(PoolsJson(0));
   if (!StartBroker()) return 2;
-  std::printf("chaos: %.0f s, %d workers, seed %u, broker pid %d, segment %s\n", seconds_, nworkers_, seed_, broker_.pid(),
-              segment_.c_str());
+  std::printf("chaos: %.0f s, %d workers, seed %u, broker pid %d, segment %s\n", seconds_, nworkers_, seed_,
+              broker_.pid(), segment_.c_str());
   pids_.assign(nworkers_, -1);
   for (int i = 0; i < nworkers_; ++i) pids_[i] = Spawn(i);
 
@@ -359,7 +359,8 @@ int Chaos::Check() {
     if (in_flight == 0) break;
     ::usleep(20000);
   } while (NowSeconds() < deadline);
-  if (in_flight != 0) Violation("leaked leases: " + std::to_string(in_flight) + " still in flight 10 s after the workers died");
+  if (in_flight != 0)
+    Violation("leaked leases: " + std::to_string(in_flight) + " still in flight 10 s after the workers died");
 
   // 2. Per-key accounting.
   uint64_t s_acq = 0, s_end = 0, s_reclaimed = 0;
@@ -436,8 +437,7 @@ int Chaos::Check() {
               ", mark_rate_limited %" PRIu64 ", cancels %" PRIu64 "), no key in time %" PRIu64
               ", during broker downtime %" PRIu64 "\n",
               w_acq + w_end, w_acq, w_kind[0], w_kind[1], w_kind[2], w_kind[3], w_no_key, down_ops);
-  std::printf("chaos: segment acquires %" PRIu64 ", ended %" PRIu64 ", reclaimed %" PRIu64 ", in flight %" PRIu64
-              "\n",
+  std::printf("chaos: segment acquires %" PRIu64 ", ended %" PRIu64 ", reclaimed %" PRIu64 ", in flight %" PRIu64 "\n",
               s_acq, s_end, s_reclaimed, in_flight);
   if (w_acq == 0) Violation("the workers completed no operation");
   if (worker_kills_ > 100 && s_reclaimed == 0) {

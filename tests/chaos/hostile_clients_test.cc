@@ -9,8 +9,6 @@
 // latency itself is a benchmark figure, printed here, not a pass mark: on a
 // loaded 2-core CI machine it varies with everything else that runs.
 #define BOOST_TEST_MODULE hostile_clients_test
-#include <boost/test/unit_test.hpp>
-
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -28,6 +26,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <boost/test/unit_test.hpp>
 
 #include "support/broker_harness.h"
 
@@ -181,11 +181,9 @@ std::vector<double> Measure(RawClient& client, double seconds) {
     lat.push_back(NowSeconds() - t0);
     BOOST_REQUIRE_MESSAGE(a && a->at("ok").as_bool(), "acquire failed during the abuse");
     t0 = NowSeconds();
-    auto r = client.Call("release", {{"pool", "p"},
-                                     {"slot", a->at("slot")},
-                                     {"lease", a->at("lease")},
-                                     {"seq", a->at("seq")},
-                                     {"latency", 0.001}});
+    auto r = client.Call(
+        "release",
+        {{"pool", "p"}, {"slot", a->at("slot")}, {"lease", a->at("lease")}, {"seq", a->at("seq")}, {"latency", 0.001}});
     lat.push_back(NowSeconds() - t0);
     BOOST_REQUIRE_MESSAGE(r && r->at("ok").as_bool(), "release failed during the abuse");
     ::usleep(2000);
@@ -230,7 +228,8 @@ BOOST_AUTO_TEST_CASE(broker_serves_a_good_client_among_1000_hostile_ones) {
   for (int i = 0; i < kFlooders; ++i) h.flood.push_back(ConnectNonBlocking(b.socket()));
   for (int i = 0; i < kRandom; ++i) h.random.push_back(ConnectNonBlocking(b.socket()));
   int open = 0;
-  for (auto* v : {&h.partial, &h.flood, &h.random, &h.idle}) open += static_cast<int>(std::count_if(v->begin(), v->end(), [](int fd) { return fd >= 0; }));
+  for (auto* v : {&h.partial, &h.flood, &h.random, &h.idle})
+    open += static_cast<int>(std::count_if(v->begin(), v->end(), [](int fd) { return fd >= 0; }));
   BOOST_TEST_MESSAGE("hostile connections open: " << open);
   BOOST_REQUIRE_GE(open, 1000);
 
@@ -248,8 +247,8 @@ BOOST_AUTO_TEST_CASE(broker_serves_a_good_client_among_1000_hostile_ones) {
   // drop as many flooders as there are (each for a reply queue at its bound).
   {
     std::unique_lock<std::mutex> lock(abuse.mu);
-    const bool saturated = abuse.changed.wait_for(lock, std::chrono::seconds(60),
-                                                  [&] { return abuse.flooders_dropped >= kFlooders; });
+    const bool saturated =
+        abuse.changed.wait_for(lock, std::chrono::seconds(60), [&] { return abuse.flooders_dropped >= kFlooders; });
     const uint64_t dropped = abuse.flooders_dropped;
     lock.unlock();
     if (!saturated) {
@@ -268,9 +267,10 @@ BOOST_AUTO_TEST_CASE(broker_serves_a_good_client_among_1000_hostile_ones) {
   std::vector<double> all = lat1;
   all.insert(all.end(), lat2.begin(), lat2.end());
   const double p99 = P99(all);
-  BOOST_TEST_MESSAGE("round trips " << all.size() << ", p50 " << Percentile(all, 50) * 1000 << " ms, p99 " << p99 * 1000 << " ms (phase 1 " << P99(lat1) * 1000
-                                    << ", phase 2 " << P99(lat2) * 1000 << "), broker RSS " << rss1 / 1024 << " MB then "
-                                    << rss2 / 1024 << " MB, hostile reconnects " << reconnects.load());
+  BOOST_TEST_MESSAGE("round trips " << all.size() << ", p50 " << Percentile(all, 50) * 1000 << " ms, p99 " << p99 * 1000
+                                    << " ms (phase 1 " << P99(lat1) * 1000 << ", phase 2 " << P99(lat2) * 1000
+                                    << "), broker RSS " << rss1 / 1024 << " MB then " << rss2 / 1024
+                                    << " MB, hostile reconnects " << reconnects.load());
   BOOST_CHECK_GT(all.size(), 30u);
   if (kCheckLatency) {
     BOOST_CHECK_GT(all.size(), 300u);

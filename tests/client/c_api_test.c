@@ -13,13 +13,12 @@
 
 static int g_failures = 0;
 
-#define CHECK(cond)                                                                        \
-  do {                                                                                     \
-    if (!(cond)) {                                                                         \
-      fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond, \
-              km_last_error());                                                            \
-      ++g_failures;                                                                        \
-    }                                                                                      \
+#define CHECK(cond)                                                                                              \
+  do {                                                                                                           \
+    if (!(cond)) {                                                                                               \
+      fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond, km_last_error()); \
+      ++g_failures;                                                                                              \
+    }                                                                                                            \
   } while (0)
 
 #define CHECK_RC(expr, want) CHECK((expr) == (want))
@@ -264,8 +263,10 @@ static void test_fork_child_holds_nothing(void) {
     if (km_pool_held_count(pool, NULL, &held) != KM_OK || held != 0) bad |= 1;
     if (km_pool_release_key(pool, h.secret, 0, 0.1, 0) != KM_NOT_HELD) bad |= 2; /* the parent's lease */
     km_held mine;
-    if (km_pool_acquire_key(pool, 1.0, NULL, &mine) != KM_OK) bad |= 4;
-    else if (km_pool_release_key(pool, mine.secret, mine.ticket, 0.1, 0) != KM_OK) bad |= 8;
+    if (km_pool_acquire_key(pool, 1.0, NULL, &mine) != KM_OK)
+      bad |= 4;
+    else if (km_pool_release_key(pool, mine.secret, mine.ticket, 0.1, 0) != KM_OK)
+      bad |= 8;
     km_pool_destroy(pool);
     _exit(bad);
   }

@@ -1,10 +1,10 @@
 // Quoting of input into messages: one line, control characters visible.
 #define BOOST_TEST_MODULE common_text
-#include <boost/test/unit_test.hpp>
+#include "common/text.h"
 
 #include <string>
 
-#include "common/text.h"
+#include <boost/test/unit_test.hpp>
 
 namespace km = keymesh;
 

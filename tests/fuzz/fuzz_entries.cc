@@ -20,10 +20,10 @@
 #include "broker/handlers.h"
 #include "broker/log.h"
 #include "broker/persistence.h"
-#include "protocol/protocol.h"
 #include "broker/recovery.h"
 #include "broker/session.h"
 #include "common/text.h"
+#include "protocol/protocol.h"
 #include "shm/pool.h"
 #include "shm/segment.h"
 

@@ -4,14 +4,14 @@
 // normal, ASan and TSan builds. A crash found by scripts/fuzz is fixed, then
 // its input is copied into regressions/<target>/ so it stays fixed.
 #define BOOST_TEST_MODULE fuzz_regression_test
-#include <boost/test/unit_test.hpp>
-
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
 #include <vector>
+
+#include <boost/test/unit_test.hpp>
 
 #include "fuzz_entries.h"
 
@@ -30,9 +30,7 @@ size_t ReplayDir(const std::string& dir, Entry entry) {
   for (const auto& f : files) {
     std::ifstream in(f, std::ios::binary);
     const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    BOOST_TEST_CONTEXT("input " << f.string()) {
-      entry(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-    }
+    BOOST_TEST_CONTEXT("input " << f.string()) { entry(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()); }
     ++n;
   }
   return n;

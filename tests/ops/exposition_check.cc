@@ -58,7 +58,8 @@ std::string FamilyOf(const std::string& name, const std::map<std::string, std::s
     if (name.size() > sfx.size() && name.compare(name.size() - sfx.size(), sfx.size(), sfx) == 0) {
       const std::string base = name.substr(0, name.size() - sfx.size());
       auto it = types.find(base);
-      if (it != types.end() && (it->second == "histogram" || (it->second == "summary" && sfx != "_bucket"))) return base;
+      if (it != types.end() && (it->second == "histogram" || (it->second == "summary" && sfx != "_bucket")))
+        return base;
     }
   }
   return "";
@@ -173,10 +174,14 @@ bool ParseExposition(const std::string& text, Exposition* out, std::string* erro
           if (c == '\\') {
             if (i >= line.size()) return fail("dangling escape");
             const char e = line[i++];
-            if (e == '\\') value += '\\';
-            else if (e == '"') value += '"';
-            else if (e == 'n') value += '\n';
-            else return fail(std::string("bad escape \\") + e + " in label " + lname);
+            if (e == '\\')
+              value += '\\';
+            else if (e == '"')
+              value += '"';
+            else if (e == 'n')
+              value += '\n';
+            else
+              return fail(std::string("bad escape \\") + e + " in label " + lname);
           } else {
             value += c;
           }
@@ -208,7 +213,8 @@ bool ParseExposition(const std::string& text, Exposition* out, std::string* erro
       if (!current_family.empty()) finished_families.insert(current_family);
       current_family = family;
     }
-    if (!series.insert(SeriesKey(s.name, s.labels)).second) return fail("duplicate series " + SeriesKey(s.name, s.labels));
+    if (!series.insert(SeriesKey(s.name, s.labels)).second)
+      return fail("duplicate series " + SeriesKey(s.name, s.labels));
     const std::string& type = out->types[family];
     if (type == "counter") {
       if (s.name.size() < 6 || s.name.compare(s.name.size() - 6, 6, "_total") != 0) {

@@ -21,8 +21,8 @@
 namespace keymesh::testing {
 
 struct Sample {
-  std::string name;                          // full sample name (with _bucket, ...)
-  std::map<std::string, std::string> labels; // unescaped values
+  std::string name;                           // full sample name (with _bucket, ...)
+  std::map<std::string, std::string> labels;  // unescaped values
   double value = 0;
 };
 

@@ -12,8 +12,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <boost/json.hpp>
-#include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -24,11 +22,14 @@
 #include <string>
 #include <vector>
 
+#include <boost/json.hpp>
+#include <boost/test/unit_test.hpp>
+
 #include "broker/metrics.h"
-#include "support/broker_harness.h"
 #include "keymesh/pool.h"
 #include "ops/exposition_check.h"
 #include "shm/segment.h"
+#include "support/broker_harness.h"
 
 namespace {
 
@@ -199,7 +200,8 @@ Exposition ScrapeMetrics(const BrokerProcess& b) {
 // Fails the test if `text` holds more of a secret than its last 4 chars.
 void CheckNoSecret(const std::string& what, const std::string& text) {
   for (const std::string& s : {kSecretA, kSecretB, kSecretC, kSecretD, kSecretE}) {
-    BOOST_CHECK_MESSAGE(text.find(s.substr(s.size() - 8)) == std::string::npos, what + " leaks the tail of " + s.substr(0, 7));
+    BOOST_CHECK_MESSAGE(text.find(s.substr(s.size() - 8)) == std::string::npos,
+                        what + " leaks the tail of " + s.substr(0, 7));
     BOOST_CHECK_MESSAGE(text.find(s.substr(0, 12)) == std::string::npos, what + " leaks the head of " + s.substr(0, 7));
   }
 }
@@ -224,15 +226,16 @@ BOOST_AUTO_TEST_CASE(exposition_checker_rejects_malformed_text) {
   BOOST_CHECK_MESSAGE(ParseExposition(ok, &e, &err), err);
   BOOST_CHECK_EQUAL(e.Get("a_total", {{"pool", "p\"q\\r\n"}}), 3);
   for (const std::string& bad : {
-           std::string("a_total 1\n"),                                                  // no TYPE
-           std::string("# TYPE a_total counter\na_total 1"),                            // no final newline
-           std::string("# TYPE a counter\na 1\n"),                                      // counter without _total
-           std::string("# TYPE a_total counter\na_total{p=\"x\\t\"} 1\n"),             // bad escape
-           std::string("# TYPE a_total counter\na_total{1p=\"x\"} 1\n"),               // bad label name
+           std::string("a_total 1\n"),                                                       // no TYPE
+           std::string("# TYPE a_total counter\na_total 1"),                                 // no final newline
+           std::string("# TYPE a counter\na 1\n"),                                           // counter without _total
+           std::string("# TYPE a_total counter\na_total{p=\"x\\t\"} 1\n"),                   // bad escape
+           std::string("# TYPE a_total counter\na_total{1p=\"x\"} 1\n"),                     // bad label name
            std::string("# TYPE a_total counter\na_total{p=\"x\"} 1\na_total{p=\"x\"} 2\n"),  // duplicate
-           std::string("# TYPE a_total counter\na_total one\n"),                       // value
+           std::string("# TYPE a_total counter\na_total one\n"),                             // value
            std::string("# TYPE g gauge\n# TYPE a_total counter\ng 1\na_total 1\ng{x=\"1\"} 2\n"),  // interleaved
-           std::string("# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"0.5\"} 2\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 2\n"),
+           std::string("# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"0.5\"} 2\nh_bucket{le=\"+Inf\"} "
+                       "2\nh_sum 1\nh_count 2\n"),
            std::string("# TYPE h histogram\nh_bucket{le=\"0.5\"} 3\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 2\n"),
            std::string("# TYPE h histogram\nh_bucket{le=\"0.5\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 3\n"),
            std::string("# TYPE h histogram\nh_bucket{le=\"0.5\"} 1\nh_sum 1\nh_count 1\n"),
@@ -273,10 +276,13 @@ BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
   BrokerProcess b;
   WriteFile(b.dir() + "/c.key", kSecretC + "\n");
   WriteFile(b.dir() + "/e.key", kSecretE + "\n");
-  b.WriteConfig("{\"p\":{\"strategy\":\"least_busy\",\"max_failures\":2,\"default_cooldown\":1,\"keys\":["
-                "{\"name\":\"a\",\"secret\":\"" + kSecretA + "\"},"
-                "{\"name\":\"b\",\"secret_env\":\"KM_OPS_SECRET_B\",\"rpm\":6000,\"tpm\":100000},"
-                "{\"name\":\"c\",\"secret_file\":\"c.key\",\"max_concurrency\":4}]}}");
+  b.WriteConfig(
+      "{\"p\":{\"strategy\":\"least_busy\",\"max_failures\":2,\"default_cooldown\":1,\"keys\":["
+      "{\"name\":\"a\",\"secret\":\"" +
+      kSecretA +
+      "\"},"
+      "{\"name\":\"b\",\"secret_env\":\"KM_OPS_SECRET_B\",\"rpm\":6000,\"tpm\":100000},"
+      "{\"name\":\"c\",\"secret_file\":\"c.key\",\"max_concurrency\":4}]}}");
   BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
 
   // status: a table with every key, masked secrets, and JSON that parses.
@@ -287,7 +293,7 @@ BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
     BOOST_CHECK_MESSAGE(st.out.find(col) != std::string::npos, std::string("no column ") + col + "\n" + st.out);
   }
   BOOST_CHECK(st.out.find(keymesh::MaskSecret(kSecretA)) != std::string::npos);
-  BOOST_CHECK(st.out.find("/4") != std::string::npos);    // c's in-flight/max
+  BOOST_CHECK(st.out.find("/4") != std::string::npos);      // c's in-flight/max
   BOOST_CHECK(st.out.find(" req, ") != std::string::npos);  // b's budget
   json::array pools = StatusJson(b);
   BOOST_REQUIRE(FindKey(pools, "p", "a") != nullptr);
@@ -307,12 +313,13 @@ BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
   CtlResult add = Ctl(b, {"add-key", "p", "d", "--secret-env", "KM_OPS_SECRET_D"});
   BOOST_CHECK_MESSAGE(add.code == 0, add.err);
   BOOST_CHECK_EQUAL(Ctl(b, {"disable", "p", "b"}).code, 0);
-  BOOST_CHECK_EQUAL(InWorker(b.socket(), "p", [](keymesh::Pool& p) -> std::string {
-                      keymesh::Result<keymesh::Lease> l = p.TryAcquire();
-                      if (!l.ok()) return "none: " + l.status().message();
-                      const bool same = l->secret() == kSecretD;
-                      return l->key_name() + (same ? ":secret-ok" : ":secret-differs");
-                    }),
+  BOOST_CHECK_EQUAL(InWorker(b.socket(), "p",
+                             [](keymesh::Pool& p) -> std::string {
+                               keymesh::Result<keymesh::Lease> l = p.TryAcquire();
+                               if (!l.ok()) return "none: " + l.status().message();
+                               const bool same = l->secret() == kSecretD;
+                               return l->key_name() + (same ? ":secret-ok" : ":secret-differs");
+                             }),
                     "d:secret-ok");
 
   // add-key from a file, with limits.
@@ -332,17 +339,18 @@ BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
   // reset: a key exhausted by failures comes back.
   BOOST_CHECK_EQUAL(Ctl(b, {"disable", "p", "e"}).code, 0);
   BOOST_CHECK_EQUAL(Ctl(b, {"enable", "p", "a"}).code, 0);
-  BOOST_CHECK_EQUAL(InWorker(b.socket(), "p", [](keymesh::Pool& p) -> std::string {
-                      std::string out;
-                      for (int i = 0; i < 2; ++i) {
-                        keymesh::Result<keymesh::Lease> l = p.TryAcquire();
-                        if (!l.ok()) return "none";
-                        out += l->key_name();
-                        (void)l->MarkFailed();
-                      }
-                      out += p.TryAcquire().ok() ? ",still-eligible" : ",out";
-                      return out;
-                    }),
+  BOOST_CHECK_EQUAL(InWorker(b.socket(), "p",
+                             [](keymesh::Pool& p) -> std::string {
+                               std::string out;
+                               for (int i = 0; i < 2; ++i) {
+                                 keymesh::Result<keymesh::Lease> l = p.TryAcquire();
+                                 if (!l.ok()) return "none";
+                                 out += l->key_name();
+                                 (void)l->MarkFailed();
+                               }
+                               out += p.TryAcquire().ok() ? ",still-eligible" : ",out";
+                               return out;
+                             }),
                     "aa,out");
   BOOST_CHECK_EQUAL(KeyState(b, "p", "a"), "exhausted");
   st = Ctl(b, {"status"});
@@ -410,8 +418,8 @@ BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
   // command was used) and everything keymeshctl printed.
   CheckNoSecret("broker log", first_log + second_log);
   CheckNoSecret("keymeshctl output", g_all_output);
-  for (const char* event : {"event=key_disable", "event=key_enable", "event=key_reset", "event=key_removed",
-                            "event=key_added"}) {
+  for (const char* event :
+       {"event=key_disable", "event=key_enable", "event=key_reset", "event=key_removed", "event=key_added"}) {
     BOOST_CHECK_MESSAGE(first_log.find(event) != std::string::npos, std::string("no ") + event + " logged");
   }
 }
@@ -420,9 +428,9 @@ BOOST_AUTO_TEST_CASE(broker_down_is_one_clear_line) {
   const std::string dir = "/tmp/kmops-" + std::to_string(::getpid());
   std::filesystem::create_directories(dir);
   const std::string sock = dir + "/nobody.sock";
-  for (const std::vector<std::string>& args : {std::vector<std::string>{"--socket", sock, "status"},
-                                               std::vector<std::string>{"--socket", sock, "metrics"},
-                                               std::vector<std::string>{"--socket", sock, "disable", "p", "a"}}) {
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"--socket", sock, "status"}, std::vector<std::string>{"--socket", sock, "metrics"},
+        std::vector<std::string>{"--socket", sock, "disable", "p", "a"}}) {
     CtlResult r = Ctl(dir, args);
     BOOST_CHECK_EQUAL(r.code, 3);
     BOOST_CHECK_EQUAL(std::count(r.err.begin(), r.err.end(), '\n'), 1);
@@ -441,11 +449,17 @@ BOOST_AUTO_TEST_CASE(broker_down_is_one_clear_line) {
 BOOST_AUTO_TEST_CASE(metrics_count_the_work_of_every_process_and_reach_the_file) {
   BrokerProcess b;
   const std::string file = b.dir() + "/keymesh.prom";
-  b.WriteConfig("{\"m\":{\"max_failures\":100,\"default_cooldown\":0.01,\"keys\":["
-                "{\"name\":\"x\",\"secret\":\"" + kSecretA + "\",\"rpm\":60000},"
-                "{\"name\":\"y\",\"secret\":\"" + kSecretB + "\",\"tpm\":10000000},"
-                "{\"name\":\"z\",\"secret\":\"" + kSecretC + "\"}]}}",
-                ",\"metrics_file\":\"" + file + "\",\"metrics_interval\":0.1");
+  b.WriteConfig(
+      "{\"m\":{\"max_failures\":100,\"default_cooldown\":0.01,\"keys\":["
+      "{\"name\":\"x\",\"secret\":\"" +
+          kSecretA +
+          "\",\"rpm\":60000},"
+          "{\"name\":\"y\",\"secret\":\"" +
+          kSecretB +
+          "\",\"tpm\":10000000},"
+          "{\"name\":\"z\",\"secret\":\"" +
+          kSecretC + "\"}]}}",
+      ",\"metrics_file\":\"" + file + "\",\"metrics_interval\":0.1");
   BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
 
   // Two worker processes: 10 successes (5 tokens each), 3 failures, 2 429s.
@@ -467,11 +481,12 @@ BOOST_AUTO_TEST_CASE(metrics_count_the_work_of_every_process_and_reach_the_file)
 
   // With every key disabled: one failed try, one acquire that times out.
   for (const char* k : {"x", "y", "z"}) BOOST_CHECK_EQUAL(Ctl(b, {"disable", "m", k}).code, 0);
-  BOOST_CHECK_EQUAL(InWorker(b.socket(), "m", [](keymesh::Pool& p) -> std::string {
-                      const bool tried = p.TryAcquire().ok();
-                      const bool waited = p.Acquire(0.05).ok();
-                      return std::string(tried ? "got" : "none") + "," + (waited ? "got" : "none");
-                    }),
+  BOOST_CHECK_EQUAL(InWorker(b.socket(), "m",
+                             [](keymesh::Pool& p) -> std::string {
+                               const bool tried = p.TryAcquire().ok();
+                               const bool waited = p.Acquire(0.05).ok();
+                               return std::string(tried ? "got" : "none") + "," + (waited ? "got" : "none");
+                             }),
                     "none,none");
 
   auto check = [](const Exposition& e) {

@@ -10,12 +10,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <boost/test/unit_test.hpp>
 #include <map>
 #include <memory>
 #include <new>
 #include <string>
 #include <vector>
+
+#include <boost/test/unit_test.hpp>
 
 #include "shm/clock.h"
 #include "shm/pool.h"
@@ -44,8 +45,8 @@ struct Fixture {
   uint32_t pool = 0;
 
   explicit Fixture(const std::vector<KeyOpts>& keys, double margin = 0.0, uint32_t max_failures = 3,
-                   double default_cooldown = 1.0, double max_cooldown = 600.0, keymesh::Strategy strategy =
-                                                                                     keymesh::Strategy::kLeastBusy) {
+                   double default_cooldown = 1.0, double max_cooldown = 600.0,
+                   keymesh::Strategy strategy = keymesh::Strategy::kLeastBusy) {
     auto s = shm::Segment::CreateAnonymous(shm::Capacities{1, 64, 1024});
     BOOST_REQUIRE(s.ok());
     seg = std::move(s).value();
@@ -254,7 +255,7 @@ BOOST_AUTO_TEST_CASE(circuit_opens_then_half_open_probe_closes_or_reopens_longer
   auto probe = p.TryAcquire();
   BOOST_REQUIRE(probe.ok());
   BOOST_TEST(KeyStat(p, 0).circuit == "half_open");
-  BOOST_TEST(!p.TryAcquire().ok());  // exactly one probe
+  BOOST_TEST(!p.TryAcquire().ok());               // exactly one probe
   BOOST_TEST(p.Release(*probe, Failure()).ok());  // the probe failed: not reported again
   BOOST_TEST(KeyStat(p, 0).circuit == "open");
   BOOST_TEST(KeyStat(p, 0).cooldown_remaining == 2.0, boost::test_tools::tolerance(1e-9));  // longer
@@ -335,8 +336,8 @@ BOOST_AUTO_TEST_CASE(half_open_admits_exactly_one_probe_across_processes) {
     BOOST_REQUIRE((p.Release(*h, Failure()).code() == Code::kKeyExhausted));
   }
   clock->Advance(kSec);
-  auto* wins = static_cast<std::atomic<int>*>(
-      mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  auto* wins =
+      static_cast<std::atomic<int>*>(mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
   new (wins) std::atomic<int>(0);
   std::atomic<int>* go = wins + 1;
   new (go) std::atomic<int>(0);
@@ -381,8 +382,8 @@ BOOST_AUTO_TEST_CASE(budgets_are_never_overspent_by_eight_processes) {
     std::atomic<int> count;
     Grant grants[kMaxGrants];
   };
-  auto* shared = static_cast<Shared*>(
-      mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  auto* shared =
+      static_cast<Shared*>(mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
   BOOST_REQUIRE(shared != MAP_FAILED);
   new (&shared->count) std::atomic<int>(0);
   const uint64_t until = shm::MonotonicNowNanos() + 1500 * kMs;

@@ -28,9 +28,9 @@ BOOST_AUTO_TEST_CASE(retry_after_http_dates) {
 }
 
 BOOST_AUTO_TEST_CASE(retry_after_garbage) {
-  for (const char* bad : {"", "soon", "-5", "1e3", "12abc", "Wed, 32 Oct 2015 07:28:00 GMT",
-                          "Wed, 21 Foo 2015 07:28:00 GMT", "Wed, 21 Oct 2015 07:28:00 PST", "nan", "inf",
-                          "1.2.3", "Wed, 21 Oct 2015 25:28:00 GMT"}) {
+  for (const char* bad :
+       {"", "soon", "-5", "1e3", "12abc", "Wed, 32 Oct 2015 07:28:00 GMT", "Wed, 21 Foo 2015 07:28:00 GMT",
+        "Wed, 21 Oct 2015 07:28:00 PST", "nan", "inf", "1.2.3", "Wed, 21 Oct 2015 25:28:00 GMT"}) {
     BOOST_TEST_INFO("value: '" << bad << "'");
     auto r = ParseRetryAfter(bad, kNow);
     BOOST_TEST(!r.ok());

@@ -4,11 +4,11 @@
 // and leave the pool exact. And: a child killed while holding leases (outside
 // any critical section) is reclaimed exactly, nobody else's leases touched.
 #define BOOST_TEST_MODULE shm_crash_test
-#include <boost/test/unit_test.hpp>
-
 #include <signal.h>
 
 #include <map>
+
+#include <boost/test/unit_test.hpp>
 
 #include "keymesh/selector.h"
 #include "shm/process_id.h"
@@ -73,10 +73,10 @@ using Facts = std::map<std::string, KeyFacts>;
 Facts FactsOf(const PoolStatus& s) {
   Facts f;
   for (const KeyStatus& k : s.keys) {
-    f[k.name] = KeyFacts{k.in_flight,  k.fail_streak, k.rate_limit_streak, k.weight,   k.max_concurrency,
-                         k.acquires,   k.successes,   k.failures,          k.rate_limited, k.cancelled,
-                         k.reclaimed,  k.fingerprint, k.latency_avg,       k.has_latency, k.enabled,
-                         k.state};
+    f[k.name] =
+        KeyFacts{k.in_flight,   k.fail_streak, k.rate_limit_streak, k.weight,    k.max_concurrency, k.acquires,
+                 k.successes,   k.failures,    k.rate_limited,      k.cancelled, k.reclaimed,       k.fingerprint,
+                 k.latency_avg, k.has_latency, k.enabled,           k.state};
   }
   return f;
 }
@@ -134,8 +134,8 @@ void CheckUsable(TestPool& t) {
 void RunCrashScenario(Strategy strategy, const Scenario& sc) {
   BOOST_TEST_MESSAGE("strategy " << StrategyName(strategy) << ", " << sc.what);
   constexpr uint32_t kCap = 3;
-  TestPool t(3, testing::MakeConfig(strategy, 60, /*max_failures=*/2), SystemClock::Instance(),
-             Capacities{1, 8, 64}, kCap, {1, 2, 3});
+  TestPool t(3, testing::MakeConfig(strategy, 60, /*max_failures=*/2), SystemClock::Instance(), Capacities{1, 8, 64},
+             kCap, {1, 2, 3});
   // History, so that an undo to zero would show.
   for (uint32_t s = 0; s < 3; ++s) {
     BOOST_REQUIRE(t.pool->Release(TakeSlot(*t.pool, s), Make(OutcomeKind::kSuccess, 0.1 * (s + 1))).ok());
@@ -167,12 +167,8 @@ void RunCrashScenario(Strategy strategy, const Scenario& sc) {
     SetCrashHookForTesting(&ParkHook);
     KeyDefinition def;
     switch (sc.op) {
-      case Op::kAcquire:
-        (void)t.pool->TryAcquire(nullptr);
-        break;
-      case Op::kRelease:
-        (void)t.pool->Release(*mine, Make(OutcomeKind::kSuccess, 5.0));
-        break;
+      case Op::kAcquire: (void)t.pool->TryAcquire(nullptr); break;
+      case Op::kRelease: (void)t.pool->Release(*mine, Make(OutcomeKind::kSuccess, 5.0)); break;
       case Op::kAddNewKey:
         def.name = "k9";
         def.fingerprint = 9;

@@ -3,15 +3,15 @@
 // processes (woken by a release, a cooldown end, an enable; timeout) without
 // spinning.
 #define BOOST_TEST_MODULE shm_multiprocess_test
-#include <boost/test/unit_test.hpp>
-
 #include <fcntl.h>
 #include <sched.h>
 
 #include <array>
-#include <thread>
 #include <atomic>
 #include <cstring>
+#include <thread>
+
+#include <boost/test/unit_test.hpp>
 
 #include "shm/process_id.h"
 #include "support/shm_test_util.h"
@@ -66,7 +66,8 @@ int Worker(PoolAccess& pool, uint32_t iters, uint32_t seed, SharedArray<std::ato
     Outcome o;
     Kind kind;
     switch (x % 32) {
-      case 0: case 1:
+      case 0:
+      case 1:
         kind = kFailureK;
         o.kind = OutcomeKind::kFailure;
         break;
@@ -107,16 +108,14 @@ void Hammer(Strategy strategy, uint32_t pairs_per_proc) {
   const uint64_t start = MonotonicNowNanos();
   std::vector<pid_t> pids;
   for (uint32_t p = 0; p < kProcs; ++p) {
-    pids.push_back(ForkChild([&, p] {
-      return Worker(*t.pool, pairs_per_proc, p + 1, in_flight, v[0], &counts[p * kKeys * kKinds]);
-    }));
+    pids.push_back(ForkChild(
+        [&, p] { return Worker(*t.pool, pairs_per_proc, p + 1, in_flight, v[0], &counts[p * kKeys * kKinds]); }));
   }
   for (pid_t pid : pids) BOOST_CHECK_EQUAL(testing::WaitChild(pid), 0);
   const double secs = NanosToSeconds(MonotonicNowNanos() - start);
   BOOST_TEST_MESSAGE(StrategyName(strategy) << ": " << kProcs * pairs_per_proc << " pairs in " << secs
                                             << " s; max in flight seen per key: " << v[0].max_seen[0] << " "
-                                            << v[0].max_seen[1] << " " << v[0].max_seen[2] << " "
-                                            << v[0].max_seen[3]);
+                                            << v[0].max_seen[1] << " " << v[0].max_seen[2] << " " << v[0].max_seen[3]);
 
   BOOST_CHECK_EQUAL(v[0].over_cap.load(), 0u);
   BOOST_CHECK_EQUAL(v[0].errors.load(), 0u);

@@ -2,12 +2,12 @@
 // exhaustion on a FakeClock (never sleeps), EMA latency, capacities, header
 // validation, admin operations and reclaiming.
 #define BOOST_TEST_MODULE shm_unit_test
-#include <boost/test/unit_test.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <map>
 #include <numeric>
+
+#include <boost/test/unit_test.hpp>
 
 #include "keymesh/pool.h"
 #include "keymesh/selector.h"
@@ -17,8 +17,8 @@
 namespace keymesh::shm {
 namespace {
 
-using testing::Must;
 using testing::KeyName;
+using testing::Must;
 using testing::TestPool;
 
 constexpr uint64_t kSec = kNanosPerSecond;
@@ -216,8 +216,7 @@ void CheckProportional(const std::vector<uint32_t>& picks, const std::vector<dou
   }
   for (size_t s = 0; s < share.size(); ++s) {
     const double expected = static_cast<double>(picks.size()) * share[s] / total;
-    BOOST_TEST_MESSAGE("key " << s << " picked " << count[s] << " expected " << expected
-                              << " max gap " << max_gap[s]);
+    BOOST_TEST_MESSAGE("key " << s << " picked " << count[s] << " expected " << expected << " max gap " << max_gap[s]);
     BOOST_CHECK_LE(std::abs(static_cast<double>(count[s]) - expected), 1.5);
     // Smooth: the gap between two picks of a key stays near total/share.
     BOOST_CHECK_LE(static_cast<double>(max_gap[s]), std::ceil(total / share[s]) + 1.0);
@@ -360,8 +359,8 @@ BOOST_AUTO_TEST_CASE(set_selector_is_used_and_removable) {
 BOOST_AUTO_TEST_CASE(ineligible_choice_is_refused) {
   std::unique_ptr<Pool> pool = MakeEmbedded(3);
   BOOST_REQUIRE(pool->DisableKey("k1").ok());
-  for (std::optional<uint32_t> bad : {std::optional<uint32_t>(1), std::optional<uint32_t>(3),
-                                      std::optional<uint32_t>(9999)}) {
+  for (std::optional<uint32_t> bad :
+       {std::optional<uint32_t>(1), std::optional<uint32_t>(3), std::optional<uint32_t>(9999)}) {
     pool->SetSelector(std::make_shared<Fixed>(bad));
     Result<Lease> l = pool->TryAcquire();
     BOOST_REQUIRE(!l.ok());
@@ -418,7 +417,7 @@ BOOST_AUTO_TEST_CASE(deadline_never_shortens) {
   TestPool t(1, testing::MakeConfig(Strategy::kLeastBusy), clock);
   LeaseHandle a = Take(*t.pool), b = Take(*t.pool), c = Take(*t.pool);
   Give(*t.pool, a, RateLimited(100.0));
-  Give(*t.pool, b, Success());      // ends the 429 streak: no escalation next
+  Give(*t.pool, b, Success());         // ends the 429 streak: no escalation next
   Give(*t.pool, c, RateLimited(5.0));  // would end earlier: ignored
   PoolStatus s = t.Snap();
   BOOST_CHECK_EQUAL(s.keys[0].cooldown_remaining, 100.0);
@@ -439,16 +438,16 @@ BOOST_AUTO_TEST_CASE(consecutive_429s_escalate_capped_and_reset_by_success) {
     return remaining;
   };
   BOOST_CHECK_EQUAL(rate_limit(10), 10.0);
-  BOOST_CHECK_EQUAL(rate_limit(10), 20.0);   // max(S, 2 x prev)
+  BOOST_CHECK_EQUAL(rate_limit(10), 20.0);  // max(S, 2 x prev)
   BOOST_CHECK_EQUAL(rate_limit(10), 40.0);
-  BOOST_CHECK_EQUAL(rate_limit(10), 60.0);   // capped by max_cooldown
+  BOOST_CHECK_EQUAL(rate_limit(10), 60.0);  // capped by max_cooldown
   BOOST_CHECK_EQUAL(rate_limit(10), 60.0);
   BOOST_CHECK_EQUAL(t.Snap().keys[0].rate_limit_streak, 5u);
-  Give(*t.pool, Take(*t.pool), Success());   // a success ends the streak
+  Give(*t.pool, Take(*t.pool), Success());  // a success ends the streak
   BOOST_CHECK_EQUAL(t.Snap().keys[0].rate_limit_streak, 0u);
   BOOST_CHECK_EQUAL(rate_limit(10), 10.0);
   BOOST_CHECK_EQUAL(rate_limit(15), 20.0);
-  BOOST_CHECK_EQUAL(rate_limit(50), 50.0);   // S larger than 2 x prev wins
+  BOOST_CHECK_EQUAL(rate_limit(50), 50.0);  // S larger than 2 x prev wins
   // A failure is not a success: the streak goes on.
   Give(*t.pool, Take(*t.pool), Failure());
   BOOST_CHECK_EQUAL(rate_limit(1), 60.0);
@@ -622,9 +621,9 @@ BOOST_AUTO_TEST_CASE(keys_leases_pools) {
 }
 
 BOOST_AUTO_TEST_CASE(invalid_capacities_and_names) {
-  for (Capacities caps : {Capacities{0, 8, 8}, Capacities{1, 0, 8}, Capacities{1, 8, 0},
-                          Capacities{kMaxPoolsLimit + 1, 8, 8}, Capacities{1, kMaxKeysPerPoolLimit + 1, 8},
-                          Capacities{1, 8, kMaxLeasesPerPoolLimit + 1}}) {
+  for (Capacities caps :
+       {Capacities{0, 8, 8}, Capacities{1, 0, 8}, Capacities{1, 8, 0}, Capacities{kMaxPoolsLimit + 1, 8, 8},
+        Capacities{1, kMaxKeysPerPoolLimit + 1, 8}, Capacities{1, 8, kMaxLeasesPerPoolLimit + 1}}) {
     Result<std::unique_ptr<Segment>> s = Segment::CreateAnonymous(caps);
     BOOST_REQUIRE(!s.ok());
     BOOST_CHECK(s.status().code() == Code::kInvalidArgument);

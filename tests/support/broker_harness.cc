@@ -51,8 +51,8 @@ BrokerProcess::~BrokerProcess() {
 
 void BrokerProcess::WriteConfig(const std::string& pools, const std::string& extra) {
   std::ofstream out(config_file_ + ".tmp");
-  out << "{\"socket\":\"" << socket_ << "\",\"state_file\":\"" << state_file_ << "\"" << extra
-      << ",\"pools\":" << pools << "}\n";
+  out << "{\"socket\":\"" << socket_ << "\",\"state_file\":\"" << state_file_ << "\"" << extra << ",\"pools\":" << pools
+      << "}\n";
   out.close();
   std::filesystem::rename(config_file_ + ".tmp", config_file_);
 }
