@@ -195,7 +195,7 @@ void Broker::StartMetricsFile() {
                                                       [this]() -> Result<std::vector<PoolStatus>> {
                                                         std::vector<PoolStatus> pools;
                                                         for (const std::string& name : PoolNames()) {
-                                                          shm::PoolAccess* pool = FindPool(name);
+                                                          shm::PoolAdmin* pool = FindPool(name);
                                                           if (pool == nullptr) continue;
                                                           Result<PoolStatus> snap = pool->Snapshot();
                                                           if (!snap.ok()) return snap.status();
@@ -226,7 +226,7 @@ std::vector<PoolConfigEntry> Broker::DesiredPools() const {
 void Broker::RebuildTables() {
   for (uint32_t i = 0; i < segment_->header()->max_pools; ++i) {
     if (segment_->pool_header(i)->use != 1) continue;
-    auto access = std::make_unique<shm::PoolAccess>(*segment_, i);
+    auto access = std::make_unique<shm::PoolAdmin>(*segment_, i);
     std::string name = access->Info().name;
     if (pools_.find(name) == pools_.end()) pools_.emplace(std::move(name), std::move(access));
   }
@@ -273,7 +273,7 @@ void Broker::Reload() {
       {{"pools", std::to_string(config_.pools.size())}, {"generation", std::to_string(segment_->generation())}});
 }
 
-shm::PoolAccess* Broker::FindPool(std::string_view name) {
+shm::PoolAdmin* Broker::FindPool(std::string_view name) {
   auto it = pools_.find(name);
   return it == pools_.end() ? nullptr : it->second.get();
 }
@@ -284,8 +284,8 @@ std::vector<std::string> Broker::PoolNames() const {
   return out;
 }
 
-std::vector<shm::PoolAccess*> Broker::AllPools() {
-  std::vector<shm::PoolAccess*> out;
+std::vector<shm::PoolAdmin*> Broker::AllPools() {
+  std::vector<shm::PoolAdmin*> out;
   for (auto& [name, pool] : pools_) out.push_back(pool.get());
   return out;
 }
@@ -332,7 +332,7 @@ Status Broker::AddKey(std::string_view pool, const KeySpec& key) {
 }
 
 Status Broker::RemoveKey(std::string_view pool, std::string_view name) {
-  shm::PoolAccess* access = FindPool(pool);
+  shm::PoolAdmin* access = FindPool(pool);
   if (access == nullptr) return Status(Code::kUnknownKey, "no pool " + Quoted(pool));
   Status st = access->RemoveKey(name);
   if (!st.ok()) return st;
@@ -348,13 +348,6 @@ Status Broker::RemoveKey(std::string_view pool, std::string_view name) {
   RebuildTables();
   Log(LogLevel::kInfo, "key_removed", {{"pool", std::string(pool)}, {"key", std::string(name)}});
   return Status::Ok();
-}
-
-std::string Broker::SlotName(const shm::PoolAccess& pool, uint32_t slot) const {
-  const shm::SegmentHeader* h = segment_->header();
-  if (slot >= h->keys_per_pool) return "";
-  const auto* slots = reinterpret_cast<const shm::KeySlot*>(segment_->pool_data(pool.index()) + h->keys_offset);
-  return std::string(slots[slot].name, strnlen(slots[slot].name, shm::kNameCapacity));
 }
 
 }  // namespace keymesh::broker

@@ -5,7 +5,7 @@
 // SIGTERM/SIGINT; SIGHUP reloads the config.
 //
 // Threading: everything here runs on the io thread, except the SlowAcquirer
-// lanes, which touch only PoolAccess (itself process- and thread-safe).
+// lanes, which touch only PoolAdmin (itself process- and thread-safe).
 #ifndef KEYMESH_BROKER_BROKER_H_
 #define KEYMESH_BROKER_BROKER_H_
 
@@ -71,7 +71,7 @@ class Broker {
   shm::Segment& segment() noexcept { return *segment_; }
   // nullptr when there is no such pool. The pointer stays valid for the
   // broker's life.
-  shm::PoolAccess* FindPool(std::string_view name);
+  shm::PoolAdmin* FindPool(std::string_view name);
   std::vector<std::string> PoolNames() const;
   // name -> secret of a pool's keys; nullptr for an unknown pool.
   const std::map<std::string, std::string>* Secrets(std::string_view pool) const;
@@ -84,8 +84,6 @@ class Broker {
   Status RemoveKey(std::string_view pool, std::string_view name);
   // Frees the leases of `id` in every pool if it is dead; returns how many.
   uint32_t ReclaimIfDead(uint32_t pid);
-  // The key name held by a granted lease (valid while the lease is held).
-  std::string SlotName(const shm::PoolAccess& pool, uint32_t slot) const;
 
   Reaper& reaper() noexcept { return *reaper_; }
   SlowAcquirer& slow() noexcept { return *slow_; }
@@ -106,14 +104,14 @@ class Broker {
   void StartMetricsFile();
   void RebuildTables();
   std::vector<PoolConfigEntry> DesiredPools() const;
-  std::vector<shm::PoolAccess*> AllPools();
+  std::vector<shm::PoolAdmin*> AllPools();
 
   BrokerOptions options_;
   BrokerConfig config_;
   std::unique_ptr<LockFile> lock_;
   std::string segment_name_;
   std::unique_ptr<shm::Segment> segment_;
-  std::map<std::string, std::unique_ptr<shm::PoolAccess>, std::less<>> pools_;
+  std::map<std::string, std::unique_ptr<shm::PoolAdmin>, std::less<>> pools_;
   std::map<std::string, std::map<std::string, std::string>, std::less<>> secrets_;
   std::map<std::string, std::map<std::string, KeySpec>, std::less<>> runtime_keys_;  // added over the socket
   int64_t wall_minus_mono_ = 0;

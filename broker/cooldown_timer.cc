@@ -6,13 +6,13 @@
 
 namespace keymesh::broker {
 
-CooldownTimer::CooldownTimer(boost::asio::io_context& io, std::function<std::vector<shm::PoolAccess*>()> pools)
+CooldownTimer::CooldownTimer(boost::asio::io_context& io, std::function<std::vector<shm::PoolAdmin*>()> pools)
     : timer_(io), pools_(std::move(pools)) {}
 
 void CooldownTimer::Rearm() {
   if (stopped_) return;
   uint64_t earliest = shm::kNever;
-  for (shm::PoolAccess* p : pools_()) earliest = std::min(earliest, p->NextDeadline());
+  for (shm::PoolAdmin* p : pools_()) earliest = std::min(earliest, p->NextDeadline());
   if (earliest == armed_for_) return;
   armed_for_ = earliest;
   if (earliest == shm::kNever) {
@@ -30,7 +30,7 @@ void CooldownTimer::Rearm() {
 void CooldownTimer::Fire() {
   armed_for_ = shm::kNever;
   const uint64_t now = shm::MonotonicNowNanos();
-  for (shm::PoolAccess* p : pools_()) {
+  for (shm::PoolAdmin* p : pools_()) {
     if (p->NextDeadline() <= now) p->WakeWaiters();  // sweeps: cooled keys rejoin rotation
   }
   Rearm();

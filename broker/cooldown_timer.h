@@ -25,7 +25,7 @@ class CooldownTimer {
  public:
   // `pools` lists the pools to watch at the moment of the call; it and `io`
   // must outlive the timer. io thread only.
-  CooldownTimer(boost::asio::io_context& io, std::function<std::vector<shm::PoolAccess*>()> pools);
+  CooldownTimer(boost::asio::io_context& io, std::function<std::vector<shm::PoolAdmin*>()> pools);
 
   // Arms the timer for the earliest deadline (cancels it when there is none).
   void Rearm();
@@ -35,7 +35,7 @@ class CooldownTimer {
   void Fire();
 
   boost::asio::steady_timer timer_;
-  std::function<std::vector<shm::PoolAccess*>()> pools_;
+  std::function<std::vector<shm::PoolAdmin*>()> pools_;
   uint64_t armed_for_ = shm::kNever;
   bool stopped_ = false;
 };

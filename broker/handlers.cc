@@ -163,7 +163,7 @@ void Handlers::Acquire(const std::shared_ptr<Session>& s, int64_t id, const json
   if (!s->client) return fail(NeedHello());
   Result<std::string> pool_name = protocol::GetString(req, "pool");
   if (!pool_name.ok()) return fail(pool_name.status());
-  shm::PoolAccess* pool = broker_.FindPool(*pool_name);
+  shm::PoolAdmin* pool = broker_.FindPool(*pool_name);
   if (pool == nullptr) return fail(UnknownPool(*pool_name));
   Result<std::optional<double>> timeout = protocol::GetOptSeconds(req, "timeout");
   if (!timeout.ok()) return fail(timeout.status());
@@ -178,33 +178,32 @@ void Handlers::Acquire(const std::shared_ptr<Session>& s, int64_t id, const json
     Result<shm::LeaseHandle> h = pool->TryAcquire(nullptr, nullptr, holder, tokens);
     if (h.ok()) {
       s->slow_leases.push_back({pool, *h});
-      s->Send(protocol::OkReply(id, GrantFields(broker_.SlotName(*pool, h->slot), *h)));
+      s->Send(protocol::OkReply(id, GrantFields(pool->KeyName(h->slot), *h)));
       return;
     }
     if (h.status().code() != Code::kNoAvailableKey || timeout_ns == 0) return fail(h.status());
   }
   auto ticket = std::make_shared<uint64_t>(0);
   std::weak_ptr<Session> weak = s;
-  *ticket =
-      broker_.slow().Enqueue(pool, holder, shm::MonotonicNowNanos() + timeout_ns, tokens,
-                             [this, weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
-                               std::shared_ptr<Session> session = weak.lock();
-                               if (!session || session->closed()) {
-                                 if (h.ok()) {
-                                   shm::Outcome cancelled;
-                                   cancelled.kind = shm::OutcomeKind::kCancelled;
-                                   (void)pool->Release(*h, cancelled, holder);
-                                 }
-                                 return;
-                               }
-                               session->pending.erase(*ticket);
-                               if (!h.ok()) {
-                                 session->Send(protocol::ErrorReply(id, h.status()));
-                                 return;
-                               }
-                               session->slow_leases.push_back({pool, *h});
-                               session->Send(protocol::OkReply(id, GrantFields(broker_.SlotName(*pool, h->slot), *h)));
-                             });
+  *ticket = broker_.slow().Enqueue(pool, holder, shm::MonotonicNowNanos() + timeout_ns, tokens,
+                                   [this, weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
+                                     std::shared_ptr<Session> session = weak.lock();
+                                     if (!session || session->closed()) {
+                                       if (h.ok()) {
+                                         shm::Outcome cancelled;
+                                         cancelled.kind = shm::OutcomeKind::kCancelled;
+                                         (void)pool->Release(*h, cancelled, holder);
+                                       }
+                                       return;
+                                     }
+                                     session->pending.erase(*ticket);
+                                     if (!h.ok()) {
+                                       session->Send(protocol::ErrorReply(id, h.status()));
+                                       return;
+                                     }
+                                     session->slow_leases.push_back({pool, *h});
+                                     session->Send(protocol::OkReply(id, GrantFields(pool->KeyName(h->slot), *h)));
+                                   });
   s->pending.insert(*ticket);
   s->ArmTimer();
 }
@@ -213,7 +212,7 @@ Result<json::object> Handlers::End(Session& s, const std::string& op, const json
   if (!s.client) return NeedHello();
   Result<std::string> pool_name = protocol::GetString(req, "pool");
   if (!pool_name.ok()) return pool_name.status();
-  shm::PoolAccess* pool = broker_.FindPool(*pool_name);
+  shm::PoolAdmin* pool = broker_.FindPool(*pool_name);
   if (pool == nullptr) return UnknownPool(*pool_name);
   Result<uint64_t> slot = protocol::GetUint(req, "slot");
   if (!slot.ok()) return slot.status();
@@ -266,7 +265,7 @@ Result<json::object> Handlers::ObserveLimits(Session& s, const json::object& req
   if (!s.client) return NeedHello();
   Result<std::string> pool_name = protocol::GetString(req, "pool");
   if (!pool_name.ok()) return pool_name.status();
-  shm::PoolAccess* pool = broker_.FindPool(*pool_name);
+  shm::PoolAdmin* pool = broker_.FindPool(*pool_name);
   if (pool == nullptr) return UnknownPool(*pool_name);
   Result<std::string> name = protocol::GetString(req, "name");
   if (!name.ok()) return name.status();
@@ -301,7 +300,7 @@ Result<json::object> Handlers::StatusOp(const json::object& req) {
   }
   json::array pools;
   for (const std::string& name : names) {
-    shm::PoolAccess* pool = broker_.FindPool(name);
+    shm::PoolAdmin* pool = broker_.FindPool(name);
     if (pool == nullptr) continue;
     Result<PoolStatus> snap = pool->Snapshot();
     if (!snap.ok()) return snap.status();
@@ -350,7 +349,7 @@ Result<json::object> Handlers::AddKey(Session& s, const json::object& req) {
   k.rpm = static_cast<uint32_t>(rpm);
   k.tpm = tpm;
   // An existing name with the same secret is re-admitted (streak cleared).
-  if (shm::PoolAccess* access = broker_.FindPool(*pool); access != nullptr) {
+  if (shm::PoolAdmin* access = broker_.FindPool(*pool); access != nullptr) {
     const std::map<std::string, std::string>* secrets = broker_.Secrets(*pool);
     if (secrets != nullptr) {
       auto it = secrets->find(*name);
@@ -371,7 +370,7 @@ Result<json::object> Handlers::KeyOp(Session& s, const std::string& op, const js
   if (!pool_name.ok()) return pool_name.status();
   Result<std::string> name = protocol::GetString(req, "name");
   if (!name.ok()) return name.status();
-  shm::PoolAccess* pool = broker_.FindPool(*pool_name);
+  shm::PoolAdmin* pool = broker_.FindPool(*pool_name);
   if (pool == nullptr) return UnknownPool(*pool_name);
   Status st;
   if (op == "remove_key") {
@@ -390,7 +389,7 @@ Result<json::object> Handlers::KeyOp(Session& s, const std::string& op, const js
 Result<json::object> Handlers::Metrics() {
   std::vector<PoolStatus> pools;
   for (const std::string& name : broker_.PoolNames()) {
-    shm::PoolAccess* pool = broker_.FindPool(name);
+    shm::PoolAdmin* pool = broker_.FindPool(name);
     if (pool == nullptr) continue;
     Result<PoolStatus> snap = pool->Snapshot();
     if (!snap.ok()) return snap.status();

@@ -100,13 +100,6 @@ bool Eligible(const KeyStatus& k) { return k.state == KeyState::kAvailable || k.
 
 }  // namespace
 
-int CircuitStateValue(const std::string& circuit) {
-  if (circuit == "open") return 1;
-  if (circuit == "half_open") return 2;
-  if (circuit == "revoked") return 3;
-  return 0;
-}
-
 std::string RenderMetrics(const std::vector<PoolStatus>& pools) {
   Exposition e;
   auto pool_family = [&](const char* name, const char* type, const char* help, auto get) {
@@ -201,7 +194,7 @@ std::string RenderMetrics(const std::vector<PoolStatus>& pools) {
   key_family("keymesh_key_cooldown_remaining_seconds", "gauge", "Seconds until the key's cooldown ends.",
              [](const KeyStatus& k) { return k.cooldown_remaining > 0 ? k.cooldown_remaining : 0.0; });
   key_family("keymesh_key_circuit_state", "gauge", "Circuit: 0 closed, 1 open, 2 half-open, 3 revoked.",
-             [](const KeyStatus& k) { return static_cast<uint32_t>(CircuitStateValue(k.circuit)); });
+             [](const KeyStatus& k) { return static_cast<uint32_t>(k.circuit); });
   key_family(
       "keymesh_key_requests_available", "gauge", "Requests the key's rpm budget grants now.",
       [](const KeyStatus& k) { return k.requests_available; },

@@ -38,9 +38,6 @@ namespace keymesh::broker {
 // its samples; families with no sample are left out. Pure: no I/O.
 std::string RenderMetrics(const std::vector<PoolStatus>& pools);
 
-// Circuit state as a gauge: 0 closed, 1 open, 2 half-open, 3 revoked.
-int CircuitStateValue(const std::string& circuit);
-
 // Writes `text` to `path` atomically: a temp file in the same directory,
 // then rename(2) over `path`, so a reader (node_exporter) sees either the
 // old or the new file, never a partial one. Mode 0644.

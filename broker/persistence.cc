@@ -107,9 +107,9 @@ StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono) {
   for (uint32_t p = 0; p < segment.header()->max_pools; ++p) {
     const shm::PoolHeader* ph = segment.pool_header(p);
     if (ph->use != 1) continue;
-    shm::PoolAccess access(segment, p);
+    shm::PoolAdmin access(segment, p);
     std::vector<PersistedKey>& out = image.pools[access.Info().name];
-    for (shm::PoolAccess::ExportedKey& e : access.ExportKeyStates()) {
+    for (shm::ExportedKey& e : access.ExportKeyStates()) {
       PersistedKey k;
       k.name = std::move(e.name);
       k.fingerprint = e.fingerprint;

@@ -31,7 +31,7 @@ struct PersistedKey {
   std::string name;
   uint64_t fingerprint = 0;
   // cooldown_deadline is unused here: see cooldown_until_wall_ns.
-  shm::PoolAccess::RestoredState state;
+  shm::RestoredState state;
   uint64_t cooldown_until_wall_ns = 0;  // 0: none
 };
 

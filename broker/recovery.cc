@@ -13,8 +13,7 @@
 namespace keymesh::broker {
 namespace {
 
-const shm::PoolAccess::ExportedKey* FindExported(const std::vector<shm::PoolAccess::ExportedKey>& keys,
-                                                 std::string_view name) {
+const shm::ExportedKey* FindExported(const std::vector<shm::ExportedKey>& keys, std::string_view name) {
   for (const auto& k : keys) {
     if (k.name == name) return &k;
   }
@@ -24,9 +23,9 @@ const shm::PoolAccess::ExportedKey* FindExported(const std::vector<shm::PoolAcce
 // State to put back after re-admitting a changed key: everything when the
 // secret is the same, counters only (and the operator's disable) when it
 // was rotated.
-shm::PoolAccess::RestoredState Carried(const shm::PoolAccess::RestoredState& old, bool same_secret) {
+shm::RestoredState Carried(const shm::RestoredState& old, bool same_secret) {
   if (same_secret) return old;
-  shm::PoolAccess::RestoredState r;
+  shm::RestoredState r;
   r.enabled = old.enabled;
   r.acquires = old.acquires;
   r.successes = old.successes;
@@ -48,7 +47,7 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
     index = *created;
     Log(LogLevel::kInfo, "pool_created", {{"pool", p.name}});
   }
-  shm::PoolAccess access(segment, *index);
+  shm::PoolAdmin access(segment, *index);
   if (!shm::SamePoolConfig(access.header()->config, shm::ToPoolConfig(p.options))) {
     Status st = access.SetOptions(p.options);
     if (!st.ok()) return st;
@@ -57,7 +56,7 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
   }
   Result<PoolStatus> snap = access.Snapshot();
   if (!snap.ok()) return snap.status();
-  std::vector<shm::PoolAccess::ExportedKey> exported;  // read lazily, only when a key changes
+  std::vector<shm::ExportedKey> exported;  // read lazily, only when a key changes
   for (const KeySpec& k : p.keys) {
     const uint64_t fp = segment.Fingerprint(k.secret);
     const KeyStatus* cur = nullptr;
@@ -79,7 +78,7 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
       continue;  // unchanged: not touched at all
     }
     if (cur != nullptr && exported.empty()) exported = access.ExportKeyStates();
-    const shm::PoolAccess::ExportedKey* old = cur != nullptr ? FindExported(exported, k.name) : nullptr;
+    const shm::ExportedKey* old = cur != nullptr ? FindExported(exported, k.name) : nullptr;
     Result<shm::AddKeyResult> added = access.AddKey(def);
     if (!added.ok()) {
       return Status(added.status().code(),
@@ -88,7 +87,7 @@ Status ReconcilePool(shm::Segment& segment, const PoolConfigEntry& p, bool* chan
     if (old != nullptr) {
       // AddKey kept the counters; workers may have moved them since the
       // export, so only streaks, cooldown and circuit are carried over.
-      shm::PoolAccess::RestoredState carried = Carried(old->state, old->fingerprint == fp);
+      shm::RestoredState carried = Carried(old->state, old->fingerprint == fp);
       carried.restore_counters = false;
       Status st = access.RestoreKeyState(k.name, carried);
       if (!st.ok()) return st;
@@ -141,7 +140,7 @@ Status ReconcileSegment(shm::Segment& segment, const std::vector<PoolConfigEntry
   // keeps its slot but loses its keys.
   for (uint32_t i = 0; i < segment.header()->max_pools; ++i) {
     if (segment.pool_header(i)->use != 1) continue;
-    shm::PoolAccess access(segment, i);
+    shm::PoolAdmin access(segment, i);
     const std::string name = access.Info().name;
     bool wanted = false;
     for (const PoolConfigEntry& p : pools) wanted = wanted || p.name == name;
@@ -164,12 +163,12 @@ void RestoreFromImage(shm::Segment& segment, const StateImage& image) {
   for (const auto& [pool, keys] : image.pools) {
     std::optional<uint32_t> index = segment.FindPool(pool);
     if (!index) continue;
-    shm::PoolAccess access(segment, *index);
-    const std::vector<shm::PoolAccess::ExportedKey> current = access.ExportKeyStates();
+    shm::PoolAdmin access(segment, *index);
+    const std::vector<shm::ExportedKey> current = access.ExportKeyStates();
     for (const PersistedKey& k : keys) {
-      const shm::PoolAccess::ExportedKey* cur = FindExported(current, k.name);
+      const shm::ExportedKey* cur = FindExported(current, k.name);
       if (cur == nullptr) continue;
-      shm::PoolAccess::RestoredState r = Carried(k.state, cur->fingerprint == k.fingerprint);
+      shm::RestoredState r = Carried(k.state, cur->fingerprint == k.fingerprint);
       r.cooldown_deadline = 0;
       if (cur->fingerprint == k.fingerprint && k.cooldown_until_wall_ns > wall_now) {
         r.cooldown_deadline = mono_now + (k.cooldown_until_wall_ns - wall_now);

@@ -72,7 +72,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // --- state kept for the Handlers ---
   std::optional<shm::ProcessId> client;  // set by hello
   struct SlowLease {
-    shm::PoolAccess* pool;
+    shm::PoolAdmin* pool;
     shm::LeaseHandle handle;
   };
   std::vector<SlowLease> slow_leases;  // granted over this connection, not yet ended

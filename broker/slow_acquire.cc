@@ -12,7 +12,7 @@ namespace keymesh::broker {
 struct SlowAcquirer::Waiter {
   Waiter(boost::asio::io_context& io) : timer(io) {}
   uint64_t ticket = 0;
-  shm::PoolAccess* pool = nullptr;
+  shm::PoolAdmin* pool = nullptr;
   shm::ProcessId holder;
   uint64_t tokens = 0;
   uint64_t deadline = 0;
@@ -24,7 +24,7 @@ struct SlowAcquirer::Waiter {
 };
 
 struct SlowAcquirer::Lane {
-  shm::PoolAccess* pool = nullptr;
+  shm::PoolAdmin* pool = nullptr;
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::shared_ptr<Waiter>> queue;  // guarded by mu
@@ -37,7 +37,7 @@ SlowAcquirer::SlowAcquirer(boost::asio::io_context& io) : io_(io) {}
 
 SlowAcquirer::~SlowAcquirer() { Stop(); }
 
-uint64_t SlowAcquirer::Enqueue(shm::PoolAccess* pool, const shm::ProcessId& holder, uint64_t deadline_ns,
+uint64_t SlowAcquirer::Enqueue(shm::PoolAdmin* pool, const shm::ProcessId& holder, uint64_t deadline_ns,
                                uint64_t tokens, Done done) {
   auto w = std::make_shared<Waiter>(io_);
   w->ticket = next_ticket_++;
@@ -158,7 +158,7 @@ void SlowAcquirer::Cancel(uint64_t ticket) {
   }
 }
 
-bool SlowAcquirer::Idle(const shm::PoolAccess* pool) const {
+bool SlowAcquirer::Idle(const shm::PoolAdmin* pool) const {
   auto it = lanes_.find(pool);
   if (it == lanes_.end()) return true;
   std::lock_guard<std::mutex> lock(it->second->mu);

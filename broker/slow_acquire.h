@@ -2,7 +2,7 @@
 // and without polling.
 //
 // Each pool gets one waiter thread (started on first use) that serves that
-// pool's blocked requests in FIFO order: it sleeps in PoolAccess::Acquire on
+// pool's blocked requests in FIFO order: it sleeps in PoolAdmin::Acquire on
 // the pool's futex, exactly like a fast-path worker, on behalf of the
 // request's client process (the lease names the client as holder). The
 // result is handed to the io thread with asio::post. Requests queued behind
@@ -45,14 +45,14 @@ class SlowAcquirer {
   // `deadline_ns` (CLOCK_MONOTONIC) for `holder`, reserving `tokens` of the
   // key's token budget at the grant. Returns a ticket for
   // Cancel. io thread only.
-  uint64_t Enqueue(shm::PoolAccess* pool, const shm::ProcessId& holder, uint64_t deadline_ns, uint64_t tokens,
+  uint64_t Enqueue(shm::PoolAdmin* pool, const shm::ProcessId& holder, uint64_t deadline_ns, uint64_t tokens,
                    Done done);
   // Drops a waiter: `done` will not run; a key granted meanwhile is
   // released unused. io thread only.
   void Cancel(uint64_t ticket);
   // True when no request waits on `pool` (a new one may try at once
   // without overtaking anybody).
-  bool Idle(const shm::PoolAccess* pool) const;
+  bool Idle(const shm::PoolAdmin* pool) const;
   // Cancels everything and joins the threads.
   void Stop();
 
@@ -63,7 +63,7 @@ class SlowAcquirer {
   void Deliver(const std::shared_ptr<Waiter>& w, Result<shm::LeaseHandle> r);
 
   boost::asio::io_context& io_;
-  std::map<const shm::PoolAccess*, std::unique_ptr<Lane>> lanes_;
+  std::map<const shm::PoolAdmin*, std::unique_ptr<Lane>> lanes_;
   std::map<uint64_t, std::shared_ptr<Waiter>> waiters_;  // io thread only
   uint64_t next_ticket_ = 1;
 };

@@ -1,5 +1,5 @@
 // The C++ client's shared-memory fast path: Pool and Lease over
-// shm::PoolAccess. The socket slow path lives in broker_client.cc.
+// shm::PoolAdmin. The socket slow path lives in broker_client.cc.
 #include "keymesh/pool.h"
 
 #include <unistd.h>
@@ -105,7 +105,7 @@ Status Lease::Cancel() {
 
 Pool::Pool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index, std::string name, SecretSource source)
     : segment_(std::move(segment)),
-      access_(std::make_unique<shm::PoolAccess>(*segment_, pool_index)),
+      access_(std::make_unique<shm::PoolAdmin>(*segment_, pool_index)),
       name_(std::move(name)),
       source_(std::move(source)),
       creator_pid_(static_cast<uint32_t>(::getpid())) {

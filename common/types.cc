@@ -2,6 +2,7 @@
 #include "keymesh/types.h"
 
 #include <cmath>
+#include <cstdio>
 
 #include "common/text.h"
 
@@ -37,6 +38,59 @@ std::string_view KeyStateName(KeyState state) noexcept {
     case KeyState::kProbe: return "probe";
   }
   return "unknown";
+}
+
+Result<KeyState> ParseKeyState(std::string_view name) {
+  for (uint32_t v = 0; v <= static_cast<uint32_t>(KeyState::kProbe); ++v) {
+    if (name == KeyStateName(static_cast<KeyState>(v))) return static_cast<KeyState>(v);
+  }
+  return Status(Code::kInvalidArgument, "unknown key state " + Quoted(name));
+}
+
+std::string_view CircuitStateName(CircuitState state) noexcept {
+  switch (state) {
+    case CircuitState::kClosed: return "closed";
+    case CircuitState::kOpen: return "open";
+    case CircuitState::kHalfOpen: return "half_open";
+    case CircuitState::kRevoked: return "revoked";
+  }
+  return "closed";
+}
+
+Result<CircuitState> ParseCircuitState(std::string_view name) {
+  for (uint32_t v = 0; v <= static_cast<uint32_t>(CircuitState::kRevoked); ++v) {
+    if (name == CircuitStateName(static_cast<CircuitState>(v))) return static_cast<CircuitState>(v);
+  }
+  return Status(Code::kInvalidArgument, "unknown circuit state " + Quoted(name));
+}
+
+std::string DescribeKeyState(const KeyStatus& k) {
+  char why[160] = "";
+  switch (k.state) {
+    case KeyState::kAvailable: break;
+    case KeyState::kRemoving:
+      std::snprintf(why, sizeof(why), "removed; waits for %u lease(s) to end", k.in_flight);
+      break;
+    case KeyState::kDisabled: std::snprintf(why, sizeof(why), "disabled by an operator"); break;
+    case KeyState::kRevoked:
+      std::snprintf(why, sizeof(why), "authentication failed; out until reset or add_key");
+      break;
+    case KeyState::kHalfOpen: std::snprintf(why, sizeof(why), "circuit half-open: its probe is in flight"); break;
+    case KeyState::kExhausted:
+      std::snprintf(why, sizeof(why), "circuit open after %u consecutive failures; half-open in %.1fs", k.fail_streak,
+                    k.cooldown_remaining);
+      break;
+    case KeyState::kProbe: std::snprintf(why, sizeof(why), "circuit half-open: the next caller probes it"); break;
+    case KeyState::kCooling:
+      std::snprintf(why, sizeof(why), "rate limited (429 #%u in a row); cooling %.1fs", k.rate_limit_streak,
+                    k.cooldown_remaining);
+      break;
+    case KeyState::kThrottled:
+      std::snprintf(why, sizeof(why), "request/token budget spent; refills in %.3fs", k.ready_in);
+      break;
+    case KeyState::kBusy: std::snprintf(why, sizeof(why), "at max concurrency %u", k.max_concurrency); break;
+  }
+  return why;
 }
 
 namespace {

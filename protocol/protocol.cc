@@ -250,7 +250,7 @@ json::object PoolStatusToJson(const PoolStatus& s, const std::function<std::stri
     j["last_used_ago"] = k.last_used_ago;
     j["is_available"] = k.state == KeyState::kAvailable;
     j["health_score"] = k.health_score;
-    j["circuit"] = k.circuit;
+    j["circuit"] = CircuitStateName(k.circuit);
     j["circuit_opens"] = k.circuit_opens;
     j["escalation"] = k.escalation;
     j["requests_available"] = k.requests_available;
@@ -317,11 +317,7 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     k.slot = static_cast<uint32_t>(U64(j, "slot"));
     k.fingerprint = U64(j, "fingerprint");
     const std::string state = Str(j, "state");
-    for (KeyState ks :
-         {KeyState::kAvailable, KeyState::kBusy, KeyState::kCooling, KeyState::kExhausted, KeyState::kDisabled,
-          KeyState::kRemoving, KeyState::kHalfOpen, KeyState::kRevoked, KeyState::kThrottled, KeyState::kProbe}) {
-      if (state == KeyStateName(ks)) k.state = ks;
-    }
+    if (Result<KeyState> ks = ParseKeyState(state); ks.ok()) k.state = *ks;
     k.enabled = Bool(j, "enabled");
     k.weight = static_cast<uint32_t>(U64(j, "weight"));
     k.max_concurrency = static_cast<uint32_t>(U64(j, "max_concurrency"));
@@ -342,7 +338,11 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v) {
     k.has_latency = Bool(j, "has_latency");
     k.last_used_ago = F64(j, "last_used_ago");
     k.health_score = F64(j, "health_score");
-    if (j.if_contains("circuit")) k.circuit = Str(j, "circuit");
+    if (j.if_contains("circuit")) {
+      Result<CircuitState> circuit = ParseCircuitState(Str(j, "circuit"));
+      if (!circuit.ok()) return ProtocolError("key status: " + circuit.status().message());
+      k.circuit = *circuit;
+    }
     k.circuit_opens = static_cast<uint32_t>(U64(j, "circuit_opens"));
     k.escalation = static_cast<uint32_t>(U64(j, "escalation"));
     k.requests_available =

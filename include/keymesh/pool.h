@@ -35,7 +35,7 @@ namespace keymesh {
 
 namespace shm {
 class Segment;
-class PoolAccess;
+class PoolAdmin;
 class Clock;
 }  // namespace shm
 
@@ -189,7 +189,7 @@ class KEYMESH_EXPORT Pool {
 
   // For bindings and tests: the underlying segment view. Only for pools
   // that map a segment (not slow_path()).
-  shm::PoolAccess& access() noexcept { return *access_; }
+  shm::PoolAdmin& access() noexcept { return *access_; }
   shm::Segment& segment() noexcept { return *segment_; }
   // True when every call goes over the broker socket (Connect() could not
   // map the segment).
@@ -203,7 +203,7 @@ class KEYMESH_EXPORT Pool {
   void Publish(uint32_t slot, std::string name, std::string secret, uint64_t fingerprint);
 
   std::unique_ptr<shm::Segment> segment_;
-  std::unique_ptr<shm::PoolAccess> access_;
+  std::unique_ptr<shm::PoolAdmin> access_;
   std::string name_;
   SecretSource source_;
   uint32_t creator_pid_ = 0;

@@ -52,6 +52,24 @@ struct KeySpec {
   double rate_margin = -1.0;
 };
 
+// How a lease ended. kCancelled ends it without counting an outcome (the
+// request never reached the provider, e.g. an asyncio task cancelled right
+// after the grant). The numbers are part of the C ABI (KM_OUTCOME_*).
+enum class OutcomeKind : uint32_t { kSuccess = 0, kFailure = 1, kRateLimited = 2, kCancelled = 3 };
+
+// A key's circuit breaker (see KeyStatus::circuit).
+//   kClosed   -> kOpen      max_failures consecutive failures
+//   kOpen     -> kHalfOpen  the cooldown ended and one caller got the key as a probe
+//   kHalfOpen -> kClosed    the probe succeeded
+//   kHalfOpen -> kOpen      the probe failed (longer cooldown) or never finished
+//   any       -> kRevoked   an authentication failure; only reset/add_key close it
+// The numbers are the keymesh_key_circuit_state metric's values.
+enum class CircuitState : uint32_t { kClosed = 0, kOpen = 1, kHalfOpen = 2, kRevoked = 3 };
+// "closed", "open", "half_open", "revoked".
+KEYMESH_EXPORT std::string_view CircuitStateName(CircuitState state) noexcept;
+// The inverse of CircuitStateName; kInvalidArgument for anything else.
+KEYMESH_EXPORT Result<CircuitState> ParseCircuitState(std::string_view name);
+
 // Why a key is or is not eligible right now.
 enum class KeyState : uint32_t {
   kAvailable = 0,  // eligible
@@ -66,6 +84,8 @@ enum class KeyState : uint32_t {
   kProbe = 9,      // circuit open, cooldown over: the next caller gets it as a probe
 };
 KEYMESH_EXPORT std::string_view KeyStateName(KeyState state) noexcept;
+// The inverse of KeyStateName; kInvalidArgument for anything else.
+KEYMESH_EXPORT Result<KeyState> ParseKeyState(std::string_view name);
 
 struct KeyStatus {
   uint32_t slot = 0;
@@ -87,20 +107,26 @@ struct KeyStatus {
   uint64_t rate_limited = 0;
   uint64_t reclaimed = 0;
   uint64_t tokens = 0;
-  uint64_t cancelled = 0;          // leases ended without an outcome
-  std::string circuit = "closed";  // closed, open, half_open, revoked
+  uint64_t cancelled = 0;  // leases ended without an outcome
+  CircuitState circuit = CircuitState::kClosed;
   uint32_t circuit_opens = 0;
   uint32_t escalation = 0;          // consecutive 429s (each doubles the cooldown)
   int64_t requests_available = -1;  // requests grantable now; -1: no rpm limit
   int64_t tokens_available = -1;    // tokens left in the bucket now; -1: no tpm limit
   uint32_t burst = 0;
   double rate_margin = -1.0;  // per-key override; -1: the pool's
-  std::string reason;         // why the key is not eligible ("" when it is)
+  double ready_in = 0.0;      // seconds until cooldown and budgets allow a grant
+  std::string reason;         // why the key is not eligible ("" when it is): DescribeKeyState()
   double latency_avg = 0.0;   // seconds, EMA alpha 0.2; 0 until the first sample
   bool has_latency = false;
   double last_used_ago = -1.0;  // seconds since the last acquire, -1 if never
   double health_score = 1.0;    // success rate x 1/(1+latency_avg), 0 when not eligible
 };
+
+// One line saying why `key` is in its state ("" for kAvailable), from the
+// fields of `key` alone: "circuit open after 10 consecutive failures;
+// half-open in 59.0s", "at max concurrency 8", ...
+KEYMESH_EXPORT std::string DescribeKeyState(const KeyStatus& key);
 
 struct PoolTotals {
   uint64_t acquires = 0;

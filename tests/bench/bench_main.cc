@@ -61,14 +61,14 @@ std::unique_ptr<keymesh::shm::Segment> MakeSegment(uint32_t keys) {
   return std::move(seg).value();
 }
 
-keymesh::shm::PoolAccess MakePool(keymesh::shm::Segment& seg, uint32_t keys, keymesh::Strategy strategy) {
+keymesh::shm::PoolAdmin MakePool(keymesh::shm::Segment& seg, uint32_t keys, keymesh::Strategy strategy) {
   keymesh::shm::PoolConfig cfg{};
   cfg.strategy = static_cast<uint32_t>(strategy);
   cfg.max_failures = 10;
   cfg.default_cooldown = 60 * keymesh::shm::kNanosPerSecond;
   cfg.max_cooldown = 600 * keymesh::shm::kNanosPerSecond;
   auto idx = seg.CreatePool("bench", cfg.strategy, cfg);
-  keymesh::shm::PoolAccess pool(seg, *idx);
+  keymesh::shm::PoolAdmin pool(seg, *idx);
   for (uint32_t k = 0; k < keys; ++k) {
     std::string name = "key-" + std::to_string(k);
     keymesh::shm::KeyDefinition def;
@@ -117,7 +117,7 @@ double ScanNs(keymesh::shm::Segment& seg, uint32_t keys) {
       iters);
 }
 
-double PairNs(keymesh::shm::PoolAccess& pool) {
+double PairNs(keymesh::shm::PoolAdmin& pool) {
   keymesh::shm::Outcome ok;
   return NanosPerOp(
       [&] {
@@ -153,7 +153,7 @@ double Throughput(keymesh::shm::Segment& seg, uint32_t procs, double seconds) {
   for (uint32_t p = 0; p < procs; ++p) {
     pid_t pid = fork();
     if (pid == 0) {
-      keymesh::shm::PoolAccess pool(seg, 0);
+      keymesh::shm::PoolAdmin pool(seg, 0);
       keymesh::shm::Outcome ok;
       while (go->load(std::memory_order_acquire) == 0) {
       }
@@ -254,13 +254,13 @@ int Contend(const std::string& name, uint32_t procs, double seconds, const std::
     if (pid == 0) {
       close(pipefd[0]);
       PairFn pair;
-      std::unique_ptr<keymesh::shm::PoolAccess> access;
+      std::unique_ptr<keymesh::shm::PoolAdmin> access;
       std::unique_ptr<keymesh::bench::RedisPool> redis;
       std::unique_ptr<keymesh::Pool> slow;
       int echo_fd = -1;
       keymesh::shm::Outcome ok;
       if (name == "fastpath") {
-        access = std::make_unique<keymesh::shm::PoolAccess>(*seg, 0);
+        access = std::make_unique<keymesh::shm::PoolAdmin>(*seg, 0);
         pair = [&] {
           auto h = access->TryAcquire();
           return h.ok() && access->Release(*h, ok).ok();

@@ -345,7 +345,7 @@ int Chaos::Check() {
         Violation(std::string("pool ") + name + " missing from the segment");
         return 1;
       }
-      keymesh::shm::PoolAccess access(**seg, *index);
+      keymesh::shm::PoolAdmin access(**seg, *index);
       keymesh::Status st = access.CheckConsistency();
       if (!st.ok()) Violation(std::string("pool ") + name + " inconsistent: " + st.message());
       auto snap = access.Snapshot();

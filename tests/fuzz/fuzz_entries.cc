@@ -271,7 +271,7 @@ void StateInput(const uint8_t* data, size_t size) {
   if (!broker::ReconcileSegment(**seg, pools).ok()) std::abort();
   broker::RestoreFromImage(**seg, *image);
   for (uint32_t i = 0; i < 2; ++i) {
-    shm::PoolAccess access(**seg, i);
+    shm::PoolAdmin access(**seg, i);
     if (!access.CheckConsistency().ok()) std::abort();
     if (!access.Snapshot().ok()) std::abort();
     Result<shm::LeaseHandle> h = access.TryAcquire();

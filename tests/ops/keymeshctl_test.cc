@@ -256,7 +256,7 @@ BOOST_AUTO_TEST_CASE(render_metrics_escapes_and_accumulates_the_histogram) {
   k.name = "k1";
   k.rpm = 60;
   k.requests_available = 1;
-  k.circuit = "revoked";
+  k.circuit = keymesh::CircuitState::kRevoked;
   p.keys.push_back(k);
   const std::string text = keymesh::broker::RenderMetrics({p});
   Exposition e;

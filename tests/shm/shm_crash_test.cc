@@ -51,7 +51,7 @@ Outcome Make(OutcomeKind kind, std::optional<double> latency = std::nullopt) {
   return o;
 }
 
-LeaseHandle TakeSlot(PoolAccess& pool, uint32_t slot) {
+LeaseHandle TakeSlot(PoolAdmin& pool, uint32_t slot) {
   Fixed sel(slot);
   Result<LeaseHandle> r = pool.TryAcquire(&sel);
   BOOST_REQUIRE_MESSAGE(r.ok(), r.status().ToString());
@@ -291,7 +291,7 @@ BOOST_AUTO_TEST_SUITE_END()
 BOOST_AUTO_TEST_SUITE(killed_holding_leases)
 
 // A child takes `n` leases, reports their slots, then parks (no lock held).
-pid_t ForkHolder(PoolAccess& pool, uint32_t n, Pipe& report, Pipe* release_cmd) {
+pid_t ForkHolder(PoolAdmin& pool, uint32_t n, Pipe& report, Pipe* release_cmd) {
   return ForkChild([&pool, n, &report, release_cmd] {
     report.CloseRead();
     if (release_cmd != nullptr) release_cmd->CloseWrite();

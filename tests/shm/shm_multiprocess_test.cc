@@ -40,8 +40,8 @@ struct Violations {
 // One worker: `iters` acquire/release pairs; reports per-slot outcome counts
 // into counts[slot * kKinds + kind] (its own row, read by the parent after
 // waitpid).
-int Worker(PoolAccess& pool, uint32_t iters, uint32_t seed, SharedArray<std::atomic<uint32_t>>& in_flight,
-           Violations& v, uint64_t* counts) {
+int Worker(PoolAdmin& pool, uint32_t iters, uint32_t seed, SharedArray<std::atomic<uint32_t>>& in_flight, Violations& v,
+           uint64_t* counts) {
   uint32_t x = seed * 2654435761u + 1;
   for (uint32_t i = 0; i < iters; ++i) {
     Result<LeaseHandle> r = pool.Acquire(20 * kNanosPerSecond);
@@ -159,7 +159,7 @@ void Hammer(Strategy strategy, uint32_t pairs_per_proc) {
 // Waits (bounded) until `pid` sleeps with the pool's sleeper flag raised:
 // then it is inside FutexWait (or about to enter it with a stale sequence,
 // which returns at once), so a wake-up is what lets it continue.
-bool WaitUntilAsleep(PoolAccess& pool, pid_t pid) {
+bool WaitUntilAsleep(PoolAdmin& pool, pid_t pid) {
   const uint64_t give_up = MonotonicNowNanos() + 10 * kNanosPerSecond;
   char path[64];
   std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
@@ -189,7 +189,7 @@ struct WaitResult {
 
 // Forks a child that signals, then Acquire(timeout)s, then reports a
 // WaitResult and releases what it got.
-pid_t ForkWaiter(PoolAccess& pool, Pipe& ready, Pipe& result, uint64_t timeout_ns) {
+pid_t ForkWaiter(PoolAdmin& pool, Pipe& ready, Pipe& result, uint64_t timeout_ns) {
   return ForkChild([&] {
     ready.CloseRead();
     result.CloseRead();
@@ -223,7 +223,7 @@ BOOST_AUTO_TEST_CASE(least_busy_100k_pairs) { Hammer(Strategy::kLeastBusy, 12'50
 BOOST_AUTO_TEST_CASE(round_robin_40k_pairs) { Hammer(Strategy::kRoundRobin, 5'000); }
 BOOST_AUTO_TEST_CASE(weighted_40k_pairs) { Hammer(Strategy::kWeighted, 5'000); }
 
-// The same mix from threads of one process (several PoolAccess views of
+// The same mix from threads of one process (several PoolAdmin views of
 // one segment): what ThreadSanitizer can check, since it cannot see
 // accesses made by other processes.
 BOOST_AUTO_TEST_CASE(threads_of_one_process) {
@@ -237,7 +237,7 @@ BOOST_AUTO_TEST_CASE(threads_of_one_process) {
   std::vector<int> rc(kThreads, -1);
   for (uint32_t i = 0; i < kThreads; ++i) {
     threads.emplace_back([&, i] {
-      PoolAccess view(*t.segment, t.index);
+      PoolAdmin view(*t.segment, t.index);
       rc[i] = Worker(view, kIters, 100 + i, in_flight, v[0], &counts[i * kKeys * kKinds]);
     });
   }

@@ -46,19 +46,19 @@ Outcome Cancelled() {
   return o;
 }
 
-LeaseHandle Take(PoolAccess& pool) {
+LeaseHandle Take(PoolAdmin& pool) {
   Result<LeaseHandle> r = pool.TryAcquire();
   BOOST_REQUIRE_MESSAGE(r.ok(), "TryAcquire: " << r.status().ToString());
   return *r;
 }
 
-void Give(PoolAccess& pool, const LeaseHandle& h, const Outcome& o = Success()) {
+void Give(PoolAdmin& pool, const LeaseHandle& h, const Outcome& o = Success()) {
   Status st = pool.Release(h, o);
   BOOST_REQUIRE_MESSAGE(st.ok(), "Release: " << st.ToString());
 }
 
 // Acquires and immediately releases (as `o`) n times; returns the slots picked.
-std::vector<uint32_t> Picks(PoolAccess& pool, int n, const Outcome& o = Success()) {
+std::vector<uint32_t> Picks(PoolAdmin& pool, int n, const Outcome& o = Success()) {
   std::vector<uint32_t> out;
   for (int i = 0; i < n; ++i) {
     LeaseHandle h = Take(pool);
@@ -70,7 +70,7 @@ std::vector<uint32_t> Picks(PoolAccess& pool, int n, const Outcome& o = Success(
 
 std::vector<uint32_t> V(std::initializer_list<uint32_t> l) { return std::vector<uint32_t>(l); }
 
-void RequireConsistent(PoolAccess& pool) {
+void RequireConsistent(PoolAdmin& pool) {
   Status st = pool.CheckConsistency();
   BOOST_REQUIRE_MESSAGE(st.ok(), st.ToString());
 }

@@ -55,18 +55,18 @@ inline PoolConfig MakeConfig(Strategy strategy, double default_cooldown = 60.0, 
 }
 
 // An anonymous segment with one pool ("p") and keys k0..k{n-1}; the
-// PoolAccess reads `clock`. Shared with children forked afterwards.
+// PoolAdmin reads `clock`. Shared with children forked afterwards.
 struct TestPool {
   std::unique_ptr<Segment> segment;
   uint32_t index = 0;
-  std::unique_ptr<PoolAccess> pool;
+  std::unique_ptr<PoolAdmin> pool;
 
   TestPool(uint32_t keys, const PoolConfig& config, const Clock& clock = SystemClock::Instance(),
            Capacities caps = Capacities{1, 64, 256}, uint32_t max_concurrency = 0,
            const std::vector<uint32_t>& weights = {}) {
     segment = Must(Segment::CreateAnonymous(caps), "CreateAnonymous");
     index = Must(segment->CreatePool("p", config.strategy, config), "CreatePool");
-    pool = std::make_unique<PoolAccess>(*segment, index, clock);
+    pool = std::make_unique<PoolAdmin>(*segment, index, clock);
     for (uint32_t i = 0; i < keys; ++i) {
       const std::string name = "k" + std::to_string(i);
       KeyDefinition def;

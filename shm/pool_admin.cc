@@ -1,0 +1,271 @@
+// The owner's and the broker's side of a pool (PoolAdmin): keys added,
+// removed, enabled, reset and reconfigured; state restored and exported for
+// persistence; leases of dead or hung holders reclaimed.
+#include <algorithm>
+#include <cstring>
+
+#include "common/text.h"
+#include "shm/pool.h"
+
+namespace keymesh::shm {
+
+Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
+  Status valid = ValidateName("key", def.name);
+  if (!valid.ok()) return valid;
+  if (def.weight < 1) return Status(Code::kInvalidArgument, "key weight must be >= 1");
+  PoolCore::Guard g(&core_);
+  PoolHeader* ph = core_.header();
+  const uint64_t now = core_.Now();
+  auto set_config = [&](KeyConfig& c) {
+    c.fingerprint = def.fingerprint;
+    c.weight = def.weight;
+    c.max_concurrency = def.max_concurrency;
+    c.rpm = def.rpm;
+    c.tpm = def.tpm;
+    c.burst = def.burst;
+    c.margin_ppm = def.margin_ppm;
+  };
+  if (std::optional<uint32_t> existing = core_.FindByNameLocked(def.name)) {
+    // Re-admission (the original's add_key of a known key): clears the
+    // failure streak and exhaustion, keeps counters and in-flight leases.
+    const uint32_t s = *existing;
+    KeySlot& k = core_.key(s);
+    core_.JournalBegin(kJournalSlotFull, s, 0);
+    CrashPointReached(CrashPoint::kAdminMidMutation);
+    if (k.state.use == SlotUse::kRemoving) k.state.use = SlotUse::kActive;
+    k.state.fail_streak = 0;
+    if (k.state.circuit != Circuit::kClosed) {
+      // The open circuit's cooldown ends with the exhaustion: a re-admitted
+      // key is back in rotation at once (as in the original's add_key).
+      k.state.cooldown_deadline = 0;
+      k.state.open_cooldown = 0;
+    }
+    k.state.circuit = Circuit::kClosed;
+    k.state.enabled = 1;
+    set_config(k.config);
+    core_.JournalCommit();
+    core_.IndexUpdate(s, now);
+    g.RequestWake();
+    return AddKeyResult{s, false};
+  }
+  uint32_t s = 0;
+  while (s < core_.key_capacity() && core_.key(s).state.use != SlotUse::kFree) ++s;
+  if (s == core_.key_capacity()) {
+    return Status(Code::kCapacityExceeded, "pool " + Quoted(core_.PoolName()) + " holds at most " +
+                                               std::to_string(core_.key_capacity()) + " keys");
+  }
+  KeySlot& k = core_.key(s);
+  core_.JournalBegin(kJournalSlotFull | kJournalPool, s, 0);
+  std::memset(&k, 0, sizeof(KeySlot));
+  std::memcpy(k.name, def.name.data(), def.name.size());
+  set_config(k.config);
+  k.state.enabled = 1;
+  k.state.pass = ph->vtime;
+  CrashPointReached(CrashPoint::kAdminMidMutation);
+  k.state.use = SlotUse::kActive;
+  ph->key_count += 1;
+  if (s >= ph->slot_high_water) ph->slot_high_water = s + 1;
+  core_.JournalCommit();
+  core_.IndexUpdate(s, now);
+  g.RequestWake();
+  return AddKeyResult{s, true};
+}
+
+Status PoolAdmin::RemoveKey(std::string_view name) {
+  PoolCore::Guard g(&core_);
+  std::optional<uint32_t> s = core_.FindByNameLocked(name);
+  if (!s) return core_.NoSuchKey(name);
+  if (core_.key(*s).state.use == SlotUse::kRemoving) return Status::Ok();
+  core_.JournalBegin(kJournalSlotState, *s, 0);
+  core_.key(*s).state.use = SlotUse::kRemoving;
+  core_.JournalCommit();
+  core_.IndexUpdate(*s, core_.Now());
+  core_.RetireSlotIfDone(*s);
+  return Status::Ok();
+}
+
+Status PoolAdmin::SetEnabled(std::string_view name, bool enabled) {
+  PoolCore::Guard g(&core_);
+  std::optional<uint32_t> s = core_.FindByNameLocked(name);
+  if (!s) return core_.NoSuchKey(name);
+  core_.JournalBegin(kJournalSlotState, *s, 0);
+  core_.key(*s).state.enabled = enabled ? 1 : 0;
+  core_.JournalCommit();
+  core_.IndexUpdate(*s, core_.Now());
+  if (enabled) g.RequestWake();
+  return Status::Ok();
+}
+
+Status PoolAdmin::ResetKey(std::string_view name) {
+  PoolCore::Guard g(&core_);
+  std::optional<uint32_t> s = core_.FindByNameLocked(name);
+  if (!s) return core_.NoSuchKey(name);
+  SlotState& st = core_.key(*s).state;
+  core_.JournalBegin(kJournalSlotState, *s, 0);
+  st.cooldown_deadline = 0;
+  st.last_cooldown = 0;
+  st.fail_streak = 0;
+  st.rl_streak = 0;
+  st.circuit = Circuit::kClosed;
+  st.open_cooldown = 0;
+  core_.JournalCommit();
+  core_.IndexUpdate(*s, core_.Now());
+  g.RequestWake();
+  return Status::Ok();
+}
+
+Status PoolAdmin::SetStrategy(Strategy strategy) {
+  PoolCore::Guard g(&core_);
+  core_.header()->config.strategy = static_cast<uint32_t>(strategy);
+  core_.IndexRebuild(core_.Now());
+  return Status::Ok();
+}
+
+Status PoolAdmin::SetOptions(const PoolOptions& o) {
+  Status st = ValidatePoolOptions(o);
+  if (!st.ok()) return st;
+  PoolCore::Guard g(&core_);
+  core_.header()->config = ToPoolConfig(o);  // plain scalars: each write is atomic for a crash
+  core_.IndexRebuild(core_.Now());
+  g.RequestWake();
+  return Status::Ok();
+}
+
+Status PoolAdmin::RestoreKeyState(std::string_view name, const RestoredState& r) {
+  PoolCore::Guard g(&core_);
+  std::optional<uint32_t> s = core_.FindByNameLocked(name);
+  if (!s) return core_.NoSuchKey(name);
+  SlotState& st = core_.key(*s).state;
+  core_.JournalBegin(kJournalSlotState, *s, 0);
+  st.fail_streak = r.fail_streak;
+  st.rl_streak = r.rl_streak;
+  st.cooldown_deadline = r.cooldown_deadline;
+  st.last_cooldown = r.last_cooldown;
+  st.enabled = r.enabled ? 1 : 0;
+  Circuit circuit =
+      r.circuit <= static_cast<uint32_t>(Circuit::kRevoked) ? static_cast<Circuit>(r.circuit) : Circuit::kOpen;
+  if (circuit == Circuit::kClosed && r.exhausted) circuit = Circuit::kOpen;
+  if (circuit == Circuit::kHalfOpen) circuit = Circuit::kOpen;  // its probe did not survive
+  st.circuit = circuit;
+  st.open_cooldown = r.open_cooldown;
+  st.circuit_opens = r.circuit_opens;
+  if (r.restore_counters) {
+    st.acquires = r.acquires;
+    st.successes = r.successes;
+    st.failures = r.failures;
+    st.rate_limited = r.rate_limited;
+    st.reclaimed = r.reclaimed;
+    st.tokens = r.tokens;
+    st.has_latency = r.has_latency ? 1 : 0;
+    st.ema_latency = r.ema_latency;
+  }
+  core_.JournalCommit();
+  const uint64_t now = core_.Now();
+  core_.NoteDeadline(st.cooldown_deadline, now);
+  core_.IndexUpdate(*s, now);
+  return Status::Ok();
+}
+
+std::vector<ExportedKey> PoolAdmin::ExportKeyStates() {
+  std::vector<ExportedKey> out;
+  PoolCore::Guard g(&core_);
+  for (uint32_t s = 0; s < core_.header()->slot_high_water; ++s) {
+    const KeySlot& k = core_.key(s);
+    const SlotState& st = k.state;
+    if (st.use != SlotUse::kActive) continue;
+    ExportedKey e;
+    e.name = core_.KeyName(s);
+    e.fingerprint = k.config.fingerprint;
+    RestoredState& r = e.state;
+    r.fail_streak = st.fail_streak;
+    r.rl_streak = st.rl_streak;
+    r.cooldown_deadline = st.cooldown_deadline;
+    r.last_cooldown = st.last_cooldown;
+    r.enabled = st.enabled != 0;
+    r.exhausted = st.circuit != Circuit::kClosed;
+    r.circuit = static_cast<uint32_t>(st.circuit);
+    r.open_cooldown = st.open_cooldown;
+    r.circuit_opens = st.circuit_opens;
+    r.acquires = st.acquires;
+    r.successes = st.successes;
+    r.failures = st.failures;
+    r.rate_limited = st.rate_limited;
+    r.reclaimed = st.reclaimed;
+    r.tokens = st.tokens;
+    r.has_latency = st.has_latency != 0;
+    r.ema_latency = st.ema_latency;
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+Result<uint32_t> PoolAdmin::ReclaimProcess(const ProcessId& holder) {
+  PoolCore::Guard g(&core_);
+  const uint64_t now = core_.Now();
+  uint32_t freed = 0;
+  for (uint32_t l = 0; l < core_.lease_capacity(); ++l) {
+    const LeaseRecord& r = core_.lease(l);
+    if (r.state == LeaseState::kHeld && r.pid == holder.pid && r.start_time == holder.start_time) {
+      core_.FreeLeaseLocked(l, now, true);
+      ++freed;
+    }
+  }
+  if (freed > 0) g.RequestWake();
+  return freed;
+}
+
+Result<uint32_t> PoolAdmin::ReclaimExpired() {
+  PoolCore::Guard g(&core_);
+  const uint64_t now = core_.Now();
+  const uint64_t max_lease = core_.header()->config.max_lease;
+  if (max_lease == 0) return 0u;
+  uint32_t freed = 0;
+  for (uint32_t l = 0; l < core_.lease_capacity(); ++l) {
+    const LeaseRecord& r = core_.lease(l);
+    if (r.state == LeaseState::kHeld && now > r.acquire_ns && now - r.acquire_ns > max_lease) {
+      core_.FreeLeaseLocked(l, now, true);
+      ++freed;
+    }
+  }
+  if (freed > 0) g.RequestWake();
+  return freed;
+}
+
+std::vector<ProcessId> PoolAdmin::Holders() {
+  std::vector<ProcessId> out;
+  PoolCore::Guard g(&core_);
+  for (uint32_t l = 0; l < core_.lease_capacity(); ++l) {
+    const LeaseRecord& r = core_.lease(l);
+    if (r.state != LeaseState::kHeld) continue;
+    ProcessId id{r.pid, r.start_time};
+    if (std::find(out.begin(), out.end(), id) == out.end()) out.push_back(id);
+  }
+  return out;
+}
+
+Result<uint32_t> PoolAdmin::ReclaimDead() {
+  uint32_t freed = 0;
+  for (const ProcessId& id : Holders()) {
+    if (IsAlive(id)) continue;
+    Result<uint32_t> r = ReclaimProcess(id);
+    if (!r.ok()) return r;
+    freed += *r;
+  }
+  return freed;
+}
+
+std::optional<uint32_t> PoolAdmin::FindByFingerprint(uint64_t fingerprint) {
+  PoolCore::Guard g(&core_);
+  for (uint32_t s = 0; s < core_.header()->slot_high_water; ++s) {
+    const KeySlot& k = core_.key(s);
+    if (k.state.use != SlotUse::kFree && k.config.fingerprint == fingerprint) return s;
+  }
+  return std::nullopt;
+}
+
+Status PoolAdmin::CheckConsistency() {
+  PoolCore::Guard g(&core_);
+  return core_.CheckConsistencyLocked();
+}
+
+}  // namespace keymesh::shm

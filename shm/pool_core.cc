@@ -1,0 +1,187 @@
+// PoolCore: the lock guard, names, and the upkeep of the eligibility index.
+#include "shm/pool_core.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/check.h"
+#include "common/text.h"
+#include "shm/futex.h"
+
+namespace keymesh::shm {
+
+std::atomic<CrashHook> g_crash_hook{nullptr};
+
+void SetCrashHookForTesting(CrashHook hook) noexcept { g_crash_hook.store(hook); }
+
+namespace {
+
+constexpr double kStrideOne = 4294967296.0;  // 2^32
+constexpr double kMinHealth = 0.05;          // keeps every weight > 0 key in rotation
+
+double SuccessRate(const SlotState& st) noexcept {
+  const uint64_t total = st.successes + st.failures;
+  return total == 0 ? 1.0 : static_cast<double>(st.successes) / static_cast<double>(total);
+}
+
+}  // namespace
+
+PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clock) noexcept
+    : segment_(&segment), index_(pool_index), clock_(&clock) {
+  const SegmentHeader* h = segment.header();
+  ph_ = segment.pool_header(pool_index);
+  uint8_t* data = segment.pool_data(pool_index);
+  keys_ = reinterpret_cast<KeySlot*>(data + h->keys_offset);
+  leases_ = reinterpret_cast<LeaseRecord*>(data + h->leases_offset);
+  free_ = reinterpret_cast<uint32_t*>(data + h->free_offset);
+  key_cap_ = h->keys_per_pool;
+  lease_cap_ = h->leases_per_pool;
+  index_view_ = EligibilityIndex(reinterpret_cast<uint64_t*>(data + h->bits_offset),
+                                 reinterpret_cast<HeapEntry*>(data + h->heap_offset),
+                                 reinterpret_cast<uint32_t*>(data + h->heap_pos_offset), &ph_->heap_size,
+                                 &ph_->eligible_count, key_cap_);
+}
+
+PoolCore::Guard::Guard(PoolCore* core) : core_(core) {
+  LockOutcome outcome = core_->ph_->mutex.Lock();
+  if (outcome == LockOutcome::kOwnerDied) [[unlikely]] {
+    core_->Repair();
+    core_->ph_->mutex.MakeConsistent();
+    wake_ = true;  // the dead owner may have been about to wake someone
+  }
+  KM_CHECK_MSG(outcome != LockOutcome::kUnrecoverable, "pool mutex unrecoverable");
+}
+
+PoolCore::Guard::~Guard() {
+  bool must_wake = false;
+  // Sleepers announce themselves (sleepers = 1) under the lock before they
+  // sleep, so when nobody is announced no wake-up is owed and the fast
+  // path stays free of atomic read-modify-writes and system calls.
+  PoolHeader* ph = core_->ph_;
+  if (wake_ && ph->sleepers.load(std::memory_order_relaxed) != 0) {
+    ph->sleepers.store(0, std::memory_order_relaxed);
+    ph->wake_seq.fetch_add(1, std::memory_order_release);
+    must_wake = true;
+  }
+  ph->mutex.Unlock();
+  if (must_wake) FutexWakeAll(&ph->wake_seq);
+}
+
+std::string PoolCore::PoolName() const { return std::string(ph_->name, strnlen(ph_->name, kNameCapacity)); }
+
+std::string PoolCore::KeyName(uint32_t slot) const {
+  const KeySlot& k = keys_[slot];
+  return std::string(k.name, strnlen(k.name, kNameCapacity));
+}
+
+PoolInfo PoolCore::Info() const {
+  return PoolInfo{PoolName(), static_cast<Strategy>(ph_->config.strategy), ph_->config.acquire_timeout};
+}
+
+Status PoolCore::NoSuchKey(std::string_view name) const {
+  return Status(Code::kUnknownKey, "no key " + Quoted(name) + " in pool " + Quoted(PoolName()));
+}
+
+std::optional<uint32_t> PoolCore::FindByNameLocked(std::string_view name) const noexcept {
+  for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
+    const KeySlot& k = keys_[s];
+    if (k.state.use != SlotUse::kFree && name == std::string_view(k.name, strnlen(k.name, kNameCapacity))) {
+      return s;
+    }
+  }
+  return std::nullopt;
+}
+
+bool PoolCore::Eligible(uint32_t slot, uint64_t now) const noexcept {
+  const KeySlot& k = keys_[slot];
+  const SlotState& st = k.state;
+  if (st.use != SlotUse::kActive || st.enabled == 0) return false;
+  switch (st.circuit) {
+    case Circuit::kClosed:
+      if (k.config.max_concurrency != 0 && st.in_flight >= k.config.max_concurrency) return false;
+      break;
+    case Circuit::kOpen:
+      if (st.in_flight != 0) return false;  // exactly one probe, after the others ended
+      break;
+    case Circuit::kHalfOpen:
+    case Circuit::kRevoked: return false;
+  }
+  return ReadyAt(slot) <= now;
+}
+
+void PoolCore::OpenCircuit(SlotState& st, uint64_t now) noexcept {
+  const uint64_t base = ph_->config.default_cooldown > 0 ? ph_->config.default_cooldown : kNanosPerSecond;
+  if (st.circuit == Circuit::kHalfOpen && st.open_cooldown > 0) {
+    // A failed probe: stay out longer each time, up to the cap.
+    st.open_cooldown = std::max(base, std::min(ph_->config.max_cooldown, st.open_cooldown * 2));
+  } else {
+    st.open_cooldown = base;
+  }
+  st.circuit = Circuit::kOpen;
+  st.circuit_opens += 1;
+  const uint64_t until = now + st.open_cooldown;
+  if (until > st.cooldown_deadline) st.cooldown_deadline = until;
+}
+
+uint64_t PoolCore::Stride(uint32_t slot) const noexcept {
+  const KeySlot& k = keys_[slot];
+  double health = SuccessRate(k.state) / (1.0 + k.state.ema_latency);
+  if (!(health >= kMinHealth)) health = kMinHealth;
+  const double w = static_cast<double>(std::max<uint32_t>(k.config.weight, 1)) * health;
+  const double stride = kStrideOne / w;
+  return stride < 1.0 ? 1 : static_cast<uint64_t>(stride);
+}
+
+void PoolCore::IndexUpdate(uint32_t slot, uint64_t now) noexcept {
+  const bool want = Eligible(slot, now);
+  const bool have = index_view_.Contains(slot);
+  const SlotState& st = keys_[slot].state;
+  const bool weighted = ph_->index_strategy == static_cast<uint32_t>(Strategy::kWeighted);
+  if (want && !have) {
+    if (weighted) {
+      // A key (re)entering rotation starts at the current virtual time, so
+      // it neither monopolises the pool nor waits for its old pass.
+      SlotState& mut = keys_[slot].state;
+      if (mut.pass < ph_->vtime) mut.pass = ph_->vtime;
+    }
+    index_view_.Add(slot, HeapStrategy(), weighted ? st.pass : st.in_flight, weighted ? 0 : st.last_used_seq);
+  } else if (want && have) {
+    if (HeapStrategy()) index_view_.Update(slot, weighted ? st.pass : st.in_flight, weighted ? 0 : st.last_used_seq);
+  } else if (!want && have) {
+    index_view_.Remove(slot, HeapStrategy());
+  }
+}
+
+void PoolCore::IndexRebuild(uint64_t now) noexcept {
+  index_view_.Clear();
+  ph_->index_strategy = ph_->config.strategy;
+  ph_->next_deadline = kNever;
+  for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
+    if (keys_[s].state.use == SlotUse::kFree) continue;
+    NoteDeadline(ReadyAt(s), now);
+    IndexUpdate(s, now);
+  }
+}
+
+void PoolCore::NoteDeadline(uint64_t deadline, uint64_t now) noexcept {
+  if (deadline > now && deadline < ph_->next_deadline) ph_->next_deadline = deadline;
+}
+
+void PoolCore::Sweep(uint64_t now) noexcept {
+  uint64_t next = kNever;
+  for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
+    const SlotState& st = keys_[s].state;
+    // Removing keys count for next_deadline too (I4): AddKey may re-admit
+    // one while it cools, and it must come back when its deadline passes.
+    if (st.use == SlotUse::kFree) continue;
+    const uint64_t ready = ReadyAt(s);
+    if (ready > now) {
+      next = std::min(next, ready);
+    } else if (ready != 0 && !index_view_.Contains(s)) {
+      IndexUpdate(s, now);
+    }
+  }
+  ph_->next_deadline = next;
+}
+
+}  // namespace keymesh::shm

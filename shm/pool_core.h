@@ -1,0 +1,155 @@
+// PoolCore: one pool's region of the segment and the code every view of it
+// shares. Private to shm/: the worker's view (PoolUser) and the owner's and
+// broker's view (PoolAdmin) in pool.h are thin layers over it.
+//
+// Invariants kept under the pool's mutex (PoolHeader::mutex):
+//
+//   I1  for every slot s: keys[s].in_flight == #{leases l : l.state == kHeld
+//       and l.slot == s}                                  (lease accounting)
+//   I2  a lease record is kHeld iff it is not on the free-lease stack
+//   I3  slot s is in the eligibility index (bit set, heap entry for heap
+//       strategies) iff it was eligible at the last update; keys whose
+//       cooldown ended since are admitted by Sweep() before any selection
+//   I4  next_deadline <= every cooldown deadline still in the future
+//
+// Every mutation of state first journals what it will change (see struct
+// Journal in layout.h for the crash story); everything else (free-lease
+// stack, index, in_flight, next_deadline) is derived, and Repair() rebuilds
+// it. The next locker after an owner died runs Repair() (Guard does).
+//
+// A PoolCore is a cheap view (pointers into a mapping); the Segment must
+// outlive it. Methods marked "locked" need a Guard held on this pool.
+#ifndef KEYMESH_SHM_POOL_CORE_H_
+#define KEYMESH_SHM_POOL_CORE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "keymesh/selector.h"
+#include "keymesh/status.h"
+#include "shm/clock.h"
+#include "shm/eligibility_index.h"
+#include "shm/layout.h"
+#include "shm/pool_config.h"
+#include "shm/pool_types.h"
+#include "shm/process_id.h"
+#include "shm/rate_budget.h"
+#include "shm/segment.h"
+
+namespace keymesh::shm {
+
+class PoolCore {
+ public:
+  PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clock) noexcept;
+
+  // Holds the pool mutex; repairs after an owner died; wakes sleepers after
+  // the unlock when asked to (RequestWake) or after a repair.
+  class Guard {
+   public:
+    explicit Guard(PoolCore* core);
+    ~Guard();
+    Guard(const Guard&) = delete;
+    Guard& operator=(const Guard&) = delete;
+    void RequestWake() noexcept { wake_ = true; }
+
+   private:
+    PoolCore* core_;
+    bool wake_ = false;
+  };
+
+  // --- the region ---
+  const Segment& segment() const noexcept { return *segment_; }
+  uint32_t pool_index() const noexcept { return index_; }
+  PoolHeader* header() const noexcept { return ph_; }
+  KeySlot& key(uint32_t slot) const noexcept { return keys_[slot]; }
+  LeaseRecord& lease(uint32_t l) const noexcept { return leases_[l]; }
+  uint32_t key_capacity() const noexcept { return key_cap_; }
+  uint32_t lease_capacity() const noexcept { return lease_cap_; }
+  uint64_t Now() const noexcept { return clock_->NowNanos(); }
+  EligibilityIndex& index() noexcept { return index_view_; }
+  const EligibilityIndex& index() const noexcept { return index_view_; }
+  std::string PoolName() const;
+  std::string KeyName(uint32_t slot) const;  // slot < key_capacity()
+  PoolInfo Info() const;
+
+  // --- keys (locked) ---
+  uint32_t MarginPpm(uint32_t slot) const noexcept { return EffectiveMarginPpm(keys_[slot].config, ph_->config); }
+  RequestPacing RequestPacingOf(uint32_t slot) const noexcept {
+    return shm::RequestPacingOf(keys_[slot].config, MarginPpm(slot));
+  }
+  TokenPacing TokenPacingOf(uint32_t slot) const noexcept {
+    return shm::TokenPacingOf(keys_[slot].config, MarginPpm(slot));
+  }
+  // When the key's cooldown and rate-limit budgets allow a grant (ns).
+  uint64_t ReadyAt(uint32_t slot) const noexcept {
+    return shm::ReadyAt(keys_[slot].state, keys_[slot].config, MarginPpm(slot));
+  }
+  bool Eligible(uint32_t slot, uint64_t now) const noexcept;
+  void OpenCircuit(SlotState& st, uint64_t now) noexcept;
+  // Weighted strategy: the pass a grant adds (2^32 / (weight x health)).
+  uint64_t Stride(uint32_t slot) const noexcept;
+  std::optional<uint32_t> FindByNameLocked(std::string_view name) const noexcept;
+  // kUnknownKey naming `name` and this pool.
+  Status NoSuchKey(std::string_view name) const;
+
+  // --- the eligibility index (locked) ---
+  bool HeapStrategy() const noexcept { return ph_->index_strategy != static_cast<uint32_t>(Strategy::kRoundRobin); }
+  void IndexUpdate(uint32_t slot, uint64_t now) noexcept;
+  void IndexRebuild(uint64_t now) noexcept;
+  // Admits keys whose cooldown ended; recomputes next_deadline.
+  void Sweep(uint64_t now) noexcept;
+  void NoteDeadline(uint64_t deadline, uint64_t now) noexcept;
+
+  // --- leases (locked; pool_lease.cc) ---
+  // `waited_ns`: how long the caller has waited so far (for the histogram).
+  Result<LeaseHandle> TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest, uint64_t tokens,
+                                       uint64_t waited_ns, const ProcessId& holder);
+  // *wake: sleepers must be woken (a key may have become eligible).
+  Status ReleaseLocked(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder, bool* wake);
+  // Frees a lease without an outcome (holder dead or hung, or a removed key).
+  void FreeLeaseLocked(uint32_t lease, uint64_t now, bool count_reclaim) noexcept;
+  // A removed key's slot is freed once its last lease ended.
+  void RetireSlotIfDone(uint32_t slot) noexcept;
+
+  // --- the journal (locked; journal.cc) ---
+  void JournalBegin(uint32_t flags, uint32_t slot, uint32_t lease) noexcept;
+  void JournalCommit() noexcept;
+  // Undoes an interrupted operation and rebuilds everything derived.
+  void Repair() noexcept;
+  // Verifies I1 and I2 from scratch; kInternal names what is wrong.
+  Status CheckConsistencyLocked() const;
+
+ private:
+  const Segment* segment_;
+  uint32_t index_;
+  PoolHeader* ph_;
+  KeySlot* keys_;
+  LeaseRecord* leases_;
+  uint32_t* free_;
+  uint32_t key_cap_;
+  uint32_t lease_cap_;
+  const Clock* clock_;
+  EligibilityIndex index_view_;
+};
+
+// Test-only crash points (SetCrashHookForTesting): one relaxed load when no
+// hook is set.
+extern std::atomic<CrashHook> g_crash_hook;
+inline void CrashPointReached(CrashPoint point) noexcept {
+  CrashHook hook = g_crash_hook.load(std::memory_order_relaxed);
+  if (hook != nullptr) [[unlikely]]
+    hook(point);
+}
+
+// Orders the stores of a critical section against the journal flag as the
+// program wrote them: a kill lands at an instruction boundary, so compiler
+// ordering (x86 keeps store order) is what decides which state a crash
+// leaves.
+inline void CompilerFence() noexcept { std::atomic_signal_fence(std::memory_order_seq_cst); }
+
+}  // namespace keymesh::shm
+
+#endif  // KEYMESH_SHM_POOL_CORE_H_

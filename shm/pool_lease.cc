@@ -1,0 +1,312 @@
+// The lease fast path: acquire, release and the freeing of a lease. The
+// worker's side of the pool (PoolUser) and the locked core it runs on.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+#include "common/text.h"
+#include "shm/futex.h"
+#include "shm/pool.h"
+#include "shm/selection.h"
+
+namespace keymesh::shm {
+namespace {
+
+static_assert(kWaitBuckets <= 16, "PoolHeader::wait_counts holds the histogram");
+
+constexpr double kEmaAlpha = 0.2;
+
+}  // namespace
+
+Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
+                                               uint64_t tokens, uint64_t waited_ns, const ProcessId& holder) {
+  if (now >= ph_->next_deadline) [[unlikely]]
+    Sweep(now);
+  if (ph_->index_strategy != ph_->config.strategy) [[unlikely]]
+    IndexRebuild(now);
+  const Selector& sel = selector != nullptr ? *selector : BuiltinSelector(ph_->config.strategy);
+  PoolSelection ctx(this);
+  const std::optional<uint32_t> choice = sel.Select(ctx);
+  if (!choice) {
+    if (earliest != nullptr) *earliest = ph_->next_deadline;
+    return Status(Code::kNoAvailableKey,
+                  "No API keys are currently available. All keys are either cooling down or exhausted.");
+  }
+  const uint32_t s = *choice;
+  if (s >= ph_->slot_high_water || !index_view_.Contains(s)) {
+    return Status(Code::kInternal, "selector returned slot " + std::to_string(s) + ", which is not eligible");
+  }
+  if (ph_->free_top == 0) {
+    return Status(Code::kCapacityExceeded,
+                  "pool " + Quoted(PoolName()) + " holds at most " + std::to_string(lease_cap_) + " leases at once");
+  }
+  const uint32_t l = free_[ph_->free_top - 1];
+  SlotState& st = keys_[s].state;
+  LeaseRecord& lease = leases_[l];
+
+  JournalBegin(kJournalSlotState | kJournalLease, s, l);
+  CrashPointReached(CrashPoint::kAcquireAfterJournal);
+  lease.slot = s;
+  lease.pid = holder.pid;
+  lease.start_time = holder.start_time;
+  lease.acquire_ns = now;
+  lease.seq += 1;
+  lease.tokens = 0;
+  lease.flags = 0;
+  lease.state = LeaseState::kHeld;
+  CrashPointReached(CrashPoint::kAcquireMidMutation);
+  st.in_flight += 1;
+  st.acquires += 1;
+  st.last_used = now;
+  st.last_used_seq = ++ph_->acquire_seq;
+  if (ph_->index_strategy == static_cast<uint32_t>(Strategy::kWeighted)) {
+    ph_->vtime = st.pass;
+    st.pass += Stride(s);
+  }
+  const KeyConfig& cfg = keys_[s].config;
+  bool paced = false;
+  if (cfg.rpm != 0) [[unlikely]] {
+    // GCRA: reserve this request's slot in the key's request budget.
+    st.req_tat = AfterRequest(st.req_tat, RequestPacingOf(s), now);
+    paced = true;
+  }
+  if (cfg.tpm != 0 && tokens != 0) [[unlikely]] {
+    st.tok_tat = AfterTokens(st.tok_tat, TokenPacingOf(s), now, tokens);
+    lease.tokens = tokens;
+    paced = true;
+  }
+  if (st.circuit == Circuit::kOpen) [[unlikely]] {
+    st.circuit = Circuit::kHalfOpen;  // this caller is the one probe
+    lease.flags = kLeaseProbe;
+  }
+  JournalCommit();
+  CrashPointReached(CrashPoint::kAcquireAfterCommit);
+
+  --ph_->free_top;
+  ph_->rr_cursor = s + 1;
+  size_t bucket = 0;
+  if (waited_ns != 0) [[unlikely]] {
+    const double w = NanosToSeconds(waited_ns);
+    while (bucket + 1 < kWaitBuckets && w > kWaitBucketBounds[bucket]) ++bucket;
+    ph_->wait_sum_ns += waited_ns;
+  }
+  ph_->wait_counts[bucket] += 1;
+  ph_->wait_count += 1;
+  if (paced) NoteDeadline(ReadyAt(s), now);
+  IndexUpdate(s, now);
+  return LeaseHandle{s, l, lease.seq, now, keys_[s].config.fingerprint};
+}
+
+Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, const ProcessId& holder, bool* wake) {
+  if (h.lease >= lease_cap_ || h.slot >= key_cap_) {
+    return Status(Code::kNotHeld, "lease handle out of range");
+  }
+  LeaseRecord& lease = leases_[h.lease];
+  if (lease.state != LeaseState::kHeld || lease.seq != h.seq || lease.slot != h.slot || lease.pid != holder.pid ||
+      lease.start_time != holder.start_time) {
+    return Status(Code::kNotHeld,
+                  "key " + Quoted(KeyName(h.slot)) + " is not held by this lease (already released or reclaimed)");
+  }
+  const uint32_t s = h.slot;
+  KeySlot& key = keys_[s];
+  SlotState& st = key.state;
+  bool exhausted_now = false;
+  // The clock is read only when the answer depends on it: a key whose
+  // cooldown and budgets allowed it before this lease was granted allows it
+  // at any later time, so the grant time serves (saves a clock read per
+  // success on keys without limits).
+  const bool timed = outcome.kind != OutcomeKind::kSuccess || key.config.rpm != 0 || key.config.tpm != 0 ||
+                     st.circuit != Circuit::kClosed || st.cooldown_deadline > lease.acquire_ns;
+  const uint64_t now = timed ? clock_->NowNanos() : lease.acquire_ns;
+  const bool probe = (lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen;
+
+  JournalBegin(kJournalSlotState | kJournalLease, s, h.lease);
+  lease.state = LeaseState::kFree;
+  CrashPointReached(CrashPoint::kReleaseMidMutation);
+  st.in_flight -= 1;
+  if (key.config.tpm != 0 && outcome.tokens != 0 && outcome.tokens != lease.tokens) [[unlikely]] {
+    // Debit what the request really used, correcting the reservation.
+    st.tok_tat = CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, outcome.tokens);
+  }
+  switch (outcome.kind) {
+    case OutcomeKind::kSuccess:
+      st.successes += 1;
+      st.fail_streak = 0;
+      st.rl_streak = 0;
+      st.last_cooldown = 0;
+      if (st.circuit == Circuit::kOpen || st.circuit == Circuit::kHalfOpen) {
+        st.circuit = Circuit::kClosed;  // the key works again
+        st.open_cooldown = 0;
+      }
+      st.tokens += outcome.tokens;
+      if (outcome.latency && std::isfinite(*outcome.latency) && *outcome.latency >= 0) {
+        if (st.has_latency) {
+          st.ema_latency = kEmaAlpha * *outcome.latency + (1.0 - kEmaAlpha) * st.ema_latency;
+        } else {
+          st.ema_latency = *outcome.latency;
+          st.has_latency = 1;
+        }
+      }
+      break;
+    case OutcomeKind::kFailure:
+      st.failures += 1;
+      st.fail_streak += 1;
+      st.tokens += outcome.tokens;
+      if (outcome.permanent) {
+        if (st.circuit != Circuit::kRevoked) {
+          st.circuit = Circuit::kRevoked;
+          exhausted_now = true;
+        }
+      } else if (probe) {
+        OpenCircuit(st, now);  // the probe failed: open again, for longer
+      } else if (st.fail_streak >= ph_->config.max_failures && st.circuit == Circuit::kClosed) {
+        OpenCircuit(st, now);
+        exhausted_now = true;
+      }
+      break;
+    case OutcomeKind::kCancelled:
+      st.cancelled += 1;
+      if (probe) st.circuit = Circuit::kOpen;  // nothing learned: the next caller probes
+      break;
+    case OutcomeKind::kRateLimited: {
+      st.rate_limited += 1;
+      st.tokens += outcome.tokens;
+      const uint64_t requested =
+          outcome.cooldown ? SecondsToNanos(*outcome.cooldown) : ph_->config.default_cooldown;
+      uint64_t cooldown = requested;
+      if (st.rl_streak > 0) {
+        // Consecutive 429s escalate: at least twice the previous, capped.
+        const uint64_t doubled = st.last_cooldown > ph_->config.max_cooldown / 2
+                                     ? ph_->config.max_cooldown
+                                     : std::min(ph_->config.max_cooldown, st.last_cooldown * 2);
+        cooldown = std::max(requested, doubled);
+      }
+      st.rl_streak += 1;
+      st.last_cooldown = cooldown;
+      const uint64_t until = now + cooldown;
+      if (until > st.cooldown_deadline) st.cooldown_deadline = until;  // never shortens
+      if (probe) st.circuit = Circuit::kOpen;  // probe again once the 429 cooldown ends
+      break;
+    }
+  }
+  JournalCommit();
+
+  free_[ph_->free_top++] = h.lease;
+  if (timed) NoteDeadline(ReadyAt(s), now);
+  RetireSlotIfDone(s);
+  if (st.use != SlotUse::kFree) IndexUpdate(s, now);
+  *wake = true;
+  if (exhausted_now) {
+    if (st.circuit == Circuit::kRevoked) {
+      return Status(Code::kKeyExhausted, "Key " + Quoted(KeyName(s)) +
+                                             " failed authentication and is out of rotation until reset or add_key.");
+    }
+    char detail[96];
+    std::snprintf(detail, sizeof(detail), "; its circuit is open for %.1f s, then one caller probes it.",
+                  NanosToSeconds(st.open_cooldown));
+    return Status(Code::kKeyExhausted, "Key " + Quoted(KeyName(s)) + " has been exhausted (" +
+                                           std::to_string(st.fail_streak) + " consecutive failures)" + detail);
+  }
+  return Status::Ok();
+}
+
+void PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noexcept {
+  LeaseRecord& lease = leases_[l];
+  const uint32_t s = lease.slot;
+  SlotState& st = keys_[s].state;
+  JournalBegin(kJournalSlotState | kJournalLease, s, l);
+  lease.state = LeaseState::kFree;
+  st.in_flight -= 1;
+  if (count_reclaim) st.reclaimed += 1;
+  if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) st.circuit = Circuit::kOpen;
+  JournalCommit();
+  free_[ph_->free_top++] = l;
+  RetireSlotIfDone(s);
+  if (keys_[s].state.use != SlotUse::kFree) IndexUpdate(s, now);
+}
+
+// A removed key's slot is freed when its last lease ends; its totals move to
+// the pool's retired totals so pool-wide counters never go backwards.
+void PoolCore::RetireSlotIfDone(uint32_t s) noexcept {
+  KeySlot& k = keys_[s];
+  if (k.state.use != SlotUse::kRemoving || k.state.in_flight != 0) return;
+  if (index_view_.Contains(s)) index_view_.Remove(s, HeapStrategy());
+  JournalBegin(kJournalSlotFull | kJournalPool, s, 0);
+  ph_->retired.acquires += k.state.acquires;
+  ph_->retired.successes += k.state.successes;
+  ph_->retired.failures += k.state.failures;
+  ph_->retired.rate_limited += k.state.rate_limited;
+  ph_->retired.reclaimed += k.state.reclaimed;
+  std::memset(&k, 0, sizeof(KeySlot));
+  ph_->key_count -= 1;
+  JournalCommit();
+}
+
+// ---------------------------------------------------------------------------
+// PoolUser: the worker's lease calls
+
+Result<LeaseHandle> PoolUser::TryAcquire(const Selector* selector, uint64_t* earliest, const ProcessId& holder,
+                                         uint64_t tokens) {
+  Result<LeaseHandle> r = [&] {
+    PoolCore::Guard g(&core_);
+    return core_.TryAcquireLocked(selector, core_.Now(), earliest, tokens, 0, holder);
+  }();
+  if (!r.ok() && r.status().code() == Code::kNoAvailableKey) {
+    core_.header()->no_key.fetch_add(1, std::memory_order_relaxed);
+  }
+  return r;
+}
+
+Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selector, const ProcessId& holder,
+                                      const std::atomic<bool>* cancel, uint64_t tokens) {
+  PoolHeader* ph = core_.header();
+  const uint64_t start = MonotonicNowNanos();
+  const uint64_t deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
+  for (bool first = true;; first = false) {
+    uint32_t seq = 0;
+    uint64_t earliest = kNever;
+    {
+      PoolCore::Guard g(&core_);
+      const uint64_t now = core_.Now();
+      const uint64_t waited = first ? 0 : std::max<uint64_t>(MonotonicNowNanos() - start, 1);
+      Result<LeaseHandle> r = core_.TryAcquireLocked(selector, now, &earliest, tokens, waited, holder);
+      if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
+      if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
+        return Status(Code::kClosed, "acquire cancelled");
+      }
+      if (MonotonicNowNanos() >= deadline) {
+        ph->no_key.fetch_add(1, std::memory_order_relaxed);
+        if (timeout_ns > 0) ph->timeouts.fetch_add(1, std::memory_order_relaxed);
+        if (earliest != kNever && earliest > now) {
+          char when[64];
+          std::snprintf(when, sizeof(when), " The next key returns in %.3f s.", NanosToSeconds(earliest - now));
+          return Status(Code::kNoAvailableKey, r.status().message() + when);
+        }
+        return r;
+      }
+      // Announce the sleep while holding the lock: any change after the
+      // unlock bumps wake_seq and sees `sleepers`, so no wake-up is lost.
+      seq = ph->wake_seq.load(std::memory_order_acquire);
+      ph->sleepers.store(1, std::memory_order_release);
+      // earliest is in the pool clock's units; convert the remaining
+      // cooldown to a real duration.
+      if (earliest != kNever) earliest = earliest > now ? earliest - now : 0;
+    }
+    const uint64_t real_now = MonotonicNowNanos();
+    uint64_t wait = deadline == kNever ? kNever : (deadline > real_now ? deadline - real_now : 0);
+    if (earliest != kNever) wait = std::min(wait, earliest + 1);
+    if (wait == 0) continue;
+    FutexWait(&ph->wake_seq, seq, wait);
+  }
+}
+
+Status PoolUser::Release(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder) {
+  PoolCore::Guard g(&core_);
+  bool wake = false;
+  Status st = core_.ReleaseLocked(lease, outcome, holder, &wake);
+  if (wake) g.RequestWake();
+  return st;
+}
+
+}  // namespace keymesh::shm

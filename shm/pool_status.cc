@@ -1,0 +1,144 @@
+// Reading a pool: its status snapshot and the small readers.
+#include <algorithm>
+#include <cstring>
+
+#include "shm/pool.h"
+
+namespace keymesh::shm {
+namespace {
+
+double SuccessRate(const SlotState& st) noexcept {
+  const uint64_t total = st.successes + st.failures;
+  return total == 0 ? 1.0 : static_cast<double>(st.successes) / static_cast<double>(total);
+}
+
+}  // namespace
+
+KeyStatus DescribeSlot(const KeySlot& k, uint32_t slot, const PoolConfig& pool, uint64_t now) {
+  const SlotState& st = k.state;
+  const uint32_t margin = EffectiveMarginPpm(k.config, pool);
+  KeyStatus ks;
+  ks.slot = slot;
+  ks.name = std::string(k.name, strnlen(k.name, kNameCapacity));
+  ks.fingerprint = k.config.fingerprint;
+  ks.enabled = st.enabled != 0;
+  ks.weight = k.config.weight;
+  ks.max_concurrency = k.config.max_concurrency;
+  ks.rpm = k.config.rpm;
+  ks.tpm = k.config.tpm;
+  ks.in_flight = st.in_flight;
+  ks.cooldown_remaining = st.cooldown_deadline > now ? NanosToSeconds(st.cooldown_deadline - now) : 0.0;
+  ks.fail_streak = st.fail_streak;
+  ks.rate_limit_streak = st.rl_streak;
+  ks.acquires = st.acquires;
+  ks.successes = st.successes;
+  ks.failures = st.failures;
+  ks.rate_limited = st.rate_limited;
+  ks.reclaimed = st.reclaimed;
+  ks.tokens = st.tokens;
+  ks.cancelled = st.cancelled;
+  ks.latency_avg = st.ema_latency;
+  ks.has_latency = st.has_latency != 0;
+  ks.last_used_ago = st.last_used == 0 ? -1.0 : NanosToSeconds(now > st.last_used ? now - st.last_used : 0);
+  ks.burst = k.config.burst;
+  ks.rate_margin = k.config.margin_ppm == kPoolMargin ? -1.0 : static_cast<double>(k.config.margin_ppm) / 1e6;
+  ks.escalation = st.rl_streak;
+  ks.circuit_opens = st.circuit_opens;
+  ks.circuit = static_cast<CircuitState>(static_cast<uint32_t>(st.circuit) & 3);
+  ks.requests_available = RequestsAvailable(st.req_tat, RequestPacingOf(k.config, margin), now);
+  ks.tokens_available = TokensAvailable(st.tok_tat, TokenPacingOf(k.config, margin), now);
+  const uint64_t ready = ReadyAt(st, k.config, margin);
+  ks.ready_in = ready > now ? NanosToSeconds(ready - now) : 0.0;
+  if (st.use == SlotUse::kRemoving) {
+    ks.state = KeyState::kRemoving;
+  } else if (!st.enabled) {
+    ks.state = KeyState::kDisabled;
+  } else if (st.circuit == Circuit::kRevoked) {
+    ks.state = KeyState::kRevoked;
+  } else if (st.circuit == Circuit::kHalfOpen) {
+    ks.state = KeyState::kHalfOpen;
+  } else if (st.circuit == Circuit::kOpen && st.cooldown_deadline > now) {
+    ks.state = KeyState::kExhausted;
+  } else if (st.circuit == Circuit::kOpen) {
+    ks.state = KeyState::kProbe;
+  } else if (st.cooldown_deadline > now) {
+    ks.state = KeyState::kCooling;
+  } else if (ready > now) {
+    ks.state = KeyState::kThrottled;
+  } else if (k.config.max_concurrency != 0 && st.in_flight >= k.config.max_concurrency) {
+    ks.state = KeyState::kBusy;
+  } else {
+    ks.state = KeyState::kAvailable;
+  }
+  ks.reason = DescribeKeyState(ks);
+  const bool available = ks.state == KeyState::kAvailable || ks.state == KeyState::kBusy ||
+                         ks.state == KeyState::kThrottled || ks.state == KeyState::kProbe;
+  ks.health_score = available ? SuccessRate(st) / (1.0 + st.ema_latency) : 0.0;
+  return ks;
+}
+
+Result<PoolStatus> PoolUser::Snapshot() {
+  PoolStatus out;
+  PoolCore::Guard g(&core_);
+  const PoolHeader* ph = core_.header();
+  const uint64_t now = core_.Now();
+  if (now >= ph->next_deadline) core_.Sweep(now);
+  out.name = core_.PoolName();
+  out.strategy = static_cast<Strategy>(ph->config.strategy);
+  out.options.strategy = out.strategy;
+  out.options.max_failures = ph->config.max_failures;
+  out.options.default_cooldown = NanosToSeconds(ph->config.default_cooldown);
+  out.options.acquire_timeout = NanosToSeconds(ph->config.acquire_timeout);
+  out.options.max_lease_seconds = NanosToSeconds(ph->config.max_lease);
+  out.options.max_cooldown = NanosToSeconds(ph->config.max_cooldown);
+  out.options.rate_margin = static_cast<double>(ph->config.margin_ppm) / 1e6;
+  out.uptime = NanosToSeconds(MonotonicNowNanos() - ph->created_mono);
+  out.generation = core_.segment().generation();
+  PoolTotals& t = out.totals;
+  t.acquires = ph->retired.acquires;
+  t.releases = ph->retired.successes;
+  t.failures = ph->retired.failures;
+  t.rate_limited = ph->retired.rate_limited;
+  t.reclaimed = ph->retired.reclaimed;
+  t.no_key_available = ph->no_key.load(std::memory_order_relaxed);
+  for (size_t b = 0; b < kWaitBuckets; ++b) out.acquire_wait.counts[b] = ph->wait_counts[b];
+  out.acquire_wait.sum = NanosToSeconds(ph->wait_sum_ns);
+  out.acquire_wait.count = ph->wait_count;
+  t.timeouts = ph->timeouts.load(std::memory_order_relaxed);
+  for (uint32_t s = 0; s < ph->slot_high_water; ++s) {
+    const KeySlot& k = core_.key(s);
+    if (k.state.use == SlotUse::kFree) continue;
+    out.keys.push_back(DescribeSlot(k, s, ph->config, now));
+    t.acquires += k.state.acquires;
+    t.releases += k.state.successes;
+    t.failures += k.state.failures;
+    t.rate_limited += k.state.rate_limited;
+    t.reclaimed += k.state.reclaimed;
+  }
+  return out;
+}
+
+uint32_t PoolUser::AvailableCount() {
+  PoolCore::Guard g(&core_);
+  const uint64_t now = core_.Now();
+  if (now >= core_.header()->next_deadline) core_.Sweep(now);
+  return core_.index().eligible_count();
+}
+
+uint64_t PoolUser::NextDeadline() {
+  PoolCore::Guard g(&core_);
+  return core_.header()->next_deadline;
+}
+
+std::optional<uint32_t> PoolUser::FindByName(std::string_view name) {
+  PoolCore::Guard g(&core_);
+  return core_.FindByNameLocked(name);
+}
+
+std::string PoolUser::KeyName(uint32_t slot) {
+  if (slot >= core_.key_capacity()) return std::string();
+  PoolCore::Guard g(&core_);
+  return core_.KeyName(slot);
+}
+
+}  // namespace keymesh::shm

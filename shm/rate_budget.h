@@ -1,0 +1,84 @@
+// A key's rate-limit budgets: GCRA (the generic cell rate algorithm) over the
+// two theoretical arrival times in its slot, req_tat for requests and
+// tok_tat for tokens.
+//
+// A key with `rpm` requests per minute is paced at one request every
+// `interval` = 60 s / (rpm x (1 - margin)) ns; a grant is allowed at `now`
+// when tat - tolerance <= now, and it moves tat to max(tat, now) + interval.
+// `tolerance` = (burst - 1) x interval lets `burst` requests through back to
+// back. Tokens work the same way with a cost per token and one second of
+// tolerance. The arrival times are plain numbers in the slot, so a broker can
+// top them up or overwrite them from outside (another host's budget) without
+// any other field.
+//
+// Pure functions over numbers: no segment, no lock, no clock. The pool calls
+// them under its lock and journals what they return.
+#ifndef KEYMESH_SHM_RATE_BUDGET_H_
+#define KEYMESH_SHM_RATE_BUDGET_H_
+
+#include <cstdint>
+#include <optional>
+
+#include "shm/layout.h"
+
+namespace keymesh::shm {
+
+// What a provider's headers said about a key's limits (seconds, counts).
+struct LimitUpdate {
+  std::optional<uint64_t> remaining_requests;
+  std::optional<double> reset_requests;
+  std::optional<uint64_t> remaining_tokens;
+  std::optional<double> reset_tokens;
+  std::optional<double> retry_after;
+};
+
+struct RequestPacing {
+  uint64_t interval = 0;   // ns between requests; 0: no request limit
+  uint64_t tolerance = 0;  // ns of burst
+  bool limited() const noexcept { return interval != 0; }
+};
+
+struct TokenPacing {
+  double per_token = 0;    // ns per token; 0: no token limit
+  uint64_t tolerance = 0;  // ns of burst
+  bool limited() const noexcept { return per_token != 0; }
+};
+
+// The pacing of a key with config `c` under safety margin `margin_ppm`.
+RequestPacing RequestPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept;
+TokenPacing TokenPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept;
+
+// The earliest time (ns) at which the key's cooldown and both budgets allow
+// a grant.
+uint64_t ReadyAt(const SlotState& st, const KeyConfig& c, uint32_t margin_ppm) noexcept;
+
+// The request arrival time after one request granted at `now`.
+inline uint64_t AfterRequest(uint64_t tat, const RequestPacing& p, uint64_t now) noexcept {
+  return (tat > now ? tat : now) + p.interval;
+}
+// The token arrival time after `tokens` more were used at `now`.
+uint64_t AfterTokens(uint64_t tat, const TokenPacing& p, uint64_t now, uint64_t tokens) noexcept;
+// The token arrival time once a request that reserved `reserved` tokens
+// reported `used`: the difference is debited or refunded.
+uint64_t CorrectTokens(uint64_t tat, const TokenPacing& p, uint64_t now, uint64_t reserved, uint64_t used) noexcept;
+
+// Requests / tokens grantable at `now`; -1 when the key has no such limit.
+int64_t RequestsAvailable(uint64_t req_tat, const RequestPacing& p, uint64_t now) noexcept;
+int64_t TokensAvailable(uint64_t tok_tat, const TokenPacing& p, uint64_t now) noexcept;
+
+// The budget fields after a provider's report `u` at `now`: a key the
+// provider says is out of requests or tokens waits for the reset (a cooldown
+// when it has no budget of that kind), and the budgets never allow more than
+// the provider says remain. Never moves anything earlier. `u`'s durations
+// must be finite and >= 0.
+struct Budgets {
+  uint64_t req_tat;
+  uint64_t tok_tat;
+  uint64_t cooldown_deadline;
+};
+Budgets ApplyLimitUpdate(Budgets current, const RequestPacing& rp, const TokenPacing& tp, const LimitUpdate& u,
+                         uint64_t now) noexcept;
+
+}  // namespace keymesh::shm
+
+#endif  // KEYMESH_SHM_RATE_BUDGET_H_
