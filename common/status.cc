@@ -1,6 +1,8 @@
 // keymesh/status.h: code names and Status::ToString.
 #include "keymesh/status.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 namespace keymesh {
@@ -32,5 +34,14 @@ std::string Status::ToString() const {
   if (ok()) return "ok";
   return std::string(CodeName(code_)) + ": " + message_;
 }
+
+namespace detail {
+
+void ResultHasNoValue(const Status& status) noexcept {
+  std::fprintf(stderr, "keymesh: bug: the value of an error Result was read (%s)\n", status.ToString().c_str());
+  std::abort();
+}
+
+}  // namespace detail
 
 }  // namespace keymesh

@@ -117,6 +117,14 @@ Status ValidatePoolOptions(const PoolOptions& o) {
   return Status::Ok();
 }
 
+Status ValidateSecret(std::string_view secret) {
+  if (secret.find_first_not_of(" \t\r\n") == std::string_view::npos) {
+    return Status(Code::kInvalidArgument, secret.empty() ? "the secret is empty" : "the secret is only white space");
+  }
+  if (HasControl(secret)) return Status(Code::kInvalidArgument, "the secret holds a control character");
+  return Status::Ok();
+}
+
 std::string MaskSecret(std::string_view secret) {
   if (secret.size() < 12) return "***";
   return "..." + std::string(secret.substr(secret.size() - 4));

@@ -36,10 +36,9 @@ PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clo
   free_ = reinterpret_cast<uint32_t*>(data + h->free_offset);
   key_cap_ = h->keys_per_pool;
   lease_cap_ = h->leases_per_pool;
-  index_view_ = EligibilityIndex(reinterpret_cast<uint64_t*>(data + h->bits_offset),
-                                 reinterpret_cast<HeapEntry*>(data + h->heap_offset),
-                                 reinterpret_cast<uint32_t*>(data + h->heap_pos_offset), &ph_->heap_size,
-                                 &ph_->eligible_count, key_cap_);
+  index_view_ = EligibilityIndex(
+      reinterpret_cast<uint64_t*>(data + h->bits_offset), reinterpret_cast<HeapEntry*>(data + h->heap_offset),
+      reinterpret_cast<uint32_t*>(data + h->heap_pos_offset), &ph_->heap_size, &ph_->eligible_count, key_cap_);
 }
 
 PoolCore::Guard::Guard(PoolCore* core) : core_(core) {

@@ -172,8 +172,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
     case OutcomeKind::kRateLimited: {
       st.rate_limited += 1;
       st.tokens += outcome.tokens;
-      const uint64_t requested =
-          outcome.cooldown ? SecondsToNanos(*outcome.cooldown) : ph_->config.default_cooldown;
+      const uint64_t requested = outcome.cooldown ? SecondsToNanos(*outcome.cooldown) : ph_->config.default_cooldown;
       uint64_t cooldown = requested;
       if (st.rl_streak > 0) {
         // Consecutive 429s escalate: at least twice the previous, capped.
@@ -186,7 +185,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       st.last_cooldown = cooldown;
       const uint64_t until = now + cooldown;
       if (until > st.cooldown_deadline) st.cooldown_deadline = until;  // never shortens
-      if (probe) st.circuit = Circuit::kOpen;  // probe again once the 429 cooldown ends
+      if (probe) st.circuit = Circuit::kOpen;                          // probe again once the 429 cooldown ends
       break;
     }
   }

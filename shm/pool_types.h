@@ -65,9 +65,9 @@ struct RestoredState {
   uint64_t cooldown_deadline = 0;
   uint64_t last_cooldown = 0;
   bool enabled = true;
-  bool exhausted = false;        // circuit not closed (the one circuit bit of the state file)
-  uint32_t circuit = 0;          // shm::Circuit value
-  uint64_t open_cooldown = 0;    // ns
+  bool exhausted = false;      // circuit not closed (the one circuit bit of the state file)
+  uint32_t circuit = 0;        // shm::Circuit value
+  uint64_t open_cooldown = 0;  // ns
   uint32_t circuit_opens = 0;
   uint64_t acquires = 0, successes = 0, failures = 0, rate_limited = 0, reclaimed = 0, tokens = 0;
   bool has_latency = false;

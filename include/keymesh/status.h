@@ -1,9 +1,15 @@
 // KeyMesh's one error vocabulary.
 //
 // Every fallible call returns a Status (or a Result<T>, a value or a Status).
-// The OK case holds no string and costs a byte compare. The set of codes is
-// closed; each has a fixed meaning documented below and a stable numeric value
-// that the C ABI (keymesh.h) exposes as KM_* constants.
+// Checking one costs a compare; an OK Status holds an empty string (the size
+// of a code and a std::string, no allocation). The set of codes is closed;
+// each has a fixed meaning documented below and a stable numeric value that
+// the C ABI (keymesh.h) exposes as KM_* constants (static_asserts in the C
+// ABI hold them equal). Messages are one line: input they quote is escaped.
+//
+// Thread safety: several threads may call const methods of one Status or
+// Result at once; a non-const call needs external synchronization, as for
+// any std type.
 #ifndef KEYMESH_STATUS_H_
 #define KEYMESH_STATUS_H_
 
@@ -57,7 +63,15 @@ class [[nodiscard]] Status {
   std::string message_;
 };
 
-// A value or the Status that says why there is none.
+namespace detail {
+// Reading the value of an error Result is a bug: this prints the Result's
+// status and aborts.
+[[noreturn]] KEYMESH_EXPORT void ResultHasNoValue(const Status& status) noexcept;
+}  // namespace detail
+
+// A value or the Status that says why there is none. Reading the value of
+// an error Result (value(), *, ->) aborts with the status: check ok() first.
+// Like Status, safe to read from several threads at once.
 template <typename T>
 class [[nodiscard]] Result {
  public:
@@ -66,16 +80,27 @@ class [[nodiscard]] Result {
 
   bool ok() const noexcept { return value_.has_value(); }
   const Status& status() const noexcept { return status_; }
-  T& value() & { return *value_; }
-  const T& value() const& { return *value_; }
-  T&& value() && { return std::move(*value_); }
-  T* operator->() { return &*value_; }
-  const T* operator->() const { return &*value_; }
-  T& operator*() & { return *value_; }
-  const T& operator*() const& { return *value_; }
-  T&& operator*() && { return std::move(*value_); }
+  T& value() & { return Checked(); }
+  const T& value() const& { return Checked(); }
+  T&& value() && { return std::move(Checked()); }
+  T* operator->() { return &Checked(); }
+  const T* operator->() const { return &Checked(); }
+  T& operator*() & { return Checked(); }
+  const T& operator*() const& { return Checked(); }
+  T&& operator*() && { return std::move(Checked()); }
 
  private:
+  T& Checked() {
+    if (!value_.has_value()) [[unlikely]]
+      detail::ResultHasNoValue(status_);
+    return *value_;
+  }
+  const T& Checked() const {
+    if (!value_.has_value()) [[unlikely]]
+      detail::ResultHasNoValue(status_);
+    return *value_;
+  }
+
   std::optional<T> value_;
   Status status_;
 };

@@ -164,6 +164,11 @@ struct PoolStatus {
 // only when the secret is at least 12 characters long ("***" otherwise).
 KEYMESH_EXPORT std::string MaskSecret(std::string_view secret);
 
+// A secret usable as an API key: not empty, not only white space, no control
+// character (it travels in HTTP headers). kInvalidArgument otherwise; the
+// message never repeats the secret.
+KEYMESH_EXPORT Status ValidateSecret(std::string_view secret);
+
 }  // namespace keymesh
 
 #endif  // KEYMESH_TYPES_H_
