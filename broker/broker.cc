@@ -225,7 +225,7 @@ std::vector<PoolConfigEntry> Broker::DesiredPools() const {
 
 void Broker::RebuildTables() {
   for (uint32_t i = 0; i < segment_->header()->max_pools; ++i) {
-    if (segment_->pool_header(i)->use != 1) continue;
+    if (segment_->pool_header(i)->use != shm::PoolUse::kInUse) continue;
     auto access = std::make_unique<shm::PoolAdmin>(*segment_, i);
     std::string name = access->Info().name;
     if (pools_.find(name) == pools_.end()) pools_.emplace(std::move(name), std::move(access));

@@ -186,7 +186,7 @@ void Handlers::Acquire(const std::shared_ptr<Session>& s, int64_t id, const json
   auto ticket = std::make_shared<uint64_t>(0);
   std::weak_ptr<Session> weak = s;
   *ticket = broker_.slow().Enqueue(pool, holder, shm::MonotonicNowNanos() + timeout_ns, tokens,
-                                   [this, weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
+                                   [weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
                                      std::shared_ptr<Session> session = weak.lock();
                                      if (!session || session->closed()) {
                                        if (h.ok()) {

@@ -106,7 +106,7 @@ StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono) {
   image.salt[1] = segment.header()->fingerprint_salt[1];
   for (uint32_t p = 0; p < segment.header()->max_pools; ++p) {
     const shm::PoolHeader* ph = segment.pool_header(p);
-    if (ph->use != 1) continue;
+    if (ph->use != shm::PoolUse::kInUse) continue;
     shm::PoolAdmin access(segment, p);
     std::vector<PersistedKey>& out = image.pools[access.Info().name];
     for (shm::ExportedKey& e : access.ExportKeyStates()) {

@@ -139,7 +139,7 @@ Status ReconcileSegment(shm::Segment& segment, const std::vector<PoolConfigEntry
   // Pools cannot be deleted from a segment: a pool gone from the config
   // keeps its slot but loses its keys.
   for (uint32_t i = 0; i < segment.header()->max_pools; ++i) {
-    if (segment.pool_header(i)->use != 1) continue;
+    if (segment.pool_header(i)->use != shm::PoolUse::kInUse) continue;
     shm::PoolAdmin access(segment, i);
     const std::string name = access.Info().name;
     bool wanted = false;

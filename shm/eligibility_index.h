@@ -1,10 +1,21 @@
 // The index of a pool's eligible keys: a bitset over slots (round robin,
-// iteration) plus, for least_busy and weighted, a binary min-heap of the
-// eligible slots ordered by (k1, k2, slot), with each slot's position in the
-// heap so that a key whose sort key changed is fixed in O(log n).
+// iteration) and, for least_busy and weighted, a tournament tree over each
+// eligible slot's sort key (SortKey: (in_flight, last_used_seq) or (pass,
+// 0)), ordered by (k1, k2, slot).
 //
-// Plain code over arrays that live in the segment (PoolHeader::heap_size and
-// eligible_count, the pool's heap, heap_pos and bits regions): derived data,
+// The tree has `leaves` = the power of two at or above the pool's slot high
+// water (so a pool of 100 keys has a tree of height 7, whatever its
+// capacity); internal node n (1 <= n < leaves) holds the winning slot of its
+// two children (2n, 2n+1; a child >= leaves is the slot child - leaves,
+// present when eligible). The minimum is tree[1], found in O(1); a changed
+// key is fixed on its path to the root in O(log n), stopping as soon as a
+// node's winner is unchanged and is not the changed key. A pool of at most
+// kScanLeaves slots (the common handful of keys) keeps no tree: its minimum
+// is a scan of the sort keys of its set bits, and a changed key is one
+// store, which costs fewer instructions and cache lines than any tree.
+//
+// Plain code over arrays that live in the segment (PoolHeader::eligible_count
+// and tree_leaves; the pool's order, tree and bits regions): derived data,
 // guarded by the pool mutex, rebuilt from the slots by the repair after an
 // owner died. No locking, no clock, no segment: unit-tested on its own.
 #ifndef KEYMESH_SHM_ELIGIBILITY_INDEX_H_
@@ -19,33 +30,47 @@ namespace keymesh::shm {
 
 class EligibilityIndex {
  public:
+  // Pools whose slots all lie below this are scanned, not treed.
+  static constexpr uint32_t kScanLeaves = 16;
+
+  struct Arrays {
+    uint64_t* bits;            // capacity/64 words, rounded up
+    SortKey* order;            // capacity
+    uint32_t* tree;            // TreeNodes(capacity) (the root is tree[1])
+    uint32_t* eligible_count;  // one counter
+    uint32_t* tree_leaves;     // one counter: 0 when not ordered
+  };
+
+  // Tree nodes the arrays must hold for `capacity` slots.
+  static uint32_t TreeNodes(uint32_t capacity) noexcept;
+
   EligibilityIndex() = default;
-  // The arrays hold `capacity` slots (bits: capacity/64 words rounded up).
-  // They must outlive the index.
-  EligibilityIndex(uint64_t* bits, HeapEntry* heap, uint32_t* heap_pos, uint32_t* heap_size, uint32_t* eligible_count,
-                   uint32_t capacity) noexcept
-      : bits_(bits),
-        heap_(heap),
-        heap_pos_(heap_pos),
-        heap_size_(heap_size),
-        eligible_count_(eligible_count),
-        capacity_(capacity) {}
+  // The arrays hold `capacity` slots and must outlive the index.
+  EligibilityIndex(const Arrays& arrays, uint32_t capacity) noexcept : a_(arrays), capacity_(capacity) {}
 
-  uint32_t eligible_count() const noexcept { return *eligible_count_; }
-  bool Contains(uint32_t slot) const noexcept { return (bits_[slot >> 6] >> (slot & 63)) & 1; }
+  uint32_t eligible_count() const noexcept { return *a_.eligible_count; }
+  bool Contains(uint32_t slot) const noexcept { return (a_.bits[slot >> 6] >> (slot & 63)) & 1; }
 
-  // Marks `slot` eligible; `heap`: it also enters the heap with key (k1, k2).
-  void Add(uint32_t slot, bool heap, uint64_t k1, uint64_t k2) noexcept;
-  void Remove(uint32_t slot, bool heap) noexcept;
-  // The heap key of an eligible slot changed.
-  void Update(uint32_t slot, uint64_t k1, uint64_t k2) noexcept;
-  // The heap's minimum, if any.
-  std::optional<uint32_t> Top() const noexcept {
-    if (*heap_size_ == 0) return std::nullopt;
-    return heap_[0].slot;
+  // Empties the index. `ordered`: the strategy orders keys (least_busy,
+  // weighted); `high_water`: every slot that will be added is below it
+  // (sizes the tree until the next Clear).
+  void Clear(bool ordered, uint32_t high_water) noexcept;
+  // True when a slot below `high_water` would not fit the tree: Clear again.
+  bool NeedsRegrow(bool ordered, uint32_t high_water) const noexcept { return ordered && high_water > *a_.tree_leaves; }
+
+  // Marks `slot` eligible; `ordered`: with sort key `key`.
+  void Add(uint32_t slot, bool ordered, SortKey key) noexcept;
+  void Remove(uint32_t slot, bool ordered) noexcept;
+  // The sort key of an eligible slot changed.
+  void Update(uint32_t slot, SortKey key) noexcept;
+  // The eligible slot with the smallest sort key, if any (ordered only).
+  std::optional<uint32_t> Min() const noexcept {
+    const uint32_t leaves = *a_.tree_leaves;
+    if (leaves <= kScanLeaves) return ScanMin();
+    const uint32_t w = a_.tree[1];
+    if (w == kNone) return std::nullopt;
+    return w;
   }
-  // Empties the index.
-  void Clear() noexcept;
 
   // The first eligible slot at or after `slot` among slots < `high_water`,
   // wrapping around; nullopt if none.
@@ -56,7 +81,7 @@ class EligibilityIndex {
   void ForEach(uint32_t high_water, Fn&& fn) const {
     const uint32_t words = (high_water + 63) / 64;
     for (uint32_t w = 0; w < words; ++w) {
-      uint64_t bits = bits_[w];
+      uint64_t bits = a_.bits[w];
       while (bits != 0) {
         const uint32_t slot = w * 64 + static_cast<uint32_t>(__builtin_ctzll(bits));
         bits &= bits - 1;
@@ -65,19 +90,26 @@ class EligibilityIndex {
     }
   }
 
-  // For tests: the heap's invariant (every parent <= its children, positions
-  // consistent, bit set exactly for heap members when `heap`).
-  bool Valid(bool heap) const noexcept;
+  // For tests: the index agrees with itself (bit count, every tree node the
+  // winner of its children).
+  bool Valid(bool ordered) const noexcept;
+
+  static constexpr uint32_t kNone = UINT32_MAX;
 
  private:
-  void SiftUp(uint32_t pos) noexcept;
-  void SiftDown(uint32_t pos) noexcept;
+  // The winner of tree node `n` (a leaf when n >= leaves).
+  uint32_t Winner(uint32_t n, uint32_t leaves) const noexcept {
+    if (n < leaves) return a_.tree[n];
+    const uint32_t slot = n - leaves;
+    return Contains(slot) ? slot : kNone;
+  }
+  // The better of two winners; `a` covers lower slots than `b`, so a tie
+  // goes to `a` (the lowest slot).
+  uint32_t Better(uint32_t a, uint32_t b) const noexcept;
+  void Fix(uint32_t slot) noexcept;
+  std::optional<uint32_t> ScanMin() const noexcept;
 
-  uint64_t* bits_ = nullptr;
-  HeapEntry* heap_ = nullptr;
-  uint32_t* heap_pos_ = nullptr;
-  uint32_t* heap_size_ = nullptr;
-  uint32_t* eligible_count_ = nullptr;
+  Arrays a_{};
   uint32_t capacity_ = 0;
 };
 

@@ -1,5 +1,5 @@
-// The journal and the repair after an owner died (the crash story is written
-// beside struct Journal in layout.h).
+// The undo journal and the repair after an owner died (the crash story is
+// written beside struct Journal in layout.h).
 #include <cstring>
 #include <vector>
 
@@ -7,55 +7,44 @@
 
 namespace keymesh::shm {
 
-void PoolCore::JournalBegin(uint32_t flags, uint32_t slot, uint32_t lease) noexcept {
+void PoolCore::LogSlotImage(uint32_t slot) noexcept {
   Journal& j = ph_->journal;
-  j.flags = flags;
-  j.slot = slot;
-  j.lease = lease;
-  if (flags & kJournalSlotFull) {
-    std::memcpy(&j.slot_image, &keys_[slot], sizeof(KeySlot));
-  } else if (flags & kJournalSlotState) {
-    std::memcpy(&j.slot_image.state, &keys_[slot].state, sizeof(SlotState));
-  }
-  if (flags & kJournalLease) std::memcpy(&j.lease_image, &leases_[lease], sizeof(LeaseRecord));
-  if (flags & kJournalPool) {
-    j.key_count = ph_->key_count;
-    j.slot_high_water = ph_->slot_high_water;
-    j.retired = ph_->retired;
-  }
+  std::memcpy(&j.slot_image, &keys_[slot], sizeof(KeySlot));
+  const uint32_t n = ph_->undo_count.load(std::memory_order_relaxed);
+  KM_CHECK_MSG(n < kUndoCapacity, "an operation journaled more words than the journal holds");
+  j.entries[n] = UndoEntry{kUndoSlotImage, slot};
   CompilerFence();
-  j.active.store(1, std::memory_order_relaxed);
-  CompilerFence();
-}
-
-void PoolCore::JournalCommit() noexcept {
-  CompilerFence();
-  ph_->journal.active.store(0, std::memory_order_relaxed);
+  ph_->undo_count.store(n + 1, std::memory_order_relaxed);
   CompilerFence();
 }
 
 void PoolCore::Repair() noexcept {
   Journal& j = ph_->journal;
-  if (j.active.load(std::memory_order_relaxed) != 0) {
-    // Undo the interrupted operation: its images are complete (they were
-    // written before `active` was set).
-    if (j.slot < key_cap_) {
-      if (j.flags & kJournalSlotFull) {
-        std::memcpy(&keys_[j.slot], &j.slot_image, sizeof(KeySlot));
-      } else if (j.flags & kJournalSlotState) {
-        std::memcpy(&keys_[j.slot].state, &j.slot_image.state, sizeof(SlotState));
+  const uint32_t n = ph_->undo_count.load(std::memory_order_relaxed);
+  if (n != 0) {
+    // Undo the interrupted operation, newest entry first. Entries are input
+    // like any other segment content: each must name an aligned word inside
+    // this pool's header or data region (or this pool's slot image).
+    const uintptr_t base = reinterpret_cast<uintptr_t>(base_);
+    const uint64_t header_begin = reinterpret_cast<uintptr_t>(ph_) - base;
+    const uint64_t header_end = header_begin + offsetof(PoolHeader, journal);  // never the journal itself
+    const uint64_t data_begin = reinterpret_cast<uintptr_t>(data_) - base;
+    const uint64_t data_end = data_begin + segment_->header()->pool_data_stride;
+    for (uint32_t i = n > kUndoCapacity ? kUndoCapacity : n; i-- > 0;) {
+      const UndoEntry e = j.entries[i];
+      if (e.offset == kUndoSlotImage) {
+        if (e.old < key_cap_) std::memcpy(&keys_[e.old], &j.slot_image, sizeof(KeySlot));
+        continue;
       }
-    }
-    if ((j.flags & kJournalLease) && j.lease < lease_cap_) {
-      std::memcpy(&leases_[j.lease], &j.lease_image, sizeof(LeaseRecord));
-    }
-    if (j.flags & kJournalPool) {
-      ph_->key_count = j.key_count;
-      ph_->slot_high_water = j.slot_high_water;
-      ph_->retired = j.retired;
+      const bool in_header = e.offset >= header_begin && e.offset + 8 <= header_end;
+      const bool in_data = e.offset >= data_begin && e.offset + 8 <= data_end;
+      if ((e.offset & 7) != 0 || !(in_header || in_data)) continue;
+      // Never the lock word's line: the lock and the journal's count are not state.
+      if (in_header && e.offset < header_begin + offsetof(PoolHeader, free_top)) continue;
+      std::memcpy(base_ + e.offset, &e.old, sizeof(uint64_t));
     }
     CompilerFence();
-    j.active.store(0, std::memory_order_relaxed);
+    ph_->undo_count.store(0, std::memory_order_relaxed);
   }
   // Derived data, rebuilt from state.
   if (ph_->slot_high_water > key_cap_) ph_->slot_high_water = key_cap_;
@@ -98,7 +87,8 @@ Status PoolCore::CheckConsistencyLocked() const {
     }
   }
   if (held + ph_->free_top != lease_cap_) return Status(Code::kInternal, "free-lease stack out of sync");
-  if (ph_->journal.active.load() != 0) return Status(Code::kInternal, "journal left active");
+  if (ph_->undo_count.load() != 0) return Status(Code::kInternal, "journal left active");
+  if (!index_view_.Valid(Ordered())) return Status(Code::kInternal, "eligibility index out of order");
   return Status::Ok();
 }
 

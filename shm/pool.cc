@@ -27,11 +27,10 @@ Status PoolUser::ObserveLimits(std::string_view name, const LimitUpdate& u) {
   SlotState& st = core_.key(*s).state;
   const Budgets after = ApplyLimitUpdate(Budgets{st.req_tat, st.tok_tat, st.cooldown_deadline},
                                          core_.RequestPacingOf(*s), core_.TokenPacingOf(*s), u, now);
-  core_.JournalBegin(kJournalSlotState, *s, 0);
-  st.req_tat = after.req_tat;
-  st.tok_tat = after.tok_tat;
-  st.cooldown_deadline = after.cooldown_deadline;
-  core_.JournalCommit();
+  core_.Set(st.req_tat, after.req_tat);
+  core_.Set(st.tok_tat, after.tok_tat);
+  core_.Set(st.cooldown_deadline, after.cooldown_deadline);
+  core_.Commit();
   core_.NoteDeadline(core_.ReadyAt(*s), now);
   core_.IndexUpdate(*s, now);
   return Status::Ok();

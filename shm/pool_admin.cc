@@ -30,7 +30,7 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
     // failure streak and exhaustion, keeps counters and in-flight leases.
     const uint32_t s = *existing;
     KeySlot& k = core_.key(s);
-    core_.JournalBegin(kJournalSlotFull, s, 0);
+    core_.LogSlotImage(s);
     CrashPointReached(CrashPoint::kAdminMidMutation);
     if (k.state.use == SlotUse::kRemoving) k.state.use = SlotUse::kActive;
     k.state.fail_streak = 0;
@@ -43,7 +43,7 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
     k.state.circuit = Circuit::kClosed;
     k.state.enabled = 1;
     set_config(k.config);
-    core_.JournalCommit();
+    core_.Commit();
     core_.IndexUpdate(s, now);
     g.RequestWake();
     return AddKeyResult{s, false};
@@ -55,7 +55,9 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
                                                std::to_string(core_.key_capacity()) + " keys");
   }
   KeySlot& k = core_.key(s);
-  core_.JournalBegin(kJournalSlotFull | kJournalPool, s, 0);
+  core_.LogSlotImage(s);
+  core_.Set(ph->key_count, ph->key_count + 1);
+  if (s >= ph->slot_high_water) core_.Set(ph->slot_high_water, s + 1);
   std::memset(&k, 0, sizeof(KeySlot));
   std::memcpy(k.name, def.name.data(), def.name.size());
   set_config(k.config);
@@ -63,9 +65,7 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
   k.state.pass = ph->vtime;
   CrashPointReached(CrashPoint::kAdminMidMutation);
   k.state.use = SlotUse::kActive;
-  ph->key_count += 1;
-  if (s >= ph->slot_high_water) ph->slot_high_water = s + 1;
-  core_.JournalCommit();
+  core_.Commit();
   core_.IndexUpdate(s, now);
   g.RequestWake();
   return AddKeyResult{s, true};
@@ -76,9 +76,8 @@ Status PoolAdmin::RemoveKey(std::string_view name) {
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
   if (core_.key(*s).state.use == SlotUse::kRemoving) return Status::Ok();
-  core_.JournalBegin(kJournalSlotState, *s, 0);
-  core_.key(*s).state.use = SlotUse::kRemoving;
-  core_.JournalCommit();
+  core_.Set(core_.key(*s).state.use, SlotUse::kRemoving);
+  core_.Commit();
   core_.IndexUpdate(*s, core_.Now());
   core_.RetireSlotIfDone(*s);
   return Status::Ok();
@@ -88,9 +87,8 @@ Status PoolAdmin::SetEnabled(std::string_view name, bool enabled) {
   PoolCore::Guard g(&core_);
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
-  core_.JournalBegin(kJournalSlotState, *s, 0);
-  core_.key(*s).state.enabled = enabled ? 1 : 0;
-  core_.JournalCommit();
+  core_.Set(core_.key(*s).state.enabled, uint8_t{enabled ? uint8_t{1} : uint8_t{0}});
+  core_.Commit();
   core_.IndexUpdate(*s, core_.Now());
   if (enabled) g.RequestWake();
   return Status::Ok();
@@ -101,14 +99,13 @@ Status PoolAdmin::ResetKey(std::string_view name) {
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
   SlotState& st = core_.key(*s).state;
-  core_.JournalBegin(kJournalSlotState, *s, 0);
-  st.cooldown_deadline = 0;
-  st.last_cooldown = 0;
-  st.fail_streak = 0;
-  st.rl_streak = 0;
-  st.circuit = Circuit::kClosed;
-  st.open_cooldown = 0;
-  core_.JournalCommit();
+  core_.Set(st.cooldown_deadline, uint64_t{0});
+  core_.Set(st.last_cooldown, uint64_t{0});
+  core_.Set(st.fail_streak, 0u);
+  core_.Set(st.rl_streak, 0u);
+  core_.Set(st.circuit, Circuit::kClosed);
+  core_.Set(st.open_cooldown, uint64_t{0});
+  core_.Commit();
   core_.IndexUpdate(*s, core_.Now());
   g.RequestWake();
   return Status::Ok();
@@ -136,7 +133,7 @@ Status PoolAdmin::RestoreKeyState(std::string_view name, const RestoredState& r)
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
   SlotState& st = core_.key(*s).state;
-  core_.JournalBegin(kJournalSlotState, *s, 0);
+  core_.LogSlotImage(*s);  // many fields: one image
   st.fail_streak = r.fail_streak;
   st.rl_streak = r.rl_streak;
   st.cooldown_deadline = r.cooldown_deadline;
@@ -159,7 +156,7 @@ Status PoolAdmin::RestoreKeyState(std::string_view name, const RestoredState& r)
     st.has_latency = r.has_latency ? 1 : 0;
     st.ema_latency = r.ema_latency;
   }
-  core_.JournalCommit();
+  core_.Commit();
   const uint64_t now = core_.Now();
   core_.NoteDeadline(st.cooldown_deadline, now);
   core_.IndexUpdate(*s, now);

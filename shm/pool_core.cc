@@ -27,28 +27,29 @@ double SuccessRate(const SlotState& st) noexcept {
 }  // namespace
 
 PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clock) noexcept
-    : segment_(&segment), index_(pool_index), clock_(&clock) {
+    : segment_(&segment), index_(pool_index), base_(segment.base()), clock_(&clock) {
   const SegmentHeader* h = segment.header();
   ph_ = segment.pool_header(pool_index);
-  uint8_t* data = segment.pool_data(pool_index);
-  keys_ = reinterpret_cast<KeySlot*>(data + h->keys_offset);
-  leases_ = reinterpret_cast<LeaseRecord*>(data + h->leases_offset);
-  free_ = reinterpret_cast<uint32_t*>(data + h->free_offset);
+  data_ = segment.pool_data(pool_index);
+  keys_ = reinterpret_cast<KeySlot*>(data_ + h->keys_offset);
+  leases_ = reinterpret_cast<LeaseRecord*>(data_ + h->leases_offset);
+  free_ = reinterpret_cast<uint32_t*>(data_ + h->free_offset);
   key_cap_ = h->keys_per_pool;
   lease_cap_ = h->leases_per_pool;
-  index_view_ = EligibilityIndex(
-      reinterpret_cast<uint64_t*>(data + h->bits_offset), reinterpret_cast<HeapEntry*>(data + h->heap_offset),
-      reinterpret_cast<uint32_t*>(data + h->heap_pos_offset), &ph_->heap_size, &ph_->eligible_count, key_cap_);
+  EligibilityIndex::Arrays arrays;
+  arrays.bits = reinterpret_cast<uint64_t*>(data_ + h->bits_offset);
+  arrays.order = reinterpret_cast<SortKey*>(data_ + h->order_offset);
+  arrays.tree = reinterpret_cast<uint32_t*>(data_ + h->tree_offset);
+  arrays.eligible_count = &ph_->eligible_count;
+  arrays.tree_leaves = &ph_->tree_leaves;
+  index_view_ = EligibilityIndex(arrays, key_cap_);
 }
 
 PoolCore::Guard::Guard(PoolCore* core) : core_(core) {
-  LockOutcome outcome = core_->ph_->mutex.Lock();
-  if (outcome == LockOutcome::kOwnerDied) [[unlikely]] {
+  if (core_->ph_->mutex.Lock() == LockOutcome::kOwnerDied) [[unlikely]] {
     core_->Repair();
-    core_->ph_->mutex.MakeConsistent();
     wake_ = true;  // the dead owner may have been about to wake someone
   }
-  KM_CHECK_MSG(outcome != LockOutcome::kUnrecoverable, "pool mutex unrecoverable");
 }
 
 PoolCore::Guard::~Guard() {
@@ -112,14 +113,14 @@ void PoolCore::OpenCircuit(SlotState& st, uint64_t now) noexcept {
   const uint64_t base = ph_->config.default_cooldown > 0 ? ph_->config.default_cooldown : kNanosPerSecond;
   if (st.circuit == Circuit::kHalfOpen && st.open_cooldown > 0) {
     // A failed probe: stay out longer each time, up to the cap.
-    st.open_cooldown = std::max(base, std::min(ph_->config.max_cooldown, st.open_cooldown * 2));
+    Set(st.open_cooldown, std::max(base, std::min(ph_->config.max_cooldown, st.open_cooldown * 2)));
   } else {
-    st.open_cooldown = base;
+    Set(st.open_cooldown, base);
   }
-  st.circuit = Circuit::kOpen;
-  st.circuit_opens += 1;
+  Set(st.circuit, Circuit::kOpen);
+  Set(st.circuit_opens, st.circuit_opens + 1);
   const uint64_t until = now + st.open_cooldown;
-  if (until > st.cooldown_deadline) st.cooldown_deadline = until;
+  if (until > st.cooldown_deadline) Set(st.cooldown_deadline, until);
 }
 
 uint64_t PoolCore::Stride(uint32_t slot) const noexcept {
@@ -134,26 +135,29 @@ uint64_t PoolCore::Stride(uint32_t slot) const noexcept {
 void PoolCore::IndexUpdate(uint32_t slot, uint64_t now) noexcept {
   const bool want = Eligible(slot, now);
   const bool have = index_view_.Contains(slot);
-  const SlotState& st = keys_[slot].state;
-  const bool weighted = ph_->index_strategy == static_cast<uint32_t>(Strategy::kWeighted);
   if (want && !have) {
-    if (weighted) {
+    if (ph_->index_strategy == static_cast<uint32_t>(Strategy::kWeighted)) {
       // A key (re)entering rotation starts at the current virtual time, so
-      // it neither monopolises the pool nor waits for its old pass.
-      SlotState& mut = keys_[slot].state;
-      if (mut.pass < ph_->vtime) mut.pass = ph_->vtime;
+      // it neither monopolises the pool nor waits for its old pass. Not
+      // journaled: any pass at or after vtime is a valid place in rotation.
+      SlotState& st = keys_[slot].state;
+      if (PassBefore(st.pass, ph_->vtime)) st.pass = ph_->vtime;
     }
-    index_view_.Add(slot, HeapStrategy(), weighted ? st.pass : st.in_flight, weighted ? 0 : st.last_used_seq);
+    if (index_view_.NeedsRegrow(Ordered(), ph_->slot_high_water)) {
+      IndexRebuild(now);  // the pool outgrew the tree; the rebuild adds `slot` too
+      return;
+    }
+    index_view_.Add(slot, Ordered(), SortKeyOf(slot));
   } else if (want && have) {
-    if (HeapStrategy()) index_view_.Update(slot, weighted ? st.pass : st.in_flight, weighted ? 0 : st.last_used_seq);
+    if (Ordered()) index_view_.Update(slot, SortKeyOf(slot));
   } else if (!want && have) {
-    index_view_.Remove(slot, HeapStrategy());
+    index_view_.Remove(slot, Ordered());
   }
 }
 
 void PoolCore::IndexRebuild(uint64_t now) noexcept {
-  index_view_.Clear();
   ph_->index_strategy = ph_->config.strategy;
+  index_view_.Clear(Ordered(), ph_->slot_high_water);
   ph_->next_deadline = kNever;
   for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
     if (keys_[s].state.use == SlotUse::kFree) continue;

@@ -7,9 +7,10 @@
 //   I1  for every slot s: keys[s].in_flight == #{leases l : l.state == kHeld
 //       and l.slot == s}                                  (lease accounting)
 //   I2  a lease record is kHeld iff it is not on the free-lease stack
-//   I3  slot s is in the eligibility index (bit set, heap entry for heap
-//       strategies) iff it was eligible at the last update; keys whose
-//       cooldown ended since are admitted by Sweep() before any selection
+//   I3  slot s is in the eligibility index (its bit set and, for ordered
+//       strategies, its sort key current in the tree) iff it was eligible
+//       at the last update; keys whose cooldown ended since are admitted by
+//       Sweep() before any selection
 //   I4  next_deadline <= every cooldown deadline still in the future
 //
 // Every mutation of state first journals what it will change (see struct
@@ -24,10 +25,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
 
+#include "common/check.h"
 #include "keymesh/selector.h"
 #include "keymesh/status.h"
 #include "shm/clock.h"
@@ -40,6 +43,12 @@
 #include "shm/segment.h"
 
 namespace keymesh::shm {
+
+// Orders the stores of a critical section against the journal's count as the
+// program wrote them: a kill lands at an instruction boundary, so compiler
+// ordering (x86 keeps store order) is what decides which state a crash
+// leaves.
+inline void CompilerFence() noexcept { std::atomic_signal_fence(std::memory_order_seq_cst); }
 
 class PoolCore {
  public:
@@ -92,11 +101,23 @@ class PoolCore {
   // Weighted strategy: the pass a grant adds (2^32 / (weight x health)).
   uint64_t Stride(uint32_t slot) const noexcept;
   std::optional<uint32_t> FindByNameLocked(std::string_view name) const noexcept;
+  // Weighted passes only grow and wrap around 2^64 after long enough; every
+  // eligible key's pass lies within one stride or so of vtime, so they are
+  // compared as serial numbers (RFC 1982), which makes the wrap harmless.
+  static bool PassBefore(uint64_t a, uint64_t b) noexcept { return static_cast<int64_t>(a - b) < 0; }
   // kUnknownKey naming `name` and this pool.
   Status NoSuchKey(std::string_view name) const;
 
   // --- the eligibility index (locked) ---
-  bool HeapStrategy() const noexcept { return ph_->index_strategy != static_cast<uint32_t>(Strategy::kRoundRobin); }
+  // The index orders keys (least_busy, weighted) rather than only marking
+  // them (round robin).
+  bool Ordered() const noexcept { return ph_->index_strategy != static_cast<uint32_t>(Strategy::kRoundRobin); }
+  // The index's sort key of `slot` for the strategy it is ordered for.
+  SortKey SortKeyOf(uint32_t slot) const noexcept {
+    const SlotState& st = keys_[slot].state;
+    if (ph_->index_strategy == static_cast<uint32_t>(Strategy::kWeighted)) return SortKey{st.pass, 0};
+    return SortKey{st.in_flight, st.last_used_seq};
+  }
   void IndexUpdate(uint32_t slot, uint64_t now) noexcept;
   void IndexRebuild(uint64_t now) noexcept;
   // Admits keys whose cooldown ended; recomputes next_deadline.
@@ -114,9 +135,27 @@ class PoolCore {
   // A removed key's slot is freed once its last lease ended.
   void RetireSlotIfDone(uint32_t slot) noexcept;
 
-  // --- the journal (locked; journal.cc) ---
-  void JournalBegin(uint32_t flags, uint32_t slot, uint32_t lease) noexcept;
-  void JournalCommit() noexcept;
+  // --- journaled writes (locked; journal.cc; the crash story is beside
+  // struct Journal in layout.h) ---
+  // Sets `field`, which lies in this pool's header or data region, to
+  // `value`, journaling the 8-byte word it lies in first. A no-op (nothing
+  // journaled, nothing written) when the field already holds `value`.
+  template <typename T>
+  void Set(T& field, T value) noexcept {
+    if (field == value) return;
+    LogWord(&field);
+    field = value;
+  }
+  // Journals the word that holds `field` before a write the caller makes.
+  void LogWord(const void* field) noexcept;
+  // Journals the whole slot before a rewrite of it (a key created or retired).
+  void LogSlotImage(uint32_t slot) noexcept;
+  // Ends the operation: what was journaled stays.
+  void Commit() noexcept {
+    CompilerFence();
+    ph_->undo_count.store(0, std::memory_order_relaxed);
+    CompilerFence();
+  }
   // Undoes an interrupted operation and rebuilds everything derived.
   void Repair() noexcept;
   // Verifies I1 and I2 from scratch; kInternal names what is wrong.
@@ -125,7 +164,9 @@ class PoolCore {
  private:
   const Segment* segment_;
   uint32_t index_;
+  uint8_t* base_;  // the segment's first byte: journal offsets count from it
   PoolHeader* ph_;
+  uint8_t* data_;  // the pool's data region
   KeySlot* keys_;
   LeaseRecord* leases_;
   uint32_t* free_;
@@ -135,6 +176,18 @@ class PoolCore {
   EligibilityIndex index_view_;
 };
 
+inline void PoolCore::LogWord(const void* field) noexcept {
+  const uintptr_t word = reinterpret_cast<uintptr_t>(field) & ~uintptr_t{7};
+  const uint32_t n = ph_->undo_count.load(std::memory_order_relaxed);
+  KM_CHECK_MSG(n < kUndoCapacity, "an operation journaled more words than the journal holds");
+  UndoEntry& e = ph_->journal.entries[n];
+  e.offset = word - reinterpret_cast<uintptr_t>(base_);
+  std::memcpy(&e.old, reinterpret_cast<const void*>(word), sizeof(uint64_t));
+  CompilerFence();
+  ph_->undo_count.store(n + 1, std::memory_order_relaxed);
+  CompilerFence();
+}
+
 // Test-only crash points (SetCrashHookForTesting): one relaxed load when no
 // hook is set.
 extern std::atomic<CrashHook> g_crash_hook;
@@ -143,12 +196,6 @@ inline void CrashPointReached(CrashPoint point) noexcept {
   if (hook != nullptr) [[unlikely]]
     hook(point);
 }
-
-// Orders the stores of a critical section against the journal flag as the
-// program wrote them: a kill lands at an instruction boundary, so compiler
-// ordering (x86 keeps store order) is what decides which state a crash
-// leaves.
-inline void CompilerFence() noexcept { std::atomic_signal_fence(std::memory_order_seq_cst); }
 
 }  // namespace keymesh::shm
 

@@ -16,6 +16,8 @@ namespace {
 static_assert(kWaitBuckets <= 16, "PoolHeader::wait_counts holds the histogram");
 
 constexpr double kEmaAlpha = 0.2;
+constexpr const char* kNoKeyMessage =
+    "No API keys are currently available. All keys are either cooling down or exhausted.";
 
 }  // namespace
 
@@ -25,19 +27,22 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     Sweep(now);
   if (ph_->index_strategy != ph_->config.strategy) [[unlikely]]
     IndexRebuild(now);
-  const Selector& sel = selector != nullptr ? *selector : BuiltinSelector(ph_->config.strategy);
-  PoolSelection ctx(this);
-  const std::optional<uint32_t> choice = sel.Select(ctx);
+  std::optional<uint32_t> choice;
+  if (selector == nullptr) [[likely]] {
+    choice = SelectBuiltin(*this);
+  } else {
+    PoolSelection ctx(this);
+    choice = selector->Select(ctx);
+  }
   if (!choice) {
     if (earliest != nullptr) *earliest = ph_->next_deadline;
-    return Status(Code::kNoAvailableKey,
-                  "No API keys are currently available. All keys are either cooling down or exhausted.");
+    return Status(Code::kNoAvailableKey, kNoKeyMessage);
   }
   const uint32_t s = *choice;
-  if (s >= ph_->slot_high_water || !index_view_.Contains(s)) {
+  if (s >= ph_->slot_high_water || !index_view_.Contains(s)) [[unlikely]] {
     return Status(Code::kInternal, "selector returned slot " + std::to_string(s) + ", which is not eligible");
   }
-  if (ph_->free_top == 0) {
+  if (ph_->free_top == 0) [[unlikely]] {
     return Status(Code::kCapacityExceeded,
                   "pool " + Quoted(PoolName()) + " holds at most " + std::to_string(lease_cap_) + " leases at once");
   }
@@ -45,42 +50,44 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
   SlotState& st = keys_[s].state;
   LeaseRecord& lease = leases_[l];
 
-  JournalBegin(kJournalSlotState | kJournalLease, s, l);
+  // The lease's state and seq are one journal word; its other fields mean
+  // nothing while it is free, so they need no undo.
+  LogWord(&lease.state);
   CrashPointReached(CrashPoint::kAcquireAfterJournal);
   lease.slot = s;
   lease.pid = holder.pid;
   lease.start_time = holder.start_time;
   lease.acquire_ns = now;
-  lease.seq += 1;
   lease.tokens = 0;
   lease.flags = 0;
+  lease.seq += 1;
   lease.state = LeaseState::kHeld;
   CrashPointReached(CrashPoint::kAcquireMidMutation);
   st.in_flight += 1;
-  st.acquires += 1;
-  st.last_used = now;
-  st.last_used_seq = ++ph_->acquire_seq;
+  Set(st.acquires, st.acquires + 1);
+  Set(st.last_used, now);
+  Set(st.last_used_seq, ++ph_->acquire_seq);
   if (ph_->index_strategy == static_cast<uint32_t>(Strategy::kWeighted)) {
     ph_->vtime = st.pass;
-    st.pass += Stride(s);
+    Set(st.pass, st.pass + Stride(s));
   }
   const KeyConfig& cfg = keys_[s].config;
   bool paced = false;
   if (cfg.rpm != 0) [[unlikely]] {
     // GCRA: reserve this request's slot in the key's request budget.
-    st.req_tat = AfterRequest(st.req_tat, RequestPacingOf(s), now);
+    Set(st.req_tat, AfterRequest(st.req_tat, RequestPacingOf(s), now));
     paced = true;
   }
   if (cfg.tpm != 0 && tokens != 0) [[unlikely]] {
-    st.tok_tat = AfterTokens(st.tok_tat, TokenPacingOf(s), now, tokens);
+    Set(st.tok_tat, AfterTokens(st.tok_tat, TokenPacingOf(s), now, tokens));
     lease.tokens = tokens;
     paced = true;
   }
   if (st.circuit == Circuit::kOpen) [[unlikely]] {
-    st.circuit = Circuit::kHalfOpen;  // this caller is the one probe
+    Set(st.circuit, Circuit::kHalfOpen);  // this caller is the one probe
     lease.flags = kLeaseProbe;
   }
-  JournalCommit();
+  Commit();
   CrashPointReached(CrashPoint::kAcquireAfterCommit);
 
   --ph_->free_top;
@@ -92,19 +99,24 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     ph_->wait_sum_ns += waited_ns;
   }
   ph_->wait_counts[bucket] += 1;
-  ph_->wait_count += 1;
   if (paced) NoteDeadline(ReadyAt(s), now);
-  IndexUpdate(s, now);
-  return LeaseHandle{s, l, lease.seq, now, keys_[s].config.fingerprint};
+  // The key stays eligible unless this grant used up what made it so
+  // (concurrency, budgets, the probe): then the full check.
+  if (!paced && lease.flags == 0 && (cfg.max_concurrency == 0 || st.in_flight < cfg.max_concurrency)) [[likely]] {
+    if (Ordered()) index_view_.Update(s, SortKeyOf(s));
+  } else {
+    IndexUpdate(s, now);
+  }
+  return LeaseHandle{s, l, lease.seq, now, cfg.fingerprint};
 }
 
 Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, const ProcessId& holder, bool* wake) {
-  if (h.lease >= lease_cap_ || h.slot >= key_cap_) {
+  if (h.lease >= lease_cap_ || h.slot >= key_cap_) [[unlikely]] {
     return Status(Code::kNotHeld, "lease handle out of range");
   }
   LeaseRecord& lease = leases_[h.lease];
   if (lease.state != LeaseState::kHeld || lease.seq != h.seq || lease.slot != h.slot || lease.pid != holder.pid ||
-      lease.start_time != holder.start_time) {
+      lease.start_time != holder.start_time) [[unlikely]] {
     return Status(Code::kNotHeld,
                   "key " + Quoted(KeyName(h.slot)) + " is not held by this lease (already released or reclaimed)");
   }
@@ -121,41 +133,37 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   const uint64_t now = timed ? clock_->NowNanos() : lease.acquire_ns;
   const bool probe = (lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen;
 
-  JournalBegin(kJournalSlotState | kJournalLease, s, h.lease);
+  LogWord(&lease.state);
   lease.state = LeaseState::kFree;
   CrashPointReached(CrashPoint::kReleaseMidMutation);
   st.in_flight -= 1;
   if (key.config.tpm != 0 && outcome.tokens != 0 && outcome.tokens != lease.tokens) [[unlikely]] {
     // Debit what the request really used, correcting the reservation.
-    st.tok_tat = CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, outcome.tokens);
+    Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, outcome.tokens));
   }
+  if (outcome.tokens != 0 && outcome.kind != OutcomeKind::kCancelled) Set(st.tokens, st.tokens + outcome.tokens);
   switch (outcome.kind) {
     case OutcomeKind::kSuccess:
-      st.successes += 1;
-      st.fail_streak = 0;
-      st.rl_streak = 0;
-      st.last_cooldown = 0;
-      if (st.circuit == Circuit::kOpen || st.circuit == Circuit::kHalfOpen) {
-        st.circuit = Circuit::kClosed;  // the key works again
-        st.open_cooldown = 0;
+      Set(st.successes, st.successes + 1);
+      Set(st.fail_streak, 0u);
+      Set(st.rl_streak, 0u);
+      Set(st.last_cooldown, uint64_t{0});
+      if (st.circuit == Circuit::kOpen || st.circuit == Circuit::kHalfOpen) [[unlikely]] {
+        Set(st.circuit, Circuit::kClosed);  // the key works again
+        Set(st.open_cooldown, uint64_t{0});
       }
-      st.tokens += outcome.tokens;
       if (outcome.latency && std::isfinite(*outcome.latency) && *outcome.latency >= 0) {
-        if (st.has_latency) {
-          st.ema_latency = kEmaAlpha * *outcome.latency + (1.0 - kEmaAlpha) * st.ema_latency;
-        } else {
-          st.ema_latency = *outcome.latency;
-          st.has_latency = 1;
-        }
+        Set(st.ema_latency,
+            st.has_latency ? kEmaAlpha * *outcome.latency + (1.0 - kEmaAlpha) * st.ema_latency : *outcome.latency);
+        Set(st.has_latency, uint8_t{1});
       }
       break;
     case OutcomeKind::kFailure:
-      st.failures += 1;
-      st.fail_streak += 1;
-      st.tokens += outcome.tokens;
+      Set(st.failures, st.failures + 1);
+      Set(st.fail_streak, st.fail_streak + 1);
       if (outcome.permanent) {
         if (st.circuit != Circuit::kRevoked) {
-          st.circuit = Circuit::kRevoked;
+          Set(st.circuit, Circuit::kRevoked);
           exhausted_now = true;
         }
       } else if (probe) {
@@ -166,12 +174,11 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       }
       break;
     case OutcomeKind::kCancelled:
-      st.cancelled += 1;
-      if (probe) st.circuit = Circuit::kOpen;  // nothing learned: the next caller probes
+      Set(st.cancelled, st.cancelled + 1);
+      if (probe) Set(st.circuit, Circuit::kOpen);  // nothing learned: the next caller probes
       break;
     case OutcomeKind::kRateLimited: {
-      st.rate_limited += 1;
-      st.tokens += outcome.tokens;
+      Set(st.rate_limited, st.rate_limited + 1);
       const uint64_t requested = outcome.cooldown ? SecondsToNanos(*outcome.cooldown) : ph_->config.default_cooldown;
       uint64_t cooldown = requested;
       if (st.rl_streak > 0) {
@@ -181,22 +188,28 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
                                      : std::min(ph_->config.max_cooldown, st.last_cooldown * 2);
         cooldown = std::max(requested, doubled);
       }
-      st.rl_streak += 1;
-      st.last_cooldown = cooldown;
+      Set(st.rl_streak, st.rl_streak + 1);
+      Set(st.last_cooldown, cooldown);
       const uint64_t until = now + cooldown;
-      if (until > st.cooldown_deadline) st.cooldown_deadline = until;  // never shortens
-      if (probe) st.circuit = Circuit::kOpen;                          // probe again once the 429 cooldown ends
+      if (until > st.cooldown_deadline) Set(st.cooldown_deadline, until);  // never shortens
+      if (probe) Set(st.circuit, Circuit::kOpen);                          // probe again once the 429 cooldown ends
       break;
     }
   }
-  JournalCommit();
+  Commit();
 
   free_[ph_->free_top++] = h.lease;
-  if (timed) NoteDeadline(ReadyAt(s), now);
-  RetireSlotIfDone(s);
-  if (st.use != SlotUse::kFree) IndexUpdate(s, now);
+  if (!timed && st.use == SlotUse::kActive && index_view_.Contains(s)) [[likely]] {
+    // A success on a key that was eligible, with no limits, closed circuit
+    // and no cooldown: it is still eligible, one fewer in flight.
+    if (Ordered()) index_view_.Update(s, SortKeyOf(s));
+  } else {
+    if (timed) NoteDeadline(ReadyAt(s), now);
+    if (st.use == SlotUse::kRemoving) RetireSlotIfDone(s);
+    if (st.use != SlotUse::kFree) IndexUpdate(s, now);
+  }
   *wake = true;
-  if (exhausted_now) {
+  if (exhausted_now) [[unlikely]] {
     if (st.circuit == Circuit::kRevoked) {
       return Status(Code::kKeyExhausted, "Key " + Quoted(KeyName(s)) +
                                              " failed authentication and is out of rotation until reset or add_key.");
@@ -214,12 +227,12 @@ void PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noe
   LeaseRecord& lease = leases_[l];
   const uint32_t s = lease.slot;
   SlotState& st = keys_[s].state;
-  JournalBegin(kJournalSlotState | kJournalLease, s, l);
+  LogWord(&lease.state);
   lease.state = LeaseState::kFree;
   st.in_flight -= 1;
-  if (count_reclaim) st.reclaimed += 1;
-  if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) st.circuit = Circuit::kOpen;
-  JournalCommit();
+  if (count_reclaim) Set(st.reclaimed, st.reclaimed + 1);
+  if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) Set(st.circuit, Circuit::kOpen);
+  Commit();
   free_[ph_->free_top++] = l;
   RetireSlotIfDone(s);
   if (keys_[s].state.use != SlotUse::kFree) IndexUpdate(s, now);
@@ -230,16 +243,17 @@ void PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noe
 void PoolCore::RetireSlotIfDone(uint32_t s) noexcept {
   KeySlot& k = keys_[s];
   if (k.state.use != SlotUse::kRemoving || k.state.in_flight != 0) return;
-  if (index_view_.Contains(s)) index_view_.Remove(s, HeapStrategy());
-  JournalBegin(kJournalSlotFull | kJournalPool, s, 0);
-  ph_->retired.acquires += k.state.acquires;
-  ph_->retired.successes += k.state.successes;
-  ph_->retired.failures += k.state.failures;
-  ph_->retired.rate_limited += k.state.rate_limited;
-  ph_->retired.reclaimed += k.state.reclaimed;
+  if (index_view_.Contains(s)) index_view_.Remove(s, Ordered());
+  LogSlotImage(s);
+  RetiredTotals& r = ph_->retired;
+  Set(r.acquires, r.acquires + k.state.acquires);
+  Set(r.successes, r.successes + k.state.successes);
+  Set(r.failures, r.failures + k.state.failures);
+  Set(r.rate_limited, r.rate_limited + k.state.rate_limited);
+  Set(r.reclaimed, r.reclaimed + k.state.reclaimed);
+  Set(ph_->key_count, ph_->key_count - 1);
   std::memset(&k, 0, sizeof(KeySlot));
-  ph_->key_count -= 1;
-  JournalCommit();
+  Commit();
 }
 
 // ---------------------------------------------------------------------------

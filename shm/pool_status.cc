@@ -101,9 +101,12 @@ Result<PoolStatus> PoolUser::Snapshot() {
   t.rate_limited = ph->retired.rate_limited;
   t.reclaimed = ph->retired.reclaimed;
   t.no_key_available = ph->no_key.load(std::memory_order_relaxed);
-  for (size_t b = 0; b < kWaitBuckets; ++b) out.acquire_wait.counts[b] = ph->wait_counts[b];
+  out.acquire_wait.count = 0;
+  for (size_t b = 0; b < kWaitBuckets; ++b) {
+    out.acquire_wait.counts[b] = ph->wait_counts[b];
+    out.acquire_wait.count += ph->wait_counts[b];
+  }
   out.acquire_wait.sum = NanosToSeconds(ph->wait_sum_ns);
-  out.acquire_wait.count = ph->wait_count;
   t.timeouts = ph->timeouts.load(std::memory_order_relaxed);
   for (uint32_t s = 0; s < ph->slot_high_water; ++s) {
     const KeySlot& k = core_.key(s);

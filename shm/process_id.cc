@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/check.h"
+
 namespace keymesh::shm {
 namespace {
 
@@ -42,6 +44,10 @@ bool ReadStat(pid_t pid, uint64_t* start_time, bool* zombie) noexcept {
   return true;
 }
 
+}  // namespace
+
+namespace internal {
+
 // g_self is written once per process by the thread that wins the 0 -> 1
 // transition of g_self_state and published by the release store of 2;
 // threads racing it wait for that store (a few microseconds, once per
@@ -49,8 +55,10 @@ bool ReadStat(pid_t pid, uint64_t* start_time, bool* zombie) noexcept {
 ProcessId g_self;
 std::atomic<int> g_self_state{0};  // 0: unknown, 1: being computed, 2: valid
 
+namespace {
 // Runs in the only thread of a fork child.
 void ResetSelfInChild() noexcept { g_self_state.store(0, std::memory_order_relaxed); }
+}  // namespace
 
 void ComputeSelf() noexcept {
   static const bool registered = [] {
@@ -62,6 +70,8 @@ void ComputeSelf() noexcept {
   if (g_self_state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
     ProcessId id;
     id.pid = static_cast<uint32_t>(::getpid());
+    // The pool lock packs the pid into 22 bits (robust_mutex.h).
+    KM_CHECK_MSG(id.pid < (1u << 22), "pid beyond Linux's PID_MAX_LIMIT");
     bool zombie = false;
     if (!ReadStat(static_cast<pid_t>(id.pid), &id.start_time, &zombie)) id.start_time = 0;
     g_self = id;
@@ -71,12 +81,12 @@ void ComputeSelf() noexcept {
   while (g_self_state.load(std::memory_order_acquire) != 2) sched_yield();
 }
 
-}  // namespace
+}  // namespace internal
 
-const ProcessId& Self() noexcept {
-  if (g_self_state.load(std::memory_order_acquire) != 2) [[unlikely]]
-    ComputeSelf();
-  return g_self;
+std::optional<ProcStat> ReadProcStat(pid_t pid) noexcept {
+  ProcStat st;
+  if (!ReadStat(pid, &st.start_time, &st.zombie)) return std::nullopt;
+  return st;
 }
 
 std::optional<uint64_t> ReadStartTime(pid_t pid) noexcept {

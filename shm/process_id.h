@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 
@@ -17,10 +18,30 @@ struct ProcessId {
   friend bool operator==(const ProcessId&, const ProcessId&) = default;
 };
 
+namespace internal {
+// The cached identity (see Self()): g_self is valid while g_self_state is 2.
+extern ProcessId g_self;
+extern std::atomic<int> g_self_state;
+void ComputeSelf() noexcept;
+}  // namespace internal
+
 // The calling process's identity. Cached: computed once per process and
 // recomputed in a fork child (pthread_atfork), so the fast path makes no
-// system call. Async-signal-unsafe.
-const ProcessId& Self() noexcept;
+// system call (one acquire load). Async-signal-unsafe.
+inline const ProcessId& Self() noexcept {
+  if (internal::g_self_state.load(std::memory_order_acquire) != 2) [[unlikely]]
+    internal::ComputeSelf();
+  return internal::g_self;
+}
+
+// What /proc/PID/stat says of a process: its start time and whether it is a
+// zombie (state Z or X: it ended, its parent has not reaped it yet). nullopt
+// when the file cannot be read (no such process, or /proc hides it).
+struct ProcStat {
+  uint64_t start_time = 0;
+  bool zombie = false;
+};
+std::optional<ProcStat> ReadProcStat(pid_t pid) noexcept;
 
 // Start time of `pid`, or nullopt if no such process exists now.
 std::optional<uint64_t> ReadStartTime(pid_t pid) noexcept;

@@ -12,6 +12,7 @@
 
 #include "common/text.h"
 #include "shm/clock.h"
+#include "shm/eligibility_index.h"
 
 namespace keymesh::shm {
 
@@ -62,10 +63,10 @@ LayoutPlan PlanLayout(const Capacities& caps) noexcept {
   off = AlignUp(off + keys * sizeof(KeySlot), 64);
   p.leases_offset = off;
   off = AlignUp(off + leases * sizeof(LeaseRecord), 64);
-  p.heap_offset = off;
-  off = AlignUp(off + keys * sizeof(HeapEntry), 64);
-  p.heap_pos_offset = off;
-  off = AlignUp(off + keys * sizeof(uint32_t), 64);
+  p.order_offset = off;
+  off = AlignUp(off + keys * sizeof(SortKey), 64);
+  p.tree_offset = off;
+  off = AlignUp(off + uint64_t{EligibilityIndex::TreeNodes(caps.keys_per_pool)} * sizeof(uint32_t), 64);
   p.bits_offset = off;
   off = AlignUp(off + AlignUp(keys, 64) / 8, 64);
   p.free_offset = off;
@@ -140,13 +141,14 @@ Status Segment::LayOut(uint8_t* base, uint64_t size, const Capacities& caps) {
   h->max_pools = caps.max_pools;
   h->keys_per_pool = caps.keys_per_pool;
   h->leases_per_pool = caps.leases_per_pool;
+  h->pool_header_size = sizeof(PoolHeader);
   h->pools_offset = plan.pools_offset;
   h->pool_data_offset = plan.pool_data_offset;
   h->pool_data_stride = plan.pool_data_stride;
   h->keys_offset = plan.keys_offset;
   h->leases_offset = plan.leases_offset;
-  h->heap_offset = plan.heap_offset;
-  h->heap_pos_offset = plan.heap_pos_offset;
+  h->order_offset = plan.order_offset;
+  h->tree_offset = plan.tree_offset;
   h->bits_offset = plan.bits_offset;
   h->free_offset = plan.free_offset;
   h->generation.store(1, std::memory_order_relaxed);
@@ -182,8 +184,8 @@ Status Segment::Validate(const SegmentHeader* h, uint64_t mapped_size) {
   if (h->ready.load(std::memory_order_acquire) != 1) {
     return Status(Code::kSegmentError, "segment is still being laid out (or its creator died)");
   }
-  if (h->header_size != sizeof(SegmentHeader)) {
-    return Status(Code::kLayoutMismatch, "segment header size differs from this library's");
+  if (h->header_size != sizeof(SegmentHeader) || h->pool_header_size != sizeof(PoolHeader)) {
+    return Status(Code::kLayoutMismatch, "segment header or pool header size differs from this library's");
   }
   Capacities caps{h->max_pools, h->keys_per_pool, h->leases_per_pool};
   Status st = ValidateCapacities(caps);
@@ -191,8 +193,8 @@ Status Segment::Validate(const SegmentHeader* h, uint64_t mapped_size) {
   const LayoutPlan p = PlanLayout(caps);
   if (p.segment_size != h->segment_size || p.pools_offset != h->pools_offset ||
       p.pool_data_offset != h->pool_data_offset || p.pool_data_stride != h->pool_data_stride ||
-      p.keys_offset != h->keys_offset || p.leases_offset != h->leases_offset || p.heap_offset != h->heap_offset ||
-      p.heap_pos_offset != h->heap_pos_offset || p.bits_offset != h->bits_offset || p.free_offset != h->free_offset) {
+      p.keys_offset != h->keys_offset || p.leases_offset != h->leases_offset || p.order_offset != h->order_offset ||
+      p.tree_offset != h->tree_offset || p.bits_offset != h->bits_offset || p.free_offset != h->free_offset) {
     return Status(Code::kLayoutMismatch, "segment offsets differ from this library's layout");
   }
   if (mapped_size < h->segment_size) {
@@ -287,7 +289,7 @@ bool Segment::Exists(std::string_view name) {
 std::optional<uint32_t> Segment::FindPool(std::string_view name) const noexcept {
   for (uint32_t p = 0; p < header_->max_pools; ++p) {
     const PoolHeader* ph = pool_header(p);
-    if (ph->use == 1 && name == std::string_view(ph->name)) return p;
+    if (ph->use == PoolUse::kInUse && name == std::string_view(ph->name, strnlen(ph->name, kNameCapacity))) return p;
   }
   return std::nullopt;
 }
@@ -295,11 +297,9 @@ std::optional<uint32_t> Segment::FindPool(std::string_view name) const noexcept 
 Result<uint32_t> Segment::CreatePool(std::string_view name, uint32_t strategy, const PoolConfig& config) {
   Status st = ValidateName("pool", name);
   if (!st.ok()) return st;
-  if (header_->admin_mutex.Lock() == LockOutcome::kOwnerDied) {
-    // Pool allocation writes `name` before `use`, so a half-created pool
-    // is simply not in use: nothing to repair.
-    header_->admin_mutex.MakeConsistent();
-  }
+  // kOwnerDied needs no repair: pool allocation writes `name` before `use`,
+  // so a half-created pool is simply not in use.
+  (void)header_->admin_mutex.Lock();
   struct Unlocker {
     RobustMutex& m;
     ~Unlocker() { m.Unlock(); }
@@ -307,7 +307,7 @@ Result<uint32_t> Segment::CreatePool(std::string_view name, uint32_t strategy, c
   if (FindPool(name)) return Status(Code::kAlreadyExists, "pool " + Quoted(name) + " already exists");
   for (uint32_t p = 0; p < header_->max_pools; ++p) {
     PoolHeader* ph = pool_header(p);
-    if (ph->use != 0) continue;
+    if (ph->use != PoolUse::kFree) continue;
     uint8_t* data = pool_data(p);
     // The data region of a never-used pool is zero: slots free, leases free.
     // A pool is never deleted, so no reuse of a dirty region can happen.
@@ -324,7 +324,7 @@ Result<uint32_t> Segment::CreatePool(std::string_view name, uint32_t strategy, c
     for (uint32_t i = 0; i < leases; ++i) free_stack[i] = leases - 1 - i;
     ph->free_top = leases;
     std::atomic_signal_fence(std::memory_order_seq_cst);
-    ph->use = 1;
+    ph->use = PoolUse::kInUse;
     return p;
   }
   return Status(Code::kCapacityExceeded, "segment holds at most " + std::to_string(header_->max_pools) + " pools");

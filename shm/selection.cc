@@ -2,7 +2,6 @@
 
 #include <cstring>
 #include <string_view>
-#include <utility>
 
 namespace keymesh::shm {
 
@@ -30,10 +29,11 @@ std::optional<uint32_t> PoolSelection::NextEligibleFrom(uint32_t slot) const noe
 template <typename KeyFn>
 std::optional<uint32_t> PoolSelection::ScanMin(KeyFn key) const noexcept {
   std::optional<uint32_t> best;
-  std::pair<uint64_t, uint64_t> best_key{};
+  SortKey best_key{};
   core_->index().ForEach(core_->header()->slot_high_water, [&](uint32_t slot) {
-    auto k = key(core_->key(slot).state);
-    if (!best || k < best_key) {
+    const SortKey k = key(core_->key(slot).state);
+    const int64_t d = static_cast<int64_t>(k.k1 - best_key.k1);  // serial order, as the index's
+    if (!best || d < 0 || (d == 0 && k.k2 < best_key.k2)) {
       best = slot;
       best_key = k;
     }
@@ -43,13 +43,21 @@ std::optional<uint32_t> PoolSelection::ScanMin(KeyFn key) const noexcept {
 }
 
 std::optional<uint32_t> PoolSelection::LeastBusy() const noexcept {
-  if (core_->header()->index_strategy == static_cast<uint32_t>(Strategy::kLeastBusy)) return core_->index().Top();
-  return ScanMin([](const SlotState& s) { return std::pair<uint64_t, uint64_t>(s.in_flight, s.last_used_seq); });
+  if (core_->header()->index_strategy == static_cast<uint32_t>(Strategy::kLeastBusy)) return core_->index().Min();
+  return ScanMin([](const SlotState& s) { return SortKey{s.in_flight, s.last_used_seq}; });
 }
 
 std::optional<uint32_t> PoolSelection::LowestPass() const noexcept {
-  if (core_->header()->index_strategy == static_cast<uint32_t>(Strategy::kWeighted)) return core_->index().Top();
-  return ScanMin([](const SlotState& s) { return std::pair<uint64_t, uint64_t>(s.pass, 0); });
+  if (core_->header()->index_strategy == static_cast<uint32_t>(Strategy::kWeighted)) return core_->index().Min();
+  return ScanMin([](const SlotState& s) { return SortKey{s.pass, 0}; });
+}
+
+std::optional<uint32_t> SelectBuiltin(const PoolCore& core) noexcept {
+  const PoolHeader* ph = core.header();
+  if (ph->index_strategy == static_cast<uint32_t>(Strategy::kRoundRobin)) {
+    return core.index().NextFrom(ph->rr_cursor, ph->slot_high_water);
+  }
+  return core.index().Min();  // least_busy and weighted: the index's order is the strategy
 }
 
 namespace {
@@ -69,32 +77,28 @@ class Weighted final : public Selector {
   std::optional<uint32_t> Select(const SelectionContext& ctx) const override { return ctx.LowestPass(); }
 };
 
+// Constant-initialised (no guard on access): stateless objects with a vtable.
+constinit const RoundRobin kRoundRobin;
+constinit const LeastBusy kLeastBusy;
+constinit const Weighted kWeighted;
+
 }  // namespace
 
 const Selector& BuiltinSelector(uint32_t strategy) noexcept {
   switch (static_cast<Strategy>(strategy)) {
-    case Strategy::kRoundRobin: return RoundRobinSelector();
-    case Strategy::kWeighted: return WeightedSelector();
+    case Strategy::kRoundRobin: return kRoundRobin;
+    case Strategy::kWeighted: return kWeighted;
     case Strategy::kLeastBusy: break;
   }
-  return LeastBusySelector();
+  return kLeastBusy;
 }
 
 }  // namespace keymesh::shm
 
 namespace keymesh {
 
-const Selector& RoundRobinSelector() noexcept {
-  static const shm::RoundRobin s;
-  return s;
-}
-const Selector& LeastBusySelector() noexcept {
-  static const shm::LeastBusy s;
-  return s;
-}
-const Selector& WeightedSelector() noexcept {
-  static const shm::Weighted s;
-  return s;
-}
+const Selector& RoundRobinSelector() noexcept { return shm::kRoundRobin; }
+const Selector& LeastBusySelector() noexcept { return shm::kLeastBusy; }
+const Selector& WeightedSelector() noexcept { return shm::kWeighted; }
 
 }  // namespace keymesh

@@ -36,6 +36,9 @@ class PoolSelection final : public SelectionContext {
 
 // The selector of a pool strategy (keymesh::Strategy as stored).
 const Selector& BuiltinSelector(uint32_t strategy) noexcept;
+// What BuiltinSelector(index_strategy) would choose, straight from the index
+// (no virtual calls): the fast path when no custom selector is set.
+std::optional<uint32_t> SelectBuiltin(const PoolCore& core) noexcept;
 
 }  // namespace keymesh::shm
 
