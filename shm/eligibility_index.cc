@@ -33,9 +33,23 @@ uint32_t EligibilityIndex::Better(uint32_t a, uint32_t b) const noexcept {
 std::optional<uint32_t> EligibilityIndex::ScanMin() const noexcept {
   // Every eligible slot is in the first word. Ascending slot order and a
   // strict compare break ties by the lowest slot.
+  const SortKey* order = a_.order;
+  if (uint64_t idle = *a_.idle; idle != 0) {
+    // Keys with nothing in flight (least_busy): the least recently used.
+    uint32_t best = static_cast<uint32_t>(__builtin_ctzll(idle));
+    uint64_t best_k2 = order[best].k2;
+    for (idle &= idle - 1; idle != 0; idle &= idle - 1) {
+      const uint32_t slot = static_cast<uint32_t>(__builtin_ctzll(idle));
+      const uint64_t k2 = order[slot].k2;
+      if (k2 < best_k2) {
+        best = slot;
+        best_k2 = k2;
+      }
+    }
+    return best;
+  }
   uint64_t bits = a_.bits[0];
   if (bits == 0) return std::nullopt;
-  const SortKey* order = a_.order;
   uint32_t best = static_cast<uint32_t>(__builtin_ctzll(bits));
   SortKey best_key = order[best];
   for (bits &= bits - 1; bits != 0; bits &= bits - 1) {
@@ -51,7 +65,6 @@ std::optional<uint32_t> EligibilityIndex::ScanMin() const noexcept {
 
 void EligibilityIndex::Fix(uint32_t slot) noexcept {
   const uint32_t leaves = *a_.tree_leaves;
-  if (leaves <= kScanLeaves) return;  // no tree
   for (uint32_t n = (slot + leaves) >> 1; n >= 1; n >>= 1) {
     const uint32_t w = Better(Winner(2 * n, leaves), Winner(2 * n + 1, leaves));
     // Unchanged, and not the key that changed: nothing above can change.
@@ -63,28 +76,10 @@ void EligibilityIndex::Fix(uint32_t slot) noexcept {
 void EligibilityIndex::Clear(bool ordered, uint32_t high_water) noexcept {
   std::memset(a_.bits, 0, (uint64_t{capacity_} + 63) / 64 * sizeof(uint64_t));
   *a_.eligible_count = 0;
+  *a_.idle = 0;
   const uint32_t leaves = ordered ? LeavesFor(high_water) : 0;
   *a_.tree_leaves = leaves;
   for (uint32_t n = 0; n < leaves; ++n) a_.tree[n] = kNone;
-}
-
-void EligibilityIndex::Add(uint32_t slot, bool ordered, SortKey key) noexcept {
-  a_.bits[slot >> 6] |= uint64_t{1} << (slot & 63);
-  ++*a_.eligible_count;
-  if (!ordered) return;
-  a_.order[slot] = key;
-  Fix(slot);
-}
-
-void EligibilityIndex::Remove(uint32_t slot, bool ordered) noexcept {
-  a_.bits[slot >> 6] &= ~(uint64_t{1} << (slot & 63));
-  --*a_.eligible_count;
-  if (ordered) Fix(slot);
-}
-
-void EligibilityIndex::Update(uint32_t slot, SortKey key) noexcept {
-  a_.order[slot] = key;
-  Fix(slot);
 }
 
 std::optional<uint32_t> EligibilityIndex::NextFrom(uint32_t slot, uint32_t high_water) const noexcept {
@@ -102,7 +97,7 @@ std::optional<uint32_t> EligibilityIndex::NextFrom(uint32_t slot, uint32_t high_
   return std::nullopt;
 }
 
-bool EligibilityIndex::Valid(bool ordered) const noexcept {
+bool EligibilityIndex::Valid(bool ordered, bool counts) const noexcept {
   uint32_t bits = 0;
   for (uint32_t w = 0; w < (capacity_ + 63) / 64; ++w) bits += static_cast<uint32_t>(__builtin_popcountll(a_.bits[w]));
   if (bits != *a_.eligible_count) return false;
@@ -112,7 +107,12 @@ bool EligibilityIndex::Valid(bool ordered) const noexcept {
   bool inside = true;
   ForEach(capacity_, [&](uint32_t slot) { return inside = slot < leaves; });  // no eligible slot outside the tree
   if (!inside) return false;
-  if (leaves <= kScanLeaves) return true;
+  if (leaves <= kScanLeaves) {
+    uint32_t idle = 0;
+    if (counts)
+      ForEach(leaves, [&](uint32_t slot) { return (idle |= a_.order[slot].k1 == 0 ? 1u << slot : 0u), true; });
+    return idle == *a_.idle;
+  }
   for (uint32_t n = leaves - 1; n >= 1; --n) {
     if (a_.tree[n] != Better(Winner(2 * n, leaves), Winner(2 * n + 1, leaves))) return false;
   }

@@ -12,7 +12,10 @@
 // node's winner is unchanged and is not the changed key. A pool of at most
 // kScanLeaves slots (the common handful of keys) keeps no tree: its minimum
 // is a scan of the sort keys of its set bits, and a changed key is one
-// store, which costs fewer instructions and cache lines than any tree.
+// store, which costs fewer instructions and cache lines than any tree. For
+// least_busy the scan keeps one more mask, of the eligible keys with nothing
+// in flight: when any exists the minimum is among them, and only their LRU
+// stamps (k2) need comparing.
 //
 // Plain code over arrays that live in the segment (PoolHeader::eligible_count
 // and tree_leaves; the pool's order, tree and bits regions): derived data,
@@ -39,6 +42,7 @@ class EligibilityIndex {
     uint32_t* tree;            // TreeNodes(capacity) (the root is tree[1])
     uint32_t* eligible_count;  // one counter
     uint32_t* tree_leaves;     // one counter: 0 when not ordered
+    uint32_t* idle;            // scan mode, least_busy: eligible slots whose k1 (in flight) is 0
   };
 
   // Tree nodes the arrays must hold for `capacity` slots.
@@ -54,15 +58,37 @@ class EligibilityIndex {
   // Empties the index. `ordered`: the strategy orders keys (least_busy,
   // weighted); `high_water`: every slot that will be added is below it
   // (sizes the tree until the next Clear).
+  // The calls below take `ordered` as Clear was given it, and `counts`: k1
+  // is a count (least_busy's in_flight), so k1 == 0 is the smallest there is.
   void Clear(bool ordered, uint32_t high_water) noexcept;
   // True when a slot below `high_water` would not fit the tree: Clear again.
   bool NeedsRegrow(bool ordered, uint32_t high_water) const noexcept { return ordered && high_water > *a_.tree_leaves; }
 
   // Marks `slot` eligible; `ordered`: with sort key `key`.
-  void Add(uint32_t slot, bool ordered, SortKey key) noexcept;
-  void Remove(uint32_t slot, bool ordered) noexcept;
+  void Add(uint32_t slot, bool ordered, bool counts, SortKey key) noexcept {
+    a_.bits[slot >> 6] |= uint64_t{1} << (slot & 63);
+    ++*a_.eligible_count;
+    if (ordered) Update(slot, counts, key);
+  }
+  void Remove(uint32_t slot, bool ordered) noexcept {
+    a_.bits[slot >> 6] &= ~(uint64_t{1} << (slot & 63));
+    --*a_.eligible_count;
+    if (!ordered) return;
+    if (*a_.tree_leaves > kScanLeaves) {
+      Fix(slot);
+    } else {
+      *a_.idle &= ~(1u << slot);
+    }
+  }
   // The sort key of an eligible slot changed.
-  void Update(uint32_t slot, SortKey key) noexcept;
+  void Update(uint32_t slot, bool counts, SortKey key) noexcept {
+    a_.order[slot] = key;
+    if (*a_.tree_leaves > kScanLeaves) {
+      Fix(slot);
+    } else if (counts) {
+      *a_.idle = key.k1 == 0 ? *a_.idle | (1u << slot) : *a_.idle & ~(1u << slot);
+    }
+  }
   // The eligible slot with the smallest sort key, if any (ordered only).
   std::optional<uint32_t> Min() const noexcept {
     const uint32_t leaves = *a_.tree_leaves;
@@ -92,7 +118,7 @@ class EligibilityIndex {
 
   // For tests: the index agrees with itself (bit count, every tree node the
   // winner of its children).
-  bool Valid(bool ordered) const noexcept;
+  bool Valid(bool ordered, bool counts) const noexcept;
 
   static constexpr uint32_t kNone = UINT32_MAX;
 

@@ -88,7 +88,7 @@ Status PoolCore::CheckConsistencyLocked() const {
   }
   if (held + ph_->free_top != lease_cap_) return Status(Code::kInternal, "free-lease stack out of sync");
   if (ph_->undo_count.load() != 0) return Status(Code::kInternal, "journal left active");
-  if (!index_view_.Valid(Ordered())) return Status(Code::kInternal, "eligibility index out of order");
+  if (!index_view_.Valid(Ordered(), Counts())) return Status(Code::kInternal, "eligibility index out of order");
   return Status::Ok();
 }
 

@@ -235,9 +235,9 @@ struct alignas(64) PoolHeader {
   uint32_t key_count;                // slots with use != kFree
   uint32_t slot_high_water;          // every non-free slot is < this
   uint32_t index_strategy;           // derived: strategy the index is ordered for
-  uint32_t pad_line0;
-  uint64_t acquire_seq;    // stamps acquires (least_busy's LRU order)
-  uint64_t next_deadline;  // derived: earliest deadline still in the future, kNever if none
+  uint32_t scan_idle;                // derived: the index's mask of idle eligible slots (scan mode)
+  uint64_t acquire_seq;              // stamps acquires (least_busy's LRU order)
+  uint64_t next_deadline;            // derived: earliest deadline still in the future, kNever if none
   // --- line 1 ---
   // Acquire wait-time histogram (keymesh::kWaitBucketBounds), all processes.
   // Plain counters under the mutex; not journaled (a crash may lose one sample).

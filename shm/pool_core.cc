@@ -42,6 +42,7 @@ PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clo
   arrays.tree = reinterpret_cast<uint32_t*>(data_ + h->tree_offset);
   arrays.eligible_count = &ph_->eligible_count;
   arrays.tree_leaves = &ph_->tree_leaves;
+  arrays.idle = &ph_->scan_idle;
   index_view_ = EligibilityIndex(arrays, key_cap_);
 }
 
@@ -147,9 +148,9 @@ void PoolCore::IndexUpdate(uint32_t slot, uint64_t now) noexcept {
       IndexRebuild(now);  // the pool outgrew the tree; the rebuild adds `slot` too
       return;
     }
-    index_view_.Add(slot, Ordered(), SortKeyOf(slot));
+    index_view_.Add(slot, Ordered(), Counts(), SortKeyOf(slot));
   } else if (want && have) {
-    if (Ordered()) index_view_.Update(slot, SortKeyOf(slot));
+    if (Ordered()) index_view_.Update(slot, Counts(), SortKeyOf(slot));
   } else if (!want && have) {
     index_view_.Remove(slot, Ordered());
   }

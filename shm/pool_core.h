@@ -112,6 +112,8 @@ class PoolCore {
   // The index orders keys (least_busy, weighted) rather than only marking
   // them (round robin).
   bool Ordered() const noexcept { return ph_->index_strategy != static_cast<uint32_t>(Strategy::kRoundRobin); }
+  // The index's k1 is a count (least_busy's in_flight).
+  bool Counts() const noexcept { return ph_->index_strategy == static_cast<uint32_t>(Strategy::kLeastBusy); }
   // The index's sort key of `slot` for the strategy it is ordered for.
   SortKey SortKeyOf(uint32_t slot) const noexcept {
     const SlotState& st = keys_[slot].state;

@@ -103,7 +103,7 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
   // The key stays eligible unless this grant used up what made it so
   // (concurrency, budgets, the probe): then the full check.
   if (!paced && lease.flags == 0 && (cfg.max_concurrency == 0 || st.in_flight < cfg.max_concurrency)) [[likely]] {
-    if (Ordered()) index_view_.Update(s, SortKeyOf(s));
+    if (Ordered()) index_view_.Update(s, Counts(), SortKeyOf(s));
   } else {
     IndexUpdate(s, now);
   }
@@ -202,7 +202,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   if (!timed && st.use == SlotUse::kActive && index_view_.Contains(s)) [[likely]] {
     // A success on a key that was eligible, with no limits, closed circuit
     // and no cooldown: it is still eligible, one fewer in flight.
-    if (Ordered()) index_view_.Update(s, SortKeyOf(s));
+    if (Ordered()) index_view_.Update(s, Counts(), SortKeyOf(s));
   } else {
     if (timed) NoteDeadline(ReadyAt(s), now);
     if (st.use == SlotUse::kRemoving) RetireSlotIfDone(s);

@@ -2,14 +2,14 @@
 // removes and key changes against a plain model, in both the scan mode (few
 // slots) and the tree mode, and the serial order of wrapped passes.
 #define BOOST_TEST_MODULE eligibility_index_test
-#include <boost/test/unit_test.hpp>
+#include "shm/eligibility_index.h"
 
 #include <map>
 #include <optional>
 #include <random>
 #include <vector>
 
-#include "shm/eligibility_index.h"
+#include <boost/test/unit_test.hpp>
 
 namespace {
 
@@ -22,10 +22,11 @@ struct Arrays {
   std::vector<uint32_t> tree;
   uint32_t eligible = 0;
   uint32_t leaves = 0;
+  uint32_t idle = 0;
   explicit Arrays(uint32_t capacity)
       : bits((capacity + 63) / 64), order(capacity), tree(EligibilityIndex::TreeNodes(capacity)) {}
   EligibilityIndex Index(uint32_t capacity) {
-    return EligibilityIndex(EligibilityIndex::Arrays{bits.data(), order.data(), tree.data(), &eligible, &leaves},
+    return EligibilityIndex(EligibilityIndex::Arrays{bits.data(), order.data(), tree.data(), &eligible, &leaves, &idle},
                             capacity);
   }
 };
@@ -45,7 +46,7 @@ std::optional<uint32_t> ModelMin(const std::map<uint32_t, SortKey>& model) {
   return best;
 }
 
-void RandomOps(uint32_t capacity, uint32_t high_water, uint32_t seed) {
+void RandomOps(uint32_t capacity, uint32_t high_water, uint32_t seed, bool counts) {
   Arrays arrays(capacity);
   EligibilityIndex index = arrays.Index(capacity);
   index.Clear(true, high_water);
@@ -58,7 +59,7 @@ void RandomOps(uint32_t capacity, uint32_t high_water, uint32_t seed) {
     switch (rng() % 3) {
       case 0:
         if (!in) {
-          index.Add(slot, true, key);
+          index.Add(slot, true, counts, key);
           model[slot] = key;
         }
         break;
@@ -70,33 +71,44 @@ void RandomOps(uint32_t capacity, uint32_t high_water, uint32_t seed) {
         break;
       default:
         if (in) {
-          index.Update(slot, key);
+          index.Update(slot, counts, key);
           model[slot] = key;
         }
         break;
     }
     BOOST_REQUIRE_EQUAL(index.eligible_count(), model.size());
     BOOST_REQUIRE(index.Min() == ModelMin(model));
-    if (op % 97 == 0) BOOST_REQUIRE(index.Valid(true));
+    if (op % 97 == 0) BOOST_REQUIRE(index.Valid(true, counts));
   }
-  BOOST_CHECK(index.Valid(true));
+  BOOST_CHECK(index.Valid(true, counts));
 }
 
 }  // namespace
 
-BOOST_AUTO_TEST_CASE(scan_mode_matches_the_model) { RandomOps(1024, 8, 1); }
-BOOST_AUTO_TEST_CASE(scan_mode_at_its_limit) { RandomOps(16, EligibilityIndex::kScanLeaves, 2); }
-BOOST_AUTO_TEST_CASE(tree_mode_matches_the_model) { RandomOps(1024, 100, 3); }
-BOOST_AUTO_TEST_CASE(tree_mode_of_a_capacity_that_is_not_a_power_of_two) { RandomOps(1000, 1000, 4); }
+// `counts`: k1 is least_busy's in_flight (0 is the smallest; the scan keeps
+// its idle mask), else weighted's pass (a serial number).
+BOOST_AUTO_TEST_CASE(scan_mode_matches_the_model) {
+  RandomOps(1024, 8, 1, true);
+  RandomOps(1024, 8, 11, false);
+}
+BOOST_AUTO_TEST_CASE(scan_mode_at_its_limit) {
+  RandomOps(16, EligibilityIndex::kScanLeaves, 2, true);
+  RandomOps(16, EligibilityIndex::kScanLeaves, 12, false);
+}
+BOOST_AUTO_TEST_CASE(tree_mode_matches_the_model) {
+  RandomOps(1024, 100, 3, true);
+  RandomOps(1024, 100, 13, false);
+}
+BOOST_AUTO_TEST_CASE(tree_mode_of_a_capacity_that_is_not_a_power_of_two) { RandomOps(1000, 1000, 4, true); }
 
 BOOST_AUTO_TEST_CASE(ties_go_to_the_lowest_slot) {
   for (uint32_t high_water : {8u, 200u}) {
     Arrays arrays(256);
     EligibilityIndex index = arrays.Index(256);
     index.Clear(true, high_water);
-    index.Add(5, true, SortKey{1, 7});
-    index.Add(3, true, SortKey{1, 7});
-    index.Add(6, true, SortKey{1, 7});
+    index.Add(5, true, true, SortKey{1, 7});
+    index.Add(3, true, true, SortKey{1, 7});
+    index.Add(6, true, true, SortKey{1, 7});
     BOOST_CHECK(index.Min() == std::optional<uint32_t>(3));
     index.Remove(3, true);
     BOOST_CHECK(index.Min() == std::optional<uint32_t>(5));
@@ -109,10 +121,10 @@ BOOST_AUTO_TEST_CASE(passes_compare_as_serial_numbers_across_the_wrap) {
     EligibilityIndex index = arrays.Index(256);
     index.Clear(true, high_water);
     // Slot 1's pass wrapped around 2^64: it is one stride after slot 0's.
-    index.Add(0, true, SortKey{UINT64_MAX - 10, 0});
-    index.Add(1, true, SortKey{5, 0});
+    index.Add(0, true, false, SortKey{UINT64_MAX - 10, 0});
+    index.Add(1, true, false, SortKey{5, 0});
     BOOST_CHECK(index.Min() == std::optional<uint32_t>(0));
-    index.Update(0, SortKey{20, 0});  // slot 0 wrapped too, and is now after slot 1
+    index.Update(0, false, SortKey{20, 0});  // slot 0 wrapped too, and is now after slot 1
     BOOST_CHECK(index.Min() == std::optional<uint32_t>(1));
   }
 }
@@ -121,11 +133,11 @@ BOOST_AUTO_TEST_CASE(round_robin_order_is_the_bitset) {
   Arrays arrays(256);
   EligibilityIndex index = arrays.Index(256);
   index.Clear(false, 200);
-  for (uint32_t s : {3u, 70u, 150u}) index.Add(s, false, SortKey{});
+  for (uint32_t s : {3u, 70u, 150u}) index.Add(s, false, false, SortKey{});
   BOOST_CHECK(index.NextFrom(0, 200) == std::optional<uint32_t>(3));
   BOOST_CHECK(index.NextFrom(4, 200) == std::optional<uint32_t>(70));
   BOOST_CHECK(index.NextFrom(151, 200) == std::optional<uint32_t>(3));  // wraps
-  BOOST_CHECK(index.Valid(false));
+  BOOST_CHECK(index.Valid(false, false));
   index.Remove(70, false);
   BOOST_CHECK(index.NextFrom(4, 200) == std::optional<uint32_t>(150));
   BOOST_CHECK_EQUAL(index.eligible_count(), 2u);
