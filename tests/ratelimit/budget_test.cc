@@ -5,7 +5,6 @@
 // forked processes.
 #define BOOST_TEST_MODULE rate_limit_budgets
 #include <sys/mman.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,6 +20,7 @@
 #include "shm/clock.h"
 #include "shm/pool.h"
 #include "shm/segment.h"
+#include "support/shm_fixtures.h"
 
 namespace shm = keymesh::shm;
 using keymesh::Code;
@@ -50,14 +50,14 @@ struct Fixture {
     auto s = shm::Segment::CreateAnonymous(shm::Capacities{1, 64, 1024});
     BOOST_REQUIRE(s.ok());
     seg = std::move(s).value();
-    shm::PoolConfig cfg{};
-    cfg.strategy = static_cast<uint32_t>(strategy);
-    cfg.max_failures = max_failures;
-    cfg.default_cooldown = shm::SecondsToNanos(default_cooldown);
-    cfg.acquire_timeout = 5 * kSec;
-    cfg.max_lease = 600 * kSec;
-    cfg.max_cooldown = shm::SecondsToNanos(max_cooldown);
-    cfg.margin_ppm = static_cast<uint32_t>(margin * 1e6);
+    keymesh::PoolOptions options;
+    options.strategy = strategy;
+    options.max_failures = max_failures;
+    options.default_cooldown = default_cooldown;
+    options.acquire_timeout = 5.0;
+    options.max_cooldown = max_cooldown;
+    options.rate_margin = margin;
+    const shm::PoolConfig cfg = shm::ToPoolConfig(options);
     auto p = seg->CreatePool("limits", cfg.strategy, cfg);
     BOOST_REQUIRE(p.ok());
     pool = *p;
@@ -83,19 +83,11 @@ shm::FakeClock* SharedFakeClock(uint64_t start) {
   return new (mem) shm::FakeClock(start);
 }
 
-shm::Outcome Success() { return shm::Outcome{}; }
-shm::Outcome Failure(bool permanent = false) {
-  shm::Outcome o;
-  o.kind = shm::OutcomeKind::kFailure;
-  o.permanent = permanent;
-  return o;
-}
-shm::Outcome RateLimited(std::optional<double> cooldown) {
-  shm::Outcome o;
-  o.kind = shm::OutcomeKind::kRateLimited;
-  o.cooldown = cooldown;
-  return o;
-}
+using keymesh::testing::ForkChild;
+using keymesh::testing::WaitChild;
+using shm::testing::Failure;
+using shm::testing::RateLimited;
+using shm::testing::Success;
 
 keymesh::KeyStatus KeyStat(shm::PoolAdmin& p, uint32_t slot) {
   auto s = p.Snapshot();
@@ -343,8 +335,7 @@ BOOST_AUTO_TEST_CASE(half_open_admits_exactly_one_probe_across_processes) {
   new (go) std::atomic<int>(0);
   std::vector<pid_t> kids;
   for (int c = 0; c < 8; ++c) {
-    pid_t pid = fork();
-    if (pid == 0) {
+    kids.push_back(ForkChild([&]() -> int {
       shm::PoolAdmin p(*f.seg, f.pool, *clock);
       while (go->load() == 0) {
       }
@@ -353,16 +344,11 @@ BOOST_AUTO_TEST_CASE(half_open_admits_exactly_one_probe_across_processes) {
         if (p.TryAcquire().ok()) ++mine;  // held on purpose: the probe never ends
       }
       wins->fetch_add(mine);
-      _exit(0);
-    }
-    kids.push_back(pid);
+      return 0;
+    }));
   }
   go->store(1);
-  for (pid_t k : kids) {
-    int status = 0;
-    waitpid(k, &status, 0);
-    BOOST_TEST((WIFEXITED(status) && WEXITSTATUS(status) == 0));
-  }
+  for (pid_t k : kids) BOOST_TEST(WaitChild(k) == 0);
   BOOST_TEST(wins->load() == 1);
   munmap(wins, 4096);
   munmap(clock, 4096);
@@ -389,25 +375,19 @@ BOOST_AUTO_TEST_CASE(budgets_are_never_overspent_by_eight_processes) {
   const uint64_t until = shm::MonotonicNowNanos() + 1500 * kMs;
   std::vector<pid_t> kids;
   for (int c = 0; c < 8; ++c) {
-    pid_t pid = fork();
-    if (pid == 0) {
+    kids.push_back(ForkChild([&]() -> int {
       shm::PoolAdmin p(*f.seg, f.pool);
       while (shm::MonotonicNowNanos() < until) {
         auto h = p.Acquire(20 * kMs);  // sleeps until the next refill
         if (!h.ok()) continue;
         const int i = shared->count.fetch_add(1);
         if (i < kMaxGrants) shared->grants[i] = Grant{h->slot, h->acquire_ns};
-        if (!p.Release(*h, Success()).ok()) _exit(2);
+        if (!p.Release(*h, Success()).ok()) return 2;
       }
-      _exit(0);
-    }
-    kids.push_back(pid);
+      return 0;
+    }));
   }
-  for (pid_t k : kids) {
-    int status = 0;
-    waitpid(k, &status, 0);
-    BOOST_TEST((WIFEXITED(status) && WEXITSTATUS(status) == 0));
-  }
+  for (pid_t k : kids) BOOST_TEST(WaitChild(k) == 0);
   const int n = std::min(shared->count.load(), kMaxGrants);
   BOOST_TEST_MESSAGE("grants: " << n);
   std::map<uint32_t, std::vector<uint64_t>> by_key;

@@ -17,7 +17,7 @@
 
 #include "shm/clock.h"
 #include "shm/process_id.h"
-#include "support/shm_test_util.h"
+#include "support/shm_fixtures.h"
 
 namespace {
 

@@ -12,7 +12,7 @@
 
 #include "keymesh/selector.h"
 #include "shm/process_id.h"
-#include "support/shm_test_util.h"
+#include "support/shm_fixtures.h"
 
 namespace keymesh::shm {
 namespace {
@@ -44,12 +44,8 @@ class Fixed final : public Selector {
   uint32_t slot_;
 };
 
-Outcome Make(OutcomeKind kind, std::optional<double> latency = std::nullopt) {
-  Outcome o;
-  o.kind = kind;
-  o.latency = latency;
-  return o;
-}
+using testing::Failure;
+using testing::Success;
 
 LeaseHandle TakeSlot(PoolAdmin& pool, uint32_t slot) {
   Fixed sel(slot);
@@ -138,11 +134,11 @@ void RunCrashScenario(Strategy strategy, const Scenario& sc) {
              kCap, {1, 2, 3});
   // History, so that an undo to zero would show.
   for (uint32_t s = 0; s < 3; ++s) {
-    BOOST_REQUIRE(t.pool->Release(TakeSlot(*t.pool, s), Make(OutcomeKind::kSuccess, 0.1 * (s + 1))).ok());
-    BOOST_REQUIRE(t.pool->Release(TakeSlot(*t.pool, s), Make(OutcomeKind::kFailure)).ok());
+    BOOST_REQUIRE(t.pool->Release(TakeSlot(*t.pool, s), Success(0.1 * (s + 1))).ok());
+    BOOST_REQUIRE(t.pool->Release(TakeSlot(*t.pool, s), Failure()).ok());
   }
   // k2 exhausted (for re-admission), k1 being removed with one lease held.
-  BOOST_REQUIRE(t.pool->Release(TakeSlot(*t.pool, 2), Make(OutcomeKind::kFailure)).code() == Code::kKeyExhausted);
+  BOOST_REQUIRE(t.pool->Release(TakeSlot(*t.pool, 2), Failure()).code() == Code::kKeyExhausted);
   // The parent's own leases: they must survive the child's crash.
   LeaseHandle mine0 = TakeSlot(*t.pool, 0);
   LeaseHandle mine1 = TakeSlot(*t.pool, 1);
@@ -162,13 +158,13 @@ void RunCrashScenario(Strategy strategy, const Scenario& sc) {
     if (!prepared.Put('p')) return 11;
     char c = 0;
     if (!go.Get(&c)) return 12;
-    g_crash_fd = crashed.fds[1];
+    g_crash_fd = crashed.write_fd();
     g_target = sc.point;
     SetCrashHookForTesting(&ParkHook);
     KeyDefinition def;
     switch (sc.op) {
       case Op::kAcquire: (void)t.pool->TryAcquire(nullptr); break;
-      case Op::kRelease: (void)t.pool->Release(*mine, Make(OutcomeKind::kSuccess, 5.0)); break;
+      case Op::kRelease: (void)t.pool->Release(*mine, Success(5.0)); break;
       case Op::kAddNewKey:
         def.name = "k9";
         def.fingerprint = 9;
@@ -428,7 +424,7 @@ BOOST_AUTO_TEST_CASE(repair_ignores_forged_journal_entries) {
     BOOST_CHECK_EQUAL(after.keys[i].in_flight, before.keys[i].in_flight);
     BOOST_CHECK_EQUAL(after.keys[i].acquires, before.keys[i].acquires);
   }
-  BOOST_CHECK(t.pool->Release(held, Make(OutcomeKind::kSuccess)).ok());
+  BOOST_CHECK(t.pool->Release(held, Success()).ok());
   BOOST_CHECK(t.pool->CheckConsistency().ok());
 }
 

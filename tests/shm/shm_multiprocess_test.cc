@@ -14,7 +14,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include "shm/process_id.h"
-#include "support/shm_test_util.h"
+#include "support/shm_fixtures.h"
 
 namespace keymesh::shm {
 namespace {

@@ -12,7 +12,7 @@
 #include "keymesh/pool.h"
 #include "keymesh/selector.h"
 #include "shm/process_id.h"
-#include "support/shm_test_util.h"
+#include "support/shm_fixtures.h"
 
 namespace keymesh::shm {
 namespace {
@@ -23,28 +23,10 @@ using testing::TestPool;
 
 constexpr uint64_t kSec = kNanosPerSecond;
 
-Outcome Success(std::optional<double> latency = std::nullopt) {
-  Outcome o;
-  o.kind = OutcomeKind::kSuccess;
-  o.latency = latency;
-  return o;
-}
-Outcome Failure() {
-  Outcome o;
-  o.kind = OutcomeKind::kFailure;
-  return o;
-}
-Outcome RateLimited(std::optional<double> cooldown = std::nullopt) {
-  Outcome o;
-  o.kind = OutcomeKind::kRateLimited;
-  o.cooldown = cooldown;
-  return o;
-}
-Outcome Cancelled() {
-  Outcome o;
-  o.kind = OutcomeKind::kCancelled;
-  return o;
-}
+using testing::Cancelled;
+using testing::Failure;
+using testing::RateLimited;
+using testing::Success;
 
 LeaseHandle Take(PoolAdmin& pool) {
   Result<LeaseHandle> r = pool.TryAcquire();

@@ -25,12 +25,6 @@ namespace {
 std::atomic<int> g_counter{0};
 }
 
-double NowSeconds() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
-}
-
 BrokerProcess::BrokerProcess() {
   dir_ = "/tmp/kmb-" + std::to_string(::getpid()) + "-" + std::to_string(g_counter.fetch_add(1));
   std::filesystem::remove_all(dir_);
@@ -223,48 +217,6 @@ bool RawClient::WaitClosed(double timeout) {
     const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
     if (n <= 0) return true;
   }
-}
-
-Latch::Latch() {
-  if (::pipe(fds_) != 0) std::abort();
-}
-
-Latch::~Latch() {
-  ::close(fds_[0]);
-  ::close(fds_[1]);
-}
-
-void Latch::Notify(char c) { (void)!::write(fds_[1], &c, 1); }
-
-char Latch::Wait(double timeout) {
-  pollfd p{fds_[0], POLLIN, 0};
-  if (::poll(&p, 1, static_cast<int>(timeout * 1000)) <= 0) return 0;
-  char c = 0;
-  return ::read(fds_[0], &c, 1) == 1 ? c : 0;
-}
-
-pid_t ForkChild(const std::function<int()>& fn) {
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    int code = 99;
-    try {
-      code = fn();
-    } catch (...) {
-      code = 98;
-    }
-    _exit(code);
-  }
-  return pid;
-}
-
-int WaitChild(pid_t pid) {
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) return -1;
-  }
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return -1;
 }
 
 }  // namespace keymesh::testing

@@ -1,7 +1,7 @@
 // Test harness for the broker integration tests: a private directory, the
 // real keymesh-broker binary in a child process (its stderr captured so
-// tests wait for its log lines instead of sleeping), a raw protocol client,
-// and small helpers for forked worker processes.
+// tests wait for its log lines instead of sleeping) and a raw protocol
+// client. Forked workers, pipes and latches come from support/process.h.
 //
 // Every BrokerProcess uses names derived from the test process's pid and a
 // counter; its destructor kills a still-running broker, removes the segment
@@ -20,6 +20,8 @@
 #include <vector>
 
 #include <boost/json.hpp>
+
+#include "support/process.h"
 
 namespace keymesh::testing {
 
@@ -87,26 +89,6 @@ class RawClient {
   int64_t next_id_ = 1;
   std::string in_;
 };
-
-// A one-shot cross-process signal over a pipe.
-class Latch {
- public:
-  Latch();
-  ~Latch();
-  void Notify(char c = '1');  // from any process
-  // Waits for one byte; returns it, or 0 on timeout/EOF.
-  char Wait(double timeout);
-
- private:
-  int fds_[2] = {-1, -1};
-};
-
-// Forks; the child runs `fn` and _exits with its return value.
-pid_t ForkChild(const std::function<int()>& fn);
-// Waits for `pid`; its exit code, or 128 + signal.
-int WaitChild(pid_t pid);
-
-double NowSeconds();
 
 }  // namespace keymesh::testing
 
