@@ -15,8 +15,8 @@
 // could make the broker reap the parent.
 //
 // Closing. km_pool_close may run while other threads are inside the pool:
-// it sets `closed` (so new calls fail with KM_CLOSED and blocked waits end),
-// triggers every cancel token of the pool, waits until `users` drops to
+// it sets `closed` (so new calls fail with KM_CLOSED), sets `closing` and
+// every cancel token of the pool and wakes the waits, waits until `users` drops to
 // zero, and only then frees the Pool. The km_pool shell itself lives until
 // km_pool_destroy.
 #include <pthread.h>
@@ -49,7 +49,6 @@
 #include "keymesh/status.h"
 #include "keymesh/types.h"
 #include "protocol/protocol.h"
-#include "shm/pool.h"
 
 using keymesh::Code;
 using keymesh::KeySpec;
@@ -120,7 +119,7 @@ struct ProcState {
 
 struct km_cancel {
   km_pool* pool = nullptr;
-  std::atomic<bool> flag{false};
+  keymesh::CancelToken token;
 };
 
 struct km_lease {
@@ -134,6 +133,7 @@ struct km_pool {
   std::unique_ptr<Pool> embedded;  // embedded pools: shared by every generation
   std::atomic<ProcState*> state{nullptr};
   std::atomic<bool> closed{false};
+  keymesh::CancelToken closing;  // set by close: the token of waits that have none of their own
   std::atomic<int64_t> users{0};
   std::mutex reconnect_mu;  // one (re)connection at a time
   std::mutex tokens_mu;     // guards tokens
@@ -306,22 +306,20 @@ int FillHeld(ProcState* s, Lease lease, km_held* out) {
   return KM_OK;
 }
 
-int AcquireKey(km_pool* p, double timeout, const std::atomic<bool>* cancel, bool poll, km_held* out,
+int AcquireKey(km_pool* p, double timeout, const keymesh::CancelToken* cancel, bool poll, km_held* out,
                uint64_t tokens = 0) {
   if (p == nullptr || out == nullptr) return Fail(Code::kInvalidArgument, "pool and out must not be NULL");
   Use use(p);
   if (!use.ok()) return ClosedError();
   Result<ProcState*> s = CurrentState(p);
   if (!s.ok()) return Fail(s.status());
-  Result<Lease> lease = (*s)->pool->Acquire(
-      Pool::AcquireOptions{poll ? std::optional<double>(0.0) : TimeoutArg(timeout), tokens, cancel});
-  if (!lease.ok()) {
-    if (poll && lease.status().code() == Code::kClosed && !p->closed.load()) {
-      return Fail(Code::kNoAvailableKey,
-                  "No API keys are currently available. All keys are either cooling down or exhausted.");
-    }
-    return Fail(lease.status());
-  }
+  Pool::AcquireOptions options;
+  options.timeout = TimeoutArg(timeout);
+  options.tokens = tokens;
+  options.cancel = cancel;
+  options.poll = poll;
+  Result<Lease> lease = (*s)->pool->Acquire(options);
+  if (!lease.ok()) return Fail(lease.status());
   return FillHeld(*s, std::move(lease).value(), out);
 }
 
@@ -602,14 +600,15 @@ int km_pool_close(km_pool* p) {
     std::lock_guard<std::mutex> close_lock(p->close_mu);
     if (p->freed) return KM_OK;
     p->closed.store(true, std::memory_order_seq_cst);
+    p->closing.Cancel();
     {
       std::lock_guard<std::mutex> lock(p->tokens_mu);
-      for (km_cancel* t : p->tokens) t->flag.store(true, std::memory_order_release);
+      for (km_cancel* t : p->tokens) t->token.Cancel();
     }
     const uint64_t gen = g_fork_generation.load(std::memory_order_relaxed);
     ProcState* s = p->state.load(std::memory_order_acquire);
     const bool ours = s != nullptr && s->generation == gen;
-    if (ours && !s->pool->slow_path()) s->pool->access().WakeWaiters();
+    if (ours) s->pool->WakeWaiters();
     for (int64_t u = p->users.load(); u != 0; u = p->users.load()) p->users.wait(u);
     if (ours) {
       s->CancelAll();
@@ -638,7 +637,10 @@ int km_pool_acquire(km_pool* p, double timeout, km_lease** out) {
     if (!use.ok()) return ClosedError();
     Result<ProcState*> s = CurrentState(p);
     if (!s.ok()) return Fail(s.status());
-    Result<Lease> lease = (*s)->pool->Acquire(TimeoutArg(timeout), &p->closed);
+    Pool::AcquireOptions options;
+    options.timeout = TimeoutArg(timeout);
+    options.cancel = &p->closing;
+    Result<Lease> lease = (*s)->pool->Acquire(options);
     if (!lease.ok()) return Fail(lease.status());
     *out = new km_lease{std::move(lease).value()};
     return KM_OK;
@@ -697,14 +699,13 @@ int km_pool_acquire_key(km_pool* p, double timeout, km_cancel* cancel, km_held* 
     if (cancel != nullptr && cancel->pool != p) {
       return Fail(Code::kInvalidArgument, "the cancel token belongs to another pool");
     }
-    return AcquireKey(p, timeout, cancel != nullptr ? &cancel->flag : (p != nullptr ? &p->closed : nullptr), false,
+    return AcquireKey(p, timeout, cancel != nullptr ? &cancel->token : (p != nullptr ? &p->closing : nullptr), false,
                       out);
   });
 }
 
 int km_pool_poll_key(km_pool* p, km_held* out) {
-  static const std::atomic<bool> kAlwaysCancelled{true};
-  return Guarded([&] { return AcquireKey(p, 0.0, &kAlwaysCancelled, true, out); });
+  return Guarded([&] { return AcquireKey(p, 0.0, nullptr, true, out); });
 }
 
 int km_pool_release_key(km_pool* p, const char* secret, uint64_t ticket, double latency, uint64_t tokens) {
@@ -724,14 +725,13 @@ int km_pool_acquire_key_tokens(km_pool* p, double timeout, uint64_t tokens, km_c
     if (cancel != nullptr && cancel->pool != p) {
       return Fail(Code::kInvalidArgument, "the cancel token belongs to another pool");
     }
-    return AcquireKey(p, timeout, cancel != nullptr ? &cancel->flag : (p != nullptr ? &p->closed : nullptr), false, out,
-                      tokens);
+    return AcquireKey(p, timeout, cancel != nullptr ? &cancel->token : (p != nullptr ? &p->closing : nullptr), false,
+                      out, tokens);
   });
 }
 
 int km_pool_poll_key_tokens(km_pool* p, uint64_t tokens, km_held* out) {
-  static const std::atomic<bool> kAlwaysCancelled{true};
-  return Guarded([&] { return AcquireKey(p, 0.0, &kAlwaysCancelled, true, out, tokens); });
+  return Guarded([&] { return AcquireKey(p, 0.0, nullptr, true, out, tokens); });
 }
 
 int km_pool_mark_failed_key_permanent(km_pool* p, const char* secret, uint64_t ticket) {
@@ -826,7 +826,7 @@ int km_cancel_create(km_pool* p, km_cancel** out) {
     {
       std::lock_guard<std::mutex> lock(p->tokens_mu);
       // A token made after close is born triggered.
-      if (p->closed.load()) t->flag.store(true);
+      if (p->closed.load()) t->token.Cancel();
       p->tokens.insert(t.get());
     }
     *out = t.release();
@@ -837,14 +837,14 @@ int km_cancel_create(km_pool* p, km_cancel** out) {
 int km_cancel_trigger(km_cancel* t) {
   return Guarded([&] {
     if (t == nullptr) return Fail(Code::kInvalidArgument, "token must not be NULL");
-    t->flag.store(true, std::memory_order_release);
+    t->token.Cancel();
     km_pool* p = t->pool;
     Use use(p);
     if (!use.ok()) return KM_OK;  // close already woke everyone
     ProcState* s = p->state.load(std::memory_order_acquire);
     // Slow-path pools wait in the broker, which cannot be interrupted: the
     // wait ends at its timeout.
-    if (s != nullptr && s->pool != nullptr && !s->pool->slow_path()) s->pool->access().WakeWaiters();
+    if (s != nullptr && s->pool != nullptr) s->pool->WakeWaiters();
     return KM_OK;
   });
 }
@@ -944,10 +944,7 @@ int km_pool_reclaim_dead(km_pool* p, uint32_t* reclaimed) {
     if (!use.ok()) return ClosedError();
     Result<ProcState*> s = CurrentState(p);
     if (!s.ok()) return Fail(s.status());
-    if ((*s)->pool->slow_path()) {
-      return Fail(Code::kInvalidArgument, "this pool has no mapped segment: its broker reclaims dead holders");
-    }
-    Result<uint32_t> n = (*s)->pool->access().ReclaimDead();
+    Result<uint32_t> n = (*s)->pool->ReclaimDead();
     if (!n.ok()) return Fail(n.status());
     if (reclaimed != nullptr) *reclaimed = *n;
     return KM_OK;
