@@ -41,15 +41,19 @@ DEFAULT = -1.0
 _STRATEGY_CODES = {"round_robin": 0, "least_busy": 1, "weighted": 2}
 
 
+# Size-prefixed (keymesh.h): struct_size and the defaults come from the
+# km_*_init calls.
 class _PoolOptions(ctypes.Structure):
-    _fields_ = [("strategy", ctypes.c_int32), ("default_cooldown", ctypes.c_double),
-                ("max_failures", ctypes.c_uint32), ("acquire_timeout", ctypes.c_double),
-                ("max_lease_seconds", ctypes.c_double), ("max_cooldown", ctypes.c_double)]
+    _fields_ = [("struct_size", ctypes.c_uint32), ("strategy", ctypes.c_int32), ("max_failures", ctypes.c_uint32),
+                ("default_cooldown", ctypes.c_double), ("acquire_timeout", ctypes.c_double),
+                ("max_lease_seconds", ctypes.c_double), ("max_cooldown", ctypes.c_double),
+                ("rate_margin", ctypes.c_double)]
 
 
 class _KeySpec(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("secret", ctypes.c_char_p), ("weight", ctypes.c_uint32),
-                ("max_concurrency", ctypes.c_uint32), ("rpm", ctypes.c_uint32), ("tpm", ctypes.c_uint64)]
+    _fields_ = [("struct_size", ctypes.c_uint32), ("weight", ctypes.c_uint32), ("name", ctypes.c_char_p),
+                ("secret", ctypes.c_char_p), ("max_concurrency", ctypes.c_uint32), ("rpm", ctypes.c_uint32),
+                ("tpm", ctypes.c_uint64), ("burst", ctypes.c_uint32), ("rate_margin", ctypes.c_double)]
 
 
 class _Held(ctypes.Structure):
@@ -108,6 +112,7 @@ km_last_error = _sig("km_last_error", restype=ctypes.c_char_p)
 km_code_name = _sig("km_code_name", ctypes.c_int, restype=ctypes.c_char_p)
 km_string_free = _sig("km_string_free", ctypes.c_void_p)
 km_pool_options_init = _sig("km_pool_options_init", ctypes.POINTER(_PoolOptions))
+km_key_spec_init = _sig("km_key_spec_init", ctypes.POINTER(_KeySpec))
 km_pool_create = _sig("km_pool_create", ctypes.POINTER(_KeySpec), ctypes.c_size_t,
                       ctypes.POINTER(_PoolOptions), ctypes.POINTER(_P))
 km_pool_connect = _sig("km_pool_connect", ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_P))
@@ -490,8 +495,14 @@ def _spec(k: Any) -> Tuple[_KeySpec, Tuple[bytes, ...]]:
         raise exc.ConfigError("an API key needs a secret")
     raw = _encode(secret, "key")
     raw_name = _encode(name, "key name") if name else None
-    spec = _KeySpec(raw_name, raw, int(limits.get("weight") or 1), int(limits.get("max_concurrency") or 0),
-                    int(limits.get("rpm") or 0), int(limits.get("tpm") or 0))
+    spec = _KeySpec()
+    km_key_spec_init(ctypes.byref(spec))
+    spec.name = raw_name
+    spec.secret = raw
+    spec.weight = int(limits.get("weight") or 1)
+    spec.max_concurrency = int(limits.get("max_concurrency") or 0)
+    spec.rpm = int(limits.get("rpm") or 0)
+    spec.tpm = int(limits.get("tpm") or 0)
     # Keep the bytes referenced alongside the struct (ctypes copies c_char_p
     # pointers only).
     spec._keep = (raw, raw_name)  # type: ignore[attr-defined]

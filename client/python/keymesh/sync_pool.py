@@ -32,24 +32,33 @@ def _build_core(owner: str, keys: Sequence[Any], strategy: Union[str, SchedulerS
     return core
 
 
+# Per key: the original's name <- the protocol's.
+_KEY_ALIASES = {"acquire_count": "acquires", "rate_limited_count": "rate_limited",
+                "reclaimed_count": "reclaimed", "cancelled_count": "cancelled"}
+
+
 def shape_status(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """The C ABI's status JSON in the original's shape (plus KeyMesh's fields)."""
+    """The C ABI's status JSON (the control protocol's shape) in the original's
+    shape (plus KeyMesh's fields): the original's names are made here."""
     m = raw["pool_metrics"]
     metrics = dict(m)
     metrics["uptime"] = round(m["uptime"], 2)
     metrics["uptime_seconds"] = metrics["uptime"]          # the original's name
     metrics["total_cooldowns"] = m["total_rate_limited"]    # the original's name
+    metrics["total_timeouts"] = m["timeouts"]
     keys = []
     for k in raw["keys"]:
         e = dict(k)
+        for alias, name in _KEY_ALIASES.items():
+            e[alias] = k[name]
         e["cooldown_remaining"] = round(k["cooldown_remaining"], 2)
         e["latency_avg"] = round(k["latency_avg"], 4)
         e["health_score"] = round(k["health_score"], 4)
         keys.append(e)
     try:
-        scheduler: Any = SchedulerStrategy(raw["scheduler"])
+        scheduler: Any = SchedulerStrategy(raw["strategy"])
     except ValueError:
-        scheduler = raw["scheduler"]
+        scheduler = raw["strategy"]
     out = {"pool_metrics": metrics, "scheduler": scheduler, "keys": keys}
     out["name"] = raw.get("name")
     out["options"] = raw.get("options")
