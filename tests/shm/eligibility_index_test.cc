@@ -2,14 +2,14 @@
 // removes and key changes against a plain model, in both the scan mode (few
 // slots) and the tree mode, and the serial order of wrapped passes.
 #define BOOST_TEST_MODULE eligibility_index_test
-#include <boost/test/unit_test.hpp>
+#include "shm/eligibility_index.h"
 
 #include <map>
 #include <optional>
 #include <random>
 #include <vector>
 
-#include "shm/eligibility_index.h"
+#include <boost/test/unit_test.hpp>
 
 namespace {
 

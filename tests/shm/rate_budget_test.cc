@@ -1,14 +1,15 @@
 // The GCRA budgets (shm/rate_budget.h) as pure functions, without a pool.
 #define BOOST_TEST_MODULE rate_budget_test
+#include "shm/rate_budget.h"
+
 #include <boost/test/unit_test.hpp>
 
 #include "shm/clock.h"
-#include "shm/rate_budget.h"
 
 namespace {
 
-using keymesh::shm::kNanosPerSecond;
 using keymesh::shm::KeyConfig;
+using keymesh::shm::kNanosPerSecond;
 using keymesh::shm::SlotState;
 
 KeyConfig Config(uint32_t rpm, uint64_t tpm = 0, uint32_t burst = 0) {

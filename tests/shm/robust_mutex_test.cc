@@ -3,7 +3,7 @@
 // stopped holder and LockUntil, a word naming a process that is not its
 // holder (a recycled pid), and sleeping instead of spinning.
 #define BOOST_TEST_MODULE robust_mutex_test
-#include <boost/test/unit_test.hpp>
+#include "shm/robust_mutex.h"
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -13,9 +13,10 @@
 #include <cstring>
 #include <new>
 
+#include <boost/test/unit_test.hpp>
+
 #include "shm/clock.h"
 #include "shm/process_id.h"
-#include "shm/robust_mutex.h"
 #include "support/shm_test_util.h"
 
 namespace {
