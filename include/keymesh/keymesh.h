@@ -12,6 +12,25 @@
  *    are freed with km_string_free().
  *  - Durations are seconds (double).
  *
+ * Option structs grow without breaking callers
+ *  - km_pool_options, km_key_spec, km_acquire_options and km_end_options
+ *    begin with `uint32_t struct_size`, which the matching *_init() call
+ *    sets to the sizeof the caller was compiled with, together with every
+ *    default. Initialise each struct with its *_init() call, then set the
+ *    fields you need.
+ *  - Fields are only ever appended, after the end of the previous version
+ *    (padding included). The library reads only the fields that lie within
+ *    struct_size, so a caller built against an older header gets the
+ *    defaults of the fields it does not know; a struct_size of 0 or below
+ *    the first version's is KM_INVALID_ARGUMENT, and so is a larger struct
+ *    (a newer header) whose bytes beyond what this library knows are not
+ *    all zero, because it would silently ignore them.
+ *  - Size-prefixed structs rather than opaque options with setters (as
+ *    leveldb's c.h): they live on the caller's stack with no allocation, no
+ *    free and no call per field; ctypes and other FFIs map them directly;
+ *    and the acquire and end options are built on the fast path, where a
+ *    handle per call would cost an allocation.
+ *
  * Threads and processes
  *  - A km_pool may be used from any number of threads at once, except that
  *    km_pool_destroy() must be the last call on it.
@@ -21,15 +40,18 @@
  *    process that acquired them: the child starts with none held.
  *
  * Two ways to hold a key
- *  - Lease handles (km_pool_acquire -> km_lease): end each with exactly one
- *    of km_lease_release / _mark_failed / _mark_rate_limited / _cancel, then
- *    km_lease_destroy() it.
- *  - Keys held by this process (km_pool_acquire_key): the pool remembers,
- *    per process, the leases held for each secret, and the
- *    km_pool_*_key() calls end one of them, chosen by ticket or, with ticket
- *    0, the oldest held for that secret. Ending a key this process does not
- *    hold is KM_NOT_HELD. This is the original Python API's model
- *    (acquire() returns the key string; release(key)).
+ *  - Lease handles (km_pool_acquire[_ex] -> km_lease): end each with
+ *    exactly one of km_lease_end / _release / _mark_failed /
+ *    _mark_rate_limited / _cancel, then km_lease_destroy() it.
+ *  - Keys held by this process (km_pool_acquire_key[_ex]): the pool
+ *    remembers, per process, the leases held for each secret, and
+ *    km_pool_end_key and the km_pool_*_key() calls end one of them, chosen
+ *    by ticket or, with ticket 0, the oldest held for that secret. Ending a
+ *    key this process does not hold is KM_NOT_HELD. This is the original
+ *    Python API's model (acquire() returns the key string; release(key)).
+ *
+ * Deprecated calls (KM_DEPRECATED) are thin wrappers kept for callers of an
+ * older header; each names its replacement.
  */
 #ifndef KEYMESH_KEYMESH_H_
 #define KEYMESH_KEYMESH_H_
@@ -38,6 +60,12 @@
 #include <stdint.h>
 
 #include "keymesh/export.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define KM_DEPRECATED(replacement) __attribute__((deprecated("use " replacement)))
+#else
+#define KM_DEPRECATED(replacement)
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -67,37 +95,87 @@ extern "C" {
 #define KM_LEAST_BUSY 1
 #define KM_WEIGHTED 2
 
-/* Special latency values for the release calls. */
+/* How a lease ended (== keymesh::OutcomeKind). */
+#define KM_OUTCOME_SUCCESS 0
+#define KM_OUTCOME_FAILURE 1      /* a non-429 failure */
+#define KM_OUTCOME_RATE_LIMITED 2 /* a 429 */
+#define KM_OUTCOME_CANCELLED 3    /* no outcome: the request was never sent */
+
+/* Special latency values for the end calls. */
 #define KM_LATENCY_MEASURED (-1.0) /* the time since the grant */
 #define KM_LATENCY_NONE (-2.0)     /* no sample: the latency EMA is unchanged */
-/* Special timeout / cooldown value: the pool's configured default. */
+/* Special timeout / cooldown / rate_margin value: the pool's configured
+ * default. */
 #define KM_DEFAULT (-1.0)
 
 typedef struct km_pool km_pool;
 typedef struct km_lease km_lease;
 typedef struct km_cancel km_cancel;
 
-/* The original KeyPool's options; km_pool_options_init() sets its defaults
- * (least_busy, cooldown 60, max_failures 10, acquire_timeout 30). */
+/* The original KeyPool's options; km_pool_options_init() sets the struct
+ * size and the defaults (least_busy, cooldown 60, max_failures 10,
+ * acquire_timeout 30, max_lease_seconds 600, max_cooldown 600,
+ * rate_margin 0.02). */
 typedef struct km_pool_options {
+  uint32_t struct_size;     /* sizeof(km_pool_options); set by km_pool_options_init() */
   int32_t strategy;         /* KM_ROUND_ROBIN / KM_LEAST_BUSY / KM_WEIGHTED */
-  double default_cooldown;  /* seconds a 429 cools a key when no cooldown is given */
   uint32_t max_failures;    /* consecutive failures that exhaust a key, >= 1 */
+  double default_cooldown;  /* seconds a 429 cools a key when no cooldown is given */
   double acquire_timeout;   /* default wait of an acquire, seconds (0: try once) */
   double max_lease_seconds; /* leases held longer are reclaimed by a broker */
   double max_cooldown;      /* cap of escalating 429 cooldowns */
+  double rate_margin;       /* keys are paced at (1 - rate_margin) x rpm/tpm; 0 <= m < 0.5 */
 } km_pool_options;
 
-/* One key. `name` may be NULL or "" (a name "key-N" is generated); the
- * strings are copied. weight 0 means 1; zero limits mean unlimited. */
+/* One key; km_key_spec_init() sets the struct size and the defaults (no
+ * name, weight 1, no limits, the pool's rate_margin). `name` may be NULL or
+ * "" (a name "key-N" is generated); the strings are copied. weight 0 means
+ * 1; zero limits mean unlimited. */
 typedef struct km_key_spec {
+  uint32_t struct_size; /* sizeof(km_key_spec); set by km_key_spec_init() */
+  uint32_t weight;      /* used by KM_WEIGHTED */
   const char* name;
   const char* secret;
-  uint32_t weight;
-  uint32_t max_concurrency;
-  uint32_t rpm;
-  uint64_t tpm;
+  uint32_t max_concurrency; /* leases at once, 0: unlimited */
+  uint32_t rpm;             /* requests per minute, 0: unlimited */
+  uint64_t tpm;             /* tokens per minute, 0: unlimited */
+  uint32_t burst;           /* requests granted back to back (0 or 1: smooth pacing); <= 1000000 */
+  double rate_margin;       /* this key's margin, 0 <= m < 0.5; KM_DEFAULT: the pool's */
 } km_key_spec;
+
+/* Flags of km_acquire_options. */
+#define KM_ACQUIRE_POLL                                   \
+  1u /* one attempt that never waits and, when no key is  \
+      * eligible, returns KM_NO_AVAILABLE_KEY without     \
+      * counting a failed acquire (for bindings that then \
+      * wait elsewhere); timeout and cancel are ignored */
+
+/* How to acquire; km_acquire_options_init() sets the struct size and the
+ * defaults (the pool's acquire_timeout, no tokens, no token, no flags). */
+typedef struct km_acquire_options {
+  uint32_t struct_size; /* sizeof(km_acquire_options); set by km_acquire_options_init() */
+  uint32_t flags;       /* KM_ACQUIRE_* */
+  double timeout;       /* seconds to wait; KM_DEFAULT: the pool's acquire_timeout */
+  uint64_t tokens;      /* the request's expected tokens, reserved from the key's TPM budget */
+  km_cancel* cancel;    /* may be NULL: ends the wait from another thread (km_cancel_trigger) */
+} km_acquire_options;
+
+/* Flags of km_end_options. */
+#define KM_END_PERMANENT                                   \
+  1u /* with KM_OUTCOME_FAILURE: an authentication failure \
+      * (e.g. HTTP 401) revokes the key until reset or     \
+      * add_key */
+
+/* How a lease ended; km_end_options_init() sets the struct size and the
+ * defaults (success, measured latency, no tokens, the pool's cooldown). */
+typedef struct km_end_options {
+  uint32_t struct_size; /* sizeof(km_end_options); set by km_end_options_init() */
+  uint32_t outcome;     /* KM_OUTCOME_* */
+  uint32_t flags;       /* KM_END_* */
+  double latency;       /* success only: seconds, KM_LATENCY_MEASURED or KM_LATENCY_NONE */
+  uint64_t tokens;      /* tokens the request used (correcting the acquire's reservation) */
+  double cooldown;      /* rate limited only: seconds, or KM_DEFAULT (the pool's default_cooldown) */
+} km_end_options;
 
 /* A key held by this process (km_pool_acquire_key). `secret` and `name`
  * stay valid until the pool is closed. */
@@ -112,20 +190,28 @@ typedef struct km_held {
 /* The message of the last failed call on this thread ("" if none). Valid
  * until the next km_* call on this thread. */
 KEYMESH_EXPORT const char* km_last_error(void);
-/* Stable lowercase name of a status code ("no_available_key", ...). */
+/* Stable lowercase name of a status code ("no_available_key", ...;
+ * "unknown" for a number that is not a code). */
 KEYMESH_EXPORT const char* km_code_name(int code);
 /* Writes the library version ("0.1.0") to *out (static string). */
 KEYMESH_EXPORT int km_version(const char** out);
 /* Frees a string returned as char* by this library. NULL is ignored. */
 KEYMESH_EXPORT int km_string_free(char* s);
 
-/* ---- Pools ------------------------------------------------------------- */
+/* ---- Option structs ------------------------------------------------------ */
 
 KEYMESH_EXPORT int km_pool_options_init(km_pool_options* options);
+KEYMESH_EXPORT int km_key_spec_init(km_key_spec* key);
+KEYMESH_EXPORT int km_acquire_options_init(km_acquire_options* options);
+KEYMESH_EXPORT int km_end_options_init(km_end_options* options);
+
+/* ---- Pools ------------------------------------------------------------- */
 
 /* A pool without a broker, in an anonymous shared segment shared with every
- * child forked afterwards. `options` NULL: the defaults. Needs n >= 1 keys
- * with non-empty, unique secrets and unique names (KM_INVALID_ARGUMENT). */
+ * child forked afterwards. `keys` is an array of n specs, each from
+ * km_key_spec_init() (one struct_size for all: it is the array's stride);
+ * `options` NULL: the defaults. Needs n >= 1 keys with non-empty, unique
+ * secrets and unique names (KM_INVALID_ARGUMENT). */
 KEYMESH_EXPORT int km_pool_create(const km_key_spec* keys, size_t n, const km_pool_options* options, km_pool** out);
 
 /* Attaches to pool `pool_name` of the keymesh-broker listening on
@@ -144,6 +230,10 @@ KEYMESH_EXPORT int km_pool_destroy(km_pool* pool);
 
 /* ---- Lease handles ----------------------------------------------------- */
 
+/* Acquires as `options` say (NULL: the defaults). A wait ends early with
+ * KM_CLOSED when the pool is closed or options->cancel is triggered;
+ * KM_NO_AVAILABLE_KEY on timeout. */
+KEYMESH_EXPORT int km_pool_acquire_ex(km_pool* pool, const km_acquire_options* options, km_lease** out);
 /* Waits up to `timeout` seconds (KM_DEFAULT: the pool's acquire_timeout)
  * for an eligible key. KM_NO_AVAILABLE_KEY on timeout. */
 KEYMESH_EXPORT int km_pool_acquire(km_pool* pool, double timeout, km_lease** out);
@@ -152,6 +242,12 @@ KEYMESH_EXPORT int km_pool_try_acquire(km_pool* pool, km_lease** out);
 /* The lease's secret and key name (either out pointer may be NULL); valid
  * until the pool is closed. */
 KEYMESH_EXPORT int km_lease_info(const km_lease* lease, const char** secret, const char** name);
+/* Ends the lease as `options` say (NULL: a success with the measured
+ * latency). KM_KEY_EXHAUSTED (the lease ended) exactly once: on the failure
+ * that made the key reach max_failures, or on the permanent one that
+ * revoked it. KM_INVALID_ARGUMENT for an unknown outcome or flag, or
+ * KM_END_PERMANENT without KM_OUTCOME_FAILURE (the lease stays held). */
+KEYMESH_EXPORT int km_lease_end(km_lease* lease, const km_end_options* options);
 /* Success. latency: seconds, KM_LATENCY_MEASURED or KM_LATENCY_NONE;
  * tokens: tokens the request used. */
 KEYMESH_EXPORT int km_lease_release(km_lease* lease, double latency, uint64_t tokens);
@@ -168,32 +264,34 @@ KEYMESH_EXPORT int km_lease_destroy(km_lease* lease);
 
 /* ---- Keys held by this process (by secret) ----------------------------- */
 
-/* Like km_pool_acquire, and remembers the lease as held by this process.
- * `cancel` (may be NULL) lets another thread end the wait with KM_CLOSED
- * (see km_cancel_trigger). */
+/* Like km_pool_acquire_ex, and remembers the lease as held by this process.
+ * With KM_ACQUIRE_POLL, KM_NO_AVAILABLE_KEY says no key is eligible now. */
+KEYMESH_EXPORT int km_pool_acquire_key_ex(km_pool* pool, const km_acquire_options* options, km_held* out);
+/* km_pool_acquire_key_ex with `timeout` and `cancel` (may be NULL). */
 KEYMESH_EXPORT int km_pool_acquire_key(km_pool* pool, double timeout, km_cancel* cancel, km_held* out);
-/* One attempt that, when no key is eligible, returns KM_NO_AVAILABLE_KEY
- * without counting a failed acquire (for bindings that then wait
- * elsewhere and count the outcome of that wait). */
+/* km_pool_acquire_key_ex with KM_ACQUIRE_POLL. */
 KEYMESH_EXPORT int km_pool_poll_key(km_pool* pool, km_held* out);
-/* End a held lease of `secret`: the one with `ticket`, or with ticket 0 the
- * oldest. KM_UNKNOWN_KEY if no key of the pool has that secret,
- * KM_NOT_HELD if this process holds no such lease. Arguments as for the
- * km_lease_* calls. */
+/* Ends a held lease of `secret` as `options` say (NULL: a success with the
+ * measured latency): the one with `ticket`, or with ticket 0 the oldest.
+ * KM_UNKNOWN_KEY if no key of the pool has that secret, KM_NOT_HELD if this
+ * process holds no such lease; otherwise as km_lease_end. */
+KEYMESH_EXPORT int km_pool_end_key(km_pool* pool, const char* secret, uint64_t ticket, const km_end_options* options);
+/* km_pool_end_key with one outcome; arguments as for the km_lease_* calls. */
 KEYMESH_EXPORT int km_pool_release_key(km_pool* pool, const char* secret, uint64_t ticket, double latency,
                                        uint64_t tokens);
 KEYMESH_EXPORT int km_pool_mark_failed_key(km_pool* pool, const char* secret, uint64_t ticket);
 KEYMESH_EXPORT int km_pool_mark_rate_limited_key(km_pool* pool, const char* secret, uint64_t ticket, double cooldown);
 KEYMESH_EXPORT int km_pool_cancel_key(km_pool* pool, const char* secret, uint64_t ticket);
-/* km_pool_acquire_key reserving `tokens` (the request's expected token
- * count) from the key's TPM budget; the release's token count corrects it. */
-KEYMESH_EXPORT int km_pool_acquire_key_tokens(km_pool* pool, double timeout, uint64_t tokens, km_cancel* cancel,
-                                              km_held* out);
-/* km_pool_poll_key reserving `tokens`. */
-KEYMESH_EXPORT int km_pool_poll_key_tokens(km_pool* pool, uint64_t tokens, km_held* out);
-/* An authentication failure (e.g. HTTP 401): the key is revoked until
- * reset or add_key. KM_KEY_EXHAUSTED when this call revoked it. */
-KEYMESH_EXPORT int km_pool_mark_failed_key_permanent(km_pool* pool, const char* secret, uint64_t ticket);
+/* Deprecated: km_pool_acquire_key_ex with options.tokens. */
+KEYMESH_EXPORT KM_DEPRECATED("km_pool_acquire_key_ex") int km_pool_acquire_key_tokens(km_pool* pool, double timeout,
+                                                                                      uint64_t tokens,
+                                                                                      km_cancel* cancel, km_held* out);
+/* Deprecated: km_pool_acquire_key_ex with KM_ACQUIRE_POLL and options.tokens. */
+KEYMESH_EXPORT KM_DEPRECATED("km_pool_acquire_key_ex") int km_pool_poll_key_tokens(km_pool* pool, uint64_t tokens,
+                                                                                   km_held* out);
+/* Deprecated: km_pool_end_key with KM_OUTCOME_FAILURE and KM_END_PERMANENT. */
+KEYMESH_EXPORT KM_DEPRECATED("km_pool_end_key") int km_pool_mark_failed_key_permanent(km_pool* pool, const char* secret,
+                                                                                      uint64_t ticket);
 /* Feeds a response's headers (Retry-After, retry-after-ms,
  * x-ratelimit-{limit,remaining,reset}-{requests,tokens}; others are
  * ignored, names case-insensitive) for the key with `secret` to the pool.
@@ -209,8 +307,9 @@ KEYMESH_EXPORT int km_pool_held_count(km_pool* pool, const char* secret, uint32_
 
 /* ---- Cancelling waits --------------------------------------------------- */
 
-/* A token that ends a km_pool_acquire_key() wait from another thread.
- * Closing the pool triggers every token of the pool. */
+/* A token that ends an acquire wait (km_acquire_options.cancel,
+ * km_pool_acquire_key) from another thread. Closing the pool triggers every
+ * token of the pool. */
 KEYMESH_EXPORT int km_cancel_create(km_pool* pool, km_cancel** out);
 /* Sets the token and wakes the waits of its pool; the wait using it returns
  * KM_CLOSED (unless it got a key first). Idempotent; any thread. */
@@ -222,7 +321,8 @@ KEYMESH_EXPORT int km_cancel_destroy(km_cancel* token);
 
 /* Adds a key, or re-admits the existing key of the same name (or, with no
  * name, of the same secret): clears its failure streak and exhaustion. In
- * an embedded pool only the creating process can add keys (before fork). */
+ * an embedded pool only the creating process can add keys (before fork).
+ * `key` from km_key_spec_init(). */
 KEYMESH_EXPORT int km_pool_add_key(km_pool* pool, const km_key_spec* key);
 KEYMESH_EXPORT int km_pool_remove_key(km_pool* pool, const char* name);
 KEYMESH_EXPORT int km_pool_enable_key(km_pool* pool, const char* name);
@@ -232,20 +332,23 @@ KEYMESH_EXPORT int km_pool_reset_key(km_pool* pool, const char* name);
 /* The name of the key whose secret is `secret` (km_string_free it). */
 KEYMESH_EXPORT int km_pool_key_name(km_pool* pool, const char* secret, char** out);
 
-/* The pool's status as a JSON object (free with km_string_free):
- *   {"name", "scheduler", "uptime", "generation",
- *    "options": {strategy, default_cooldown, max_failures, acquire_timeout,
- *                max_lease_seconds, max_cooldown},
+/* The pool's status as a JSON object (free with km_string_free), in the
+ * control protocol's shape (the broker's status op):
+ *   {"name", "strategy", "generation",
+ *    "options": {default_cooldown, max_failures, acquire_timeout,
+ *                max_lease_seconds, max_cooldown, rate_margin},
+ *    "acquire_wait": {counts, bounds, sum, count},
  *    "pool_metrics": {total_acquires, total_releases, total_failures,
  *                     total_rate_limited, total_reclaimed,
- *                     no_key_available_count, total_timeouts, uptime},
- *    "keys": [{name, slot, key_suffix (masked secret), state, enabled,
- *              weight, max_concurrency, rpm, tpm, active_requests,
- *              cooldown_remaining, fail_streak, rate_limit_streak,
- *              acquire_count, success_count, failure_count,
- *              rate_limited_count, reclaimed_count, cancelled_count,
- *              tokens, latency_avg, has_latency, last_used_ago,
- *              is_available, health_score}, ...]}
+ *                     no_key_available_count, timeouts, uptime},
+ *    "keys": [{name, key_suffix (masked secret), slot, fingerprint, state,
+ *              enabled, weight, max_concurrency, rpm, tpm, active_requests,
+ *              cooldown_remaining, fail_streak, rate_limit_streak, acquires,
+ *              success_count, failure_count, rate_limited, reclaimed, tokens,
+ *              cancelled, latency_avg, has_latency, last_used_ago,
+ *              is_available, health_score, circuit, circuit_opens,
+ *              escalation, requests_available, tokens_available, burst,
+ *              rate_margin, reason}, ...]}
  * Counters are pool-wide (all processes). Never contains a secret. */
 KEYMESH_EXPORT int km_pool_status_json(km_pool* pool, char** out);
 /* Keys eligible right now. */
@@ -253,8 +356,9 @@ KEYMESH_EXPORT int km_pool_available_count(km_pool* pool, uint32_t* out);
 
 /* Frees the leases of processes that no longer run (e.g. a gunicorn worker
  * that was killed while holding keys); *reclaimed (may be NULL) receives
- * how many. An attached pool's broker does this by itself; an embedded
- * pool needs its creator (the gunicorn master) to call it. */
+ * how many. An attached pool's broker does this by itself
+ * (KM_INVALID_ARGUMENT); an embedded pool needs its creator (the gunicorn
+ * master) to call it. */
 KEYMESH_EXPORT int km_pool_reclaim_dead(km_pool* pool, uint32_t* reclaimed);
 
 /* ---- Broker helpers ----------------------------------------------------- */

@@ -12,17 +12,23 @@
 // (gunicorn --preload); an attached pool shares the broker's segment with
 // every process on the host. The fast path (Acquire/Release) makes no system
 // call unless it has to sleep.
+//
+// A Pool is a handle on one of three private implementations, chosen by the
+// factory that made it: an embedded pool (the segment and its keys belong to
+// this process), a pool attached to a broker's segment (leases on the
+// segment, key changes through the broker, which knows the secrets), or a
+// slow-path pool (every call over the broker socket, when the segment cannot
+// be mapped). Nothing of them is part of this header's ABI.
 #ifndef KEYMESH_POOL_H_
 #define KEYMESH_POOL_H_
 
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "keymesh/export.h"
@@ -33,30 +39,63 @@
 
 namespace keymesh {
 
-namespace shm {
-class Segment;
-class PoolAdmin;
-class Clock;
-}  // namespace shm
-
 class Pool;
 
 namespace detail {
-// What a process knows of one key: immutable once published.
-struct KeyEntry {
-  std::string name;
-  std::string secret;
-  uint64_t fingerprint = 0;
-};
-class BrokerLink;  // the connection to keymesh-broker (client/broker_client.cc)
+struct KeyEntry;     // what this process knows of one key (client/pool_backend.h)
+class PoolBackend;   // a Pool's implementation (client/pool_backend.h)
+struct CancelState;  // a CancelToken's flag (client/pool_backend.h)
 }  // namespace detail
 
+// Lets another thread end an Acquire() wait early: pass it in
+// Pool::AcquireOptions::cancel, then call Pool::Cancel(token) (or Cancel()
+// followed by Pool::WakeWaiters()). The wait returns kClosed, unless it got
+// a key first. A set token stays set; a wait started with a set token makes
+// one attempt that is not counted as a failed acquire.
+//
+// Thread safety: any thread may call any method at any time. The token must
+// outlive every wait that uses it. Pools on the socket slow path wait inside
+// the broker, which cannot be interrupted: there a token set before the call
+// refuses it at once, and one set during it takes effect at its timeout.
+class KEYMESH_EXPORT CancelToken {
+ public:
+  CancelToken();
+  ~CancelToken();
+  CancelToken(const CancelToken&) = delete;
+  CancelToken& operator=(const CancelToken&) = delete;
+
+  // Sets the token (idempotent). A wait sleeping on a pool notices it when
+  // that pool's waiters are woken: use Pool::Cancel to do both.
+  void Cancel() noexcept;
+  bool cancelled() const noexcept;
+
+ private:
+  friend class detail::PoolBackend;
+  std::unique_ptr<detail::CancelState> state_;
+};
+
 // One acquired key. Move-only. Unless one of Release / MarkFailed /
-// MarkRateLimited / Cancel was called, the destructor releases it as a
-// success with the latency measured since the grant. The Pool must outlive
+// MarkRateLimited / Cancel / End was called, the destructor releases it as
+// a success with the latency measured since the grant. The Pool must outlive
 // its leases.
+//
+// Thread safety: a Lease is single-threaded: one thread at a time may use a
+// given Lease (it has no lock); different leases may be used from different
+// threads at once.
 class KEYMESH_EXPORT Lease {
  public:
+  // The general form of ending a lease (End()); the named calls below are
+  // End() with one outcome.
+  struct EndOptions {
+    // Seconds the request took. kSuccess: absent means measured since the
+    // grant; NaN means no sample (the latency average stays as it is).
+    // Ignored for the other outcomes.
+    std::optional<double> latency;
+    uint64_t tokens = 0;             // tokens the request used (not for kCancelled)
+    std::optional<double> cooldown;  // kRateLimited: seconds; absent: the pool's default_cooldown
+    bool permanent = false;          // kFailure: an authentication failure; revokes the key
+  };
+
   Lease() noexcept = default;
   Lease(Lease&& other) noexcept;
   Lease& operator=(Lease&& other) noexcept;
@@ -64,20 +103,27 @@ class KEYMESH_EXPORT Lease {
   Lease& operator=(const Lease&) = delete;
   ~Lease();
 
-  bool active() const noexcept { return pool_ != nullptr; }
-  // The API key. Valid while the Pool lives.
-  const std::string& secret() const noexcept { return entry_->secret; }
-  const std::string& key_name() const noexcept { return entry_->name; }
+  bool active() const noexcept { return backend_ != nullptr; }
+  // The API key and the key's name: valid while the Pool lives, also after
+  // the lease ended ("" for a default-constructed Lease).
+  const std::string& secret() const noexcept;
+  const std::string& key_name() const noexcept;
   // Seconds since the grant.
   double elapsed() const noexcept;
 
+  // Ends the lease with `kind`. kNotHeld when it already ended;
+  // kInvalidArgument (the lease stays held) for `permanent` without
+  // kFailure or an unknown kind. A cooldown that is not a finite number of
+  // seconds >= 0 still ends the lease (the request is over) and returns
+  // kInvalidArgument. kKeyExhausted (the lease ended) exactly once: on the
+  // failure that opened the key's circuit (max_failures consecutive
+  // failures) or on the permanent failure that revoked it.
+  Status End(OutcomeKind kind, const EndOptions& options);
   // Success. latency: seconds (default: measured since the grant); tokens:
   // tokens the request used.
   Status Release(std::optional<double> latency = std::nullopt, uint64_t tokens = 0);
-  // A non-429 failure. Returns kKeyExhausted once, when this failure opened
-  // the key's circuit (max_failures consecutive failures) — the lease is
-  // ended either way. `permanent` (an authentication failure, e.g. HTTP 401)
-  // revokes the key until reset or AddKey.
+  // A non-429 failure. `permanent` (an authentication failure, e.g. HTTP
+  // 401) revokes the key until reset or AddKey.
   Status MarkFailed(bool permanent = false);
   // A 429: cools the key for `cooldown` seconds (pool default when absent),
   // never shortening a deadline already set; consecutive 429s escalate.
@@ -92,11 +138,9 @@ class KEYMESH_EXPORT Lease {
   uint32_t slot() const noexcept { return slot_; }
 
  private:
-  friend class Pool;
-  Status End(uint32_t kind, std::optional<double> latency, uint64_t tokens, std::optional<double> cooldown,
-             bool permanent = false);
+  friend class detail::PoolBackend;
 
-  Pool* pool_ = nullptr;
+  detail::PoolBackend* backend_ = nullptr;  // null once ended
   const detail::KeyEntry* entry_ = nullptr;
   uint32_t slot_ = 0;
   uint32_t lease_ = 0;
@@ -117,7 +161,7 @@ class KEYMESH_EXPORT Pool {
 
   // A pool without a broker, in an anonymous shared segment inherited by
   // children forked afterwards. Keys need unique non-empty names and
-  // non-empty, unique secrets (kInvalidArgument otherwise).
+  // non-empty, unique secrets (ValidateSecret; kInvalidArgument otherwise).
   static Result<std::unique_ptr<Pool>> CreateEmbedded(const std::vector<KeySpec>& keys, const PoolOptions& options,
                                                       const EmbeddedOptions& embedded = {});
 
@@ -127,38 +171,48 @@ class KEYMESH_EXPORT Pool {
   using SecretSource = std::function<Result<std::vector<std::pair<std::string, std::string>>>()>;
 
   // Opens the named segment (validating magic, layout version and shape)
-  // and the pool in it. kLayoutMismatch on another layout version.
+  // and the pool in it. kLayoutMismatch on another layout version. Key
+  // changes are made in the segment by this process, as for an embedded
+  // pool; `secrets` (may be empty) tells it the secrets of keys it meets.
   static Result<std::unique_ptr<Pool>> AttachSegment(std::string_view segment_name, std::string_view pool_name,
                                                      SecretSource secrets);
 
   // Connects to the keymesh-broker at `socket_path` (empty: $KEYMESH_SOCKET,
   // else /run/keymesh/keymesh.sock): hello (registers this process for lease
   // ownership), secrets, then maps the broker's segment and attaches to the
-  // pool. When the segment cannot be mapped, every call goes over the socket
-  // (slow path). kBrokerUnavailable when nobody answers. Implemented in
-  // client/broker_client.cc.
+  // pool: leases on the segment, key changes through the broker. When the
+  // segment cannot be mapped, every call goes over the socket (slow_path()).
+  // kBrokerUnavailable when nobody answers.
   static Result<std::unique_ptr<Pool>> Connect(std::string_view socket_path, std::string_view pool_name);
 
+  struct AcquireOptions {
+    std::optional<double> timeout;  // seconds; absent: the pool's acquire_timeout
+    // The request's expected token count, reserved up front from the key's
+    // TPM budget (the release's count corrects it).
+    uint64_t tokens = 0;
+    // Ends the wait early with kClosed (see CancelToken). May be null; must
+    // outlive the call.
+    const CancelToken* cancel = nullptr;
+    // One attempt that never waits and, when no key is eligible, returns
+    // kNoAvailableKey without counting a failed acquire (for bindings that
+    // then wait elsewhere and count the outcome of that wait). `timeout`
+    // and `cancel` are ignored.
+    bool poll = false;
+  };
   // Waits up to `timeout` seconds (the pool's acquire_timeout when absent)
   // for an eligible key. kNoAvailableKey on timeout.
   Result<Lease> Acquire(std::optional<double> timeout = std::nullopt);
-  // As Acquire(timeout), but another thread may end the wait early: it sets
-  // *cancel to true and then calls access().WakeWaiters(); the call returns
-  // kClosed. A wait ended this way is not counted as a failed acquire, so a
-  // flag already set makes one uncounted attempt. *cancel must outlive the
-  // call. (Used by the C ABI for asyncio cancellation and close.)
-  Result<Lease> Acquire(std::optional<double> timeout, const std::atomic<bool>* cancel);
-  // The general form: `tokens` is the expected token count of the request,
-  // reserved up front from the key's TPM budget (the release's count
-  // corrects it).
-  struct AcquireOptions {
-    std::optional<double> timeout;  // seconds; absent: the pool's acquire_timeout
-    uint64_t tokens = 0;
-    const std::atomic<bool>* cancel = nullptr;  // as for Acquire(timeout, cancel)
-  };
+  // The general form.
   Result<Lease> Acquire(const AcquireOptions& options);
-  // One attempt, never waits.
+  // One attempt, never waits (a failure is counted).
   Result<Lease> TryAcquire();
+  // Sets `token` and wakes this pool's waiters, so the waits using it end
+  // with kClosed. Any thread; the token may be in use by any number of
+  // waits of this pool.
+  void Cancel(CancelToken& token) noexcept;
+  // Wakes every wait of this pool (in every process) so that each re-checks
+  // its CancelToken and the pool's state. No effect on slow_path() pools.
+  void WakeWaiters() noexcept;
   // What the provider said about a key's limits (by key name).
   Status ObserveLimits(std::string_view key_name, const LimitObservation& observation);
 
@@ -173,10 +227,15 @@ class KEYMESH_EXPORT Pool {
   Status EnableKey(std::string_view name);
   Status DisableKey(std::string_view name);
   Status ResetKey(std::string_view name);
+  // Frees the leases of processes that no longer run (a worker killed while
+  // holding keys); returns how many. For pools whose keys this process
+  // administers (CreateEmbedded, AttachSegment): a broker does this by
+  // itself, so Connect()ed pools return kInvalidArgument.
+  Result<uint32_t> ReclaimDead();
 
   Result<PoolStatus> GetStatus();
   uint32_t AvailableCount();
-  const std::string& name() const noexcept { return name_; }
+  const std::string& name() const noexcept;
   // Name of the key holding `secret`, if any.
   std::optional<std::string> NameOfSecret(std::string_view secret);
   // MaskSecret() of the secret of the key in `slot`, if this process knows
@@ -184,53 +243,21 @@ class KEYMESH_EXPORT Pool {
   std::optional<std::string> MaskedSecretOfSlot(uint32_t slot);
 
   // Replaces the pool's strategy for this process's acquires (nullptr: back
-  // to the pool's strategy). The selector must outlive its use.
+  // to the pool's strategy). The Pool shares ownership of every selector it
+  // is given and keeps each alive until the Pool is destroyed, because an
+  // acquire on another thread may still be running the one replaced. No
+  // effect on slow_path() pools (the broker selects).
   void SetSelector(std::shared_ptr<const Selector> selector);
 
-  // For bindings and tests: the underlying segment view. Only for pools
-  // that map a segment (not slow_path()).
-  shm::PoolAdmin& access() noexcept { return *access_; }
-  shm::Segment& segment() noexcept { return *segment_; }
   // True when every call goes over the broker socket (Connect() could not
   // map the segment).
-  bool slow_path() const noexcept { return access_ == nullptr; }
+  bool slow_path() const noexcept;
 
  private:
-  friend class Lease;
-  Pool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index, std::string name, SecretSource source);
-  Result<Lease> MakeLease(uint32_t slot, uint32_t lease, uint32_t seq, uint64_t acquire_ns, uint64_t fingerprint);
-  Status RefreshSecrets();
-  void Publish(uint32_t slot, std::string name, std::string secret, uint64_t fingerprint);
+  explicit Pool(std::unique_ptr<detail::PoolBackend> backend) noexcept;
+  static Result<std::unique_ptr<Pool>> Wrap(Result<std::unique_ptr<detail::PoolBackend>> backend);
 
-  std::unique_ptr<shm::Segment> segment_;
-  std::unique_ptr<shm::PoolAdmin> access_;
-  std::string name_;
-  SecretSource source_;
-  uint32_t creator_pid_ = 0;
-  // Per slot, what this process knows of the key there. Readers load
-  // without a lock; writers (under secrets_mutex_) publish a new entry and
-  // keep the old one alive in entry_storage_ until ~Pool, so a Lease's
-  // entry pointer never dangles.
-  std::unique_ptr<std::atomic<const detail::KeyEntry*>[]> entries_;
-  uint32_t entries_size_ = 0;
-  std::mutex secrets_mutex_;
-  std::vector<std::unique_ptr<detail::KeyEntry>> entry_storage_;
-  std::vector<std::shared_ptr<const Selector>> selectors_;  // every selector ever set stays alive
-  std::atomic<const Selector*> selector_raw_{nullptr};
-
-  // Broker client (client/broker_client.cc). broker_ is set for pools made
-  // by Connect(): admin calls go to the broker, which knows the secrets.
-  // In slow-path mode (no segment) every call goes over it.
-  Pool(std::shared_ptr<detail::BrokerLink> broker, std::string name);
-  Result<Lease> RemoteAcquire(std::optional<double> timeout, uint64_t tokens = 0);
-  Status RemoteEnd(const Lease& lease, uint32_t kind, std::optional<double> latency, uint64_t tokens,
-                   std::optional<double> cooldown, bool permanent);
-  Status RemoteObserve(std::string_view key_name, const LimitObservation& observation);
-  Status RemoteKeyOp(std::string_view op, std::string_view name);
-  Status RemoteAddKey(const KeySpec& key);
-  Result<PoolStatus> RemoteStatus();
-  std::optional<std::string> RemoteNameOfSecret(std::string_view secret);
-  std::shared_ptr<detail::BrokerLink> broker_;
+  std::unique_ptr<detail::PoolBackend> backend_;
 };
 
 }  // namespace keymesh

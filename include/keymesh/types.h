@@ -37,6 +37,10 @@ struct PoolOptions {
 // Checks ranges and finiteness; the message names the offending field.
 KEYMESH_EXPORT Status ValidatePoolOptions(const PoolOptions& options);
 
+// KeySpec::rate_margin meaning "the pool's" (any negative value does; the C
+// ABI's KM_DEFAULT is this number).
+inline constexpr double kPoolRateMargin = -1.0;
+
 // One key as configured. `secret` never enters the shared segment.
 struct KeySpec {
   std::string name;              // stable, unique in its pool, 1..63 bytes
@@ -48,8 +52,9 @@ struct KeySpec {
   // Requests that may be granted back to back (0 or 1: smooth pacing, the
   // default, right for providers that quantize limits per second).
   uint32_t burst = 0;
-  // Per-key override of PoolOptions::rate_margin; negative: the pool's.
-  double rate_margin = -1.0;
+  // Per-key override of PoolOptions::rate_margin (0 <= m < 0.5); negative:
+  // the pool's.
+  double rate_margin = kPoolRateMargin;
 };
 
 // How a lease ended. kCancelled ends it without counting an outcome (the

@@ -1,6 +1,9 @@
-/* keymesh.h compiled as C11: calls every function of the C ABI against an
- * embedded pool (and a connect to a socket nobody listens on). Exits 0 when
- * every check holds; prints the failing check otherwise. */
+/* keymesh.h compiled as C11 (-pedantic): calls every function of the C ABI
+ * against embedded pools (and a connect to a socket nobody listens on), the
+ * deprecated wrappers included; c_api_coverage_test fails the build's tests
+ * when a function of keymesh.h is not called here. Exits 0 when every check
+ * holds; prints the failing check otherwise. */
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,15 +32,28 @@ static double now_seconds(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* The number after the first `field` (e.g. "\"burst\":") in `json`, or NAN. */
+static double json_number(const char* json, const char* field) {
+  const char* at = json != NULL ? strstr(json, field) : NULL;
+  return at != NULL ? strtod(at + strlen(field), NULL) : NAN;
+}
+
+static void key_specs(km_key_spec* keys, size_t n) {
+  for (size_t i = 0; i < n; ++i) CHECK_RC(km_key_spec_init(&keys[i]), KM_OK);
+}
+
+/* A key spec with the defaults and this name and secret. */
+static void key_spec(km_key_spec* k, const char* name, const char* secret) {
+  CHECK_RC(km_key_spec_init(k), KM_OK);
+  k->name = name;
+  k->secret = secret;
+}
+
 static km_pool* make_pool(int strategy, uint32_t max_failures) {
   km_key_spec keys[3];
-  memset(keys, 0, sizeof(keys));
-  keys[0].name = "alpha";
-  keys[0].secret = "sk-test-alpha-0000000001";
-  keys[1].name = "beta";
-  keys[1].secret = "sk-test-beta-00000000002";
-  keys[2].name = NULL; /* generated name */
-  keys[2].secret = "sk-test-gamma-0000000003";
+  key_spec(&keys[0], "alpha", "sk-test-alpha-0000000001");
+  key_spec(&keys[1], "beta", "sk-test-beta-00000000002");
+  key_spec(&keys[2], NULL, "sk-test-gamma-0000000003"); /* generated name */
   km_pool_options opts;
   CHECK_RC(km_pool_options_init(&opts), KM_OK);
   opts.strategy = strategy;
@@ -65,7 +81,7 @@ static void test_errors_and_version(void) {
   CHECK_RC(km_pool_create(NULL, 0, NULL, &pool), KM_INVALID_ARGUMENT);
   CHECK(strlen(km_last_error()) > 0);
   km_key_spec dup[2];
-  memset(dup, 0, sizeof(dup));
+  key_specs(dup, 2);
   dup[0].secret = "same-secret-123456";
   dup[1].secret = "same-secret-123456";
   CHECK_RC(km_pool_create(dup, 2, NULL, &pool), KM_INVALID_ARGUMENT);
@@ -168,7 +184,7 @@ static void test_keys_by_secret(void) {
 
   /* Admin. */
   km_key_spec extra;
-  memset(&extra, 0, sizeof(extra));
+  CHECK_RC(km_key_spec_init(&extra), KM_OK);
   extra.name = "delta";
   extra.secret = "sk-test-delta-0000000004";
   extra.weight = 3;
@@ -222,7 +238,7 @@ static void* waiter(void* p) {
 
 static void test_cancel_and_close_wake_waiters(void) {
   km_key_spec key;
-  memset(&key, 0, sizeof(key));
+  CHECK_RC(km_key_spec_init(&key), KM_OK);
   key.secret = "sk-only-one-key-00000009";
   key.max_concurrency = 1;
   km_pool* pool = NULL;
@@ -299,6 +315,346 @@ static void test_fork_child_holds_nothing(void) {
   CHECK_RC(km_pool_destroy(pool), KM_OK);
 }
 
+/* The size-prefixed structs: defaults, refusal of a missing or foreign
+ * struct_size, a newer caller's larger struct taken when its unknown tail
+ * is zero. */
+static void test_option_structs(void) {
+  km_key_spec k;
+  memset(&k, 0xAB, sizeof(k));
+  CHECK_RC(km_key_spec_init(&k), KM_OK);
+  CHECK(k.struct_size == sizeof(km_key_spec));
+  CHECK(k.weight == 1 && k.name == NULL && k.secret == NULL && k.max_concurrency == 0 && k.rpm == 0 && k.tpm == 0);
+  CHECK(k.burst == 0 && k.rate_margin == KM_DEFAULT);
+  km_acquire_options a;
+  CHECK_RC(km_acquire_options_init(&a), KM_OK);
+  CHECK(a.struct_size == sizeof(km_acquire_options) && a.flags == 0 && a.timeout == KM_DEFAULT && a.tokens == 0 &&
+        a.cancel == NULL);
+  km_end_options e;
+  CHECK_RC(km_end_options_init(&e), KM_OK);
+  CHECK(e.struct_size == sizeof(km_end_options) && e.outcome == KM_OUTCOME_SUCCESS && e.flags == 0);
+  CHECK(e.latency == KM_LATENCY_MEASURED && e.tokens == 0 && e.cooldown == KM_DEFAULT);
+  km_pool_options o;
+  CHECK_RC(km_pool_options_init(&o), KM_OK);
+  CHECK(o.struct_size == sizeof(km_pool_options) && o.rate_margin == 0.02);
+  CHECK(o.max_lease_seconds == 600.0 && o.max_cooldown == 600.0);
+  CHECK_RC(km_pool_options_init(NULL), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_key_spec_init(NULL), KM_INVALID_ARGUMENT);
+
+  km_pool* pool = NULL;
+  k.secret = "sk-struct-size-00000001";
+  k.struct_size = 0; /* a struct never initialised */
+  CHECK_RC(km_pool_create(&k, 1, NULL, &pool), KM_INVALID_ARGUMENT);
+  CHECK(strstr(km_last_error(), "km_key_spec_init") != NULL);
+  k.struct_size = 8; /* below the first version */
+  CHECK_RC(km_pool_create(&k, 1, NULL, &pool), KM_INVALID_ARGUMENT);
+  k.struct_size = 0xFFFFFFFFu; /* garbage: refused without being read */
+  CHECK_RC(km_pool_create(&k, 1, NULL, &pool), KM_INVALID_ARGUMENT);
+  k.struct_size = sizeof(km_key_spec);
+  o.struct_size = 0;
+  CHECK_RC(km_pool_create(&k, 1, &o, &pool), KM_INVALID_ARGUMENT);
+  CHECK(strstr(km_last_error(), "km_pool_options") != NULL);
+
+  /* A caller built against a newer header: a larger struct. */
+  struct {
+    km_pool_options base;
+    uint64_t newer_field;
+  } newer;
+  memset(&newer, 0, sizeof(newer));
+  CHECK_RC(km_pool_options_init(&newer.base), KM_OK);
+  newer.base.struct_size = sizeof(newer);
+  newer.base.acquire_timeout = 0.0;
+  newer.newer_field = 7; /* a setting this library cannot honour */
+  CHECK_RC(km_pool_create(&k, 1, &newer.base, &pool), KM_INVALID_ARGUMENT);
+  CHECK(strstr(km_last_error(), "newer") != NULL);
+  newer.newer_field = 0; /* left at its default: fine */
+  CHECK_RC(km_pool_create(&k, 1, &newer.base, &pool), KM_OK);
+
+  /* An array of larger key specs: the stride is their struct_size. */
+  struct {
+    km_key_spec base;
+    uint64_t newer_field;
+  } wide[2];
+  memset(wide, 0, sizeof(wide));
+  for (int i = 0; i < 2; ++i) {
+    CHECK_RC(km_key_spec_init(&wide[i].base), KM_OK);
+    wide[i].base.struct_size = sizeof(wide[0]);
+  }
+  wide[0].base.secret = "sk-wide-spec-000000000001";
+  wide[1].base.secret = "sk-wide-spec-000000000002";
+  wide[1].base.name = "second";
+  km_pool* wide_pool = NULL;
+  CHECK_RC(km_pool_create(&wide[0].base, 2, NULL, &wide_pool), KM_OK);
+  char* name = NULL;
+  CHECK_RC(km_pool_key_name(wide_pool, "sk-wide-spec-000000000002", &name), KM_OK);
+  CHECK(name != NULL && strcmp(name, "second") == 0);
+  km_string_free(name);
+  wide[1].base.struct_size = sizeof(km_key_spec); /* mixed sizes in one array */
+  km_pool* mixed = NULL;
+  CHECK_RC(km_pool_create(&wide[0].base, 2, NULL, &mixed), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_pool_destroy(wide_pool), KM_OK);
+
+  /* Acquire and end options are checked the same way. */
+  km_lease* lease = NULL;
+  a.struct_size = 0;
+  CHECK_RC(km_pool_acquire_ex(pool, &a, &lease), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_acquire_options_init(&a), KM_OK);
+  a.flags = 0x80;
+  CHECK_RC(km_pool_acquire_ex(pool, &a, &lease), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_pool_acquire_ex(pool, NULL, &lease), KM_OK);
+  e.struct_size = 3;
+  CHECK_RC(km_lease_end(lease, &e), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_lease_info(lease, NULL, NULL), KM_OK); /* still held */
+  CHECK_RC(km_lease_end(lease, NULL), KM_OK);        /* a success, measured */
+  CHECK_RC(km_lease_destroy(lease), KM_OK);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
+}
+
+/* burst and rate_margin from C reach the pool (pool-wide and per key). */
+static void test_burst_and_rate_margin(void) {
+  km_key_spec keys[2];
+  key_spec(&keys[0], "paced", "sk-paced-key-000000000001");
+  keys[0].rpm = 600;
+  keys[0].burst = 4;
+  keys[0].rate_margin = 0.25;
+  key_spec(&keys[1], "plain", "sk-plain-key-000000000002");
+  km_pool_options opts;
+  CHECK_RC(km_pool_options_init(&opts), KM_OK);
+  opts.rate_margin = 0.125;
+  km_pool* pool = NULL;
+  CHECK_RC(km_pool_create(keys, 2, &opts, &pool), KM_OK);
+  char* json = NULL;
+  CHECK_RC(km_pool_status_json(pool, &json), KM_OK);
+  CHECK(json_number(json, "\"rate_margin\":") == 0.125); /* options come first */
+  const char* paced = json != NULL ? strstr(json, "\"name\":\"paced\"") : NULL;
+  const char* plain = json != NULL ? strstr(json, "\"name\":\"plain\"") : NULL;
+  CHECK(paced != NULL && plain != NULL);
+  CHECK(json_number(paced, "\"burst\":") == 4.0);
+  CHECK(json_number(paced, "\"rate_margin\":") == 0.25);
+  CHECK(json_number(plain, "\"burst\":") == 0.0);
+  CHECK(json_number(plain, "\"rate_margin\":") == -1.0); /* the pool's */
+  km_string_free(json);
+
+  km_key_spec bad;
+  CHECK_RC(km_key_spec_init(&bad), KM_OK);
+  bad.secret = "sk-bad-margin-0000000003";
+  bad.rate_margin = 0.7;
+  CHECK_RC(km_pool_add_key(pool, &bad), KM_INVALID_ARGUMENT);
+  CHECK(strstr(km_last_error(), "rate_margin") != NULL);
+  bad.rate_margin = KM_DEFAULT;
+  bad.burst = 2000000;
+  CHECK_RC(km_pool_add_key(pool, &bad), KM_INVALID_ARGUMENT);
+  CHECK(strstr(km_last_error(), "burst") != NULL);
+  bad.burst = 2;
+  CHECK_RC(km_pool_add_key(pool, &bad), KM_OK);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
+
+  km_pool* refused = NULL;
+  opts.rate_margin = 0.6;
+  CHECK_RC(km_pool_create(keys, 2, &opts, &refused), KM_INVALID_ARGUMENT);
+}
+
+/* The general acquire and end calls, on both kinds of holding a key. */
+static void test_acquire_and_end_options(void) {
+  /* Tokens reserved up front from a key's TPM budget (at most one second
+   * of it may be spent ahead). */
+  km_key_spec budget_key;
+  CHECK_RC(km_key_spec_init(&budget_key), KM_OK);
+  budget_key.name = "budget";
+  budget_key.secret = "sk-budget-key-0000000001";
+  budget_key.tpm = 1000;
+  km_pool* budget = NULL;
+  CHECK_RC(km_pool_create(&budget_key, 1, NULL, &budget), KM_OK);
+  km_acquire_options a;
+  CHECK_RC(km_acquire_options_init(&a), KM_OK);
+  a.flags = KM_ACQUIRE_POLL;
+  km_held h1, h2;
+  CHECK_RC(km_pool_acquire_key_ex(budget, &a, &h1), KM_OK); /* no tokens: nothing reserved */
+  CHECK_RC(km_pool_acquire_key_ex(budget, &a, &h2), KM_OK);
+  CHECK_RC(km_pool_end_key(budget, h1.secret, h1.ticket, NULL), KM_OK);
+  CHECK_RC(km_pool_end_key(budget, h2.secret, h2.ticket, NULL), KM_OK);
+  a.flags = 0;
+  a.tokens = 900;
+  a.timeout = 1.0;
+  km_lease* lease = NULL;
+  CHECK_RC(km_pool_acquire_ex(budget, &a, &lease), KM_OK);
+  km_end_options e;
+  CHECK_RC(km_end_options_init(&e), KM_OK);
+  e.latency = 0.5;
+  e.tokens = 900;
+  CHECK_RC(km_lease_end(lease, &e), KM_OK);
+  CHECK_RC(km_lease_end(lease, &e), KM_NOT_HELD);
+  CHECK_RC(km_lease_destroy(lease), KM_OK);
+  /* The budget is spent for most of a minute: a poll finds nothing and
+   * counts no failed acquire; a plain attempt counts one. */
+  a.flags = KM_ACQUIRE_POLL;
+  a.tokens = 10;
+  CHECK_RC(km_pool_acquire_key_ex(budget, &a, &h1), KM_NO_AVAILABLE_KEY);
+  char* json = NULL;
+  CHECK_RC(km_pool_status_json(budget, &json), KM_OK);
+  CHECK(json_number(json, "\"no_key_available_count\":") == 0.0);
+  CHECK(json_number(json, "\"tokens\":") == 900.0);
+  km_string_free(json);
+  a.flags = 0;
+  a.timeout = 0.0;
+  CHECK_RC(km_pool_acquire_ex(budget, &a, &lease), KM_NO_AVAILABLE_KEY);
+  CHECK_RC(km_pool_status_json(budget, &json), KM_OK);
+  CHECK(json_number(json, "\"no_key_available_count\":") == 1.0);
+  km_string_free(json);
+  CHECK_RC(km_pool_destroy(budget), KM_OK);
+
+  km_key_spec keys[2];
+  key_spec(&keys[0], "first", "sk-first-key-00000000001");
+  key_spec(&keys[1], "spare", "sk-spare-key-00000000002");
+  km_pool_options opts;
+  CHECK_RC(km_pool_options_init(&opts), KM_OK);
+  opts.strategy = KM_ROUND_ROBIN;
+  opts.max_failures = 5;
+  opts.acquire_timeout = 0.05;
+  km_pool* pool = NULL;
+  CHECK_RC(km_pool_create(keys, 2, &opts, &pool), KM_OK);
+  CHECK_RC(km_acquire_options_init(&a), KM_OK);
+  CHECK_RC(km_pool_acquire_key_ex(pool, &a, &h1), KM_OK);
+  CHECK_RC(km_pool_acquire_key_ex(pool, NULL, &h2), KM_OK);
+  CHECK(strcmp(h1.name, "first") == 0 && strcmp(h2.name, "spare") == 0);
+
+  /* Ending held keys with options: bad arguments leave the lease held. */
+  CHECK_RC(km_end_options_init(&e), KM_OK);
+  e.flags = KM_END_PERMANENT; /* only a failure can be permanent */
+  CHECK_RC(km_pool_end_key(pool, h1.secret, h1.ticket, &e), KM_INVALID_ARGUMENT);
+  e.flags = 0;
+  e.outcome = 9;
+  CHECK_RC(km_pool_end_key(pool, h1.secret, h1.ticket, &e), KM_INVALID_ARGUMENT);
+  e.outcome = KM_OUTCOME_RATE_LIMITED;
+  e.cooldown = -4.0;
+  CHECK_RC(km_pool_end_key(pool, h1.secret, h1.ticket, &e), KM_INVALID_ARGUMENT);
+  uint32_t held = 0;
+  CHECK_RC(km_pool_held_count(pool, NULL, &held), KM_OK);
+  CHECK(held == 2);
+  e.cooldown = 0.0;
+  e.tokens = 5;
+  CHECK_RC(km_pool_end_key(pool, h1.secret, h1.ticket, &e), KM_OK);
+  CHECK_RC(km_pool_end_key(pool, h1.secret, h1.ticket, &e), KM_NOT_HELD);
+  CHECK_RC(km_pool_end_key(pool, "sk-not-in-this-pool-000", 0, NULL), KM_UNKNOWN_KEY);
+  CHECK_RC(km_pool_end_key(pool, h2.secret, 0, NULL), KM_OK); /* success, measured latency */
+
+  /* Each outcome on a lease handle is counted as that outcome. */
+  int outcomes[] = {KM_OUTCOME_FAILURE, KM_OUTCOME_CANCELLED, KM_OUTCOME_SUCCESS};
+  for (int i = 0; i < 3; ++i) {
+    CHECK_RC(km_pool_acquire_ex(pool, &a, &lease), KM_OK);
+    CHECK_RC(km_end_options_init(&e), KM_OK);
+    e.outcome = (uint32_t)outcomes[i];
+    e.latency = KM_LATENCY_NONE;
+    CHECK_RC(km_lease_end(lease, &e), KM_OK);
+    CHECK_RC(km_lease_destroy(lease), KM_OK);
+  }
+  CHECK_RC(km_pool_status_json(pool, &json), KM_OK);
+  CHECK(json_number(json, "\"total_failures\":") == 1.0);
+  CHECK(json_number(json, "\"total_rate_limited\":") == 1.0);
+  CHECK(json_number(json, "\"total_releases\":") == 2.0);
+  CHECK(json_number(json, "\"tokens\":") == 5.0); /* the 429's, on the first key */
+  km_string_free(json);
+
+  /* A permanent failure revokes the key, reported once. */
+  CHECK_RC(km_pool_acquire_ex(pool, &a, &lease), KM_OK);
+  CHECK_RC(km_end_options_init(&e), KM_OK);
+  e.outcome = KM_OUTCOME_FAILURE;
+  e.flags = KM_END_PERMANENT;
+  CHECK_RC(km_lease_end(lease, &e), KM_KEY_EXHAUSTED);
+  CHECK_RC(km_lease_destroy(lease), KM_OK);
+  uint32_t available = 0;
+  CHECK_RC(km_pool_available_count(pool, &available), KM_OK);
+  CHECK(available == 1);
+
+  /* A cancel token from another pool is refused. */
+  km_pool* other = make_pool(KM_LEAST_BUSY, 10);
+  km_cancel* foreign = NULL;
+  CHECK_RC(km_cancel_create(other, &foreign), KM_OK);
+  a.cancel = foreign;
+  CHECK_RC(km_pool_acquire_ex(pool, &a, &lease), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_cancel_destroy(foreign), KM_OK);
+  CHECK_RC(km_pool_destroy(other), KM_OK);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
+}
+
+/* The deprecated suffix calls still do what they did. */
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#endif
+static void test_deprecated_wrappers(void) {
+  km_key_spec keys[2];
+  key_spec(&keys[0], "budget", "sk-deprecated-00000000001");
+  keys[0].tpm = 1000;
+  keys[0].max_concurrency = 1;
+  key_spec(&keys[1], "other", "sk-deprecated-00000000002");
+  keys[1].max_concurrency = 1;
+  km_pool_options opts;
+  CHECK_RC(km_pool_options_init(&opts), KM_OK);
+  opts.strategy = KM_ROUND_ROBIN;
+  km_pool* pool = NULL;
+  CHECK_RC(km_pool_create(keys, 2, &opts, &pool), KM_OK);
+  km_held h;
+  CHECK_RC(km_pool_acquire_key_tokens(pool, 1.0, 900, NULL, &h), KM_OK);
+  CHECK(strcmp(h.name, "budget") == 0);
+  CHECK_RC(km_pool_release_key(pool, h.secret, h.ticket, 0.1, 900), KM_OK);
+  /* The budget key is spent: the other one, then nothing (uncounted). */
+  CHECK_RC(km_pool_poll_key_tokens(pool, 10, &h), KM_OK);
+  CHECK(strcmp(h.name, "other") == 0);
+  km_held none;
+  CHECK_RC(km_pool_poll_key_tokens(pool, 10, &none), KM_NO_AVAILABLE_KEY);
+  CHECK_RC(km_pool_mark_failed_key_permanent(pool, h.secret, h.ticket), KM_KEY_EXHAUSTED);
+  CHECK_RC(km_pool_mark_failed_key_permanent(pool, h.secret, h.ticket), KM_NOT_HELD);
+  char* json = NULL;
+  CHECK_RC(km_pool_status_json(pool, &json), KM_OK);
+  CHECK(json != NULL && strstr(json, "\"circuit\":\"revoked\"") != NULL);
+  km_string_free(json);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
+}
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+/* Provider headers: parsed, fed to the key with that secret. */
+static void test_observe_limits_and_parsers(void) {
+  km_pool* pool = make_pool(KM_LEAST_BUSY, 10);
+  uint32_t available = 0;
+  CHECK_RC(km_pool_available_count(pool, &available), KM_OK);
+  CHECK(available == 3);
+  const char* names[] = {"Content-Type", "Retry-After"};
+  const char* values[] = {"application/json", "30"};
+  CHECK_RC(km_pool_observe_limits(pool, "sk-test-beta-00000000002", names, values, 2), KM_OK);
+  CHECK_RC(km_pool_available_count(pool, &available), KM_OK);
+  CHECK(available == 2); /* beta cools for 30 s */
+  CHECK_RC(km_pool_observe_limits(pool, "sk-test-beta-00000000002", NULL, NULL, 0), KM_OK);
+  const char* bad_values[] = {"application/json", "soon-ish-secret-value"};
+  CHECK_RC(km_pool_observe_limits(pool, "sk-test-alpha-0000000001", names, bad_values, 2), KM_INVALID_ARGUMENT);
+  CHECK(strstr(km_last_error(), "Retry-After") != NULL || strstr(km_last_error(), "retry-after") != NULL);
+  CHECK(strstr(km_last_error(), "soon-ish") == NULL); /* never echoes the value */
+  CHECK_RC(km_pool_observe_limits(pool, "sk-not-in-this-pool-000", names, values, 2), KM_UNKNOWN_KEY);
+  CHECK_RC(km_pool_observe_limits(pool, NULL, names, values, 2), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_pool_available_count(pool, &available), KM_OK);
+  CHECK(available == 2);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
+
+  double seconds = -1;
+  CHECK_RC(km_parse_retry_after("120", &seconds), KM_OK);
+  CHECK(seconds == 120.0);
+  CHECK_RC(km_parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", &seconds), KM_OK);
+  CHECK(seconds == 0.0); /* a date in the past */
+  seconds = -1;
+  CHECK_RC(km_parse_retry_after("tomorrow", &seconds), KM_INVALID_ARGUMENT);
+  CHECK(seconds == -1); /* not written on failure */
+  CHECK_RC(km_parse_retry_after(NULL, &seconds), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_parse_duration("6m0s", &seconds), KM_OK);
+  CHECK(seconds == 360.0);
+  CHECK_RC(km_parse_duration("250ms", &seconds), KM_OK);
+  CHECK(seconds == 0.25);
+  CHECK_RC(km_parse_duration("1h2m3.5s", &seconds), KM_OK);
+  CHECK(seconds == 3723.5);
+  CHECK_RC(km_parse_duration("6 minutes", &seconds), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_parse_duration("1s", NULL), KM_INVALID_ARGUMENT);
+}
+
 static void test_broker_unavailable(void) {
   km_pool* pool = NULL;
   CHECK_RC(km_pool_connect("/nonexistent/keymesh-test.sock", "openai", &pool), KM_BROKER_UNAVAILABLE);
@@ -314,6 +670,11 @@ int main(void) {
   test_cancel_and_close_wake_waiters();
   test_fork_child_holds_nothing();
   test_broker_unavailable();
+  test_option_structs();
+  test_burst_and_rate_margin();
+  test_acquire_and_end_options();
+  test_deprecated_wrappers();
+  test_observe_limits_and_parsers();
   if (g_failures != 0) {
     fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

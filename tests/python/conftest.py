@@ -3,7 +3,7 @@
 ``make_pool(keys, **options)`` builds an embedded SyncKeyPool, or, for the
 ``attached`` mode, starts the real keymesh-broker ($KEYMESH_BROKER, else
 build/bin/keymesh-broker) with a temporary config holding those keys and
-connects to it. Attached tests are skipped when the broker is not built.
+connects to it. Attached tests fail when the broker is not built.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class Broker:
         pool: Dict[str, Any] = {"keys": key_dicts(keys)}
         strategy = options.get("strategy", "least_busy")
         pool["strategy"] = getattr(strategy, "value", strategy)
-        for opt in ("default_cooldown", "max_failures", "acquire_timeout"):
+        for opt in ("default_cooldown", "max_failures", "acquire_timeout", "rate_margin"):
             if opt in options:
                 pool[opt] = options[opt]
         config = {"socket": self.socket, "state_file": os.path.join(self.dir, "state.json"),

@@ -81,3 +81,48 @@ def test_async_acquire_with_tokens(make_pool) -> None:
         assert pool.status()["keys"][0]["tokens"] == 400
 
     asyncio.run(main())
+
+
+def test_burst_and_rate_margin_are_settable(make_pool) -> None:
+    pool = make_pool([{"name": "paced", "secret": secret(1), "rpm": 60, "burst": 4, "rate_margin": 0.25},
+                      {"name": "plain", "secret": secret(2), "rpm": 60}], rate_margin=0.125)
+    st = pool.status()
+    assert st["options"]["rate_margin"] == pytest.approx(0.125)
+    keys = {k["name"]: k for k in st["keys"]}
+    assert keys["paced"]["burst"] == 4 and keys["paced"]["rate_margin"] == pytest.approx(0.25)
+    assert keys["plain"]["burst"] == 0 and keys["plain"]["rate_margin"] < 0  # the pool's
+    # At 60 rpm less the margin a key is granted about once per 1.1-1.3 s:
+    # back to back, the burst key gives 4 and the other one.
+    granted = {"paced": 0, "plain": 0}
+    while True:
+        try:
+            key = pool.acquire(timeout=0)
+        except keymesh.NoAvailableKeyError:
+            break
+        granted[pool.key_name(key)] += 1
+        pool.release(key)
+    assert granted == {"paced": 4, "plain": 1}
+
+
+@pytest.mark.parametrize("bad", [{"rate_margin": 0.7}, {"rate_margin": float("nan")}, {"burst": 2_000_000},
+                                 {"burst": -1}, {"rate_margin": "x"}])
+def test_bad_key_limits_are_config_errors(bad) -> None:
+    with pytest.raises(keymesh.ConfigError):
+        keymesh.SyncKeyPool([{"secret": secret(1), **bad}])
+
+
+def test_add_key_takes_burst_and_rate_margin() -> None:
+    # Embedded: the pool applies them itself (an attached pool forwards them
+    # to the broker's add_key).
+    pool = keymesh.SyncKeyPool([secret(1)], rate_margin=0.01)
+    try:
+        pool.add_key(secret(2), name="extra", rpm=120, burst=3, rate_margin=0.2)
+        extra = next(k for k in pool.status()["keys"] if k["name"] == "extra")
+        assert (extra["rpm"], extra["burst"]) == (120, 3)
+        assert extra["rate_margin"] == pytest.approx(0.2)
+        with pytest.raises(keymesh.ConfigError):
+            pool.add_key(secret(3), rate_margin=0.5)
+        with pytest.raises(keymesh.ConfigError):
+            keymesh.SyncKeyPool([secret(1)], rate_margin=0.5)
+    finally:
+        pool.close()

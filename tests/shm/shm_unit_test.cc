@@ -1,6 +1,7 @@
 // Unit tests of the shm layer in one process: schedulers, cooldown and
 // exhaustion on a FakeClock (never sleeps), EMA latency, capacities, header
-// validation, admin operations and reclaiming.
+// validation, admin operations and reclaiming. The C++ Pool on top is
+// tests/client/pool_test.cc.
 #define BOOST_TEST_MODULE shm_unit_test
 #include <algorithm>
 #include <cmath>
@@ -10,7 +11,6 @@
 #include <boost/test/unit_test.hpp>
 
 #include "keymesh/pool.h"
-#include "keymesh/selector.h"
 #include "shm/process_id.h"
 #include "support/shm_fixtures.h"
 
@@ -270,100 +270,6 @@ BOOST_AUTO_TEST_CASE(key_returning_from_cooldown_does_not_monopolise) {
 BOOST_AUTO_TEST_SUITE_END()
 
 // ===========================================================================
-BOOST_AUTO_TEST_SUITE(custom_selector)
-
-class HighestSlot final : public Selector {
- public:
-  std::optional<uint32_t> Select(const SelectionContext& ctx) const override {
-    std::optional<uint32_t> best;
-    ctx.ForEachEligible([&](const KeyView& k) {
-      best = k.slot;
-      return true;
-    });
-    return best;
-  }
-};
-
-class Fixed final : public Selector {
- public:
-  explicit Fixed(std::optional<uint32_t> slot) : slot_(slot) {}
-  std::optional<uint32_t> Select(const SelectionContext&) const override { return slot_; }
-
- private:
-  std::optional<uint32_t> slot_;
-};
-
-std::unique_ptr<Pool> MakeEmbedded(uint32_t n, Strategy strategy = Strategy::kRoundRobin) {
-  std::vector<KeySpec> keys;
-  for (uint32_t i = 0; i < n; ++i) {
-    KeySpec k;
-    k.name = "k" + std::to_string(i);
-    k.secret = "sk-test-secret-" + std::to_string(i);
-    keys.push_back(k);
-  }
-  PoolOptions o;
-  o.strategy = strategy;
-  EmbeddedOptions e;
-  e.keys_capacity = 16;
-  e.leases_capacity = 64;
-  return Must(Pool::CreateEmbedded(keys, o, e), "CreateEmbedded");
-}
-
-BOOST_AUTO_TEST_CASE(set_selector_is_used_and_removable) {
-  std::unique_ptr<Pool> pool = MakeEmbedded(3);
-  pool->SetSelector(std::make_shared<HighestSlot>());
-  for (int i = 0; i < 5; ++i) {
-    Result<Lease> l = pool->TryAcquire();
-    BOOST_REQUIRE(l.ok());
-    BOOST_CHECK_EQUAL(l->key_name(), "k2");
-    BOOST_CHECK_EQUAL(l->secret(), "sk-test-secret-2");
-  }  // released by ~Lease
-  BOOST_REQUIRE(pool->DisableKey("k2").ok());
-  {
-    Result<Lease> l = pool->TryAcquire();
-    BOOST_REQUIRE(l.ok());
-    BOOST_CHECK_EQUAL(l->key_name(), "k1");
-  }
-  pool->SetSelector(nullptr);  // back to round robin
-  std::vector<std::string> names;
-  for (int i = 0; i < 4; ++i) {
-    Result<Lease> l = pool->TryAcquire();
-    BOOST_REQUIRE(l.ok());
-    names.push_back(l->key_name());
-  }
-  BOOST_CHECK_EQUAL(names[0] == names[1], false);
-  PoolStatus s = Must(pool->GetStatus(), "GetStatus");
-  BOOST_CHECK_EQUAL(s.keys[2].acquires, 5u);
-  BOOST_CHECK_EQUAL(s.keys[2].successes, 5u);
-  RequireConsistent(pool->access());
-}
-
-BOOST_AUTO_TEST_CASE(ineligible_choice_is_refused) {
-  std::unique_ptr<Pool> pool = MakeEmbedded(3);
-  BOOST_REQUIRE(pool->DisableKey("k1").ok());
-  for (std::optional<uint32_t> bad :
-       {std::optional<uint32_t>(1), std::optional<uint32_t>(3), std::optional<uint32_t>(9999)}) {
-    pool->SetSelector(std::make_shared<Fixed>(bad));
-    Result<Lease> l = pool->TryAcquire();
-    BOOST_REQUIRE(!l.ok());
-    BOOST_CHECK(l.status().code() == Code::kInternal);
-    BOOST_CHECK_MESSAGE(l.status().message().find("not eligible") != std::string::npos, l.status().message());
-  }
-  pool->SetSelector(std::make_shared<Fixed>(std::nullopt));  // declines
-  Result<Lease> none = pool->TryAcquire();
-  BOOST_CHECK(none.status().code() == Code::kNoAvailableKey);
-  // Nothing was granted by the refused choices.
-  PoolStatus s = Must(pool->GetStatus(), "GetStatus");
-  for (const KeyStatus& k : s.keys) {
-    BOOST_CHECK_EQUAL(k.acquires, 0u);
-    BOOST_CHECK_EQUAL(k.in_flight, 0u);
-  }
-  RequireConsistent(pool->access());
-}
-
-BOOST_AUTO_TEST_SUITE_END()
-
-// ===========================================================================
 BOOST_AUTO_TEST_SUITE(cooldown_and_exhaustion)
 
 BOOST_AUTO_TEST_CASE(rate_limit_cools_until_exact_deadline) {
@@ -522,21 +428,6 @@ BOOST_AUTO_TEST_CASE(release_not_held_is_an_error) {
   RequireConsistent(*t.pool);
 }
 
-BOOST_AUTO_TEST_CASE(lease_object_release_twice) {
-  std::vector<KeySpec> keys{{"a", "sk-aaaaaaaaaaaaaaaa", 1, 0, 0, 0}};
-  std::unique_ptr<Pool> pool = Must(Pool::CreateEmbedded(keys, PoolOptions{}), "CreateEmbedded");
-  Result<Lease> l = pool->TryAcquire();
-  BOOST_REQUIRE(l.ok());
-  BOOST_CHECK(l->Release(0.25).ok());
-  BOOST_CHECK(!l->active());
-  BOOST_CHECK(l->Release().code() == Code::kNotHeld);
-  BOOST_CHECK(l->MarkFailed().code() == Code::kNotHeld);
-  PoolStatus s = Must(pool->GetStatus(), "GetStatus");
-  BOOST_CHECK_EQUAL(s.keys[0].successes, 1u);
-  BOOST_CHECK_EQUAL(s.keys[0].failures, 0u);
-  BOOST_CHECK_EQUAL(s.keys[0].latency_avg, 0.25);
-}
-
 BOOST_AUTO_TEST_SUITE_END()
 
 // ===========================================================================
@@ -624,16 +515,6 @@ BOOST_AUTO_TEST_CASE(invalid_capacities_and_names) {
   def.name = "ok";
   def.weight = 0;
   BOOST_CHECK(t.pool->AddKey(def).status().code() == Code::kInvalidArgument);
-}
-
-BOOST_AUTO_TEST_CASE(embedded_pool_capacity) {
-  std::vector<KeySpec> keys;
-  for (int i = 0; i < 3; ++i) keys.push_back({"k" + std::to_string(i), "sk-secret-" + std::to_string(i), 1, 0, 0, 0});
-  EmbeddedOptions e;
-  e.keys_capacity = 2;
-  Result<std::unique_ptr<Pool>> p = Pool::CreateEmbedded(keys, PoolOptions{}, e);
-  BOOST_CHECK(p.status().code() == Code::kCapacityExceeded);
-  BOOST_CHECK(Pool::CreateEmbedded({}, PoolOptions{}).status().code() == Code::kInvalidArgument);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -27,8 +27,9 @@ from .pool import KeyPool
 from .scheduler import (BaseScheduler, LeastBusyScheduler, RoundRobinScheduler, SchedulerStrategy,
                         WeightedScheduler, build_scheduler)
 from .sync_pool import SyncKeyPool
-from ._native import mask_secret as mask_key
-from ._native import parse_duration, parse_retry_after
+from . import _core
+from ._core import parse_duration, parse_retry_after
+from ._lib import mask_secret as mask_key
 
 __version__ = "0.1.0"
 
@@ -47,17 +48,16 @@ def reclaim_worker(pid: int) -> int:
     of every attached pool of this process to reclaim it, and frees dead holders'
     leases in every embedded pool. Returns how many leases were freed. Errors are
     not raised (the broker also reaps dead workers by itself)."""
-    from . import _native
     freed = 0
     sockets = set()
-    for core in list(_native.live_cores):
+    for core in list(_core.live_cores):
         if core.closed:
             continue
         try:
             if core.attached:
                 if core.socket not in sockets:
                     sockets.add(core.socket)
-                    freed += _native.broker_reclaim(pid, core.socket)
+                    freed += _core.broker_reclaim(pid, core.socket)
             else:
                 freed += core.reclaim_dead()
         except KeyMeshError:

@@ -45,7 +45,7 @@ class KeyCooldownError(KeyMeshError):
     """Kept for compatibility with the original package (never raised there either)."""
 
     def __init__(self, key: str = "", cooldown_remaining: float = 0.0, **kw) -> None:
-        from ._native import mask_secret
+        from ._lib import mask_secret
         masked = mask_secret(key)
         super().__init__(f"Key {masked} is in cooldown for {cooldown_remaining:.1f}s more.",
                          key=masked, **kw)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import _native
+from . import _core
 from .exceptions import KeyMeshError
 
 log = logging.getLogger("keymesh")
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    for core in list(_native.live_cores):
+    for core in list(_core.live_cores):
         if core.closed or not core.attached:
             continue
         try:

@@ -19,13 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
-from typing import Any, AsyncIterator, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Optional
 
-from . import _native
-from .exceptions import KeyMeshError
-from .scheduler import SchedulerStrategy
-from .sync_pool import _PoolReads, _build_core, _end_quietly
+from . import _core, _lib
+from ._base import PoolBase, end_quietly, key_ops, reporting
 
 
 class _Waiter:
@@ -36,7 +33,7 @@ class _Waiter:
     lease, so a key granted to a waiter nobody awaits any more is never kept.
     """
 
-    def __init__(self, core: "_native.Core", loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, core: "_core.Core", loop: asyncio.AbstractEventLoop) -> None:
         self.core = core
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
@@ -70,7 +67,7 @@ class _Waiter:
             late = self.future.done()
         if late:
             self._give_back(rc, value)
-        elif rc == _native.OK:
+        elif rc == _lib.OK:
             self.future.set_result(value)
         else:
             self.future.set_exception(value)
@@ -87,41 +84,24 @@ class _Waiter:
             elif not pending and self.future.done() and not self.future.cancelled() \
                     and self.future.exception() is None:
                 # Delivered, but the task was cancelled before it resumed.
-                take = (_native.OK, self.future.result())
+                take = (_lib.OK, self.future.result())
         if pending:
             self.token.trigger()
         elif take is not None:
             self._give_back(*take)
 
     def _give_back(self, rc: int, value: Any) -> None:
-        if rc == _native.OK:
-            _end_quietly(self.core.cancel, value, swallow_all=True)
+        if rc == _lib.OK:
+            end_quietly(self.core.cancel, value, swallow_all=True)
 
 
-class KeyPool(_PoolReads):
+class KeyPool(PoolBase):
     """The asyncio pool. Same constructor and ``connect`` as SyncKeyPool.
 
     One KeyPool may be used from several event loops and threads at once.
     """
 
     _owner = "KeyPool"
-
-    def __init__(self, keys: Sequence[Any], *, strategy: Union[str, SchedulerStrategy] = SchedulerStrategy.LEAST_BUSY,
-                 scheduler: Any = None, storage: Any = None, default_cooldown: float = 60.0,
-                 max_failures: int = 10, acquire_timeout: float = 30.0) -> None:
-        keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
-        self._core = _build_core(self._owner, keys, strategy, scheduler, storage, default_cooldown,
-                                 max_failures, acquire_timeout)
-        self._default_cooldown = float(default_cooldown)
-
-    @classmethod
-    def connect(cls, pool: str, socket: Optional[str] = None) -> "KeyPool":
-        """Attach to pool ``pool`` of the broker at ``socket``. Connecting is a short
-        blocking exchange with the local broker (done once per process)."""
-        self = cls.__new__(cls)
-        self._core = _native.Core.connect(pool, socket)
-        self._default_cooldown = None
-        return self
 
     async def acquire(self, timeout: Optional[float] = None, tokens: int = 0) -> str:
         """As SyncKeyPool.acquire; never blocks the event loop."""
@@ -146,10 +126,6 @@ class KeyPool(_PoolReads):
     async def mark_failed(self, key: str, permanent: bool = False) -> None:
         self._core.mark_failed(key, permanent)
 
-    def observe_limits(self, key: str, headers: Any) -> None:
-        """As SyncKeyPool.observe_limits (it never blocks)."""
-        self._core.observe_limits(key, headers)
-
     async def mark_rate_limited(self, key: str, cooldown: Optional[float] = None) -> None:
         self._core.mark_rate_limited(key, cooldown)
 
@@ -160,32 +136,13 @@ class KeyPool(_PoolReads):
     async def lease(self, timeout: Optional[float] = None) -> AsyncIterator[str]:
         """As SyncKeyPool.lease; a cancelled task cancels the lease (no outcome)."""
         key = await self.acquire(timeout)
-        start = time.monotonic()
-        try:
+        with reporting(self._core, key):
             yield key
-        except Exception:
-            _end_quietly(self._core.mark_failed, key, swallow_all=True)
-            raise
-        except BaseException:
-            _end_quietly(self._core.cancel, key, swallow_all=True)
-            raise
-        else:
-            _end_quietly(self._core.release, key, time.monotonic() - start, 0)
 
-    async def add_key(self, key: str, name: Optional[str] = None, **limits: int) -> None:
+    async def add_key(self, key: str, name: Optional[str] = None, **limits: Any) -> None:
         self._core.add_key(key, name, **limits)
 
-    async def remove_key(self, name: str) -> None:
-        self._core.admin(_native.km_pool_remove_key, name)
-
-    async def enable_key(self, name: str) -> None:
-        self._core.admin(_native.km_pool_enable_key, name)
-
-    async def disable_key(self, name: str) -> None:
-        self._core.admin(_native.km_pool_disable_key, name)
-
-    async def reset_key(self, name: str) -> None:
-        self._core.admin(_native.km_pool_reset_key, name)
+    remove_key, enable_key, disable_key, reset_key = key_ops(asynchronous=True)
 
     async def close(self) -> None:
         """Idempotent. Waiting acquires raise PoolClosedError."""
@@ -198,4 +155,4 @@ class KeyPool(_PoolReads):
         await self.close()
 
 
-__all__ = ["KeyPool", "KeyMeshError"]
+__all__ = ["KeyPool"]

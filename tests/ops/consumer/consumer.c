@@ -4,7 +4,13 @@
 #include "keymesh/keymesh.h"
 
 int main(void) {
-  km_key_spec keys[2] = {{"a", "sk-consumer-c-aaaaaaaaaa", 1, 0, 0, 0}, {"b", "sk-consumer-c-bbbbbbbbbb", 1, 0, 0, 0}};
+  km_key_spec keys[2];
+  km_key_spec_init(&keys[0]);
+  km_key_spec_init(&keys[1]);
+  keys[0].name = "a";
+  keys[0].secret = "sk-consumer-c-aaaaaaaaaa";
+  keys[1].name = "b";
+  keys[1].secret = "sk-consumer-c-bbbbbbbbbb";
   km_pool* pool = NULL;
   if (km_pool_create(keys, 2, NULL, &pool) != KM_OK) {
     fprintf(stderr, "consumer_c: %s\n", km_last_error());

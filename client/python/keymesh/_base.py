@@ -1,0 +1,153 @@
+"""What SyncKeyPool and KeyPool share: construction (embedded and
+attached), the calls that never wait (plain methods in both, as the
+original's status and available_count were plain in the async pool too),
+the outcome a ``lease()`` block reports, and the key administration table.
+
+The two classes differ only where the asyncio pool must not block its event
+loop (acquire) and where it keeps the original's coroutine signatures.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+from . import _core
+from ._status import shape_status
+from .exceptions import KeyExhaustedError, KeyMeshError, KeyNotHeldError
+from .scheduler import SchedulerStrategy, parse_strategy, strategy_of_scheduler
+
+log = logging.getLogger("keymesh")
+
+
+class PoolBase:
+    """The pool surface both classes share; ``_owner`` names the class in messages."""
+
+    _owner = "KeyPool"
+    _core: "_core.Core"
+
+    def __init__(self, keys: Sequence[Any], *, strategy: Union[str, SchedulerStrategy] = SchedulerStrategy.LEAST_BUSY,
+                 scheduler: Any = None, storage: Any = None, default_cooldown: float = 60.0,
+                 max_failures: int = 10, acquire_timeout: float = 30.0, rate_margin: Optional[float] = None) -> None:
+        """An embedded pool (no broker: state lives in an anonymous shared mapping
+        inherited by children forked afterwards). ``keys`` items are secrets (str),
+        ``(name, secret)`` pairs, or dicts with ``secret`` and optional ``name``,
+        ``weight``, ``max_concurrency``, ``rpm``, ``tpm``, ``burst`` and
+        ``rate_margin``. ``rate_margin`` (default 0.02): keys are paced at
+        (1 - rate_margin) x their rpm/tpm."""
+        keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
+        s = strategy_of_scheduler(scheduler) if scheduler is not None else parse_strategy(strategy)
+        if storage is not None:
+            warnings.warn("keymesh: storage= is ignored; an embedded pool lives in shared memory for the "
+                          "life of its processes, and keymesh-broker persists attached pools",
+                          UserWarning, stacklevel=2)
+        core = _core.Core.create(keys, strategy=s.value, default_cooldown=default_cooldown,
+                                 max_failures=max_failures, acquire_timeout=acquire_timeout,
+                                 rate_margin=rate_margin, owner=self._owner)
+        log.info("%s initialised: %d keys, strategy=%s", self._owner, len(keys), s.value)
+        self._init_core(core)
+
+    @classmethod
+    def connect(cls, pool: str, socket: Optional[str] = None) -> Any:
+        """Attach to pool ``pool`` of the keymesh-broker at ``socket`` (default:
+        $KEYMESH_SOCKET, else /run/keymesh/keymesh.sock), shared by every process
+        on the host. Connecting is a short blocking exchange with the local
+        broker (done once per process). Raises BrokerUnavailableError."""
+        self = cls.__new__(cls)
+        self._init_core(_core.Core.connect(pool, socket))
+        return self
+
+    def _init_core(self, core: "_core.Core") -> None:
+        """The one place a pool object gets its state (both constructors)."""
+        self._core = core
+
+    # ---- calls that never wait -------------------------------------------
+    def observe_limits(self, key: str, headers: Any) -> None:
+        """Feeds a response's rate-limit headers for ``key`` (a mapping or
+        (name, value) pairs: Retry-After, retry-after-ms,
+        x-ratelimit-{remaining,reset,limit}-{requests,tokens}) to the pool, so
+        every process paces the key by what the provider says is left.
+        ConfigError names a malformed header. The lease stays held."""
+        self._core.observe_limits(key, headers)
+
+    def key_name(self, key: str) -> str:
+        """The name of the pool's key holding secret ``key``."""
+        return self._core.key_name(key)
+
+    def held_count(self, key: Optional[str] = None) -> int:
+        """Leases this process holds (for ``key``, or in all)."""
+        return self._core.held_count(key)
+
+    def reclaim_dead(self) -> int:
+        """Frees leases of processes that died holding them (embedded pools)."""
+        return self._core.reclaim_dead()
+
+    def status(self) -> Dict[str, Any]:
+        return shape_status(self._core.status_raw())
+
+    def available_count(self) -> int:
+        return self._core.available_count()
+
+    def __repr__(self) -> str:
+        kind = "attached" if self._core.attached else "embedded"
+        return f"<{type(self).__name__} {kind}{' closed' if self._core.closed else ''}>"
+
+
+@contextlib.contextmanager
+def reporting(core: "_core.Core", key: str) -> Iterator[None]:
+    """The outcome of a ``lease()`` block for ``key``: a release with the measured
+    latency, or on an exception a failure (KeyExhaustedError is logged, the
+    original exception propagates), or on a BaseException (a cancelled task,
+    KeyboardInterrupt) a cancel. If the block already reported an outcome for
+    the key (e.g. mark_rate_limited), nothing more is reported."""
+    start = time.monotonic()
+    try:
+        yield
+    except Exception:
+        end_quietly(core.mark_failed, key, swallow_all=True)
+        raise
+    except BaseException:
+        end_quietly(core.cancel, key, swallow_all=True)
+        raise
+    else:
+        end_quietly(core.release, key, time.monotonic() - start, 0)
+
+
+def end_quietly(fn: Any, *args: Any, swallow_all: bool = False) -> None:
+    """Reports a lease() outcome. Not held: the block already reported one."""
+    try:
+        fn(*args)
+    except KeyNotHeldError:
+        pass
+    except KeyExhaustedError as e:
+        log.warning("%s", e)
+    except KeyMeshError as e:
+        if not swallow_all:
+            raise
+        log.warning("keymesh: could not report the outcome of a lease: %s", e)
+
+
+_KEY_OP_DOCS = {
+    "remove_key": "Removes key ``name``; it leaves rotation at once and goes once its leases ended.",
+    "enable_key": "Puts key ``name`` back into rotation.",
+    "disable_key": "Takes key ``name`` out of rotation (its leases stay valid).",
+    "reset_key": "Clears key ``name``'s cooldown, failure and 429 streaks and open circuit.",
+}
+
+
+def key_ops(asynchronous: bool) -> Tuple[Callable[..., Any], ...]:
+    """remove_key, enable_key, disable_key, reset_key: plain methods, or
+    coroutines (the original's signatures in the asyncio pool)."""
+    def make(op: str) -> Callable[..., Any]:
+        if asynchronous:
+            async def method(self: PoolBase, name: str) -> None:
+                self._core.admin(op, name)
+        else:
+            def method(self: PoolBase, name: str) -> None:  # type: ignore[misc]
+                self._core.admin(op, name)
+        method.__name__ = method.__qualname__ = op
+        method.__doc__ = _KEY_OP_DOCS[op]
+        return method
+    return tuple(make(op) for op in _KEY_OP_DOCS)

@@ -1,0 +1,338 @@
+"""The objects over the C ABI: Core (one km_pool handle), Key, CancelToken.
+
+Internal: the public API is SyncKeyPool / KeyPool (_base.py), which share a
+Core. The ctypes layer itself is _lib.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+import weakref
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+from . import _lib
+from . import exceptions as exc
+from ._lib import check, encode
+
+
+class Key(str):
+    """The key string acquire() returns. A plain ``str`` (use it anywhere),
+    that also remembers which lease it is, so releasing it twice is an error
+    rather than a release of another holder's lease. Its repr is masked.
+    """
+
+    name: str          # the key's stable name in the pool
+    _km_raw: bytes     # the secret as the library returned it
+    _km_ticket: int    # the lease (km_held.ticket)
+
+    @classmethod
+    def _of(cls, held: _lib.Held) -> "Key":
+        raw = held.secret
+        k = cls(raw.decode("utf-8", "surrogateescape"))
+        k._km_raw = raw
+        k._km_ticket = held.ticket
+        k.name = held.name.decode("utf-8", "replace")
+        return k
+
+    def __repr__(self) -> str:
+        return f"<keymesh key {self.name!r} {_lib.mask_secret(self)}>"
+
+
+def _key_args(key: Any) -> Tuple[bytes, int]:
+    """(secret, ticket) of a Key, or (secret, 0: the oldest held) of a plain str."""
+    if type(key) is Key:
+        return key._km_raw, key._km_ticket
+    return encode(key, "key"), 0
+
+
+class CancelToken:
+    """Ends one acquire wait of its Core from another thread (km_cancel)."""
+
+    __slots__ = ("_core", "_handle", "__weakref__")
+
+    def __init__(self, core: "Core") -> None:
+        handle = ctypes.c_void_p()
+        check(_lib.km_cancel_create(core.handle, ctypes.byref(handle)))
+        self._core = core  # keeps the km_pool alive while the token lives
+        self._handle = handle
+
+    def trigger(self) -> None:
+        _lib.km_cancel_trigger(self._handle)
+
+    def __del__(self) -> None:
+        h, self._handle = self._handle, None
+        if h:
+            _lib.km_cancel_destroy(h)
+
+
+# Live pools, for the gunicorn/uwsgi hooks.
+live_cores: "weakref.WeakSet[Core]" = weakref.WeakSet()
+
+_KEY_FIELDS = ("weight", "max_concurrency", "rpm", "tpm", "burst", "rate_margin")
+
+
+class Core:
+    """One km_pool handle and the operations both pool classes share."""
+
+    def __init__(self, handle: ctypes.c_void_p, *, attached: bool, socket: Optional[str] = None) -> None:
+        self.handle = handle
+        self.attached = attached
+        self.socket = socket
+        self.closed = False
+        self._tokens: "weakref.WeakSet[CancelToken]" = weakref.WeakSet()
+        self._tokens_lock = threading.Lock()
+        live_cores.add(self)
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def create(cls, keys: Iterable[Any], *, strategy: str, default_cooldown: float, max_failures: int,
+               acquire_timeout: float, rate_margin: Optional[float] = None, owner: str) -> "Core":
+        if isinstance(keys, (str, bytes)):
+            raise exc.ConfigError(f"{owner} expects a sequence of API keys, not a single string")
+        specs = [_spec(k) for k in keys]
+        if not specs:
+            raise exc.ConfigError(f"{owner} requires at least one API key.")
+        opts = _lib.init(_lib.PoolOptions)
+        opts.strategy = _lib.STRATEGY_CODES[strategy]
+        try:
+            opts.default_cooldown = float(default_cooldown)
+            opts.max_failures = int(max_failures)
+            opts.acquire_timeout = float(acquire_timeout)
+            if rate_margin is not None:
+                opts.rate_margin = float(rate_margin)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise exc.ConfigError(f"invalid pool option: {e}") from None
+        if int(max_failures) < 1:
+            raise exc.ConfigError("max_failures must be >= 1")
+        arr = (_lib.KeySpec * len(specs))(*specs)
+        handle = ctypes.c_void_p()
+        check(_lib.km_pool_create(arr, len(specs), ctypes.byref(opts), ctypes.byref(handle)))
+        return cls(handle, attached=False)
+
+    @classmethod
+    def connect(cls, pool: str, socket: Optional[str]) -> "Core":
+        handle = ctypes.c_void_p()
+        check(_lib.km_pool_connect(encode(socket, "socket") if socket else None, encode(pool, "pool"),
+                                   ctypes.byref(handle)))
+        return cls(handle, attached=True, socket=socket)
+
+    # ---- acquire ------------------------------------------------------
+    def _acquire(self, timeout: float, token: Optional[CancelToken], tokens: int, flags: int) -> Tuple[int, Any]:
+        opts = _lib.init(_lib.AcquireOptions)
+        opts.timeout = timeout
+        opts.tokens = _tokens(tokens)
+        opts.cancel = token._handle if token is not None else None
+        opts.flags = flags
+        held = _lib.Held()
+        rc = _lib.km_pool_acquire_key_ex(self.handle, ctypes.byref(opts), ctypes.byref(held))
+        return rc, (Key._of(held) if rc == _lib.OK else None)
+
+    def acquire(self, timeout: Optional[float], token: Optional[CancelToken] = None, tokens: int = 0) -> Key:
+        t = _lib.DEFAULT if timeout is None else _seconds(timeout, "timeout")
+        rc, key = self._acquire(t, token, tokens, 0)
+        check(rc)
+        return key
+
+    def acquire_rc(self, timeout: Optional[float], token: Optional[CancelToken], tokens: int = 0) -> Tuple[int, Any]:
+        """As acquire, but returns (rc, Key or error) instead of raising (for threads)."""
+        try:
+            return _lib.OK, self.acquire(timeout, token, tokens)
+        except exc.KeyMeshError as e:
+            return e.code or -1, e
+
+    def poll(self, tokens: int = 0) -> Optional[Key]:
+        """One uncounted attempt: a Key, or None when no key is eligible now."""
+        rc, key = self._acquire(_lib.DEFAULT, None, tokens, _lib.ACQUIRE_POLL)
+        if rc == _lib.NO_AVAILABLE_KEY:
+            return None
+        check(rc)
+        return key
+
+    def new_token(self) -> CancelToken:
+        token = CancelToken(self)
+        with self._tokens_lock:
+            self._tokens.add(token)
+        return token
+
+    # ---- outcomes -----------------------------------------------------
+    def _end(self, key: Any, outcome: int, *, latency: float = _lib.LATENCY_NONE, tokens: int = 0,
+             cooldown: float = _lib.DEFAULT, flags: int = 0) -> None:
+        raw, ticket = _key_args(key)
+        opts = _lib.init(_lib.EndOptions)
+        opts.outcome = outcome
+        opts.latency = latency
+        opts.tokens = _tokens(tokens)
+        opts.cooldown = cooldown
+        opts.flags = flags
+        check(_lib.km_pool_end_key(self.handle, raw, ticket, ctypes.byref(opts)), raw, getattr(key, "name", None))
+
+    def release(self, key: Any, latency: Optional[float], tokens: int) -> None:
+        lat = _lib.LATENCY_NONE if latency is None else _seconds(latency, "latency")
+        self._end(key, _lib.OUTCOME_SUCCESS, latency=lat, tokens=tokens)
+
+    def mark_failed(self, key: Any, permanent: bool = False) -> None:
+        self._end(key, _lib.OUTCOME_FAILURE, flags=_lib.END_PERMANENT if permanent else 0)
+
+    def mark_rate_limited(self, key: Any, cooldown: Optional[float]) -> None:
+        c = _lib.DEFAULT if cooldown is None else _seconds(cooldown, "cooldown")
+        self._end(key, _lib.OUTCOME_RATE_LIMITED, cooldown=c)
+
+    def cancel(self, key: Any) -> None:
+        self._end(key, _lib.OUTCOME_CANCELLED)
+
+    def observe_limits(self, key: Any, headers: Any) -> None:
+        raw, _ = _key_args(key)
+        items = list(headers.items()) if hasattr(headers, "items") else list(headers)
+        n = len(items)
+        names = (ctypes.c_char_p * max(n, 1))()
+        values = (ctypes.c_char_p * max(n, 1))()
+        for i, (name, value) in enumerate(items):
+            names[i] = encode(str(name), "header name")
+            values[i] = encode(str(value), "header value")
+        check(_lib.km_pool_observe_limits(self.handle, raw, names, values, n), raw)
+
+    def held_count(self, key: Any = None) -> int:
+        n = ctypes.c_uint32()
+        check(_lib.km_pool_held_count(self.handle, None if key is None else _key_args(key)[0], ctypes.byref(n)))
+        return n.value
+
+    # ---- administration -------------------------------------------------
+    def add_key(self, key: Any, name: Optional[str], **limits: Any) -> None:
+        spec = _spec({"secret": key, "name": name, **limits})
+        check(_lib.km_pool_add_key(self.handle, ctypes.byref(spec)))
+
+    def admin(self, op: str, name: str) -> None:
+        """One of _lib.KEY_OPS (remove_key, enable_key, ...) on key `name`."""
+        check(_lib.KEY_OPS[op](self.handle, encode(name, "name")), key_name=name)
+
+    def key_name(self, key: Any) -> str:
+        return self._string(_lib.km_pool_key_name, _key_args(key)[0])
+
+    def status_raw(self) -> Dict[str, Any]:
+        """The C ABI's status JSON (the control protocol's shape)."""
+        return json.loads(self._string(_lib.km_pool_status_json))
+
+    def available_count(self) -> int:
+        return self._count(_lib.km_pool_available_count)
+
+    def reclaim_dead(self) -> int:
+        return self._count(_lib.km_pool_reclaim_dead)
+
+    def close(self) -> None:
+        """Idempotent; wakes waiters (they raise PoolClosedError)."""
+        if self.closed:
+            return
+        self.closed = True
+        _lib.km_pool_close(self.handle)  # triggers every token, waits for calls in progress
+
+    def _string(self, fn: Any, *args: Any) -> str:
+        out = ctypes.c_void_p()
+        check(fn(self.handle, *args, ctypes.byref(out)))
+        try:
+            return ctypes.string_at(out.value).decode("utf-8", "replace")
+        finally:
+            _lib.km_string_free(out)
+
+    def _count(self, fn: Any) -> int:
+        n = ctypes.c_uint32()
+        check(fn(self.handle, ctypes.byref(n)))
+        return n.value
+
+    def __del__(self) -> None:
+        h, self.handle = getattr(self, "handle", None), None
+        if h:
+            _lib.km_pool_destroy(h)
+
+
+def _seconds(value: Any, what: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise exc.ConfigError(f"{what} must be a number of seconds") from None
+    if not (v >= 0.0) or v == float("inf"):
+        raise exc.ConfigError(f"{what} must be a finite number of seconds >= 0")
+    return v
+
+
+def _tokens(value: Any) -> int:
+    try:
+        n = int(value or 0)
+    except (TypeError, ValueError):
+        raise exc.ConfigError("tokens must be an integer") from None
+    if n < 0 or n >= 1 << 64:
+        raise exc.ConfigError("tokens must be >= 0")
+    return n
+
+
+def _spec(k: Any) -> _lib.KeySpec:
+    """A km_key_spec from a secret string, a (name, secret) pair or a dict
+    (secret, and optional name, weight, max_concurrency, rpm, tpm, burst,
+    rate_margin)."""
+    name: Any = None
+    limits: Dict[str, Any] = {}
+    if isinstance(k, (str, bytes)):
+        secret = k
+    elif isinstance(k, dict):
+        k = dict(k)
+        secret = k.pop("secret", None)
+        name = k.pop("name", None)
+        limits = k
+        unknown = set(limits) - set(_KEY_FIELDS)
+        if unknown:
+            raise exc.ConfigError(f"unknown key field(s): {', '.join(sorted(unknown))}")
+    elif isinstance(k, tuple) and len(k) == 2:
+        name, secret = k
+    else:
+        raise exc.ConfigError(f"an API key must be a str, a (name, secret) pair or a dict, "
+                              f"not {type(k).__name__}")
+    if secret is None:
+        raise exc.ConfigError("an API key needs a secret")
+    raw = encode(secret, "key")
+    raw_name = encode(name, "key name") if name else None
+    spec = _lib.init(_lib.KeySpec)
+    spec.name = raw_name
+    spec.secret = raw
+    try:
+        for field in ("weight", "max_concurrency", "rpm", "tpm", "burst"):
+            if limits.get(field) is not None:
+                value = int(limits[field])
+                if value < 0:
+                    raise exc.ConfigError(f"{field} must be >= 0")
+                setattr(spec, field, value)
+        if limits.get("rate_margin") is not None:
+            spec.rate_margin = float(limits["rate_margin"])
+    except (TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, exc.ConfigError):
+            raise
+        raise exc.ConfigError(f"invalid key field: {e}") from None
+    # Keep the bytes referenced alongside the struct (ctypes stores only the
+    # c_char_p pointers).
+    spec._keep = (raw, raw_name)  # type: ignore[attr-defined]
+    return spec
+
+
+def parse_retry_after(value: str) -> float:
+    """Seconds from now that a Retry-After value (delay-seconds or an
+    HTTP-date) asks for. ConfigError (a ValueError) when malformed."""
+    out = ctypes.c_double()
+    check(_lib.km_parse_retry_after(encode(value, "Retry-After"), ctypes.byref(out)))
+    return out.value
+
+
+def parse_duration(value: str) -> float:
+    """Seconds of a Go-style duration as in x-ratelimit-reset-* ("1s", "6m0s",
+    "250ms"). ConfigError (a ValueError) when malformed."""
+    out = ctypes.c_double()
+    check(_lib.km_parse_duration(encode(value, "duration"), ctypes.byref(out)))
+    return out.value
+
+
+def broker_reclaim(pid: int, socket: Optional[str] = None) -> int:
+    """Asks the broker at `socket` to free the leases of exited process `pid`."""
+    n = ctypes.c_uint32()
+    check(_lib.km_broker_reclaim(encode(socket, "socket") if socket else None, int(pid), ctypes.byref(n)))
+    return n.value
+
+
+__all__ = ["Core", "Key", "CancelToken", "live_cores", "parse_retry_after", "parse_duration", "broker_reclaim"]
