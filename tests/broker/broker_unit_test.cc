@@ -1,5 +1,6 @@
-// Unit tests of the broker's pure parts: protocol framing and status
-// round-trips, config validation messages, the state file format.
+// Unit tests of the broker's pure parts: config validation messages, the
+// state file format. (The protocol's framing and messages are tested in
+// tests/protocol.)
 #define BOOST_TEST_MODULE broker_unit
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,11 +13,9 @@
 #include "broker/config.h"
 #include "broker/persistence.h"
 #include "broker/recovery.h"
-#include "protocol/protocol.h"
 
 namespace km = keymesh;
 namespace kb = keymesh::broker;
-namespace kp = keymesh::protocol;
 
 namespace {
 
@@ -36,70 +35,6 @@ std::string ConfigError(const std::string& text, std::map<std::string, std::stri
 }
 
 }  // namespace
-
-BOOST_AUTO_TEST_CASE(request_parsing) {
-  int64_t id = -1;
-  km::Result<kp::Request> r = kp::ParseRequest(R"({"v":1,"op":"status","id":7,"pool":"p"})", &id);
-  BOOST_REQUIRE(r.ok());
-  BOOST_CHECK_EQUAL(r->op, "status");
-  BOOST_CHECK_EQUAL(r->id, 7);
-  BOOST_CHECK_EQUAL(id, 7);
-
-  BOOST_CHECK(kp::ParseRequest("{not json", &id).status().code() == km::Code::kProtocolError);
-  BOOST_CHECK(kp::ParseRequest("[1,2]", &id).status().code() == km::Code::kProtocolError);
-  r = kp::ParseRequest(R"({"v":2,"op":"status","id":9})", &id);
-  BOOST_CHECK(!r.ok());
-  BOOST_CHECK_EQUAL(id, 9);  // the error reply can still carry the id
-  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"id":3})", &id).ok());
-  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"op":5,"id":3})", &id).ok());
-  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"op":"x","id":"3"})", &id).ok());
-  const std::string big(kp::kMaxFrame + 1, ' ');
-  BOOST_CHECK(kp::ParseRequest(big, &id).status().code() == km::Code::kProtocolError);
-}
-
-BOOST_AUTO_TEST_CASE(reply_round_trip) {
-  std::string ok = kp::OkReply(4, {{"x", 1}});
-  BOOST_CHECK_EQUAL(ok.back(), '\n');
-  ok.pop_back();
-  km::Result<kp::Reply> r = kp::ParseReply(ok);
-  BOOST_REQUIRE(r.ok());
-  BOOST_CHECK_EQUAL(r->id, 4);
-  BOOST_CHECK(r->status.ok());
-  std::string err = kp::ErrorReply(5, km::Status(km::Code::kNotHeld, "gone"));
-  err.pop_back();
-  r = kp::ParseReply(err);
-  BOOST_REQUIRE(r.ok());
-  BOOST_CHECK(r->status.code() == km::Code::kNotHeld);
-  BOOST_CHECK_EQUAL(r->status.message(), "gone");
-  BOOST_CHECK(kp::CodeFromName("protocol_error") == km::Code::kProtocolError);
-}
-
-BOOST_AUTO_TEST_CASE(status_round_trip) {
-  km::PoolStatus s;
-  s.name = "openai";
-  s.strategy = km::Strategy::kWeighted;
-  s.totals.acquires = 12;
-  s.totals.reclaimed = 3;
-  km::KeyStatus k;
-  k.name = "a";
-  k.state = km::KeyState::kCooling;
-  k.in_flight = 2;
-  k.cooldown_remaining = 1.5;
-  k.fingerprint = 0xFFFFFFFFFFFFFFF0ull;
-  s.keys.push_back(k);
-  boost::json::object o = kp::PoolStatusToJson(s, [](const std::string&) { return std::string("...abcd"); });
-  BOOST_CHECK_EQUAL(o.at("keys").as_array()[0].as_object().at("key_suffix").as_string(), "...abcd");
-  km::Result<km::PoolStatus> back = kp::PoolStatusFromJson(boost::json::parse(boost::json::serialize(o)));
-  BOOST_REQUIRE(back.ok());
-  BOOST_CHECK_EQUAL(back->name, "openai");
-  BOOST_CHECK(back->strategy == km::Strategy::kWeighted);
-  BOOST_CHECK_EQUAL(back->totals.acquires, 12u);
-  BOOST_CHECK_EQUAL(back->totals.reclaimed, 3u);
-  BOOST_REQUIRE_EQUAL(back->keys.size(), 1u);
-  BOOST_CHECK(back->keys[0].state == km::KeyState::kCooling);
-  BOOST_CHECK_EQUAL(back->keys[0].in_flight, 2u);
-  BOOST_CHECK_EQUAL(back->keys[0].fingerprint, 0xFFFFFFFFFFFFFFF0ull);
-}
 
 BOOST_AUTO_TEST_CASE(config_valid_and_defaults) {
   km::Result<kb::BrokerConfig> c = Parse(R"({"socket":"s.sock","state_file":"/var/x.json","allow_uids":[1000],
