@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <utility>
 
 #include <boost/json/parse.hpp>
 
@@ -100,60 +101,81 @@ Result<bool> ReadBool(const json::value& v, std::string_view field, const FieldS
   return v.get_bool();
 }
 
-Result<std::string> GetString(const json::object& o, std::string_view field, const FieldStyle& style) {
+namespace {
+
+// A required field: absent is "is required", present is read by `read`.
+template <typename Read>
+auto Required(const json::object& o, std::string_view field, const FieldStyle& style, Read read)
+    -> decltype(read(std::declval<const json::value&>())) {
   const json::value* v = Present(o, field, style);
   if (v == nullptr) return FieldError(style, field, "is required");
-  return ReadString(*v, field, style);
+  return read(*v);
 }
 
-Result<std::optional<std::string>> GetOptString(const json::object& o, std::string_view field,
-                                                const FieldStyle& style) {
+// An optional field: absent is nullopt, present is read by `read`.
+template <typename T, typename Read>
+Result<std::optional<T>> Optional(const json::object& o, std::string_view field, const FieldStyle& style, Read read) {
   const json::value* v = Present(o, field, style);
-  if (v == nullptr) return std::optional<std::string>();
-  Result<std::string> s = ReadString(*v, field, style);
-  if (!s.ok()) return s.status();
-  return std::optional<std::string>(std::move(s).value());
+  if (v == nullptr) return std::optional<T>();
+  Result<T> r = read(*v);
+  if (!r.ok()) return r.status();
+  return std::optional<T>(std::move(r).value());
+}
+
+}  // namespace
+
+Result<std::string> GetString(const json::object& o, std::string_view field, const FieldStyle& style) {
+  return Required(o, field, style, [&](const json::value& v) { return ReadString(v, field, style); });
 }
 
 Result<uint64_t> GetUint(const json::object& o, std::string_view field, uint64_t min, uint64_t max,
                          const FieldStyle& style) {
-  const json::value* v = Present(o, field, style);
-  if (v == nullptr) return FieldError(style, field, "is required");
-  return ReadUint(*v, field, min, max, style);
+  return Required(o, field, style, [&](const json::value& v) { return ReadUint(v, field, min, max, style); });
+}
+
+Result<bool> GetBool(const json::object& o, std::string_view field, const FieldStyle& style) {
+  return Required(o, field, style, [&](const json::value& v) { return ReadBool(v, field, style); });
+}
+
+Result<double> GetNumber(const json::object& o, std::string_view field, double min, double max,
+                         const FieldStyle& style) {
+  return Required(o, field, style, [&](const json::value& v) { return ReadNumber(v, field, min, max, style); });
+}
+
+Result<std::optional<std::string>> GetOptString(const json::object& o, std::string_view field,
+                                                const FieldStyle& style) {
+  return Optional<std::string>(o, field, style, [&](const json::value& v) { return ReadString(v, field, style); });
 }
 
 Result<std::optional<uint64_t>> GetOptUint(const json::object& o, std::string_view field, uint64_t min, uint64_t max,
                                            const FieldStyle& style) {
-  const json::value* v = Present(o, field, style);
-  if (v == nullptr) return std::optional<uint64_t>();
-  Result<uint64_t> u = ReadUint(*v, field, min, max, style);
-  if (!u.ok()) return u.status();
-  return std::optional<uint64_t>(*u);
+  return Optional<uint64_t>(o, field, style, [&](const json::value& v) { return ReadUint(v, field, min, max, style); });
 }
 
 Result<std::optional<double>> GetOptSeconds(const json::object& o, std::string_view field, const FieldStyle& style) {
-  const json::value* v = Present(o, field, style);
-  if (v == nullptr) return std::optional<double>();
-  Result<double> d = ReadSeconds(*v, field, style);
-  if (!d.ok()) return d.status();
-  return std::optional<double>(*d);
-}
-
-Result<std::optional<double>> GetOptNumber(const json::object& o, std::string_view field, double min, double max,
-                                           const FieldStyle& style) {
-  const json::value* v = Present(o, field, style);
-  if (v == nullptr) return std::optional<double>();
-  Result<double> d = ReadNumber(*v, field, min, max, style);
-  if (!d.ok()) return d.status();
-  return std::optional<double>(*d);
+  return Optional<double>(o, field, style, [&](const json::value& v) { return ReadSeconds(v, field, style); });
 }
 
 Result<std::optional<bool>> GetOptBool(const json::object& o, std::string_view field, const FieldStyle& style) {
-  const json::value* v = Present(o, field, style);
-  if (v == nullptr) return std::optional<bool>();
-  Result<bool> b = ReadBool(*v, field, style);
-  if (!b.ok()) return b.status();
-  return std::optional<bool>(*b);
+  return Optional<bool>(o, field, style, [&](const json::value& v) { return ReadBool(v, field, style); });
+}
+
+void FieldReader::Required(std::string_view f, uint32_t* out, uint64_t min, uint64_t max) {
+  uint64_t v = 0;
+  Required(f, &v, min, max < UINT32_MAX ? max : UINT32_MAX);
+  if (status_.ok()) *out = static_cast<uint32_t>(v);
+}
+
+void FieldReader::Optional(std::string_view f, uint64_t* out) {
+  std::optional<uint64_t> v;
+  Optional(f, &v);
+  if (status_.ok() && v) *out = *v;
+}
+
+void FieldReader::Optional(std::string_view f, bool* out) {
+  std::optional<bool> v;
+  Take(GetOptBool(o_, f, style_), &v);
+  if (status_.ok() && v) *out = *v;
 }
 
 uint64_t LenientUint(const json::object& o, std::string_view field, uint64_t max, uint64_t fallback) {

@@ -23,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include <boost/json/object.hpp>
 #include <boost/json/value.hpp>
@@ -83,18 +84,74 @@ const boost::json::value* Present(const boost::json::object& o, std::string_view
 // missing reads as nullopt. Null counts as missing where the style says so.
 Result<std::string> GetString(const boost::json::object& o, std::string_view field,
                               const FieldStyle& style = kWireField);
-Result<std::optional<std::string>> GetOptString(const boost::json::object& o, std::string_view field,
-                                                const FieldStyle& style = kWireField);
 Result<uint64_t> GetUint(const boost::json::object& o, std::string_view field, uint64_t min = 0,
                          uint64_t max = UINT64_MAX, const FieldStyle& style = kWireField);
+Result<bool> GetBool(const boost::json::object& o, std::string_view field, const FieldStyle& style = kWireField);
+Result<double> GetNumber(const boost::json::object& o, std::string_view field, double min, double max,
+                         const FieldStyle& style = kWireField);
+Result<std::optional<std::string>> GetOptString(const boost::json::object& o, std::string_view field,
+                                                const FieldStyle& style = kWireField);
 Result<std::optional<uint64_t>> GetOptUint(const boost::json::object& o, std::string_view field, uint64_t min = 0,
                                            uint64_t max = UINT64_MAX, const FieldStyle& style = kWireField);
 Result<std::optional<double>> GetOptSeconds(const boost::json::object& o, std::string_view field,
                                             const FieldStyle& style = kWireField);
-Result<std::optional<double>> GetOptNumber(const boost::json::object& o, std::string_view field, double min, double max,
-                                           const FieldStyle& style = kWireField);
 Result<std::optional<bool>> GetOptBool(const boost::json::object& o, std::string_view field,
                                        const FieldStyle& style = kWireField);
+
+// Reads the fields of one message or record in a row: each call reads one
+// field into its target unless an earlier one failed; status() is the first
+// failure. So a parser lists its fields and checks once. `o` must outlive
+// the reader.
+class FieldReader {
+ public:
+  explicit FieldReader(const boost::json::object& o, const FieldStyle& style = kWireField) : o_(o), style_(style) {}
+
+  // Required fields.
+  void Required(std::string_view f, std::string* out) { Take(GetString(o_, f, style_), out); }
+  void Required(std::string_view f, uint64_t* out, uint64_t min = 0, uint64_t max = UINT64_MAX) {
+    Take(GetUint(o_, f, min, max, style_), out);
+  }
+  void Required(std::string_view f, uint32_t* out, uint64_t min = 0, uint64_t max = UINT32_MAX);
+  void Required(std::string_view f, bool* out) { Take(GetBool(o_, f, style_), out); }
+  void Required(std::string_view f, double* out, double min, double max) {
+    Take(GetNumber(o_, f, min, max, style_), out);
+  }
+  // Optional fields: absent (or null, per the style) leaves *out as it is.
+  void Optional(std::string_view f, std::optional<std::string>* out) { Take(GetOptString(o_, f, style_), out); }
+  void Optional(std::string_view f, std::optional<uint64_t>* out) {
+    Take(GetOptUint(o_, f, 0, UINT64_MAX, style_), out);
+  }
+  void Optional(std::string_view f, uint64_t* out);
+  void Optional(std::string_view f, bool* out);
+  void Seconds(std::string_view f, std::optional<double>* out) { Take(GetOptSeconds(o_, f, style_), out); }
+  // Records a failure found by the caller (the first one wins).
+  void Fail(Status st) {
+    if (status_.ok()) status_ = std::move(st);
+  }
+
+  const Status& status() const noexcept { return status_; }
+  // `message`, or the first failure.
+  template <typename T>
+  Result<T> Finish(T message) {
+    if (!status_.ok()) return status_;
+    return message;
+  }
+
+ private:
+  template <typename T, typename Out>
+  void Take(Result<T> r, Out* out) {
+    if (!status_.ok()) return;
+    if (!r.ok()) {
+      status_ = r.status();
+      return;
+    }
+    *out = std::move(r).value();
+  }
+
+  const boost::json::object& o_;
+  const FieldStyle style_;
+  Status status_;
+};
 
 // --- lenient readers (status) ----------------------------------------------
 // A non-negative number (integers, or doubles truncated) clamped to `max`;

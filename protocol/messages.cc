@@ -19,76 +19,6 @@ constexpr std::array<std::string_view, kOpCount> kOpNames = {
     "add_key", "remove_key", "enable",  "disable", "reset",       "metrics",           "reclaim", "observe_limits",
 };
 
-// Reads the fields of one message; after the first bad field every further
-// read is skipped, and Finish() returns that field's error.
-class FieldReader {
- public:
-  explicit FieldReader(const json::object& o) : o_(o) {}
-
-  void Required(std::string_view f, std::string* out) {
-    if (!status_.ok()) return;
-    Take(GetString(o_, f), out);
-  }
-  void Required(std::string_view f, uint32_t* out, uint64_t min = 0, uint64_t max = UINT32_MAX) {
-    if (!status_.ok()) return;
-    Result<uint64_t> r = GetUint(o_, f, min, max);
-    if (r.ok()) *out = static_cast<uint32_t>(*r);
-    Take(r);
-  }
-  void Required(std::string_view f, uint64_t* out) {
-    if (!status_.ok()) return;
-    Take(GetUint(o_, f), out);
-  }
-  void Optional(std::string_view f, std::optional<std::string>* out) {
-    if (!status_.ok()) return;
-    Take(GetOptString(o_, f), out);
-  }
-  void Optional(std::string_view f, std::optional<uint64_t>* out) {
-    if (!status_.ok()) return;
-    Take(GetOptUint(o_, f), out);
-  }
-  // Absent keeps *out as it is.
-  void Optional(std::string_view f, uint64_t* out) {
-    if (!status_.ok()) return;
-    Result<std::optional<uint64_t>> r = GetOptUint(o_, f);
-    if (r.ok() && *r) *out = **r;
-    Take(r);
-  }
-  void Optional(std::string_view f, bool* out) {
-    if (!status_.ok()) return;
-    Result<std::optional<bool>> r = GetOptBool(o_, f);
-    if (r.ok() && *r) *out = **r;
-    Take(r);
-  }
-  void Seconds(std::string_view f, std::optional<double>* out) {
-    if (!status_.ok()) return;
-    Take(GetOptSeconds(o_, f), out);
-  }
-  void Fail(Status st) {
-    if (status_.ok()) status_ = std::move(st);
-  }
-
-  template <typename T>
-  Result<T> Finish(T message) {
-    if (!status_.ok()) return status_;
-    return message;
-  }
-
- private:
-  template <typename R, typename T>
-  void Take(Result<R> r, T* out) {
-    if (r.ok()) *out = std::move(r).value();
-    Take(r);
-  }
-  template <typename R>
-  void Take(const Result<R>& r) {
-    if (!r.ok()) status_ = r.status();
-  }
-
-  const json::object& o_;
-  Status status_;
-};
-
 }  // namespace
 
 std::string_view OpName(Op op) noexcept {
@@ -383,13 +313,19 @@ Status ReadKeyLimits(const json::object& o, const FieldStyle& style, std::string
     if (l.u64 != nullptr) key->*l.u64 = *r;
   }
   if (const json::value* v = Present(o, "rate_margin", style)) {
-    // 0.5 and more would pace a key at half its limit or less: a typo
-    // rather than a margin.
-    Result<double> r = ReadNumber(*v, prefix + "rate_margin", 0.0, 0.5, style);
-    if (!r.ok() || !(*r < 0.5)) return FieldError(style, prefix + "rate_margin", "must be a number >= 0 and < 0.5");
+    Result<double> r = ReadRateMargin(*v, prefix + "rate_margin", style);
+    if (!r.ok()) return r.status();
     key->rate_margin = *r;
   }
   return Status::Ok();
+}
+
+Result<double> ReadRateMargin(const json::value& v, std::string_view field, const FieldStyle& style) {
+  // 0.5 and more would pace a key at half its limit or less: a typo rather
+  // than a margin.
+  Result<double> r = ReadNumber(v, field, 0.0, 0.5, style);
+  if (!r.ok() || !(*r < 0.5)) return FieldError(style, field, "must be a number >= 0 and < 0.5");
+  return r;
 }
 
 // --- metrics, reclaim, observe_limits ------------------------------------------

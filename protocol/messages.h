@@ -275,6 +275,8 @@ struct ObserveLimitsRequest {
 // A bad field is `style`'s error for `path_prefix` + its name.
 inline constexpr uint64_t kMaxBurst = 1000000;
 Status ReadKeyLimits(const boost::json::object& o, const FieldStyle& style, std::string_view path_prefix, KeySpec* key);
+// A rate margin (a key's or a pool's): a number >= 0 and < 0.5.
+Result<double> ReadRateMargin(const boost::json::value& v, std::string_view field, const FieldStyle& style);
 
 }  // namespace keymesh::protocol
 

@@ -1,5 +1,8 @@
 #include "protocol/status_json.h"
 
+#include <type_traits>
+#include <variant>
+
 #include <boost/json/array.hpp>
 
 #include "protocol/json_fields.h"
@@ -9,10 +12,111 @@ namespace {
 
 namespace json = boost::json;
 
-json::object OptionsToJson(const PoolOptions& p) {
-  return {{"default_cooldown", p.default_cooldown}, {"max_failures", p.max_failures},
-          {"acquire_timeout", p.acquire_timeout},   {"max_lease_seconds", p.max_lease_seconds},
-          {"max_cooldown", p.max_cooldown},         {"rate_margin", p.rate_margin}};
+// One list per struct of its JSON fields, read and written by the same
+// loop, so a field is added in one place. kSpecial entries are written and
+// read by the caller (enums, derived values, the masked secret), so the
+// object keeps the order of the list.
+enum class Special { kKeySuffix, kState, kIsAvailable, kCircuit };
+
+template <typename S>
+struct Field {
+  const char* name;
+  std::variant<std::string S::*, uint32_t S::*, uint64_t S::*, int64_t S::*, double S::*, bool S::*, Special> member;
+};
+
+const Field<PoolOptions> kOptionFields[] = {
+    {"default_cooldown", &PoolOptions::default_cooldown}, {"max_failures", &PoolOptions::max_failures},
+    {"acquire_timeout", &PoolOptions::acquire_timeout},   {"max_lease_seconds", &PoolOptions::max_lease_seconds},
+    {"max_cooldown", &PoolOptions::max_cooldown},         {"rate_margin", &PoolOptions::rate_margin},
+};
+
+// (pool_metrics also holds the pool's uptime, which is not a PoolTotals field.)
+const Field<PoolTotals> kTotalFields[] = {
+    {"total_acquires", &PoolTotals::acquires},   {"total_releases", &PoolTotals::releases},
+    {"total_failures", &PoolTotals::failures},   {"total_rate_limited", &PoolTotals::rate_limited},
+    {"total_reclaimed", &PoolTotals::reclaimed}, {"no_key_available_count", &PoolTotals::no_key_available},
+    {"timeouts", &PoolTotals::timeouts},
+};
+
+const Field<KeyStatus> kKeyFields[] = {
+    {"name", &KeyStatus::name},
+    {"key_suffix", Special::kKeySuffix},
+    {"slot", &KeyStatus::slot},
+    {"fingerprint", &KeyStatus::fingerprint},
+    {"state", Special::kState},
+    {"enabled", &KeyStatus::enabled},
+    {"weight", &KeyStatus::weight},
+    {"max_concurrency", &KeyStatus::max_concurrency},
+    {"rpm", &KeyStatus::rpm},
+    {"tpm", &KeyStatus::tpm},
+    {"active_requests", &KeyStatus::in_flight},
+    {"cooldown_remaining", &KeyStatus::cooldown_remaining},
+    {"fail_streak", &KeyStatus::fail_streak},
+    {"rate_limit_streak", &KeyStatus::rate_limit_streak},
+    {"acquires", &KeyStatus::acquires},
+    {"success_count", &KeyStatus::successes},
+    {"failure_count", &KeyStatus::failures},
+    {"rate_limited", &KeyStatus::rate_limited},
+    {"reclaimed", &KeyStatus::reclaimed},
+    {"tokens", &KeyStatus::tokens},
+    {"cancelled", &KeyStatus::cancelled},
+    {"latency_avg", &KeyStatus::latency_avg},
+    {"has_latency", &KeyStatus::has_latency},
+    {"last_used_ago", &KeyStatus::last_used_ago},
+    {"is_available", Special::kIsAvailable},
+    {"health_score", &KeyStatus::health_score},
+    {"circuit", Special::kCircuit},
+    {"circuit_opens", &KeyStatus::circuit_opens},
+    {"escalation", &KeyStatus::escalation},
+    {"requests_available", &KeyStatus::requests_available},
+    {"tokens_available", &KeyStatus::tokens_available},
+    {"burst", &KeyStatus::burst},
+    {"rate_margin", &KeyStatus::rate_margin},
+    {"reason", &KeyStatus::reason},
+};
+
+// Lenient reads into a member: a missing or mistyped field keeps its value
+// (the struct's default).
+void ReadInto(const json::object& o, std::string_view f, std::string* v) {
+  if (const json::value* x = o.if_contains(f); x != nullptr && x->is_string()) *v = std::string(x->get_string());
+}
+void ReadInto(const json::object& o, std::string_view f, uint32_t* v) {
+  *v = static_cast<uint32_t>(LenientUint(o, f, UINT32_MAX, *v));
+}
+void ReadInto(const json::object& o, std::string_view f, uint64_t* v) { *v = LenientUint(o, f, UINT64_MAX, *v); }
+void ReadInto(const json::object& o, std::string_view f, int64_t* v) { *v = LenientInt(o, f, *v); }
+void ReadInto(const json::object& o, std::string_view f, double* v) { *v = LenientNumber(o, f, *v); }
+void ReadInto(const json::object& o, std::string_view f, bool* v) { *v = LenientBool(o, f, *v); }
+
+template <typename S, size_t N, typename OnSpecial>
+void WriteFields(const S& s, const Field<S> (&fields)[N], json::object* o, OnSpecial special) {
+  for (const Field<S>& f : fields) {
+    std::visit(
+        [&](auto m) {
+          if constexpr (std::is_same_v<decltype(m), Special>) {
+            (*o)[f.name] = special(m);
+          } else {
+            (*o)[f.name] = s.*m;
+          }
+        },
+        f.member);
+  }
+}
+
+template <typename S, size_t N>
+void WriteFields(const S& s, const Field<S> (&fields)[N], json::object* o) {
+  WriteFields(s, fields, o, [](Special) { return json::value(); });
+}
+
+template <typename S, size_t N>
+void ReadFields(const json::object& o, const Field<S> (&fields)[N], S* s) {
+  for (const Field<S>& f : fields) {
+    std::visit(
+        [&](auto m) {
+          if constexpr (!std::is_same_v<decltype(m), Special>) ReadInto(o, f.name, &(s->*m));
+        },
+        f.member);
+  }
 }
 
 json::object WaitToJson(const WaitHistogram& w) {
@@ -23,50 +127,17 @@ json::object WaitToJson(const WaitHistogram& w) {
   return {{"counts", std::move(counts)}, {"bounds", std::move(bounds)}, {"sum", w.sum}, {"count", w.count}};
 }
 
-json::object TotalsToJson(const PoolStatus& s) {
-  const PoolTotals& t = s.totals;
-  return {{"total_acquires", t.acquires},   {"total_releases", t.releases},
-          {"total_failures", t.failures},   {"total_rate_limited", t.rate_limited},
-          {"total_reclaimed", t.reclaimed}, {"no_key_available_count", t.no_key_available},
-          {"timeouts", t.timeouts},         {"uptime", s.uptime}};
-}
-
 json::object KeyToJson(const KeyStatus& k, std::string key_suffix) {
   json::object j;
-  j["name"] = k.name;
-  j["key_suffix"] = std::move(key_suffix);
-  j["slot"] = k.slot;
-  j["fingerprint"] = k.fingerprint;
-  j["state"] = KeyStateName(k.state);
-  j["enabled"] = k.enabled;
-  j["weight"] = k.weight;
-  j["max_concurrency"] = k.max_concurrency;
-  j["rpm"] = k.rpm;
-  j["tpm"] = k.tpm;
-  j["active_requests"] = k.in_flight;
-  j["cooldown_remaining"] = k.cooldown_remaining;
-  j["fail_streak"] = k.fail_streak;
-  j["rate_limit_streak"] = k.rate_limit_streak;
-  j["acquires"] = k.acquires;
-  j["success_count"] = k.successes;
-  j["failure_count"] = k.failures;
-  j["rate_limited"] = k.rate_limited;
-  j["reclaimed"] = k.reclaimed;
-  j["tokens"] = k.tokens;
-  j["cancelled"] = k.cancelled;
-  j["latency_avg"] = k.latency_avg;
-  j["has_latency"] = k.has_latency;
-  j["last_used_ago"] = k.last_used_ago;
-  j["is_available"] = k.state == KeyState::kAvailable;
-  j["health_score"] = k.health_score;
-  j["circuit"] = CircuitStateName(k.circuit);
-  j["circuit_opens"] = k.circuit_opens;
-  j["escalation"] = k.escalation;
-  j["requests_available"] = k.requests_available;
-  j["tokens_available"] = k.tokens_available;
-  j["burst"] = k.burst;
-  j["rate_margin"] = k.rate_margin;
-  j["reason"] = k.reason;
+  WriteFields(k, kKeyFields, &j, [&](Special sp) -> json::value {
+    switch (sp) {
+      case Special::kKeySuffix: return json::value(std::move(key_suffix));
+      case Special::kState: return json::value(KeyStateName(k.state));
+      case Special::kIsAvailable: return json::value(k.state == KeyState::kAvailable);
+      case Special::kCircuit: return json::value(CircuitStateName(k.circuit));
+    }
+    return json::value();
+  });
   return j;
 }
 
@@ -74,25 +145,19 @@ json::object PoolToJson(const PoolStatus& s, const std::function<std::string(siz
   json::object o;
   o["name"] = s.name;
   o["strategy"] = StrategyName(s.strategy);
-  o["options"] = OptionsToJson(s.options);
+  json::object options;
+  WriteFields(s.options, kOptionFields, &options);
+  o["options"] = std::move(options);
   o["acquire_wait"] = WaitToJson(s.acquire_wait);
-  o["pool_metrics"] = TotalsToJson(s);
+  json::object totals;
+  WriteFields(s.totals, kTotalFields, &totals);
+  totals["uptime"] = s.uptime;
+  o["pool_metrics"] = std::move(totals);
   o["generation"] = s.generation;
   json::array keys;
   for (size_t i = 0; i < s.keys.size(); ++i) keys.push_back(KeyToJson(s.keys[i], suffix(i)));
   o["keys"] = std::move(keys);
   return o;
-}
-
-uint32_t U32(const json::object& o, std::string_view f) { return static_cast<uint32_t>(LenientUint(o, f, UINT32_MAX)); }
-
-void OptionsFromJson(const json::object& p, PoolOptions* out) {
-  out->default_cooldown = LenientNumber(p, "default_cooldown");
-  out->max_failures = U32(p, "max_failures");
-  out->acquire_timeout = LenientNumber(p, "acquire_timeout");
-  out->max_lease_seconds = LenientNumber(p, "max_lease_seconds");
-  out->max_cooldown = LenientNumber(p, "max_cooldown");
-  out->rate_margin = LenientNumber(p, "rate_margin", out->rate_margin);
 }
 
 void WaitFromJson(const json::object& w, WaitHistogram* out) {
@@ -110,51 +175,11 @@ void WaitFromJson(const json::object& w, WaitHistogram* out) {
   out->count = LenientUint(w, "count");
 }
 
-void TotalsFromJson(const json::object& t, PoolStatus* s) {
-  s->totals.acquires = LenientUint(t, "total_acquires");
-  s->totals.releases = LenientUint(t, "total_releases");
-  s->totals.failures = LenientUint(t, "total_failures");
-  s->totals.rate_limited = LenientUint(t, "total_rate_limited");
-  s->totals.reclaimed = LenientUint(t, "total_reclaimed");
-  s->totals.no_key_available = LenientUint(t, "no_key_available_count");
-  s->totals.timeouts = LenientUint(t, "timeouts");
-  s->uptime = LenientNumber(t, "uptime");
-}
-
 KeyStatus KeyFromJson(const json::object& j) {
   KeyStatus k;
-  k.name = LenientString(j, "name");
-  k.slot = U32(j, "slot");
-  k.fingerprint = LenientUint(j, "fingerprint");
+  ReadFields(j, kKeyFields, &k);
   if (Result<KeyState> ks = ParseKeyState(LenientString(j, "state")); ks.ok()) k.state = *ks;
-  k.enabled = LenientBool(j, "enabled");
-  k.weight = U32(j, "weight");
-  k.max_concurrency = U32(j, "max_concurrency");
-  k.rpm = U32(j, "rpm");
-  k.tpm = LenientUint(j, "tpm");
-  k.in_flight = U32(j, "active_requests");
-  k.cooldown_remaining = LenientNumber(j, "cooldown_remaining");
-  k.fail_streak = U32(j, "fail_streak");
-  k.rate_limit_streak = U32(j, "rate_limit_streak");
-  k.acquires = LenientUint(j, "acquires");
-  k.successes = LenientUint(j, "success_count");
-  k.failures = LenientUint(j, "failure_count");
-  k.rate_limited = LenientUint(j, "rate_limited");
-  k.reclaimed = LenientUint(j, "reclaimed");
-  k.tokens = LenientUint(j, "tokens");
-  k.cancelled = LenientUint(j, "cancelled");
-  k.latency_avg = LenientNumber(j, "latency_avg");
-  k.has_latency = LenientBool(j, "has_latency");
-  k.last_used_ago = LenientNumber(j, "last_used_ago");
-  k.health_score = LenientNumber(j, "health_score");
   if (Result<CircuitState> c = ParseCircuitState(LenientString(j, "circuit")); c.ok()) k.circuit = *c;
-  k.circuit_opens = U32(j, "circuit_opens");
-  k.escalation = U32(j, "escalation");
-  k.requests_available = LenientInt(j, "requests_available", -1);
-  k.tokens_available = LenientInt(j, "tokens_available", -1);
-  k.burst = U32(j, "burst");
-  k.rate_margin = LenientNumber(j, "rate_margin", -1.0);
-  k.reason = LenientString(j, "reason");
   return k;
 }
 
@@ -176,9 +201,12 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v, std::vector<std::str
   Result<Strategy> strategy = ParseStrategy(LenientString(o, "strategy"));
   s.strategy = strategy.ok() ? *strategy : Strategy::kLeastBusy;
   s.options.strategy = s.strategy;
-  if (const json::object* p = LenientObject(o, "options")) OptionsFromJson(*p, &s.options);
+  if (const json::object* p = LenientObject(o, "options")) ReadFields(*p, kOptionFields, &s.options);
   if (const json::object* w = LenientObject(o, "acquire_wait")) WaitFromJson(*w, &s.acquire_wait);
-  if (const json::object* t = LenientObject(o, "pool_metrics")) TotalsFromJson(*t, &s);
+  if (const json::object* t = LenientObject(o, "pool_metrics")) {
+    ReadFields(*t, kTotalFields, &s.totals);
+    s.uptime = LenientNumber(*t, "uptime");
+  }
   s.generation = LenientUint(o, "generation");
   const json::value* keys = o.if_contains("keys");
   if (keys == nullptr || !keys->is_array()) return Status(Code::kProtocolError, "pool status without 'keys'");
