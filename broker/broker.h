@@ -60,8 +60,9 @@ class Broker {
   // --- for in-process tests and fuzzers -----------------------------------
   // Start() without serving: after it returns ok the caller drives
   // io_context() itself (poll()) and may feed frames straight to
-  // dispatcher() with a Session of its own; StopForTesting() then shuts down as SIGTERM
-  // would. The listening socket is opened but nobody needs to connect.
+  // dispatcher() with a Session of its own; StopForTesting() then shuts
+  // down as SIGTERM would. The listening socket is opened but nobody needs
+  // to connect.
   Status StartForTesting() { return Start(); }
   void StopForTesting() { Shutdown(); }
   boost::asio::io_context& io_context() noexcept { return io_; }

@@ -5,11 +5,12 @@
 // Limits: a frame longer than protocol::kMaxFrame gets an error reply and the
 // connection is closed; a started frame must complete within kFrameTimeout;
 // an idle connection is closed after kIdleTimeout unless the dispatcher
-// says it holds something (slow-path leases, a waiting acquire). A client that stops reading is dropped once
-// kMaxQueuedReplies replies, or kMaxQueuedBytes bytes behind the reply being
-// written, pile up beyond what the kernel's socket buffer holds (a 30-byte
-// status request can cost a reply 100x larger, so a count alone would let
-// each of a thousand non-reading clients hold megabytes).
+// says it holds something (slow-path leases, a waiting acquire). A client
+// that stops reading is dropped once kMaxQueuedReplies replies, or
+// kMaxQueuedBytes bytes behind the reply being written, pile up beyond what
+// the kernel's socket buffer holds (a 30-byte status request can cost a
+// reply 100x larger, so a count alone would let each of a thousand
+// non-reading clients hold megabytes).
 //
 // Lifetime: shared_ptr-owned (enable_shared_from_this); every pending Asio
 // operation holds a reference. All members are used on the io thread only.

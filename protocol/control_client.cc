@@ -47,13 +47,13 @@ int MillisLeft(Clock::time_point deadline) {
   return ms > INT_MAX ? INT_MAX : static_cast<int>(ms);
 }
 
-// Waits until `fd` is ready for `events` or the deadline passes. False when
-// the deadline passed; *error receives errno for a failed poll.
+// Waits until `fd` is ready for `events` or the deadline passes (a
+// deadline already past still sees what is ready now). False when the
+// deadline passed; *error receives errno for a failed poll.
 bool WaitFor(int fd, short events, Clock::time_point deadline, int* error) {
   *error = 0;
   for (;;) {
     const int ms = MillisLeft(deadline);
-    if (ms == 0) return false;
     pollfd p{fd, events, 0};
     const int rc = ::poll(&p, 1, ms);
     if (rc > 0) return true;
@@ -61,6 +61,7 @@ bool WaitFor(int fd, short events, Clock::time_point deadline, int* error) {
       *error = errno;
       return true;
     }
+    if (rc == 0 && ms == 0) return false;
   }
 }
 

@@ -58,10 +58,12 @@ struct ControlClientOptions {
 
   // The broker's socket, already resolved (ResolveSocketPath()).
   std::string socket_path;
-  // Called once per new connection, in the process that dials it (so in a
-  // fork child, in the child): the hello to send first. Empty: no hello
-  // (enough for status, metrics, admin ops and reclaim). The client library
-  // returns its shm::Self() identity and pool here.
+  // Called once per new connection, in the process and thread that dials
+  // it (so in a fork child, in the child; possibly in several threads at
+  // once): the hello to send first. Empty: no hello (enough for status,
+  // metrics, admin ops and reclaim). The client library returns its
+  // shm::Self() identity (pid and start time, recomputed after fork) and
+  // its pool here.
   std::function<HelloRequest()> hello;
   // Idle connections kept for reuse, at most.
   size_t max_idle = 8;
