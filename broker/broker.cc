@@ -8,7 +8,7 @@
 #include <csignal>
 #include <cstdio>
 
-#include "broker/handlers.h"
+#include "broker/dispatch.h"
 #include "broker/listener.h"
 #include "broker/log.h"
 #include "broker/recovery.h"
@@ -64,14 +64,15 @@ Status Broker::Start() {
   const shm::ProcessId& self = shm::Self();
   segment_->header()->broker_pid.store(self.pid, std::memory_order_release);
   segment_->header()->broker_start_time.store(self.start_time, std::memory_order_release);
-  RebuildTables();
+  pools_ = std::make_unique<PoolRegistry>(*segment_);
+  pools_->Configure(config_.pools);
 
   reaper_ = std::make_unique<Reaper>(io_, [this](const shm::ProcessId& id) { OnProcessDied(id); });
   slow_ = std::make_unique<SlowAcquirer>(io_);
-  cooldown_ = std::make_unique<CooldownTimer>(io_, [this] { return AllPools(); });
+  cooldown_ = std::make_unique<CooldownTimer>(io_, [this] { return pools_->All(); });
   persister_ = std::make_unique<StatePersister>(config_.state_file);
-  handlers_ = std::make_unique<Handlers>(*this);
-  listener_ = std::make_unique<Listener>(io_, *handlers_);
+  dispatcher_ = std::make_unique<Dispatcher>(*this);
+  listener_ = std::make_unique<Listener>(io_, *dispatcher_);
 
   SaveState(true);
   WatchHolders();  // leases of workers that were served by a previous broker
@@ -81,14 +82,12 @@ Status Broker::Start() {
   listener_->Start();
   WaitSignal();
   ArmTick();
-  size_t keys = 0;
-  for (const auto& [pool, s] : secrets_) keys += s.size();
   Log(LogLevel::kInfo, "ready",
       {{"socket", config_.socket},
        {"segment", segment_name_},
        {"mode", StartModeName(opened->mode)},
-       {"pools", std::to_string(pools_.size())},
-       {"keys", std::to_string(keys)},
+       {"pools", std::to_string(pools_->pools().size())},
+       {"keys", std::to_string(pools_->key_count())},
        {"pid", std::to_string(::getpid())}});
   StartMetricsFile();
   return Status::Ok();
@@ -112,7 +111,7 @@ void Broker::Shutdown() {
   stopping_ = true;
   listener_->Stop();
   slow_->Stop();
-  handlers_->CloseAll();
+  dispatcher_->CloseAll();
   cooldown_->Stop();
   tick_.cancel();
   signals_.cancel();
@@ -134,7 +133,7 @@ void Broker::ArmTick() {
 }
 
 void Broker::Tick() {
-  for (auto& [name, pool] : pools_) {
+  for (const auto& [name, pool] : pools_->pools()) {
     Result<uint32_t> n = pool->ReclaimExpired();
     if (n.ok() && *n > 0) {
       Log(LogLevel::kWarn, "leases_expired",
@@ -149,14 +148,14 @@ void Broker::Tick() {
 }
 
 void Broker::WatchHolders() {
-  for (auto& [name, pool] : pools_) {
+  for (const auto& [name, pool] : pools_->pools()) {
     for (const shm::ProcessId& id : pool->Holders()) reaper_->Watch(id);
   }
 }
 
 void Broker::OnProcessDied(const shm::ProcessId& id) {
   uint32_t total = 0;
-  for (auto& [name, pool] : pools_) {
+  for (const auto& [name, pool] : pools_->pools()) {
     Result<uint32_t> n = pool->ReclaimProcess(id);
     if (n.ok() && *n > 0) {
       total += *n;
@@ -169,7 +168,7 @@ void Broker::OnProcessDied(const shm::ProcessId& id) {
 
 uint32_t Broker::ReclaimIfDead(uint32_t pid) {
   uint32_t total = 0;
-  for (auto& [name, pool] : pools_) {
+  for (const auto& [name, pool] : pools_->pools()) {
     for (const shm::ProcessId& id : pool->Holders()) {
       if (id.pid != pid || shm::IsAlive(id)) continue;
       Result<uint32_t> n = pool->ReclaimProcess(id);
@@ -192,49 +191,11 @@ void Broker::StartMetricsFile() {
   if (config_.metrics_file.empty()) return;
   const auto interval = std::chrono::milliseconds(static_cast<int64_t>(config_.metrics_interval * 1000));
   metrics_file_ = std::make_unique<MetricsFileWriter>(io_, config_.metrics_file, interval,
-                                                      [this]() -> Result<std::vector<PoolStatus>> {
-                                                        std::vector<PoolStatus> pools;
-                                                        for (const std::string& name : PoolNames()) {
-                                                          shm::PoolAdmin* pool = FindPool(name);
-                                                          if (pool == nullptr) continue;
-                                                          Result<PoolStatus> snap = pool->Snapshot();
-                                                          if (!snap.ok()) return snap.status();
-                                                          pools.push_back(std::move(snap).value());
-                                                        }
-                                                        return pools;
-                                                      });
+                                                      [this] { return pools_->SnapshotAll(); });
   metrics_file_->Start();
   char interval_text[32];
   std::snprintf(interval_text, sizeof(interval_text), "%gs", config_.metrics_interval);
   Log(LogLevel::kInfo, "metrics_file", {{"file", config_.metrics_file}, {"interval", interval_text}});
-}
-
-std::vector<PoolConfigEntry> Broker::DesiredPools() const {
-  std::vector<PoolConfigEntry> pools = config_.pools;
-  for (PoolConfigEntry& p : pools) {
-    auto rk = runtime_keys_.find(p.name);
-    if (rk == runtime_keys_.end()) continue;
-    for (const auto& [name, spec] : rk->second) {
-      bool in_config = false;
-      for (const KeySpec& k : p.keys) in_config = in_config || k.name == name;
-      if (!in_config) p.keys.push_back(spec);
-    }
-  }
-  return pools;
-}
-
-void Broker::RebuildTables() {
-  for (uint32_t i = 0; i < segment_->header()->max_pools; ++i) {
-    if (segment_->pool_header(i)->use != shm::PoolUse::kInUse) continue;
-    auto access = std::make_unique<shm::PoolAdmin>(*segment_, i);
-    std::string name = access->Info().name;
-    if (pools_.find(name) == pools_.end()) pools_.emplace(std::move(name), std::move(access));
-  }
-  secrets_.clear();
-  for (const PoolConfigEntry& p : DesiredPools()) {
-    auto& table = secrets_[p.name];
-    for (const KeySpec& k : p.keys) table[k.name] = k.secret;
-  }
 }
 
 void Broker::Reload() {
@@ -261,45 +222,16 @@ void Broker::Reload() {
     metrics_file_.reset();
     StartMetricsFile();
   }
-  Status st = ReconcileSegment(*segment_, DesiredPools());
+  pools_->Configure(config_.pools);
+  Status st = pools_->Reconcile();
   if (!st.ok()) {
     // Whatever was applied stays applied; report and keep serving.
     Log(LogLevel::kError, "reload_failed", {{"error", st.message()}});
   }
-  RebuildTables();
   cooldown_->Rearm();
   SaveState(false);
   Log(LogLevel::kInfo, "reloaded",
       {{"pools", std::to_string(config_.pools.size())}, {"generation", std::to_string(segment_->generation())}});
-}
-
-shm::PoolAdmin* Broker::FindPool(std::string_view name) {
-  auto it = pools_.find(name);
-  return it == pools_.end() ? nullptr : it->second.get();
-}
-
-std::vector<std::string> Broker::PoolNames() const {
-  std::vector<std::string> out;
-  for (const PoolConfigEntry& p : config_.pools) out.push_back(p.name);
-  return out;
-}
-
-std::vector<shm::PoolAdmin*> Broker::AllPools() {
-  std::vector<shm::PoolAdmin*> out;
-  for (auto& [name, pool] : pools_) out.push_back(pool.get());
-  return out;
-}
-
-const std::map<std::string, std::string>* Broker::Secrets(std::string_view pool) const {
-  auto it = secrets_.find(pool);
-  return it == secrets_.end() ? nullptr : &it->second;
-}
-
-std::string Broker::Masked(std::string_view pool, const std::string& key) const {
-  const std::map<std::string, std::string>* s = Secrets(pool);
-  if (s == nullptr) return "";
-  auto it = s->find(key);
-  return it == s->end() ? std::string() : MaskSecret(it->second);
 }
 
 bool Broker::PeerAllowed(const PeerCred& peer) const {
@@ -307,47 +239,6 @@ bool Broker::PeerAllowed(const PeerCred& peer) const {
   if (std::find(config_.allow_uids.begin(), config_.allow_uids.end(), peer.uid) != config_.allow_uids.end())
     return true;
   return std::find(config_.allow_gids.begin(), config_.allow_gids.end(), peer.gid) != config_.allow_gids.end();
-}
-
-Status Broker::AddKey(std::string_view pool, const KeySpec& key) {
-  if (config_.FindPool(pool) == nullptr || FindPool(pool) == nullptr) {
-    return Status(Code::kUnknownKey, "no pool " + Quoted(pool));
-  }
-  auto& runtime = runtime_keys_[std::string(pool)];
-  const auto previous = runtime.find(key.name);
-  std::optional<KeySpec> saved;
-  if (previous != runtime.end()) saved = previous->second;
-  runtime[key.name] = key;
-  Status st = ReconcileSegment(*segment_, DesiredPools());
-  if (!st.ok()) {
-    if (saved) {
-      runtime[key.name] = *saved;
-    } else {
-      runtime.erase(key.name);
-    }
-    return st;
-  }
-  RebuildTables();
-  return Status::Ok();
-}
-
-Status Broker::RemoveKey(std::string_view pool, std::string_view name) {
-  shm::PoolAdmin* access = FindPool(pool);
-  if (access == nullptr) return Status(Code::kUnknownKey, "no pool " + Quoted(pool));
-  Status st = access->RemoveKey(name);
-  if (!st.ok()) return st;
-  segment_->BumpGeneration();
-  auto rk = runtime_keys_.find(pool);
-  if (rk != runtime_keys_.end()) rk->second.erase(std::string(name));
-  // A key removed at run time stays removed until a reload re-reads the
-  // config that names it.
-  for (PoolConfigEntry& p : config_.pools) {
-    if (p.name != pool) continue;
-    std::erase_if(p.keys, [&](const KeySpec& k) { return k.name == name; });
-  }
-  RebuildTables();
-  Log(LogLevel::kInfo, "key_removed", {{"pool", std::string(pool)}, {"key", std::string(name)}});
-  return Status::Ok();
 }
 
 }  // namespace keymesh::broker

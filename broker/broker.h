@@ -27,6 +27,7 @@
 #include "broker/lock_file.h"
 #include "broker/metrics.h"
 #include "broker/persistence.h"
+#include "broker/pool_registry.h"
 #include "broker/reaper.h"
 #include "broker/slow_acquire.h"
 #include "keymesh/status.h"
@@ -35,7 +36,7 @@
 
 namespace keymesh::broker {
 
-class Handlers;
+class Dispatcher;
 class Listener;
 struct PeerCred;
 
@@ -58,37 +59,31 @@ class Broker {
 
   // --- for in-process tests and fuzzers -----------------------------------
   // Start() without serving: after it returns ok the caller drives
-  // io_context() itself (poll()) and may feed frames straight to handlers()
-  // with a Session of its own; StopForTesting() then shuts down as SIGTERM
-  // would. The listening socket is opened but nobody needs to connect.
+  // io_context() itself (poll()) and may feed frames straight to
+  // dispatcher() with a Session of its own; StopForTesting() then shuts
+  // down as SIGTERM would. The listening socket is opened but nobody needs
+  // to connect.
   Status StartForTesting() { return Start(); }
   void StopForTesting() { Shutdown(); }
   boost::asio::io_context& io_context() noexcept { return io_; }
-  Handlers& handlers() noexcept { return *handlers_; }
+  Dispatcher& dispatcher() noexcept { return *dispatcher_; }
 
-  // --- for the Handlers (io thread) ---------------------------------------
+  // --- for the ops (io thread) --------------------------------------------
   const BrokerConfig& config() const noexcept { return config_; }
   shm::Segment& segment() noexcept { return *segment_; }
-  // nullptr when there is no such pool. The pointer stays valid for the
-  // broker's life.
-  shm::PoolAdmin* FindPool(std::string_view name);
-  std::vector<std::string> PoolNames() const;
-  // name -> secret of a pool's keys; nullptr for an unknown pool.
-  const std::map<std::string, std::string>* Secrets(std::string_view pool) const;
-  // The masked secret of a key ("" when unknown).
-  std::string Masked(std::string_view pool, const std::string& key) const;
+  PoolRegistry& pools() noexcept { return *pools_; }
   // root, the broker's own uid, allow_uids, allow_gids.
   bool PeerAllowed(const PeerCred& peer) const;
-
-  Status AddKey(std::string_view pool, const KeySpec& key);
-  Status RemoveKey(std::string_view pool, std::string_view name);
-  // Frees the leases of `id` in every pool if it is dead; returns how many.
+  // Frees the leases of process `pid` in every pool if it is dead; returns
+  // how many.
   uint32_t ReclaimIfDead(uint32_t pid);
 
   Reaper& reaper() noexcept { return *reaper_; }
   SlowAcquirer& slow() noexcept { return *slow_; }
-  // After any change of cooldowns or leases made over the socket.
-  void NoteChange() { cooldown_->Rearm(); }
+  // Re-arms the cooldown timer for the earliest deadline of all pools: after
+  // an op over the socket that may have set, moved or cleared one (a 429, a
+  // Retry-After, a reset).
+  void RearmCooldownTimer() { cooldown_->Rearm(); }
 
  private:
   Status Start();
@@ -102,18 +97,13 @@ class Broker {
   void SaveState(bool force);
   // (Re)starts the metrics file writer for config_ (none without metrics_file).
   void StartMetricsFile();
-  void RebuildTables();
-  std::vector<PoolConfigEntry> DesiredPools() const;
-  std::vector<shm::PoolAdmin*> AllPools();
 
   BrokerOptions options_;
   BrokerConfig config_;
   std::unique_ptr<LockFile> lock_;
   std::string segment_name_;
   std::unique_ptr<shm::Segment> segment_;
-  std::map<std::string, std::unique_ptr<shm::PoolAdmin>, std::less<>> pools_;
-  std::map<std::string, std::map<std::string, std::string>, std::less<>> secrets_;
-  std::map<std::string, std::map<std::string, KeySpec>, std::less<>> runtime_keys_;  // added over the socket
+  std::unique_ptr<PoolRegistry> pools_;
   int64_t wall_minus_mono_ = 0;
 
   boost::asio::io_context io_;
@@ -123,7 +113,7 @@ class Broker {
   std::unique_ptr<SlowAcquirer> slow_;
   std::unique_ptr<CooldownTimer> cooldown_;
   std::unique_ptr<StatePersister> persister_;
-  std::unique_ptr<Handlers> handlers_;
+  std::unique_ptr<Dispatcher> dispatcher_;
   std::unique_ptr<Listener> listener_;
   std::unique_ptr<MetricsFileWriter> metrics_file_;  // null without metrics_file
   bool stopping_ = false;

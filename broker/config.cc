@@ -11,9 +11,13 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include <boost/json.hpp>
+#include <boost/json/object.hpp>
+#include <boost/json/value.hpp>
 
 #include "common/text.h"
+#include "protocol/json_fields.h"
+#include "protocol/messages.h"
+#include "protocol/socket_path.h"
 #include "shm/segment.h"
 
 namespace keymesh::broker {
@@ -44,37 +48,18 @@ Status OnlyFields(const json::object& obj, const std::string& where, std::initia
   return Status::Ok();
 }
 
+using protocol::kConfigField;
+
 Result<std::string> GetString(const json::value& v, const std::string& field) {
-  if (!v.is_string()) return Error(field, "must be a string");
-  return std::string(v.get_string());
+  return protocol::ReadString(v, field, kConfigField);
 }
 
 Result<double> GetSeconds(const json::value& v, const std::string& field) {
-  double d = 0;
-  if (v.is_int64()) {
-    d = static_cast<double>(v.get_int64());
-  } else if (v.is_uint64()) {
-    d = static_cast<double>(v.get_uint64());
-  } else if (v.is_double()) {
-    d = v.get_double();
-  } else {
-    return Error(field, "must be a number of seconds");
-  }
-  if (!std::isfinite(d) || d < 0 || d > 1e9) return Error(field, "must be a finite number of seconds >= 0");
-  return d;
+  return protocol::ReadSeconds(v, field, kConfigField);
 }
 
 Result<uint64_t> GetUint(const json::value& v, const std::string& field, uint64_t min, uint64_t max) {
-  uint64_t u = 0;
-  if (v.is_int64() && v.get_int64() >= 0) {
-    u = static_cast<uint64_t>(v.get_int64());
-  } else if (v.is_uint64()) {
-    u = v.get_uint64();
-  } else {
-    return Error(field, "must be a non-negative integer");
-  }
-  if (u < min || u > max) return Error(field, "must be between " + std::to_string(min) + " and " + std::to_string(max));
-  return u;
+  return protocol::ReadUint(v, field, min, max, kConfigField);
 }
 
 Result<std::vector<uint32_t>> GetIdList(const json::value& v, const std::string& field) {
@@ -136,40 +121,10 @@ Result<KeySpec> ParseKey(const json::value& v, const std::string& where, const s
     if (!r.ok()) return r.status();
     k.secret = *r;
   }
-  if (k.secret.empty() || k.secret.find_first_not_of(" \t\r\n") == std::string::npos) {
-    return Error(where, "the secret is empty");
-  }
-  if (const json::value* w = o.if_contains("weight")) {
-    Result<uint64_t> r = GetUint(*w, where + ".weight", 1, UINT32_MAX);
-    if (!r.ok()) return r.status();
-    k.weight = static_cast<uint32_t>(*r);
-  }
-  if (const json::value* w = o.if_contains("max_concurrency")) {
-    Result<uint64_t> r = GetUint(*w, where + ".max_concurrency", 0, UINT32_MAX);
-    if (!r.ok()) return r.status();
-    k.max_concurrency = static_cast<uint32_t>(*r);
-  }
-  if (const json::value* w = o.if_contains("rpm")) {
-    Result<uint64_t> r = GetUint(*w, where + ".rpm", 0, UINT32_MAX);
-    if (!r.ok()) return r.status();
-    k.rpm = static_cast<uint32_t>(*r);
-  }
-  if (const json::value* w = o.if_contains("tpm")) {
-    Result<uint64_t> r = GetUint(*w, where + ".tpm", 0, UINT64_MAX);
-    if (!r.ok()) return r.status();
-    k.tpm = *r;
-  }
-  if (const json::value* w = o.if_contains("burst")) {
-    Result<uint64_t> r = GetUint(*w, where + ".burst", 0, 1000000);
-    if (!r.ok()) return r.status();
-    k.burst = static_cast<uint32_t>(*r);
-  }
-  if (const json::value* w = o.if_contains("rate_margin")) {
-    Result<double> r = GetSeconds(*w, where + ".rate_margin");  // a plain non-negative number
-    if (!r.ok()) return r.status();
-    if (!(*r < 0.5)) return Error(where + ".rate_margin", "must be >= 0 and < 0.5");
-    k.rate_margin = *r;
-  }
+  st = ValidateSecret(k.secret);
+  if (!st.ok()) return Error(where, st.message());
+  st = protocol::ReadKeyLimits(o, kConfigField, where + ".", &k);
+  if (!st.ok()) return st;
   return k;
 }
 
@@ -207,7 +162,7 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
     }
   }
   if (const json::value* x = o.if_contains("rate_margin")) {
-    Result<double> r = GetSeconds(*x, where + ".rate_margin");
+    Result<double> r = protocol::ReadRateMargin(*x, where + ".rate_margin", kConfigField);
     if (!r.ok()) return r.status();
     p.options.rate_margin = *r;
   }
@@ -250,22 +205,16 @@ const PoolConfigEntry* BrokerConfig::FindPool(std::string_view name) const {
 }
 
 Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_dir, const EnvLookup& env) {
-  boost::system::error_code ec;
-  json::value root;
-  try {
-    root = json::parse(text, ec);
-  } catch (const std::exception& e) {  // bad_alloc only; never let it escape
-    return Status(Code::kInvalidArgument, std::string("config: cannot parse: ") + e.what());
-  }
-  if (ec) return Status(Code::kInvalidArgument, "config: not valid JSON: " + ec.message());
-  if (!root.is_object()) return Error("(top level)", "must be a JSON object");
-  const json::object& o = root.as_object();
+  Result<json::value> root = protocol::ParseJson(text);
+  if (!root.ok()) return Status(Code::kInvalidArgument, "config: " + root.status().message());
+  if (!root->is_object()) return Error("(top level)", "must be a JSON object");
+  const json::object& o = root->as_object();
   Status st = OnlyFields(o, "",
                          {"socket", "state_file", "allow_uids", "allow_gids", "pools", "capacity", "log_level",
                           "metrics_file", "metrics_interval"});
   if (!st.ok()) return st;
   BrokerConfig c;
-  c.socket = kDefaultSocket;
+  c.socket = protocol::kDefaultSocket;
   c.state_file = kDefaultStateFile;
   if (const json::value* v = o.if_contains("socket")) {
     Result<std::string> r = GetString(*v, "socket");

@@ -28,7 +28,7 @@
 
 namespace keymesh::broker {
 
-inline constexpr const char* kDefaultSocket = "/run/keymesh/keymesh.sock";
+// (The default socket is protocol::kDefaultSocket, the clients' default.)
 inline constexpr const char* kDefaultStateFile = "/var/lib/keymesh/state.json";
 
 struct PoolConfigEntry {

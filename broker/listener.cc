@@ -8,7 +8,7 @@
 #include <cstring>
 #include <memory>
 
-#include "broker/handlers.h"
+#include "broker/dispatch.h"
 #include "broker/log.h"
 #include "broker/session.h"
 #include "common/text.h"
@@ -18,8 +18,8 @@ namespace keymesh::broker {
 namespace asio = boost::asio;
 using Local = asio::local::stream_protocol;
 
-Listener::Listener(asio::io_context& io, Handlers& handlers)
-    : io_(io), handlers_(handlers), acceptor_(io), retry_(io) {}
+Listener::Listener(asio::io_context& io, Dispatcher& dispatcher)
+    : io_(io), dispatcher_(dispatcher), acceptor_(io), retry_(io) {}
 
 Status Listener::Open(const std::string& path) {
   path_ = path;
@@ -65,7 +65,7 @@ void Listener::DoAccept() {
       peer.uid = UINT32_MAX;  // unknown: never allowed
       peer.gid = UINT32_MAX;
     }
-    std::make_shared<Session>(std::move(socket), peer, handlers_)->Start();
+    std::make_shared<Session>(std::move(socket), peer, dispatcher_)->Start();
     DoAccept();
   });
 }

@@ -16,12 +16,12 @@
 
 namespace keymesh::broker {
 
-class Handlers;
+class Dispatcher;
 
 class Listener {
  public:
-  // `io` and `handlers` must outlive the listener. io thread only.
-  Listener(boost::asio::io_context& io, Handlers& handlers);
+  // `io` and `dispatcher` must outlive the listener. io thread only.
+  Listener(boost::asio::io_context& io, Dispatcher& dispatcher);
 
   // Binds and listens at `path`.
   Status Open(const std::string& path);
@@ -33,7 +33,7 @@ class Listener {
   void DoAccept();
 
   boost::asio::io_context& io_;
-  Handlers& handlers_;
+  Dispatcher& dispatcher_;
   boost::asio::local::stream_protocol::acceptor acceptor_;
   boost::asio::steady_timer retry_;
   std::string path_;

@@ -1,15 +1,10 @@
 #include "broker/metrics.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <charconv>
 #include <cmath>
-#include <cstring>
 #include <utility>
 
+#include "broker/atomic_file.h"
 #include "broker/log.h"
 #include "common/text.h"
 
@@ -209,36 +204,6 @@ std::string RenderMetrics(const std::vector<PoolStatus>& pools) {
   return e.Take();
 }
 
-Status WriteFileAtomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Status(Code::kIoError, "cannot create " + tmp + ": " + std::strerror(errno));
-  for (size_t off = 0; off < text.size();) {
-    const ssize_t n = ::write(fd, text.data() + off, text.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return Status(Code::kIoError, "cannot write " + tmp + ": " + std::strerror(err));
-    }
-    off += static_cast<size_t>(n);
-  }
-  // The umask may have narrowed the mode; node_exporter runs as another user.
-  (void)::fchmod(fd, 0644);
-  if (::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return Status(Code::kIoError, "cannot write " + tmp + ": " + std::strerror(err));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return Status(Code::kIoError, "cannot rename " + Escaped(tmp) + " to " + Escaped(path) + ": " + std::strerror(err));
-  }
-  return Status::Ok();
-}
-
 MetricsFileWriter::MetricsFileWriter(boost::asio::io_context& io, std::string path, std::chrono::milliseconds interval,
                                      Snapshot snapshot)
     : path_(std::move(path)), interval_(interval), snapshot_(std::move(snapshot)), timer_(io) {}
@@ -266,7 +231,8 @@ void MetricsFileWriter::Arm() {
 
 void MetricsFileWriter::WriteNow() {
   Result<std::vector<PoolStatus>> pools = snapshot_();
-  Status st = pools.ok() ? WriteFileAtomically(path_, RenderMetrics(*pools)) : pools.status();
+  Status st =
+      pools.ok() ? WriteFileAtomically(path_, RenderMetrics(*pools), 0644, Durability::kAtomic) : pools.status();
   if (!st.ok() && !failing_) {
     Log(LogLevel::kError, "metrics_file_failed", {{"file", path_}, {"error", st.message()}});
   } else if (st.ok() && failing_) {

@@ -38,13 +38,10 @@ namespace keymesh::broker {
 // its samples; families with no sample are left out. Pure: no I/O.
 std::string RenderMetrics(const std::vector<PoolStatus>& pools);
 
-// Writes `text` to `path` atomically: a temp file in the same directory,
-// then rename(2) over `path`, so a reader (node_exporter) sees either the
-// old or the new file, never a partial one. Mode 0644.
-Status WriteFileAtomically(const std::string& path, const std::string& text);
-
 // Writes RenderMetrics() of `snapshot()` to a file every `interval`, and
-// once more on Stop(). Runs on the io thread of `io`; must be destroyed on
+// once more on Stop(), atomically (atomic_file.h: a reader such as
+// node_exporter sees the old or the new file, never a partial one), mode
+// 0644. Runs on the io thread of `io`; must be destroyed on
 // it (or after it stopped). Failures are logged once per change (a full
 // disk does not log every interval), never thrown.
 class MetricsFileWriter {

@@ -8,11 +8,14 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <limits>
 
 #include <boost/json.hpp>
 
+#include "broker/atomic_file.h"
 #include "broker/hash.h"
 #include "common/text.h"
+#include "protocol/json_fields.h"
 #include "shm/clock.h"
 
 namespace keymesh::broker {
@@ -65,38 +68,9 @@ json::object BodyJson(const StateImage& image) {
 
 Status Corrupt(const std::string& what) { return Status(Code::kCorruptState, what); }
 
-bool ReadU64(const json::object& o, std::string_view f, uint64_t* out) {
-  const json::value* v = o.if_contains(f);
-  if (v == nullptr) return false;
-  if (v->is_uint64()) {
-    *out = v->get_uint64();
-    return true;
-  }
-  if (v->is_int64() && v->get_int64() >= 0) {
-    *out = static_cast<uint64_t>(v->get_int64());
-    return true;
-  }
-  return false;
-}
-
-bool ReadBool(const json::object& o, std::string_view f, bool* out) {
-  const json::value* v = o.if_contains(f);
-  if (v == nullptr || !v->is_bool()) return false;
-  *out = v->get_bool();
-  return true;
-}
-
-Status SyncDirectory(const std::string& path) {
-  std::string dir = ".";
-  if (const size_t slash = path.rfind('/'); slash != std::string::npos) dir = slash == 0 ? "/" : path.substr(0, slash);
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Status(Code::kIoError, "cannot open directory " + Escaped(dir) + ": " + std::strerror(errno));
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0) return Status(Code::kIoError, "cannot fsync directory " + Escaped(dir) + ": " + std::strerror(err));
-  return Status::Ok();
-}
+// The state file's fields: a bad one is kCorruptState naming it (the
+// caller adds which key it belongs to).
+constexpr protocol::FieldStyle kStateField{Code::kCorruptState, "field '", "' ", false};
 
 }  // namespace
 
@@ -140,22 +114,16 @@ std::string SerializeState(const StateImage& image) {
 }
 
 Result<StateImage> ParseState(std::string_view text) {
-  boost::system::error_code ec;
-  json::value root;
-  try {
-    root = json::parse(text, ec);
-  } catch (const std::exception& e) {
-    return Corrupt(std::string("cannot parse: ") + e.what());
-  }
-  if (ec) return Corrupt("not valid JSON (" + ec.message() + ")");
-  if (!root.is_object()) return Corrupt("not a JSON object");
-  const json::object& file = root.get_object();
+  Result<json::value> root = protocol::ParseJson(text);
+  if (!root.ok()) return Corrupt(root.status().message());
+  if (!root->is_object()) return Corrupt("not a JSON object");
+  const json::object& file = root->get_object();
   const json::value* format = file.if_contains("format");
   if (format == nullptr || !format->is_string() || format->get_string() != kFormat) {
     return Corrupt("not a keymesh state file (format field)");
   }
-  uint64_t version = 0;
-  if (!ReadU64(file, "version", &version) || version != static_cast<uint64_t>(kStateFormatVersion)) {
+  Result<uint64_t> version = protocol::GetUint(file, "version", 0, UINT64_MAX, kStateField);
+  if (!version.ok() || *version != static_cast<uint64_t>(kStateFormatVersion)) {
     return Corrupt("unsupported state format version (this broker reads version " +
                    std::to_string(kStateFormatVersion) + ")");
   }
@@ -169,14 +137,9 @@ Result<StateImage> ParseState(std::string_view text) {
   const json::value* salt = b.if_contains("salt");
   if (salt == nullptr || !salt->is_array() || salt->get_array().size() != 2) return Corrupt("bad salt");
   for (size_t i = 0; i < 2; ++i) {
-    const json::value& s = salt->get_array()[i];
-    if (s.is_uint64()) {
-      image.salt[i] = s.get_uint64();
-    } else if (s.is_int64() && s.get_int64() >= 0) {
-      image.salt[i] = static_cast<uint64_t>(s.get_int64());
-    } else {
-      return Corrupt("bad salt");
-    }
+    Result<uint64_t> s = protocol::ReadUint(salt->get_array()[i], "salt", 0, UINT64_MAX, kStateField);
+    if (!s.ok()) return Corrupt("bad salt");
+    image.salt[i] = *s;
   }
   const json::value* pools = b.if_contains("pools");
   if (pools == nullptr || !pools->is_object()) return Corrupt("missing pools");
@@ -189,25 +152,24 @@ Result<StateImage> ParseState(std::string_view text) {
       const json::object& o = kv.value().get_object();
       PersistedKey k;
       k.name = std::string(kv.key());
-      auto& s = k.state;
-      uint64_t fs = 0, rs = 0;
-      bool ok = ReadU64(o, "fingerprint", &k.fingerprint) && ReadBool(o, "enabled", &s.enabled) &&
-                ReadBool(o, "exhausted", &s.exhausted) && ReadU64(o, "fail_streak", &fs) &&
-                ReadU64(o, "rate_limit_streak", &rs) &&
-                ReadU64(o, "cooldown_until_wall_ns", &k.cooldown_until_wall_ns) &&
-                ReadU64(o, "last_cooldown_ns", &s.last_cooldown) && ReadU64(o, "acquires", &s.acquires) &&
-                ReadU64(o, "successes", &s.successes) && ReadU64(o, "failures", &s.failures) &&
-                ReadU64(o, "rate_limited", &s.rate_limited) && ReadU64(o, "reclaimed", &s.reclaimed) &&
-                ReadU64(o, "tokens", &s.tokens) && ReadBool(o, "has_latency", &s.has_latency);
-      const json::value* ema = o.if_contains("ema_latency");
-      if (!ok || ema == nullptr || !(ema->is_double() || ema->is_int64() || ema->is_uint64())) {
-        return Corrupt(where + " has missing or mistyped fields");
-      }
-      s.ema_latency = ema->is_double() ? ema->get_double()
-                                       : (ema->is_int64() ? static_cast<double>(ema->get_int64())
-                                                          : static_cast<double>(ema->get_uint64()));
-      s.fail_streak = static_cast<uint32_t>(fs);
-      s.rl_streak = static_cast<uint32_t>(rs);
+      shm::RestoredState& s = k.state;
+      protocol::FieldReader in(o, kStateField);
+      in.Required("fingerprint", &k.fingerprint);
+      in.Required("enabled", &s.enabled);
+      in.Required("exhausted", &s.exhausted);
+      in.Required("fail_streak", &s.fail_streak);
+      in.Required("rate_limit_streak", &s.rl_streak);
+      in.Required("cooldown_until_wall_ns", &k.cooldown_until_wall_ns);
+      in.Required("last_cooldown_ns", &s.last_cooldown);
+      in.Required("acquires", &s.acquires);
+      in.Required("successes", &s.successes);
+      in.Required("failures", &s.failures);
+      in.Required("rate_limited", &s.rate_limited);
+      in.Required("reclaimed", &s.reclaimed);
+      in.Required("tokens", &s.tokens);
+      in.Required("has_latency", &s.has_latency);
+      in.Required("ema_latency", &s.ema_latency, 0.0, std::numeric_limits<double>::max());
+      if (!in.status().ok()) return Corrupt(where + ": " + in.status().message());
       keys.push_back(std::move(k));
     }
   }
@@ -251,36 +213,7 @@ Result<std::string> MoveAside(const std::string& path) {
 Status StatePersister::Save(const StateImage& image, bool force) {
   std::string body = json::serialize(BodyJson(image));
   if (!force && body == last_body_) return Status::Ok();
-  const std::string content = SerializeState(image);
-  const std::string tmp = path_ + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Status(Code::kIoError, "cannot create " + tmp + ": " + std::strerror(errno));
-  size_t off = 0;
-  while (off < content.size()) {
-    const ssize_t n = ::write(fd, content.data() + off, content.size() - off);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return Status(Code::kIoError, "cannot write " + tmp + ": " + std::strerror(err));
-    }
-    off += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0) {
-    const int err = errno;
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    return Status(Code::kIoError, "cannot fsync " + tmp + ": " + std::strerror(err));
-  }
-  ::close(fd);
-  if (::rename(tmp.c_str(), path_.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return Status(Code::kIoError,
-                  "cannot rename " + Escaped(tmp) + " to " + Escaped(path_) + ": " + std::strerror(err));
-  }
-  Status st = SyncDirectory(path_);
+  Status st = WriteFileAtomically(path_, SerializeState(image), 0600, Durability::kDurable);
   if (!st.ok()) return st;
   last_body_ = std::move(body);
   return Status::Ok();

@@ -3,19 +3,23 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/write.hpp>
 
-#include "broker/handlers.h"
+#include "broker/dispatch.h"
 #include "broker/log.h"
-#include "protocol/protocol.h"
+#include "protocol/framing.h"
 
 namespace keymesh::broker {
 
-Session::Session(Socket socket, PeerCred peer, Handlers& handlers)
-    : socket_(std::move(socket)), peer_(peer), handlers_(handlers), timer_(socket_.get_executor()) {}
+Session::Session(Socket socket, PeerCred peer, Dispatcher& dispatcher)
+    : socket_(std::move(socket)),
+      peer_(peer),
+      dispatcher_(dispatcher),
+      context_(std::make_unique<ClientContext>()),
+      timer_(socket_.get_executor()) {}
 
 Session::~Session() = default;
 
 void Session::Start() {
-  handlers_.OnOpen(shared_from_this());
+  dispatcher_.OnOpen(shared_from_this());
   DoRead();
 }
 
@@ -24,7 +28,7 @@ void Session::ArmTimer() {
   std::chrono::steady_clock::duration limit;
   if (!in_.empty()) {
     limit = kFrameTimeout;
-  } else if (!slow_leases.empty() || !pending.empty()) {
+  } else if (Dispatcher::Holds(*context_)) {
     timer_.cancel();
     return;
   } else {
@@ -68,7 +72,7 @@ void Session::OnRead(const boost::system::error_code& ec, size_t n) {
     if (!frame.empty() && frame.back() == '\r') frame.remove_suffix(1);
     start = nl + 1;
     if (frame.empty()) continue;
-    handlers_.Handle(shared_from_this(), frame);
+    dispatcher_.Handle(shared_from_this(), frame);
     if (closed_ || close_after_write_) return;
   }
   in_.erase(0, start);
@@ -132,7 +136,7 @@ void Session::Close() {
   boost::system::error_code ec;
   socket_.shutdown(Socket::shutdown_both, ec);
   socket_.close(ec);
-  handlers_.OnClosed(shared_from_this());
+  dispatcher_.OnClosed(shared_from_this());
 }
 
 }  // namespace keymesh::broker

@@ -1,18 +1,21 @@
 // One client connection: reads newline-delimited frames, hands each to the
-// Handlers, and writes replies with one write in flight plus a queue, so a
+// Dispatcher, and writes replies with one write in flight plus a queue, so a
 // slow reader never stalls the io thread or other sessions.
 //
 // Limits: a frame longer than protocol::kMaxFrame gets an error reply and the
 // connection is closed; a started frame must complete within kFrameTimeout;
-// an idle connection is closed after kIdleTimeout unless it holds slow-path
-// leases or waits for an acquire. A client that stops reading is dropped once
-// kMaxQueuedReplies replies, or kMaxQueuedBytes bytes behind the reply being
-// written, pile up beyond what the kernel's socket buffer holds (a 30-byte
-// status request can cost a reply 100x larger, so a count alone would let
-// each of a thousand non-reading clients hold megabytes).
+// an idle connection is closed after kIdleTimeout unless the dispatcher
+// says it holds something (slow-path leases, a waiting acquire). A client
+// that stops reading is dropped once kMaxQueuedReplies replies, or
+// kMaxQueuedBytes bytes behind the reply being written, pile up beyond what
+// the kernel's socket buffer holds (a 30-byte status request can cost a
+// reply 100x larger, so a count alone would let each of a thousand
+// non-reading clients hold megabytes).
 //
 // Lifetime: shared_ptr-owned (enable_shared_from_this); every pending Asio
 // operation holds a reference. All members are used on the io thread only.
+// The session owns its ClientContext (the protocol state of the
+// connection) but never looks inside it.
 #ifndef KEYMESH_BROKER_SESSION_H_
 #define KEYMESH_BROKER_SESSION_H_
 
@@ -21,20 +24,15 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
-#include <optional>
-#include <set>
 #include <string>
-#include <vector>
 
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
 
-#include "shm/pool.h"
-#include "shm/process_id.h"
-
 namespace keymesh::broker {
 
-class Handlers;
+class Dispatcher;
+struct ClientContext;
 
 // The peer's credentials from SO_PEERCRED, taken at accept.
 struct PeerCred {
@@ -54,8 +52,8 @@ class Session : public std::enable_shared_from_this<Session> {
  public:
   using Socket = boost::asio::local::stream_protocol::socket;
 
-  // `handlers` must outlive the session.
-  Session(Socket socket, PeerCred peer, Handlers& handlers);
+  // `dispatcher` must outlive the session.
+  Session(Socket socket, PeerCred peer, Dispatcher& dispatcher);
   ~Session();
 
   void Start();
@@ -66,17 +64,11 @@ class Session : public std::enable_shared_from_this<Session> {
   void Close();
   bool closed() const noexcept { return closed_; }
   const PeerCred& peer() const noexcept { return peer_; }
-  // Re-evaluates the read timeout (after `slow_leases`/`pending` changed).
+  // Re-evaluates the read timeout (after the dispatcher changed what the
+  // connection holds).
   void ArmTimer();
-
-  // --- state kept for the Handlers ---
-  std::optional<shm::ProcessId> client;  // set by hello
-  struct SlowLease {
-    shm::PoolAdmin* pool;
-    shm::LeaseHandle handle;
-  };
-  std::vector<SlowLease> slow_leases;  // granted over this connection, not yet ended
-  std::set<uint64_t> pending;          // SlowAcquirer tickets of waiting acquires
+  // The connection's protocol state, for the dispatcher and the ops.
+  ClientContext& context() noexcept { return *context_; }
 
  private:
   void DoRead();
@@ -85,7 +77,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   Socket socket_;
   PeerCred peer_;
-  Handlers& handlers_;
+  Dispatcher& dispatcher_;
+  std::unique_ptr<ClientContext> context_;
   boost::asio::steady_timer timer_;
   std::array<char, 16384> buf_;
   std::string in_;  // bytes of the frame(s) not yet complete

@@ -17,7 +17,9 @@
 #include <boost/test/unit_test.hpp>
 
 #include "keymesh/pool.h"
+#include "protocol/control_client.h"
 #include "shm/pool.h"
+#include "shm/process_id.h"
 #include "support/broker_harness.h"
 
 namespace km = keymesh;
@@ -482,4 +484,87 @@ BOOST_AUTO_TEST_CASE(thousand_connections_and_a_slow_reader) {
   }
   BOOST_CHECK_EQUAL(answered, 1000);
   flood.join();
+}
+
+// protocol::ControlClient, the one client of the control protocol, against
+// the real broker: hello with this process's identity, typed calls for
+// every op, and add_key's burst and rate_margin reaching the segment (they
+// used to be dropped on the way).
+BOOST_AUTO_TEST_CASE(control_client_speaks_every_op_with_the_broker) {
+  namespace kp = km::protocol;
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  kp::ControlClientOptions options(b.socket());
+  options.hello = [] {
+    const km::shm::ProcessId& self = km::shm::Self();
+    return kp::HelloRequest{self.pid, self.start_time, std::string("p")};
+  };
+  kp::ControlClient client(options);
+  BOOST_REQUIRE(client.Connect().ok());
+  BOOST_REQUIRE(client.hello_reply().has_value());
+  BOOST_CHECK_EQUAL(client.hello_reply()->segment, b.segment());
+  BOOST_CHECK(client.hello_reply()->pools == (std::vector<std::string>{"p"}));
+
+  km::Result<kp::LeaseGrant> grant = client.Acquire(kp::AcquireRequest{"p", 1.0, 0}, 5.0);
+  BOOST_REQUIRE_MESSAGE(grant.ok(), grant.status().ToString());
+  kp::EndRequest end;
+  end.pool = "p";
+  end.slot = grant->slot;
+  end.lease = grant->lease;
+  end.seq = grant->seq;
+  end.acquire_ns = grant->acquire_ns;
+  end.latency = 0.5;
+  BOOST_CHECK(client.End(end).ok());
+  BOOST_CHECK(client.End(end).code() == km::Code::kNotHeld);
+
+  km::KeySpec c{"c", "sk-test-cccccccccccc3333", 2, 3, 600, 0, 4, 0.1};
+  BOOST_REQUIRE(client.AddKey(kp::AddKeyRequest{"p", c}).ok());
+  km::Result<kp::StatusReply> st = client.GetStatus(kp::StatusRequest{std::string("p")});
+  BOOST_REQUIRE(st.ok());
+  BOOST_REQUIRE_EQUAL(st->pools.size(), 1u);
+  const kp::StatusReply::Pool& pool = st->pools[0];
+  const km::KeyStatus& added = Key(pool.status, "c");
+  BOOST_CHECK_EQUAL(added.weight, 2u);
+  BOOST_CHECK_EQUAL(added.max_concurrency, 3u);
+  BOOST_CHECK_EQUAL(added.rpm, 600u);
+  BOOST_CHECK_EQUAL(added.burst, 4u);
+  BOOST_CHECK_EQUAL(added.rate_margin, 0.1);
+  for (size_t i = 0; i < pool.status.keys.size(); ++i) {
+    if (pool.status.keys[i].name == "c") BOOST_CHECK_EQUAL(pool.key_suffix[i], km::MaskSecret(c.secret));
+  }
+  BOOST_CHECK_EQUAL(Key(pool.status, "a").successes, 1u);
+
+  BOOST_CHECK(client.KeyOp(kp::KeyOpRequest{kp::Op::kDisable, "p", "c"}).ok());
+  BOOST_CHECK(Key(client.GetStatus(kp::StatusRequest{})->pools[0].status, "c").state == km::KeyState::kDisabled);
+  BOOST_CHECK(client.KeyOp(kp::KeyOpRequest{kp::Op::kEnable, "p", "nosuch"}).code() == km::Code::kUnknownKey);
+  BOOST_CHECK(client.KeyOp(kp::KeyOpRequest{kp::Op::kReset, "nopool", "c"}).code() == km::Code::kUnknownKey);
+  km::Result<kp::SecretsReply> secrets = client.Secrets(kp::SecretsRequest{"p"});
+  BOOST_REQUIRE(secrets.ok());
+  BOOST_CHECK_EQUAL(secrets->secrets.size(), 3u);
+  km::Result<kp::MetricsReply> metrics = client.Metrics();
+  BOOST_REQUIRE(metrics.ok());
+  BOOST_CHECK(metrics->text.find("keymesh_pool_acquires_total{pool=\"p\"} 1") != std::string::npos);
+  const pid_t dead = ForkChild([] { return 0; });
+  BOOST_CHECK_EQUAL(WaitChild(dead), 0);
+  km::Result<kp::ReclaimReply> reclaimed = client.Reclaim(kp::ReclaimRequest{static_cast<uint32_t>(dead)});
+  BOOST_REQUIRE(reclaimed.ok());
+  BOOST_CHECK_EQUAL(reclaimed->reclaimed, 0u);
+  BOOST_CHECK(client.ObserveLimits(kp::ObserveLimitsRequest{"p", "a", 5, 30.0, std::nullopt, std::nullopt, 2.0}).ok());
+  BOOST_CHECK(Key(client.GetStatus(kp::StatusRequest{})->pools[0].status, "a").state == km::KeyState::kCooling);
+
+  // Every op of the table is served: none is an "unknown op", whatever
+  // its fields. Worker ops need a hello first and say which op it was.
+  kp::ControlClient anonymous(kp::ControlClientOptions(b.socket()));
+  for (size_t i = 0; i < kp::kOpCount; ++i) {
+    const kp::Op op = static_cast<kp::Op>(i);
+    km::Result<boost::json::object> r = anonymous.Call(op, {});
+    if (!r.ok()) {
+      BOOST_CHECK_MESSAGE(r.status().message().find("unknown op") == std::string::npos, r.status().message());
+      BOOST_CHECK(r.status().code() == km::Code::kProtocolError);  // fields missing, or no hello
+    }
+  }
+  km::Status no_hello = anonymous.Call(kp::Op::kAcquire, {{"pool", "p"}}).status();
+  BOOST_CHECK_EQUAL(no_hello.message(), "say hello (with your pid) before 'acquire'");
+  BOOST_CHECK(anonymous.Call(kp::Op::kHello, {{"pid", 0}}).status().code() == km::Code::kProtocolError);
 }

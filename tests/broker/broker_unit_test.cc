@@ -1,22 +1,28 @@
-// Unit tests of the broker's pure parts: protocol framing and status
-// round-trips, config validation messages, the state file format.
+// Unit tests of the broker's pure parts: config validation messages, the
+// state file format. (The protocol's framing and messages are tested in
+// tests/protocol.)
 #define BOOST_TEST_MODULE broker_unit
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cinttypes>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <map>
+#include <sstream>
 
 #include <boost/json.hpp>
 #include <boost/test/unit_test.hpp>
 
+#include "broker/atomic_file.h"
 #include "broker/config.h"
+#include "broker/hash.h"
 #include "broker/persistence.h"
 #include "broker/recovery.h"
-#include "protocol/protocol.h"
 
 namespace km = keymesh;
 namespace kb = keymesh::broker;
-namespace kp = keymesh::protocol;
 
 namespace {
 
@@ -36,70 +42,6 @@ std::string ConfigError(const std::string& text, std::map<std::string, std::stri
 }
 
 }  // namespace
-
-BOOST_AUTO_TEST_CASE(request_parsing) {
-  int64_t id = -1;
-  km::Result<kp::Request> r = kp::ParseRequest(R"({"v":1,"op":"status","id":7,"pool":"p"})", &id);
-  BOOST_REQUIRE(r.ok());
-  BOOST_CHECK_EQUAL(r->op, "status");
-  BOOST_CHECK_EQUAL(r->id, 7);
-  BOOST_CHECK_EQUAL(id, 7);
-
-  BOOST_CHECK(kp::ParseRequest("{not json", &id).status().code() == km::Code::kProtocolError);
-  BOOST_CHECK(kp::ParseRequest("[1,2]", &id).status().code() == km::Code::kProtocolError);
-  r = kp::ParseRequest(R"({"v":2,"op":"status","id":9})", &id);
-  BOOST_CHECK(!r.ok());
-  BOOST_CHECK_EQUAL(id, 9);  // the error reply can still carry the id
-  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"id":3})", &id).ok());
-  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"op":5,"id":3})", &id).ok());
-  BOOST_CHECK(!kp::ParseRequest(R"({"v":1,"op":"x","id":"3"})", &id).ok());
-  const std::string big(kp::kMaxFrame + 1, ' ');
-  BOOST_CHECK(kp::ParseRequest(big, &id).status().code() == km::Code::kProtocolError);
-}
-
-BOOST_AUTO_TEST_CASE(reply_round_trip) {
-  std::string ok = kp::OkReply(4, {{"x", 1}});
-  BOOST_CHECK_EQUAL(ok.back(), '\n');
-  ok.pop_back();
-  km::Result<kp::Reply> r = kp::ParseReply(ok);
-  BOOST_REQUIRE(r.ok());
-  BOOST_CHECK_EQUAL(r->id, 4);
-  BOOST_CHECK(r->status.ok());
-  std::string err = kp::ErrorReply(5, km::Status(km::Code::kNotHeld, "gone"));
-  err.pop_back();
-  r = kp::ParseReply(err);
-  BOOST_REQUIRE(r.ok());
-  BOOST_CHECK(r->status.code() == km::Code::kNotHeld);
-  BOOST_CHECK_EQUAL(r->status.message(), "gone");
-  BOOST_CHECK(kp::CodeFromName("protocol_error") == km::Code::kProtocolError);
-}
-
-BOOST_AUTO_TEST_CASE(status_round_trip) {
-  km::PoolStatus s;
-  s.name = "openai";
-  s.strategy = km::Strategy::kWeighted;
-  s.totals.acquires = 12;
-  s.totals.reclaimed = 3;
-  km::KeyStatus k;
-  k.name = "a";
-  k.state = km::KeyState::kCooling;
-  k.in_flight = 2;
-  k.cooldown_remaining = 1.5;
-  k.fingerprint = 0xFFFFFFFFFFFFFFF0ull;
-  s.keys.push_back(k);
-  boost::json::object o = kp::PoolStatusToJson(s, [](const std::string&) { return std::string("...abcd"); });
-  BOOST_CHECK_EQUAL(o.at("keys").as_array()[0].as_object().at("key_suffix").as_string(), "...abcd");
-  km::Result<km::PoolStatus> back = kp::PoolStatusFromJson(boost::json::parse(boost::json::serialize(o)));
-  BOOST_REQUIRE(back.ok());
-  BOOST_CHECK_EQUAL(back->name, "openai");
-  BOOST_CHECK(back->strategy == km::Strategy::kWeighted);
-  BOOST_CHECK_EQUAL(back->totals.acquires, 12u);
-  BOOST_CHECK_EQUAL(back->totals.reclaimed, 3u);
-  BOOST_REQUIRE_EQUAL(back->keys.size(), 1u);
-  BOOST_CHECK(back->keys[0].state == km::KeyState::kCooling);
-  BOOST_CHECK_EQUAL(back->keys[0].in_flight, 2u);
-  BOOST_CHECK_EQUAL(back->keys[0].fingerprint, 0xFFFFFFFFFFFFFFF0ull);
-}
 
 BOOST_AUTO_TEST_CASE(config_valid_and_defaults) {
   km::Result<kb::BrokerConfig> c = Parse(R"({"socket":"s.sock","state_file":"/var/x.json","allow_uids":[1000],
@@ -220,4 +162,91 @@ BOOST_AUTO_TEST_CASE(segment_names_are_stable_and_distinct) {
   BOOST_CHECK_EQUAL(kb::SegmentNameFor("/run/keymesh/keymesh.sock"), kb::SegmentNameFor("/run/keymesh/keymesh.sock"));
   BOOST_CHECK(kb::SegmentNameFor("/a.sock") != kb::SegmentNameFor("/b.sock"));
   BOOST_CHECK_EQUAL(kb::SegmentNameFor("/a.sock").rfind("keymesh", 0), 0u);
+}
+
+// The config's key limits are the same reader as add_key's (and so the same
+// ranges); a null is a mistyped value in a config, and a secret that could
+// not travel in an HTTP header is refused.
+BOOST_AUTO_TEST_CASE(config_key_limits_and_secrets) {
+  km::Result<kb::BrokerConfig> c = Parse(
+      R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-1","burst":4,"rate_margin":0.25,"tpm":18446744073709551615}]}}})");
+  BOOST_REQUIRE_MESSAGE(c.ok(), c.status().message());
+  BOOST_CHECK_EQUAL(c->pools[0].keys[0].burst, 4u);
+  BOOST_CHECK_EQUAL(c->pools[0].keys[0].rate_margin, 0.25);
+  BOOST_CHECK_EQUAL(c->pools[0].keys[0].tpm, UINT64_MAX);
+  BOOST_CHECK_EQUAL(c->pools[0].keys[0].weight, 1u);
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-1","burst":1000001}]}}})"),
+                    "config: pools.p.keys[0].burst: must be between 0 and 1000000");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-1","rate_margin":0.5}]}}})"),
+                    "config: pools.p.keys[0].rate_margin: must be a number >= 0 and < 0.5");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-1","rpm":null}]}}})"),
+                    "config: pools.p.keys[0].rpm: must be a non-negative integer");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"   "}]}}})"),
+                    "config: pools.p.keys[0]: the secret is only white space");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-\u0007x"}]}}})"),
+                    "config: pools.p.keys[0]: the secret holds a control character");
+  BOOST_CHECK_EQUAL(ConfigError(R"({"pools":{"p":{"rate_margin":"x","keys":[]}}})"),
+                    "config: pools.p.rate_margin: must be a number >= 0 and < 0.5");
+}
+
+// A state file that passes its checksum but holds a mistyped field is
+// refused naming the key and the field.
+BOOST_AUTO_TEST_CASE(state_file_names_the_bad_field) {
+  kb::StateImage image;
+  kb::PersistedKey k;
+  k.name = "a";
+  image.pools["p"].push_back(k);
+  boost::json::object file = boost::json::parse(kb::SerializeState(image)).as_object();
+  boost::json::object& body = file["body"].as_object();
+  body["pools"].as_object()["p"].as_object()["a"].as_object()["fail_streak"] = 4294967296ull;
+  char sum[40];
+  std::snprintf(sum, sizeof(sum), "fnv1a64:%016" PRIx64, kb::Fnv1a64(boost::json::serialize(body)));
+  file["checksum"] = sum;
+  km::Result<kb::StateImage> r = kb::ParseState(boost::json::serialize(file));
+  BOOST_CHECK(r.status().code() == km::Code::kCorruptState);
+  BOOST_CHECK_EQUAL(r.status().message(), "key 'p/a': field 'fail_streak' must be between 0 and 4294967295");
+}
+
+// One writer for the state file (durable) and the metrics file (atomic):
+// the mode is the one asked whatever the umask, the old file is replaced
+// whole, and a failed write leaves the old file and no temp file behind.
+BOOST_AUTO_TEST_CASE(atomic_file_replaces_whole_or_not_at_all) {
+  const std::string dir = "/tmp/km-atomic-" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/f.txt";
+  auto read = [](const std::string& p) {
+    std::ifstream in(p);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+  const mode_t old_umask = ::umask(077);
+  BOOST_CHECK(kb::WriteFileAtomically(path, "one", 0644, kb::Durability::kAtomic).ok());
+  ::umask(old_umask);
+  BOOST_CHECK_EQUAL(read(path), "one");
+  struct stat st {};
+  BOOST_REQUIRE(::stat(path.c_str(), &st) == 0);
+  BOOST_CHECK_EQUAL(st.st_mode & 0777, 0644u);
+  BOOST_CHECK(kb::WriteFileAtomically(path, "two, longer", 0600, kb::Durability::kDurable).ok());
+  BOOST_CHECK_EQUAL(read(path), "two, longer");
+  BOOST_REQUIRE(::stat(path.c_str(), &st) == 0);
+  BOOST_CHECK_EQUAL(st.st_mode & 0777, 0600u);
+  // The target is a directory: the rename fails, nothing is left behind.
+  const std::string sub = dir + "/sub";
+  std::filesystem::create_directories(sub + "/x");
+  km::Status bad = kb::WriteFileAtomically(sub, "three", 0600, kb::Durability::kDurable);
+  BOOST_CHECK(bad.code() == km::Code::kIoError);
+  BOOST_CHECK_MESSAGE(bad.message().find("cannot rename") == 0, bad.message());
+  // A directory that does not exist: the temp file cannot be created.
+  bad = kb::WriteFileAtomically(dir + "/none/f", "x", 0600, kb::Durability::kAtomic);
+  BOOST_CHECK(bad.code() == km::Code::kIoError);
+  BOOST_CHECK_MESSAGE(bad.message().find("cannot create " + dir + "/none/f.tmp.") == 0, bad.message());
+  size_t files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    BOOST_CHECK_MESSAGE(e.path().filename().string().find(".tmp.") == std::string::npos, e.path());
+    ++files;
+  }
+  BOOST_CHECK_EQUAL(files, 2u);  // f.txt and sub
+  BOOST_CHECK_EQUAL(read(path), "two, longer");
+  std::filesystem::remove_all(dir);
 }

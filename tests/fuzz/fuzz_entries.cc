@@ -17,13 +17,13 @@
 
 #include "broker/broker.h"
 #include "broker/config.h"
-#include "broker/handlers.h"
+#include "broker/dispatch.h"
 #include "broker/log.h"
 #include "broker/persistence.h"
 #include "broker/recovery.h"
 #include "broker/session.h"
 #include "common/text.h"
-#include "protocol/protocol.h"
+#include "protocol/framing.h"
 #include "shm/pool.h"
 #include "shm/segment.h"
 
@@ -149,8 +149,8 @@ void ProtocolInput(const uint8_t* data, size_t size) {
   cred.gid = ::getgid();
   // The first byte picks an allowed or a foreign peer (secrets, admin ops).
   if (size > 0 && (data[0] & 1)) cred.uid = 65534, cred.gid = 65534;
-  auto session = std::make_shared<broker::Session>(std::move(ours), cred, b.handlers());
-  b.handlers().OnOpen(session);
+  auto session = std::make_shared<broker::Session>(std::move(ours), cred, b.dispatcher());
+  b.dispatcher().OnOpen(session);
   const std::string_view in(reinterpret_cast<const char*>(data), size);
   std::string pending;  // reply bytes not yet checked
   size_t start = 0;
@@ -162,7 +162,7 @@ void ProtocolInput(const uint8_t* data, size_t size) {
     start = nl + 1;
     if (frame.size() > protocol::kMaxFrame) break;  // Session closes the connection here
     ++frames;
-    b.handlers().Handle(session, frame);
+    b.dispatcher().Handle(session, frame);
     Pump(io, peer.native_handle(), &pending);
   }
   session->Close();

@@ -15,7 +15,7 @@ namespace keymesh::fuzz {
 
 // Control protocol: splits the input into '\n'-terminated frames and feeds
 // each through protocol::ParseRequest and the broker's dispatcher
-// (Handlers::Handle) on a real segment, in-process and without a client
+// (Dispatcher::Handle) on a real segment, in-process and without a client
 // socket; then closes the session (ending its slow-path leases). The broker
 // is started once per process (StartForTesting) in a private directory.
 void ProtocolInput(const uint8_t* data, size_t size);

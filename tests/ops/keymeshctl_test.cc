@@ -323,12 +323,21 @@ BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
                     "d:secret-ok");
 
   // add-key from a file, with limits.
-  add = Ctl(b, {"add-key", "p", "e", "--secret-file", b.dir() + "/e.key", "--rpm", "600", "--max-concurrency", "3"});
+  add = Ctl(b, {"add-key", "p", "e", "--secret-file", b.dir() + "/e.key", "--rpm", "600", "--max-concurrency", "3",
+                "--burst", "2", "--rate-margin", "0.05"});
   BOOST_CHECK_MESSAGE(add.code == 0, add.err);
   pools = StatusJson(b);
   BOOST_REQUIRE(FindKey(pools, "p", "e") != nullptr);
   BOOST_CHECK_EQUAL(FindKey(pools, "p", "e")->at("rpm").to_number<int64_t>(), 600);
   BOOST_CHECK_EQUAL(FindKey(pools, "p", "e")->at("max_concurrency").to_number<int64_t>(), 3);
+  BOOST_CHECK_EQUAL(FindKey(pools, "p", "e")->at("burst").to_number<int64_t>(), 2);
+  BOOST_CHECK_EQUAL(FindKey(pools, "p", "e")->at("rate_margin").to_number<double>(), 0.05);
+  // Limits out of range are refused before anything is sent; a bad flag
+  // value is a usage error.
+  BOOST_CHECK_EQUAL(Ctl(b, {"add-key", "p", "f", "--secret-env", "KM_OPS_SECRET_D", "--rpm", "4294967296"}).code, 1);
+  BOOST_CHECK_EQUAL(Ctl(b, {"add-key", "p", "f", "--secret-env", "KM_OPS_SECRET_D", "--rate-margin", "0.5"}).code, 2);
+  BOOST_CHECK_EQUAL(Ctl(b, {"add-key", "p", "f", "--secret-env", "KM_OPS_SECRET_D", "--burst", "x"}).code, 2);
+  BOOST_CHECK(FindKey(StatusJson(b), "p", "f") == nullptr);
 
   // remove-key: no worker gets it any more.
   BOOST_CHECK_EQUAL(Ctl(b, {"remove-key", "p", "d"}).code, 0);

@@ -1,0 +1,36 @@
+// Replacing a file so that a reader, or the next start after a crash, sees
+// the old content or the new, never a mix: leveldb's SetCurrentFile shape
+// (temp file in the same directory, write, rename over the old one). The
+// one writer of the broker's files (the state file, the metrics file).
+#ifndef KEYMESH_BROKER_ATOMIC_FILE_H_
+#define KEYMESH_BROKER_ATOMIC_FILE_H_
+
+#include <sys/types.h>
+
+#include <string>
+#include <string_view>
+
+#include "keymesh/status.h"
+
+namespace keymesh::broker {
+
+enum class Durability {
+  // Readers see the old or the new file; after a power loss the new file
+  // may be missing or empty (fine for metrics, rewritten every interval).
+  kAtomic,
+  // Also fsync the new file before the rename and the directory after it,
+  // so that once the call returns the new content survives a crash
+  // (ARCHITECTURE.md invariant 7: the state file).
+  kDurable,
+};
+
+// Writes `content` to `path` through `path`.tmp.<pid> in the same directory
+// (a rename never crosses file systems), with mode `mode` whatever the
+// umask. On failure the old file is untouched and the temp file removed;
+// kIoError naming the file and the failed step. Not thread-safe for the
+// same `path` (the temp name is per process).
+Status WriteFileAtomically(const std::string& path, std::string_view content, mode_t mode, Durability durability);
+
+}  // namespace keymesh::broker
+
+#endif  // KEYMESH_BROKER_ATOMIC_FILE_H_

@@ -1,0 +1,39 @@
+// The handlers of the control protocol's ops, one per op (dispatch.cc's
+// table names them), each on its typed request. Private to the broker's
+// handler layer. Called on the io thread after the dispatcher checked the
+// peer's role; a handler returns its reply's fields or an error, except
+// Acquire, which replies itself (at once, or when a key is granted or the
+// wait ends).
+#ifndef KEYMESH_BROKER_OPS_H_
+#define KEYMESH_BROKER_OPS_H_
+
+#include <boost/json/object.hpp>
+
+#include "broker/dispatch.h"
+#include "keymesh/status.h"
+#include "protocol/messages.h"
+
+namespace keymesh::broker::ops {
+
+using Fields = Result<boost::json::object>;
+
+// ops_lease.cc: the worker's ops.
+Fields Hello(const OpCall& call, const protocol::HelloRequest& request);
+void Acquire(const OpCall& call, const protocol::AcquireRequest& request);
+Fields End(const OpCall& call, const protocol::EndRequest& request);
+// Applies x-ratelimit-* / Retry-After values a client observed for a key.
+Fields ObserveLimits(const OpCall& call, const protocol::ObserveLimitsRequest& request);
+
+// ops_admin.cc: a trusted peer's ops.
+Fields Secrets(const OpCall& call, const protocol::SecretsRequest& request);
+Fields AddKey(const OpCall& call, const protocol::AddKeyRequest& request);
+Fields KeyOp(const OpCall& call, const protocol::KeyOpRequest& request);
+Fields Reclaim(const OpCall& call, const protocol::ReclaimRequest& request);
+
+// ops_status.cc: anyone's.
+Fields PoolsStatus(const OpCall& call, const protocol::StatusRequest& request);
+Fields Metrics(const OpCall& call);
+
+}  // namespace keymesh::broker::ops
+
+#endif  // KEYMESH_BROKER_OPS_H_

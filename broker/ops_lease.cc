@@ -1,0 +1,128 @@
+// The worker's ops: hello (who holds the leases granted on this
+// connection), acquire (the socket slow path, waiting without blocking the
+// io thread), the four ends of a lease, and observe_limits.
+#include <unistd.h>
+
+#include <memory>
+#include <string>
+
+#include "broker/broker.h"
+#include "broker/ops.h"
+#include "broker/pool_registry.h"
+#include "broker/session.h"
+#include "shm/clock.h"
+
+namespace keymesh::broker::ops {
+namespace {
+
+namespace json = boost::json;
+
+json::object Grant(shm::PoolAdmin& pool, const shm::LeaseHandle& h) {
+  return protocol::LeaseGrant{pool.KeyName(h.slot), h.slot, h.lease, h.seq, h.acquire_ns, h.fingerprint}.ToJson();
+}
+
+shm::Outcome Cancelled() {
+  shm::Outcome o;
+  o.kind = shm::OutcomeKind::kCancelled;
+  return o;
+}
+
+}  // namespace
+
+Fields Hello(const OpCall& call, const protocol::HelloRequest& request) {
+  const std::string pid = std::to_string(request.pid);
+  std::optional<uint64_t> actual = shm::ReadStartTime(static_cast<pid_t>(request.pid));
+  if (!actual) return Status(Code::kInvalidArgument, "no process " + pid);
+  if (request.start_time && *request.start_time != *actual) {
+    return Status(Code::kInvalidArgument, "process " + pid + " has another start time (pid reused?)");
+  }
+  PoolRegistry& pools = call.broker.pools();
+  if (request.pool && pools.Find(*request.pool) == nullptr) return UnknownPool(*request.pool);
+  const shm::ProcessId id{request.pid, *actual};
+  call.context.client = id;
+  call.broker.reaper().Watch(id);
+  const shm::Segment& segment = call.broker.segment();
+  protocol::HelloReply reply;
+  reply.segment = segment.name();
+  reply.layout_version = segment.header()->layout_version;
+  reply.generation = segment.generation();
+  reply.pools = pools.Names();
+  reply.broker_pid = static_cast<uint32_t>(::getpid());
+  reply.keys_per_pool = segment.header()->keys_per_pool;
+  return reply.ToJson();
+}
+
+void Acquire(const OpCall& call, const protocol::AcquireRequest& request) {
+  Broker& broker = call.broker;
+  Result<shm::PoolAdmin*> found = broker.pools().Get(request.pool);
+  if (!found.ok()) return call.Reply(found.status());
+  shm::PoolAdmin* pool = *found;
+  const uint64_t timeout_ns =
+      request.timeout ? shm::SecondsToNanos(*request.timeout) : pool->header()->config.acquire_timeout;
+  const shm::ProcessId holder = *call.context.client;
+  // Try at once unless others already wait (no overtaking) or nothing is
+  // eligible (a doomed try would count a miss twice).
+  if (timeout_ns == 0 || (broker.slow().Idle(pool) && pool->AvailableCount() > 0)) {
+    Result<shm::LeaseHandle> h = pool->TryAcquire(nullptr, nullptr, holder, request.tokens);
+    if (h.ok()) {
+      call.context.slow_leases.push_back({pool, *h});
+      return call.Reply(Grant(*pool, *h));
+    }
+    if (h.status().code() != Code::kNoAvailableKey || timeout_ns == 0) return call.Reply(h.status());
+  }
+  auto ticket = std::make_shared<uint64_t>(0);
+  std::weak_ptr<Session> weak = call.session;
+  const int64_t id = call.id;
+  *ticket = broker.slow().Enqueue(pool, holder, shm::MonotonicNowNanos() + timeout_ns, request.tokens,
+                                  [weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
+                                    std::shared_ptr<Session> session = weak.lock();
+                                    if (!session || session->closed()) {
+                                      if (h.ok()) (void)pool->Release(*h, Cancelled(), holder);
+                                      return;
+                                    }
+                                    ClientContext& context = session->context();
+                                    context.pending.erase(*ticket);
+                                    if (!h.ok()) return SendReply(*session, id, h.status());
+                                    context.slow_leases.push_back({pool, *h});
+                                    SendReply(*session, id, Grant(*pool, *h));
+                                  });
+  call.context.pending.insert(*ticket);
+  call.session->ArmTimer();
+}
+
+Fields End(const OpCall& call, const protocol::EndRequest& request) {
+  Result<shm::PoolAdmin*> found = call.broker.pools().Get(request.pool);
+  if (!found.ok()) return found.status();
+  shm::PoolAdmin* pool = *found;
+  const shm::LeaseHandle h{
+      .slot = request.slot, .lease = request.lease, .seq = request.seq, .acquire_ns = request.acquire_ns};
+  const shm::Outcome outcome{.kind = request.outcome,
+                             .latency = request.latency,
+                             .tokens = request.tokens,
+                             .cooldown = request.cooldown,
+                             .permanent = request.permanent && request.outcome == shm::OutcomeKind::kFailure};
+  Status st = pool->Release(h, outcome, *call.context.client);
+  if (st.ok() || st.code() == Code::kKeyExhausted || st.code() == Code::kNotHeld) {
+    std::erase_if(call.context.slow_leases, [&](const ClientContext::SlowLease& l) {
+      return l.pool == pool && l.handle.lease == h.lease && l.handle.seq == h.seq;
+    });
+  }
+  if (outcome.kind == shm::OutcomeKind::kRateLimited) call.broker.RearmCooldownTimer();
+  if (!st.ok()) return st;
+  return json::object();
+}
+
+Fields ObserveLimits(const OpCall& call, const protocol::ObserveLimitsRequest& request) {
+  Result<shm::PoolAdmin*> pool = call.broker.pools().Get(request.pool);
+  if (!pool.ok()) return pool.status();
+  Status st = (*pool)->ObserveLimits(request.name, {.remaining_requests = request.remaining_requests,
+                                                    .reset_requests = request.reset_requests,
+                                                    .remaining_tokens = request.remaining_tokens,
+                                                    .reset_tokens = request.reset_tokens,
+                                                    .retry_after = request.retry_after});
+  if (!st.ok()) return st;
+  call.broker.RearmCooldownTimer();  // a Retry-After may have set a cooldown
+  return json::object();
+}
+
+}  // namespace keymesh::broker::ops
