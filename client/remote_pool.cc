@@ -3,14 +3,11 @@
 #include <cstdlib>
 #include <cstring>
 
-#include <boost/json.hpp>
-
 #include "common/text.h"
-#include "protocol/protocol.h"
+#include "protocol/socket_path.h"
+#include "shm/process_id.h"
 
 namespace keymesh::detail {
-
-namespace json = boost::json;
 
 namespace {
 
@@ -18,71 +15,65 @@ namespace {
 // which only the broker knows: wait for its answer up to a day.
 constexpr double kUnboundedWait = 24 * 3600.0;
 
-Status OkOr(const Result<json::object>& r) { return r.ok() ? Status::Ok() : r.status(); }
-
-json::object PoolFields(const std::string& pool) {
-  json::object f;
-  f["pool"] = pool;
-  return f;
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------
 // Connect
 
 Result<std::unique_ptr<PoolBackend>> ConnectBackend(std::string_view socket_path, std::string_view pool_name) {
-  Result<std::shared_ptr<BrokerLink>> link =
-      BrokerLink::Open(BrokerLink::ResolveSocketPath(socket_path), std::string(pool_name));
-  if (!link.ok()) return link.status();
+  protocol::ControlClientOptions options(protocol::ResolveSocketPath(socket_path));
+  std::string pool(pool_name);
+  options.hello = [pool] {
+    const shm::ProcessId& self = shm::Self();  // recomputed in a fork child
+    protocol::HelloRequest hello;
+    hello.pid = self.pid;
+    hello.start_time = self.start_time;
+    hello.pool = pool;
+    return hello;
+  };
+  const BrokerChannel channel{std::make_shared<protocol::ControlClient>(std::move(options)), pool};
+  Status st = channel.client->Connect();
+  if (!st.ok()) return st;
   // Secrets first: a peer the broker does not trust learns that here,
   // whichever path it would take.
-  Result<Secrets> secrets = FetchSecrets(**link);
+  Result<Secrets> secrets = FetchSecrets(channel);
   if (!secrets.ok()) return secrets.status();
-  const json::value* segment_name = (*link)->hello().if_contains("segment");
+  const std::optional<protocol::HelloReply> hello = channel.client->hello_reply();
   // KEYMESH_SLOW_PATH=1 forces the socket path (tests, diagnosis).
   const char* force_slow = std::getenv("KEYMESH_SLOW_PATH");
   const bool slow = force_slow != nullptr && *force_slow != '\0' && std::strcmp(force_slow, "0") != 0;
-  if (!slow && segment_name != nullptr && segment_name->is_string()) {
-    Result<std::unique_ptr<shm::Segment>> seg = shm::Segment::Open(segment_name->get_string());
+  if (!slow && hello && !hello->segment.empty()) {
+    Result<std::unique_ptr<shm::Segment>> seg = shm::Segment::Open(hello->segment);
     std::optional<uint32_t> index = seg.ok() ? (*seg)->FindPool(pool_name) : std::nullopt;
     if (index) {
       return std::unique_ptr<PoolBackend>(
-          std::make_unique<AttachedPool>(std::move(seg).value(), *index, std::move(link).value(), *secrets));
+          std::make_unique<AttachedPool>(std::move(seg).value(), *index, channel, *secrets));
     }
     // Cannot map the segment (permissions, another layout version) or the
     // pool is not in it (yet): every call goes over the socket instead.
   }
-  return std::unique_ptr<PoolBackend>(std::make_unique<RemotePool>(std::move(link).value(), *secrets));
+  return std::unique_ptr<PoolBackend>(std::make_unique<RemotePool>(channel, *secrets));
 }
 
 // ---------------------------------------------------------------------------
 // Reading the broker
 
-Result<Secrets> FetchSecrets(BrokerLink& link) {
-  Result<json::object> r = link.Call("secrets", PoolFields(link.pool()));
+Result<Secrets> FetchSecrets(const BrokerChannel& channel) {
+  Result<protocol::SecretsReply> r = channel.client->Secrets(protocol::SecretsRequest{channel.pool});
   if (!r.ok()) return r.status();
-  const json::value* list = r->if_contains("secrets");
-  if (list == nullptr || !list->is_array()) return Status(Code::kProtocolError, "secrets reply without a list");
   Secrets out;
-  for (const json::value& e : list->get_array()) {
-    if (!e.is_object()) continue;
-    Result<std::string> name = protocol::GetString(e.get_object(), "name");
-    Result<std::string> secret = protocol::GetString(e.get_object(), "secret");
-    if (!name.ok() || !secret.ok()) continue;
-    out.emplace_back(std::move(name).value(), std::move(secret).value());
-  }
+  out.reserve(r->secrets.size());
+  for (protocol::SecretsReply::Secret& e : r->secrets) out.emplace_back(std::move(e.name), std::move(e.secret));
   return out;
 }
 
-Result<PoolStatus> FetchStatus(BrokerLink& link) {
-  Result<json::object> r = link.Call("status", PoolFields(link.pool()));
+Result<PoolStatus> FetchStatus(const BrokerChannel& channel) {
+  protocol::StatusRequest request;
+  request.pool = channel.pool;
+  Result<protocol::StatusReply> r = channel.client->GetStatus(request);
   if (!r.ok()) return r.status();
-  const json::value* pools = r->if_contains("pools");
-  if (pools == nullptr || !pools->is_array() || pools->get_array().empty()) {
-    return Status(Code::kProtocolError, "status reply without the pool");
-  }
-  return protocol::PoolStatusFromJson(pools->get_array()[0]);
+  if (r->pools.empty()) return Status(Code::kProtocolError, "status reply without the pool");
+  return std::move(r->pools.front().status);
 }
 
 // ---------------------------------------------------------------------------
@@ -91,40 +82,29 @@ Result<PoolStatus> FetchStatus(BrokerLink& link) {
 Status BrokerAdmin::AddKey(const KeySpec& key) {
   Status st = ValidateKeySpec(key);
   if (!st.ok()) return st;
-  std::string name = key.name;
-  if (name.empty()) name = owner_.NameOfSecret(key.secret).value_or("");
-  if (name.empty()) {
-    Result<PoolStatus> status = FetchStatus(*link_);
+  protocol::AddKeyRequest request;
+  request.pool = pool();
+  request.key = key;
+  if (request.key.name.empty()) request.key.name = owner_.NameOfSecret(key.secret).value_or("");
+  if (request.key.name.empty()) {
+    Result<PoolStatus> status = FetchStatus(channel_);
     if (!status.ok()) return status.status();
-    for (size_t n = status->keys.size() + 1; name.empty(); ++n) {
+    for (size_t n = status->keys.size() + 1; request.key.name.empty(); ++n) {
       std::string candidate = "key-" + std::to_string(n);
       bool taken = false;
       for (const KeyStatus& k : status->keys) taken = taken || k.name == candidate;
-      if (!taken) name = std::move(candidate);
+      if (!taken) request.key.name = std::move(candidate);
     }
   }
-  json::object f = PoolFields(pool());
-  f["name"] = name;
-  f["secret"] = key.secret;
-  f["weight"] = key.weight;
-  f["max_concurrency"] = key.max_concurrency;
-  f["rpm"] = key.rpm;
-  f["tpm"] = key.tpm;
-  // Sent only when set, so a broker that predates them sees the request it
-  // knows.
-  if (key.burst != 0) f["burst"] = key.burst;
-  if (key.rate_margin >= 0) f["rate_margin"] = key.rate_margin;
-  st = OkOr(link_->Call("add_key", std::move(f)));
+  st = client().AddKey(request);
   if (!st.ok()) return st;
   // Learn the new secret now rather than at the first grant of the key.
   (void)owner_.RefreshSecrets();
   return Status::Ok();
 }
 
-Status BrokerAdmin::KeyOp(std::string_view op, std::string_view name) {
-  json::object f = PoolFields(pool());
-  f["name"] = name;
-  return OkOr(link_->Call(op, std::move(f)));
+Status BrokerAdmin::KeyOp(protocol::Op op, std::string_view name) {
+  return client().KeyOp(protocol::KeyOpRequest{op, pool(), std::string(name)});
 }
 
 Result<uint32_t> BrokerAdmin::ReclaimDead() {
@@ -134,22 +114,22 @@ Result<uint32_t> BrokerAdmin::ReclaimDead() {
 // ---------------------------------------------------------------------------
 // AttachedPool
 
-AttachedPool::AttachedPool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index, std::shared_ptr<BrokerLink> link,
+AttachedPool::AttachedPool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index, const BrokerChannel& channel,
                            const Secrets& secrets)
-    : LocalPool(std::move(segment), pool_index, link->pool(), [link] { return FetchSecrets(*link); }),
-      admin_(link, *this) {
+    : LocalPool(std::move(segment), pool_index, channel.pool, [channel] { return FetchSecrets(channel); }),
+      admin_(channel, *this) {
   LearnSecrets(secrets);
 }
 
 // ---------------------------------------------------------------------------
 // RemotePool
 
-RemotePool::RemotePool(std::shared_ptr<BrokerLink> link, const Secrets& secrets) : admin_(std::move(link), *this) {
+RemotePool::RemotePool(const BrokerChannel& channel, const Secrets& secrets) : admin_(channel, *this) {
   LearnSecrets(secrets);
 }
 
 Status RemotePool::RefreshSecrets() {
-  Result<Secrets> got = FetchSecrets(admin_.link());
+  Result<Secrets> got = FetchSecrets(admin_.channel());
   if (!got.ok()) return got.status();
   LearnSecrets(*got);
   return Status::Ok();
@@ -205,62 +185,56 @@ Result<Lease> RemotePool::Acquire(const Pool::AcquireOptions& options) {
 Result<Lease> RemotePool::TryAcquire() { return AcquireOver(0.0, 0); }
 
 Result<Lease> RemotePool::AcquireOver(std::optional<double> timeout, uint64_t tokens) {
-  json::object f = PoolFields(admin_.pool());
-  if (tokens != 0) f["tokens"] = tokens;
+  protocol::AcquireRequest request;
+  request.pool = admin_.pool();
+  request.tokens = tokens;
   double wait = kUnboundedWait;
   if (timeout) {
     Status st = ValidateTimeout(*timeout);
     if (!st.ok()) return st;
-    f["timeout"] = *timeout;
+    request.timeout = *timeout;
     wait = *timeout;
   }
-  Result<json::object> r = admin_.link().Call("acquire", std::move(f), wait + BrokerLink::kCallTimeout);
-  if (!r.ok()) return r.status();
-  Result<std::string> key = protocol::GetString(*r, "key");
-  Result<uint64_t> slot = protocol::GetUint(*r, "slot");
-  Result<uint64_t> lease_index = protocol::GetUint(*r, "lease");
-  Result<uint64_t> seq = protocol::GetUint(*r, "seq");
-  Result<uint64_t> acquire_ns = protocol::GetUint(*r, "acquire_ns");
-  if (!key.ok() || !slot.ok() || !lease_index.ok() || !seq.ok() || !acquire_ns.ok() || *slot > UINT32_MAX ||
-      *lease_index > UINT32_MAX || *seq > UINT32_MAX) {
-    return Status(Code::kProtocolError, "malformed acquire reply");
-  }
-  LeaseRef ref{Entry(*key), static_cast<uint32_t>(*slot), static_cast<uint32_t>(*lease_index),
-               static_cast<uint32_t>(*seq), *acquire_ns};
+  Result<protocol::LeaseGrant> grant =
+      admin_.client().Acquire(request, wait + protocol::ControlClient::kDefaultTimeout);
+  if (!grant.ok()) return grant.status();
+  LeaseRef ref{Entry(grant->key), grant->slot, grant->lease, grant->seq, grant->acquire_ns};
   if (ref.entry == nullptr) {
     (void)End(ref, OutcomeKind::kCancelled, Lease::EndOptions{});
-    return Status(Code::kUnknownKey, "the broker granted key " + Quoted(*key) + " but did not give its secret");
+    return Status(Code::kUnknownKey, "the broker granted key " + Quoted(grant->key) + " but did not give its secret");
   }
   return MakeLease(ref);
 }
 
 Status RemotePool::End(const LeaseRef& lease, OutcomeKind kind, const Lease::EndOptions& options) {
-  static constexpr const char* kOps[] = {"release", "mark_failed", "mark_rate_limited", "cancel"};
-  json::object f = PoolFields(admin_.pool());
-  f["slot"] = lease.slot;
-  f["lease"] = lease.lease;
-  f["seq"] = lease.seq;
-  f["acquire_ns"] = lease.acquire_ns;
-  if (options.latency && *options.latency >= 0 && *options.latency <= 1e9) f["latency"] = *options.latency;
-  if (options.tokens != 0) f["tokens"] = options.tokens;
-  if (options.cooldown) f["cooldown"] = *options.cooldown;
-  if (options.permanent) f["permanent"] = true;
-  return OkOr(admin_.link().Call(kOps[static_cast<uint32_t>(kind)], std::move(f)));
+  protocol::EndRequest request;
+  request.pool = admin_.pool();
+  request.slot = lease.slot;
+  request.lease = lease.lease;
+  request.seq = lease.seq;
+  request.acquire_ns = lease.acquire_ns;
+  request.outcome = kind;
+  if (options.latency && *options.latency >= 0 && *options.latency <= 1e9) request.latency = options.latency;
+  request.tokens = options.tokens;
+  request.cooldown = options.cooldown;
+  request.permanent = options.permanent;
+  return admin_.client().End(request);
 }
 
 Status RemotePool::ObserveLimits(std::string_view key_name, const LimitObservation& o) {
-  json::object f = PoolFields(admin_.pool());
-  f["name"] = key_name;
-  if (o.remaining_requests) f["remaining_requests"] = *o.remaining_requests;
-  if (o.reset_requests) f["reset_requests"] = *o.reset_requests;
-  if (o.remaining_tokens) f["remaining_tokens"] = *o.remaining_tokens;
-  if (o.reset_tokens) f["reset_tokens"] = *o.reset_tokens;
-  if (o.retry_after) f["retry_after"] = *o.retry_after;
-  return OkOr(admin_.link().Call("observe_limits", std::move(f)));
+  protocol::ObserveLimitsRequest request;
+  request.pool = admin_.pool();
+  request.name = std::string(key_name);
+  request.remaining_requests = o.remaining_requests;
+  request.reset_requests = o.reset_requests;
+  request.remaining_tokens = o.remaining_tokens;
+  request.reset_tokens = o.reset_tokens;
+  request.retry_after = o.retry_after;
+  return admin_.client().ObserveLimits(request);
 }
 
 uint32_t RemotePool::AvailableCount() {
-  Result<PoolStatus> st = FetchStatus(admin_.link());
+  Result<PoolStatus> st = FetchStatus(admin_.channel());
   uint32_t n = 0;
   if (st.ok()) {
     for (const KeyStatus& k : st->keys) n += k.state == KeyState::kAvailable ? 1 : 0;

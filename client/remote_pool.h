@@ -7,7 +7,8 @@
 //   RemotePool    the socket slow path, when the segment cannot be mapped:
 //                 leases too are granted and ended by the broker
 //
-// All socket I/O goes through BrokerLink (broker_link.h).
+// All socket I/O goes through protocol::ControlClient, the one client of the
+// control protocol (shared with keymeshctl and km_broker_reclaim).
 #ifndef KEYMESH_CLIENT_REMOTE_POOL_H_
 #define KEYMESH_CLIENT_REMOTE_POOL_H_
 
@@ -20,9 +21,9 @@
 #include <utility>
 #include <vector>
 
-#include "client/broker_link.h"
 #include "client/local_pool.h"
 #include "client/pool_backend.h"
+#include "protocol/control_client.h"
 
 namespace keymesh::detail {
 
@@ -30,43 +31,52 @@ namespace keymesh::detail {
 // (and KEYMESH_SLOW_PATH is not set), else a RemotePool.
 Result<std::unique_ptr<PoolBackend>> ConnectBackend(std::string_view socket_path, std::string_view pool_name);
 
-// name -> secret of every key of the link's pool (the peer must be allowed).
-Result<Secrets> FetchSecrets(BrokerLink& link);
-// The link's pool's status.
-Result<PoolStatus> FetchStatus(BrokerLink& link);
+// A control client for one pool of one broker: every connection it dials
+// says hello with this process's identity (recomputed after fork) and the
+// pool, so leases granted over it belong to this process.
+struct BrokerChannel {
+  std::shared_ptr<protocol::ControlClient> client;
+  std::string pool;
+};
+
+// name -> secret of every key of the channel's pool (the peer must be allowed).
+Result<Secrets> FetchSecrets(const BrokerChannel& channel);
+// The channel's pool's status.
+Result<PoolStatus> FetchStatus(const BrokerChannel& channel);
 
 // Key changes through the broker, for the backend `owner`: a key without a
 // name re-admits the one `owner` knows by its secret (the original
 // identified keys by their secret), and `owner` learns a new key's secret
-// at once. Thread safety: any thread (BrokerLink borrows a connection per
-// call). `owner` outlives it.
+// at once. Thread safety: any thread (the control client borrows a
+// connection per call). `owner` outlives it.
 class BrokerAdmin final : public KeyAdmin {
  public:
-  BrokerAdmin(std::shared_ptr<BrokerLink> link, PoolBackend& owner) : link_(std::move(link)), owner_(owner) {}
+  BrokerAdmin(BrokerChannel channel, PoolBackend& owner) : channel_(std::move(channel)), owner_(owner) {}
 
-  BrokerLink& link() const noexcept { return *link_; }
-  const std::string& pool() const noexcept { return link_->pool(); }
+  const BrokerChannel& channel() const noexcept { return channel_; }
+  protocol::ControlClient& client() const noexcept { return *channel_.client; }
+  const std::string& pool() const noexcept { return channel_.pool; }
 
   Status AddKey(const KeySpec& key) override;
-  Status RemoveKey(std::string_view name) override { return KeyOp("remove_key", name); }
+  Status RemoveKey(std::string_view name) override { return KeyOp(protocol::Op::kRemoveKey, name); }
   Status SetEnabled(std::string_view name, bool enabled) override {
-    return KeyOp(enabled ? "enable" : "disable", name);
+    return KeyOp(enabled ? protocol::Op::kEnable : protocol::Op::kDisable, name);
   }
-  Status ResetKey(std::string_view name) override { return KeyOp("reset", name); }
+  Status ResetKey(std::string_view name) override { return KeyOp(protocol::Op::kReset, name); }
   // The broker reaps dead holders itself (connection EOF, pidfd).
   Result<uint32_t> ReclaimDead() override;
 
  private:
-  Status KeyOp(std::string_view op, std::string_view name);
+  Status KeyOp(protocol::Op op, std::string_view name);
 
-  const std::shared_ptr<BrokerLink> link_;
+  const BrokerChannel channel_;
   PoolBackend& owner_;
 };
 
 class AttachedPool final : public LocalPool {
  public:
   // `secrets`: what the broker just sent (Connect fetched them first).
-  AttachedPool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index, std::shared_ptr<BrokerLink> link,
+  AttachedPool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index, const BrokerChannel& channel,
                const Secrets& secrets);
 
   KeyAdmin& keys() noexcept override { return admin_; }
@@ -78,7 +88,7 @@ class AttachedPool final : public LocalPool {
 class RemotePool final : public PoolBackend {
  public:
   // `secrets`: what the broker just sent (Connect fetched them first).
-  RemotePool(std::shared_ptr<BrokerLink> link, const Secrets& secrets);
+  RemotePool(const BrokerChannel& channel, const Secrets& secrets);
 
   const std::string& name() const noexcept override { return admin_.pool(); }
   bool slow_path() const noexcept override { return true; }
@@ -92,7 +102,7 @@ class RemotePool final : public PoolBackend {
   KeyAdmin& keys() noexcept override { return admin_; }
   Status RefreshSecrets() override;
 
-  Result<PoolStatus> GetStatus() override { return FetchStatus(admin_.link()); }
+  Result<PoolStatus> GetStatus() override { return FetchStatus(admin_.channel()); }
   uint32_t AvailableCount() override;
   std::optional<std::string> NameOfSecret(std::string_view secret) override;
   // Slots are the broker's: status output shows "***" for the secret.

@@ -14,9 +14,6 @@
 #include <utility>
 #include <vector>
 
-#include <boost/json.hpp>
-
-#include "client/broker_link.h"
 #include "client/c_api/convert.h"
 #include "client/c_api/errors.h"
 #include "client/c_api/handles.h"
@@ -25,7 +22,8 @@
 #include "keymesh/keymesh.h"
 #include "keymesh/pool.h"
 #include "keymesh/rate_limit_headers.h"
-#include "protocol/protocol.h"
+#include "protocol/control_client.h"
+#include "protocol/socket_path.h"
 
 using keymesh::Code;
 using keymesh::Lease;
@@ -521,14 +519,13 @@ int km_pool_reclaim_dead(km_pool* p, uint32_t* reclaimed) {
 int km_broker_reclaim(const char* socket_path, int32_t pid, uint32_t* reclaimed) {
   return Guarded([&] {
     if (pid <= 0) return Fail(Code::kInvalidArgument, "pid must be > 0");
-    boost::json::object fields;
-    fields["pid"] = pid;
-    Result<boost::json::object> reply =
-        keymesh::detail::BrokerLink::CallOnce(socket_path != nullptr ? socket_path : "", "reclaim", std::move(fields));
+    // One request, no hello: the caller (a gunicorn master) is not a worker.
+    keymesh::protocol::ControlClient client(keymesh::protocol::ControlClientOptions(
+        keymesh::protocol::ResolveSocketPath(socket_path != nullptr ? socket_path : "")));
+    Result<keymesh::protocol::ReclaimReply> reply =
+        client.Reclaim(keymesh::protocol::ReclaimRequest{static_cast<uint32_t>(pid)});
     if (!reply.ok()) return Fail(reply.status());
-    Result<std::optional<uint64_t>> n = keymesh::protocol::GetOptUint(*reply, "reclaimed");
-    if (!n.ok()) return Fail(n.status());
-    if (reclaimed != nullptr) *reclaimed = static_cast<uint32_t>(std::min<uint64_t>(n->value_or(0), UINT32_MAX));
+    if (reclaimed != nullptr) *reclaimed = reply->reclaimed;
     return KM_OK;
   });
 }

@@ -10,7 +10,7 @@
 #include <boost/json.hpp>
 
 #include "client/c_api/handles.h"
-#include "protocol/protocol.h"
+#include "protocol/status_json.h"
 
 namespace keymesh::c_api {
 namespace {
