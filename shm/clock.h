@@ -1,7 +1,8 @@
 // Time sources. Everything stored in the segment is CLOCK_MONOTONIC
 // nanoseconds: that clock is system-wide, so deadlines written by one process
-// are meaningful to every other process on the host (the original used each
-// process's own monotonic float, see original-semantics.md 2.1 and defect 16).
+// are meaningful to every other process on the host (the original Python
+// package used each process's own time.monotonic() float, which another
+// process cannot compare with its own).
 // Persistence converts to wall-clock time (WallFromMonotonic).
 //
 // Tests inject a FakeClock so cooldown and expiry are exact without sleeping.
