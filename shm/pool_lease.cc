@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "common/check.h"
 #include "common/text.h"
 #include "shm/futex.h"
 #include "shm/pool.h"
@@ -12,8 +13,6 @@
 
 namespace keymesh::shm {
 namespace {
-
-static_assert(kWaitBuckets <= 16, "PoolHeader::wait_counts holds the histogram");
 
 constexpr double kEmaAlpha = 0.2;
 constexpr const char* kNoKeyMessage =
@@ -40,7 +39,11 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
   }
   const uint32_t s = *choice;
   if (s >= ph_->slot_high_water || !index_view_.Contains(s)) [[unlikely]] {
-    return Status(Code::kInternal, "selector returned slot " + std::to_string(s) + ", which is not eligible");
+    // The built-in selection answers from the index: only a custom selector
+    // (the caller's code) can get this wrong.
+    KM_CHECK_MSG(selector != nullptr, "the pool's index chose a slot that is not eligible");
+    return Status(Code::kInvalidArgument,
+                  "the pool's selector returned slot " + std::to_string(s) + ", which is not eligible");
   }
   if (ph_->free_top == 0) [[unlikely]] {
     return Status(Code::kCapacityExceeded,
@@ -274,8 +277,11 @@ Result<LeaseHandle> PoolUser::TryAcquire(const Selector* selector, uint64_t* ear
 Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selector, const ProcessId& holder,
                                       const std::atomic<bool>* cancel, uint64_t tokens) {
   PoolHeader* ph = core_.header();
-  const uint64_t start = MonotonicNowNanos();
-  const uint64_t deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
+  // The wait's clock starts after a first attempt that found no key: a
+  // grant at the first attempt (the common case) reads the clock once, for
+  // the lease's grant time (a clock read costs tens of ns on a VM).
+  uint64_t start = 0;
+  uint64_t deadline = 0;
   for (bool first = true;; first = false) {
     uint32_t seq = 0;
     uint64_t earliest = kNever;
@@ -287,6 +293,10 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
       if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
       if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
         return Status(Code::kClosed, "acquire cancelled");
+      }
+      if (first) {
+        start = MonotonicNowNanos();
+        deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
       }
       if (MonotonicNowNanos() >= deadline) {
         ph->no_key.fetch_add(1, std::memory_order_relaxed);

@@ -10,6 +10,7 @@
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <boost/uuid/detail/sha1.hpp>
 
+#include "common/check.h"
 #include "common/text.h"
 #include "shm/clock.h"
 #include "shm/eligibility_index.h"
@@ -131,7 +132,7 @@ uint8_t* Segment::pool_data(uint32_t index) const noexcept {
 
 Status Segment::LayOut(uint8_t* base, uint64_t size, const Capacities& caps) {
   const LayoutPlan plan = PlanLayout(caps);
-  if (size < plan.segment_size) return Status(Code::kInternal, "mapping smaller than planned");
+  KM_CHECK_MSG(size >= plan.segment_size, "the segment was mapped smaller than its plan");
   // The mapping is fresh (zero-filled): construct the header in place.
   auto* h = new (base) SegmentHeader();
   h->magic = kMagic;

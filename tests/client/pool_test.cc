@@ -197,7 +197,7 @@ BOOST_AUTO_TEST_CASE(ineligible_choice_is_refused) {
     pool->SetSelector(std::make_shared<Fixed>(bad));
     Result<Lease> l = pool->TryAcquire();
     BOOST_REQUIRE(!l.ok());
-    BOOST_CHECK(l.status().code() == Code::kInternal);
+    BOOST_CHECK(l.status().code() == Code::kInvalidArgument);
     BOOST_CHECK_MESSAGE(l.status().message().find("not eligible") != std::string::npos, l.status().message());
   }
   pool->SetSelector(std::make_shared<Fixed>(std::nullopt));  // declines
