@@ -24,11 +24,19 @@ enum class Durability {
   kDurable,
 };
 
-// Writes `content` to `path` through `path`.tmp.<pid> in the same directory
-// (a rename never crosses file systems), with mode `mode` whatever the
-// umask. On failure the old file is untouched and the temp file removed;
-// kIoError naming the file and the failed step. Not thread-safe for the
-// same `path` (the temp name is per process).
+// kOk when the directory holding `path` is one where no other user can
+// replace the file or plant a link at its name: owned by this process's uid
+// or root, and not writable by group or others unless sticky (like /tmp,
+// where others cannot remove or rename our files). kPermissionDenied naming
+// the directory's owner or mode otherwise (KM-21).
+Status CheckParentDirectory(const std::string& path);
+
+// Writes `content` to `path` through `path`.tmp.<pid>.<random> in the same
+// directory (a rename never crosses file systems), created exclusively and
+// never through a symlink, with mode `mode` whatever the umask. The
+// directory must pass CheckParentDirectory. On failure the old file is
+// untouched and the temp file removed; kIoError naming the file and the
+// failed step.
 Status WriteFileAtomically(const std::string& path, std::string_view content, mode_t mode, Durability durability);
 
 }  // namespace keymesh::broker
