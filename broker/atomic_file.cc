@@ -105,8 +105,11 @@ Status CheckParentDirectory(const std::string& path) {
   return Status::Ok();
 }
 
-Status WriteFileAtomically(const std::string& path, std::string_view content, mode_t mode, Durability durability) {
-  if (Status st = CheckParentDirectory(path); !st.ok()) return st;
+Status WriteFileAtomically(const std::string& path, std::string_view content, mode_t mode, Durability durability,
+                           Directory directory) {
+  if (directory == Directory::kPrivate) {
+    if (Status st = CheckParentDirectory(path); !st.ok()) return st;
+  }
   const std::string tmp = TempNameFor(path);
   // O_EXCL | O_NOFOLLOW: never write through a link or into a file someone
   // else created at the temp name.

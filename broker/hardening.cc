@@ -11,12 +11,12 @@ namespace keymesh::broker {
 Status ProtectProcessMemory() {
   const rlimit none{0, 0};
   if (::setrlimit(RLIMIT_CORE, &none) != 0) {
-    return Status(Code::kInternal, std::string("cannot disable core dumps (setrlimit RLIMIT_CORE): ") +
-                                       std::strerror(errno));
+    return Status(Code::kInternal,
+                  std::string("cannot disable core dumps (setrlimit RLIMIT_CORE): ") + std::strerror(errno));
   }
   if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
-    return Status(Code::kInternal, std::string("cannot mark the process not dumpable (prctl PR_SET_DUMPABLE): ") +
-                                       std::strerror(errno));
+    return Status(Code::kInternal,
+                  std::string("cannot mark the process not dumpable (prctl PR_SET_DUMPABLE): ") + std::strerror(errno));
   }
   return Status::Ok();
 }
