@@ -12,6 +12,7 @@
 #include "broker/listener.h"
 #include "broker/log.h"
 #include "broker/recovery.h"
+#include "broker/segment_access.h"
 #include "broker/session.h"
 #include "common/text.h"
 #include "shm/clock.h"
@@ -61,6 +62,10 @@ Status Broker::Start() {
   Result<OpenedSegment> opened = OpenSegment(config_, segment_name_, options_.discard_state);
   if (!opened.ok()) return opened.status();
   segment_ = std::move(opened->segment);
+  // Before any worker learns the name: only workers may open it.
+  if (Status access = GrantSegmentAccess(segment_name_, config_.allow_uids, config_.allow_gids); !access.ok()) {
+    return access;
+  }
   const shm::ProcessId& self = shm::Self();
   segment_->header()->broker_pid.store(self.pid, std::memory_order_release);
   segment_->header()->broker_start_time.store(self.start_time, std::memory_order_release);
@@ -221,6 +226,10 @@ void Broker::Reload() {
     if (metrics_file_) metrics_file_->Stop();
     metrics_file_.reset();
     StartMetricsFile();
+  }
+  if (Status access = GrantSegmentAccess(segment_name_, config_.allow_uids, config_.allow_gids); !access.ok()) {
+    // The previous access list stays on the segment.
+    Log(LogLevel::kError, "segment_access_failed", {{"error", access.message()}});
   }
   pools_->Configure(config_.pools);
   Status st = pools_->Reconcile();
