@@ -3,6 +3,8 @@
 // from the config, at start and at every reload. Peers of other uids are
 // real processes (root drops to uid nobody); CI runs as root.
 #define BOOST_TEST_MODULE segment_access_test
+#include "broker/segment_access.h"
+
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
@@ -15,7 +17,6 @@
 
 #include <boost/test/unit_test.hpp>
 
-#include "broker/segment_access.h"
 #include "support/broker_harness.h"
 #include "support/process.h"
 
@@ -67,8 +68,8 @@ std::vector<AclEntry> Decode(const std::string& acl) {
   };
   std::vector<AclEntry> out;
   for (size_t at = 4; at + 8 <= acl.size(); at += 8) {
-    out.push_back({static_cast<uint16_t>(le(at, 2)), static_cast<uint16_t>(le(at + 2, 2)),
-                   static_cast<uint32_t>(le(at + 4, 4))});
+    out.push_back(
+        {static_cast<uint16_t>(le(at, 2)), static_cast<uint16_t>(le(at + 2, 2)), static_cast<uint32_t>(le(at + 4, 4))});
   }
   return out;
 }
@@ -83,8 +84,9 @@ BOOST_AUTO_TEST_CASE(the_access_list_names_each_worker_once_and_nobody_else) {
   BOOST_CHECK_EQUAL(acl.substr(0, 4), std::string("\x02\x00\x00\x00", 4));
   const std::vector<AclEntry> e = Decode(acl);
   // Sorted by tag then id, as the kernel requires.
-  const std::vector<std::pair<uint16_t, uint32_t>> want = {
-      {0x01, 0xffffffffu}, {0x02, 5}, {0x02, 7}, {0x04, 0xffffffffu}, {0x08, 9}, {0x10, 0xffffffffu}, {0x20, 0xffffffffu}};
+  const std::vector<std::pair<uint16_t, uint32_t>> want = {{0x01, 0xffffffffu}, {0x02, 5}, {0x02, 7},
+                                                           {0x04, 0xffffffffu}, {0x08, 9}, {0x10, 0xffffffffu},
+                                                           {0x20, 0xffffffffu}};
   for (size_t i = 0; i < want.size(); ++i) {
     BOOST_CHECK_EQUAL(e[i].tag, want[i].first);
     BOOST_CHECK_EQUAL(e[i].id, want[i].second);
