@@ -3,6 +3,7 @@
 #include <optional>
 #include <utility>
 
+#include "broker/hardening.h"
 #include "broker/log.h"
 #include "broker/recovery.h"
 #include "common/text.h"
@@ -36,6 +37,16 @@ std::vector<PoolConfigEntry> PoolRegistry::DesiredPools() const {
   return pools;
 }
 
+PoolRegistry::~PoolRegistry() { WipeSecrets(); }
+
+// Freed memory keeps its bytes: overwrite the secrets before they go (KM-16).
+void PoolRegistry::WipeSecrets() noexcept {
+  for (auto& [pool, table] : secrets_) {
+    for (auto& [name, secret] : table) WipeSecret(secret);
+  }
+  secrets_.clear();
+}
+
 void PoolRegistry::Rebuild() {
   for (uint32_t i = 0; i < segment_.header()->max_pools; ++i) {
     if (segment_.pool_header(i)->use != shm::PoolUse::kInUse) continue;
@@ -43,7 +54,7 @@ void PoolRegistry::Rebuild() {
     std::string name = access->Info().name;
     if (pools_.find(name) == pools_.end()) pools_.emplace(std::move(name), std::move(access));
   }
-  secrets_.clear();
+  WipeSecrets();
   for (const PoolConfigEntry& p : DesiredPools()) {
     auto& table = secrets_[p.name];
     for (const KeySpec& k : p.keys) table[k.name] = k.secret;

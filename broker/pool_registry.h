@@ -33,6 +33,7 @@ class PoolRegistry {
 
   // `segment` must outlive the registry.
   explicit PoolRegistry(shm::Segment& segment) : segment_(segment) {}
+  ~PoolRegistry();  // overwrites the secrets it holds
   PoolRegistry(const PoolRegistry&) = delete;
   PoolRegistry& operator=(const PoolRegistry&) = delete;
 
@@ -76,6 +77,7 @@ class PoolRegistry {
  private:
   // The config's pools plus the keys added at run time.
   std::vector<PoolConfigEntry> DesiredPools() const;
+  void WipeSecrets() noexcept;
   // Refreshes pools_ from the segment and secrets_ from DesiredPools().
   void Rebuild();
 

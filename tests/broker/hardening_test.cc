@@ -181,3 +181,17 @@ BOOST_AUTO_TEST_CASE(the_broker_is_not_dumpable_and_a_crash_writes_no_core) {
   BOOST_CHECK_EQUAL(*code, 128 + SIGQUIT);
   BOOST_CHECK(!broker.core_dumped());
 }
+
+BOOST_AUTO_TEST_CASE(a_wiped_secret_leaves_no_byte_of_itself) {
+  std::string s = "sk-a-secret-longer-than-the-small-string-buffer-0123456789";
+  s = "sk-short";  // a shorter secret in the same buffer: the tail of the old one is still there
+  const size_t capacity = s.capacity();
+  BOOST_REQUIRE_GT(capacity, 40u);
+  const char* buf = s.data();
+  kb::WipeSecret(s);
+  BOOST_CHECK(s.empty());
+  BOOST_REQUIRE_EQUAL(s.data(), buf);  // clear() keeps the buffer: what we inspect is what held the secret
+  size_t nonzero = 0;
+  for (size_t i = 0; i < capacity; ++i) nonzero += buf[i] != 0;
+  BOOST_CHECK_EQUAL(nonzero, 0u);
+}

@@ -2,11 +2,11 @@
 // server is a real process of another uid (root drops to nobody; CI runs as
 // root) listening where a stale or mistyped socket path could point.
 #define BOOST_TEST_MODULE server_identity_test
+#include <grp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
-#include <grp.h>
 #include <unistd.h>
 
 #include <cstring>
