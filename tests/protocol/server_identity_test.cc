@@ -64,6 +64,21 @@ int Wait(pid_t pid) {
   return WEXITSTATUS(status);
 }
 
+// Runs FakeServerAsNobody at `path`, waits until it listens, calls `client`
+// and returns the bytes the server received.
+template <typename Fn>
+int BytesReceivedBy(const std::string& path, Fn client) {
+  int ready[2];
+  BOOST_REQUIRE(::pipe(ready) == 0);
+  const pid_t server = FakeServerAsNobody(path, ready[1]);
+  char c;
+  BOOST_REQUIRE_EQUAL(::read(ready[0], &c, 1), 1);
+  client();
+  ::close(ready[0]);
+  ::close(ready[1]);
+  return Wait(server);
+}
+
 bool RunningAsRoot() { return ::geteuid() == 0; }
 const auto kNeedsRoot = boost::unit_test::precondition([](boost::unit_test::test_unit_id) { return RunningAsRoot(); });
 
@@ -72,38 +87,24 @@ const auto kNeedsRoot = boost::unit_test::precondition([](boost::unit_test::test
 BOOST_AUTO_TEST_CASE(a_server_of_another_uid_in_a_shared_directory_gets_nothing, *kNeedsRoot) {
   Dir shared(01777, 0);  // like /tmp: anyone may create a socket there
   const std::string path = shared.path + "/keymesh.sock";
-  int ready[2];
-  BOOST_REQUIRE(::pipe(ready) == 0);
-  const pid_t server = FakeServerAsNobody(path, ready[1]);
-  char c;
-  BOOST_REQUIRE_EQUAL(::read(ready[0], &c, 1), 1);
-  {
+  const int received = BytesReceivedBy(path, [&] {
     kp::ControlClient client(kp::ControlClientOptions{path});
     km::Result<boost::json::object> r = client.Call(kp::Op::kAddKey, {{"pool", "p"}, {"secret", "sk-never-sent"}}, 2);
     BOOST_REQUIRE(!r.ok());
     BOOST_CHECK(r.status().code() == km::Code::kPermissionDenied);
     BOOST_CHECK_MESSAGE(r.status().message().find("runs as uid 65534") != std::string::npos, r.status().message());
-  }
-  BOOST_CHECK_EQUAL(Wait(server), 0);  // not one byte reached it
-  ::close(ready[0]);
-  ::close(ready[1]);
+  });
+  BOOST_CHECK_EQUAL(received, 0);  // not one byte reached it
 }
 
 BOOST_AUTO_TEST_CASE(the_owner_of_a_private_socket_directory_is_trusted, *kNeedsRoot) {
   Dir theirs(0755, kNobody);  // /run/keymesh's shape: only the broker's uid writes it
   const std::string path = theirs.path + "/keymesh.sock";
-  int ready[2];
-  BOOST_REQUIRE(::pipe(ready) == 0);
-  const pid_t server = FakeServerAsNobody(path, ready[1]);
-  char c;
-  BOOST_REQUIRE_EQUAL(::read(ready[0], &c, 1), 1);
-  {
+  const int received = BytesReceivedBy(path, [&] {
     kp::ControlClient client(kp::ControlClientOptions{path});
     // The fake never answers: the call times out, but it was sent.
     km::Result<boost::json::object> r = client.Call(kp::Op::kStatus, {}, 0.5);
     BOOST_CHECK(r.status().code() == km::Code::kBrokerUnavailable);
-  }
-  BOOST_CHECK_GT(Wait(server), 0);
-  ::close(ready[0]);
-  ::close(ready[1]);
+  });
+  BOOST_CHECK_GT(received, 0);
 }
