@@ -2,16 +2,36 @@
 // leases nor administration.
 #include "shm/pool.h"
 
+#include "shm/futex.h"
+
 namespace keymesh::shm {
 
 PoolUser::PoolUser(const Segment& segment, uint32_t pool_index, const Clock& clock) noexcept
     : core_(segment, pool_index, clock) {}
 
 void PoolUser::WakeWaiters() noexcept {
-  PoolCore::Guard g(&core_);
-  const uint64_t now = core_.Now();
-  if (now >= core_.header()->next_deadline) core_.Sweep(now);
-  g.RequestWake();
+  try {
+    (void)SweepAndWake();
+  } catch (...) {  // only the message of a refusal can fail (memory): the wake-up happened
+  }
+}
+
+Status PoolUser::SweepAndWake() {
+  {
+    PoolCore::Guard g(&core_);
+    if (g.ok()) [[likely]] {
+      const uint64_t now = core_.Now();
+      if (now >= core_.header()->next_deadline) core_.Sweep(now);
+      g.RequestWake();
+      return Status::Ok();
+    }
+    // Not locked: wake every sleeper anyway, so a cancelled waiter sees its
+    // flag (a waiter re-checks under the lock by itself).
+    PoolHeader* ph = core_.header();
+    ph->wake_seq.fetch_add(1, std::memory_order_release);
+    FutexWakeAll(&ph->wake_seq);
+    return g.status();
+  }
 }
 
 Status PoolUser::ObserveLimits(std::string_view name, const LimitUpdate& u) {
@@ -21,6 +41,7 @@ Status PoolUser::ObserveLimits(std::string_view name, const LimitUpdate& u) {
     }
   }
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
   const uint64_t now = core_.Now();

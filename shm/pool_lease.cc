@@ -5,7 +5,6 @@
 #include <cstdio>
 #include <cstring>
 
-#include "common/check.h"
 #include "common/text.h"
 #include "shm/futex.h"
 #include "shm/pool.h"
@@ -22,6 +21,7 @@ constexpr const char* kNoKeyMessage =
 
 Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
                                                uint64_t tokens, uint64_t waited_ns, const ProcessId& holder) {
+  CrashPointReached(CrashPoint::kAcquireBegin);
   if (now >= ph_->next_deadline) [[unlikely]]
     Sweep(now);
   if (ph_->index_strategy != ph_->config.strategy) [[unlikely]]
@@ -33,23 +33,30 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     PoolSelection ctx(this);
     choice = selector->Select(ctx);
   }
+  if (index_view_.damaged()) [[unlikely]]
+    return Fault("the eligibility index names slots beyond the pool");
   if (!choice) {
     if (earliest != nullptr) *earliest = ph_->next_deadline;
     return Status(Code::kNoAvailableKey, kNoKeyMessage);
   }
   const uint32_t s = *choice;
-  if (s >= ph_->slot_high_water || !index_view_.Contains(s)) [[unlikely]] {
-    // The built-in selection answers from the index: only a custom selector
-    // (the caller's code) can get this wrong.
-    KM_CHECK_MSG(selector != nullptr, "the pool's index chose a slot that is not eligible");
+  if (s >= HighWater() || !index_view_.Contains(s)) [[unlikely]] {
+    // The built-in selection answers from the index: then the index is
+    // wrong (the segment was rewritten). Else the caller's selector is.
+    if (selector == nullptr) return Fault("the eligibility index chose a slot that is not eligible");
     return Status(Code::kInvalidArgument,
                   "the pool's selector returned slot " + std::to_string(s) + ", which is not eligible");
   }
-  if (ph_->free_top == 0) [[unlikely]] {
+  const uint32_t top = ph_->free_top;
+  if (top == 0) [[unlikely]] {
     return Status(Code::kCapacityExceeded,
                   "pool " + Quoted(PoolName()) + " holds at most " + std::to_string(lease_cap_) + " leases at once");
   }
-  const uint32_t l = free_[ph_->free_top - 1];
+  if (top > lease_cap_) [[unlikely]]
+    return Fault("the free-lease stack is deeper than the lease capacity");
+  const uint32_t l = free_[top - 1];
+  if (l >= lease_cap_ || leases_[l].state != LeaseState::kFree) [[unlikely]]
+    return Fault("the free-lease stack names a lease beyond the capacity or one that is held");
   SlotState& st = keys_[s].state;
   LeaseRecord& lease = leases_[l];
 
@@ -93,7 +100,7 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
   Commit();
   CrashPointReached(CrashPoint::kAcquireAfterCommit);
 
-  --ph_->free_top;
+  ph_->free_top = top - 1;
   ph_->rr_cursor = s + 1;
   size_t bucket = 0;
   if (waited_ns != 0) [[unlikely]] {
@@ -126,6 +133,8 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   const uint32_t s = h.slot;
   KeySlot& key = keys_[s];
   SlotState& st = key.state;
+  if (st.in_flight == 0 || st.use == SlotUse::kFree) [[unlikely]]
+    return Fault("a held lease names a key that has nothing in flight");
   bool exhausted_now = false;
   // The clock is read only when the answer depends on it: a key whose
   // cooldown and budgets allowed it before this lease was granted allows it
@@ -201,7 +210,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   }
   Commit();
 
-  free_[ph_->free_top++] = h.lease;
+  PushFreeLease(h.lease);
   if (!timed && st.use == SlotUse::kActive && index_view_.Contains(s)) [[likely]] {
     // A success on a key that was eligible, with no limits, closed circuit
     // and no cooldown: it is still eligible, one fewer in flight.
@@ -226,9 +235,13 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   return Status::Ok();
 }
 
-void PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noexcept {
+bool PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noexcept {
   LeaseRecord& lease = leases_[l];
   const uint32_t s = lease.slot;
+  if (s >= HighWater() || keys_[s].state.use == SlotUse::kFree || keys_[s].state.in_flight == 0) [[unlikely]] {
+    Damaged();
+    return false;
+  }
   SlotState& st = keys_[s].state;
   LogWord(&lease.state);
   lease.state = LeaseState::kFree;
@@ -236,9 +249,20 @@ void PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noe
   if (count_reclaim) Set(st.reclaimed, st.reclaimed + 1);
   if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) Set(st.circuit, Circuit::kOpen);
   Commit();
-  free_[ph_->free_top++] = l;
+  PushFreeLease(l);
   RetireSlotIfDone(s);
   if (keys_[s].state.use != SlotUse::kFree) IndexUpdate(s, now);
+  return true;
+}
+
+void PoolCore::PushFreeLease(uint32_t l) noexcept {
+  const uint32_t top = ph_->free_top;
+  if (top < lease_cap_) [[likely]] {
+    free_[top] = l;
+    ph_->free_top = top + 1;
+  } else {
+    Damaged();  // the lease is free (committed); Repair rebuilds the stack from the records
+  }
 }
 
 // A removed key's slot is freed when its last lease ends; its totals move to
@@ -264,9 +288,11 @@ void PoolCore::RetireSlotIfDone(uint32_t s) noexcept {
 
 Result<LeaseHandle> PoolUser::TryAcquire(const Selector* selector, uint64_t* earliest, const ProcessId& holder,
                                          uint64_t tokens) {
-  Result<LeaseHandle> r = [&] {
+  Result<LeaseHandle> r = [&]() -> Result<LeaseHandle> {
     PoolCore::Guard g(&core_);
-    return core_.TryAcquireLocked(selector, core_.Now(), earliest, tokens, 0, holder);
+    if (!g.ok()) [[unlikely]]
+      return g.status();
+    return core_.Checked([&] { return core_.TryAcquireLocked(selector, core_.Now(), earliest, tokens, 0, holder); });
   }();
   if (!r.ok() && r.status().code() == Code::kNoAvailableKey) {
     core_.header()->no_key.fetch_add(1, std::memory_order_relaxed);
@@ -287,9 +313,12 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
     uint64_t earliest = kNever;
     {
       PoolCore::Guard g(&core_);
+      if (!g.ok()) [[unlikely]]
+        return g.status();
       const uint64_t now = core_.Now();
       const uint64_t waited = first ? 0 : std::max<uint64_t>(MonotonicNowNanos() - start, 1);
-      Result<LeaseHandle> r = core_.TryAcquireLocked(selector, now, &earliest, tokens, waited, holder);
+      Result<LeaseHandle> r =
+          core_.Checked([&] { return core_.TryAcquireLocked(selector, now, &earliest, tokens, waited, holder); });
       if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
       if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
         return Status(Code::kClosed, "acquire cancelled");
@@ -326,8 +355,10 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
 
 Status PoolUser::Release(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) [[unlikely]]
+    return g.status();
   bool wake = false;
-  Status st = core_.ReleaseLocked(lease, outcome, holder, &wake);
+  Status st = core_.Checked([&] { return core_.ReleaseLocked(lease, outcome, holder, &wake); });
   if (wake) g.RequestWake();
   return st;
 }

@@ -36,6 +36,8 @@ static_assert(KM_CORRUPT_STATE == static_cast<int>(Code::kCorruptState));
 static_assert(KM_ALREADY_EXISTS == static_cast<int>(Code::kAlreadyExists));
 static_assert(KM_CLOSED == static_cast<int>(Code::kClosed));
 static_assert(KM_INTERNAL == static_cast<int>(Code::kInternal));
+static_assert(KM_BUSY == static_cast<int>(Code::kBusy));
+static_assert(KM_BUSY == static_cast<int>(kLastCode), "a new code needs its KM_* twin");
 
 static_assert(KM_ROUND_ROBIN == static_cast<int>(Strategy::kRoundRobin));
 static_assert(KM_LEAST_BUSY == static_cast<int>(Strategy::kLeastBusy));

@@ -89,6 +89,7 @@ extern "C" {
 #define KM_ALREADY_EXISTS 14
 #define KM_CLOSED 15 /* the pool was closed, or the wait was cancelled */
 #define KM_INTERNAL 16
+#define KM_BUSY 17 /* a pool lock stayed held past the caller's lock timeout */
 
 /* Strategies (== keymesh::Strategy). */
 #define KM_ROUND_ROBIN 0
