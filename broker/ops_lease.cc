@@ -17,8 +17,13 @@ namespace {
 
 namespace json = boost::json;
 
-json::object Grant(shm::PoolAdmin& pool, const shm::LeaseHandle& h) {
-  return protocol::LeaseGrant{pool.KeyName(h.slot), h.slot, h.lease, h.seq, h.acquire_ns, h.fingerprint}.ToJson();
+// The reply to a granted lease. kBusy when the pool's lock was taken by a
+// stopped process right after the grant: the lease is already in the
+// session's list, so it ends when the connection does.
+Fields Grant(shm::PoolAdmin& pool, const shm::LeaseHandle& h) {
+  std::string name;
+  if (Status st = pool.KeyName(h.slot, &name); !st.ok()) return st;
+  return protocol::LeaseGrant{std::move(name), h.slot, h.lease, h.seq, h.acquire_ns, h.fingerprint}.ToJson();
 }
 
 shm::Outcome Cancelled() {

@@ -7,6 +7,7 @@
 #include "broker/log.h"
 #include "broker/recovery.h"
 #include "common/text.h"
+#include "shm/clock.h"
 
 namespace keymesh::broker {
 
@@ -51,6 +52,7 @@ void PoolRegistry::Rebuild() {
   for (uint32_t i = 0; i < segment_.header()->max_pools; ++i) {
     if (segment_.pool_header(i)->use != shm::PoolUse::kInUse) continue;
     auto access = std::make_unique<shm::PoolAdmin>(segment_, i);
+    access->set_lock_timeout(kBrokerLockTimeoutNs);
     std::string name = access->Info().name;
     if (pools_.find(name) == pools_.end()) pools_.emplace(std::move(name), std::move(access));
   }
@@ -147,12 +149,26 @@ Result<PoolStatus> PoolRegistry::Snapshot(std::string_view pool) const {
   return (*access)->Snapshot();
 }
 
-Result<std::vector<PoolStatus>> PoolRegistry::SnapshotAll() const {
+void PoolRegistry::NoteBusy(std::string_view pool, const Status& status) const {
+  constexpr uint64_t kEvery = 10 * shm::kNanosPerSecond;
+  const uint64_t now = shm::MonotonicNowNanos();
+  auto it = busy_logged_at_.find(pool);
+  if (it != busy_logged_at_.end() && now - it->second < kEvery) return;
+  busy_logged_at_[std::string(pool)] = now;
+  Log(LogLevel::kWarn, "pool_busy", {{"pool", std::string(pool)}, {"error", status.message()}});
+}
+
+Result<std::vector<PoolStatus>> PoolRegistry::SnapshotAll(std::vector<Status>* busy) const {
   std::vector<PoolStatus> out;
   for (const std::string& name : Names()) {
     shm::PoolAdmin* access = Find(name);
     if (access == nullptr) continue;
     Result<PoolStatus> snap = access->Snapshot();
+    if (!snap.ok() && snap.status().code() == Code::kBusy) {
+      NoteBusy(name, snap.status());
+      if (busy != nullptr) busy->push_back(snap.status());
+      continue;
+    }
     if (!snap.ok()) return snap.status();
     out.push_back(std::move(snap).value());
   }
