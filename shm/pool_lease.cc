@@ -45,6 +45,14 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     return Status(Code::kInvalidArgument,
                   "the pool's selector returned slot " + std::to_string(s) + ", which is not eligible");
   }
+  const KeyConfig& cfg = keys_[s].config;
+  if (tokens != 0 && cfg.tpm != 0 && tokens > cfg.tpm) [[unlikely]] {
+    // More than the key's whole minute: the provider refuses such a request,
+    // and reserving it would take the key out of rotation for as long.
+    return Status(Code::kInvalidArgument, "an acquire of " + std::to_string(tokens) + " tokens exceeds key " +
+                                              Quoted(KeyName(s)) + "'s one-minute budget (tpm " +
+                                              std::to_string(cfg.tpm) + ")");
+  }
   if (ph_->free_top == 0) [[unlikely]] {
     return Status(Code::kCapacityExceeded,
                   "pool " + Quoted(PoolName()) + " holds at most " + std::to_string(lease_cap_) + " leases at once");
@@ -74,7 +82,6 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     ph_->vtime = st.pass;
     Set(st.pass, st.pass + Stride(s));
   }
-  const KeyConfig& cfg = keys_[s].config;
   bool paced = false;
   if (cfg.rpm != 0) [[unlikely]] {
     // GCRA: reserve this request's slot in the key's request budget.
@@ -140,9 +147,14 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   lease.state = LeaseState::kFree;
   CrashPointReached(CrashPoint::kReleaseMidMutation);
   st.in_flight -= 1;
-  if (key.config.tpm != 0 && outcome.tokens != 0 && outcome.tokens != lease.tokens) [[unlikely]] {
-    // Debit what the request really used, correcting the reservation.
-    Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, outcome.tokens));
+  if (key.config.tpm != 0) [[unlikely]] {
+    // Debit what the request really used, correcting the reservation; a
+    // cancelled request used nothing, so its whole reservation comes back.
+    const bool cancelled = outcome.kind == OutcomeKind::kCancelled;
+    const uint64_t used = cancelled ? 0 : outcome.tokens;
+    if (cancelled ? lease.tokens != 0 : (used != 0 && used != lease.tokens)) {
+      Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, used));
+    }
   }
   if (outcome.tokens != 0 && outcome.kind != OutcomeKind::kCancelled) Set(st.tokens, st.tokens + outcome.tokens);
   switch (outcome.kind) {
@@ -234,6 +246,11 @@ void PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noe
   lease.state = LeaseState::kFree;
   st.in_flight -= 1;
   if (count_reclaim) Set(st.reclaimed, st.reclaimed + 1);
+  if (keys_[s].config.tpm != 0 && lease.tokens != 0) [[unlikely]] {
+    // No outcome will correct the reservation: refund it, so a holder that
+    // reserves a large count and dies does not keep the key throttled.
+    Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, 0));
+  }
   if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) Set(st.circuit, Circuit::kOpen);
   Commit();
   free_[ph_->free_top++] = l;
