@@ -194,7 +194,11 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       break;
     case OutcomeKind::kRateLimited: {
       Set(st.rate_limited, st.rate_limited + 1);
-      const uint64_t requested = outcome.cooldown ? SecondsToNanos(*outcome.cooldown) : ph_->config.default_cooldown;
+      // A Retry-After is the provider's (or a caller's) word: honoured up to
+      // max_cooldown, so one tampered response cannot bench a key for years.
+      const uint64_t requested = outcome.cooldown
+                                     ? std::min(SecondsToNanos(*outcome.cooldown), ph_->config.max_cooldown)
+                                     : ph_->config.default_cooldown;
       uint64_t cooldown = requested;
       if (st.rl_streak > 0) {
         // Consecutive 429s escalate: at least twice the previous, capped.
@@ -205,7 +209,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       }
       Set(st.rl_streak, st.rl_streak + 1);
       Set(st.last_cooldown, cooldown);
-      const uint64_t until = now + cooldown;
+      const uint64_t until = now > kNever - cooldown ? kNever : now + cooldown;
       if (until > st.cooldown_deadline) Set(st.cooldown_deadline, until);  // never shortens
       if (probe) Set(st.circuit, Circuit::kOpen);                          // probe again once the 429 cooldown ends
       break;

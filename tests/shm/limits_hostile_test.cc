@@ -169,3 +169,57 @@ BOOST_AUTO_TEST_CASE(reset_and_readmission_restore_a_throttled_key) {
     BOOST_CHECK_EQUAL(k.ready_in, 0.0);
   }
 }
+
+// ---------------------------------------------------------------------------
+// KM-11: cooldowns and provider waits are capped at max_cooldown
+
+BOOST_AUTO_TEST_CASE(a_rate_limit_of_1e9_seconds_cools_for_at_most_max_cooldown) {
+  TokenPool p;
+  shm::LeaseHandle h = Must(p.tp.pool->TryAcquire(), "TryAcquire");
+  BOOST_CHECK(p.tp.pool->Release(h, RateLimited(1e9)).ok());
+  const keymesh::KeyStatus k = p.Key();
+  BOOST_CHECK(k.state == KeyState::kCooling);
+  BOOST_CHECK_GT(k.cooldown_remaining, 0.0);
+  BOOST_CHECK_LE(k.cooldown_remaining, 600.0);
+  // A second 429 escalates, still within the cap.
+  p.clock.AdvanceSeconds(600.0);
+  h = Must(p.tp.pool->TryAcquire(), "TryAcquire");
+  BOOST_CHECK(p.tp.pool->Release(h, RateLimited(1e9)).ok());
+  BOOST_CHECK_LE(p.Key().cooldown_remaining, 600.0);
+}
+
+BOOST_AUTO_TEST_CASE(observed_waits_are_capped_at_max_cooldown) {
+  TokenPool p;
+  shm::LimitUpdate u;
+  u.retry_after = 1e9;
+  BOOST_CHECK(p.tp.pool->ObserveLimits("t", u).ok());
+  BOOST_CHECK_LE(p.Key().cooldown_remaining, 600.0);
+  BOOST_CHECK_GT(p.Key().cooldown_remaining, 599.0);
+  // Out of tokens until a reset decades ahead: back within max_cooldown.
+  BOOST_CHECK(p.tp.pool->ResetKey("t").ok());
+  shm::LimitUpdate tokens;
+  tokens.remaining_tokens = 0;
+  tokens.reset_tokens = 1e12;
+  BOOST_CHECK(p.tp.pool->ObserveLimits("t", tokens).ok());
+  BOOST_CHECK_GT(p.Key().ready_in, 0.0);
+  BOOST_CHECK_LE(p.Key().ready_in, 600.0);
+  shm::LimitUpdate bad;
+  bad.retry_after = -1.0;
+  BOOST_CHECK(p.tp.pool->ObserveLimits("t", bad).code() == Code::kInvalidArgument);
+}
+
+BOOST_AUTO_TEST_CASE(an_http_date_in_2049_is_capped) {
+  const double now = 1'780'000'000.0;  // 2026
+  Result<double> d = keymesh::ParseRetryAfter("Fri, 01 Jan 2049 00:00:00 GMT", now);
+  BOOST_REQUIRE(d.ok());
+  BOOST_CHECK_EQUAL(*d, keymesh::kMaxHeaderDelaySeconds);
+  // And through a pool: the key cools for its max_cooldown, not 23 years.
+  Result<keymesh::LimitObservation> obs =
+      keymesh::ParseLimitHeaders({{"Retry-After", "Fri, 01 Jan 2049 00:00:00 GMT"}}, now);
+  BOOST_REQUIRE(obs.ok());
+  TokenPool p;
+  shm::LimitUpdate u;
+  u.retry_after = obs->retry_after;
+  BOOST_CHECK(p.tp.pool->ObserveLimits("t", u).ok());
+  BOOST_CHECK_LE(p.Key().cooldown_remaining, 600.0);
+}
