@@ -89,7 +89,13 @@ void Acquire(const OpCall& call, const protocol::AcquireRequest& request) {
       call.context.slow_leases.push_back({pool, *h});
       return call.Reply(Grant(*pool, *h));
     }
-    if (h.status().code() != Code::kNoAvailableKey || timeout_ns == 0) return call.Reply(h.status());
+    // A full lease table is waited out like no key (the lane's Acquire
+    // waits for a release); a client's own quota is not (Acquire answers it
+    // at once for a holder other than the broker).
+    const Code code = h.status().code();
+    if ((code != Code::kNoAvailableKey && code != Code::kCapacityExceeded) || timeout_ns == 0) {
+      return call.Reply(h.status());
+    }
   }
   auto ticket = std::make_shared<uint64_t>(0);
   std::weak_ptr<Session> weak = call.session;

@@ -36,6 +36,7 @@ PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clo
   free_ = reinterpret_cast<uint32_t*>(data_ + h->free_offset);
   key_cap_ = h->keys_per_pool;
   lease_cap_ = h->leases_per_pool;
+  default_quota_ = lease_cap_ / 2 > 0 ? lease_cap_ / 2 : 1;
   EligibilityIndex::Arrays arrays;
   arrays.bits = reinterpret_cast<uint64_t*>(data_ + h->bits_offset);
   arrays.order = reinterpret_cast<SortKey*>(data_ + h->order_offset);

@@ -57,6 +57,17 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     return Status(Code::kCapacityExceeded,
                   "pool " + Quoted(PoolName()) + " holds at most " + std::to_string(lease_cap_) + " leases at once");
   }
+  // The holder's quota: it can only be over it when at least that many
+  // leases are out, so an uncontended acquire pays this one compare and the
+  // scan runs only on a crowded table.
+  const uint32_t quota = ph_->config.max_leases_per_process != 0 ? ph_->config.max_leases_per_process : default_quota_;
+  if (lease_cap_ - ph_->free_top >= quota) [[unlikely]] {
+    if (HeldBy(holder, quota) >= quota) {
+      return Status(Code::kCapacityExceeded, "process " + std::to_string(holder.pid) + " already holds " +
+                                                 std::to_string(quota) + " leases of pool " + Quoted(PoolName()) +
+                                                 " (its max_leases_per_process)");
+    }
+  }
   const uint32_t l = free_[ph_->free_top - 1];
   SlotState& st = keys_[s].state;
   LeaseRecord& lease = leases_[l];
@@ -262,6 +273,15 @@ void PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noe
   if (keys_[s].state.use != SlotUse::kFree) IndexUpdate(s, now);
 }
 
+uint32_t PoolCore::HeldBy(const ProcessId& holder, uint32_t limit) const noexcept {
+  uint32_t n = 0;
+  for (uint32_t l = 0; l < lease_cap_ && n < limit; ++l) {
+    const LeaseRecord& r = leases_[l];
+    if (r.state == LeaseState::kHeld && r.pid == holder.pid && r.start_time == holder.start_time) ++n;
+  }
+  return n;
+}
+
 // A removed key's slot is freed when its last lease ends; its totals move to
 // the pool's retired totals so pool-wide counters never go backwards.
 void PoolCore::RetireSlotIfDone(uint32_t s) noexcept {
@@ -311,7 +331,17 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
       const uint64_t now = core_.Now();
       const uint64_t waited = first ? 0 : std::max<uint64_t>(MonotonicNowNanos() - start, 1);
       Result<LeaseHandle> r = core_.TryAcquireLocked(selector, now, &earliest, tokens, waited, holder);
-      if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
+      if (r.ok()) [[likely]]
+        return r;
+      // No key, and a full lease table, are waited out: a release ends both.
+      // So is the holder's own quota when the holder is this process (its
+      // other threads release); the broker, acquiring for a client, does not
+      // hold up its queue for one client's quota.
+      const Code code = r.status().code();
+      if (code != Code::kNoAvailableKey &&
+          (code != Code::kCapacityExceeded || (ph->free_top != 0 && !(holder == Self())))) {
+        return r;
+      }
       if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
         return Status(Code::kClosed, "acquire cancelled");
       }
@@ -320,8 +350,9 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
         deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
       }
       if (MonotonicNowNanos() >= deadline) {
-        ph->no_key.fetch_add(1, std::memory_order_relaxed);
+        if (code == Code::kNoAvailableKey) ph->no_key.fetch_add(1, std::memory_order_relaxed);
         if (timeout_ns > 0) ph->timeouts.fetch_add(1, std::memory_order_relaxed);
+        if (code != Code::kNoAvailableKey) return r;
         if (earliest != kNever && earliest > now) {
           char when[64];
           std::snprintf(when, sizeof(when), " The next key returns in %.3f s.", NanosToSeconds(earliest - now));

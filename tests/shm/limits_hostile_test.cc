@@ -60,6 +60,9 @@ struct TokenPool {
 
 shm::ProcessId Foreign(uint32_t pid) { return shm::ProcessId{pid, 12345}; }
 
+// Waits (without sleeping: on the child's pipe) for one byte.
+char Expect(Pipe& p, double timeout = 10.0) { return p.WaitByte(timeout); }
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -222,4 +225,112 @@ BOOST_AUTO_TEST_CASE(an_http_date_in_2049_is_capped) {
   u.retry_after = obs->retry_after;
   BOOST_CHECK(p.tp.pool->ObserveLimits("t", u).ok());
   BOOST_CHECK_LE(p.Key().cooldown_remaining, 600.0);
+}
+
+// ---------------------------------------------------------------------------
+// KM-10: one process cannot take the whole lease table
+
+BOOST_AUTO_TEST_CASE(a_holder_hits_its_quota_while_another_is_still_served) {
+  // 8 leases: the default quota is 4 per process.
+  TestPool tp(2, MakeConfig(Strategy::kLeastBusy), shm::SystemClock::Instance(), shm::Capacities{1, 8, 8});
+  Pipe report;
+  Pipe done;
+  ChildGuard a(ForkChild([&] {
+    uint32_t granted = 0;
+    Code refused = Code::kOk;
+    for (int i = 0; i < 8; ++i) {
+      Result<shm::LeaseHandle> r = tp.pool->TryAcquire();
+      if (!r.ok()) {
+        refused = r.status().code();
+        break;
+      }
+      ++granted;
+    }
+    // A blocking acquire over its own quota waits for one of its leases;
+    // none ends, so it times out with the quota's error.
+    Result<shm::LeaseHandle> blocked = tp.pool->Acquire(kSec / 20);
+    const bool waited_out = !blocked.ok() && blocked.status().code() == Code::kCapacityExceeded;
+    (void)report.Put(granted);
+    (void)report.Put(refused);
+    (void)report.Put(waited_out);
+    return done.WaitByte(30.0) == 'x' ? 0 : 1;  // holds its leases until told
+  }));
+  uint32_t granted = 0;
+  Code refused = Code::kOk;
+  bool waited_out = false;
+  BOOST_REQUIRE(report.Get(&granted) && report.Get(&refused) && report.Get(&waited_out));
+  BOOST_CHECK_EQUAL(granted, 4u);
+  BOOST_CHECK(refused == Code::kCapacityExceeded);
+  BOOST_CHECK(waited_out);
+  // Holder B (this process) is still served, up to its own quota.
+  std::vector<shm::LeaseHandle> mine;
+  for (int i = 0; i < 4; ++i) mine.push_back(Must(tp.pool->TryAcquire(), "TryAcquire by B"));
+  BOOST_CHECK(tp.pool->TryAcquire().status().code() == Code::kCapacityExceeded);
+  (void)done.Put('x');
+  BOOST_CHECK_EQUAL(a.Wait(), 0);
+  BOOST_CHECK_EQUAL(Must(tp.pool->ReclaimDead(), "ReclaimDead"), 4u);
+  for (const shm::LeaseHandle& h : mine) BOOST_CHECK(tp.pool->Release(h, Success()).ok());
+  BOOST_CHECK(tp.pool->CheckConsistency().ok());
+}
+
+BOOST_AUTO_TEST_CASE(the_quota_is_a_pool_option) {
+  keymesh::PoolOptions o;
+  o.max_leases_per_process = 2;
+  TestPool tp(1, shm::ToPoolConfig(o), shm::SystemClock::Instance(), shm::Capacities{1, 8, 64});
+  BOOST_CHECK_EQUAL(tp.Snap().options.max_leases_per_process, 2u);
+  shm::LeaseHandle a = Must(tp.pool->TryAcquire(), "first");
+  shm::LeaseHandle b = Must(tp.pool->TryAcquire(), "second");
+  Result<shm::LeaseHandle> c = tp.pool->TryAcquire();
+  BOOST_REQUIRE(!c.ok());
+  BOOST_CHECK(c.status().code() == Code::kCapacityExceeded);
+  BOOST_CHECK_MESSAGE(c.status().message().find("max_leases_per_process") != std::string::npos, c.status().message());
+  // Another holder (the broker acquiring for a client) is served; when its
+  // own quota is full, a blocking acquire for it answers at once instead of
+  // holding up the broker's queue.
+  const shm::ProcessId other = Foreign(424242);
+  shm::LeaseHandle d = Must(tp.pool->TryAcquire(nullptr, nullptr, other), "other");
+  shm::LeaseHandle e = Must(tp.pool->TryAcquire(nullptr, nullptr, other), "other 2");
+  const double t0 = keymesh::testing::NowSeconds();
+  Result<shm::LeaseHandle> f = tp.pool->Acquire(30 * kSec, nullptr, other);
+  BOOST_CHECK(!f.ok() && f.status().code() == Code::kCapacityExceeded);
+  BOOST_CHECK_LT(keymesh::testing::NowSeconds() - t0, 10.0);
+  for (const shm::LeaseHandle& h : {a, b, d, e}) {
+    BOOST_CHECK(tp.pool->Release(h, Success(), h.lease == d.lease || h.lease == e.lease ? other : shm::Self()).ok());
+  }
+  BOOST_CHECK(tp.pool->CheckConsistency().ok());
+}
+
+BOOST_AUTO_TEST_CASE(a_blocking_acquire_on_a_full_table_waits_for_a_release) {
+  // 4 leases, each held by another (live, foreign-named) holder of quota 1.
+  keymesh::PoolOptions o;
+  o.max_leases_per_process = 1;
+  TestPool tp(1, shm::ToPoolConfig(o), shm::SystemClock::Instance(), shm::Capacities{1, 8, 4});
+  std::vector<shm::LeaseHandle> held;
+  for (uint32_t i = 0; i < 4; ++i) {
+    held.push_back(Must(tp.pool->TryAcquire(nullptr, nullptr, Foreign(500000 + i)), "fill"));
+  }
+  BOOST_REQUIRE(tp.pool->TryAcquire().status().code() == Code::kCapacityExceeded);
+  Pipe started;
+  ChildGuard waiter(ForkChild([&] {
+    (void)started.Put('s');
+    Result<shm::LeaseHandle> r = tp.pool->Acquire(30 * kSec);
+    if (!r.ok()) {
+      std::fprintf(stderr, "waiter: %s\n", r.status().ToString().c_str());
+      return 1;
+    }
+    return tp.pool->Release(*r, Success()).ok() ? 0 : 2;
+  }));
+  BOOST_REQUIRE_EQUAL(Expect(started), 's');
+  // The waiter announces its sleep under the pool lock: wait for that (with a
+  // deadline), then free one lease.
+  const double deadline = keymesh::testing::NowSeconds() + 10.0;
+  while (tp.pool->header()->sleepers.load() == 0 && keymesh::testing::NowSeconds() < deadline) {
+    const timespec ms{0, 1'000'000};
+    ::nanosleep(&ms, nullptr);
+  }
+  BOOST_REQUIRE_MESSAGE(tp.pool->header()->sleepers.load() != 0, "the waiter never slept");
+  BOOST_CHECK(tp.pool->Release(held[0], Success(), Foreign(500000)).ok());
+  BOOST_CHECK_EQUAL(waiter.Wait(), 0);
+  for (uint32_t i = 1; i < 4; ++i) BOOST_CHECK(tp.pool->Release(held[i], Success(), Foreign(500000 + i)).ok());
+  BOOST_CHECK(tp.pool->CheckConsistency().ok());
 }
