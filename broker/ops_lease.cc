@@ -3,7 +3,9 @@
 // io thread), the four ends of a lease, and observe_limits.
 #include <unistd.h>
 
+#include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "broker/broker.h"
@@ -30,6 +32,25 @@ shm::Outcome Cancelled() {
   shm::Outcome o;
   o.kind = shm::OutcomeKind::kCancelled;
   return o;
+}
+
+// The pool honours a requested cooldown only up to its max_cooldown; say so
+// when a request (a Retry-After) asked for more. The key is named by `name`,
+// or by `slot` when `name` is empty (looked up only then).
+void NoteCapped(shm::PoolAdmin& pool, std::string_view pool_name, std::string_view name, uint32_t slot,
+                const char* what, std::optional<double> seconds) {
+  const double cap = shm::NanosToSeconds(pool.header()->config.max_cooldown);
+  if (!seconds || !(*seconds > cap)) return;
+  char requested[32];
+  char max_cooldown[32];
+  std::snprintf(requested, sizeof(requested), "%.6g", *seconds);
+  std::snprintf(max_cooldown, sizeof(max_cooldown), "%.6g", cap);
+  Log(LogLevel::kWarn, "retry_after_capped",
+      {{"pool", std::string(pool_name)},
+       {"key", name.empty() ? pool.KeyName(slot) : std::string(name)},
+       {"field", what},
+       {"requested", requested},
+       {"max_cooldown", max_cooldown}});
 }
 
 }  // namespace
@@ -73,7 +94,13 @@ void Acquire(const OpCall& call, const protocol::AcquireRequest& request) {
       call.context.slow_leases.push_back({pool, *h});
       return call.Reply(Grant(*pool, *h));
     }
-    if (h.status().code() != Code::kNoAvailableKey || timeout_ns == 0) return call.Reply(h.status());
+    // A full lease table is waited out like no key (the lane's Acquire
+    // waits for a release); a client's own quota is not (Acquire answers it
+    // at once for a holder other than the broker).
+    const Code code = h.status().code();
+    if ((code != Code::kNoAvailableKey && code != Code::kCapacityExceeded) || timeout_ns == 0) {
+      return call.Reply(h.status());
+    }
   }
   auto ticket = std::make_shared<uint64_t>(0);
   std::weak_ptr<Session> weak = call.session;
@@ -106,6 +133,9 @@ Fields End(const OpCall& call, const protocol::EndRequest& request) {
                              .tokens = request.tokens,
                              .cooldown = request.cooldown,
                              .permanent = request.permanent && request.outcome == shm::OutcomeKind::kFailure};
+  if (outcome.kind == shm::OutcomeKind::kRateLimited) {
+    NoteCapped(*pool, request.pool, "", h.slot, "cooldown", outcome.cooldown);
+  }
   Status st = pool->Release(h, outcome, *call.context.client);
   if (st.ok() || st.code() == Code::kKeyExhausted || st.code() == Code::kNotHeld) {
     std::erase_if(call.context.slow_leases, [&](const ClientContext::SlowLease& l) {
@@ -120,6 +150,9 @@ Fields End(const OpCall& call, const protocol::EndRequest& request) {
 Fields ObserveLimits(const OpCall& call, const protocol::ObserveLimitsRequest& request) {
   Result<shm::PoolAdmin*> pool = call.broker.pools().Get(request.pool);
   if (!pool.ok()) return pool.status();
+  NoteCapped(**pool, request.pool, request.name, 0, "retry_after", request.retry_after);
+  NoteCapped(**pool, request.pool, request.name, 0, "reset_requests", request.reset_requests);
+  NoteCapped(**pool, request.pool, request.name, 0, "reset_tokens", request.reset_tokens);
   Status st = (*pool)->ObserveLimits(request.name, {.remaining_requests = request.remaining_requests,
                                                     .reset_requests = request.reset_requests,
                                                     .remaining_tokens = request.remaining_tokens,

@@ -43,6 +43,10 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
     }
     k.state.circuit = Circuit::kClosed;
     k.state.enabled = 1;
+    // Fresh budgets too: a bucket pushed far ahead (a hostile token count)
+    // must not outlive the operator's re-admission.
+    k.state.req_tat = 0;
+    k.state.tok_tat = 0;
     set_config(k.config);
     core_.Commit();
     core_.IndexUpdate(s, now);
@@ -109,6 +113,8 @@ Status PoolAdmin::ResetKey(std::string_view name) {
   core_.Set(st.rl_streak, 0u);
   core_.Set(st.circuit, Circuit::kClosed);
   core_.Set(st.open_cooldown, uint64_t{0});
+  core_.Set(st.req_tat, uint64_t{0});  // and the rate-limit buckets: full again
+  core_.Set(st.tok_tat, uint64_t{0});
   core_.Commit();
   core_.IndexUpdate(*s, core_.Now());
   g.RequestWake();

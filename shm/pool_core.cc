@@ -41,6 +41,7 @@ PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clo
     static uint8_t no_data[64];
     data_ = no_data;
     key_cap_ = lease_cap_ = 0;
+    default_quota_ = 1;
     data_size_ = 0;
     keys_ = nullptr;
     leases_ = nullptr;
@@ -53,6 +54,7 @@ PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clo
   key_cap_ = layout.caps.keys_per_pool;
   lease_cap_ = layout.caps.leases_per_pool;
   data_size_ = plan.pool_data_stride;
+  default_quota_ = lease_cap_ / 2 > 0 ? lease_cap_ / 2 : 1;
   EligibilityIndex::Arrays arrays;
   arrays.bits = reinterpret_cast<uint64_t*>(data_ + plan.bits_offset);
   arrays.order = reinterpret_cast<SortKey*>(data_ + plan.order_offset);

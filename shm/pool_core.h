@@ -203,6 +203,12 @@ class PoolCore {
   void PushFreeLease(uint32_t lease) noexcept;
   // A removed key's slot is freed once its last lease ended.
   void RetireSlotIfDone(uint32_t slot) noexcept;
+  // Live leases held by `holder`, counted up to `limit` (a scan of the lease
+  // records: only for a crowded table).
+  uint32_t HeldBy(const ProcessId& holder, uint32_t limit) const noexcept;
+  // The per-holder lease quota when the pool's config says 0: half the
+  // lease table, at least 1.
+  uint32_t default_quota() const noexcept { return default_quota_; }
 
   // --- journaled writes (locked; journal.cc; the crash story is beside
   // struct Journal in layout.h) ---
@@ -250,6 +256,7 @@ class PoolCore {
   uint32_t key_cap_;
   uint32_t lease_cap_;
   uint64_t data_size_;  // bytes of the pool's data region
+  uint32_t default_quota_;
   const Clock* clock_;
   EligibilityIndex index_view_;
   // Read by any thread without the lock (std::atomic_ref: a view stays

@@ -47,6 +47,14 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     return Status(Code::kInvalidArgument,
                   "the pool's selector returned slot " + std::to_string(s) + ", which is not eligible");
   }
+  const KeyConfig& cfg = keys_[s].config;
+  if (tokens != 0 && cfg.tpm != 0 && tokens > cfg.tpm) [[unlikely]] {
+    // More than the key's whole minute: the provider refuses such a request,
+    // and reserving it would take the key out of rotation for as long.
+    return Status(Code::kInvalidArgument, "an acquire of " + std::to_string(tokens) + " tokens exceeds key " +
+                                              Quoted(KeyName(s)) + "'s one-minute budget (tpm " +
+                                              std::to_string(cfg.tpm) + ")");
+  }
   const uint32_t top = ph_->free_top;
   if (top == 0) [[unlikely]] {
     return Status(Code::kCapacityExceeded,
@@ -54,6 +62,17 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
   }
   if (top > lease_cap_) [[unlikely]]
     return Fault("the free-lease stack is deeper than the lease capacity");
+  // The holder's quota: it can only be over it when at least that many
+  // leases are out, so an uncontended acquire pays this one compare and the
+  // scan runs only on a crowded table.
+  const uint32_t quota = ph_->config.max_leases_per_process != 0 ? ph_->config.max_leases_per_process : default_quota_;
+  if (lease_cap_ - top >= quota) [[unlikely]] {
+    if (HeldBy(holder, quota) >= quota) {
+      return Status(Code::kCapacityExceeded, "process " + std::to_string(holder.pid) + " already holds " +
+                                                 std::to_string(quota) + " leases of pool " + Quoted(PoolName()) +
+                                                 " (its max_leases_per_process)");
+    }
+  }
   const uint32_t l = free_[top - 1];
   if (l >= lease_cap_ || leases_[l].state != LeaseState::kFree) [[unlikely]]
     return Fault("the free-lease stack names a lease beyond the capacity or one that is held");
@@ -81,7 +100,6 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     ph_->vtime = st.pass;
     Set(st.pass, st.pass + Stride(s));
   }
-  const KeyConfig& cfg = keys_[s].config;
   bool paced = false;
   if (cfg.rpm != 0) [[unlikely]] {
     // GCRA: reserve this request's slot in the key's request budget.
@@ -149,9 +167,14 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   lease.state = LeaseState::kFree;
   CrashPointReached(CrashPoint::kReleaseMidMutation);
   st.in_flight -= 1;
-  if (key.config.tpm != 0 && outcome.tokens != 0 && outcome.tokens != lease.tokens) [[unlikely]] {
-    // Debit what the request really used, correcting the reservation.
-    Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, outcome.tokens));
+  if (key.config.tpm != 0) [[unlikely]] {
+    // Debit what the request really used, correcting the reservation; a
+    // cancelled request used nothing, so its whole reservation comes back.
+    const bool cancelled = outcome.kind == OutcomeKind::kCancelled;
+    const uint64_t used = cancelled ? 0 : outcome.tokens;
+    if (cancelled ? lease.tokens != 0 : (used != 0 && used != lease.tokens)) {
+      Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, used));
+    }
   }
   if (outcome.tokens != 0 && outcome.kind != OutcomeKind::kCancelled) Set(st.tokens, st.tokens + outcome.tokens);
   switch (outcome.kind) {
@@ -191,7 +214,11 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       break;
     case OutcomeKind::kRateLimited: {
       Set(st.rate_limited, st.rate_limited + 1);
-      const uint64_t requested = outcome.cooldown ? SecondsToNanos(*outcome.cooldown) : ph_->config.default_cooldown;
+      // A Retry-After is the provider's (or a caller's) word: honoured up to
+      // max_cooldown, so one tampered response cannot bench a key for years.
+      const uint64_t requested = outcome.cooldown
+                                     ? std::min(SecondsToNanos(*outcome.cooldown), ph_->config.max_cooldown)
+                                     : ph_->config.default_cooldown;
       uint64_t cooldown = requested;
       if (st.rl_streak > 0) {
         // Consecutive 429s escalate: at least twice the previous, capped.
@@ -202,7 +229,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       }
       Set(st.rl_streak, st.rl_streak + 1);
       Set(st.last_cooldown, cooldown);
-      const uint64_t until = now + cooldown;
+      const uint64_t until = now > kNever - cooldown ? kNever : now + cooldown;
       if (until > st.cooldown_deadline) Set(st.cooldown_deadline, until);  // never shortens
       if (probe) Set(st.circuit, Circuit::kOpen);                          // probe again once the 429 cooldown ends
       break;
@@ -247,6 +274,11 @@ bool PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noe
   lease.state = LeaseState::kFree;
   st.in_flight -= 1;
   if (count_reclaim) Set(st.reclaimed, st.reclaimed + 1);
+  if (keys_[s].config.tpm != 0 && lease.tokens != 0) [[unlikely]] {
+    // No outcome will correct the reservation: refund it, so a holder that
+    // reserves a large count and dies does not keep the key throttled.
+    Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, 0));
+  }
   if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) Set(st.circuit, Circuit::kOpen);
   Commit();
   PushFreeLease(l);
@@ -263,6 +295,15 @@ void PoolCore::PushFreeLease(uint32_t l) noexcept {
   } else {
     Damaged();  // the lease is free (committed); Repair rebuilds the stack from the records
   }
+}
+
+uint32_t PoolCore::HeldBy(const ProcessId& holder, uint32_t limit) const noexcept {
+  uint32_t n = 0;
+  for (uint32_t l = 0; l < lease_cap_ && n < limit; ++l) {
+    const LeaseRecord& r = leases_[l];
+    if (r.state == LeaseState::kHeld && r.pid == holder.pid && r.start_time == holder.start_time) ++n;
+  }
+  return n;
 }
 
 // A removed key's slot is freed when its last lease ends; its totals move to
@@ -319,7 +360,17 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
       const uint64_t waited = first ? 0 : std::max<uint64_t>(MonotonicNowNanos() - start, 1);
       Result<LeaseHandle> r =
           core_.Checked([&] { return core_.TryAcquireLocked(selector, now, &earliest, tokens, waited, holder); });
-      if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
+      if (r.ok()) [[likely]]
+        return r;
+      // No key, and a full lease table, are waited out: a release ends both.
+      // So is the holder's own quota when the holder is this process (its
+      // other threads release); the broker, acquiring for a client, does not
+      // hold up its queue for one client's quota.
+      const Code code = r.status().code();
+      if (code != Code::kNoAvailableKey &&
+          (code != Code::kCapacityExceeded || (ph->free_top != 0 && !(holder == Self())))) {
+        return r;
+      }
       if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
         return Status(Code::kClosed, "acquire cancelled");
       }
@@ -328,8 +379,9 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
         deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
       }
       if (MonotonicNowNanos() >= deadline) {
-        ph->no_key.fetch_add(1, std::memory_order_relaxed);
+        if (code == Code::kNoAvailableKey) ph->no_key.fetch_add(1, std::memory_order_relaxed);
         if (timeout_ns > 0) ph->timeouts.fetch_add(1, std::memory_order_relaxed);
+        if (code != Code::kNoAvailableKey) return r;
         if (earliest != kNever && earliest > now) {
           char when[64];
           std::snprintf(when, sizeof(when), " The next key returns in %.3f s.", NanosToSeconds(earliest - now));

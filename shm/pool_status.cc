@@ -93,6 +93,7 @@ Result<PoolStatus> PoolUser::Snapshot() {
   out.options.max_lease_seconds = NanosToSeconds(ph->config.max_lease);
   out.options.max_cooldown = NanosToSeconds(ph->config.max_cooldown);
   out.options.rate_margin = static_cast<double>(ph->config.margin_ppm) / 1e6;
+  out.options.max_leases_per_process = ph->config.max_leases_per_process;
   out.uptime = NanosToSeconds(MonotonicNowNanos() - ph->created_mono);
   out.generation = core_.segment().generation();
   PoolTotals& t = out.totals;
