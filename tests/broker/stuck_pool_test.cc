@@ -25,9 +25,8 @@ namespace kt = keymesh::testing;
 
 namespace {
 
-constexpr const char* kPools =
-    R"({"a":{"keys":[{"name":"a1","secret":"sk-test-aaaaaaaaaaaa1111"}]},)"
-    R"("b":{"keys":[{"name":"b1","secret":"sk-test-bbbbbbbbbbbb2222"}]}})";
+constexpr const char* kPools = R"({"a":{"keys":[{"name":"a1","secret":"sk-test-aaaaaaaaaaaa1111"}]},)"
+                               R"("b":{"keys":[{"name":"b1","secret":"sk-test-bbbbbbbbbbbb2222"}]}})";
 
 // The segment the broker serves, from its "ready" line.
 std::string SegmentOf(kt::BrokerProcess& b) {
