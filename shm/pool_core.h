@@ -66,6 +66,15 @@ namespace keymesh::shm {
 // leaves.
 inline void CompilerFence() noexcept { std::atomic_signal_fence(std::memory_order_seq_cst); }
 
+// A key's effective rate-limit margin as read from the segment, within the
+// range the options allow (< 0.5): a margin planted there must not make a
+// budget's rate zero or negative (the pacing arithmetic divides by it).
+inline constexpr uint32_t kMaxSegmentMarginPpm = 499'999;
+inline uint32_t SegmentMarginPpm(const KeyConfig& key, const PoolConfig& pool) noexcept {
+  const uint32_t m = EffectiveMarginPpm(key, pool);
+  return m <= kMaxSegmentMarginPpm ? m : kMaxSegmentMarginPpm;
+}
+
 class PoolCore {
  public:
   PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clock) noexcept;
@@ -148,7 +157,7 @@ class PoolCore {
   PoolInfo Info() const;
 
   // --- keys (locked) ---
-  uint32_t MarginPpm(uint32_t slot) const noexcept { return EffectiveMarginPpm(keys_[slot].config, ph_->config); }
+  uint32_t MarginPpm(uint32_t slot) const noexcept { return SegmentMarginPpm(keys_[slot].config, ph_->config); }
   RequestPacing RequestPacingOf(uint32_t slot) const noexcept {
     return shm::RequestPacingOf(keys_[slot].config, MarginPpm(slot));
   }

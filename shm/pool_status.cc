@@ -16,7 +16,7 @@ double SuccessRate(const SlotState& st) noexcept {
 
 KeyStatus DescribeSlot(const KeySlot& k, uint32_t slot, const PoolConfig& pool, uint64_t now) {
   const SlotState& st = k.state;
-  const uint32_t margin = EffectiveMarginPpm(k.config, pool);
+  const uint32_t margin = SegmentMarginPpm(k.config, pool);
   KeyStatus ks;
   ks.slot = slot;
   ks.name = std::string(k.name, strnlen(k.name, kNameCapacity));
