@@ -5,6 +5,7 @@
 // setpriv --reuid/--regid/--groups does), against the real broker binary.
 #define BOOST_TEST_MODULE access_control
 #include <grp.h>
+#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -27,9 +28,8 @@ constexpr uint32_t kNobody = 65534;
 constexpr uint32_t kNogroup = 65534;
 constexpr uint32_t kSupplementary = 4343;  // a group nobody is not in by default
 
-const std::string kPools =
-    R"({"p":{"keys":[{"name":"a","secret":"sk-acl-aaaaaaaaaaaa1111","max_concurrency":1},)"
-    R"({"name":"b","secret":"sk-acl-bbbbbbbbbbbb2222","max_concurrency":1}]}})";
+const std::string kPools = R"({"p":{"keys":[{"name":"a","secret":"sk-acl-aaaaaaaaaaaa1111","max_concurrency":1},)"
+                           R"({"name":"b","secret":"sk-acl-bbbbbbbbbbbb2222","max_concurrency":1}]}})";
 
 bool RunningAsRoot() { return ::geteuid() == 0; }
 #define NEEDS_ROOT *boost::unit_test::precondition([](boost::unit_test::test_unit_id) { return RunningAsRoot(); })
@@ -237,10 +237,69 @@ BOOST_AUTO_TEST_CASE(a_lease_ended_over_another_connection_is_forgotten_by_the_f
     BOOST_REQUIRE_EQUAL(ErrorCode(a), "ok");
     // At the cap: the next one on this connection is refused.
     BOOST_CHECK_EQUAL(ErrorCode(first.Call("acquire", {{"pool", "p"}, {"timeout", 0}})), "capacity_exceeded");
-    BOOST_REQUIRE_EQUAL(ErrorCode(second.Call("release", {{"pool", "p"},
-                                                          {"slot", a->at("slot")},
-                                                          {"lease", a->at("lease")},
-                                                          {"seq", a->at("seq")}})),
-                        "ok");
+    BOOST_REQUIRE_EQUAL(
+        ErrorCode(second.Call(
+            "release", {{"pool", "p"}, {"slot", a->at("slot")}, {"lease", a->at("lease")}, {"seq", a->at("seq")}})),
+        "ok");
   }
+}
+
+// KM-09: connections are capped per uid (root and the broker's uid are not
+// counted per uid) and in all; a refused one gets one error line and EOF.
+BOOST_AUTO_TEST_CASE(connections_are_capped_per_uid_and_in_all, NEEDS_ROOT) {
+  BrokerProcess b;
+  StartOpen(b, R"(,"worker_uids":[65534],"max_sessions_per_uid":2,"max_sessions":4)");
+  const std::string sock = b.socket();
+  const pid_t child = ForkChild([&] {
+    if (!BecomeNobody()) return 100;
+    RawClient one(sock), two(sock);
+    if (ErrorCode(one.Call("status", {})) != "ok" || ErrorCode(two.Call("status", {})) != "ok") return 1;
+    RawClient three(sock);
+    std::optional<std::string> line = three.ReadLine(5);
+    if (!line || line->find("max_sessions_per_uid") == std::string::npos) return 2;
+    if (!three.WaitClosed(5)) return 3;
+    return 0;
+  });
+  BOOST_CHECK_EQUAL(WaitChild(child), 0);
+  // In all: four at most, root's included.
+  std::vector<std::unique_ptr<RawClient>> open;
+  for (int i = 0; i < 4; ++i) {
+    open.push_back(std::make_unique<RawClient>(b.socket()));
+    BOOST_CHECK_EQUAL(ErrorCode(open.back()->Call("status", {})), "ok");
+  }
+  RawClient fifth(b.socket());
+  std::optional<std::string> line = fifth.ReadLine(5);
+  BOOST_REQUIRE(line);
+  BOOST_CHECK(line->find("max_sessions") != std::string::npos);
+  BOOST_CHECK(fifth.WaitClosed(5));
+  open.pop_back();
+  // The broker notices the close on its next read; then there is room again.
+  bool served = false;
+  for (const double end = NowSeconds() + 5; !served && NowSeconds() < end;) {
+    RawClient again(b.socket());
+    served = ErrorCode(again.Call("status", {})) == "ok";
+  }
+  BOOST_CHECK(served);
+}
+
+// KM-15: a worker in another pid namespace names a pid the broker cannot
+// use; hello says so instead of watching an unrelated process.
+BOOST_AUTO_TEST_CASE(hello_from_another_pid_namespace_is_refused_clearly, NEEDS_ROOT) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  const std::string sock = b.socket();
+  const pid_t child = ForkChild([&] {
+    if (::unshare(CLONE_NEWPID) != 0) return 100;
+    // The next child is pid 1 of the new namespace.
+    const pid_t inner = ForkChild([&] {
+      RawClient c(sock);
+      std::optional<boost::json::object> r = c.Call("hello", Hello());
+      if (ErrorCode(r) != "invalid_argument") return 1;
+      const std::string message(r->at("error").as_object().at("message").as_string());
+      return message.find("pid namespace") != std::string::npos ? 0 : 2;
+    });
+    return WaitChild(inner);
+  });
+  BOOST_CHECK_EQUAL(WaitChild(child), 0);
 }
