@@ -278,6 +278,12 @@ Exchanged ControlClient::State::Exchange(int fd, Op op, json::object fields, Clo
         out.reply = Malformed(reply.status().message());
         return out;
       }
+      if (reply->id == 0 && !reply->status.ok()) {
+        // The broker's word on the connection itself (refused at accept,
+        // a frame too long), sent just before it closes it.
+        out.reply = reply->status;
+        return out;
+      }
       if (reply->id != id) {
         out.reply =
             Malformed("the answer to request " + std::to_string(id) + " carries id " + std::to_string(reply->id));

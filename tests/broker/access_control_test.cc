@@ -14,6 +14,7 @@
 
 #include <boost/test/unit_test.hpp>
 
+#include "protocol/control_client.h"
 #include "support/broker_harness.h"
 
 using keymesh::testing::BrokerProcess;
@@ -272,6 +273,11 @@ BOOST_AUTO_TEST_CASE(connections_are_capped_per_uid_and_in_all, NEEDS_ROOT) {
   BOOST_REQUIRE(line);
   BOOST_CHECK(line->find("max_sessions") != std::string::npos);
   BOOST_CHECK(fifth.WaitClosed(5));
+  // The clients report the broker's reason, not a protocol error.
+  keymesh::protocol::ControlClient client{keymesh::protocol::ControlClientOptions(b.socket())};
+  keymesh::Result<boost::json::object> refused = client.Call(keymesh::protocol::Op::kStatus, {});
+  BOOST_CHECK(refused.status().code() == keymesh::Code::kCapacityExceeded);
+  BOOST_CHECK(refused.status().message().find("max_sessions") != std::string::npos);
   open.pop_back();
   // The broker notices the close on its next read; then there is room again.
   bool served = false;
