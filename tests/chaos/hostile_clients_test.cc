@@ -10,6 +10,7 @@
 // loaded 2-core CI machine it varies with everything else that runs.
 #define BOOST_TEST_MODULE hostile_clients_test
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -390,6 +391,22 @@ BOOST_AUTO_TEST_CASE(running_out_of_descriptors_reclaims_no_live_lease) {
   BrokerProcess b;
   b.WriteConfig(R"({"p":{"keys":[{"name":"a","secret":"sk-hostile-aaaaaaaa1111"}]}})");
   BOOST_REQUIRE(b.Start());
+#if defined(KEYMESH_SANITIZER_ADDRESS)
+  // UBSan's vptr check validates a dynamic type it has not cached by
+  // writing the vtable into a pipe (IsAccessibleMemoryRange); out of
+  // descriptors it cannot, and reports the object as invalid. So the broker
+  // meets the one error category it first uses in this test (Asio's misc
+  // category: a peer's EOF) before it runs out: a connection it sees close.
+  {
+    const int fd = ConnectNonBlocking(b.socket());
+    BOOST_REQUIRE(fd >= 0);
+    BOOST_REQUIRE(::shutdown(fd, SHUT_WR) == 0);
+    pollfd p{fd, POLLIN, 0};
+    char c;
+    BOOST_REQUIRE(::poll(&p, 1, 5000) == 1 && ::recv(fd, &c, 1, 0) == 0);  // the broker closed it
+    ::close(fd);
+  }
+#endif
   const rlimit limit{64, 64};
   BOOST_REQUIRE(::prlimit(b.pid(), RLIMIT_NOFILE, &limit, nullptr) == 0);
 
@@ -447,5 +464,7 @@ BOOST_AUTO_TEST_CASE(running_out_of_descriptors_reclaims_no_live_lease) {
   }
   BOOST_CHECK(served);
   BOOST_CHECK(b.Log().find("event=leases_reclaimed") == std::string::npos);
-  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  const int code = b.Stop();
+  BOOST_CHECK_EQUAL(code, 0);
+  if (!served || code != 0) BOOST_TEST_MESSAGE("broker log:\n" << b.Log());
 }
