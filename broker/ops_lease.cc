@@ -114,8 +114,8 @@ void Acquire(const OpCall& call, const protocol::AcquireRequest& request) {
   auto ticket = std::make_shared<uint64_t>(0);
   std::weak_ptr<Session> weak = call.session;
   const int64_t id = call.id;
-  *ticket = broker.slow().Enqueue(pool, holder, shm::MonotonicNowNanos() + timeout_ns, request.tokens,
-                                  [weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
+  *ticket = broker.slow().Enqueue(pool, holder, call.session->peer().uid, shm::MonotonicNowNanos() + timeout_ns,
+                                  request.tokens, [weak, ticket, id, pool, holder](Result<shm::LeaseHandle> h) {
                                     std::shared_ptr<Session> session = weak.lock();
                                     if (!session || session->closed()) {
                                       if (h.ok()) (void)pool->Release(*h, Cancelled(), holder);

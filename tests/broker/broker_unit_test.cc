@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <map>
 #include <sstream>
 
+#include <boost/asio/io_context.hpp>
 #include <boost/json.hpp>
 #include <boost/test/unit_test.hpp>
 
@@ -24,7 +26,9 @@
 #include "broker/persistence.h"
 #include "broker/recovery.h"
 #include "broker/session.h"
+#include "broker/slow_acquire.h"
 #include "shm/process_id.h"
+#include "support/shm_fixtures.h"
 
 namespace km = keymesh;
 namespace kb = keymesh::broker;
@@ -339,4 +343,34 @@ BOOST_AUTO_TEST_CASE(liveness_is_dead_only_when_the_kernel_says_so) {
     BOOST_CHECK(km::shm::CheckLiveness({static_cast<uint32_t>(child), *start}) == Liveness::kDead);
     BOOST_CHECK(!km::shm::IsAlive({static_cast<uint32_t>(child), *start}));
   }
+}
+
+// KM-09: the slow path's waiters are served FIFO per peer uid, the uids in
+// turn: a uid with many waiters delays another uid's one by a grant, not by
+// all of its own.
+BOOST_AUTO_TEST_CASE(slow_acquirer_serves_peer_uids_in_turn) {
+  namespace st = km::shm::testing;
+  st::TestPool t(1, st::MakeConfig(km::Strategy::kLeastBusy), km::shm::SystemClock::Instance(),
+                 km::shm::Capacities{1, 64, 256}, /*max_concurrency=*/1);
+  boost::asio::io_context io;
+  kb::SlowAcquirer slow(io);
+  km::Result<km::shm::LeaseHandle> held = t.pool->TryAcquire();
+  BOOST_REQUIRE(held.ok());
+  std::vector<std::string> order;
+  const uint64_t deadline = km::shm::MonotonicNowNanos() + 10'000'000'000ull;
+  auto enqueue = [&](uint32_t uid, const std::string& tag) {
+    slow.Enqueue(t.pool.get(), km::shm::Self(), uid, deadline, 0, [&, tag](km::Result<km::shm::LeaseHandle> h) {
+      BOOST_REQUIRE_MESSAGE(h.ok(), h.status().ToString());
+      order.push_back(tag);
+      BOOST_CHECK(t.pool->Release(*h, st::Success()).ok());  // the next waiter's turn
+    });
+  };
+  for (int i = 0; i < 5; ++i) enqueue(1000, "a" + std::to_string(i));
+  enqueue(2000, "b0");
+  BOOST_REQUIRE(t.pool->Release(*held, st::Success()).ok());
+  while (order.size() < 6 && km::shm::MonotonicNowNanos() < deadline) io.run_one_for(std::chrono::milliseconds(100));
+  BOOST_REQUIRE_EQUAL(order.size(), 6u);
+  const size_t b = static_cast<size_t>(std::find(order.begin(), order.end(), "b0") - order.begin());
+  BOOST_TEST_MESSAGE("b0 served as grant " << b + 1 << " of 6");
+  BOOST_CHECK_LE(b, 2u);  // a0 (perhaps already waiting in the pool), a1, then b0; FIFO would make it last
 }
