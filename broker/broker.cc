@@ -266,10 +266,7 @@ void Broker::Reload() {
 }
 
 bool Broker::PeerAllowed(const PeerCred& peer) const {
-  if (peer.uid == 0 || peer.uid == ::geteuid()) return true;
-  if (std::find(config_.allow_uids.begin(), config_.allow_uids.end(), peer.uid) != config_.allow_uids.end())
-    return true;
-  return std::find(config_.allow_gids.begin(), config_.allow_gids.end(), peer.gid) != config_.allow_gids.end();
+  return (RolesOf(peer, config_, static_cast<uint32_t>(::geteuid())) & kRoleReader) != 0;
 }
 
 }  // namespace keymesh::broker

@@ -72,7 +72,8 @@ class Broker {
   const BrokerConfig& config() const noexcept { return config_; }
   shm::Segment& segment() noexcept { return *segment_; }
   PoolRegistry& pools() noexcept { return *pools_; }
-  // root, the broker's own uid, allow_uids, allow_gids.
+  // May read secrets (dispatch.h's reader role): root, the broker's own
+  // uid, allow_uids, allow_gids (primary or supplementary group).
   bool PeerAllowed(const PeerCred& peer) const;
   // Frees the leases of process `pid` in every pool if it is dead; returns
   // how many.

@@ -214,9 +214,11 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
   if (!root.ok()) return Status(Code::kInvalidArgument, "config: " + root.status().message());
   if (!root->is_object()) return Error("(top level)", "must be a JSON object");
   const json::object& o = root->as_object();
-  Status st = OnlyFields(o, "",
-                         {"socket", "state_file", "allow_uids", "allow_gids", "pools", "capacity", "log_level",
-                          "metrics_file", "metrics_interval"});
+  Status st =
+      OnlyFields(o, "",
+                 {"socket", "state_file", "allow_uids", "allow_gids", "worker_uids", "worker_gids", "admin_uids",
+                  "admin_gids", "max_sessions", "max_sessions_per_uid", "max_pending_acquires", "max_slow_leases",
+                  "frame_timeout", "pools", "capacity", "log_level", "metrics_file", "metrics_interval"});
   if (!st.ok()) return st;
   BrokerConfig c;
   c.socket = protocol::kDefaultSocket;
@@ -235,15 +237,42 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
     c.state_file = Absolute(*r, base_dir);
   }
   if (c.socket.size() > 100) return Error("socket", "path is longer than a Unix socket address allows");
-  if (const json::value* v = o.if_contains("allow_uids")) {
-    Result<std::vector<uint32_t>> r = GetIdList(*v, "allow_uids");
-    if (!r.ok()) return r.status();
-    c.allow_uids = *r;
+  struct IdList {
+    const char* field;
+    std::vector<uint32_t>* dest;
+  };
+  for (IdList l : {IdList{"allow_uids", &c.allow_uids}, IdList{"allow_gids", &c.allow_gids},
+                   IdList{"worker_uids", &c.worker_uids}, IdList{"worker_gids", &c.worker_gids},
+                   IdList{"admin_uids", &c.admin_uids}, IdList{"admin_gids", &c.admin_gids}}) {
+    if (const json::value* v = o.if_contains(l.field)) {
+      Result<std::vector<uint32_t>> r = GetIdList(*v, l.field);
+      if (!r.ok()) return r.status();
+      *l.dest = *r;
+    }
   }
-  if (const json::value* v = o.if_contains("allow_gids")) {
-    Result<std::vector<uint32_t>> r = GetIdList(*v, "allow_gids");
+  // Who may read secrets may act as a worker unless the file says otherwise.
+  if (!o.contains("worker_uids")) c.worker_uids = c.allow_uids;
+  if (!o.contains("worker_gids")) c.worker_gids = c.allow_gids;
+  struct Limit {
+    const char* field;
+    uint32_t* dest;
+    uint32_t max;
+  };
+  for (Limit l : {Limit{"max_sessions", &c.max_sessions, 1u << 20},
+                  Limit{"max_sessions_per_uid", &c.max_sessions_per_uid, 1u << 20},
+                  Limit{"max_pending_acquires", &c.max_pending_acquires, 1u << 16},
+                  Limit{"max_slow_leases", &c.max_slow_leases, shm::kMaxLeasesPerPoolLimit}}) {
+    if (const json::value* v = o.if_contains(l.field)) {
+      Result<uint64_t> r = GetUint(*v, l.field, 1, l.max);
+      if (!r.ok()) return r.status();
+      *l.dest = static_cast<uint32_t>(*r);
+    }
+  }
+  if (const json::value* v = o.if_contains("frame_timeout")) {
+    Result<double> r = GetSeconds(*v, "frame_timeout");
     if (!r.ok()) return r.status();
-    c.allow_gids = *r;
+    if (*r < 0.05 || *r > 3600) return Error("frame_timeout", "must be between 0.05 and 3600 seconds");
+    c.frame_timeout = *r;
   }
   if (const json::value* v = o.if_contains("log_level")) {
     Result<std::string> r = GetString(*v, "log_level");

@@ -8,7 +8,16 @@
 // `"log_level"` (debug|info|warn|error; --log-level wins), `"metrics_file"`
 // (a path the broker rewrites atomically with the Prometheus exposition,
 // for node_exporter's textfile collector) and `"metrics_interval"` (seconds
-// between writes, default 10, at least 0.1). Unknown
+// between writes, default 10, at least 0.1). Access (dispatch.h's roles):
+// `worker_uids`/`worker_gids` (may hello, acquire and end their own leases,
+// read status and metrics; each defaults to its allow_* list),
+// `admin_uids`/`admin_gids` (may change keys and reclaim; default empty);
+// `allow_uids`/`allow_gids` keep meaning "may read secrets". Limits of the
+// socket (KM-09): `max_sessions` (1024), `max_sessions_per_uid` (256),
+// `max_pending_acquires` (waiting acquires per connection, 64),
+// `max_slow_leases` (leases held over one connection, 256) and
+// `frame_timeout` (seconds from a frame's first byte to its newline,
+// default 5). Unknown
 // fields are errors. Every error is one line naming the field:
 //   config: pools.openai.keys[1].secret_env: environment variable OPENAI_KEY_B is not set
 // Secrets never appear in messages.
@@ -39,10 +48,19 @@ struct PoolConfigEntry {
 };
 
 struct BrokerConfig {
-  std::string socket;      // absolute
-  std::string state_file;  // absolute
-  std::vector<uint32_t> allow_uids;
+  std::string socket;                // absolute
+  std::string state_file;            // absolute
+  std::vector<uint32_t> allow_uids;  // secret readers
   std::vector<uint32_t> allow_gids;
+  std::vector<uint32_t> worker_uids;  // absent in the file: allow_uids
+  std::vector<uint32_t> worker_gids;  // absent in the file: allow_gids
+  std::vector<uint32_t> admin_uids;
+  std::vector<uint32_t> admin_gids;
+  uint32_t max_sessions = 1024;
+  uint32_t max_sessions_per_uid = 256;
+  uint32_t max_pending_acquires = 64;
+  uint32_t max_slow_leases = 256;
+  double frame_timeout = 5.0;  // seconds
   shm::Capacities capacity;
   std::optional<LogLevel> log_level;   // absent: info (or --log-level)
   std::string metrics_file;            // absolute; empty: no metrics file

@@ -24,13 +24,13 @@ Fields End(const OpCall& call, const protocol::EndRequest& request);
 // Applies x-ratelimit-* / Retry-After values a client observed for a key.
 Fields ObserveLimits(const OpCall& call, const protocol::ObserveLimitsRequest& request);
 
-// ops_admin.cc: a trusted peer's ops.
+// ops_admin.cc: a secret reader's op (Secrets) and an admin's.
 Fields Secrets(const OpCall& call, const protocol::SecretsRequest& request);
 Fields AddKey(const OpCall& call, const protocol::AddKeyRequest& request);
 Fields KeyOp(const OpCall& call, const protocol::KeyOpRequest& request);
 Fields Reclaim(const OpCall& call, const protocol::ReclaimRequest& request);
 
-// ops_status.cc: anyone's.
+// ops_status.cc: a worker's read-only ops.
 Fields PoolsStatus(const OpCall& call, const protocol::StatusRequest& request);
 Fields Metrics(const OpCall& call);
 

@@ -1,4 +1,5 @@
-// A trusted peer's ops (the dispatcher checked Broker::PeerAllowed): the
+// The ops of a secret reader (secrets) and an admin (the rest; dispatch.h
+// says who holds which role, and the dispatcher checked it): the
 // secrets of a pool, adding and changing keys, reclaiming a dead process's
 // leases.
 #include <string>

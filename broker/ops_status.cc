@@ -1,4 +1,4 @@
-// Anyone's read-only ops: the pools' status (secrets masked) and the
+// A worker's read-only ops: the pools' status (secrets masked) and the
 // Prometheus metrics.
 #include <vector>
 

@@ -25,16 +25,16 @@ void Session::Start() {
 
 void Session::ArmTimer() {
   if (closed_) return;
-  std::chrono::steady_clock::duration limit;
   if (!in_.empty()) {
-    limit = kFrameTimeout;
+    // Absolute: a frame's deadline counts from its first byte, so a peer
+    // that dribbles one byte at a time cannot hold the connection.
+    timer_.expires_at(frame_start_ + dispatcher_.frame_timeout());
   } else if (Dispatcher::Holds(*context_)) {
     timer_.cancel();
     return;
   } else {
-    limit = kIdleTimeout;
+    timer_.expires_after(kIdleTimeout);
   }
-  timer_.expires_after(limit);
   timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     if (ec == boost::asio::error::operation_aborted || self->closed_) return;
     Log(LogLevel::kDebug, "session_timeout",
@@ -56,6 +56,7 @@ void Session::OnRead(const boost::system::error_code& ec, size_t n) {
     Close();
     return;
   }
+  if (in_.empty() && n > 0) frame_start_ = std::chrono::steady_clock::now();
   in_.append(buf_.data(), n);
   size_t start = 0;
   for (int frames = 0;; ++frames) {
@@ -65,6 +66,7 @@ void Session::OnRead(const boost::system::error_code& ec, size_t n) {
       // Fairness: one read may hold hundreds of frames; handle the rest
       // after the other sessions' ready handlers, not before them.
       in_.erase(0, start);
+      if (!in_.empty()) frame_start_ = std::chrono::steady_clock::now();
       boost::asio::post(socket_.get_executor(), [self = shared_from_this()] { self->OnRead({}, 0); });
       return;
     }
@@ -76,6 +78,8 @@ void Session::OnRead(const boost::system::error_code& ec, size_t n) {
     if (closed_ || close_after_write_) return;
   }
   in_.erase(0, start);
+  // The rest begins a new frame, whose first byte came in this read.
+  if (start > 0 && !in_.empty()) frame_start_ = std::chrono::steady_clock::now();
   if (in_.size() > protocol::kMaxFrame) {
     in_.clear();
     SendAndClose(protocol::ErrorReply(

@@ -3,7 +3,9 @@
 // slow reader never stalls the io thread or other sessions.
 //
 // Limits: a frame longer than protocol::kMaxFrame gets an error reply and the
-// connection is closed; a started frame must complete within kFrameTimeout;
+// connection is closed; a started frame must complete within the frame
+// timeout (the config's frame_timeout, kFrameTimeout by default) counted
+// from its first byte, however the bytes dribble in;
 // an idle connection is closed after kIdleTimeout unless the dispatcher
 // says it holds something (slow-path leases, a waiting acquire). A client
 // that stops reading is dropped once kMaxQueuedReplies replies, or
@@ -25,6 +27,7 @@
 #include <deque>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -34,11 +37,16 @@ namespace keymesh::broker {
 class Dispatcher;
 struct ClientContext;
 
-// The peer's credentials from SO_PEERCRED, taken at accept.
+// The peer's credentials, taken at accept (listener.cc): SO_PEERCRED's
+// pid, uid and primary gid, SO_PEERGROUPS' supplementary groups, and the
+// pid's start time read while a pidfd of the peer was open (so it is the
+// connecting process's, not a later owner's of a reused pid).
 struct PeerCred {
-  int32_t pid = 0;
+  int32_t pid = 0;  // in the broker's pid namespace; 0: not visible from it
   uint32_t uid = 0;
   uint32_t gid = 0;
+  std::vector<uint32_t> groups;  // supplementary groups (empty without SO_PEERGROUPS)
+  uint64_t start_time = 0;       // 0: unknown (hello is refused)
 };
 
 inline constexpr std::chrono::seconds kFrameTimeout{5};
@@ -81,7 +89,8 @@ class Session : public std::enable_shared_from_this<Session> {
   std::unique_ptr<ClientContext> context_;
   boost::asio::steady_timer timer_;
   std::array<char, 16384> buf_;
-  std::string in_;  // bytes of the frame(s) not yet complete
+  std::string in_;                                       // bytes of the frame(s) not yet complete
+  std::chrono::steady_clock::time_point frame_start_{};  // when in_'s first byte came
   std::deque<std::string> out_;
   size_t out_bytes_ = 0;  // sum of out_'s sizes
   bool writing_ = false;

@@ -1,5 +1,6 @@
 #include "broker/slow_acquire.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include <boost/asio/post.hpp>
@@ -14,6 +15,7 @@ struct SlowAcquirer::Waiter {
   uint64_t ticket = 0;
   shm::PoolAdmin* pool = nullptr;
   shm::ProcessId holder;
+  uint32_t peer_uid = 0;
   uint64_t tokens = 0;
   uint64_t deadline = 0;
   Done done;
@@ -23,26 +25,69 @@ struct SlowAcquirer::Waiter {
   boost::asio::steady_timer timer;
 };
 
+// A pool's waiters: FIFO per peer uid, the uids served in turn (one grant
+// each), so one uid's flood of waiters delays another uid's by at most one
+// grant per waiting uid (KM-09). Everything but `thread` is guarded by mu.
 struct SlowAcquirer::Lane {
   shm::PoolAdmin* pool = nullptr;
   std::mutex mu;
   std::condition_variable cv;
-  std::deque<std::shared_ptr<Waiter>> queue;  // guarded by mu
-  std::shared_ptr<Waiter> head;               // guarded by mu
-  bool stop = false;                          // guarded by mu
+  std::map<uint32_t, std::deque<std::shared_ptr<Waiter>>> queues;  // by peer uid; none empty
+  std::deque<uint32_t> turns;                                      // the uids of `queues`, next to serve first
+  std::shared_ptr<Waiter> head;
+  bool stop = false;
   std::thread thread;
+
+  bool Empty() const { return turns.empty(); }
+  void Push(const std::shared_ptr<Waiter>& w) {
+    std::deque<std::shared_ptr<Waiter>>& q = queues[w->peer_uid];
+    if (q.empty()) turns.push_back(w->peer_uid);
+    q.push_back(w);
+  }
+  std::shared_ptr<Waiter> Pop() {
+    const uint32_t uid = turns.front();
+    turns.pop_front();
+    auto it = queues.find(uid);
+    std::shared_ptr<Waiter> w = std::move(it->second.front());
+    it->second.pop_front();
+    if (it->second.empty()) {
+      queues.erase(it);
+    } else {
+      turns.push_back(uid);  // its next waiter after the other uids' next
+    }
+    return w;
+  }
+  // Takes `w` out if it still waits here.
+  bool Remove(const std::shared_ptr<Waiter>& w) {
+    auto it = queues.find(w->peer_uid);
+    if (it == queues.end()) return false;
+    std::deque<std::shared_ptr<Waiter>>& q = it->second;
+    auto pos = std::find(q.begin(), q.end(), w);
+    if (pos == q.end()) return false;
+    q.erase(pos);
+    if (q.empty()) {
+      queues.erase(it);
+      turns.erase(std::find(turns.begin(), turns.end(), w->peer_uid));
+    }
+    return true;
+  }
+  void Clear() {
+    queues.clear();
+    turns.clear();
+  }
 };
 
 SlowAcquirer::SlowAcquirer(boost::asio::io_context& io) : io_(io) {}
 
 SlowAcquirer::~SlowAcquirer() { Stop(); }
 
-uint64_t SlowAcquirer::Enqueue(shm::PoolAdmin* pool, const shm::ProcessId& holder, uint64_t deadline_ns,
-                               uint64_t tokens, Done done) {
+uint64_t SlowAcquirer::Enqueue(shm::PoolAdmin* pool, const shm::ProcessId& holder, uint32_t peer_uid,
+                               uint64_t deadline_ns, uint64_t tokens, Done done) {
   auto w = std::make_shared<Waiter>(io_);
   w->ticket = next_ticket_++;
   w->pool = pool;
   w->holder = holder;
+  w->peer_uid = peer_uid;
   w->tokens = tokens;
   w->deadline = deadline_ns;
   w->done = std::move(done);
@@ -56,7 +101,7 @@ uint64_t SlowAcquirer::Enqueue(shm::PoolAdmin* pool, const shm::ProcessId& holde
   }
   {
     std::lock_guard<std::mutex> lock(lane->mu);
-    lane->queue.push_back(w);
+    lane->Push(w);
   }
   lane->cv.notify_one();
   // A waiter still queued behind the head at its deadline times out here.
@@ -67,15 +112,7 @@ uint64_t SlowAcquirer::Enqueue(shm::PoolAdmin* pool, const shm::ProcessId& holde
     bool removed = false;
     {
       std::lock_guard<std::mutex> lock(raw->mu);
-      if (!w->in_service) {
-        for (auto it = raw->queue.begin(); it != raw->queue.end(); ++it) {
-          if (*it == w) {
-            raw->queue.erase(it);
-            removed = true;
-            break;
-          }
-        }
-      }
+      if (!w->in_service) removed = raw->Remove(w);
     }
     if (!removed) return;  // the lane thread has it; Acquire ends at the same deadline
     w->pool->header()->no_key.fetch_add(1, std::memory_order_relaxed);
@@ -91,10 +128,9 @@ void SlowAcquirer::RunLane(Lane* lane) {
     std::shared_ptr<Waiter> w;
     {
       std::unique_lock<std::mutex> lock(lane->mu);
-      lane->cv.wait(lock, [lane] { return lane->stop || !lane->queue.empty(); });
+      lane->cv.wait(lock, [lane] { return lane->stop || !lane->Empty(); });
       if (lane->stop) return;
-      w = lane->queue.front();
-      lane->queue.pop_front();
+      w = lane->Pop();
       w->in_service = true;
       lane->head = w;
     }
@@ -143,13 +179,7 @@ void SlowAcquirer::Cancel(uint64_t ticket) {
   bool queued = false;
   {
     std::lock_guard<std::mutex> lock(lane->mu);
-    for (auto q = lane->queue.begin(); q != lane->queue.end(); ++q) {
-      if (*q == w) {
-        lane->queue.erase(q);
-        queued = true;
-        break;
-      }
-    }
+    queued = lane->Remove(w);
   }
   if (queued) {
     waiters_.erase(ticket);
@@ -162,7 +192,7 @@ bool SlowAcquirer::Idle(const shm::PoolAdmin* pool) const {
   auto it = lanes_.find(pool);
   if (it == lanes_.end()) return true;
   std::lock_guard<std::mutex> lock(it->second->mu);
-  return it->second->queue.empty() && !it->second->head;
+  return it->second->Empty() && !it->second->head;
 }
 
 void SlowAcquirer::Stop() {
@@ -172,7 +202,7 @@ void SlowAcquirer::Stop() {
       std::lock_guard<std::mutex> lock(lane->mu);
       lane->stop = true;
       head = lane->head;
-      lane->queue.clear();
+      lane->Clear();
     }
     if (head) {
       head->cancel.store(true, std::memory_order_release);

@@ -2,7 +2,8 @@
 // and without polling.
 //
 // Each pool gets one waiter thread (started on first use) that serves that
-// pool's blocked requests in FIFO order: it sleeps in PoolAdmin::Acquire on
+// pool's blocked requests, FIFO per peer uid and the uids in turn (so one
+// uid's flood cannot starve another's waiters): it sleeps in PoolAdmin::Acquire on
 // the pool's futex, exactly like a fast-path worker, on behalf of the
 // request's client process (the lease names the client as holder). The
 // result is handed to the io thread with asio::post. Requests queued behind
@@ -42,11 +43,12 @@ class SlowAcquirer {
   SlowAcquirer& operator=(const SlowAcquirer&) = delete;
 
   // Queues a wait on `pool` (which must outlive the SlowAcquirer) until
-  // `deadline_ns` (CLOCK_MONOTONIC) for `holder`, reserving `tokens` of the
+  // `deadline_ns` (CLOCK_MONOTONIC) for `holder`, a process of `peer_uid`
+  // (whose turn it waits for), reserving `tokens` of the
   // key's token budget at the grant. Returns a ticket for
   // Cancel. io thread only.
-  uint64_t Enqueue(shm::PoolAdmin* pool, const shm::ProcessId& holder, uint64_t deadline_ns, uint64_t tokens,
-                   Done done);
+  uint64_t Enqueue(shm::PoolAdmin* pool, const shm::ProcessId& holder, uint32_t peer_uid, uint64_t deadline_ns,
+                   uint64_t tokens, Done done);
   // Drops a waiter: `done` will not run; a key granted meanwhile is
   // released unused. io thread only.
   void Cancel(uint64_t ticket);

@@ -266,6 +266,22 @@ Result<Conn> ControlClient::State::Dial(Clock::time_point deadline) {
   return c;
 }
 
+namespace {
+// The broker's word on a connection it closed at once (an id-0 error line,
+// e.g. max_sessions), if it left one to read.
+std::optional<Status> ConnectionRefusal(int fd) {
+  char buf[4096];
+  const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+  if (n <= 0) return std::nullopt;
+  const std::string_view got(buf, static_cast<size_t>(n));
+  const size_t nl = got.find('\n');
+  if (nl == std::string_view::npos) return std::nullopt;
+  Result<Reply> reply = ParseReply(got.substr(0, nl));
+  if (!reply.ok() || reply->id != 0 || reply->status.ok()) return std::nullopt;
+  return reply->status;
+}
+}  // namespace
+
 Exchanged ControlClient::State::Exchange(int fd, Op op, json::object fields, Clock::time_point deadline) {
   Exchanged out;
   const int64_t id = next_id.fetch_add(1, std::memory_order_relaxed);
@@ -296,6 +312,10 @@ Exchanged ControlClient::State::Exchange(int fd, Op op, json::object fields, Clo
     }
     out.closed_unanswered = error == EPIPE || error == ECONNRESET;
     out.reply = Unreachable(std::string("send: ") + std::strerror(error));
+    if (std::optional<Status> refused = ConnectionRefusal(fd)) {
+      out.closed_unanswered = false;  // the broker said why: no retry
+      out.reply = *refused;
+    }
     return out;
   }
   std::string in;
@@ -307,6 +327,12 @@ Exchanged ControlClient::State::Exchange(int fd, Op op, json::object fields, Clo
       Result<Reply> reply = ParseReply(std::string_view(in.data(), nl));
       if (!reply.ok()) {
         out.reply = Malformed(reply.status().message());
+        return out;
+      }
+      if (reply->id == 0 && !reply->status.ok()) {
+        // The broker's word on the connection itself (refused at accept,
+        // a frame too long), sent just before it closes it.
+        out.reply = reply->status;
         return out;
       }
       if (reply->id != id) {

@@ -7,7 +7,9 @@
 //   request  {"v":1,"op":"<op>","id":<int>, ...the op's fields}
 //   reply    {"v":1,"id":<the request's id>,"ok":true, ...result fields}
 //            {"v":1,"id":<id>,"ok":false,"error":{"code":"<CodeName>","message":"<one line>"}}
-// The ops and their fields are in messages.h.
+// An error reply with id 0 is about the connection itself (refused at
+// accept: max_sessions, max_sessions_per_uid; a frame too long); the broker
+// closes the connection after it. The ops and their fields are in messages.h.
 #ifndef KEYMESH_PROTOCOL_FRAMING_H_
 #define KEYMESH_PROTOCOL_FRAMING_H_
 

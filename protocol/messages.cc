@@ -83,8 +83,11 @@ Result<HelloRequest> HelloRequest::FromJson(const json::object& o) {
 json::object HelloReply::ToJson() const {
   json::array names;
   for (const std::string& p : pools) names.push_back(json::value(p));
-  return {{"segment", segment},        {"layout_version", layout_version}, {"generation", generation},
-          {"pools", std::move(names)}, {"broker_pid", broker_pid},         {"keys_per_pool", keys_per_pool}};
+  return {{"segment", segment},
+          {"layout_version", layout_version},
+          {"generation", generation},
+          {"pools", std::move(names)},
+          {"keys_per_pool", keys_per_pool}};
 }
 
 Result<HelloReply> HelloReply::FromJson(const json::object& o) {
@@ -93,7 +96,6 @@ Result<HelloReply> HelloReply::FromJson(const json::object& o) {
   in.Required("segment", &r.segment);
   in.Required("layout_version", &r.layout_version);
   in.Required("generation", &r.generation);
-  in.Required("broker_pid", &r.broker_pid);
   in.Required("keys_per_pool", &r.keys_per_pool);
   const json::value* pools = o.if_contains("pools");
   if (pools == nullptr || !pools->is_array()) {

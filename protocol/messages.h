@@ -5,7 +5,7 @@
 // line below, their reply's ("?": optional; absent and null mean the same;
 // "(none)": no fields). tests/protocol checks this table against the code.
 //   hello              pid, start_time?, pool?
-//                      -> segment, layout_version, generation, pools, broker_pid, keys_per_pool
+//                      -> segment, layout_version, generation, pools, keys_per_pool
 //   secrets            pool
 //                      -> secrets
 //   acquire            pool, timeout?, tokens?
@@ -103,7 +103,7 @@ std::string MakeRequest(Op op, int64_t id, boost::json::object fields);
 inline constexpr uint64_t kMaxPid = INT32_MAX;
 
 struct HelloRequest {
-  uint32_t pid = 0;                    // 1..kMaxPid: the process leases granted on this connection belong to
+  uint32_t pid = 0;                    // 1..kMaxPid: the sender's own pid (the broker checks SO_PEERCRED)
   std::optional<uint64_t> start_time;  // its start time (/proc/PID/stat field 22); the broker checks it
   std::optional<std::string> pool;     // when given, the broker refuses an unknown pool
 
@@ -117,7 +117,6 @@ struct HelloReply {
   uint32_t layout_version = 0;
   uint64_t generation = 0;
   std::vector<std::string> pools;
-  uint32_t broker_pid = 0;
   uint32_t keys_per_pool = 0;
 
   boost::json::object ToJson() const;

@@ -3,9 +3,11 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -15,15 +17,22 @@
 namespace keymesh::shm {
 namespace {
 
-// Reads /proc/PID/stat; returns false if the process does not exist.
-// Sets *zombie when its state is Z or X.
-bool ReadStat(pid_t pid, uint64_t* start_time, bool* zombie) noexcept {
+// Reads /proc/PID/stat; returns false if it cannot (*err: the errno of
+// the failed open or read, ENOENT for no such file, EINVAL for a file that
+// does not parse). Sets *zombie when its state is Z or X.
+bool ReadStat(pid_t pid, uint64_t* start_time, bool* zombie, int* err) noexcept {
+  *err = EINVAL;
   char path[64];
   std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
   int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
+  if (fd < 0) {
+    *err = errno;
+    return false;
+  }
   char buf[1024];
   ssize_t n = ::read(fd, buf, sizeof(buf) - 1);
+  if (n < 0) *err = errno;
+  if (n == 0) *err = ENOENT;  // the process was reaped between open and read
   ::close(fd);
   if (n <= 0) return false;
   buf[n] = '\0';
@@ -73,7 +82,8 @@ void ComputeSelf() noexcept {
     // The pool lock packs the pid into 22 bits (robust_mutex.h).
     KM_CHECK_MSG(id.pid < (1u << 22), "pid beyond Linux's PID_MAX_LIMIT");
     bool zombie = false;
-    if (!ReadStat(static_cast<pid_t>(id.pid), &id.start_time, &zombie)) id.start_time = 0;
+    int err = 0;
+    if (!ReadStat(static_cast<pid_t>(id.pid), &id.start_time, &zombie, &err)) id.start_time = 0;
     g_self = id;
     g_self_state.store(2, std::memory_order_release);
     return;
@@ -85,22 +95,45 @@ void ComputeSelf() noexcept {
 
 std::optional<ProcStat> ReadProcStat(pid_t pid) noexcept {
   ProcStat st;
-  if (!ReadStat(pid, &st.start_time, &st.zombie)) return std::nullopt;
+  int err = 0;
+  if (!ReadStat(pid, &st.start_time, &st.zombie, &err)) return std::nullopt;
   return st;
 }
 
 std::optional<uint64_t> ReadStartTime(pid_t pid) noexcept {
   uint64_t start = 0;
   bool zombie = false;
-  if (!ReadStat(pid, &start, &zombie)) return std::nullopt;
+  int err = 0;
+  if (!ReadStat(pid, &start, &zombie, &err)) return std::nullopt;
   return start;
 }
 
-bool IsAlive(const ProcessId& id) noexcept {
-  uint64_t start = 0;
-  bool zombie = false;
-  if (!ReadStat(static_cast<pid_t>(id.pid), &start, &zombie)) return false;
-  return !zombie && start == id.start_time;
+Liveness ClassifyLiveness(const LivenessProbe& probe, uint64_t start_time) noexcept {
+  if (probe.stat) {
+    if (probe.stat->zombie || probe.stat->start_time != start_time) return Liveness::kDead;
+    return Liveness::kAlive;
+  }
+  // /proc could not tell. Only the kernel's "no such process" is death:
+  // ENOENT alone is also what hidepid=2 answers for another user's process.
+  if (probe.kill_errno == ESRCH) return Liveness::kDead;
+  return Liveness::kUnknown;  // EACCES, EMFILE, ENFILE, ENOMEM, hidden, a parse failure
 }
+
+Liveness CheckLiveness(const ProcessId& id) noexcept {
+  if (id.pid == 0 || id.pid > static_cast<uint32_t>(INT32_MAX)) return Liveness::kDead;  // names no process
+  const pid_t pid = static_cast<pid_t>(id.pid);
+  LivenessProbe probe;
+  ProcStat st;
+  if (ReadStat(pid, &st.start_time, &st.zombie, &probe.stat_errno)) {
+    probe.stat = st;
+  } else {
+    // kill(pid, 0) needs no descriptor and is not hidden by hidepid: ESRCH
+    // means the pid names no process (EPERM: one of another user).
+    probe.kill_errno = ::kill(pid, 0) == 0 ? 0 : errno;
+  }
+  return ClassifyLiveness(probe, id.start_time);
+}
+
+bool IsAlive(const ProcessId& id) noexcept { return CheckLiveness(id) != Liveness::kDead; }
 
 }  // namespace keymesh::shm

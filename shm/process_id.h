@@ -46,8 +46,28 @@ std::optional<ProcStat> ReadProcStat(pid_t pid) noexcept;
 // Start time of `pid`, or nullopt if no such process exists now.
 std::optional<uint64_t> ReadStartTime(pid_t pid) noexcept;
 
-// True if the process named by `id` is still running (same pid, same start
-// time). Zombies count as dead: they hold nothing any more.
+// Whether a process still runs. kDead only on the kernel's word: its
+// /proc/PID/stat shows another start time (the pid was reused) or a zombie
+// (it ended; it holds nothing any more), or kill(pid, 0) says ESRCH.
+// Everything else that keeps us from knowing (EACCES, EMFILE, ENFILE,
+// ENOMEM, /proc mounted hidepid=2, which answers ENOENT for another user's
+// process) is kUnknown: the caller retries later and never reclaims on it.
+enum class Liveness { kAlive, kDead, kUnknown };
+
+// What CheckLiveness saw, for ClassifyLiveness (a seam for tests).
+struct LivenessProbe {
+  std::optional<ProcStat> stat;  // /proc/PID/stat, when it could be read
+  int stat_errno = 0;            // why not (informational)
+  int kill_errno = 0;            // kill(pid, 0)'s errno when stat is unset; 0: it succeeded
+};
+Liveness ClassifyLiveness(const LivenessProbe& probe, uint64_t start_time) noexcept;
+
+// Probes the process named by `id` (one open of /proc, and a kill(pid, 0)
+// when that fails; no descriptor is kept).
+Liveness CheckLiveness(const ProcessId& id) noexcept;
+
+// True unless the process named by `id` is known dead (CheckLiveness is
+// kDead). kUnknown counts as alive: a lease is never reclaimed on a guess.
 bool IsAlive(const ProcessId& id) noexcept;
 
 }  // namespace keymesh::shm

@@ -3,8 +3,11 @@
 // tests/protocol.)
 #define BOOST_TEST_MODULE broker_unit
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cinttypes>
 #include <cstdio>
 #include <filesystem>
@@ -12,14 +15,20 @@
 #include <map>
 #include <sstream>
 
+#include <boost/asio/io_context.hpp>
 #include <boost/json.hpp>
 #include <boost/test/unit_test.hpp>
 
 #include "broker/atomic_file.h"
 #include "broker/config.h"
+#include "broker/dispatch.h"
 #include "broker/hash.h"
 #include "broker/persistence.h"
 #include "broker/recovery.h"
+#include "broker/session.h"
+#include "broker/slow_acquire.h"
+#include "shm/process_id.h"
+#include "support/shm_fixtures.h"
 
 namespace km = keymesh;
 namespace kb = keymesh::broker;
@@ -255,4 +264,113 @@ BOOST_AUTO_TEST_CASE(atomic_file_replaces_whole_or_not_at_all) {
   BOOST_CHECK_EQUAL(files, 2u);  // f.txt and sub
   BOOST_CHECK_EQUAL(read(path), "two, longer");
   std::filesystem::remove_all(dir);
+}
+
+BOOST_AUTO_TEST_CASE(config_roles_and_socket_limits) {
+  const std::string pools = R"("pools":{"p":{"keys":[{"name":"a","secret":"sk-1"}]}})";
+  // Defaults: workers are the secret readers, no admins, the KM-09 caps.
+  km::Result<kb::BrokerConfig> c = Parse(R"({"allow_uids":[1000],"allow_gids":[33],)" + pools + "}");
+  BOOST_REQUIRE_MESSAGE(c.ok(), c.status().message());
+  BOOST_CHECK(c->worker_uids == std::vector<uint32_t>{1000});
+  BOOST_CHECK(c->worker_gids == std::vector<uint32_t>{33});
+  BOOST_CHECK(c->admin_uids.empty() && c->admin_gids.empty());
+  BOOST_CHECK_EQUAL(c->max_sessions, 1024u);
+  BOOST_CHECK_EQUAL(c->max_sessions_per_uid, 256u);
+  BOOST_CHECK_EQUAL(c->max_pending_acquires, 64u);
+  BOOST_CHECK_EQUAL(c->max_slow_leases, 256u);
+  BOOST_CHECK_EQUAL(c->frame_timeout, 5.0);
+  c = Parse(R"({"allow_uids":[1000],"worker_uids":[],"worker_gids":[7],"admin_uids":[5],"admin_gids":[6],)"
+            R"("max_sessions":10,"max_sessions_per_uid":2,"max_pending_acquires":3,"max_slow_leases":4,)"
+            R"("frame_timeout":0.5,)" +
+            pools + "}");
+  BOOST_REQUIRE_MESSAGE(c.ok(), c.status().message());
+  BOOST_CHECK(c->worker_uids.empty());
+  BOOST_CHECK(c->worker_gids == std::vector<uint32_t>{7});
+  BOOST_CHECK_EQUAL(c->max_sessions, 10u);
+  BOOST_CHECK_EQUAL(c->frame_timeout, 0.5);
+  BOOST_CHECK_EQUAL(ConfigError(R"({"admin_uids":[-1],)" + pools + "}").rfind("config: admin_uids[0]", 0), 0u);
+  BOOST_CHECK_EQUAL(ConfigError(R"({"max_sessions":0,)" + pools + "}").rfind("config: max_sessions", 0), 0u);
+  BOOST_CHECK_EQUAL(ConfigError(R"({"frame_timeout":0,)" + pools + "}").rfind("config: frame_timeout", 0), 0u);
+
+  // Roles: root and the broker's uid hold all; readers and admins are workers.
+  kb::PeerCred peer;
+  const uint32_t self = 4000;
+  auto roles = [&](uint32_t uid, uint32_t gid, std::vector<uint32_t> groups = {}) {
+    peer.uid = uid;
+    peer.gid = gid;
+    peer.groups = std::move(groups);
+    return kb::RolesOf(peer, *c, self);
+  };
+  const uint8_t all = kb::kRoleWorker | kb::kRoleReader | kb::kRoleAdmin;
+  BOOST_CHECK_EQUAL(roles(0, 0), all);
+  BOOST_CHECK_EQUAL(roles(self, 1), all);
+  BOOST_CHECK_EQUAL(roles(1000, 1), kb::kRoleWorker | kb::kRoleReader);
+  BOOST_CHECK_EQUAL(roles(5, 1), kb::kRoleWorker | kb::kRoleAdmin);
+  BOOST_CHECK_EQUAL(roles(9, 7), kb::kRoleWorker);
+  BOOST_CHECK_EQUAL(roles(9, 1, {3, 7}), kb::kRoleWorker);  // a supplementary group counts
+  BOOST_CHECK_EQUAL(roles(9, 1, {6}), kb::kRoleWorker | kb::kRoleAdmin);
+  BOOST_CHECK_EQUAL(roles(9, 1, {3}), 0);
+}
+
+// KM-07 / KM-15: only the kernel's word is death.
+BOOST_AUTO_TEST_CASE(liveness_is_dead_only_when_the_kernel_says_so) {
+  using km::shm::Liveness;
+  using km::shm::LivenessProbe;
+  LivenessProbe p;
+  p.stat = km::shm::ProcStat{42, false};
+  BOOST_CHECK(km::shm::ClassifyLiveness(p, 42) == Liveness::kAlive);
+  BOOST_CHECK(km::shm::ClassifyLiveness(p, 41) == Liveness::kDead);  // the pid was reused
+  p.stat->zombie = true;
+  BOOST_CHECK(km::shm::ClassifyLiveness(p, 42) == Liveness::kDead);
+  for (int err : {EACCES, EMFILE, ENFILE, ENOMEM, ENOENT}) {
+    LivenessProbe q;
+    q.stat_errno = err;
+    q.kill_errno = EPERM;  // exists (another user's, hidden by hidepid=2 when ENOENT)
+    BOOST_CHECK(km::shm::ClassifyLiveness(q, 42) == Liveness::kUnknown);
+    q.kill_errno = 0;
+    BOOST_CHECK(km::shm::ClassifyLiveness(q, 42) == Liveness::kUnknown);
+    q.kill_errno = ESRCH;
+    BOOST_CHECK(km::shm::ClassifyLiveness(q, 42) == Liveness::kDead);
+  }
+  // The real thing: ourselves, and a child that exited and was reaped.
+  BOOST_CHECK(km::shm::CheckLiveness(km::shm::Self()) == Liveness::kAlive);
+  const pid_t child = ::fork();
+  if (child == 0) _exit(0);
+  const std::optional<uint64_t> start = km::shm::ReadStartTime(child);
+  int status = 0;
+  BOOST_REQUIRE(::waitpid(child, &status, 0) == child);
+  if (start) {
+    BOOST_CHECK(km::shm::CheckLiveness({static_cast<uint32_t>(child), *start}) == Liveness::kDead);
+    BOOST_CHECK(!km::shm::IsAlive({static_cast<uint32_t>(child), *start}));
+  }
+}
+
+// KM-09: the slow path's waiters are served FIFO per peer uid, the uids in
+// turn: a uid with many waiters delays another uid's one by a grant, not by
+// all of its own.
+BOOST_AUTO_TEST_CASE(slow_acquirer_serves_peer_uids_in_turn) {
+  namespace st = km::shm::testing;
+  st::TestPool t(1, st::MakeConfig(km::Strategy::kLeastBusy), km::shm::SystemClock::Instance(),
+                 km::shm::Capacities{1, 64, 256}, /*max_concurrency=*/1);
+  boost::asio::io_context io;
+  kb::SlowAcquirer slow(io);
+  km::Result<km::shm::LeaseHandle> held = t.pool->TryAcquire();
+  BOOST_REQUIRE(held.ok());
+  std::vector<std::string> order;
+  const uint64_t deadline = km::shm::MonotonicNowNanos() + 10'000'000'000ull;
+  auto enqueue = [&](uint32_t uid, const std::string& tag) {
+    slow.Enqueue(t.pool.get(), km::shm::Self(), uid, deadline, 0, [&, tag](km::Result<km::shm::LeaseHandle> h) {
+      BOOST_REQUIRE_MESSAGE(h.ok(), h.status().ToString());
+      order.push_back(tag);
+      BOOST_CHECK(t.pool->Release(*h, st::Success()).ok());  // the next waiter's turn
+    });
+  };
+  for (int i = 0; i < 5; ++i) enqueue(1000, "a" + std::to_string(i));
+  enqueue(2000, "b0");
+  BOOST_REQUIRE(t.pool->Release(*held, st::Success()).ok());
+  while (order.size() < 6 && km::shm::MonotonicNowNanos() < deadline) io.run_one_for(std::chrono::milliseconds(100));
+  BOOST_REQUIRE_EQUAL(order.size(), 6u);
+  const size_t b = static_cast<size_t>(std::find(order.begin(), order.end(), "b0") - order.begin());
+  BOOST_TEST_MESSAGE("b0 served as grant " << b + 1 << " of 6");
+  BOOST_CHECK_LE(b, 2u);  // a0 (perhaps already waiting in the pool), a1, then b0; FIFO would make it last
 }

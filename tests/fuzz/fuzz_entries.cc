@@ -148,6 +148,7 @@ void ProtocolInput(const uint8_t* data, size_t size) {
   cred.pid = ::getpid();
   cred.uid = ::getuid();
   cred.gid = ::getgid();
+  cred.start_time = keymesh::shm::Self().start_time;  // pinned at accept in the real listener
   // The first byte picks an allowed or a foreign peer (secrets, admin ops).
   if (size > 0 && (data[0] & 1)) cred.uid = 65534, cred.gid = 65534;
   auto session = std::make_shared<broker::Session>(std::move(ours), cred, b.dispatcher());

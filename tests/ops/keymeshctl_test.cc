@@ -586,3 +586,28 @@ BOOST_AUTO_TEST_CASE(log_level_from_config_and_command_line) {
     BOOST_CHECK_MESSAGE(err.find("config: " + field) != std::string::npos, err);
   }
 }
+
+// KM-12: replies beyond the 64 KiB request limit. A pool of 1024 keys (the
+// default keys_per_pool) makes status and metrics replies of several
+// hundred KiB; keymeshctl (protocol::ControlClient, like every client)
+// reads replies up to protocol::kMaxReplyFrame.
+BOOST_AUTO_TEST_CASE(status_and_metrics_of_a_1024_key_pool) {
+  std::string keys;
+  for (int i = 0; i < 1024; ++i) {
+    keys += std::string(i == 0 ? "" : ",") + R"({"name":"k)" + std::to_string(i) + R"(","secret":"sk-big-)" +
+            std::to_string(100000 + i) + R"(-padding"})";
+  }
+  BrokerProcess b;
+  b.WriteConfig(R"({"big":{"keys":[)" + keys + "]}}");
+  BOOST_REQUIRE(b.Start({}, 30));
+  CtlResult st = Ctl(b, {"status", "--json"});
+  BOOST_CHECK_EQUAL(st.code, 0);
+  BOOST_CHECK_GT(st.out.size(), 64u * 1024);
+  boost::system::error_code ec;
+  json::value v = json::parse(st.out, ec);
+  BOOST_CHECK(!ec);
+  CtlResult m = Ctl(b, {"metrics"});
+  BOOST_CHECK_EQUAL(m.code, 0);
+  BOOST_CHECK_GT(m.out.size(), 64u * 1024);
+  BOOST_CHECK(m.err.empty());
+}

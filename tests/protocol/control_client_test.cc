@@ -193,7 +193,7 @@ class TestServer {
  public:
   static Action Default(const kp::Request& req) {
     if (req.op == "hello") {
-      kp::HelloReply h{"keymesh-test", 1, 1, {"p"}, 1, 8};
+      kp::HelloReply h{"keymesh-test", 1, 1, {"p"}, 8};
       return {kp::OkReply(req.id, h.ToJson())};
     }
     return {kp::OkReply(req.id, {{"echo", req.op}})};

@@ -151,7 +151,7 @@ km::PoolStatus SamplePool() {
 std::vector<Sample> Samples() {
   std::vector<Sample> out;
   kp::HelloRequest hello{4242, 987654321ull, std::string("p")};
-  kp::HelloReply hello_reply{"keymesh-0123", 7, 99, {"p", "q"}, 31337, 64};
+  kp::HelloReply hello_reply{"keymesh-0123", 7, 99, {"p", "q"}, 64};
   out.push_back(
       {Op::kHello, hello.ToJson(), kp::HelloRequest{1, std::nullopt, std::nullopt}.ToJson(), hello_reply.ToJson()});
   kp::SecretsReply secrets;
@@ -316,14 +316,13 @@ BOOST_AUTO_TEST_CASE(every_message_round_trips) {
     BOOST_CHECK(!b->start_time && !b->pool);
   }
   {
-    kp::HelloReply h{"keymesh-0123", 7, 1ull << 50, {"p", "q"}, 31337, 64};
+    kp::HelloReply h{"keymesh-0123", 7, 1ull << 50, {"p", "q"}, 64};
     km::Result<kp::HelloReply> b = kp::HelloReply::FromJson(Wire(h.ToJson()));
     BOOST_REQUIRE(b.ok());
     BOOST_CHECK_EQUAL(b->segment, "keymesh-0123");
     BOOST_CHECK_EQUAL(b->layout_version, 7u);
     BOOST_CHECK_EQUAL(b->generation, 1ull << 50);
     BOOST_CHECK(b->pools == (std::vector<std::string>{"p", "q"}));
-    BOOST_CHECK_EQUAL(b->broker_pid, 31337u);
     BOOST_CHECK_EQUAL(b->keys_per_pool, 64u);
   }
   {
