@@ -104,7 +104,7 @@ class Broker {
   std::string segment_name_;
   std::unique_ptr<shm::Segment> segment_;
   std::unique_ptr<PoolRegistry> pools_;
-  int64_t wall_minus_mono_ = 0;
+  std::optional<int64_t> wall_minus_mono_;  // WallMinusMono() at the last capture
 
   boost::asio::io_context io_;
   boost::asio::signal_set signals_;
