@@ -65,6 +65,12 @@ Status Broker::Start() {
   Result<std::unique_ptr<LockFile>> lock = LockFile::Acquire(config_.socket + ".lock");
   if (!lock.ok()) return lock.status();
   lock_ = std::move(lock).value();
+  // Temp files of writers that died before their rename (KM-26).
+  for (const std::string& file : {config_.state_file, SegmentNameFileFor(config_.socket)}) {
+    for (const std::string& stale : RemoveStaleTempFiles(file)) {
+      Log(LogLevel::kWarn, "stale_temp_file_removed", {{"file", stale}});
+    }
+  }
   Result<std::optional<StateImage>> image = LoadStateForStart(config_.state_file, options_.discard_state, nullptr);
   if (!image.ok()) return image.status();
   KeyLedger ledger;

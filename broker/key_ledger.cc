@@ -97,7 +97,8 @@ void KeyLedger::LoadFrom(const StateImage& image, const EnvLookup& env) {
       }
       if (st.ok()) st = ValidateSecret(key.spec.secret);
       if (!st.ok()) {
-        Log(LogLevel::kWarn, "runtime_key_not_restored", {{"pool", pool}, {"key", k.limits.name}, {"error", st.message()}});
+        Log(LogLevel::kWarn, "runtime_key_not_restored",
+            {{"pool", pool}, {"key", k.limits.name}, {"error", st.message()}});
         continue;
       }
       runtime_[pool][k.limits.name] = std::move(key);

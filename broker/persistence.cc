@@ -1,6 +1,8 @@
 #include "broker/persistence.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -291,11 +293,32 @@ Result<std::optional<StateImage>> ReadStateFile(const std::string& path) {
 }
 
 Result<std::string> MoveAside(const std::string& path) {
-  const std::string aside = path + ".corrupt-" + std::to_string(::time(nullptr));
-  if (::rename(path.c_str(), aside.c_str()) != 0) {
-    return Status(Code::kIoError, "cannot move " + Escaped(path) + " aside: " + std::strerror(errno));
+  const std::string base = path + ".corrupt-" + std::to_string(::time(nullptr));
+  for (int n = 0; n < 1000; ++n) {
+    const std::string aside = n == 0 ? base : base + "-" + std::to_string(n);
+    if (::renameat2(AT_FDCWD, path.c_str(), AT_FDCWD, aside.c_str(), RENAME_NOREPLACE) == 0) return aside;
+    if (errno != EEXIST) break;
   }
-  return aside;
+  return Status(Code::kIoError, "cannot move " + Escaped(path) + " aside: " + std::strerror(errno));
+}
+
+std::vector<std::string> RemoveStaleTempFiles(const std::string& path) {
+  std::vector<std::string> removed;
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const std::string prefix = (slash == std::string::npos ? path : path.substr(slash + 1)) + ".tmp.";
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return removed;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string_view name(e->d_name);
+    if (name.size() <= prefix.size() || name.substr(0, prefix.size()) != prefix) continue;
+    const std::string_view pid = name.substr(prefix.size());
+    if (pid.find_first_not_of("0123456789") != std::string_view::npos) continue;
+    const std::string full = dir + "/" + std::string(name);
+    if (::unlinkat(::dirfd(d), e->d_name, 0) == 0) removed.push_back(full);
+  }
+  ::closedir(d);
+  return removed;
 }
 
 Status StatePersister::Save(const StateImage& image, bool force) {

@@ -81,9 +81,16 @@ Result<StateImage> ParseState(std::string_view text);
 // exists but cannot be used.
 Result<std::optional<StateImage>> ReadStateFile(const std::string& path);
 
-// Moves a bad state file aside to `<path>.corrupt-<unix time>`, returns the
-// new name. Never deletes it.
+// Moves a bad state file aside to `<path>.corrupt-<unix time>` (with a
+// "-N" suffix when that name is taken: never over an earlier one), returns
+// the new name. Never deletes it.
 Result<std::string> MoveAside(const std::string& path);
+
+// Removes the temp files (`<path>.tmp.<pid>`, WriteFileAtomically's) that
+// a writer which died before its rename left beside `path`; the caller
+// holds the lock file, so no live writer of `path` owns them. Returns the
+// names removed.
+std::vector<std::string> RemoveStaleTempFiles(const std::string& path);
 
 // Writes state files atomically, skipping a write when nothing changed.
 // Not thread-safe; the broker calls it from its io thread only.

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <filesystem>
@@ -448,4 +449,36 @@ BOOST_AUTO_TEST_CASE(reload_keeps_what_workers_set_meanwhile) {
   g_reload_hook_calls = 0;
   BOOST_REQUIRE(kb::ReconcileSegment(**seg, after->pools).ok());
   BOOST_CHECK_EQUAL(g_reload_hook_calls, 0);
+}
+
+// KM-26: two discards within one second keep both files; temp files a dead
+// writer left beside the state file are removed at start, nothing else.
+BOOST_AUTO_TEST_CASE(move_aside_never_overwrites_and_stale_temps_go) {
+  const std::string dir = "/tmp/kmu-aside-" + std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+  } cleanup{dir};
+  const std::string path = dir + "/state.json";
+  std::ofstream(path) << "first";
+  km::Result<std::string> a = kb::MoveAside(path);
+  std::ofstream(path) << "second";
+  km::Result<std::string> b = kb::MoveAside(path);
+  BOOST_REQUIRE(a.ok() && b.ok());
+  BOOST_CHECK(*a != *b);
+  BOOST_CHECK(std::filesystem::exists(*a) && std::filesystem::exists(*b));
+
+  for (const char* name : {"state.json.tmp.123", "state.json.tmp.9", "state.json.tmp.x1", "other.tmp.5"}) {
+    std::ofstream(dir + "/" + name) << "junk";
+  }
+  std::vector<std::string> removed = kb::RemoveStaleTempFiles(path);
+  std::sort(removed.begin(), removed.end());
+  BOOST_CHECK(removed == (std::vector<std::string>{dir + "/state.json.tmp.123", dir + "/state.json.tmp.9"}));
+  BOOST_CHECK(std::filesystem::exists(dir + "/state.json.tmp.x1"));
+  BOOST_CHECK(std::filesystem::exists(dir + "/other.tmp.5"));
 }
