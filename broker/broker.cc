@@ -7,8 +7,10 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 
 #include "broker/dispatch.h"
+#include "broker/key_ledger.h"
 #include "broker/listener.h"
 #include "broker/log.h"
 #include "broker/recovery.h"
@@ -29,6 +31,13 @@ void RaiseFileLimit() {
     rl.rlim_cur = rl.rlim_max;
     (void)::setrlimit(RLIMIT_NOFILE, &rl);
   }
+}
+
+// The broker's own environment (a runtime key's secret_env).
+std::optional<std::string> ProcessEnv(const std::string& var) {
+  const char* v = std::getenv(var.c_str());
+  if (v == nullptr) return std::nullopt;
+  return std::string(v);
 }
 }  // namespace
 
@@ -57,19 +66,30 @@ Status Broker::Start() {
   Result<std::unique_ptr<LockFile>> lock = LockFile::Acquire(config_.socket + ".lock");
   if (!lock.ok()) return lock.status();
   lock_ = std::move(lock).value();
-  segment_name_ = SegmentNameFor(config_.socket);
-  wall_minus_mono_ = static_cast<int64_t>(shm::WallNowNanos()) - static_cast<int64_t>(shm::MonotonicNowNanos());
-  Result<OpenedSegment> opened = OpenSegment(config_, segment_name_, options_.discard_state);
+  // Temp files of writers that died before their rename (KM-26).
+  for (const std::string& file : {config_.state_file, SegmentNameFileFor(config_.socket)}) {
+    for (const std::string& stale : RemoveStaleTempFiles(file)) {
+      Log(LogLevel::kWarn, "stale_temp_file_removed", {{"file", stale}});
+    }
+  }
+  Result<std::optional<StateImage>> image = LoadStateForStart(config_.state_file, options_.discard_state, nullptr);
+  if (!image.ok()) return image.status();
+  KeyLedger ledger;
+  if (*image) ledger.LoadFrom(**image, &ProcessEnv);
+  Result<OpenedSegment> opened = OpenSegment(config_, *image, [&](const shm::Segment& segment) {
+    return ledger.Apply(config_.pools, [&](std::string_view secret) { return segment.Fingerprint(secret); });
+  });
   if (!opened.ok()) return opened.status();
   segment_ = std::move(opened->segment);
+  segment_name_ = segment_->name();
   // Before any worker learns the name: only workers may open it.
-  if (Status access = GrantSegmentAccess(segment_name_, config_.allow_uids, config_.allow_gids); !access.ok()) {
+  if (Status access = GrantSegmentAccess(segment_name_, config_.worker_uids, config_.worker_gids); !access.ok()) {
     return access;
   }
   const shm::ProcessId& self = shm::Self();
   segment_->header()->broker_pid.store(self.pid, std::memory_order_release);
   segment_->header()->broker_start_time.store(self.start_time, std::memory_order_release);
-  pools_ = std::make_unique<PoolRegistry>(*segment_);
+  pools_ = std::make_unique<PoolRegistry>(*segment_, std::move(ledger));
   pools_->Configure(config_.pools);
 
   reaper_ = std::make_unique<Reaper>(io_, [this](const shm::ProcessId& id) { OnProcessDied(id); });
@@ -203,12 +223,14 @@ uint32_t Broker::ReclaimIfDead(uint32_t pid) {
 }
 
 void Broker::SaveState(bool force) {
+  wall_minus_mono_ = WallMinusMono(wall_minus_mono_);
   // A busy pool keeps the state saved last for it (KM-05).
   std::vector<std::string> busy;
-  StateImage image = CaptureState(*segment_, wall_minus_mono_, kBrokerLockTimeoutNs, &last_state_, &busy);
+  StateImage image = CaptureState(*segment_, *wall_minus_mono_, kBrokerLockTimeoutNs, &last_state_, &busy);
   for (const std::string& pool : busy) {
     pools_->NoteBusy(pool, Status(Code::kBusy, "pool " + Quoted(pool) + " is busy: its state was not saved anew"));
   }
+  pools_->ledger().SaveTo(&image);
   Status st = persister_->Save(image, force);
   last_state_ = std::move(image);
   if (!st.ok()) Log(LogLevel::kError, "state_write_failed", {{"file", config_.state_file}, {"error", st.message()}});
@@ -249,7 +271,7 @@ void Broker::Reload() {
     metrics_file_.reset();
     StartMetricsFile();
   }
-  if (Status access = GrantSegmentAccess(segment_name_, config_.allow_uids, config_.allow_gids); !access.ok()) {
+  if (Status access = GrantSegmentAccess(segment_name_, config_.worker_uids, config_.worker_gids); !access.ok()) {
     // The previous access list stays on the segment.
     Log(LogLevel::kError, "segment_access_failed", {{"error", access.message()}});
   }

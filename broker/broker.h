@@ -108,7 +108,7 @@ class Broker {
   StateImage last_state_;  // the last capture, for pools busy at the next
   std::unique_ptr<shm::Segment> segment_;
   std::unique_ptr<PoolRegistry> pools_;
-  int64_t wall_minus_mono_ = 0;
+  std::optional<int64_t> wall_minus_mono_;  // WallMinusMono() at the last capture
 
   boost::asio::io_context io_;
   boost::asio::signal_set signals_;

@@ -74,6 +74,8 @@ Result<std::vector<uint32_t>> GetIdList(const json::value& v, const std::string&
   return out;
 }
 
+}  // namespace
+
 Result<std::string> ReadSecretFile(const std::string& path, const std::string& field) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return Error(field, "cannot read " + Escaped(path) + ": " + std::strerror(errno));
@@ -84,6 +86,8 @@ Result<std::string> ReadSecretFile(const std::string& path, const std::string& f
   while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t')) s.pop_back();
   return s;
 }
+
+namespace {
 
 Result<KeySpec> ParseKey(const json::value& v, const std::string& where, const std::string& base_dir,
                          const EnvLookup& env) {

@@ -73,6 +73,11 @@ struct BrokerConfig {
 // Returns the value of an environment variable, or nullopt if unset.
 using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
 
+// A secret_file's secret (trailing whitespace and newlines cut); the error
+// names `field`. Used by the config and by the runtime keys the broker
+// re-reads at start (key_ledger.h).
+Result<std::string> ReadSecretFile(const std::string& path, const std::string& field);
+
 // Parses config text. Relative paths (socket, state_file, secret_file) are
 // taken relative to `base_dir`. kInvalidArgument with a one-line message.
 Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_dir, const EnvLookup& env);

@@ -2,13 +2,16 @@
 // says who holds which role, and the dispatcher checked it): the
 // secrets of a pool, adding and changing keys, reclaiming a dead process's
 // leases.
+#include <cstdlib>
 #include <string>
 
 #include "broker/broker.h"
+#include "broker/config.h"
 #include "broker/log.h"
 #include "broker/ops.h"
 #include "broker/pool_registry.h"
 #include "broker/session.h"
+#include "common/text.h"
 #include "shm/segment.h"
 
 namespace keymesh::broker::ops {
@@ -46,9 +49,35 @@ Fields AddKey(const OpCall& call, const protocol::AddKeyRequest& request) {
       }
     }
   }
-  st = pools.AddKey(request.pool, key);
+  // Durable only when the broker itself can read the same secret again
+  // at its next start (KM-14); the secret never reaches the state file.
+  SecretSource source;
+  std::string note;
+  if (!request.secret_env.empty()) {
+    const char* v = std::getenv(request.secret_env.c_str());
+    if (v != nullptr && key.secret == v) {
+      source.env = request.secret_env;
+    } else {
+      note = "the broker's environment variable " + Escaped(request.secret_env) +
+             " does not hold this secret: the key lasts until the broker stops";
+    }
+  } else if (!request.secret_file.empty()) {
+    Result<std::string> v = ReadSecretFile(request.secret_file, "secret_file");
+    if (v.ok() && *v == key.secret) {
+      source.file = request.secret_file;
+    } else {
+      note = "the broker cannot read this secret from " + Escaped(request.secret_file) +
+             ": the key lasts until the broker stops";
+    }
+  } else {
+    note = "secret sent inline: the key lasts until the broker stops";
+  }
+  st = pools.AddKey(request.pool, key, source);
   if (!st.ok()) return st;
-  return json::object();
+  protocol::AddKeyReply reply;
+  reply.durable = source.durable();
+  if (!note.empty()) reply.note = note;
+  return reply.ToJson();
 }
 
 Fields KeyOp(const OpCall& call, const protocol::KeyOpRequest& request) {

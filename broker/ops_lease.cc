@@ -91,7 +91,7 @@ Fields Hello(const OpCall& call, const protocol::HelloRequest& request) {
   reply.layout_version = segment.header()->layout_version;
   reply.generation = segment.generation();
   reply.pools = pools.Names();
-  reply.keys_per_pool = segment.header()->keys_per_pool;
+  reply.keys_per_pool = segment.capacities().keys_per_pool;
   return reply.ToJson();
 }
 

@@ -1,6 +1,8 @@
 #include "broker/persistence.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -16,6 +18,7 @@
 #include "broker/hash.h"
 #include "common/text.h"
 #include "protocol/json_fields.h"
+#include "protocol/messages.h"
 #include "shm/clock.h"
 
 namespace keymesh::broker {
@@ -63,6 +66,31 @@ json::object BodyJson(const StateImage& image) {
     pools[pool] = std::move(kj);
   }
   body["pools"] = std::move(pools);
+  json::object runtime;
+  for (const auto& [pool, keys] : image.runtime_keys) {
+    json::object kj;
+    for (const PersistedRuntimeKey& k : keys) {
+      json::object o;
+      if (!k.secret_env.empty()) o["secret_env"] = k.secret_env;
+      if (!k.secret_file.empty()) o["secret_file"] = k.secret_file;
+      o["weight"] = k.limits.weight;
+      o["max_concurrency"] = k.limits.max_concurrency;
+      o["rpm"] = k.limits.rpm;
+      o["tpm"] = k.limits.tpm;
+      o["burst"] = k.limits.burst;
+      if (k.limits.rate_margin >= 0) o["rate_margin"] = k.limits.rate_margin;
+      kj[k.limits.name] = std::move(o);
+    }
+    runtime[pool] = std::move(kj);
+  }
+  body["runtime_keys"] = std::move(runtime);
+  json::object tombstones;
+  for (const auto& [pool, keys] : image.tombstones) {
+    json::object kj;
+    for (const auto& [name, fingerprint] : keys) kj[name] = fingerprint;
+    tombstones[pool] = std::move(kj);
+  }
+  body["tombstones"] = std::move(tombstones);
   return body;
 }
 
@@ -72,6 +100,58 @@ Status Corrupt(const std::string& what) { return Status(Code::kCorruptState, wha
 // caller adds which key it belongs to).
 constexpr protocol::FieldStyle kStateField{Code::kCorruptState, "field '", "' ", false};
 
+// Version 2's runtime_keys and tombstones (absent in version 1).
+Status ParseDurableKeys(const json::object& b, StateImage* image) {
+  if (const json::value* rk = b.if_contains("runtime_keys")) {
+    if (!rk->is_object()) return Corrupt("runtime_keys is not an object");
+    for (const auto& pv : rk->get_object()) {
+      if (!pv.value().is_object()) return Corrupt("runtime_keys pool " + Quoted(pv.key()) + " is not an object");
+      std::vector<PersistedRuntimeKey>& keys = image->runtime_keys[std::string(pv.key())];
+      for (const auto& kv : pv.value().get_object()) {
+        const std::string where = "runtime key " + Quoted(std::string(pv.key()) + "/" + std::string(kv.key()));
+        if (!kv.value().is_object()) return Corrupt(where + " is not an object");
+        const json::object& o = kv.value().get_object();
+        PersistedRuntimeKey k;
+        k.limits.name = std::string(kv.key());
+        Status st = shm::ValidateName("key", k.limits.name);
+        if (!st.ok()) return Corrupt(where + ": " + st.message());
+        const json::value* env = o.if_contains("secret_env");
+        const json::value* file = o.if_contains("secret_file");
+        if ((env == nullptr) == (file == nullptr))
+          return Corrupt(where + ": needs exactly one of secret_env, secret_file");
+        const json::value* source = env != nullptr ? env : file;
+        if (!source->is_string() || source->get_string().empty()) return Corrupt(where + ": bad secret source");
+        (env != nullptr ? k.secret_env : k.secret_file) = std::string(source->get_string());
+        for (const auto& f : o) {
+          const std::string_view n = f.key();
+          if (n != "secret_env" && n != "secret_file" && n != "weight" && n != "max_concurrency" && n != "rpm" &&
+              n != "tpm" && n != "burst" && n != "rate_margin") {
+            return Corrupt(where + ": unknown field " + Quoted(n));
+          }
+        }
+        st = protocol::ReadKeyLimits(o, kStateField, "", &k.limits);
+        if (!st.ok()) return Corrupt(where + ": " + st.message());
+        keys.push_back(std::move(k));
+      }
+    }
+  }
+  if (const json::value* tb = b.if_contains("tombstones")) {
+    if (!tb->is_object()) return Corrupt("tombstones is not an object");
+    for (const auto& pv : tb->get_object()) {
+      if (!pv.value().is_object()) return Corrupt("tombstones pool " + Quoted(pv.key()) + " is not an object");
+      auto& keys = image->tombstones[std::string(pv.key())];
+      for (const auto& kv : pv.value().get_object()) {
+        Result<uint64_t> fp = protocol::ReadUint(kv.value(), "tombstone", 0, UINT64_MAX, kStateField);
+        if (!fp.ok())
+          return Corrupt("tombstone " + Quoted(std::string(pv.key()) + "/" + std::string(kv.key())) + ": " +
+                         fp.status().message());
+        keys[std::string(kv.key())] = *fp;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono, uint64_t lock_timeout_ns,
@@ -79,7 +159,7 @@ StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono, ui
   StateImage image;
   image.salt[0] = segment.header()->fingerprint_salt[0];
   image.salt[1] = segment.header()->fingerprint_salt[1];
-  for (uint32_t p = 0; p < segment.header()->max_pools; ++p) {
+  for (uint32_t p = 0; p < segment.capacities().max_pools; ++p) {
     const shm::PoolHeader* ph = segment.pool_header(p);
     if (ph->use != shm::PoolUse::kInUse) continue;
     shm::PoolAdmin access(segment, p);
@@ -110,6 +190,14 @@ StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono, ui
   return image;
 }
 
+int64_t WallMinusMono(std::optional<int64_t> previous) {
+  constexpr int64_t kSecond = 1'000'000'000;
+  const int64_t raw = static_cast<int64_t>(shm::WallNowNanos()) - static_cast<int64_t>(shm::MonotonicNowNanos());
+  if (previous && raw - *previous < kSecond && *previous - raw < kSecond) return *previous;
+  const int64_t half = raw >= 0 ? kSecond / 2 : -kSecond / 2;
+  return (raw + half) / kSecond * kSecond;
+}
+
 std::string SerializeState(const StateImage& image) {
   json::object body = BodyJson(image);
   const std::string body_text = json::serialize(body);
@@ -134,8 +222,8 @@ Result<StateImage> ParseState(std::string_view text) {
     return Corrupt("not a keymesh state file (format field)");
   }
   Result<uint64_t> version = protocol::GetUint(file, "version", 0, UINT64_MAX, kStateField);
-  if (!version.ok() || *version != static_cast<uint64_t>(kStateFormatVersion)) {
-    return Corrupt("unsupported state format version (this broker reads version " +
+  if (!version.ok() || *version < 1 || *version > static_cast<uint64_t>(kStateFormatVersion)) {
+    return Corrupt("unsupported state format version (this broker reads versions 1 to " +
                    std::to_string(kStateFormatVersion) + ")");
   }
   const json::value* body = file.if_contains("body");
@@ -184,6 +272,8 @@ Result<StateImage> ParseState(std::string_view text) {
       keys.push_back(std::move(k));
     }
   }
+  Status st = ParseDurableKeys(b, &image);
+  if (!st.ok()) return st;
   return image;
 }
 
@@ -214,11 +304,40 @@ Result<std::optional<StateImage>> ReadStateFile(const std::string& path) {
 }
 
 Result<std::string> MoveAside(const std::string& path) {
-  const std::string aside = path + ".corrupt-" + std::to_string(::time(nullptr));
-  if (::rename(path.c_str(), aside.c_str()) != 0) {
-    return Status(Code::kIoError, "cannot move " + Escaped(path) + " aside: " + std::strerror(errno));
+  const std::string base = path + ".corrupt-" + std::to_string(::time(nullptr));
+  for (int n = 0; n < 1000; ++n) {
+    const std::string aside = n == 0 ? base : base + "-" + std::to_string(n);
+    if (::renameat2(AT_FDCWD, path.c_str(), AT_FDCWD, aside.c_str(), RENAME_NOREPLACE) == 0) return aside;
+    if (errno != EEXIST) break;
   }
-  return aside;
+  return Status(Code::kIoError, "cannot move " + Escaped(path) + " aside: " + std::strerror(errno));
+}
+
+std::vector<std::string> RemoveStaleTempFiles(const std::string& path) {
+  std::vector<std::string> removed;
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const std::string prefix = (slash == std::string::npos ? path : path.substr(slash + 1)) + ".tmp.";
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return removed;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string_view name(e->d_name);
+    if (name.size() <= prefix.size() || name.substr(0, prefix.size()) != prefix) continue;
+    // WriteFileAtomically's names: <pid>.<16 hex digits> (older brokers:
+    // <pid> alone).
+    std::string_view rest = name.substr(prefix.size());
+    const size_t dot = rest.find('.');
+    const std::string_view pid = rest.substr(0, dot);
+    if (pid.empty() || pid.find_first_not_of("0123456789") != std::string_view::npos) continue;
+    if (dot != std::string_view::npos) {
+      const std::string_view random = rest.substr(dot + 1);
+      if (random.size() != 16 || random.find_first_not_of("0123456789abcdef") != std::string_view::npos) continue;
+    }
+    const std::string full = dir + "/" + std::string(name);
+    if (::unlinkat(::dirfd(d), e->d_name, 0) == 0) removed.push_back(full);
+  }
+  ::closedir(d);
+  return removed;
 }
 
 Status StatePersister::Save(const StateImage& image, bool force) {

@@ -15,6 +15,15 @@ Status UnknownPool(std::string_view name) { return Status(Code::kUnknownKey, "no
 
 void PoolRegistry::Configure(std::vector<PoolConfigEntry> pools) {
   configured_ = std::move(pools);
+  std::vector<std::string> dropped;
+  (void)DesiredPools(&dropped);
+  for (const std::string& key : dropped) {
+    Log(LogLevel::kWarn, "key_tombstoned",
+        {{"key", key},
+         {"reason",
+          "removed with remove-key; the config still names it with the same secret: remove it from the "
+          "config, or add-key it again"}});
+  }
   Rebuild();
 }
 
@@ -24,18 +33,9 @@ Status PoolRegistry::Reconcile() {
   return st;
 }
 
-std::vector<PoolConfigEntry> PoolRegistry::DesiredPools() const {
-  std::vector<PoolConfigEntry> pools = configured_;
-  for (PoolConfigEntry& p : pools) {
-    auto rk = runtime_keys_.find(p.name);
-    if (rk == runtime_keys_.end()) continue;
-    for (const auto& [name, spec] : rk->second) {
-      bool in_config = false;
-      for (const KeySpec& k : p.keys) in_config = in_config || k.name == name;
-      if (!in_config) p.keys.push_back(spec);
-    }
-  }
-  return pools;
+std::vector<PoolConfigEntry> PoolRegistry::DesiredPools(std::vector<std::string>* dropped) {
+  return ledger_.Apply(
+      configured_, [this](std::string_view secret) { return segment_.Fingerprint(secret); }, dropped);
 }
 
 PoolRegistry::~PoolRegistry() { WipeSecrets(); }
@@ -49,7 +49,7 @@ void PoolRegistry::WipeSecrets() noexcept {
 }
 
 void PoolRegistry::Rebuild() {
-  for (uint32_t i = 0; i < segment_.header()->max_pools; ++i) {
+  for (uint32_t i = 0; i < segment_.capacities().max_pools; ++i) {
     if (segment_.pool_header(i)->use != shm::PoolUse::kInUse) continue;
     auto access = std::make_unique<shm::PoolAdmin>(segment_, i);
     access->set_lock_timeout(kBrokerLockTimeoutNs);
@@ -104,22 +104,15 @@ size_t PoolRegistry::key_count() const {
   return keys;
 }
 
-Status PoolRegistry::AddKey(std::string_view pool, const KeySpec& key) {
+Status PoolRegistry::AddKey(std::string_view pool, const KeySpec& key, const SecretSource& source) {
   bool configured = false;
   for (const PoolConfigEntry& p : configured_) configured = configured || p.name == pool;
   if (!configured || Find(pool) == nullptr) return UnknownPool(pool);
-  auto& runtime = runtime_keys_[std::string(pool)];
-  const auto previous = runtime.find(key.name);
-  std::optional<KeySpec> saved;
-  if (previous != runtime.end()) saved = previous->second;
-  runtime[key.name] = key;
+  KeyLedger saved = ledger_;
+  ledger_.Add(std::string(pool), key, source);
   Status st = ReconcileSegment(segment_, DesiredPools());
   if (!st.ok()) {
-    if (saved) {
-      runtime[key.name] = *saved;
-    } else {
-      runtime.erase(key.name);
-    }
+    ledger_ = std::move(saved);
     return st;
   }
   Rebuild();
@@ -129,17 +122,28 @@ Status PoolRegistry::AddKey(std::string_view pool, const KeySpec& key) {
 Status PoolRegistry::RemoveKey(std::string_view pool, std::string_view name) {
   shm::PoolAdmin* access = Find(pool);
   if (access == nullptr) return UnknownPool(pool);
+  uint64_t fingerprint = 0;
+  if (const std::map<std::string, std::string>* s = Secrets(pool); s != nullptr) {
+    if (auto it = s->find(std::string(name)); it != s->end()) fingerprint = segment_.Fingerprint(it->second);
+  }
   Status st = access->RemoveKey(name);
   if (!st.ok()) return st;
   segment_.BumpGeneration();
-  auto rk = runtime_keys_.find(pool);
-  if (rk != runtime_keys_.end()) rk->second.erase(std::string(name));
-  for (PoolConfigEntry& p : configured_) {
+  ledger_.Remove(std::string(pool), std::string(name), fingerprint);
+  bool in_config = false;
+  for (const PoolConfigEntry& p : configured_) {
     if (p.name != pool) continue;
-    std::erase_if(p.keys, [&](const KeySpec& k) { return k.name == name; });
+    for (const KeySpec& k : p.keys) in_config = in_config || k.name == name;
   }
   Rebuild();
-  Log(LogLevel::kInfo, "key_removed", {{"pool", std::string(pool)}, {"key", std::string(name)}});
+  if (in_config) {
+    Log(LogLevel::kWarn, "key_removed",
+        {{"pool", std::string(pool)},
+         {"key", std::string(name)},
+         {"note", "also remove it from the config; until then it stays removed while its secret is the same"}});
+  } else {
+    Log(LogLevel::kInfo, "key_removed", {{"pool", std::string(pool)}, {"key", std::string(name)}});
+  }
   return Status::Ok();
 }
 

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "broker/config.h"
+#include "broker/key_ledger.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
 #include "shm/pool.h"
@@ -38,15 +39,17 @@ class PoolRegistry {
  public:
   using Pools = std::map<std::string, std::unique_ptr<shm::PoolAdmin>, std::less<>>;
 
-  // `segment` must outlive the registry.
-  explicit PoolRegistry(shm::Segment& segment) : segment_(segment) {}
+  // `segment` must outlive the registry. `ledger`: the runtime keys and
+  // tombstones read from the state file.
+  explicit PoolRegistry(shm::Segment& segment, KeyLedger ledger = {}) : segment_(segment), ledger_(std::move(ledger)) {}
   ~PoolRegistry();  // overwrites the secrets it holds
   PoolRegistry(const PoolRegistry&) = delete;
   PoolRegistry& operator=(const PoolRegistry&) = delete;
 
   // Takes the config's pools (at start and on reload) and rebuilds the
   // tables. Keys added over the socket stay; keys removed over the socket
-  // come back if the new config names them.
+  // stay removed while the config names them with the same secret (logged
+  // as key_tombstoned).
   void Configure(std::vector<PoolConfigEntry> pools);
   // Makes the segment match the desired pools (ReconcileSegment), then
   // rebuilds the tables, also after a failure: whatever was applied stays.
@@ -71,11 +74,16 @@ class PoolRegistry {
   size_t key_count() const;
 
   // Adds or updates a key of a configured pool (kUnknownKey for another
-  // pool); on failure nothing of it is kept.
-  Status AddKey(std::string_view pool, const KeySpec& key);
-  // Removes a key; it stays removed until a reload re-reads a config that
-  // names it.
+  // pool) and ends a tombstone of its name; on failure nothing of it is
+  // kept. It survives a restart when `source` says where the broker can
+  // read its secret again.
+  Status AddKey(std::string_view pool, const KeySpec& key, const SecretSource& source = {});
+  // Removes a key; it stays removed across reloads and restarts (a
+  // tombstone) until its secret changes or it is added again with AddKey.
   Status RemoveKey(std::string_view pool, std::string_view name);
+
+  // The runtime keys and tombstones (persisted in the state file).
+  const KeyLedger& ledger() const noexcept { return ledger_; }
 
   // Snapshot of one pool (kUnknownKey if none), or of every configured pool.
   // A busy pool (kBusy: its lock held past kBrokerLockTimeoutNs) fails
@@ -89,15 +97,15 @@ class PoolRegistry {
   void NoteBusy(std::string_view pool, const Status& status) const;
 
  private:
-  // The config's pools plus the keys added at run time.
-  std::vector<PoolConfigEntry> DesiredPools() const;
+  // The config's pools plus the keys added at run time, minus tombstones.
+  std::vector<PoolConfigEntry> DesiredPools(std::vector<std::string>* dropped = nullptr);
   void WipeSecrets() noexcept;
   // Refreshes pools_ from the segment and secrets_ from DesiredPools().
   void Rebuild();
 
   shm::Segment& segment_;
-  std::vector<PoolConfigEntry> configured_;  // the config's pools, minus keys removed at run time
-  std::map<std::string, std::map<std::string, KeySpec>, std::less<>> runtime_keys_;  // added over the socket
+  std::vector<PoolConfigEntry> configured_;  // the config's pools
+  KeyLedger ledger_;                         // keys added and removed over the socket
   Pools pools_;
   std::map<std::string, std::map<std::string, std::string>, std::less<>> secrets_;
   mutable std::map<std::string, uint64_t, std::less<>> busy_logged_at_;  // pool -> monotonic ns

@@ -28,7 +28,7 @@ LocalPool::LocalPool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index,
       user_(*segment_, pool_index),
       name_(std::move(name)),
       source_(std::move(source)),
-      entries_size_(segment_->header()->keys_per_pool) {
+      entries_size_(segment_->capacities().keys_per_pool) {
   entries_ = std::make_unique<std::atomic<const KeyEntry*>[]>(entries_size_);
 }
 

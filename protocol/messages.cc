@@ -276,6 +276,8 @@ json::object AddKeyRequest::ToJson() const {
   if (key.tpm != 0) o["tpm"] = key.tpm;
   if (key.burst != 0) o["burst"] = key.burst;
   if (key.rate_margin >= 0) o["rate_margin"] = key.rate_margin;
+  if (!secret_env.empty()) o["secret_env"] = secret_env;
+  if (!secret_file.empty()) o["secret_file"] = secret_file;
   return o;
 }
 
@@ -285,11 +287,37 @@ Result<AddKeyRequest> AddKeyRequest::FromJson(const json::object& o) {
   in.Required("pool", &r.pool);
   in.Required("name", &r.key.name);
   in.Required("secret", &r.key.secret);
+  std::optional<std::string> env, file;
+  in.Optional("secret_env", &env);
+  in.Optional("secret_file", &file);
+  r.secret_env = env.value_or("");
+  r.secret_file = file.value_or("");
   Result<AddKeyRequest> done = in.Finish(std::move(r));
   if (!done.ok()) return done;
+
   Status st = ReadKeyLimits(o, kWireField, "", &done->key);
   if (!st.ok()) return st;
+  if (!done->secret_env.empty() && !done->secret_file.empty()) {
+    return Status(Code::kInvalidArgument, "add_key takes at most one of secret_env and secret_file");
+  }
+  if (!done->secret_file.empty() && done->secret_file[0] != '/') {
+    return Status(Code::kInvalidArgument, "add_key secret_file must be an absolute path: " + Quoted(done->secret_file));
+  }
   return done;
+}
+
+json::object AddKeyReply::ToJson() const {
+  json::object o{{"durable", durable}};
+  if (note) o["note"] = *note;
+  return o;
+}
+
+Result<AddKeyReply> AddKeyReply::FromJson(const json::object& o) {
+  AddKeyReply r;
+  FieldReader in(o);
+  in.Required("durable", &r.durable);
+  in.Optional("note", &r.note);
+  return in.Finish(std::move(r));
 }
 
 json::object KeyOpRequest::ToJson() const { return {{"pool", pool}, {"name", name}}; }

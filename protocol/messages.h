@@ -20,8 +20,9 @@
 //                      -> (none)
 //   status             pool?
 //                      -> pools
-//   add_key            pool, name, secret, weight?, max_concurrency?, rpm?, tpm?, burst?, rate_margin?
-//                      -> (none)
+//   add_key            pool, name, secret, weight?, max_concurrency?, rpm?, tpm?, burst?, rate_margin?,
+//                      secret_env?, secret_file?
+//                      -> durable, note?
 //   remove_key         pool, name
 //                      -> (none)
 //   enable             pool, name
@@ -216,10 +217,28 @@ struct StatusReply {
 struct AddKeyRequest {
   std::string pool;
   KeySpec key;  // every field travels; rate_margin < 0: the pool's margin
+  // Where the secret comes from, so the broker can read it again after a
+  // restart (at most one; the broker checks it yields `key.secret`): a
+  // variable of the broker's environment, or an absolute path the broker
+  // can read. Without one the key lasts until the broker stops (the reply
+  // says "durable": false).
+  std::string secret_env = {};
+  std::string secret_file = {};
 
   Op op() const noexcept { return Op::kAddKey; }
   boost::json::object ToJson() const;
   static Result<AddKeyRequest> FromJson(const boost::json::object& o);
+};
+
+// add_key's reply: whether the key survives a broker restart (its secret
+// source was given and the broker read the same secret from it), and why
+// not when it does not.
+struct AddKeyReply {
+  bool durable = false;
+  std::optional<std::string> note;
+
+  boost::json::object ToJson() const;
+  static Result<AddKeyReply> FromJson(const boost::json::object& o);
 };
 
 // remove_key, enable, disable or reset.

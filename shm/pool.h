@@ -123,6 +123,15 @@ class PoolAdmin : public PoolUser {
   using PoolUser::PoolUser;
 
   Result<AddKeyResult> AddKey(const KeyDefinition& def);
+  // Changes the KeyConfig of the active key `def.name` in place, in one
+  // critical section, keeping its state: what workers set meanwhile (a 429
+  // deadline, a revocation, a disable, streaks, counters) stays, and the
+  // key is never eligible on the way. When the fingerprint changed (a
+  // rotated secret) the same section also clears the failure and 429
+  // streaks and closes the circuit (also a revoked one); the cooldown
+  // deadline and a disable stay. kUnknownKey when there is
+  // no active key of that name.
+  Status Reconfigure(const KeyDefinition& def);
   // Removes the key once its last lease ended; it leaves rotation at once.
   Status RemoveKey(std::string_view name);
   Status SetEnabled(std::string_view name, bool enabled);

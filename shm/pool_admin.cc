@@ -76,6 +76,41 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
   return AddKeyResult{s, true};
 }
 
+Status PoolAdmin::Reconfigure(const KeyDefinition& def) {
+  if (def.weight < 1) return Status(Code::kInvalidArgument, "key weight must be >= 1");
+  PoolCore::Guard g(&core_);
+  std::optional<uint32_t> found = core_.FindByNameLocked(def.name);
+  if (!found || core_.key(*found).state.use != SlotUse::kActive) return core_.NoSuchKey(def.name);
+  const uint32_t s = *found;
+  KeySlot& k = core_.key(s);
+  const bool rotated = k.config.fingerprint != def.fingerprint;
+  core_.LogSlotImage(s);
+  CrashPointReached(CrashPoint::kAdminMidMutation);
+  KeyConfig& c = k.config;
+  c.fingerprint = def.fingerprint;
+  c.weight = def.weight;
+  c.max_concurrency = def.max_concurrency;
+  c.rpm = def.rpm;
+  c.tpm = def.tpm;
+  c.burst = def.burst;
+  c.margin_ppm = def.margin_ppm;
+  if (rotated) {
+    // A new secret is a new credential at the provider: the old one's
+    // failure history and circuit (also a revocation) do not apply to it.
+    // The operator's disable and the cooldown deadline stay: a deadline is
+    // never shortened (a worker's 429 may have set it a moment ago).
+    SlotState& st = k.state;
+    st.fail_streak = 0;
+    st.rl_streak = 0;
+    st.circuit = Circuit::kClosed;
+    st.open_cooldown = 0;
+  }
+  core_.Commit();
+  core_.IndexUpdate(s, core_.Now());
+  g.RequestWake();
+  return Status::Ok();
+}
+
 Status PoolAdmin::RemoveKey(std::string_view name) {
   PoolCore::Guard g(&core_);
   if (!g.ok()) return g.status();

@@ -1,13 +1,16 @@
 #include "shm/segment.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <new>
 
-#include <boost/interprocess/anonymous_shared_memory.hpp>
-#include <boost/interprocess/mapped_region.hpp>
-#include <boost/interprocess/shared_memory_object.hpp>
 #include <boost/uuid/detail/sha1.hpp>
 
 #include "common/check.h"
@@ -17,10 +20,13 @@
 
 namespace keymesh::shm {
 
-namespace bip = boost::interprocess;
-
+// One shared mapping (MAP_SHARED, of a named segment's fd or anonymous).
 struct Segment::Mapping {
-  bip::mapped_region region;
+  void* addr = MAP_FAILED;
+  size_t size = 0;
+  ~Mapping() {
+    if (addr != MAP_FAILED) ::munmap(addr, size);
+  }
 };
 
 namespace {
@@ -28,19 +34,6 @@ namespace {
 constexpr uint64_t kPage = 4096;
 
 uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
-
-// Converts whatever Boost.Interprocess throws into our vocabulary.
-Status FromInterprocess(const bip::interprocess_exception& e, std::string_view action, std::string_view name) {
-  Code code = Code::kSegmentError;
-  if (e.get_error_code() == bip::already_exists_error) code = Code::kAlreadyExists;
-  if (e.get_error_code() == bip::security_error) code = Code::kPermissionDenied;
-  std::string msg(action);
-  msg += " shared-memory segment '";
-  msg += name;
-  msg += "': ";
-  msg += e.what();
-  return Status(code, std::move(msg));
-}
 
 Status CheckSegmentName(std::string_view name) {
   if (name.size() < 7 || name.substr(0, 7) != "keymesh" || name.size() > 200 ||
@@ -50,6 +43,53 @@ Status CheckSegmentName(std::string_view name) {
   }
   return Status::Ok();
 }
+
+// Where the kernel keeps a named POSIX segment (glibc's shm_open).
+std::string ShmPath(std::string_view name) { return "/dev/shm/" + std::string(name); }
+
+Status Errno(Code code, std::string_view action, std::string_view what, int err) {
+  std::string msg(action);
+  msg += " shared-memory segment ";
+  msg += Quoted(what);
+  msg += ": ";
+  msg += std::strerror(err);
+  return Status(code, std::move(msg));
+}
+
+std::string ModeText(mode_t mode) {
+  char buf[8];
+  std::snprintf(buf, sizeof(buf), "%04o", static_cast<unsigned>(mode & 07777));
+  return buf;
+}
+
+// The checks every process makes on a segment's fd before it maps it
+// (ARCHITECTURE.md invariant 9): a regular file, no permission bit for
+// others (group bits are the worker group's), and, when `owner` is given,
+// owned by that uid. A file that fails them is not ours to adopt, whoever
+// made it: kPermissionDenied naming its owner and mode.
+Status CheckSegmentFile(int fd, std::string_view path, std::optional<uid_t> owner, struct stat* st) {
+  if (::fstat(fd, st) != 0) return Errno(Code::kSegmentError, "cannot fstat", path, errno);
+  if (!S_ISREG(st->st_mode)) {
+    return Status(Code::kPermissionDenied, "segment " + Quoted(path) + " is not a regular file: refusing to map it");
+  }
+  const std::string who =
+      "segment " + Quoted(path) + " is owned by uid " + std::to_string(st->st_uid) + " mode " + ModeText(st->st_mode);
+  if (owner && st->st_uid != *owner) {
+    return Status(Code::kPermissionDenied,
+                  who + ", not by this broker (uid " + std::to_string(*owner) + "): refusing to adopt it");
+  }
+  if ((st->st_mode & 0007) != 0) {
+    return Status(Code::kPermissionDenied, who + ", which other users may open: refusing to adopt it");
+  }
+  return Status::Ok();
+}
+
+struct FdCloser {
+  int fd;
+  ~FdCloser() {
+    if (fd >= 0) ::close(fd);
+  }
+};
 
 }  // namespace
 
@@ -107,8 +147,8 @@ Status ValidateName(std::string_view what, std::string_view name) {
 
 Segment::Segment(std::unique_ptr<Mapping> mapping, std::string name)
     : mapping_(std::move(mapping)), name_(std::move(name)) {
-  base_ = static_cast<uint8_t*>(mapping_->region.get_address());
-  size_ = mapping_->region.get_size();
+  base_ = static_cast<uint8_t*>(mapping_->addr);
+  size_ = mapping_->size;
   header_ = reinterpret_cast<SegmentHeader*>(base_);
 }
 
@@ -221,87 +261,143 @@ Status Segment::Validate(const SegmentHeader* h, uint64_t mapped_size) {
   return Status::Ok();
 }
 
+Result<std::unique_ptr<Segment::Mapping>> Segment::MapFd(int fd, uint64_t size, std::string_view path) {
+  auto mapping = std::make_unique<Mapping>();
+  mapping->addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (mapping->addr == MAP_FAILED) return Errno(Code::kSegmentError, "cannot map", path, errno);
+  mapping->size = size;
+  return mapping;
+}
+
+Result<std::unique_ptr<Segment>> Segment::CreateOnFd(int fd, std::string name, std::string_view path,
+                                                     const Capacities& caps) {
+  const LayoutPlan plan = PlanLayout(caps);
+  // The umask may have narrowed 0660; never widen past it either.
+  if (::fchmod(fd, 0660) != 0) return Errno(Code::kSegmentError, "cannot chmod", path, errno);
+  struct stat st {};
+  Status s = CheckSegmentFile(fd, path, ::geteuid(), &st);
+  if (!s.ok()) return s;
+  if (::ftruncate(fd, static_cast<off_t>(plan.segment_size)) != 0) {
+    return Errno(Code::kSegmentError, "cannot size", path, errno);
+  }
+  // Allocate every page now: tmpfs pages are otherwise allocated on first
+  // touch, and a full /dev/shm would then be SIGBUS in whichever process
+  // touches a new page while holding a pool lock (KM-18).
+  if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(plan.segment_size)); err != 0) {
+    std::string msg = "cannot allocate " + std::to_string(plan.segment_size) + " bytes for shared-memory segment " +
+                      Quoted(path) + ": " + std::strerror(err);
+    if (err == ENOSPC) msg += " (the file system holding it, usually /dev/shm, is full)";
+    return Status(Code::kSegmentError, std::move(msg));
+  }
+  Result<std::unique_ptr<Mapping>> mapping = MapFd(fd, plan.segment_size, path);
+  if (!mapping.ok()) return mapping.status();
+  std::unique_ptr<Segment> seg(new Segment(std::move(mapping).value(), std::move(name)));
+  s = LayOut(seg->base_, seg->size_, caps);
+  if (!s.ok()) return s;
+  return seg;
+}
+
 Result<std::unique_ptr<Segment>> Segment::CreateNamed(std::string_view name, const Capacities& caps) {
   Status st = CheckSegmentName(name);
   if (!st.ok()) return st;
   st = ValidateCapacities(caps);
   if (!st.ok()) return st;
-  const LayoutPlan plan = PlanLayout(caps);
   const std::string n(name);
-  try {
-    bip::permissions perm;
-    perm.set_permissions(0660);
-    bip::shared_memory_object shm(bip::create_only, n.c_str(), bip::read_write, perm);
-    try {
-      shm.truncate(static_cast<bip::offset_t>(plan.segment_size));
-      auto mapping = std::make_unique<Mapping>();
-      mapping->region = bip::mapped_region(shm, bip::read_write);
-      std::unique_ptr<Segment> seg(new Segment(std::move(mapping), n));
-      st = LayOut(seg->base_, seg->size_, caps);
-      if (!st.ok()) {
-        bip::shared_memory_object::remove(n.c_str());
-        return st;
-      }
-      return seg;
-    } catch (...) {
-      bip::shared_memory_object::remove(n.c_str());
-      throw;
-    }
-  } catch (const bip::interprocess_exception& e) {
-    return FromInterprocess(e, "cannot create", name);
-  } catch (const std::bad_alloc&) {
-    return Status(Code::kSegmentError, "out of memory creating segment");
+  const std::string path = ShmPath(name);
+  // O_EXCL: never take over a file someone else made at this name.
+  const int fd = ::shm_open(n.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    return Errno(errno == EEXIST ? Code::kAlreadyExists : Code::kSegmentError, "cannot create", path, errno);
   }
+  FdCloser closer{fd};
+  Result<std::unique_ptr<Segment>> seg = CreateOnFd(fd, n, path, caps);
+  if (!seg.ok()) ::shm_unlink(n.c_str());  // ours: created exclusively above
+  return seg;
+}
+
+Result<std::unique_ptr<Segment>> Segment::CreateInDirectoryForTesting(const std::string& dir, std::string_view name,
+                                                                      const Capacities& caps) {
+  Status st = CheckSegmentName(name);
+  if (!st.ok()) return st;
+  st = ValidateCapacities(caps);
+  if (!st.ok()) return st;
+  const std::string path = dir + "/" + std::string(name);
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) return Errno(errno == EEXIST ? Code::kAlreadyExists : Code::kSegmentError, "cannot create", path, errno);
+  FdCloser closer{fd};
+  Result<std::unique_ptr<Segment>> seg = CreateOnFd(fd, std::string(name), path, caps);
+  if (!seg.ok()) ::unlink(path.c_str());
+  return seg;
 }
 
 Result<std::unique_ptr<Segment>> Segment::CreateAnonymous(const Capacities& caps) {
   Status st = ValidateCapacities(caps);
   if (!st.ok()) return st;
   const LayoutPlan plan = PlanLayout(caps);
-  try {
-    auto mapping = std::make_unique<Mapping>();
-    mapping->region = bip::anonymous_shared_memory(plan.segment_size);
-    std::unique_ptr<Segment> seg(new Segment(std::move(mapping), std::string()));
-    st = LayOut(seg->base_, seg->size_, caps);
-    if (!st.ok()) return st;
-    return seg;
-  } catch (const bip::interprocess_exception& e) {
-    return FromInterprocess(e, "cannot create", "<anonymous>");
-  }
+  auto mapping = std::make_unique<Mapping>();
+  mapping->addr = ::mmap(nullptr, plan.segment_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (mapping->addr == MAP_FAILED) return Errno(Code::kSegmentError, "cannot create", "<anonymous>", errno);
+  mapping->size = plan.segment_size;
+  std::unique_ptr<Segment> seg(new Segment(std::move(mapping), std::string()));
+  st = LayOut(seg->base_, seg->size_, caps);
+  if (!st.ok()) return st;
+  return seg;
 }
 
-Result<std::unique_ptr<Segment>> Segment::Open(std::string_view name) {
+Result<std::unique_ptr<Segment>> Segment::Open(std::string_view name, std::optional<uid_t> owner) {
   Status st = CheckSegmentName(name);
   if (!st.ok()) return st;
   const std::string n(name);
-  try {
-    bip::shared_memory_object shm(bip::open_only, n.c_str(), bip::read_write);
-    auto mapping = std::make_unique<Mapping>();
-    mapping->region = bip::mapped_region(shm, bip::read_write);
-    std::unique_ptr<Segment> seg(new Segment(std::move(mapping), n));
-    st = Validate(seg->header_, seg->size_);
-    if (!st.ok()) return Status(st.code(), "segment " + Quoted(n) + ": " + st.message());
-    return seg;
-  } catch (const bip::interprocess_exception& e) {
-    return FromInterprocess(e, "cannot open", name);
+  const std::string path = ShmPath(name);
+  const int fd = ::shm_open(n.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0);
+  if (fd < 0) {
+    return Errno(errno == EACCES ? Code::kPermissionDenied : Code::kSegmentError, "cannot open", path, errno);
   }
+  FdCloser closer{fd};
+  struct stat fs {};
+  st = CheckSegmentFile(fd, path, owner, &fs);
+  if (!st.ok()) return st;
+  // Read the header through the fd first: mapping more than the file holds
+  // would be SIGBUS on the first touch past its end.
+  alignas(SegmentHeader) unsigned char probe_bytes[sizeof(SegmentHeader)];
+  const auto& probe = *reinterpret_cast<const SegmentHeader*>(probe_bytes);
+  if (fs.st_size < static_cast<off_t>(sizeof(SegmentHeader)) ||
+      ::pread(fd, probe_bytes, sizeof(probe_bytes), 0) != static_cast<ssize_t>(sizeof(probe_bytes))) {
+    return Status(Code::kLayoutMismatch, "segment " + Quoted(path) + ": smaller than a KeyMesh header");
+  }
+  st = Validate(&probe, static_cast<uint64_t>(fs.st_size));
+  if (!st.ok()) return Status(st.code(), "segment " + Quoted(path) + ": " + st.message());
+  if (static_cast<uint64_t>(fs.st_size) != probe.segment_size) {
+    return Status(Code::kLayoutMismatch, "segment " + Quoted(path) + " is " + std::to_string(fs.st_size) +
+                                             " bytes, its header says " + std::to_string(probe.segment_size));
+  }
+  Result<std::unique_ptr<Mapping>> mapping = MapFd(fd, probe.segment_size, path);
+  if (!mapping.ok()) return mapping.status();
+  std::unique_ptr<Segment> seg(new Segment(std::move(mapping).value(), n));
+  // Again on the mapping: the file may have changed since the probe.
+  st = Validate(seg->header_, seg->size_);
+  if (!st.ok()) return Status(st.code(), "segment " + Quoted(path) + ": " + st.message());
+  return seg;
 }
 
 Status Segment::Remove(std::string_view name) {
   Status st = CheckSegmentName(name);
   if (!st.ok()) return st;
-  bip::shared_memory_object::remove(std::string(name).c_str());
-  return Status::Ok();
+  if (::shm_unlink(std::string(name).c_str()) == 0 || errno == ENOENT) return Status::Ok();
+  const int err = errno;
+  const std::string path = ShmPath(name);
+  std::string msg = "cannot remove shared-memory segment " + Quoted(path) + ": " + std::strerror(err);
+  struct stat fs {};
+  if (::lstat(path.c_str(), &fs) == 0) {
+    msg += " (owned by uid " + std::to_string(fs.st_uid) + " mode " + ModeText(fs.st_mode) + ")";
+  }
+  return Status(err == EACCES || err == EPERM ? Code::kPermissionDenied : Code::kSegmentError, std::move(msg));
 }
 
 bool Segment::Exists(std::string_view name) {
   if (!CheckSegmentName(name).ok()) return false;
-  try {
-    bip::shared_memory_object shm(bip::open_only, std::string(name).c_str(), bip::read_only);
-    return true;
-  } catch (const bip::interprocess_exception&) {
-    return false;
-  }
+  struct stat fs {};
+  return ::lstat(ShmPath(name).c_str(), &fs) == 0;
 }
 
 std::optional<uint32_t> Segment::FindPool(std::string_view name) const noexcept {

@@ -5,8 +5,17 @@
 // embedded pool's) have no name and are shared with processes forked after
 // creation. Either way every structure is laid out at creation and nothing
 // is allocated afterwards.
+//
+// /dev/shm is writable by every local user, so a named segment is untrusted
+// until its fd has been checked (ARCHITECTURE.md invariant 9): it is created
+// with O_EXCL (never over someone else's file) and, after every create and
+// open, fstat must show a regular file with no permission bit for others,
+// owned by the expected uid (the broker's own), exactly as large as its
+// header says. A file that fails is refused, never mapped.
 #ifndef KEYMESH_SHM_SEGMENT_H_
 #define KEYMESH_SHM_SEGMENT_H_
+
+#include <sys/types.h>
 
 #include <cstdint>
 #include <memory>
@@ -27,17 +36,31 @@ class Segment {
   Segment(const Segment&) = delete;
   Segment& operator=(const Segment&) = delete;
 
-  // Creates a new named segment; fails with kAlreadyExists if one exists.
-  // `name` must begin with "keymesh" and contain no '/'.
+  // Creates a new named segment, mode 0660, owned by this process's euid;
+  // kAlreadyExists if the name is taken (by anyone: O_EXCL). `name` must
+  // begin with "keymesh" and contain no '/'. Every page is allocated up
+  // front (posix_fallocate), so a full /dev/shm is kSegmentError (ENOSPC)
+  // here rather than SIGBUS in some process later.
   static Result<std::unique_ptr<Segment>> CreateNamed(std::string_view name, const Capacities& caps);
   // Creates an anonymous segment shared with children forked afterwards.
   static Result<std::unique_ptr<Segment>> CreateAnonymous(const Capacities& caps);
-  // Opens and validates an existing named segment. kLayoutMismatch when it is
-  // another version or shape, kSegmentError when it does not exist.
-  static Result<std::unique_ptr<Segment>> Open(std::string_view name);
-  // Removes a named segment; existing mappings stay valid. Missing is OK.
+  // Opens and validates an existing named segment. kPermissionDenied when
+  // the file is not a regular file, is open to other users (mode & 0007),
+  // or (when `owner` is given) is owned by another uid; the message names
+  // its owner and mode. kLayoutMismatch when it is another version or shape
+  // or its size differs from its header's; kSegmentError when it does not
+  // exist. The broker passes its own euid; a worker, who cannot know the
+  // broker's uid, gets the other checks.
+  static Result<std::unique_ptr<Segment>> Open(std::string_view name, std::optional<uid_t> owner = std::nullopt);
+  // Removes a named segment; existing mappings stay valid. Missing is OK;
+  // a failure (not ours to remove) names the file's owner and mode.
   static Status Remove(std::string_view name);
+  // Whether something (anything) exists at the name.
   static bool Exists(std::string_view name);
+  // For tests: CreateNamed on a file `dir`/`name` instead of /dev/shm (a
+  // size-limited tmpfs mounted by the test). The caller removes the file.
+  static Result<std::unique_ptr<Segment>> CreateInDirectoryForTesting(const std::string& dir, std::string_view name,
+                                                                      const Capacities& caps);
 
   SegmentHeader* header() const noexcept { return header_; }
   const std::string& name() const noexcept { return name_; }
@@ -78,6 +101,10 @@ class Segment {
  private:
   struct Mapping;
   Segment(std::unique_ptr<Mapping> mapping, std::string name);
+  static Result<std::unique_ptr<Mapping>> MapFd(int fd, uint64_t size, std::string_view path);
+  // Checks, sizes, allocates, maps and lays out the freshly created `fd`.
+  static Result<std::unique_ptr<Segment>> CreateOnFd(int fd, std::string name, std::string_view path,
+                                                     const Capacities& caps);
   static Status Validate(const SegmentHeader* h, uint64_t mapped_size);
   static Status LayOut(uint8_t* base, uint64_t size, const Capacities& caps);
 

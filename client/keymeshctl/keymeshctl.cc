@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -220,6 +221,16 @@ int AddKeyCommand(kp::ControlClient& broker, const std::vector<std::string>& res
   Result<std::string> secret = ReadSecret(env, file);
   if (!secret.ok()) return Fail(secret.status());
   key.secret = *secret;
+  // Where the secret comes from, so that the broker can read it again after
+  // a restart (it checks that it yields the same secret; a variable of this
+  // shell that the broker's environment lacks leaves the key ephemeral).
+  if (!env.empty()) {
+    request.secret_env = env;
+  } else {
+    std::error_code ec;
+    const std::filesystem::path abs = std::filesystem::absolute(file, ec);
+    if (!ec) request.secret_file = abs.string();
+  }
   Status st = broker.AddKey(request);
   if (!st.ok()) return Fail(st);
   std::printf("add-key: %s/%s (%s)\n", Escaped(rest[0]).c_str(), Escaped(rest[1]).c_str(),

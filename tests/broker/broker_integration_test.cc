@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -572,4 +573,220 @@ BOOST_AUTO_TEST_CASE(control_client_speaks_every_op_with_the_broker) {
   km::Status no_hello = anonymous.Call(kp::Op::kAcquire, {{"pool", "p"}}).status();
   BOOST_CHECK_EQUAL(no_hello.message(), "say hello (with your pid) before 'acquire'");
   BOOST_CHECK(anonymous.Call(kp::Op::kHello, {{"pid", 0}}).status().code() == km::Code::kProtocolError);
+}
+
+// KM-02: the broker re-attaches only to its own segment. A real segment
+// planted at the recorded name, owned by another uid and open to all, is
+// refused (the log names its owner) and never adopted: the broker serves
+// from a fresh segment under a new random name, restored from the state
+// file. A clean restart still re-attaches.
+BOOST_AUTO_TEST_CASE(foreign_segment_at_the_recorded_name_is_refused,
+                     *boost::unit_test::precondition([](boost::unit_test::test_unit_id) { return RunningAsRoot(); })) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  const std::string first = b.segment();
+  BOOST_CHECK_EQUAL(first.size(), std::string("keymesh-").size() + 32);
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  BOOST_CHECK(b.Log().find("mode=reattached") != std::string::npos);
+  BOOST_CHECK_EQUAL(b.segment(), first);
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+
+  // The squatter's segment: valid, but nobody's and mode 0666.
+  BOOST_REQUIRE(km::shm::Segment::Remove(first).ok());
+  {
+    km::shm::Capacities caps;
+    caps.max_pools = 2;
+    caps.keys_per_pool = 4;
+    caps.leases_per_pool = 8;
+    BOOST_REQUIRE(km::shm::Segment::CreateNamed(first, caps).ok());
+  }
+  const std::string path = "/dev/shm/" + first;
+  BOOST_REQUIRE_EQUAL(::chown(path.c_str(), 65534, 65534), 0);
+  BOOST_REQUIRE_EQUAL(::chmod(path.c_str(), 0666), 0);
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  const std::string log = b.Log();
+  BOOST_CHECK_MESSAGE(log.find("event=segment_refused") != std::string::npos, log);
+  BOOST_CHECK_MESSAGE(log.find("owned by uid 65534 mode 0666") != std::string::npos, log);
+  BOOST_CHECK(log.find("mode=reattached") == std::string::npos);
+  BOOST_CHECK(log.find("mode=restored") != std::string::npos);
+  const std::string second = b.segment();
+  BOOST_CHECK(second != first);
+  BOOST_CHECK(log.find("segment=" + second) != std::string::npos);
+  // The squatter's file is left alone (not ours to remove), and unused.
+  struct stat st {};
+  BOOST_CHECK_EQUAL(::stat(path.c_str(), &st), 0);
+  BOOST_CHECK_EQUAL(st.st_uid, 65534u);
+  std::unique_ptr<km::Pool> pool = Connect(b);
+  km::Result<km::Lease> l = pool->Acquire(1.0);
+  BOOST_REQUIRE_MESSAGE(l.ok(), l.status().ToString());
+  BOOST_CHECK(l->Release(0.1).ok());
+  (void)km::shm::Segment::Remove(first);
+}
+
+// KM-02: junk at the recorded name (a squatter's file, or a segment cut
+// short) never stops the start: ours is replaced, another uid's is left
+// alone, and the broker serves from a fresh segment either way.
+BOOST_AUTO_TEST_CASE(junk_at_the_recorded_name_does_not_stop_the_start) {
+  for (bool foreign : {false, true}) {
+    if (foreign && ::geteuid() != 0) continue;
+    BrokerProcess b;
+    b.WriteConfig(kPools);
+    BOOST_REQUIRE(b.Start());
+    const std::string first = b.segment();
+    BOOST_CHECK_EQUAL(b.Stop(), 0);
+    BOOST_REQUIRE(km::shm::Segment::Remove(first).ok());
+    const std::string path = "/dev/shm/" + first;
+    std::ofstream(path) << "garbage";
+    BOOST_REQUIRE_EQUAL(::chmod(path.c_str(), foreign ? 0666 : 0600), 0);
+    if (foreign) BOOST_REQUIRE_EQUAL(::chown(path.c_str(), 65534, 65534), 0);
+    BOOST_REQUIRE_MESSAGE(b.Start({}, 5), b.Log());
+    const std::string log = b.Log();
+    BOOST_CHECK_MESSAGE(log.find(foreign ? "event=segment_refused" : "event=segment_replaced") != std::string::npos,
+                        log);
+    BOOST_CHECK(b.segment() != first);
+    BOOST_CHECK_EQUAL(std::filesystem::exists(path), foreign);
+    BOOST_CHECK_EQUAL(KeyJson(StatusJson(b), "a").at("state").as_string(), "available");
+    (void)km::shm::Segment::Remove(first);
+  }
+}
+
+// KM-06: a pool whose lock a live process holds and never releases (here a
+// child stopped inside the lock, as a hostile or frozen worker would be)
+// makes the start give that segment up after a bounded wait and serve from
+// a fresh one, restored from the state file, within 2 s; it never blocks or
+// crash-loops.
+BOOST_AUTO_TEST_CASE(poisoned_pool_is_rebuilt_from_the_state_file) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  {
+    std::unique_ptr<km::Pool> pool = Connect(b);
+    BOOST_REQUIRE(pool->DisableKey("b").ok());
+  }
+  const std::string first = b.segment();
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  Latch locked;
+  km::testing::ChildGuard holder(ForkChild([&] {
+    km::Result<std::unique_ptr<km::shm::Segment>> seg = km::shm::Segment::Open(first);
+    if (!seg.ok()) return 1;
+    std::optional<uint32_t> index = (*seg)->FindPool("p");
+    if (!index) return 2;
+    (void)(*seg)->pool_header(*index)->mutex.Lock();
+    locked.Notify();
+    for (;;) ::pause();
+  }));
+  BOOST_REQUIRE_EQUAL(locked.Wait(5), '1');
+  const double t0 = NowSeconds();
+  BOOST_REQUIRE_MESSAGE(b.Start({}, 2.0), b.Log());
+  BOOST_CHECK_LT(NowSeconds() - t0, 2.0);
+  const std::string log = b.Log();
+  BOOST_CHECK_MESSAGE(log.find("event=segment_replaced") != std::string::npos, log);
+  BOOST_CHECK_MESSAGE(log.find("its lock has been held by pid " + std::to_string(holder.pid)) != std::string::npos,
+                      log);
+  BOOST_CHECK(log.find("mode=restored") != std::string::npos);
+  BOOST_CHECK(b.segment() != first);
+  boost::json::object st = StatusJson(b);
+  BOOST_CHECK_EQUAL(KeyJson(st, "b").at("state").as_string(), "disabled");
+  BOOST_CHECK_EQUAL(KeyJson(st, "a").at("state").as_string(), "available");
+  holder.KillAndWait();
+}
+
+namespace {
+std::vector<std::string> KeyNames(const BrokerProcess& b) {
+  std::vector<std::string> names;
+  const boost::json::object pool = StatusJson(b);
+  for (const auto& k : pool.at("keys").as_array()) {
+    names.emplace_back(k.as_object().at("name").as_string());
+  }
+  return names;
+}
+bool HasKey(const BrokerProcess& b, const std::string& name) {
+  const std::vector<std::string> names = KeyNames(b);
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+}  // namespace
+
+// KM-14: a key removed with remove-key stays removed after a SIGHUP reload
+// and a restart although the config still names it (a tombstone: pool,
+// name, fingerprint); the same name with a new secret in the config is a
+// new key and comes back.
+BOOST_AUTO_TEST_CASE(removed_key_stays_removed_after_reload_and_restart) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  {
+    RawClient c(b.socket());
+    std::optional<boost::json::object> r = c.Call("remove_key", {{"pool", "p"}, {"name", "b"}});
+    BOOST_REQUIRE(r && r->at("ok").as_bool());
+  }
+  BOOST_CHECK(!HasKey(b, "b"));
+  b.Signal(SIGHUP);
+  BOOST_REQUIRE(b.WaitLog("event=reloaded", 5));
+  BOOST_CHECK(!HasKey(b, "b"));
+  BOOST_CHECK(b.WaitLog("event=key_tombstoned", 5));
+  // A restart that re-attaches, and one from the state file alone.
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  BOOST_CHECK(b.Log().find("mode=reattached") != std::string::npos);
+  BOOST_CHECK(!HasKey(b, "b"));
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  BOOST_REQUIRE(km::shm::Segment::Remove(b.segment()).ok());
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  BOOST_CHECK(b.Log().find("mode=restored") != std::string::npos);
+  BOOST_CHECK(!HasKey(b, "b"));
+  BOOST_CHECK(HasKey(b, "a"));
+  // The state file holds the tombstone, never the secret.
+  std::ifstream in(b.state_file());
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  BOOST_CHECK(text.find("\"tombstones\":{\"p\":{\"b\":") != std::string::npos);
+  BOOST_CHECK(text.find("sk-test") == std::string::npos);
+  // A new secret under the same name: a new key.
+  b.WriteConfig(R"({"p":{"strategy":"round_robin","keys":[{"name":"a","secret":"sk-test-aaaaaaaaaaaa1111"},)"
+                R"({"name":"b","secret":"sk-test-rotated-bbbbbbbb9999"}]}})");
+  b.Signal(SIGHUP);
+  BOOST_REQUIRE(b.WaitLog("event=reloaded", 5));
+  BOOST_CHECK(HasKey(b, "b"));
+}
+
+// KM-14: a key added with add_key and a secret_file the broker can read
+// survives a restart (the state file records the path, not the secret); one
+// sent inline is ephemeral, and the reply says so.
+BOOST_AUTO_TEST_CASE(runtime_key_with_a_secret_file_survives_a_restart) {
+  BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  const std::string secret_file = b.dir() + "/c.key";
+  std::ofstream(secret_file) << "sk-test-cccccccccccc3333\n";
+  {
+    RawClient c(b.socket());
+    std::optional<boost::json::object> r =
+        c.Call("add_key",
+               {{"pool", "p"}, {"name", "c"}, {"secret", "sk-test-cccccccccccc3333"}, {"secret_file", secret_file}});
+    BOOST_REQUIRE(r && r->at("ok").as_bool());
+    BOOST_CHECK(r->at("durable").as_bool());
+    r = c.Call("add_key", {{"pool", "p"}, {"name", "d"}, {"secret", "sk-test-dddddddddddd4444"}});
+    BOOST_REQUIRE(r && r->at("ok").as_bool());
+    BOOST_CHECK(!r->at("durable").as_bool());
+    BOOST_CHECK(r->at("note").as_string().find("until the broker stops") != boost::json::string::npos);
+  }
+  BOOST_CHECK(HasKey(b, "c") && HasKey(b, "d"));
+  b.Signal(SIGHUP);  // a reload keeps both
+  BOOST_REQUIRE(b.WaitLog("event=reloaded", 5));
+  BOOST_CHECK(HasKey(b, "c") && HasKey(b, "d"));
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  BOOST_REQUIRE(km::shm::Segment::Remove(b.segment()).ok());
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  BOOST_CHECK(HasKey(b, "c"));
+  BOOST_CHECK(!HasKey(b, "d"));
+  std::ifstream in(b.state_file());
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  BOOST_CHECK(text.find(secret_file) != std::string::npos);
+  BOOST_CHECK(text.find("sk-test") == std::string::npos);
+  // Its secret reaches a worker.
+  RawClient c(b.socket());
+  std::optional<boost::json::object> r = c.Call("secrets", {{"pool", "p"}});
+  BOOST_REQUIRE(r && r->at("ok").as_bool());
+  BOOST_CHECK(boost::json::serialize(*r).find("sk-test-cccccccccccc3333") != std::string::npos);
 }

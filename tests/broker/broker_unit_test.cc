@@ -167,16 +167,66 @@ BOOST_AUTO_TEST_CASE(state_persister_writes_atomically_and_skips_unchanged) {
   ::rmdir(dir.c_str());
 }
 
-// The segment name (and the state file's checksum) are persisted or shared
-// between processes of different builds, so their function must never
-// change: golden values, FNV-1a's published vectors and the default
-// socket's name, computed independently of this code.
-BOOST_AUTO_TEST_CASE(segment_names_are_stable_and_distinct) {
+// The state file's checksum is persisted between builds, so its function
+// must never change: FNV-1a's published vectors. The segment name is no
+// longer derived from anything (KM-02: a name another user can predict can
+// be squatted in /dev/shm): "keymesh-" and 32 lowercase hex digits, drawn
+// afresh each time.
+BOOST_AUTO_TEST_CASE(segment_names_are_random_and_well_formed) {
   BOOST_CHECK_EQUAL(kb::Fnv1a64(""), 0xcbf29ce484222325ull);
   BOOST_CHECK_EQUAL(kb::Fnv1a64("a"), 0xaf63dc4c8601ec8cull);
   BOOST_CHECK_EQUAL(kb::Fnv1a64("foobar"), 0x85944171f73967e8ull);
-  BOOST_CHECK_EQUAL(kb::SegmentNameFor("/run/keymesh/keymesh.sock"), "keymesh-b149a849de3f0a43");
-  BOOST_CHECK(kb::SegmentNameFor("/a.sock") != kb::SegmentNameFor("/b.sock"));
+  km::Result<std::string> a = kb::NewSegmentName();
+  km::Result<std::string> b = kb::NewSegmentName();
+  BOOST_REQUIRE(a.ok() && b.ok());
+  BOOST_CHECK_EQUAL(a->size(), 8u + 32u);
+  BOOST_CHECK_EQUAL(a->substr(0, 8), "keymesh-");
+  BOOST_CHECK(a->find_first_not_of("0123456789abcdef", 8) == std::string::npos);
+  BOOST_CHECK(kb::IsSegmentName(*a));
+  BOOST_CHECK(*a != *b);
+  // The old derived name (FNV-1a of the default socket) is not accepted.
+  BOOST_CHECK(!kb::IsSegmentName("keymesh-b149a849de3f0a43"));
+  BOOST_CHECK(!kb::IsSegmentName("keymesh-" + std::string(32, 'G')));
+  BOOST_CHECK(!kb::IsSegmentName("keymesh-" + std::string(31, 'a') + "/"));
+  BOOST_CHECK_EQUAL(kb::SegmentNameFileFor("/run/keymesh/keymesh.sock"), "/run/keymesh/keymesh.sock.segment");
+}
+
+// The recorded name is read only from a file this uid owns, not writable by
+// others, not through a symlink, holding one well-formed name.
+BOOST_AUTO_TEST_CASE(segment_name_file_is_trusted_only_when_ours) {
+  const std::string dir = "/tmp/kmu-name-" + std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+  } cleanup{dir};
+  const std::string file = dir + "/km.sock.segment";
+  BOOST_CHECK(!kb::ReadSegmentName(file));  // none yet
+  km::Result<std::string> name = kb::NewSegmentName();
+  BOOST_REQUIRE(name.ok());
+  BOOST_REQUIRE(kb::RecordSegmentName(file, *name).ok());
+  BOOST_CHECK_EQUAL(kb::ReadSegmentName(file).value_or(""), *name);
+  struct stat st {};
+  BOOST_REQUIRE_EQUAL(::stat(file.c_str(), &st), 0);
+  BOOST_CHECK_EQUAL(st.st_mode & 07777, 0640u);
+
+  BOOST_REQUIRE_EQUAL(::chmod(file.c_str(), 0666), 0);
+  BOOST_CHECK(!kb::ReadSegmentName(file));  // others could have written it
+  BOOST_REQUIRE_EQUAL(::chmod(file.c_str(), 0640), 0);
+  if (::geteuid() == 0) {
+    BOOST_REQUIRE_EQUAL(::chown(file.c_str(), 65534, 65534), 0);
+    BOOST_CHECK(!kb::ReadSegmentName(file));  // another uid's
+    BOOST_REQUIRE_EQUAL(::chown(file.c_str(), 0, 0), 0);
+  }
+  const std::string link = dir + "/link.segment";
+  std::filesystem::create_symlink(file, link);
+  BOOST_CHECK(!kb::ReadSegmentName(link));
+  std::ofstream(file) << "keymesh-b149a849de3f0a43\n";
+  BOOST_CHECK(!kb::ReadSegmentName(file));  // not a name of ours
 }
 
 // The config's key limits are the same reader as add_key's (and so the same
@@ -373,4 +423,183 @@ BOOST_AUTO_TEST_CASE(slow_acquirer_serves_peer_uids_in_turn) {
   const size_t b = static_cast<size_t>(std::find(order.begin(), order.end(), "b0") - order.begin());
   BOOST_TEST_MESSAGE("b0 served as grant " << b + 1 << " of 6");
   BOOST_CHECK_LE(b, 2u);  // a0 (perhaps already waiting in the pool), a1, then b0; FIFO would make it last
+}
+
+// KM-17: a restored cooldown is what the wall clock says is left, capped at
+// the longest cooldown the pool could have set: a wall clock 10 years
+// behind (RTC reset, old VM snapshot) does not bench a key for 10 years.
+BOOST_AUTO_TEST_CASE(restored_cooldowns_are_capped_when_the_wall_clock_went_back) {
+  km::Result<kb::BrokerConfig> c =
+      Parse(R"({"socket":"s.sock","state_file":"/var/x.json","pools":{"p":{"default_cooldown":30,"max_cooldown":300,
+      "keys":[{"name":"a","secret":"sk-aaaa1111"},{"name":"b","secret":"sk-bbbb2222"}]}}})");
+  BOOST_REQUIRE_MESSAGE(c.ok(), c.status().message());
+  km::Result<std::unique_ptr<km::shm::Segment>> seg = km::shm::Segment::CreateAnonymous(c->capacity);
+  BOOST_REQUIRE(seg.ok());
+  BOOST_REQUIRE(kb::ReconcileSegment(**seg, c->pools).ok());
+  km::shm::PoolAdmin access(**seg, *(*seg)->FindPool("p"));
+
+  constexpr uint64_t kSec = 1'000'000'000ull;
+  const uint64_t written_wall = 1'800'000'000ull * kSec;  // when the state was captured
+  const uint64_t mono_now = 5'000 * kSec;
+  kb::StateImage image;
+  for (const km::shm::ExportedKey& e : access.ExportKeyStates()) {
+    kb::PersistedKey k;
+    k.name = e.name;
+    k.fingerprint = e.fingerprint;
+    k.state = e.state;
+    // a: 60 s of an ordinary 429 left; b: its last cooldown was 900 s (a
+    // Retry-After above max_cooldown), 800 s left.
+    k.state.last_cooldown = (e.name == "a" ? 60 : 900) * kSec;
+    k.cooldown_until_wall_ns = written_wall + (e.name == "a" ? 60 : 800) * kSec;
+    image.pools["p"].push_back(k);
+  }
+  auto left = [&](const std::string& name) {
+    for (const km::shm::ExportedKey& e : access.ExportKeyStates()) {
+      if (e.name == name) return e.state.cooldown_deadline == 0 ? 0 : (e.state.cooldown_deadline - mono_now) / kSec;
+    }
+    BOOST_FAIL("no key " + name);
+    return uint64_t{0};
+  };
+  // A clock that is right: what was left.
+  kb::RestoreFromImage(**seg, image, written_wall, mono_now);
+  BOOST_CHECK_EQUAL(left("a"), 60u);
+  BOOST_CHECK_EQUAL(left("b"), 800u);
+  // Ten years behind: at most max(max_cooldown, default, last cooldown).
+  const uint64_t ten_years = 10ull * 365 * 24 * 3600 * kSec;
+  kb::RestoreFromImage(**seg, image, written_wall - ten_years, mono_now);
+  BOOST_CHECK_EQUAL(left("a"), 300u);
+  BOOST_CHECK_EQUAL(left("b"), 900u);
+}
+
+// KM-17: the wall/monotonic offset is measured at every capture, in whole
+// seconds, and kept while it moved less than a second (identical bytes for
+// unchanged state).
+BOOST_AUTO_TEST_CASE(wall_minus_mono_is_quantized_and_follows_a_step) {
+  const int64_t first = kb::WallMinusMono(std::nullopt);
+  BOOST_CHECK_EQUAL(first % 1'000'000'000, 0);
+  BOOST_CHECK_EQUAL(kb::WallMinusMono(first), first);
+  // A previous value 10 s off (the clock was stepped since): replaced.
+  const int64_t stepped = kb::WallMinusMono(first - 10'000'000'000);
+  BOOST_CHECK_EQUAL(stepped, first);
+  // Off by less than a second: kept.
+  BOOST_CHECK_EQUAL(kb::WallMinusMono(first + 400'000'000), first + 400'000'000);
+}
+
+// KM-13: a reload changes a key's config in place, in one critical section:
+// a 429, a disable and a revocation that workers set after the reconcile
+// read the pool (the hook runs there) survive it, and a margin with more
+// than 6 decimals compares equal the next time (compared in ppm).
+namespace {
+km::shm::Segment* g_reload_segment = nullptr;
+int g_reload_hook_calls = 0;
+
+void ChangeStateDuringReload(std::string_view pool, std::string_view key) {
+  ++g_reload_hook_calls;
+  km::shm::PoolAdmin access(*g_reload_segment, *g_reload_segment->FindPool(pool));
+  if (key == "a") {
+    km::shm::LimitUpdate u;
+    u.retry_after = 120.0;  // a worker's 429 with Retry-After
+    BOOST_REQUIRE(access.ObserveLimits("a", u).ok());
+  } else if (key == "b") {
+    BOOST_REQUIRE(access.SetEnabled("b", false).ok());
+  } else if (key == "c") {
+    km::Result<km::shm::LeaseHandle> l = access.TryAcquire();
+    BOOST_REQUIRE(l.ok());
+    km::shm::Outcome revoked;
+    revoked.kind = km::shm::OutcomeKind::kFailure;
+    revoked.permanent = true;  // a 401: the key is revoked
+    (void)access.Release(*l, revoked);
+  }
+}
+
+std::string ReloadConfig(int rpm) {
+  return R"({"socket":"s.sock","state_file":"/var/x.json","pools":{
+    "p":{"keys":[{"name":"a","secret":"sk-aaaa1111","rpm":)" +
+         std::to_string(rpm) + R"(,"rate_margin":0.1234567},{"name":"b","secret":"sk-bbbb2222","rpm":)" +
+         std::to_string(rpm) + R"(}]},
+    "q":{"keys":[{"name":"c","secret":"sk-cccc3333","rpm":)" +
+         std::to_string(rpm) + "}]}}}";
+}
+
+const km::shm::ExportedKey& Exported(const std::vector<km::shm::ExportedKey>& keys, const std::string& name) {
+  for (const auto& k : keys) {
+    if (k.name == name) return k;
+  }
+  BOOST_FAIL("no key " + name);
+  return keys.front();
+}
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(reload_keeps_what_workers_set_meanwhile) {
+  km::Result<kb::BrokerConfig> before = Parse(ReloadConfig(10));
+  km::Result<kb::BrokerConfig> after = Parse(ReloadConfig(20));
+  BOOST_REQUIRE_MESSAGE(before.ok(), before.status().message());
+  BOOST_REQUIRE(after.ok());
+  km::Result<std::unique_ptr<km::shm::Segment>> seg = km::shm::Segment::CreateAnonymous(before->capacity);
+  BOOST_REQUIRE(seg.ok());
+  BOOST_REQUIRE(kb::ReconcileSegment(**seg, before->pools).ok());
+  g_reload_segment = seg->get();
+  g_reload_hook_calls = 0;
+  kb::SetReconcileHookForTesting(&ChangeStateDuringReload);
+  struct Unhook {
+    ~Unhook() { kb::SetReconcileHookForTesting(nullptr); }
+  } unhook;
+  const uint64_t now = km::shm::MonotonicNowNanos();
+  BOOST_REQUIRE(kb::ReconcileSegment(**seg, after->pools).ok());
+  BOOST_CHECK_EQUAL(g_reload_hook_calls, 3);
+
+  km::shm::PoolAdmin p(**seg, *(*seg)->FindPool("p"));
+  km::shm::PoolAdmin q(**seg, *(*seg)->FindPool("q"));
+  const auto pk = p.ExportKeyStates();
+  const auto qk = q.ExportKeyStates();
+  BOOST_CHECK_GT(Exported(pk, "a").state.cooldown_deadline, now + 100'000'000'000ull);  // the 429 stayed
+  BOOST_CHECK(!Exported(pk, "b").state.enabled);                                        // the disable stayed
+  BOOST_CHECK_EQUAL(Exported(qk, "c").state.circuit, static_cast<uint32_t>(km::shm::Circuit::kRevoked));
+  BOOST_CHECK_EQUAL(p.AvailableCount(), 0u);
+  BOOST_CHECK_EQUAL(q.AvailableCount(), 0u);
+  // The new config is in place.
+  km::Result<km::PoolStatus> snap = p.Snapshot();
+  BOOST_REQUIRE(snap.ok());
+  for (const km::KeyStatus& k : snap->keys) BOOST_CHECK_EQUAL(k.rpm, 20u);
+
+  // The same config again: nothing to change (0.1234567 compares in ppm).
+  g_reload_hook_calls = 0;
+  BOOST_REQUIRE(kb::ReconcileSegment(**seg, after->pools).ok());
+  BOOST_CHECK_EQUAL(g_reload_hook_calls, 0);
+}
+
+// KM-26: two discards within one second keep both files; temp files a dead
+// writer left beside the state file are removed at start, nothing else.
+BOOST_AUTO_TEST_CASE(move_aside_never_overwrites_and_stale_temps_go) {
+  const std::string dir = "/tmp/kmu-aside-" + std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+  } cleanup{dir};
+  const std::string path = dir + "/state.json";
+  std::ofstream(path) << "first";
+  km::Result<std::string> a = kb::MoveAside(path);
+  std::ofstream(path) << "second";
+  km::Result<std::string> b = kb::MoveAside(path);
+  BOOST_REQUIRE(a.ok() && b.ok());
+  BOOST_CHECK(*a != *b);
+  BOOST_CHECK(std::filesystem::exists(*a) && std::filesystem::exists(*b));
+
+  for (const char* name : {"state.json.tmp.123", "state.json.tmp.9", "state.json.tmp.77.0123456789abcdef",
+                           "state.json.tmp.x1", "state.json.tmp.7.zz", "other.tmp.5"}) {
+    std::ofstream(dir + "/" + name) << "junk";
+  }
+  std::vector<std::string> removed = kb::RemoveStaleTempFiles(path);
+  std::sort(removed.begin(), removed.end());
+  BOOST_CHECK(removed ==
+              (std::vector<std::string>{dir + "/state.json.tmp.123", dir + "/state.json.tmp.77.0123456789abcdef",
+                                        dir + "/state.json.tmp.9"}));
+  BOOST_CHECK(std::filesystem::exists(dir + "/state.json.tmp.7.zz"));
+  BOOST_CHECK(std::filesystem::exists(dir + "/state.json.tmp.x1"));
+  BOOST_CHECK(std::filesystem::exists(dir + "/other.tmp.5"));
 }

@@ -44,7 +44,7 @@ pid_t StopInsideThePoolLock(const std::string& segment, const std::string& pool)
   const pid_t child = kt::ForkChild([&] {
     km::Result<std::unique_ptr<km::shm::Segment>> seg = km::shm::Segment::Open(segment);
     if (!seg.ok()) return 10;
-    for (uint32_t i = 0; i < (*seg)->header()->max_pools; ++i) {
+    for (uint32_t i = 0; i < (*seg)->capacities().max_pools; ++i) {
       if ((*seg)->pool_header(i)->use != km::shm::PoolUse::kInUse) continue;
       if (km::shm::PoolUser(**seg, i).Info().name != pool) continue;
       (void)(*seg)->pool_header(i)->mutex.Lock();

@@ -53,9 +53,6 @@ class BrokerEnv {
     dir_ = WorkDir() + "/broker";
     std::filesystem::create_directories(dir_);
     const std::string socket = dir_ + "/km.sock";
-    segment_ = broker::SegmentNameFor(socket);
-    // scripts/fuzz removes the segment named here if the process dies.
-    std::ofstream(WorkDir() + "/segment-name") << segment_ << "\n";
     std::ofstream(dir_ + "/config.json")
         << R"({"socket":")" << socket << R"(","state_file":")" << dir_ << R"(/state.json",)"
         << R"("capacity":{"max_pools":4,"keys_per_pool":16,"leases_per_pool":64},"pools":{)"
@@ -72,6 +69,9 @@ class BrokerEnv {
       std::fprintf(stderr, "fuzz: broker did not start: %s\n", st.message().c_str());
       std::abort();
     }
+    segment_ = broker_->segment().name();
+    // scripts/fuzz removes the segment named here if the process dies.
+    std::ofstream(WorkDir() + "/segment-name") << segment_ << "\n";
   }
   ~BrokerEnv() {
     broker_->StopForTesting();

@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -17,7 +18,6 @@
 #include <filesystem>
 #include <fstream>
 
-#include "broker/recovery.h"
 #include "shm/segment.h"
 
 namespace keymesh::testing {
@@ -32,13 +32,23 @@ BrokerProcess::BrokerProcess() {
   socket_ = dir_ + "/km.sock";
   state_file_ = dir_ + "/state.json";
   config_file_ = dir_ + "/config.json";
-  segment_ = broker::SegmentNameFor(socket_);
+}
+
+std::string BrokerProcess::segment() {
+  std::ifstream in(segment_name_file());
+  std::string name;
+  std::getline(in, name);
+  if (!name.empty() && std::find(segments_seen_.begin(), segments_seen_.end(), name) == segments_seen_.end()) {
+    segments_seen_.push_back(name);
+  }
+  return name;
 }
 
 BrokerProcess::~BrokerProcess() {
   if (pid_ > 0) Kill();
   JoinReader();
-  (void)shm::Segment::Remove(segment_);
+  (void)segment();
+  for (const std::string& name : segments_seen_) (void)shm::Segment::Remove(name);
   std::error_code ec;
   std::filesystem::remove_all(dir_, ec);
 }

@@ -4,8 +4,8 @@
 // client. Forked workers, pipes and latches come from support/process.h.
 //
 // Every BrokerProcess uses names derived from the test process's pid and a
-// counter; its destructor kills a still-running broker, removes the segment
-// and the directory, so nothing is left behind even when a test fails.
+// counter; its destructor kills a still-running broker, removes the segments
+// it recorded and the directory, so nothing is left behind even when a test fails.
 #ifndef KEYMESH_TESTS_SUPPORT_BROKER_HARNESS_H_
 #define KEYMESH_TESTS_SUPPORT_BROKER_HARNESS_H_
 
@@ -59,12 +59,17 @@ class BrokerProcess {
   const std::string& socket() const noexcept { return socket_; }
   const std::string& state_file() const noexcept { return state_file_; }
   const std::string& config_file() const noexcept { return config_file_; }
-  const std::string& segment() const noexcept { return segment_; }
+  // The segment name the broker recorded beside its socket ("" before its
+  // first start); every name seen is removed by the destructor.
+  std::string segment();
+  // Where the broker records it.
+  std::string segment_name_file() const { return socket_ + ".segment"; }
 
  private:
   void JoinReader();
 
-  std::string dir_, socket_, state_file_, config_file_, segment_;
+  std::string dir_, socket_, state_file_, config_file_;
+  std::vector<std::string> segments_seen_;
   pid_t pid_ = -1;
   bool core_dumped_ = false;
   int log_fd_ = -1;
