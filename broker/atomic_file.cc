@@ -1,11 +1,14 @@
 #include "broker/atomic_file.h"
 
 #include <fcntl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <ctime>
 
 #include "common/text.h"
 
@@ -16,9 +19,29 @@ Status IoError(const std::string& what, const std::string& path, int err) {
   return Status(Code::kIoError, "cannot " + what + " " + Escaped(path) + ": " + std::strerror(err));
 }
 
+std::string DirectoryOf(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// A temp name nobody can guess: the pid and 64 random bits.
+std::string TempNameFor(const std::string& path) {
+  uint64_t r = 0;
+  if (::getrandom(&r, sizeof(r), 0) != static_cast<ssize_t>(sizeof(r))) {
+    // No entropy source: O_EXCL below still refuses any file planted at
+    // the name, so a predictable suffix only risks a clear failure.
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    r = static_cast<uint64_t>(ts.tv_nsec) ^ (static_cast<uint64_t>(ts.tv_sec) << 30);
+  }
+  char suffix[32];
+  std::snprintf(suffix, sizeof(suffix), "%016llx", static_cast<unsigned long long>(r));
+  return path + ".tmp." + std::to_string(::getpid()) + "." + suffix;
+}
+
 Status SyncDirectoryOf(const std::string& path) {
-  std::string dir = ".";
-  if (const size_t slash = path.rfind('/'); slash != std::string::npos) dir = slash == 0 ? "/" : path.substr(0, slash);
+  const std::string dir = DirectoryOf(path);
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return IoError("open directory", dir, errno);
   const int rc = ::fsync(fd);
@@ -60,9 +83,37 @@ Status Fill(int fd, const std::string& tmp, std::string_view content, mode_t mod
 
 }  // namespace
 
-Status WriteFileAtomically(const std::string& path, std::string_view content, mode_t mode, Durability durability) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+Status CheckParentDirectory(const std::string& path) {
+  const std::string dir = DirectoryOf(path);
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) return IoError("stat directory", dir, errno);
+  if (!S_ISDIR(st.st_mode)) return Status(Code::kIoError, "cannot use " + Escaped(dir) + ": not a directory");
+  const uid_t me = ::geteuid();
+  if (st.st_uid != me && st.st_uid != 0) {
+    return Status(Code::kPermissionDenied, "refusing to write " + Escaped(path) + ": its directory " + Escaped(dir) +
+                                               " belongs to uid " + std::to_string(st.st_uid) +
+                                               ", not to this process (uid " + std::to_string(me) + ") or root");
+  }
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0 && (st.st_mode & S_ISVTX) == 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return Status(Code::kPermissionDenied, "refusing to write " + Escaped(path) + ": its directory " + Escaped(dir) +
+                                               " (mode " + mode +
+                                               ") is writable by other users without the sticky bit, so they could "
+                                               "replace the file or plant links");
+  }
+  return Status::Ok();
+}
+
+Status WriteFileAtomically(const std::string& path, std::string_view content, mode_t mode, Durability durability,
+                           Directory directory) {
+  if (directory == Directory::kPrivate) {
+    if (Status st = CheckParentDirectory(path); !st.ok()) return st;
+  }
+  const std::string tmp = TempNameFor(path);
+  // O_EXCL | O_NOFOLLOW: never write through a link or into a file someone
+  // else created at the temp name.
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
   if (fd < 0) return IoError("create", tmp, errno);
   Status st = Fill(fd, tmp, content, mode, durability);
   if (st.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {

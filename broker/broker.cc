@@ -12,6 +12,7 @@
 #include "broker/listener.h"
 #include "broker/log.h"
 #include "broker/recovery.h"
+#include "broker/segment_access.h"
 #include "broker/session.h"
 #include "common/text.h"
 #include "shm/clock.h"
@@ -61,6 +62,10 @@ Status Broker::Start() {
   Result<OpenedSegment> opened = OpenSegment(config_, segment_name_, options_.discard_state);
   if (!opened.ok()) return opened.status();
   segment_ = std::move(opened->segment);
+  // Before any worker learns the name: only workers may open it.
+  if (Status access = GrantSegmentAccess(segment_name_, config_.allow_uids, config_.allow_gids); !access.ok()) {
+    return access;
+  }
   const shm::ProcessId& self = shm::Self();
   segment_->header()->broker_pid.store(self.pid, std::memory_order_release);
   segment_->header()->broker_start_time.store(self.start_time, std::memory_order_release);
@@ -133,8 +138,14 @@ void Broker::ArmTick() {
 }
 
 void Broker::Tick() {
+  // Dead holders whose pool was busy when they died: their leases are freed
+  // once the pool's lock is free again.
+  std::vector<shm::ProcessId> retry;
+  retry.swap(reclaim_retry_);
+  for (const shm::ProcessId& id : retry) OnProcessDied(id);
   for (const auto& [name, pool] : pools_->pools()) {
     Result<uint32_t> n = pool->ReclaimExpired();
+    if (!n.ok() && n.status().code() == Code::kBusy) pools_->NoteBusy(name, n.status());
     if (n.ok() && *n > 0) {
       Log(LogLevel::kWarn, "leases_expired",
           {{"pool", name},
@@ -149,20 +160,29 @@ void Broker::Tick() {
 
 void Broker::WatchHolders() {
   for (const auto& [name, pool] : pools_->pools()) {
-    for (const shm::ProcessId& id : pool->Holders()) reaper_->Watch(id);
+    std::vector<shm::ProcessId> holders;
+    if (Status st = pool->Holders(&holders); st.code() == Code::kBusy) pools_->NoteBusy(name, st);
+    for (const shm::ProcessId& id : holders) reaper_->Watch(id);
   }
 }
 
 void Broker::OnProcessDied(const shm::ProcessId& id) {
   uint32_t total = 0;
+  bool retry = false;
   for (const auto& [name, pool] : pools_->pools()) {
     Result<uint32_t> n = pool->ReclaimProcess(id);
+    if (!n.ok() && n.status().code() == Code::kBusy) {
+      pools_->NoteBusy(name, n.status());
+      retry = true;
+    }
     if (n.ok() && *n > 0) {
       total += *n;
       Log(LogLevel::kWarn, "leases_reclaimed",
           {{"pool", name}, {"pid", std::to_string(id.pid)}, {"count", std::to_string(*n)}});
     }
   }
+  // Reclaiming again in a pool that already freed them is a no-op.
+  if (retry) reclaim_retry_.push_back(id);
   if (total > 0) cooldown_->Rearm();
 }
 
@@ -183,7 +203,14 @@ uint32_t Broker::ReclaimIfDead(uint32_t pid) {
 }
 
 void Broker::SaveState(bool force) {
-  Status st = persister_->Save(CaptureState(*segment_, wall_minus_mono_), force);
+  // A busy pool keeps the state saved last for it (KM-05).
+  std::vector<std::string> busy;
+  StateImage image = CaptureState(*segment_, wall_minus_mono_, kBrokerLockTimeoutNs, &last_state_, &busy);
+  for (const std::string& pool : busy) {
+    pools_->NoteBusy(pool, Status(Code::kBusy, "pool " + Quoted(pool) + " is busy: its state was not saved anew"));
+  }
+  Status st = persister_->Save(image, force);
+  last_state_ = std::move(image);
   if (!st.ok()) Log(LogLevel::kError, "state_write_failed", {{"file", config_.state_file}, {"error", st.message()}});
 }
 
@@ -221,6 +248,10 @@ void Broker::Reload() {
     if (metrics_file_) metrics_file_->Stop();
     metrics_file_.reset();
     StartMetricsFile();
+  }
+  if (Status access = GrantSegmentAccess(segment_name_, config_.allow_uids, config_.allow_gids); !access.ok()) {
+    // The previous access list stays on the segment.
+    Log(LogLevel::kError, "segment_access_failed", {{"error", access.message()}});
   }
   pools_->Configure(config_.pools);
   Status st = pools_->Reconcile();

@@ -103,6 +103,9 @@ class Broker {
   BrokerConfig config_;
   std::unique_ptr<LockFile> lock_;
   std::string segment_name_;
+  // Dead holders to reclaim again at the next tick: a pool was busy (KM-05).
+  std::vector<shm::ProcessId> reclaim_retry_;
+  StateImage last_state_;  // the last capture, for pools busy at the next
   std::unique_ptr<shm::Segment> segment_;
   std::unique_ptr<PoolRegistry> pools_;
   int64_t wall_minus_mono_ = 0;

@@ -137,7 +137,7 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
   const json::object& o = v.as_object();
   st = OnlyFields(o, where,
                   {"strategy", "default_cooldown", "max_failures", "acquire_timeout", "max_lease_seconds",
-                   "max_cooldown", "rate_margin", "keys"});
+                   "max_cooldown", "rate_margin", "max_leases_per_process", "keys"});
   if (!st.ok()) return st;
   PoolConfigEntry p;
   p.name = std::string(name);
@@ -170,6 +170,11 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
     Result<uint64_t> r = GetUint(*x, where + ".max_failures", 1, UINT32_MAX);
     if (!r.ok()) return r.status();
     p.options.max_failures = static_cast<uint32_t>(*r);
+  }
+  if (const json::value* x = o.if_contains("max_leases_per_process")) {
+    Result<uint64_t> r = GetUint(*x, where + ".max_leases_per_process", 1, UINT32_MAX);
+    if (!r.ok()) return r.status();
+    p.options.max_leases_per_process = static_cast<uint32_t>(*r);
   }
   st = ValidatePoolOptions(p.options);
   if (!st.ok()) return Error(where, st.message());

@@ -1,8 +1,9 @@
 // The broker's configuration file (CONTRACT.md "Config"), parsed and
 // validated completely before anything starts.
 //
-// Extensions beyond CONTRACT.md: per pool `max_lease_seconds` (default 600)
-// and `max_cooldown` (default 600); top-level optional
+// Extensions beyond CONTRACT.md: per pool `max_lease_seconds` (default 600),
+// `max_cooldown` (default 600; also the cap of every honoured Retry-After)
+// and `max_leases_per_process` (default half of leases_per_pool); top-level optional
 // `"capacity": {"max_pools", "keys_per_pool", "leases_per_pool"}`,
 // `"log_level"` (debug|info|warn|error; --log-level wins), `"metrics_file"`
 // (a path the broker rewrites atomically with the Prometheus exposition,

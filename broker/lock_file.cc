@@ -2,11 +2,13 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 
+#include "broker/atomic_file.h"
 #include "common/text.h"
 
 namespace keymesh::broker {
@@ -16,8 +18,21 @@ LockFile::~LockFile() {
 }
 
 Result<std::unique_ptr<LockFile>> LockFile::Acquire(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (Status st = CheckParentDirectory(path); !st.ok()) return st;
+  // O_NOFOLLOW: a link planted at the name is refused (ELOOP), never
+  // followed and truncated.
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return Status(Code::kIoError, "cannot open lock file " + Escaped(path) + ": " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid()) {
+    const bool stat_ok = S_ISREG(st.st_mode);
+    ::close(fd);
+    return Status(Code::kPermissionDenied,
+                  "refusing lock file " + Escaped(path) + ": " +
+                      (stat_ok ? "it belongs to uid " + std::to_string(st.st_uid) + ", not to this process (uid " +
+                                     std::to_string(::geteuid()) + ")"
+                               : std::string("not a regular file")));
+  }
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     char buf[32] = {0};

@@ -5,6 +5,7 @@
 
 #include "broker/broker.h"
 #include "broker/config.h"
+#include "broker/hardening.h"
 #include "broker/log.h"
 
 namespace {
@@ -38,6 +39,12 @@ int main(int argc, char** argv) {
   if (options.config_path.empty()) {
     std::fputs(kUsage, stderr);
     return 2;
+  }
+  // Before any secret is read (the config names them): no core dump, no
+  // same-uid ptrace or /proc/PID/mem.
+  if (keymesh::Status st = keymesh::broker::ProtectProcessMemory(); !st.ok()) {
+    std::fprintf(stderr, "keymesh-broker: %s\n", st.message().c_str());
+    return 1;
   }
   if (check) {
     keymesh::Result<keymesh::broker::BrokerConfig> config = keymesh::broker::LoadConfig(options.config_path);

@@ -231,8 +231,9 @@ void MetricsFileWriter::Arm() {
 
 void MetricsFileWriter::WriteNow() {
   Result<std::vector<PoolStatus>> pools = snapshot_();
-  Status st =
-      pools.ok() ? WriteFileAtomically(path_, RenderMetrics(*pools), 0644, Durability::kAtomic) : pools.status();
+  Status st = pools.ok()
+                  ? WriteFileAtomically(path_, RenderMetrics(*pools), 0644, Durability::kAtomic, Directory::kShared)
+                  : pools.status();
   if (!st.ok() && !failing_) {
     Log(LogLevel::kError, "metrics_file_failed", {{"file", path_}, {"error", st.message()}});
   } else if (st.ok() && failing_) {

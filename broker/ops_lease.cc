@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "broker/broker.h"
@@ -20,14 +21,38 @@ namespace {
 
 namespace json = boost::json;
 
-json::object Grant(shm::PoolAdmin& pool, const shm::LeaseHandle& h) {
-  return protocol::LeaseGrant{pool.KeyName(h.slot), h.slot, h.lease, h.seq, h.acquire_ns, h.fingerprint}.ToJson();
+// The reply to a granted lease. kBusy when the pool's lock was taken by a
+// stopped process right after the grant: the lease is already in the
+// session's list, so it ends when the connection does.
+Fields Grant(shm::PoolAdmin& pool, const shm::LeaseHandle& h) {
+  std::string name;
+  if (Status st = pool.KeyName(h.slot, &name); !st.ok()) return st;
+  return protocol::LeaseGrant{std::move(name), h.slot, h.lease, h.seq, h.acquire_ns, h.fingerprint}.ToJson();
 }
 
 shm::Outcome Cancelled() {
   shm::Outcome o;
   o.kind = shm::OutcomeKind::kCancelled;
   return o;
+}
+
+// The pool honours a requested cooldown only up to its max_cooldown; say so
+// when a request (a Retry-After) asked for more. The key is named by `name`,
+// or by `slot` when `name` is empty (looked up only then).
+void NoteCapped(shm::PoolAdmin& pool, std::string_view pool_name, std::string_view name, uint32_t slot,
+                const char* what, std::optional<double> seconds) {
+  const double cap = shm::NanosToSeconds(pool.header()->config.max_cooldown);
+  if (!seconds || !(*seconds > cap)) return;
+  char requested[32];
+  char max_cooldown[32];
+  std::snprintf(requested, sizeof(requested), "%.6g", *seconds);
+  std::snprintf(max_cooldown, sizeof(max_cooldown), "%.6g", cap);
+  Log(LogLevel::kWarn, "retry_after_capped",
+      {{"pool", std::string(pool_name)},
+       {"key", name.empty() ? pool.KeyName(slot) : std::string(name)},
+       {"field", what},
+       {"requested", requested},
+       {"max_cooldown", max_cooldown}});
 }
 
 }  // namespace
@@ -101,7 +126,13 @@ void Acquire(const OpCall& call, const protocol::AcquireRequest& request) {
       context.slow_leases.push_back({pool, *h, holder});
       return call.Reply(Grant(*pool, *h));
     }
-    if (h.status().code() != Code::kNoAvailableKey || timeout_ns == 0) return call.Reply(h.status());
+    // A full lease table is waited out like no key (the lane's Acquire
+    // waits for a release); a client's own quota is not (Acquire answers it
+    // at once for a holder other than the broker).
+    const Code code = h.status().code();
+    if ((code != Code::kNoAvailableKey && code != Code::kCapacityExceeded) || timeout_ns == 0) {
+      return call.Reply(h.status());
+    }
   }
   if (context.pending.size() >= config.max_pending_acquires) {
     // A client waits on one acquire per connection; this one floods (KM-09).
@@ -149,6 +180,9 @@ Fields End(const OpCall& call, const protocol::EndRequest& request) {
                              .tokens = request.tokens,
                              .cooldown = request.cooldown,
                              .permanent = request.permanent && request.outcome == shm::OutcomeKind::kFailure};
+  if (outcome.kind == shm::OutcomeKind::kRateLimited) {
+    NoteCapped(*pool, request.pool, "", h.slot, "cooldown", outcome.cooldown);
+  }
   Status st = pool->Release(h, outcome, *call.context.client);
   if (st.ok() || st.code() == Code::kKeyExhausted || st.code() == Code::kNotHeld) {
     const size_t before = call.context.slow_leases.size();
@@ -168,6 +202,9 @@ Fields End(const OpCall& call, const protocol::EndRequest& request) {
 Fields ObserveLimits(const OpCall& call, const protocol::ObserveLimitsRequest& request) {
   Result<shm::PoolAdmin*> pool = call.broker.pools().Get(request.pool);
   if (!pool.ok()) return pool.status();
+  NoteCapped(**pool, request.pool, request.name, 0, "retry_after", request.retry_after);
+  NoteCapped(**pool, request.pool, request.name, 0, "reset_requests", request.reset_requests);
+  NoteCapped(**pool, request.pool, request.name, 0, "reset_tokens", request.reset_tokens);
   Status st = (*pool)->ObserveLimits(request.name, {.remaining_requests = request.remaining_requests,
                                                     .reset_requests = request.reset_requests,
                                                     .remaining_tokens = request.remaining_tokens,

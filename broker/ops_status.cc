@@ -12,15 +12,18 @@ namespace keymesh::broker::ops {
 Fields PoolsStatus(const OpCall& call, const protocol::StatusRequest& request) {
   const PoolRegistry& pools = call.broker.pools();
   Result<std::vector<PoolStatus>> snaps = std::vector<PoolStatus>();
+  protocol::StatusReply reply;
   if (request.pool) {
     Result<PoolStatus> one = pools.Snapshot(*request.pool);
     if (!one.ok()) return one.status();
     snaps->push_back(std::move(one).value());
   } else {
-    snaps = pools.SnapshotAll();
+    // A busy pool (KM-05) is named in the reply; the others are served.
+    std::vector<Status> busy;
+    snaps = pools.SnapshotAll(&busy);
     if (!snaps.ok()) return snaps.status();
+    for (const Status& b : busy) reply.busy.push_back(b.message());
   }
-  protocol::StatusReply reply;
   for (PoolStatus& s : *snaps) {
     protocol::StatusReply::Pool p;
     for (const KeyStatus& k : s.keys) p.key_suffix.push_back(pools.Masked(s.name, k.name));

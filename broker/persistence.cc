@@ -74,7 +74,8 @@ constexpr protocol::FieldStyle kStateField{Code::kCorruptState, "field '", "' ",
 
 }  // namespace
 
-StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono) {
+StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono, uint64_t lock_timeout_ns,
+                        const StateImage* previous, std::vector<std::string>* busy) {
   StateImage image;
   image.salt[0] = segment.header()->fingerprint_salt[0];
   image.salt[1] = segment.header()->fingerprint_salt[1];
@@ -82,8 +83,18 @@ StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono) {
     const shm::PoolHeader* ph = segment.pool_header(p);
     if (ph->use != shm::PoolUse::kInUse) continue;
     shm::PoolAdmin access(segment, p);
-    std::vector<PersistedKey>& out = image.pools[access.Info().name];
-    for (shm::ExportedKey& e : access.ExportKeyStates()) {
+    access.set_lock_timeout(lock_timeout_ns);
+    const std::string name = access.Info().name;
+    std::vector<PersistedKey>& out = image.pools[name];
+    std::vector<shm::ExportedKey> keys;
+    if (!access.ExportKeyStates(&keys).ok()) {
+      if (busy != nullptr) busy->push_back(name);
+      if (previous != nullptr) {
+        if (auto it = previous->pools.find(name); it != previous->pools.end()) out = it->second;
+      }
+      continue;
+    }
+    for (shm::ExportedKey& e : keys) {
       PersistedKey k;
       k.name = std::move(e.name);
       k.fingerprint = e.fingerprint;

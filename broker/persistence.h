@@ -43,7 +43,12 @@ struct StateImage {
 // Reads the persistable state of every pool in `segment`. Monotonic
 // deadlines become wall-clock by adding `wall_minus_mono` (ns), a constant
 // per broker run, so unchanged state captures to identical bytes.
-StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono);
+// `lock_timeout_ns` (0: wait as long as the holder lives) bounds the wait
+// for each pool's lock (KM-05): a busy pool keeps its entry of `previous`
+// (if given) instead of losing its state, and its name is appended to
+// *busy (if given).
+StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono, uint64_t lock_timeout_ns = 0,
+                        const StateImage* previous = nullptr, std::vector<std::string>* busy = nullptr);
 
 // File content for `image` (newline-terminated) and its parse.
 std::string SerializeState(const StateImage& image);

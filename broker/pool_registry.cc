@@ -3,9 +3,11 @@
 #include <optional>
 #include <utility>
 
+#include "broker/hardening.h"
 #include "broker/log.h"
 #include "broker/recovery.h"
 #include "common/text.h"
+#include "shm/clock.h"
 
 namespace keymesh::broker {
 
@@ -36,14 +38,25 @@ std::vector<PoolConfigEntry> PoolRegistry::DesiredPools() const {
   return pools;
 }
 
+PoolRegistry::~PoolRegistry() { WipeSecrets(); }
+
+// Freed memory keeps its bytes: overwrite the secrets before they go (KM-16).
+void PoolRegistry::WipeSecrets() noexcept {
+  for (auto& [pool, table] : secrets_) {
+    for (auto& [name, secret] : table) WipeSecret(secret);
+  }
+  secrets_.clear();
+}
+
 void PoolRegistry::Rebuild() {
   for (uint32_t i = 0; i < segment_.header()->max_pools; ++i) {
     if (segment_.pool_header(i)->use != shm::PoolUse::kInUse) continue;
     auto access = std::make_unique<shm::PoolAdmin>(segment_, i);
+    access->set_lock_timeout(kBrokerLockTimeoutNs);
     std::string name = access->Info().name;
     if (pools_.find(name) == pools_.end()) pools_.emplace(std::move(name), std::move(access));
   }
-  secrets_.clear();
+  WipeSecrets();
   for (const PoolConfigEntry& p : DesiredPools()) {
     auto& table = secrets_[p.name];
     for (const KeySpec& k : p.keys) table[k.name] = k.secret;
@@ -136,12 +149,26 @@ Result<PoolStatus> PoolRegistry::Snapshot(std::string_view pool) const {
   return (*access)->Snapshot();
 }
 
-Result<std::vector<PoolStatus>> PoolRegistry::SnapshotAll() const {
+void PoolRegistry::NoteBusy(std::string_view pool, const Status& status) const {
+  constexpr uint64_t kEvery = 10 * shm::kNanosPerSecond;
+  const uint64_t now = shm::MonotonicNowNanos();
+  auto it = busy_logged_at_.find(pool);
+  if (it != busy_logged_at_.end() && now - it->second < kEvery) return;
+  busy_logged_at_[std::string(pool)] = now;
+  Log(LogLevel::kWarn, "pool_busy", {{"pool", std::string(pool)}, {"error", status.message()}});
+}
+
+Result<std::vector<PoolStatus>> PoolRegistry::SnapshotAll(std::vector<Status>* busy) const {
   std::vector<PoolStatus> out;
   for (const std::string& name : Names()) {
     shm::PoolAdmin* access = Find(name);
     if (access == nullptr) continue;
     Result<PoolStatus> snap = access->Snapshot();
+    if (!snap.ok() && snap.status().code() == Code::kBusy) {
+      NoteBusy(name, snap.status());
+      if (busy != nullptr) busy->push_back(snap.status());
+      continue;
+    }
     if (!snap.ok()) return snap.status();
     out.push_back(std::move(snap).value());
   }

@@ -27,12 +27,20 @@
 
 namespace keymesh::broker {
 
+// The longest the broker waits for a pool's lock (KM-05): a process that
+// stops inside a critical section (SIGSTOP, a debugger, a frozen cgroup) or
+// a planted lock word makes that pool answer kBusy, never the whole broker
+// wait. Critical sections last nanoseconds, so 50 ms is never reached by a
+// holder that runs.
+inline constexpr uint64_t kBrokerLockTimeoutNs = 50'000'000;
+
 class PoolRegistry {
  public:
   using Pools = std::map<std::string, std::unique_ptr<shm::PoolAdmin>, std::less<>>;
 
   // `segment` must outlive the registry.
   explicit PoolRegistry(shm::Segment& segment) : segment_(segment) {}
+  ~PoolRegistry();  // overwrites the secrets it holds
   PoolRegistry(const PoolRegistry&) = delete;
   PoolRegistry& operator=(const PoolRegistry&) = delete;
 
@@ -70,12 +78,20 @@ class PoolRegistry {
   Status RemoveKey(std::string_view pool, std::string_view name);
 
   // Snapshot of one pool (kUnknownKey if none), or of every configured pool.
+  // A busy pool (kBusy: its lock held past kBrokerLockTimeoutNs) fails
+  // Snapshot; SnapshotAll leaves it out, appends its error to *busy (if
+  // given) and logs it (at most every 10 s per pool), so one stuck pool
+  // never hides the others.
   Result<PoolStatus> Snapshot(std::string_view pool) const;
-  Result<std::vector<PoolStatus>> SnapshotAll() const;
+  Result<std::vector<PoolStatus>> SnapshotAll(std::vector<Status>* busy = nullptr) const;
+  // Logs pool_busy for `status` (kBusy of pool `pool`), at most every 10 s
+  // per pool.
+  void NoteBusy(std::string_view pool, const Status& status) const;
 
  private:
   // The config's pools plus the keys added at run time.
   std::vector<PoolConfigEntry> DesiredPools() const;
+  void WipeSecrets() noexcept;
   // Refreshes pools_ from the segment and secrets_ from DesiredPools().
   void Rebuild();
 
@@ -84,6 +100,7 @@ class PoolRegistry {
   std::map<std::string, std::map<std::string, KeySpec>, std::less<>> runtime_keys_;  // added over the socket
   Pools pools_;
   std::map<std::string, std::map<std::string, std::string>, std::less<>> secrets_;
+  mutable std::map<std::string, uint64_t, std::less<>> busy_logged_at_;  // pool -> monotonic ns
 };
 
 // "no pool 'NAME'": the one message for a pool that does not exist.

@@ -105,6 +105,8 @@ std::optional<double> ParseHttpDate(std::string_view s) {
   return static_cast<double>(t);
 }
 
+double Capped(double seconds) { return seconds > kMaxHeaderDelaySeconds ? kMaxHeaderDelaySeconds : seconds; }
+
 Status Bad(std::string_view what) {
   return Status(Code::kInvalidArgument, "malformed " + std::string(what) + " value");
 }
@@ -113,17 +115,17 @@ Status Bad(std::string_view what) {
 
 Result<double> ParseRetryAfter(std::string_view value, double now_unix_seconds) {
   value = Trim(value);
-  if (std::optional<double> secs = ParseDecimal(value)) return *secs;
+  if (std::optional<double> secs = ParseDecimal(value)) return Capped(*secs);
   if (std::optional<double> at = ParseHttpDate(value)) {
     const double d = *at - now_unix_seconds;
-    return d > 0 ? d : 0.0;
+    return d > 0 ? Capped(d) : 0.0;
   }
   return Bad("Retry-After");
 }
 
 Result<double> ParseRateLimitDuration(std::string_view value) {
   value = Trim(value);
-  if (std::optional<double> secs = ParseDecimal(value)) return *secs;
+  if (std::optional<double> secs = ParseDecimal(value)) return Capped(*secs);
   if (value.empty() || value.size() > 64) return Bad("duration");
   double total = 0;
   size_t i = 0;
@@ -155,7 +157,7 @@ Result<double> ParseRateLimitDuration(std::string_view value) {
     i = k;
   }
   if (!std::isfinite(total)) return Bad("duration");
-  return total;
+  return Capped(total);
 }
 
 Result<LimitObservation> ParseLimitHeaders(const std::vector<std::pair<std::string, std::string>>& headers,
@@ -194,7 +196,7 @@ Result<LimitObservation> ParseLimitHeaders(const std::vector<std::pair<std::stri
       if (!ms)
         st = Status(Code::kInvalidArgument, "malformed retry-after-ms value");
       else
-        obs.retry_after = *ms / 1000.0;
+        obs.retry_after = Capped(*ms / 1000.0);
     } else if (IEquals(name, "retry-after")) {
       Result<double> v = ParseRetryAfter(value, now_unix_seconds);
       if (!v.ok())

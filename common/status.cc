@@ -26,6 +26,7 @@ const char* CodeName(Code code) noexcept {
     case Code::kAlreadyExists: return "already_exists";
     case Code::kClosed: return "closed";
     case Code::kInternal: return "internal";
+    case Code::kBusy: return "busy";
   }
   return "unknown";
 }

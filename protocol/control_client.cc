@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -87,6 +88,32 @@ bool Stale(int fd) {
 std::mutex& RegistryMutex() {
   static std::mutex* mu = new std::mutex;
   return *mu;
+}
+
+// KM-22: the server must be one this process trusts with its requests (and
+// an add_key's secret, and the segment name it answers with): root, this
+// process's own uid, or the owner of the socket's directory when no one
+// else can create sockets there. A listener another user left at a stale
+// or mistyped path (in /tmp, say) is refused before anything is sent.
+Status CheckServer(int fd, const std::string& path) {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    return Status(Code::kBrokerUnavailable, "cannot reach keymesh-broker at " + Escaped(path) +
+                                                ": cannot read the server's credentials: " + std::strerror(errno));
+  }
+  const uid_t me = ::geteuid();
+  if (cred.uid == 0 || cred.uid == me) return Status::Ok();
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) == 0 && st.st_uid == cred.uid && (st.st_mode & (S_IWGRP | S_IWOTH)) == 0) {
+    return Status::Ok();
+  }
+  return Status(Code::kPermissionDenied, "refusing the server at " + Escaped(path) + ": it runs as uid " +
+                                             std::to_string(cred.uid) +
+                                             ", which is neither root, this process's uid nor the owner of "
+                                             "a directory only it can write; not a trusted keymesh-broker");
 }
 
 }  // namespace
@@ -211,6 +238,10 @@ Result<Conn> ControlClient::State::Dial(Clock::time_point deadline) {
     const int err = errno;
     ::close(fd);
     return Unreachable(err == EAGAIN ? "the broker accepts no connection (queue full)" : std::strerror(err));
+  }
+  if (Status trusted = CheckServer(fd, path); !trusted.ok()) {
+    ::close(fd);
+    return trusted;
   }
   const int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {

@@ -107,7 +107,7 @@ Result<Reply> ParseReply(std::string_view frame) {
 }
 
 Code CodeFromName(std::string_view name) {
-  for (int32_t c = 1; c <= static_cast<int32_t>(Code::kInternal); ++c) {
+  for (int32_t c = 1; c <= static_cast<int32_t>(kLastCode); ++c) {
     if (name == CodeName(static_cast<Code>(c))) return static_cast<Code>(c);
   }
   return Code::kProtocolError;

@@ -5,6 +5,7 @@
 #include <boost/json/array.hpp>
 
 #include "common/check.h"
+#include "common/text.h"
 #include "protocol/framing.h"
 #include "protocol/status_json.h"
 
@@ -235,7 +236,13 @@ Result<StatusRequest> StatusRequest::FromJson(const json::object& o) {
 json::object StatusReply::ToJson() const {
   json::array list;
   for (const Pool& p : pools) list.push_back(PoolStatusToJson(p.status, p.key_suffix));
-  return {{"pools", std::move(list)}};
+  json::object o{{"pools", std::move(list)}};
+  if (!busy.empty()) {
+    json::array b;
+    for (const std::string& m : busy) b.push_back(json::value(m));
+    o["busy"] = std::move(b);
+  }
+  return o;
 }
 
 Result<StatusReply> StatusReply::FromJson(const json::object& o) {
@@ -248,6 +255,13 @@ Result<StatusReply> StatusReply::FromJson(const json::object& o) {
     if (!s.ok()) return s.status();
     p.status = std::move(s).value();
     r.pools.push_back(std::move(p));
+  }
+  if (const json::value* busy = o.if_contains("busy")) {
+    if (!busy->is_array()) return FieldError(kWireField, "busy", "must be a list");
+    for (const json::value& m : busy->get_array()) {
+      if (!m.is_string()) return FieldError(kWireField, "busy", "must be a list of strings");
+      r.busy.push_back(OneLine(std::string(m.get_string())));
+    }
   }
   return r;
 }

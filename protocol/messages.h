@@ -200,9 +200,14 @@ struct StatusReply {
     std::vector<std::string> key_suffix;  // the masked secret of status.keys[i]
   };
   std::vector<Pool> pools;  // on the wire: status_json.h objects
+  // Pools left out because their lock is held by a stopped process (the
+  // broker's kBusy messages, one line each); on the wire `busy`, absent
+  // when empty.
+  std::vector<std::string> busy;
 
   boost::json::object ToJson() const;
-  // Lenient per pool (status_json.h); kProtocolError without a `pools` list.
+  // Lenient per pool (status_json.h); kProtocolError without a `pools` list
+  // or with a `busy` that is not a list of strings.
   static Result<StatusReply> FromJson(const boost::json::object& o);
 };
 

@@ -34,8 +34,16 @@ std::optional<uint32_t> EligibilityIndex::ScanMin() const noexcept {
   // Every eligible slot is in the first word. Ascending slot order and a
   // strict compare break ties by the lowest slot.
   const SortKey* order = a_.order;
-  if (uint64_t idle = *a_.idle; idle != 0) {
-    // Keys with nothing in flight (least_busy): the least recently used.
+  // Only slots below the capacity (the arrays' size) are ever read; bits
+  // beyond it, or idle bits of slots not in the index, are damage.
+  const uint64_t raw = a_.bits[0];
+  const uint64_t eligible = raw & scan_mask_;
+  uint64_t idle = *a_.idle;
+  if (raw != eligible || (idle & ~eligible) != 0) [[unlikely]] {
+    damaged_ = true;
+    idle &= eligible;
+  }
+  if (idle != 0) {
     uint32_t best = static_cast<uint32_t>(__builtin_ctzll(idle));
     uint64_t best_k2 = order[best].k2;
     for (idle &= idle - 1; idle != 0; idle &= idle - 1) {
@@ -48,7 +56,7 @@ std::optional<uint32_t> EligibilityIndex::ScanMin() const noexcept {
     }
     return best;
   }
-  uint64_t bits = a_.bits[0];
+  uint64_t bits = eligible;
   if (bits == 0) return std::nullopt;
   uint32_t best = static_cast<uint32_t>(__builtin_ctzll(bits));
   SortKey best_key = order[best];
@@ -65,6 +73,10 @@ std::optional<uint32_t> EligibilityIndex::ScanMin() const noexcept {
 
 void EligibilityIndex::Fix(uint32_t slot) noexcept {
   const uint32_t leaves = *a_.tree_leaves;
+  if (leaves > tree_cap_ || slot >= leaves) [[unlikely]] {
+    damaged_ = true;  // the tree size was rewritten: it does not fit the arrays, or misses the slot
+    return;
+  }
   for (uint32_t n = (slot + leaves) >> 1; n >= 1; n >>= 1) {
     const uint32_t w = Better(Winner(2 * n, leaves), Winner(2 * n + 1, leaves));
     // Unchanged, and not the key that changed: nothing above can change.
@@ -77,12 +89,14 @@ void EligibilityIndex::Clear(bool ordered, uint32_t high_water) noexcept {
   std::memset(a_.bits, 0, (uint64_t{capacity_} + 63) / 64 * sizeof(uint64_t));
   *a_.eligible_count = 0;
   *a_.idle = 0;
+  if (high_water > capacity_) high_water = capacity_;
   const uint32_t leaves = ordered ? LeavesFor(high_water) : 0;
   *a_.tree_leaves = leaves;
   for (uint32_t n = 0; n < leaves; ++n) a_.tree[n] = kNone;
 }
 
 std::optional<uint32_t> EligibilityIndex::NextFrom(uint32_t slot, uint32_t high_water) const noexcept {
+  if (high_water > capacity_) high_water = capacity_;
   if (*a_.eligible_count == 0 || high_water == 0) return std::nullopt;
   if (slot >= high_water) slot = 0;
   const uint32_t words = (high_water + 63) / 64;

@@ -21,6 +21,13 @@
 // and tree_leaves; the pool's order, tree and bits regions): derived data,
 // guarded by the pool mutex, rebuilt from the slots by the repair after an
 // owner died. No locking, no clock, no segment: unit-tested on its own.
+//
+// What it reads from those arrays is untrusted (another process may have
+// written them): a tree size beyond the arrays, a node naming a slot beyond
+// the capacity, set bits beyond it, a scan-mode update of a slot the scan
+// does not cover are never used to index; the index notes them as damage()
+// (its owner rebuilds it) and answers as if the bad entry were absent.
+// Slots passed in are the caller's and must be < capacity.
 #ifndef KEYMESH_SHM_ELIGIBILITY_INDEX_H_
 #define KEYMESH_SHM_ELIGIBILITY_INDEX_H_
 
@@ -50,7 +57,16 @@ class EligibilityIndex {
 
   EligibilityIndex() = default;
   // The arrays hold `capacity` slots and must outlive the index.
-  EligibilityIndex(const Arrays& arrays, uint32_t capacity) noexcept : a_(arrays), capacity_(capacity) {}
+  EligibilityIndex(const Arrays& arrays, uint32_t capacity) noexcept
+      : a_(arrays),
+        capacity_(capacity),
+        tree_cap_(TreeNodes(capacity)),
+        scan_mask_(capacity >= 64 ? ~uint64_t{0} : (uint64_t{1} << capacity) - 1) {}
+
+  // Something read from the arrays was out of range since the last
+  // ClearDamage() (or Clear()).
+  bool damaged() const noexcept { return damaged_; }
+  void ClearDamage() noexcept { damaged_ = false; }
 
   uint32_t eligible_count() const noexcept { return *a_.eligible_count; }
   bool Contains(uint32_t slot) const noexcept { return (a_.bits[slot >> 6] >> (slot & 63)) & 1; }
@@ -62,7 +78,9 @@ class EligibilityIndex {
   // is a count (least_busy's in_flight), so k1 == 0 is the smallest there is.
   void Clear(bool ordered, uint32_t high_water) noexcept;
   // True when a slot below `high_water` would not fit the tree: Clear again.
-  bool NeedsRegrow(bool ordered, uint32_t high_water) const noexcept { return ordered && high_water > *a_.tree_leaves; }
+  bool NeedsRegrow(bool ordered, uint32_t high_water) const noexcept {
+    return ordered && (high_water > *a_.tree_leaves || *a_.tree_leaves > tree_cap_);
+  }
 
   // Marks `slot` eligible; `ordered`: with sort key `key`.
   void Add(uint32_t slot, bool ordered, bool counts, SortKey key) noexcept {
@@ -76,8 +94,10 @@ class EligibilityIndex {
     if (!ordered) return;
     if (*a_.tree_leaves > kScanLeaves) {
       Fix(slot);
-    } else {
+    } else if (slot < kScanLeaves) [[likely]] {
       *a_.idle &= ~(1u << slot);
+    } else {
+      damaged_ = true;  // a slot the scan does not cover: the tree size was rewritten
     }
   }
   // The sort key of an eligible slot changed.
@@ -85,16 +105,24 @@ class EligibilityIndex {
     a_.order[slot] = key;
     if (*a_.tree_leaves > kScanLeaves) {
       Fix(slot);
+    } else if (slot >= kScanLeaves) [[unlikely]] {
+      damaged_ = true;  // as in Remove
     } else if (counts) {
       *a_.idle = key.k1 == 0 ? *a_.idle | (1u << slot) : *a_.idle & ~(1u << slot);
     }
   }
   // The eligible slot with the smallest sort key, if any (ordered only).
+  // May name a slot that is not eligible when the arrays were rewritten:
+  // callers check Contains().
   std::optional<uint32_t> Min() const noexcept {
     const uint32_t leaves = *a_.tree_leaves;
     if (leaves <= kScanLeaves) return ScanMin();
     const uint32_t w = a_.tree[1];
     if (w == kNone) return std::nullopt;
+    if (w >= capacity_ || leaves > tree_cap_) [[unlikely]] {
+      damaged_ = true;
+      return std::nullopt;
+    }
     return w;
   }
 
@@ -105,12 +133,14 @@ class EligibilityIndex {
   // it returns false.
   template <typename Fn>
   void ForEach(uint32_t high_water, Fn&& fn) const {
+    if (high_water > capacity_) high_water = capacity_;
     const uint32_t words = (high_water + 63) / 64;
     for (uint32_t w = 0; w < words; ++w) {
       uint64_t bits = a_.bits[w];
       while (bits != 0) {
         const uint32_t slot = w * 64 + static_cast<uint32_t>(__builtin_ctzll(bits));
         bits &= bits - 1;
+        if (slot >= high_water) return;  // bits above the high water: none should be set
         if (!fn(slot)) return;
       }
     }
@@ -125,9 +155,15 @@ class EligibilityIndex {
  private:
   // The winner of tree node `n` (a leaf when n >= leaves).
   uint32_t Winner(uint32_t n, uint32_t leaves) const noexcept {
-    if (n < leaves) return a_.tree[n];
+    if (n < leaves) {
+      const uint32_t w = a_.tree[n];
+      if (w < capacity_ || w == kNone) [[likely]]
+        return w;
+      damaged_ = true;
+      return kNone;
+    }
     const uint32_t slot = n - leaves;
-    return Contains(slot) ? slot : kNone;
+    return slot < capacity_ && Contains(slot) ? slot : kNone;
   }
   // The better of two winners; `a` covers lower slots than `b`, so a tie
   // goes to `a` (the lowest slot).
@@ -137,6 +173,9 @@ class EligibilityIndex {
 
   Arrays a_{};
   uint32_t capacity_ = 0;
+  uint32_t tree_cap_ = 0;   // tree nodes the arrays hold (TreeNodes(capacity_))
+  uint64_t scan_mask_ = 0;  // the slots of bits[0] below capacity_
+  mutable bool damaged_ = false;
 };
 
 }  // namespace keymesh::shm

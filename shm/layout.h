@@ -166,9 +166,14 @@ struct PoolConfig {
   uint64_t max_cooldown;      // ns: escalation cap
   uint32_t margin_ppm;        // rate-limit safety margin in millionths
   uint32_t pad0;
-  uint64_t reserved[2];
+  // Leases one holder process may have at once; 0: half the lease table
+  // (PoolCore's default quota). Once a reserved word, and zero in segments
+  // laid out before it had a name, so those get the default.
+  uint32_t max_leases_per_process;
+  uint32_t pad1;
+  uint64_t reserved[1];
 };
-static_assert(sizeof(PoolConfig) == 64, "PoolConfig layout");
+static_assert(sizeof(PoolConfig) == 64 && offsetof(PoolConfig, max_leases_per_process) == 48, "PoolConfig layout");
 
 // Totals of keys that were removed, so pool totals never go backwards.
 struct RetiredTotals {

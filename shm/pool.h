@@ -14,6 +14,21 @@
 // mapping); the Segment must outlive it. One view may be used from many
 // threads and many processes at once: all shared state is behind the pool's
 // process-shared mutex.
+//
+// The segment is untrusted input (pool_core.h): any call may fail with
+// kSegmentError when the pool's shared state is inconsistent beyond what a
+// repair restores (the view is then poisoned: every later call fails the
+// same way, at the cost of one load), never with a crash.
+//
+// Lock timeout. By default a call waits for the pool's lock as long as the
+// holder lives (workers: the holder's critical section lasts nanoseconds).
+// A caller that must never block indefinitely (the broker: one stopped
+// process must not freeze it) sets set_lock_timeout(ns) on its view; then
+// every call that would wait longer fails with kBusy ("pool 'a' is busy: its
+// lock is held by pid N for X ms or more") and changes nothing. The calls
+// that return plain values have a Status-returning overload (an out
+// parameter) that tells busy from empty; the plain ones return the empty
+// value (0, kNever, nullopt, "", {}) when the lock was not taken.
 #ifndef KEYMESH_SHM_POOL_H_
 #define KEYMESH_SHM_POOL_H_
 
@@ -44,6 +59,14 @@ class PoolUser {
   PoolHeader* header() const noexcept { return core_.header(); }
   PoolInfo Info() const { return core_.Info(); }
 
+  // The longest any call of this view waits for the pool's lock (ns of real
+  // time); 0, the default, waits as long as the holder lives. See the top
+  // comment. Thread-safe; applies to calls that start afterwards.
+  void set_lock_timeout(uint64_t ns) noexcept { core_.set_lock_timeout(ns); }
+  uint64_t lock_timeout() const noexcept { return core_.lock_timeout(); }
+  // Non-null once this view gave up on the pool (kSegmentError): why.
+  const char* poisoned() const noexcept { return core_.poisoned(); }
+
   // One attempt. kNoAvailableKey when no key is eligible now; then
   // *earliest (if given) receives the earliest cooldown deadline (kNever if
   // none). `selector` null: the pool's strategy.
@@ -71,18 +94,25 @@ class PoolUser {
   // (ApplyLimitUpdate in rate_budget.h). Never shortens a cooldown.
   Status ObserveLimits(std::string_view name, const LimitUpdate& update);
   // Wakes sleepers so they re-check (cancellation, the broker's cooldown
-  // timer).
+  // timer), after admitting keys whose cooldown ended.
   void WakeWaiters() noexcept;
+  // The same; kBusy/kSegmentError when the lock was not taken (nothing
+  // swept; sleepers are woken all the same, to re-check on their own).
+  Status SweepAndWake();
 
   Result<PoolStatus> Snapshot();
   uint32_t AvailableCount();
+  Status AvailableCount(uint32_t* count);
   // Earliest cooldown deadline in the future (kNever if none).
   uint64_t NextDeadline();
+  Status NextDeadline(uint64_t* deadline);
   // Slot of the non-free key called `name`, or nullopt.
   std::optional<uint32_t> FindByName(std::string_view name);
+  Status FindByName(std::string_view name, std::optional<uint32_t>* slot);
   // Name of the key in `slot` ("" for a slot out of range), read under the
   // lock.
   std::string KeyName(uint32_t slot);
+  Status KeyName(uint32_t slot, std::string* name);
 
  protected:
   PoolCore core_;
@@ -107,6 +137,7 @@ class PoolAdmin : public PoolUser {
   // The persistable state of every active key (removed keys excluded), read
   // under the lock; the inverse of RestoreKeyState.
   std::vector<ExportedKey> ExportKeyStates();
+  Status ExportKeyStates(std::vector<ExportedKey>* out);
 
   // Frees every lease held by `holder`; returns how many.
   Result<uint32_t> ReclaimProcess(const ProcessId& holder);
@@ -117,8 +148,10 @@ class PoolAdmin : public PoolUser {
   Result<uint32_t> ReclaimDead();
   // Distinct holders of live leases (copied under the lock).
   std::vector<ProcessId> Holders();
+  Status Holders(std::vector<ProcessId>* out);
   // Slot of the active key whose fingerprint matches, or nullopt.
   std::optional<uint32_t> FindByFingerprint(uint64_t fingerprint);
+  Status FindByFingerprint(uint64_t fingerprint, std::optional<uint32_t>* slot);
   // Takes the lock (repairing if an owner died) and verifies the lease
   // accounting; for tests and the broker.
   Status CheckConsistency();

@@ -14,6 +14,7 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
   if (!valid.ok()) return valid;
   if (def.weight < 1) return Status(Code::kInvalidArgument, "key weight must be >= 1");
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   PoolHeader* ph = core_.header();
   const uint64_t now = core_.Now();
   auto set_config = [&](KeyConfig& c) {
@@ -42,6 +43,10 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
     }
     k.state.circuit = Circuit::kClosed;
     k.state.enabled = 1;
+    // Fresh budgets too: a bucket pushed far ahead (a hostile token count)
+    // must not outlive the operator's re-admission.
+    k.state.req_tat = 0;
+    k.state.tok_tat = 0;
     set_config(k.config);
     core_.Commit();
     core_.IndexUpdate(s, now);
@@ -73,6 +78,7 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
 
 Status PoolAdmin::RemoveKey(std::string_view name) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
   if (core_.key(*s).state.use == SlotUse::kRemoving) return Status::Ok();
@@ -85,6 +91,7 @@ Status PoolAdmin::RemoveKey(std::string_view name) {
 
 Status PoolAdmin::SetEnabled(std::string_view name, bool enabled) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
   core_.Set(core_.key(*s).state.enabled, uint8_t{enabled ? uint8_t{1} : uint8_t{0}});
@@ -96,6 +103,7 @@ Status PoolAdmin::SetEnabled(std::string_view name, bool enabled) {
 
 Status PoolAdmin::ResetKey(std::string_view name) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
   SlotState& st = core_.key(*s).state;
@@ -105,6 +113,8 @@ Status PoolAdmin::ResetKey(std::string_view name) {
   core_.Set(st.rl_streak, 0u);
   core_.Set(st.circuit, Circuit::kClosed);
   core_.Set(st.open_cooldown, uint64_t{0});
+  core_.Set(st.req_tat, uint64_t{0});  // and the rate-limit buckets: full again
+  core_.Set(st.tok_tat, uint64_t{0});
   core_.Commit();
   core_.IndexUpdate(*s, core_.Now());
   g.RequestWake();
@@ -113,6 +123,7 @@ Status PoolAdmin::ResetKey(std::string_view name) {
 
 Status PoolAdmin::SetStrategy(Strategy strategy) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   core_.header()->config.strategy = static_cast<uint32_t>(strategy);
   core_.IndexRebuild(core_.Now());
   return Status::Ok();
@@ -122,6 +133,7 @@ Status PoolAdmin::SetOptions(const PoolOptions& o) {
   Status st = ValidatePoolOptions(o);
   if (!st.ok()) return st;
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   core_.header()->config = ToPoolConfig(o);  // plain scalars: each write is atomic for a crash
   core_.IndexRebuild(core_.Now());
   g.RequestWake();
@@ -130,6 +142,7 @@ Status PoolAdmin::SetOptions(const PoolOptions& o) {
 
 Status PoolAdmin::RestoreKeyState(std::string_view name, const RestoredState& r) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
   SlotState& st = core_.key(*s).state;
@@ -165,8 +178,17 @@ Status PoolAdmin::RestoreKeyState(std::string_view name, const RestoredState& r)
 
 std::vector<ExportedKey> PoolAdmin::ExportKeyStates() {
   std::vector<ExportedKey> out;
+  if (!ExportKeyStates(&out).ok()) out.clear();
+  return out;
+}
+
+Status PoolAdmin::ExportKeyStates(std::vector<ExportedKey>* exported) {
+  std::vector<ExportedKey>& out = *exported;
+  out.clear();
   PoolCore::Guard g(&core_);
-  for (uint32_t s = 0; s < core_.header()->slot_high_water; ++s) {
+  if (!g.ok()) return g.status();
+  const uint32_t hw = core_.HighWater();
+  for (uint32_t s = 0; s < hw; ++s) {
     const KeySlot& k = core_.key(s);
     const SlotState& st = k.state;
     if (st.use != SlotUse::kActive) continue;
@@ -193,18 +215,18 @@ std::vector<ExportedKey> PoolAdmin::ExportKeyStates() {
     r.ema_latency = st.ema_latency;
     out.push_back(std::move(e));
   }
-  return out;
+  return Status::Ok();
 }
 
 Result<uint32_t> PoolAdmin::ReclaimProcess(const ProcessId& holder) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   const uint64_t now = core_.Now();
   uint32_t freed = 0;
   for (uint32_t l = 0; l < core_.lease_capacity(); ++l) {
     const LeaseRecord& r = core_.lease(l);
     if (r.state == LeaseState::kHeld && r.pid == holder.pid && r.start_time == holder.start_time) {
-      core_.FreeLeaseLocked(l, now, true);
-      ++freed;
+      if (core_.FreeLeaseLocked(l, now, true)) ++freed;  // else damage: the repair frees it
     }
   }
   if (freed > 0) g.RequestWake();
@@ -213,6 +235,7 @@ Result<uint32_t> PoolAdmin::ReclaimProcess(const ProcessId& holder) {
 
 Result<uint32_t> PoolAdmin::ReclaimExpired() {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   const uint64_t now = core_.Now();
   const uint64_t max_lease = core_.header()->config.max_lease;
   if (max_lease == 0) return 0u;
@@ -220,8 +243,7 @@ Result<uint32_t> PoolAdmin::ReclaimExpired() {
   for (uint32_t l = 0; l < core_.lease_capacity(); ++l) {
     const LeaseRecord& r = core_.lease(l);
     if (r.state == LeaseState::kHeld && now > r.acquire_ns && now - r.acquire_ns > max_lease) {
-      core_.FreeLeaseLocked(l, now, true);
-      ++freed;
+      if (core_.FreeLeaseLocked(l, now, true)) ++freed;  // else damage: the repair frees it
     }
   }
   if (freed > 0) g.RequestWake();
@@ -230,19 +252,30 @@ Result<uint32_t> PoolAdmin::ReclaimExpired() {
 
 std::vector<ProcessId> PoolAdmin::Holders() {
   std::vector<ProcessId> out;
+  if (!Holders(&out).ok()) out.clear();
+  return out;
+}
+
+Status PoolAdmin::Holders(std::vector<ProcessId>* holders) {
+  std::vector<ProcessId>& out = *holders;
+  out.clear();
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   for (uint32_t l = 0; l < core_.lease_capacity(); ++l) {
     const LeaseRecord& r = core_.lease(l);
     if (r.state != LeaseState::kHeld) continue;
     ProcessId id{r.pid, r.start_time};
     if (std::find(out.begin(), out.end(), id) == out.end()) out.push_back(id);
   }
-  return out;
+  return Status::Ok();
 }
 
 Result<uint32_t> PoolAdmin::ReclaimDead() {
   uint32_t freed = 0;
-  for (const ProcessId& id : Holders()) {
+  std::vector<ProcessId> holders;
+  Status st = Holders(&holders);
+  if (!st.ok()) return st;
+  for (const ProcessId& id : holders) {
     if (IsAlive(id)) continue;
     Result<uint32_t> r = ReclaimProcess(id);
     if (!r.ok()) return r;
@@ -252,16 +285,28 @@ Result<uint32_t> PoolAdmin::ReclaimDead() {
 }
 
 std::optional<uint32_t> PoolAdmin::FindByFingerprint(uint64_t fingerprint) {
+  std::optional<uint32_t> slot;
+  return FindByFingerprint(fingerprint, &slot).ok() ? slot : std::nullopt;
+}
+
+Status PoolAdmin::FindByFingerprint(uint64_t fingerprint, std::optional<uint32_t>* slot) {
+  *slot = std::nullopt;
   PoolCore::Guard g(&core_);
-  for (uint32_t s = 0; s < core_.header()->slot_high_water; ++s) {
+  if (!g.ok()) return g.status();
+  const uint32_t hw = core_.HighWater();
+  for (uint32_t s = 0; s < hw; ++s) {
     const KeySlot& k = core_.key(s);
-    if (k.state.use != SlotUse::kFree && k.config.fingerprint == fingerprint) return s;
+    if (k.state.use != SlotUse::kFree && k.config.fingerprint == fingerprint) {
+      *slot = s;
+      break;
+    }
   }
-  return std::nullopt;
+  return Status::Ok();
 }
 
 Status PoolAdmin::CheckConsistency() {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   return core_.CheckConsistencyLocked();
 }
 

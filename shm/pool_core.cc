@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "common/check.h"
 #include "common/text.h"
 #include "shm/futex.h"
 
@@ -28,32 +27,80 @@ double SuccessRate(const SlotState& st) noexcept {
 
 PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clock) noexcept
     : segment_(&segment), index_(pool_index), base_(segment.base()), clock_(&clock) {
-  const SegmentHeader* h = segment.header();
+  // Every offset and capacity from the segment's private layout copy: none
+  // is read from the shared header again (pool_core.h).
+  const Segment::Layout& layout = segment.layout();
+  const LayoutPlan& plan = layout.plan;
   ph_ = segment.pool_header(pool_index);
   data_ = segment.pool_data(pool_index);
-  keys_ = reinterpret_cast<KeySlot*>(data_ + h->keys_offset);
-  leases_ = reinterpret_cast<LeaseRecord*>(data_ + h->leases_offset);
-  free_ = reinterpret_cast<uint32_t*>(data_ + h->free_offset);
-  key_cap_ = h->keys_per_pool;
-  lease_cap_ = h->leases_per_pool;
+  if (data_ == nullptr) {
+    // No such pool in this segment: a view that refuses every call, over
+    // the private header pool_header() gave (header() stays dereferenceable).
+    std::atomic_ref<const char*>(poison_).store("the pool index is beyond the segment's pools",
+                                                std::memory_order_relaxed);
+    static uint8_t no_data[64];
+    data_ = no_data;
+    key_cap_ = lease_cap_ = 0;
+    default_quota_ = 1;
+    data_size_ = 0;
+    keys_ = nullptr;
+    leases_ = nullptr;
+    free_ = nullptr;
+    return;
+  }
+  keys_ = reinterpret_cast<KeySlot*>(data_ + plan.keys_offset);
+  leases_ = reinterpret_cast<LeaseRecord*>(data_ + plan.leases_offset);
+  free_ = reinterpret_cast<uint32_t*>(data_ + plan.free_offset);
+  key_cap_ = layout.caps.keys_per_pool;
+  lease_cap_ = layout.caps.leases_per_pool;
+  data_size_ = plan.pool_data_stride;
+  default_quota_ = lease_cap_ / 2 > 0 ? lease_cap_ / 2 : 1;
   EligibilityIndex::Arrays arrays;
-  arrays.bits = reinterpret_cast<uint64_t*>(data_ + h->bits_offset);
-  arrays.order = reinterpret_cast<SortKey*>(data_ + h->order_offset);
-  arrays.tree = reinterpret_cast<uint32_t*>(data_ + h->tree_offset);
+  arrays.bits = reinterpret_cast<uint64_t*>(data_ + plan.bits_offset);
+  arrays.order = reinterpret_cast<SortKey*>(data_ + plan.order_offset);
+  arrays.tree = reinterpret_cast<uint32_t*>(data_ + plan.tree_offset);
   arrays.eligible_count = &ph_->eligible_count;
   arrays.tree_leaves = &ph_->tree_leaves;
   arrays.idle = &ph_->scan_idle;
   index_view_ = EligibilityIndex(arrays, key_cap_);
 }
 
-PoolCore::Guard::Guard(PoolCore* core) : core_(core) {
-  if (core_->ph_->mutex.Lock() == LockOutcome::kOwnerDied) [[unlikely]] {
+PoolCore::Guard::Guard(PoolCore* core) noexcept : core_(core) {
+  if (core_->poisoned() != nullptr) [[unlikely]] {
+    failure_ = Failure::kPoisoned;
+    return;
+  }
+  PoolHeader* ph = core_->ph_;
+  const uint64_t timeout = core_->lock_timeout();
+  LockOutcome outcome;
+  if (timeout == 0) [[likely]] {
+    outcome = ph->mutex.Lock();
+  } else {
+    outcome = ph->mutex.LockFor(timeout);
+    if (outcome == LockOutcome::kTimedOut) {
+      failure_ = Failure::kBusy;
+      holder_ = ph->mutex.HolderPid();
+      return;
+    }
+  }
+  // A journal left open under a lock that was free means another process
+  // wrote the segment (a holder that died is seen as kOwnerDied): repair
+  // before trusting any of it.
+  if (outcome == LockOutcome::kOwnerDied || ph->undo_count.load(std::memory_order_relaxed) != 0) [[unlikely]] {
     core_->Repair();
     wake_ = true;  // the dead owner may have been about to wake someone
   }
 }
 
 PoolCore::Guard::~Guard() {
+  if (failure_ != Failure::kNone) [[unlikely]]
+    return;
+  if (core_->Troubled()) [[unlikely]] {
+    // Damage (or a fault of an operation without a retry) seen under this
+    // lock: rebuild the derived data before anyone else reads it.
+    core_->Repair();
+    wake_ = true;
+  }
   bool must_wake = false;
   // Sleepers announce themselves (sleepers = 1) under the lock before they
   // sleep, so when nobody is announced no wake-up is owed and the fast
@@ -66,6 +113,35 @@ PoolCore::Guard::~Guard() {
   }
   ph->mutex.Unlock();
   if (must_wake) FutexWakeAll(&ph->wake_seq);
+}
+
+Status PoolCore::Guard::status() const {
+  switch (failure_) {
+    case Failure::kNone: return Status::Ok();
+    case Failure::kPoisoned: return core_->PoisonedStatus();
+    case Failure::kBusy: break;
+  }
+  const uint64_t ms = core_->lock_timeout() / 1'000'000;
+  return Status(Code::kBusy, "pool " + Quoted(core_->PoolName()) + " is busy: its lock is held by pid " +
+                                 std::to_string(holder_) + " for " + std::to_string(ms) + " ms or more");
+}
+
+Status PoolCore::Fault(const char* what) noexcept {
+  if (fault_ == nullptr) fault_ = what;
+  return Status(Code::kSegmentError, std::string());  // Checked() answers instead
+}
+
+void PoolCore::WakeAllLocked() noexcept {
+  ph_->sleepers.store(0, std::memory_order_relaxed);
+  ph_->wake_seq.fetch_add(1, std::memory_order_release);
+  FutexWakeAll(&ph_->wake_seq);
+}
+
+Status PoolCore::PoisonedStatus() const {
+  const char* why = poisoned();
+  return Status(Code::kSegmentError, "pool " + Quoted(PoolName()) +
+                                         " is unusable: its shared state stayed inconsistent after a repair (" +
+                                         (why != nullptr ? why : "unknown") + "); the segment must be rebuilt");
 }
 
 std::string PoolCore::PoolName() const { return std::string(ph_->name, strnlen(ph_->name, kNameCapacity)); }
@@ -84,7 +160,8 @@ Status PoolCore::NoSuchKey(std::string_view name) const {
 }
 
 std::optional<uint32_t> PoolCore::FindByNameLocked(std::string_view name) const noexcept {
-  for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
+  const uint32_t hw = HighWater();
+  for (uint32_t s = 0; s < hw; ++s) {
     const KeySlot& k = keys_[s];
     if (k.state.use != SlotUse::kFree && name == std::string_view(k.name, strnlen(k.name, kNameCapacity))) {
       return s;
@@ -144,7 +221,7 @@ void PoolCore::IndexUpdate(uint32_t slot, uint64_t now) noexcept {
       SlotState& st = keys_[slot].state;
       if (PassBefore(st.pass, ph_->vtime)) st.pass = ph_->vtime;
     }
-    if (index_view_.NeedsRegrow(Ordered(), ph_->slot_high_water)) {
+    if (index_view_.NeedsRegrow(Ordered(), HighWater())) {
       IndexRebuild(now);  // the pool outgrew the tree; the rebuild adds `slot` too
       return;
     }
@@ -158,12 +235,21 @@ void PoolCore::IndexUpdate(uint32_t slot, uint64_t now) noexcept {
 
 void PoolCore::IndexRebuild(uint64_t now) noexcept {
   ph_->index_strategy = ph_->config.strategy;
-  index_view_.Clear(Ordered(), ph_->slot_high_water);
+  const uint32_t hw = HighWater();
+  const bool ordered = Ordered();
+  index_view_.Clear(ordered, hw);
   ph_->next_deadline = kNever;
-  for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
+  for (uint32_t s = 0; s < hw; ++s) {
     if (keys_[s].state.use == SlotUse::kFree) continue;
     NoteDeadline(ReadyAt(s), now);
-    IndexUpdate(s, now);
+    // The index is empty and sized for hw: IndexUpdate's Add, without its
+    // regrow check (a high water rewritten meanwhile cannot recurse here).
+    if (!Eligible(s, now)) continue;
+    if (ph_->index_strategy == static_cast<uint32_t>(Strategy::kWeighted)) {
+      SlotState& st = keys_[s].state;
+      if (PassBefore(st.pass, ph_->vtime)) st.pass = ph_->vtime;
+    }
+    index_view_.Add(s, ordered, Counts(), SortKeyOf(s));
   }
 }
 
@@ -173,7 +259,8 @@ void PoolCore::NoteDeadline(uint64_t deadline, uint64_t now) noexcept {
 
 void PoolCore::Sweep(uint64_t now) noexcept {
   uint64_t next = kNever;
-  for (uint32_t s = 0; s < ph_->slot_high_water; ++s) {
+  const uint32_t hw = HighWater();
+  for (uint32_t s = 0; s < hw; ++s) {
     const SlotState& st = keys_[s].state;
     // Removing keys count for next_deadline too (I4): AddKey may re-admit
     // one while it cools, and it must come back when its deadline passes.

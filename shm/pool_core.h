@@ -18,8 +18,25 @@
 // stack, index, in_flight, next_deadline) is derived, and Repair() rebuilds
 // it. The next locker after an owner died runs Repair() (Guard does).
 //
-// A PoolCore is a cheap view (pointers into a mapping); the Segment must
-// outlive it. Methods marked "locked" need a Guard held on this pool.
+// The segment is untrusted input (any process that maps it can write it):
+//   - offsets and capacities come from the Segment's private layout copy
+//     (Segment::layout()), taken once; the pool header's capacities are
+//     never re-read;
+//   - every index read from the segment (free-lease stack top and entries,
+//     a lease's slot, slot_high_water, the index's tree leaves and nodes, a
+//     selector's answer, the journal's count) is range-checked before use;
+//   - a violation found before an operation took effect is a *fault*: the
+//     operation stops, Repair() undoes what it journaled and rebuilds the
+//     derived data, and the operation runs once more (Checked()); a second
+//     fault poisons this view (every later call: kSegmentError, one load to
+//     check). A violation found after the operation took effect (its state
+//     committed, the derived data left wrong) is *damage*: Repair() runs at
+//     the end, the result stands. Nothing aborts, nothing indexes out of
+//     bounds, whatever the segment holds.
+//
+// A PoolCore is a view (pointers into a mapping, and the view's own lock
+// timeout and poison flag); the Segment must outlive it. Methods marked
+// "locked" need a Guard held on this pool.
 #ifndef KEYMESH_SHM_POOL_CORE_H_
 #define KEYMESH_SHM_POOL_CORE_H_
 
@@ -30,7 +47,6 @@
 #include <string>
 #include <string_view>
 
-#include "common/check.h"
 #include "keymesh/selector.h"
 #include "keymesh/status.h"
 #include "shm/clock.h"
@@ -50,24 +66,71 @@ namespace keymesh::shm {
 // leaves.
 inline void CompilerFence() noexcept { std::atomic_signal_fence(std::memory_order_seq_cst); }
 
+// A key's effective rate-limit margin as read from the segment, within the
+// range the options allow (< 0.5): a margin planted there must not make a
+// budget's rate zero or negative (the pacing arithmetic divides by it).
+inline constexpr uint32_t kMaxSegmentMarginPpm = 499'999;
+inline uint32_t SegmentMarginPpm(const KeyConfig& key, const PoolConfig& pool) noexcept {
+  const uint32_t m = EffectiveMarginPpm(key, pool);
+  return m <= kMaxSegmentMarginPpm ? m : kMaxSegmentMarginPpm;
+}
+
 class PoolCore {
  public:
   PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clock) noexcept;
 
-  // Holds the pool mutex; repairs after an owner died; wakes sleepers after
+  // Holds the pool mutex; repairs after an owner died (or when it finds an
+  // operation's journal left open under a free lock); wakes sleepers after
   // the unlock when asked to (RequestWake) or after a repair.
+  // The lock may not be taken: ok() is false and status() says why:
+  // kBusy when the view's lock timeout passed (a live holder that does not
+  // let go: stopped, hung, or a pid planted in the lock word), kSegmentError
+  // when this view is poisoned. Check ok() before anything else.
   class Guard {
    public:
-    explicit Guard(PoolCore* core);
+    explicit Guard(PoolCore* core) noexcept;
     ~Guard();
     Guard(const Guard&) = delete;
     Guard& operator=(const Guard&) = delete;
+    bool ok() const noexcept { return failure_ == Failure::kNone; }
+    // Why the lock was not taken (ok() is false).
+    Status status() const;
     void RequestWake() noexcept { wake_ = true; }
 
    private:
+    enum class Failure : uint8_t { kNone, kBusy, kPoisoned };
     PoolCore* core_;
     bool wake_ = false;
+    Failure failure_ = Failure::kNone;
+    uint32_t holder_ = 0;  // kBusy: the lock word's pid when the wait ended
   };
+
+  // The longest a Guard waits for this pool's lock, in ns of real
+  // (CLOCK_MONOTONIC) time; 0 (the default) waits as long as it takes.
+  // For callers that must not block indefinitely (the broker). Any thread
+  // may set it at any time; it applies to the Guards made afterwards.
+  void set_lock_timeout(uint64_t ns) noexcept {
+    std::atomic_ref<uint64_t>(lock_timeout_ns_).store(ns, std::memory_order_relaxed);
+  }
+  uint64_t lock_timeout() const noexcept {
+    return std::atomic_ref<uint64_t>(const_cast<uint64_t&>(lock_timeout_ns_)).load(std::memory_order_relaxed);
+  }
+  // Non-null once this view gave up on the pool (see the top comment): why.
+  const char* poisoned() const noexcept {
+    return std::atomic_ref<const char*>(const_cast<const char*&>(poison_)).load(std::memory_order_relaxed);
+  }
+
+  // Runs `attempt` (a locked body returning Status or Result<T>) with the
+  // fault handling described at the top: on a fault, Repair() and one more
+  // attempt; on a second fault, poison and kSegmentError; on damage,
+  // Repair() after it.
+  template <typename Fn>
+  auto Checked(Fn&& attempt) -> decltype(attempt());
+  // Locked: the operation must stop, the segment held `what` (a static
+  // string); returns the Status the attempt returns (Checked() replaces it).
+  Status Fault(const char* what) noexcept;
+  // Locked: derived data found wrong after the operation took effect.
+  void Damaged() const noexcept { damaged_ = true; }
 
   // --- the region ---
   const Segment& segment() const noexcept { return *segment_; }
@@ -77,6 +140,15 @@ class PoolCore {
   LeaseRecord& lease(uint32_t l) const noexcept { return leases_[l]; }
   uint32_t key_capacity() const noexcept { return key_cap_; }
   uint32_t lease_capacity() const noexcept { return lease_cap_; }
+  // Locked: slot_high_water, never above key_capacity() (a larger value is
+  // damage, and reads as the capacity).
+  uint32_t HighWater() const noexcept {
+    const uint32_t hw = ph_->slot_high_water;
+    if (hw <= key_cap_) [[likely]]
+      return hw;
+    damaged_ = true;
+    return key_cap_;
+  }
   uint64_t Now() const noexcept { return clock_->NowNanos(); }
   EligibilityIndex& index() noexcept { return index_view_; }
   const EligibilityIndex& index() const noexcept { return index_view_; }
@@ -85,7 +157,7 @@ class PoolCore {
   PoolInfo Info() const;
 
   // --- keys (locked) ---
-  uint32_t MarginPpm(uint32_t slot) const noexcept { return EffectiveMarginPpm(keys_[slot].config, ph_->config); }
+  uint32_t MarginPpm(uint32_t slot) const noexcept { return SegmentMarginPpm(keys_[slot].config, ph_->config); }
   RequestPacing RequestPacingOf(uint32_t slot) const noexcept {
     return shm::RequestPacingOf(keys_[slot].config, MarginPpm(slot));
   }
@@ -132,10 +204,20 @@ class PoolCore {
                                        uint64_t waited_ns, const ProcessId& holder);
   // *wake: sleepers must be woken (a key may have become eligible).
   Status ReleaseLocked(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder, bool* wake);
-  // Frees a lease without an outcome (holder dead or hung, or a removed key).
-  void FreeLeaseLocked(uint32_t lease, uint64_t now, bool count_reclaim) noexcept;
+  // Frees a held lease without an outcome (holder dead or hung, or a
+  // removed key). False, changing nothing, when the record does not name a
+  // key that has it in flight: damage (Repair frees such a record).
+  bool FreeLeaseLocked(uint32_t lease, uint64_t now, bool count_reclaim) noexcept;
+  // Pushes a freed lease on the free-lease stack (a full stack is damage).
+  void PushFreeLease(uint32_t lease) noexcept;
   // A removed key's slot is freed once its last lease ended.
   void RetireSlotIfDone(uint32_t slot) noexcept;
+  // Live leases held by `holder`, counted up to `limit` (a scan of the lease
+  // records: only for a crowded table).
+  uint32_t HeldBy(const ProcessId& holder, uint32_t limit) const noexcept;
+  // The per-holder lease quota when the pool's config says 0: half the
+  // lease table, at least 1.
+  uint32_t default_quota() const noexcept { return default_quota_; }
 
   // --- journaled writes (locked; journal.cc; the crash story is beside
   // struct Journal in layout.h) ---
@@ -156,14 +238,22 @@ class PoolCore {
   void Commit() noexcept {
     CompilerFence();
     ph_->undo_count.store(0, std::memory_order_relaxed);
+    journal_n_ = 0;
     CompilerFence();
   }
   // Undoes an interrupted operation and rebuilds everything derived.
   void Repair() noexcept;
-  // Verifies I1 and I2 from scratch; kInternal names what is wrong.
+  // Verifies I1 and I2 from scratch; kSegmentError names what is wrong.
   Status CheckConsistencyLocked() const;
 
  private:
+  template <typename Fn>
+  auto Recover(Fn& attempt, decltype(attempt()) first) -> decltype(attempt());
+  bool Troubled() const noexcept { return fault_ != nullptr || damaged_ || index_view_.damaged(); }
+  // Wakes every sleeper (after a repair: state may have changed under them).
+  void WakeAllLocked() noexcept;
+  Status PoisonedStatus() const;
+
   const Segment* segment_;
   uint32_t index_;
   uint8_t* base_;  // the segment's first byte: journal offsets count from it
@@ -174,19 +264,67 @@ class PoolCore {
   uint32_t* free_;
   uint32_t key_cap_;
   uint32_t lease_cap_;
+  uint64_t data_size_;  // bytes of the pool's data region
+  uint32_t default_quota_;
   const Clock* clock_;
   EligibilityIndex index_view_;
+  // Read by any thread without the lock (std::atomic_ref: a view stays
+  // copyable, as it was before it had them).
+  uint64_t lock_timeout_ns_ = 0;
+  const char* poison_ = nullptr;
+  // Written only under the pool lock (Checked() resets them).
+  const char* fault_ = nullptr;
+  mutable bool damaged_ = false;
+  uint32_t journal_n_ = 0;  // entries the operation in progress journaled (Guard: 0 at the start)
 };
+
+template <typename Fn>
+auto PoolCore::Checked(Fn&& attempt) -> decltype(attempt()) {
+  auto r = attempt();
+  if (!Troubled()) [[likely]]
+    return r;
+  return Recover(attempt, std::move(r));
+}
+
+template <typename Fn>
+auto PoolCore::Recover(Fn& attempt, decltype(attempt()) first) -> decltype(attempt()) {
+  const bool fault = fault_ != nullptr;
+  fault_ = nullptr;
+  Repair();  // undoes a stopped attempt's journal, rebuilds derived data, clears the damage
+  WakeAllLocked();
+  if (!fault) return first;  // damage only: the operation took effect
+  auto again = attempt();
+  if (fault_ == nullptr) {
+    if (Troubled()) {
+      Repair();
+      WakeAllLocked();
+    }
+    return again;
+  }
+  // The same operation faulted right after a repair: the state itself
+  // cannot be trusted (or another process keeps rewriting it).
+  std::atomic_ref<const char*>(poison_).store(fault_, std::memory_order_relaxed);
+  fault_ = nullptr;
+  Repair();
+  WakeAllLocked();
+  return PoisonedStatus();
+}
 
 inline void PoolCore::LogWord(const void* field) noexcept {
   const uintptr_t word = reinterpret_cast<uintptr_t>(field) & ~uintptr_t{7};
-  const uint32_t n = ph_->undo_count.load(std::memory_order_relaxed);
-  KM_CHECK_MSG(n < kUndoCapacity, "an operation journaled more words than the journal holds");
+  // The count is this view's own (journal_n_), not re-read from the
+  // segment: a count rewritten during the operation cannot steer the write.
+  const uint32_t n = journal_n_;
+  if (n >= kUndoCapacity) [[unlikely]] {
+    (void)Fault("an operation journaled more words than the journal holds");  // a bug: stop, never abort
+    return;
+  }
   UndoEntry& e = ph_->journal.entries[n];
   e.offset = word - reinterpret_cast<uintptr_t>(base_);
   std::memcpy(&e.old, reinterpret_cast<const void*>(word), sizeof(uint64_t));
   CompilerFence();
   ph_->undo_count.store(n + 1, std::memory_order_relaxed);
+  journal_n_ = n + 1;
   CompilerFence();
 }
 

@@ -5,7 +5,6 @@
 #include <cstdio>
 #include <cstring>
 
-#include "common/check.h"
 #include "common/text.h"
 #include "shm/futex.h"
 #include "shm/pool.h"
@@ -22,6 +21,7 @@ constexpr const char* kNoKeyMessage =
 
 Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_t now, uint64_t* earliest,
                                                uint64_t tokens, uint64_t waited_ns, const ProcessId& holder) {
+  CrashPointReached(CrashPoint::kAcquireBegin);
   if (now >= ph_->next_deadline) [[unlikely]]
     Sweep(now);
   if (ph_->index_strategy != ph_->config.strategy) [[unlikely]]
@@ -33,23 +33,49 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     PoolSelection ctx(this);
     choice = selector->Select(ctx);
   }
+  if (index_view_.damaged()) [[unlikely]]
+    return Fault("the eligibility index names slots beyond the pool");
   if (!choice) {
     if (earliest != nullptr) *earliest = ph_->next_deadline;
     return Status(Code::kNoAvailableKey, kNoKeyMessage);
   }
   const uint32_t s = *choice;
-  if (s >= ph_->slot_high_water || !index_view_.Contains(s)) [[unlikely]] {
-    // The built-in selection answers from the index: only a custom selector
-    // (the caller's code) can get this wrong.
-    KM_CHECK_MSG(selector != nullptr, "the pool's index chose a slot that is not eligible");
+  if (s >= HighWater() || !index_view_.Contains(s)) [[unlikely]] {
+    // The built-in selection answers from the index: then the index is
+    // wrong (the segment was rewritten). Else the caller's selector is.
+    if (selector == nullptr) return Fault("the eligibility index chose a slot that is not eligible");
     return Status(Code::kInvalidArgument,
                   "the pool's selector returned slot " + std::to_string(s) + ", which is not eligible");
   }
-  if (ph_->free_top == 0) [[unlikely]] {
+  const KeyConfig& cfg = keys_[s].config;
+  if (tokens != 0 && cfg.tpm != 0 && tokens > cfg.tpm) [[unlikely]] {
+    // More than the key's whole minute: the provider refuses such a request,
+    // and reserving it would take the key out of rotation for as long.
+    return Status(Code::kInvalidArgument, "an acquire of " + std::to_string(tokens) + " tokens exceeds key " +
+                                              Quoted(KeyName(s)) + "'s one-minute budget (tpm " +
+                                              std::to_string(cfg.tpm) + ")");
+  }
+  const uint32_t top = ph_->free_top;
+  if (top == 0) [[unlikely]] {
     return Status(Code::kCapacityExceeded,
                   "pool " + Quoted(PoolName()) + " holds at most " + std::to_string(lease_cap_) + " leases at once");
   }
-  const uint32_t l = free_[ph_->free_top - 1];
+  if (top > lease_cap_) [[unlikely]]
+    return Fault("the free-lease stack is deeper than the lease capacity");
+  // The holder's quota: it can only be over it when at least that many
+  // leases are out, so an uncontended acquire pays this one compare and the
+  // scan runs only on a crowded table.
+  const uint32_t quota = ph_->config.max_leases_per_process != 0 ? ph_->config.max_leases_per_process : default_quota_;
+  if (lease_cap_ - top >= quota) [[unlikely]] {
+    if (HeldBy(holder, quota) >= quota) {
+      return Status(Code::kCapacityExceeded, "process " + std::to_string(holder.pid) + " already holds " +
+                                                 std::to_string(quota) + " leases of pool " + Quoted(PoolName()) +
+                                                 " (its max_leases_per_process)");
+    }
+  }
+  const uint32_t l = free_[top - 1];
+  if (l >= lease_cap_ || leases_[l].state != LeaseState::kFree) [[unlikely]]
+    return Fault("the free-lease stack names a lease beyond the capacity or one that is held");
   SlotState& st = keys_[s].state;
   LeaseRecord& lease = leases_[l];
 
@@ -74,7 +100,6 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
     ph_->vtime = st.pass;
     Set(st.pass, st.pass + Stride(s));
   }
-  const KeyConfig& cfg = keys_[s].config;
   bool paced = false;
   if (cfg.rpm != 0) [[unlikely]] {
     // GCRA: reserve this request's slot in the key's request budget.
@@ -93,7 +118,7 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
   Commit();
   CrashPointReached(CrashPoint::kAcquireAfterCommit);
 
-  --ph_->free_top;
+  ph_->free_top = top - 1;
   ph_->rr_cursor = s + 1;
   size_t bucket = 0;
   if (waited_ns != 0) [[unlikely]] {
@@ -126,6 +151,8 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   const uint32_t s = h.slot;
   KeySlot& key = keys_[s];
   SlotState& st = key.state;
+  if (st.in_flight == 0 || st.use == SlotUse::kFree) [[unlikely]]
+    return Fault("a held lease names a key that has nothing in flight");
   bool exhausted_now = false;
   // The clock is read only when the answer depends on it: a key whose
   // cooldown and budgets allowed it before this lease was granted allows it
@@ -140,9 +167,14 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   lease.state = LeaseState::kFree;
   CrashPointReached(CrashPoint::kReleaseMidMutation);
   st.in_flight -= 1;
-  if (key.config.tpm != 0 && outcome.tokens != 0 && outcome.tokens != lease.tokens) [[unlikely]] {
-    // Debit what the request really used, correcting the reservation.
-    Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, outcome.tokens));
+  if (key.config.tpm != 0) [[unlikely]] {
+    // Debit what the request really used, correcting the reservation; a
+    // cancelled request used nothing, so its whole reservation comes back.
+    const bool cancelled = outcome.kind == OutcomeKind::kCancelled;
+    const uint64_t used = cancelled ? 0 : outcome.tokens;
+    if (cancelled ? lease.tokens != 0 : (used != 0 && used != lease.tokens)) {
+      Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, used));
+    }
   }
   if (outcome.tokens != 0 && outcome.kind != OutcomeKind::kCancelled) Set(st.tokens, st.tokens + outcome.tokens);
   switch (outcome.kind) {
@@ -182,7 +214,11 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       break;
     case OutcomeKind::kRateLimited: {
       Set(st.rate_limited, st.rate_limited + 1);
-      const uint64_t requested = outcome.cooldown ? SecondsToNanos(*outcome.cooldown) : ph_->config.default_cooldown;
+      // A Retry-After is the provider's (or a caller's) word: honoured up to
+      // max_cooldown, so one tampered response cannot bench a key for years.
+      const uint64_t requested = outcome.cooldown
+                                     ? std::min(SecondsToNanos(*outcome.cooldown), ph_->config.max_cooldown)
+                                     : ph_->config.default_cooldown;
       uint64_t cooldown = requested;
       if (st.rl_streak > 0) {
         // Consecutive 429s escalate: at least twice the previous, capped.
@@ -193,7 +229,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       }
       Set(st.rl_streak, st.rl_streak + 1);
       Set(st.last_cooldown, cooldown);
-      const uint64_t until = now + cooldown;
+      const uint64_t until = now > kNever - cooldown ? kNever : now + cooldown;
       if (until > st.cooldown_deadline) Set(st.cooldown_deadline, until);  // never shortens
       if (probe) Set(st.circuit, Circuit::kOpen);                          // probe again once the 429 cooldown ends
       break;
@@ -201,7 +237,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   }
   Commit();
 
-  free_[ph_->free_top++] = h.lease;
+  PushFreeLease(h.lease);
   if (!timed && st.use == SlotUse::kActive && index_view_.Contains(s)) [[likely]] {
     // A success on a key that was eligible, with no limits, closed circuit
     // and no cooldown: it is still eligible, one fewer in flight.
@@ -226,19 +262,48 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
   return Status::Ok();
 }
 
-void PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noexcept {
+bool PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noexcept {
   LeaseRecord& lease = leases_[l];
   const uint32_t s = lease.slot;
+  if (s >= HighWater() || keys_[s].state.use == SlotUse::kFree || keys_[s].state.in_flight == 0) [[unlikely]] {
+    Damaged();
+    return false;
+  }
   SlotState& st = keys_[s].state;
   LogWord(&lease.state);
   lease.state = LeaseState::kFree;
   st.in_flight -= 1;
   if (count_reclaim) Set(st.reclaimed, st.reclaimed + 1);
+  if (keys_[s].config.tpm != 0 && lease.tokens != 0) [[unlikely]] {
+    // No outcome will correct the reservation: refund it, so a holder that
+    // reserves a large count and dies does not keep the key throttled.
+    Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, 0));
+  }
   if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) Set(st.circuit, Circuit::kOpen);
   Commit();
-  free_[ph_->free_top++] = l;
+  PushFreeLease(l);
   RetireSlotIfDone(s);
   if (keys_[s].state.use != SlotUse::kFree) IndexUpdate(s, now);
+  return true;
+}
+
+void PoolCore::PushFreeLease(uint32_t l) noexcept {
+  const uint32_t top = ph_->free_top;
+  if (top < lease_cap_) [[likely]] {
+    free_[top] = l;
+    ph_->free_top = top + 1;
+  } else {
+    Damaged();  // the lease is free (committed); Repair rebuilds the stack from the records
+  }
+}
+
+uint32_t PoolCore::HeldBy(const ProcessId& holder, uint32_t limit) const noexcept {
+  uint32_t n = 0;
+  for (uint32_t l = 0; l < lease_cap_ && n < limit; ++l) {
+    const LeaseRecord& r = leases_[l];
+    if (r.state == LeaseState::kHeld && r.pid == holder.pid && r.start_time == holder.start_time) ++n;
+  }
+  return n;
 }
 
 // A removed key's slot is freed when its last lease ends; its totals move to
@@ -264,9 +329,11 @@ void PoolCore::RetireSlotIfDone(uint32_t s) noexcept {
 
 Result<LeaseHandle> PoolUser::TryAcquire(const Selector* selector, uint64_t* earliest, const ProcessId& holder,
                                          uint64_t tokens) {
-  Result<LeaseHandle> r = [&] {
+  Result<LeaseHandle> r = [&]() -> Result<LeaseHandle> {
     PoolCore::Guard g(&core_);
-    return core_.TryAcquireLocked(selector, core_.Now(), earliest, tokens, 0, holder);
+    if (!g.ok()) [[unlikely]]
+      return g.status();
+    return core_.Checked([&] { return core_.TryAcquireLocked(selector, core_.Now(), earliest, tokens, 0, holder); });
   }();
   if (!r.ok() && r.status().code() == Code::kNoAvailableKey) {
     core_.header()->no_key.fetch_add(1, std::memory_order_relaxed);
@@ -287,10 +354,23 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
     uint64_t earliest = kNever;
     {
       PoolCore::Guard g(&core_);
+      if (!g.ok()) [[unlikely]]
+        return g.status();
       const uint64_t now = core_.Now();
       const uint64_t waited = first ? 0 : std::max<uint64_t>(MonotonicNowNanos() - start, 1);
-      Result<LeaseHandle> r = core_.TryAcquireLocked(selector, now, &earliest, tokens, waited, holder);
-      if (r.ok() || r.status().code() != Code::kNoAvailableKey) return r;
+      Result<LeaseHandle> r =
+          core_.Checked([&] { return core_.TryAcquireLocked(selector, now, &earliest, tokens, waited, holder); });
+      if (r.ok()) [[likely]]
+        return r;
+      // No key, and a full lease table, are waited out: a release ends both.
+      // So is the holder's own quota when the holder is this process (its
+      // other threads release); the broker, acquiring for a client, does not
+      // hold up its queue for one client's quota.
+      const Code code = r.status().code();
+      if (code != Code::kNoAvailableKey &&
+          (code != Code::kCapacityExceeded || (ph->free_top != 0 && !(holder == Self())))) {
+        return r;
+      }
       if (cancel != nullptr && cancel->load(std::memory_order_acquire)) {
         return Status(Code::kClosed, "acquire cancelled");
       }
@@ -299,8 +379,9 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
         deadline = timeout_ns >= kNever - start ? kNever : start + timeout_ns;
       }
       if (MonotonicNowNanos() >= deadline) {
-        ph->no_key.fetch_add(1, std::memory_order_relaxed);
+        if (code == Code::kNoAvailableKey) ph->no_key.fetch_add(1, std::memory_order_relaxed);
         if (timeout_ns > 0) ph->timeouts.fetch_add(1, std::memory_order_relaxed);
+        if (code != Code::kNoAvailableKey) return r;
         if (earliest != kNever && earliest > now) {
           char when[64];
           std::snprintf(when, sizeof(when), " The next key returns in %.3f s.", NanosToSeconds(earliest - now));
@@ -326,8 +407,10 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
 
 Status PoolUser::Release(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) [[unlikely]]
+    return g.status();
   bool wake = false;
-  Status st = core_.ReleaseLocked(lease, outcome, holder, &wake);
+  Status st = core_.Checked([&] { return core_.ReleaseLocked(lease, outcome, holder, &wake); });
   if (wake) g.RequestWake();
   return st;
 }

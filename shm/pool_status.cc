@@ -16,7 +16,7 @@ double SuccessRate(const SlotState& st) noexcept {
 
 KeyStatus DescribeSlot(const KeySlot& k, uint32_t slot, const PoolConfig& pool, uint64_t now) {
   const SlotState& st = k.state;
-  const uint32_t margin = EffectiveMarginPpm(k.config, pool);
+  const uint32_t margin = SegmentMarginPpm(k.config, pool);
   KeyStatus ks;
   ks.slot = slot;
   ks.name = std::string(k.name, strnlen(k.name, kNameCapacity));
@@ -80,6 +80,7 @@ KeyStatus DescribeSlot(const KeySlot& k, uint32_t slot, const PoolConfig& pool, 
 Result<PoolStatus> PoolUser::Snapshot() {
   PoolStatus out;
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   const PoolHeader* ph = core_.header();
   const uint64_t now = core_.Now();
   if (now >= ph->next_deadline) core_.Sweep(now);
@@ -92,6 +93,7 @@ Result<PoolStatus> PoolUser::Snapshot() {
   out.options.max_lease_seconds = NanosToSeconds(ph->config.max_lease);
   out.options.max_cooldown = NanosToSeconds(ph->config.max_cooldown);
   out.options.rate_margin = static_cast<double>(ph->config.margin_ppm) / 1e6;
+  out.options.max_leases_per_process = ph->config.max_leases_per_process;
   out.uptime = NanosToSeconds(MonotonicNowNanos() - ph->created_mono);
   out.generation = core_.segment().generation();
   PoolTotals& t = out.totals;
@@ -108,7 +110,8 @@ Result<PoolStatus> PoolUser::Snapshot() {
   }
   out.acquire_wait.sum = NanosToSeconds(ph->wait_sum_ns);
   t.timeouts = ph->timeouts.load(std::memory_order_relaxed);
-  for (uint32_t s = 0; s < ph->slot_high_water; ++s) {
+  const uint32_t hw = core_.HighWater();
+  for (uint32_t s = 0; s < hw; ++s) {
     const KeySlot& k = core_.key(s);
     if (k.state.use == SlotUse::kFree) continue;
     out.keys.push_back(DescribeSlot(k, s, ph->config, now));
@@ -122,26 +125,57 @@ Result<PoolStatus> PoolUser::Snapshot() {
 }
 
 uint32_t PoolUser::AvailableCount() {
+  uint32_t n = 0;
+  return AvailableCount(&n).ok() ? n : 0;
+}
+
+Status PoolUser::AvailableCount(uint32_t* count) {
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   const uint64_t now = core_.Now();
   if (now >= core_.header()->next_deadline) core_.Sweep(now);
-  return core_.index().eligible_count();
+  *count = core_.index().eligible_count();
+  return Status::Ok();
 }
 
 uint64_t PoolUser::NextDeadline() {
+  uint64_t d = kNever;
+  return NextDeadline(&d).ok() ? d : kNever;
+}
+
+Status PoolUser::NextDeadline(uint64_t* deadline) {
   PoolCore::Guard g(&core_);
-  return core_.header()->next_deadline;
+  if (!g.ok()) return g.status();
+  *deadline = core_.header()->next_deadline;
+  return Status::Ok();
 }
 
 std::optional<uint32_t> PoolUser::FindByName(std::string_view name) {
+  std::optional<uint32_t> slot;
+  return FindByName(name, &slot).ok() ? slot : std::nullopt;
+}
+
+Status PoolUser::FindByName(std::string_view name, std::optional<uint32_t>* slot) {
   PoolCore::Guard g(&core_);
-  return core_.FindByNameLocked(name);
+  if (!g.ok()) return g.status();
+  *slot = core_.FindByNameLocked(name);
+  return Status::Ok();
 }
 
 std::string PoolUser::KeyName(uint32_t slot) {
-  if (slot >= core_.key_capacity()) return std::string();
+  std::string name;
+  return KeyName(slot, &name).ok() ? name : std::string();
+}
+
+Status PoolUser::KeyName(uint32_t slot, std::string* name) {
+  if (slot >= core_.key_capacity()) {
+    name->clear();
+    return Status::Ok();
+  }
   PoolCore::Guard g(&core_);
-  return core_.KeyName(slot);
+  if (!g.ok()) return g.status();
+  *name = core_.KeyName(slot);
+  return Status::Ok();
 }
 
 }  // namespace keymesh::shm

@@ -93,6 +93,7 @@ enum class CrashPoint : uint32_t {
   kAcquireAfterCommit = 3,   // state done, derived index not yet updated
   kReleaseMidMutation = 4,   // lease freed, in_flight not yet decremented
   kAdminMidMutation = 5,     // admin op half done
+  kAcquireBegin = 6,         // an acquire attempt, before it reads the pool (each retry too)
 };
 using CrashHook = void (*)(CrashPoint);
 void SetCrashHookForTesting(CrashHook hook) noexcept;

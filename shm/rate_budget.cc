@@ -5,22 +5,38 @@
 #include "shm/clock.h"
 
 namespace keymesh::shm {
+namespace {
+
+// Margins are validated < 0.5 where they enter (ValidatePoolOptions,
+// ValidateKeySpec); a segment may still hold anything.
+constexpr uint32_t kMaxMarginPpm = 500'000;
+
+double RateFactor(uint32_t margin_ppm) noexcept {
+  return 1.0 - static_cast<double>(std::min(margin_ppm, kMaxMarginPpm)) / 1e6;
+}
+
+uint64_t SaturatingAdd(uint64_t a, uint64_t b) noexcept { return a > kNever - b ? kNever : a + b; }
+
+}  // namespace
 
 RequestPacing RequestPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept {
   if (c.rpm == 0) return {};
-  const double rate = static_cast<double>(c.rpm) * (1.0 - static_cast<double>(margin_ppm) / 1e6);  // per minute
+  const double rate = static_cast<double>(c.rpm) * RateFactor(margin_ppm);  // per minute, >= 0.5
   RequestPacing p;
-  p.interval = static_cast<uint64_t>(60e9 / std::max(rate, 1e-9));
-  p.tolerance = uint64_t{c.burst > 1 ? c.burst - 1 : 0} * p.interval;
+  p.interval = static_cast<uint64_t>(60e9 / rate);       // <= 120 s
+  const uint64_t extra = c.burst > 1 ? c.burst - 1 : 0;  // validated <= 1e6; saturate whatever the segment says
+  p.tolerance = extra > kNever / p.interval ? kNever : extra * p.interval;
   return p;
 }
 
 TokenPacing TokenPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept {
   if (c.tpm == 0) return {};
-  const double rate = static_cast<double>(c.tpm) * (1.0 - static_cast<double>(margin_ppm) / 1e6);
+  const double rate = static_cast<double>(c.tpm) * RateFactor(margin_ppm);  // per minute, >= 0.5
   TokenPacing p;
-  p.per_token = 60e9 / std::max(rate, 1e-9);
+  p.per_token = 60e9 / rate;
   p.tolerance = kNanosPerSecond;  // at most one second of token budget in a burst
+  p.minute = c.tpm;
+  p.minute_ns = static_cast<uint64_t>(60e9 / RateFactor(margin_ppm));  // 60 s / (1 - margin) <= 120 s
   return p;
 }
 
@@ -36,12 +52,12 @@ uint64_t ReadyAt(const SlotState& st, const KeyConfig& c, uint32_t margin_ppm) n
 }
 
 uint64_t AfterTokens(uint64_t tat, const TokenPacing& p, uint64_t now, uint64_t tokens) noexcept {
-  return std::max(tat, now) + static_cast<uint64_t>(static_cast<double>(tokens) * p.per_token);
+  return SaturatingAdd(std::max(tat, now), p.CostOf(tokens));
 }
 
 uint64_t CorrectTokens(uint64_t tat, const TokenPacing& p, uint64_t now, uint64_t reserved, uint64_t used) noexcept {
   if (used > reserved) return AfterTokens(tat, p, now, used - reserved);
-  const uint64_t refund = static_cast<uint64_t>(static_cast<double>(reserved - used) * p.per_token);
+  const uint64_t refund = p.CostOf(reserved - used);
   return tat > refund ? tat - refund : 0;
 }
 

@@ -41,10 +41,22 @@ struct RequestPacing {
 struct TokenPacing {
   double per_token = 0;    // ns per token; 0: no token limit
   uint64_t tolerance = 0;  // ns of burst
+  uint64_t minute = 0;     // the key's one-minute budget in tokens (its tpm)
+  uint64_t minute_ns = 0;  // what `minute` tokens cost (ns): the most one debit moves tok_tat
   bool limited() const noexcept { return per_token != 0; }
+  // The ns `tokens` cost, saturating at minute_ns: the count is compared
+  // with the minute's budget as an integer before any conversion, so no
+  // uint64 input overflows the double -> integer cast.
+  uint64_t CostOf(uint64_t tokens) const noexcept {
+    if (tokens >= minute) return minute_ns;
+    return static_cast<uint64_t>(static_cast<double>(tokens) * per_token);
+  }
 };
 
 // The pacing of a key with config `c` under safety margin `margin_ppm`.
+// Any input is safe (the config is read from the segment, which another
+// process may have written): a margin beyond the documented < 0.5 is taken
+// as 0.5, so every interval and cost stays below two minutes.
 RequestPacing RequestPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept;
 TokenPacing TokenPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept;
 
@@ -56,10 +68,14 @@ uint64_t ReadyAt(const SlotState& st, const KeyConfig& c, uint32_t margin_ppm) n
 inline uint64_t AfterRequest(uint64_t tat, const RequestPacing& p, uint64_t now) noexcept {
   return (tat > now ? tat : now) + p.interval;
 }
-// The token arrival time after `tokens` more were used at `now`.
+// The token arrival time after `tokens` more were used at `now`. One call
+// debits at most the key's one-minute budget (TokenPacing::CostOf), and the
+// sum saturates: a hostile count cannot push the bucket years ahead.
 uint64_t AfterTokens(uint64_t tat, const TokenPacing& p, uint64_t now, uint64_t tokens) noexcept;
 // The token arrival time once a request that reserved `reserved` tokens
-// reported `used`: the difference is debited or refunded.
+// reported `used`: the difference is debited or refunded (each capped at one
+// minute's budget). A lease that ends without use (cancelled, reclaimed)
+// passes used = 0: its whole reservation is refunded.
 uint64_t CorrectTokens(uint64_t tat, const TokenPacing& p, uint64_t now, uint64_t reserved, uint64_t used) noexcept;
 
 // Requests / tokens grantable at `now`; -1 when the key has no such limit.

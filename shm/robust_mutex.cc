@@ -89,6 +89,16 @@ LockOutcome RobustMutex::LockUntil(uint64_t deadline_ns) noexcept {
   return LockSlow(deadline_ns);
 }
 
+LockOutcome RobustMutex::LockFor(uint64_t timeout_ns) noexcept {
+  uint32_t expected = 0;
+  if (word_.compare_exchange_strong(expected, SelfToken(), std::memory_order_acquire, std::memory_order_relaxed))
+      [[likely]] {
+    return LockOutcome::kAcquired;
+  }
+  const uint64_t now = MonotonicNowNanos();
+  return LockSlow(timeout_ns >= kForever - now ? kForever - 1 : now + timeout_ns);
+}
+
 LockOutcome RobustMutex::LockSlow(uint64_t deadline_ns) noexcept {
   const uint32_t me = SelfToken();
   // Phase 1: spin while the holder most likely runs.

@@ -77,6 +77,9 @@ class RobustMutex {
   // kTimedOut: for callers that must never block indefinitely on a lock a
   // stopped process may hold (the broker).
   LockOutcome LockUntil(uint64_t deadline_ns) noexcept;
+  // As LockUntil(now + timeout_ns), reading the clock only when the word is
+  // taken (an uncontended lock costs what Lock() costs).
+  LockOutcome LockFor(uint64_t timeout_ns) noexcept;
   // One attempt: true with *outcome set when acquired (kOwnerDied when the
   // word named a process that no longer runs), false when a live process
   // holds it.
@@ -87,7 +90,14 @@ class RobustMutex {
       WakeOne();
   }
 
-  // For tests and status: the pid of the holder, 0 when free.
+  // For tests and status: the pid of the holder, 0 when free. The word is
+  // segment content: any value may be planted there, and every value is
+  // handled. Pid 0 (with a tag or kWaiters alone), a pid beyond
+  // PID_MAX_LIMIT or one that does not exist, a zombie, and a tag that is
+  // not the named process's start time all count as a dead holder (taken
+  // over, kOwnerDied: the caller repairs); a live process (pid 1, say) with
+  // its right tag counts as the holder until it ends (LockUntil/LockFor
+  // bound the wait).
   uint32_t HolderPid() const noexcept { return word_.load(std::memory_order_relaxed) & kPidMask; }
 
   // This process's lock token (pid and start-time tag), from the cached

@@ -114,20 +114,37 @@ Segment::Segment(std::unique_ptr<Mapping> mapping, std::string name)
 
 Segment::~Segment() = default;
 
-Capacities Segment::capacities() const noexcept {
-  Capacities c;
-  c.max_pools = header_->max_pools;
-  c.keys_per_pool = header_->keys_per_pool;
-  c.leases_per_pool = header_->leases_per_pool;
-  return c;
+const Segment::Layout& Segment::layout() const noexcept {
+  std::call_once(layout_once_, [this] {
+    // One read of each capacity; everything else is computed from them.
+    Capacities caps;
+    caps.max_pools = header_->max_pools;
+    caps.keys_per_pool = header_->keys_per_pool;
+    caps.leases_per_pool = header_->leases_per_pool;
+    if (size_ < sizeof(SegmentHeader) || !ValidateCapacities(caps).ok()) return;
+    const LayoutPlan plan = PlanLayout(caps);
+    if (plan.segment_size > size_) return;
+    layout_.caps = caps;
+    layout_.plan = plan;
+  });
+  return layout_;
 }
 
+namespace {
+// What an out-of-range pool index sees: a header that is not in use.
+PoolHeader g_no_pool{};
+}  // namespace
+
 PoolHeader* Segment::pool_header(uint32_t index) const noexcept {
-  return reinterpret_cast<PoolHeader*>(base_ + header_->pools_offset) + index;
+  const Layout& l = layout();
+  if (index >= l.caps.max_pools) return &g_no_pool;
+  return reinterpret_cast<PoolHeader*>(base_ + l.plan.pools_offset) + index;
 }
 
 uint8_t* Segment::pool_data(uint32_t index) const noexcept {
-  return base_ + header_->pool_data_offset + uint64_t{index} * header_->pool_data_stride;
+  const Layout& l = layout();
+  if (index >= l.caps.max_pools) return nullptr;
+  return base_ + l.plan.pool_data_offset + uint64_t{index} * l.plan.pool_data_stride;
 }
 
 Status Segment::LayOut(uint8_t* base, uint64_t size, const Capacities& caps) {
@@ -288,7 +305,8 @@ bool Segment::Exists(std::string_view name) {
 }
 
 std::optional<uint32_t> Segment::FindPool(std::string_view name) const noexcept {
-  for (uint32_t p = 0; p < header_->max_pools; ++p) {
+  const uint32_t pools = capacities().max_pools;
+  for (uint32_t p = 0; p < pools; ++p) {
     const PoolHeader* ph = pool_header(p);
     if (ph->use == PoolUse::kInUse && name == std::string_view(ph->name, strnlen(ph->name, kNameCapacity))) return p;
   }
@@ -306,7 +324,8 @@ Result<uint32_t> Segment::CreatePool(std::string_view name, uint32_t strategy, c
     ~Unlocker() { m.Unlock(); }
   } unlock{header_->admin_mutex};
   if (FindPool(name)) return Status(Code::kAlreadyExists, "pool " + Quoted(name) + " already exists");
-  for (uint32_t p = 0; p < header_->max_pools; ++p) {
+  const Layout& layout = this->layout();
+  for (uint32_t p = 0; p < layout.caps.max_pools; ++p) {
     PoolHeader* ph = pool_header(p);
     if (ph->use != PoolUse::kFree) continue;
     uint8_t* data = pool_data(p);
@@ -320,15 +339,15 @@ Result<uint32_t> Segment::CreatePool(std::string_view name, uint32_t strategy, c
     ph->next_deadline = kNever;
     ph->created_mono = MonotonicNowNanos();
     ph->created_wall = WallNowNanos();
-    auto* free_stack = reinterpret_cast<uint32_t*>(data + header_->free_offset);
-    const uint32_t leases = header_->leases_per_pool;
+    auto* free_stack = reinterpret_cast<uint32_t*>(data + layout.plan.free_offset);
+    const uint32_t leases = layout.caps.leases_per_pool;
     for (uint32_t i = 0; i < leases; ++i) free_stack[i] = leases - 1 - i;
     ph->free_top = leases;
     std::atomic_signal_fence(std::memory_order_seq_cst);
     ph->use = PoolUse::kInUse;
     return p;
   }
-  return Status(Code::kCapacityExceeded, "segment holds at most " + std::to_string(header_->max_pools) + " pools");
+  return Status(Code::kCapacityExceeded, "segment holds at most " + std::to_string(layout.caps.max_pools) + " pools");
 }
 
 uint64_t Segment::Fingerprint(std::string_view secret) const noexcept {

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -42,8 +43,24 @@ class Segment {
   const std::string& name() const noexcept { return name_; }
   uint8_t* base() const noexcept { return base_; }
   uint64_t size() const noexcept { return size_; }
-  Capacities capacities() const noexcept;
 
+  // The layout this process uses: capacities and offsets copied out of the
+  // header into private memory once, on first use (after Open validated or
+  // Create laid out the header), and never re-read from the segment, so a
+  // process that rewrites the header later cannot move another process's
+  // view. The offsets are recomputed from the capacities (PlanLayout), and
+  // the copy is taken only when the capacities are within the hard limits
+  // and the plan fits the mapping; otherwise it is empty (no pools), which
+  // every accessor below treats as "no such pool".
+  struct Layout {
+    Capacities caps{0, 0, 0};
+    LayoutPlan plan{};
+  };
+  const Layout& layout() const noexcept;
+  Capacities capacities() const noexcept { return layout().caps; }
+
+  // Pool `index` < capacities().max_pools. Out of range: pool_header() is a
+  // private, zeroed header (not in use) and pool_data() is nullptr.
   PoolHeader* pool_header(uint32_t index) const noexcept;
   uint8_t* pool_data(uint32_t index) const noexcept;
 
@@ -69,6 +86,8 @@ class Segment {
   uint8_t* base_ = nullptr;
   uint64_t size_ = 0;
   SegmentHeader* header_ = nullptr;
+  mutable std::once_flag layout_once_;
+  mutable Layout layout_;
 };
 
 // Validates capacities against the hard limits; the message names the field.

@@ -19,18 +19,18 @@ KeyView PoolSelection::View(uint32_t slot) const {
 }
 
 void PoolSelection::ForEachEligible(const std::function<bool(const KeyView&)>& fn) const {
-  core_->index().ForEach(core_->header()->slot_high_water, [&](uint32_t slot) { return fn(View(slot)); });
+  core_->index().ForEach(core_->HighWater(), [&](uint32_t slot) { return fn(View(slot)); });
 }
 
 std::optional<uint32_t> PoolSelection::NextEligibleFrom(uint32_t slot) const noexcept {
-  return core_->index().NextFrom(slot, core_->header()->slot_high_water);
+  return core_->index().NextFrom(slot, core_->HighWater());
 }
 
 template <typename KeyFn>
 std::optional<uint32_t> PoolSelection::ScanMin(KeyFn key) const noexcept {
   std::optional<uint32_t> best;
   SortKey best_key{};
-  core_->index().ForEach(core_->header()->slot_high_water, [&](uint32_t slot) {
+  core_->index().ForEach(core_->HighWater(), [&](uint32_t slot) {
     const SortKey k = key(core_->key(slot).state);
     const int64_t d = static_cast<int64_t>(k.k1 - best_key.k1);  // serial order, as the index's
     if (!best || d < 0 || (d == 0 && k.k2 < best_key.k2)) {
@@ -55,7 +55,7 @@ std::optional<uint32_t> PoolSelection::LowestPass() const noexcept {
 std::optional<uint32_t> SelectBuiltin(const PoolCore& core) noexcept {
   const PoolHeader* ph = core.header();
   if (ph->index_strategy == static_cast<uint32_t>(Strategy::kRoundRobin)) {
-    return core.index().NextFrom(ph->rr_cursor, ph->slot_high_water);
+    return core.index().NextFrom(ph->rr_cursor, core.HighWater());
   }
   return core.index().Min();  // least_busy and weighted: the index's order is the strategy
 }

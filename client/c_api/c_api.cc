@@ -163,7 +163,7 @@ extern "C" {
 const char* km_last_error(void) { return keymesh::c_api::t_last_error.c_str(); }
 
 const char* km_code_name(int code) {
-  if (code < 0 || code > static_cast<int>(Code::kInternal)) return "unknown";
+  if (code < 0 || code > static_cast<int>(keymesh::kLastCode)) return "unknown";
   return keymesh::CodeName(static_cast<Code>(code));
 }
 

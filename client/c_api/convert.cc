@@ -36,6 +36,8 @@ static_assert(KM_CORRUPT_STATE == static_cast<int>(Code::kCorruptState));
 static_assert(KM_ALREADY_EXISTS == static_cast<int>(Code::kAlreadyExists));
 static_assert(KM_CLOSED == static_cast<int>(Code::kClosed));
 static_assert(KM_INTERNAL == static_cast<int>(Code::kInternal));
+static_assert(KM_BUSY == static_cast<int>(Code::kBusy));
+static_assert(KM_BUSY == static_cast<int>(kLastCode), "a new code needs its KM_* twin");
 
 static_assert(KM_ROUND_ROBIN == static_cast<int>(Strategy::kRoundRobin));
 static_assert(KM_LEAST_BUSY == static_cast<int>(Strategy::kLeastBusy));
@@ -62,13 +64,15 @@ static_assert((KM_ACQUIRE_POLL & (KM_ACQUIRE_POLL - 1)) == 0 && (KM_END_PERMANEN
 // struct_size below these sizes is refused. See keymesh.h.
 
 constexpr size_t kPoolOptionsV1 = 56;
+constexpr size_t kPoolOptionsV2 = 64;  // + max_leases_per_process
 constexpr size_t kKeySpecV1 = 56;
 constexpr size_t kAcquireOptionsV1 = 32;
 constexpr size_t kEndOptionsV1 = 40;
 
-static_assert(sizeof(km_pool_options) == kPoolOptionsV1 && offsetof(km_pool_options, strategy) == 4 &&
+static_assert(sizeof(km_pool_options) == kPoolOptionsV2 && offsetof(km_pool_options, strategy) == 4 &&
               offsetof(km_pool_options, max_failures) == 8 && offsetof(km_pool_options, default_cooldown) == 16 &&
-              offsetof(km_pool_options, rate_margin) == 48);
+              offsetof(km_pool_options, rate_margin) == 48 &&
+              offsetof(km_pool_options, max_leases_per_process) == kPoolOptionsV1);
 static_assert(sizeof(km_key_spec) == kKeySpecV1 && offsetof(km_key_spec, name) == 8 &&
               offsetof(km_key_spec, tpm) == 32 && offsetof(km_key_spec, burst) == 40 &&
               offsetof(km_key_spec, rate_margin) == 48);
@@ -125,6 +129,7 @@ void PoolOptionFields(Fn&& field) {
   field(&km_pool_options::max_lease_seconds, &PoolOptions::max_lease_seconds);
   field(&km_pool_options::max_cooldown, &PoolOptions::max_cooldown);
   field(&km_pool_options::rate_margin, &PoolOptions::rate_margin);
+  field(&km_pool_options::max_leases_per_process, &PoolOptions::max_leases_per_process);
 }
 
 template <typename Fn>

@@ -138,6 +138,7 @@ int ShowStatus(kp::ControlClient& broker, const std::string& pool, bool as_json,
   }
   std::string text;
   for (const kp::StatusReply::Pool& p : status->pools) text += keymesh::ctl::RenderPool(p) + "\n";
+  for (const std::string& b : status->busy) text += "busy: " + b + "\n";
   if (clear_screen) std::fputs("\x1b[H\x1b[2J", stdout);
   std::fputs(text.c_str(), stdout);
   std::fflush(stdout);

@@ -89,6 +89,7 @@ extern "C" {
 #define KM_ALREADY_EXISTS 14
 #define KM_CLOSED 15 /* the pool was closed, or the wait was cancelled */
 #define KM_INTERNAL 16
+#define KM_BUSY 17 /* a pool lock stayed held past the caller's lock timeout */
 
 /* Strategies (== keymesh::Strategy). */
 #define KM_ROUND_ROBIN 0
@@ -115,7 +116,8 @@ typedef struct km_cancel km_cancel;
 /* The original KeyPool's options; km_pool_options_init() sets the struct
  * size and the defaults (least_busy, cooldown 60, max_failures 10,
  * acquire_timeout 30, max_lease_seconds 600, max_cooldown 600,
- * rate_margin 0.02). */
+ * rate_margin 0.02, max_leases_per_process 0). max_cooldown also caps every
+ * cooldown a 429 or a Retry-After asks for. */
 typedef struct km_pool_options {
   uint32_t struct_size;     /* sizeof(km_pool_options); set by km_pool_options_init() */
   int32_t strategy;         /* KM_ROUND_ROBIN / KM_LEAST_BUSY / KM_WEIGHTED */
@@ -125,6 +127,8 @@ typedef struct km_pool_options {
   double max_lease_seconds; /* leases held longer are reclaimed by a broker */
   double max_cooldown;      /* cap of escalating 429 cooldowns */
   double rate_margin;       /* keys are paced at (1 - rate_margin) x rpm/tpm; 0 <= m < 0.5 */
+  /* Version 2 (appended): */
+  uint32_t max_leases_per_process; /* leases one process may hold at once; 0: half the lease table */
 } km_pool_options;
 
 /* One key; km_key_spec_init() sets the struct size and the defaults (no

@@ -18,13 +18,21 @@
 
 namespace keymesh {
 
+// The longest wait any parser here returns (one day): a longer Retry-After
+// or reset (a buggy or tampered response, a date decades ahead) is capped to
+// it, not refused, so the rest of the headers still count. A pool caps again
+// at its own max_cooldown (600 s by default) when it applies them.
+inline constexpr double kMaxHeaderDelaySeconds = 86400.0;
+
 // Retry-After (RFC 9110 10.2.3): delay-seconds ("120", also "1.5") or an
 // HTTP-date ("Wed, 21 Oct 2015 07:28:00 GMT", RFC 850 and asctime forms too),
 // converted to seconds from `now_unix_seconds`; a date in the past is 0.
+// Capped at kMaxHeaderDelaySeconds.
 KEYMESH_EXPORT Result<double> ParseRetryAfter(std::string_view value, double now_unix_seconds);
 
 // A Go-style duration as in x-ratelimit-reset-* ("1s", "6m0s", "250ms",
-// "1h2m3.5s", "20us"); a bare number means seconds.
+// "1h2m3.5s", "20us"); a bare number means seconds. Capped at
+// kMaxHeaderDelaySeconds.
 KEYMESH_EXPORT Result<double> ParseRateLimitDuration(std::string_view value);
 
 // What one response's headers said. Absent fields were not in the headers.

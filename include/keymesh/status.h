@@ -31,7 +31,7 @@ enum class Code : int32_t {
   kCapacityExceeded = 5,   // a fixed capacity of the segment would be exceeded
   kInvalidArgument = 6,    // bad input from the caller
   kLayoutMismatch = 7,     // segment has another magic/layout version/size
-  kSegmentError = 8,       // the segment cannot be created, opened or mapped
+  kSegmentError = 8,       // the segment cannot be created, opened or mapped, or its content is inconsistent
   kBrokerUnavailable = 9,  // the broker socket cannot be reached
   kProtocolError = 10,     // malformed or unexpected control-protocol message
   kPermissionDenied = 11,  // the peer is not allowed (SO_PEERCRED, file modes)
@@ -40,7 +40,11 @@ enum class Code : int32_t {
   kAlreadyExists = 14,     // a name is taken (pool, key, lock file)
   kClosed = 15,            // the object was closed
   kInternal = 16,          // a bug: an invariant did not hold
+  kBusy = 17,              // a lock stayed held past the caller's lock timeout (a stopped or stuck holder)
 };
+
+// The highest code: loops over every code (name lookups) stop here.
+inline constexpr Code kLastCode = Code::kBusy;
 
 // Short, stable, lowercase name of a code ("no_available_key", ...).
 KEYMESH_EXPORT const char* CodeName(Code code) noexcept;

@@ -32,6 +32,10 @@ struct PoolOptions {
   // rpm/tpm, because requests reach the provider a few ms after the grant,
   // with jitter. 0 <= rate_margin < 0.5.
   double rate_margin = 0.02;
+  // Leases one process may hold at once in this pool, so one process (a
+  // hoarder, a leak) cannot take the whole lease table from the others. 0:
+  // half the pool's lease table (at least 1).
+  uint32_t max_leases_per_process = 0;
 };
 
 // Checks ranges and finiteness; the message names the offending field.

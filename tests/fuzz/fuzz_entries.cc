@@ -60,7 +60,8 @@ class BrokerEnv {
         << R"({"socket":")" << socket << R"(","state_file":")" << dir_ << R"(/state.json",)"
         << R"("capacity":{"max_pools":4,"keys_per_pool":16,"leases_per_pool":64},"pools":{)"
         << R"("p":{"strategy":"least_busy","default_cooldown":0.01,"max_failures":3,"acquire_timeout":0.05,"keys":[)"
-        << R"({"name":"a","secret":"sk-fuzz-aaaaaaaa1111"},{"name":"b","secret":"sk-fuzz-bbbbbbbb2222","rpm":600}]},)"
+        << R"({"name":"a","secret":"sk-fuzz-aaaaaaaa1111"},{"name":"b","secret":"sk-fuzz-bbbbbbbb2222","rpm":600},)"
+        << R"({"name":"t","secret":"sk-fuzz-tttttttt4444","tpm":100000}]},)"
         << R"("q":{"strategy":"weighted","keys":[{"name":"c","secret":"sk-fuzz-cccccccc3333","weight":3,"max_concurrency":1}]}}})"
         << "\n";
     broker::BrokerOptions options;

@@ -29,6 +29,12 @@ void ConfigInput(const uint8_t* data, size_t size);
 // seeds, then the pool's consistency check and a snapshot.
 void StateInput(const uint8_t* data, size_t size);
 
+// The segment as untrusted input (fuzz_segment.cc): overwrites of a laid-out
+// segment's headers, lease records, index and free-lease stack, then every
+// worker and broker operation on it, through the creator's mapping and an
+// attached one.
+void SegmentInput(const uint8_t* data, size_t size);
+
 }  // namespace keymesh::fuzz
 
 #endif  // KEYMESH_TESTS_FUZZ_FUZZ_ENTRIES_H_

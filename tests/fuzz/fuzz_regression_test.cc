@@ -49,3 +49,4 @@ void Replay(const std::string& target, Entry entry) {
 BOOST_AUTO_TEST_CASE(protocol_inputs) { Replay("protocol", keymesh::fuzz::ProtocolInput); }
 BOOST_AUTO_TEST_CASE(config_inputs) { Replay("config", keymesh::fuzz::ConfigInput); }
 BOOST_AUTO_TEST_CASE(state_inputs) { Replay("state", keymesh::fuzz::StateInput); }
+BOOST_AUTO_TEST_CASE(segment_inputs) { Replay("segment", keymesh::fuzz::SegmentInput); }

@@ -1,5 +1,5 @@
 // One libFuzzer executable per entry point of fuzz_entries.h, chosen at
-// compile time by KEYMESH_FUZZ_TARGET (protocol, config or state).
+// compile time by KEYMESH_FUZZ_TARGET (protocol, config, state or segment).
 #include <cstddef>
 #include <cstdint>
 
@@ -12,6 +12,7 @@ namespace {
 [[maybe_unused]] void protocol_entry(const uint8_t* d, size_t n) { keymesh::fuzz::ProtocolInput(d, n); }
 [[maybe_unused]] void config_entry(const uint8_t* d, size_t n) { keymesh::fuzz::ConfigInput(d, n); }
 [[maybe_unused]] void state_entry(const uint8_t* d, size_t n) { keymesh::fuzz::StateInput(d, n); }
+[[maybe_unused]] void segment_entry(const uint8_t* d, size_t n) { keymesh::fuzz::SegmentInput(d, n); }
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

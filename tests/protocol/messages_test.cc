@@ -541,7 +541,7 @@ BOOST_AUTO_TEST_CASE(reply_round_trip) {
   BOOST_CHECK(r->status.code() == km::Code::kNotHeld);
   BOOST_CHECK_EQUAL(r->status.message(), "gone");
   BOOST_CHECK(kp::CodeFromName("protocol_error") == km::Code::kProtocolError);
-  for (int32_t c = 1; c <= static_cast<int32_t>(km::Code::kInternal); ++c) {
+  for (int32_t c = 1; c <= static_cast<int32_t>(km::kLastCode); ++c) {
     BOOST_CHECK(kp::CodeFromName(km::CodeName(static_cast<km::Code>(c))) == static_cast<km::Code>(c));
   }
   // A code we do not know, or "ok" on an error, is the peer's protocol error.

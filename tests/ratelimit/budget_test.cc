@@ -195,8 +195,10 @@ BOOST_AUTO_TEST_CASE(escalation_on_consecutive_429s_and_reset_by_success) {
   clock.AdvanceSeconds(1.2);
   BOOST_TEST(cool(0.3) == 2.0, boost::test_tools::tolerance(1e-9));  // capped at max_cooldown
   clock.AdvanceSeconds(2.0);
-  BOOST_TEST(cool(5.0) == 5.0, boost::test_tools::tolerance(1e-9));  // a longer Retry-After wins over the cap
-  clock.AdvanceSeconds(5.0);
+  // A Retry-After beyond max_cooldown is capped too (review KM-11: one
+  // tampered response must not bench a key for years).
+  BOOST_TEST(cool(5.0) == 2.0, boost::test_tools::tolerance(1e-9));
+  clock.AdvanceSeconds(2.0);
   auto h = p.TryAcquire();
   BOOST_REQUIRE(p.Release(*h, Success()).ok());  // a success resets the escalation
   BOOST_TEST(KeyStat(p, 0).escalation == 0u);
@@ -205,14 +207,17 @@ BOOST_AUTO_TEST_CASE(escalation_on_consecutive_429s_and_reset_by_success) {
 
 BOOST_AUTO_TEST_CASE(retry_after_never_shortens_a_deadline) {
   shm::FakeClock clock;
-  Fixture f({{0, 0, 0, 2}}, 0.0, 3, 60.0, /*max_cooldown=*/5.0);
+  Fixture f({{0, 0, 0, 3}}, 0.0, 3, 60.0, /*max_cooldown=*/10.0);
   shm::PoolAdmin p(*f.seg, f.pool, clock);
   auto a = p.TryAcquire();
   auto b = p.TryAcquire();
-  BOOST_REQUIRE(a.ok() && b.ok());
+  auto z = p.TryAcquire();
+  BOOST_REQUIRE(a.ok() && b.ok() && z.ok());
   BOOST_REQUIRE(p.Release(*a, RateLimited(10.0)).ok());
   BOOST_TEST(KeyStat(p, 0).cooldown_remaining == 10.0, boost::test_tools::tolerance(1e-9));
-  // The second 429 asks for 1 s (escalated to min(cap 5, 2x10) = 5): the 10 s deadline stays.
+  // A success ends the escalation; the next 429 asks for 1 s: the 10 s
+  // deadline stays.
+  BOOST_REQUIRE(p.Release(*z, Success()).ok());
   BOOST_REQUIRE(p.Release(*b, RateLimited(1.0)).ok());
   BOOST_TEST(KeyStat(p, 0).cooldown_remaining == 10.0, boost::test_tools::tolerance(1e-9));
   // A 429 does not erase the failure history.

@@ -125,7 +125,7 @@ void BrokerProcess::Signal(int signo) {
 int BrokerProcess::Stop() {
   if (pid_ <= 0) return -1;
   ::kill(pid_, SIGTERM);
-  const int code = WaitChild(pid_);
+  const int code = WaitChild(pid_, &core_dumped_);
   pid_ = -1;
   JoinReader();
   return code;
@@ -134,7 +134,7 @@ int BrokerProcess::Stop() {
 void BrokerProcess::Kill() {
   if (pid_ <= 0) return;
   ::kill(pid_, SIGKILL);
-  WaitChild(pid_);
+  WaitChild(pid_, &core_dumped_);
   pid_ = -1;
   JoinReader();
 }
@@ -142,7 +142,7 @@ void BrokerProcess::Kill() {
 std::optional<int> BrokerProcess::WaitExit(double timeout) {
   if (pid_ <= 0) return std::nullopt;
   if (!WaitLog("<eof>", timeout)) return std::nullopt;
-  const int code = WaitChild(pid_);
+  const int code = WaitChild(pid_, &core_dumped_);
   pid_ = -1;
   JoinReader();
   return code;

@@ -46,6 +46,9 @@ class BrokerProcess {
   void Signal(int signo);
   // Waits for the broker to exit on its own; its exit code, or nullopt.
   std::optional<int> WaitExit(double timeout);
+  // Whether the kernel wrote a core dump when the broker last ended (Stop,
+  // Kill, WaitExit).
+  bool core_dumped() const noexcept { return core_dumped_; }
   bool running() const noexcept { return pid_ > 0; }
   pid_t pid() const noexcept { return pid_; }
   // Waits until the captured stderr contains `needle` `count` times.
@@ -63,6 +66,7 @@ class BrokerProcess {
 
   std::string dir_, socket_, state_file_, config_file_, segment_;
   pid_t pid_ = -1;
+  bool core_dumped_ = false;
   int log_fd_ = -1;
   std::thread reader_;
   std::mutex mu_;

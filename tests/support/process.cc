@@ -27,11 +27,12 @@ pid_t ForkChild(const std::function<int()>& fn) {
   return pid;
 }
 
-int WaitChild(pid_t pid) {
+int WaitChild(pid_t pid, bool* core_dumped) {
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0) {
     if (errno != EINTR) return -1;
   }
+  if (core_dumped != nullptr) *core_dumped = WIFSIGNALED(status) && WCOREDUMP(status);
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return -1;

@@ -21,8 +21,9 @@ namespace keymesh::testing {
 pid_t ForkChild(const std::function<int()>& fn);
 
 // Waits for `pid` (retrying on EINTR); its exit code (0..255), 128 + the
-// signal when killed, -1 on error.
-int WaitChild(pid_t pid);
+// signal when killed, -1 on error. *core_dumped (if given) says whether the
+// kernel wrote a core dump.
+int WaitChild(pid_t pid, bool* core_dumped = nullptr);
 
 // Kills and reaps a child still running when the scope ends (a failed test
 // leaves nothing behind).

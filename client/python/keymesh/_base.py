@@ -30,13 +30,17 @@ class PoolBase:
 
     def __init__(self, keys: Sequence[Any], *, strategy: Union[str, SchedulerStrategy] = SchedulerStrategy.LEAST_BUSY,
                  scheduler: Any = None, storage: Any = None, default_cooldown: float = 60.0,
-                 max_failures: int = 10, acquire_timeout: float = 30.0, rate_margin: Optional[float] = None) -> None:
+                 max_failures: int = 10, acquire_timeout: float = 30.0, rate_margin: Optional[float] = None,
+                 max_leases_per_process: Optional[int] = None) -> None:
         """An embedded pool (no broker: state lives in an anonymous shared mapping
         inherited by children forked afterwards). ``keys`` items are secrets (str),
         ``(name, secret)`` pairs, or dicts with ``secret`` and optional ``name``,
         ``weight``, ``max_concurrency``, ``rpm``, ``tpm``, ``burst`` and
         ``rate_margin``. ``rate_margin`` (default 0.02): keys are paced at
-        (1 - rate_margin) x their rpm/tpm."""
+        (1 - rate_margin) x their rpm/tpm. ``max_leases_per_process`` (default:
+        half the lease table): leases one process may hold at once; a blocking
+        acquire over it waits for one of its leases to end. Every number is
+        range-checked (ConfigError, a ValueError, when out of range)."""
         keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
         s = strategy_of_scheduler(scheduler) if scheduler is not None else parse_strategy(strategy)
         if storage is not None:
@@ -45,7 +49,8 @@ class PoolBase:
                           UserWarning, stacklevel=2)
         core = _core.Core.create(keys, strategy=s.value, default_cooldown=default_cooldown,
                                  max_failures=max_failures, acquire_timeout=acquire_timeout,
-                                 rate_margin=rate_margin, owner=self._owner)
+                                 rate_margin=rate_margin, max_leases_per_process=max_leases_per_process,
+                                 owner=self._owner)
         log.info("%s initialised: %d keys, strategy=%s", self._owner, len(keys), s.value)
         self._init_core(core)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import operator
 import threading
 import weakref
 from typing import Any, Dict, Iterable, Optional, Tuple
@@ -70,6 +71,10 @@ class CancelToken:
 live_cores: "weakref.WeakSet[Core]" = weakref.WeakSet()
 
 _KEY_FIELDS = ("weight", "max_concurrency", "rpm", "tpm", "burst", "rate_margin")
+# The integer key fields and their largest values (the km_key_spec widths;
+# burst as ValidateKeySpec bounds it).
+_KEY_LIMITS = {"weight": (1 << 32) - 1, "max_concurrency": (1 << 32) - 1, "rpm": (1 << 32) - 1,
+               "tpm": (1 << 64) - 1, "burst": 1_000_000}
 
 
 class Core:
@@ -87,7 +92,8 @@ class Core:
     # ---- construction -------------------------------------------------
     @classmethod
     def create(cls, keys: Iterable[Any], *, strategy: str, default_cooldown: float, max_failures: int,
-               acquire_timeout: float, rate_margin: Optional[float] = None, owner: str) -> "Core":
+               acquire_timeout: float, rate_margin: Optional[float] = None,
+               max_leases_per_process: Optional[int] = None, owner: str) -> "Core":
         if isinstance(keys, (str, bytes)):
             raise exc.ConfigError(f"{owner} expects a sequence of API keys, not a single string")
         specs = [_spec(k) for k in keys]
@@ -95,16 +101,15 @@ class Core:
             raise exc.ConfigError(f"{owner} requires at least one API key.")
         opts = _lib.init(_lib.PoolOptions)
         opts.strategy = _lib.STRATEGY_CODES[strategy]
-        try:
-            opts.default_cooldown = float(default_cooldown)
-            opts.max_failures = int(max_failures)
-            opts.acquire_timeout = float(acquire_timeout)
-            if rate_margin is not None:
-                opts.rate_margin = float(rate_margin)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise exc.ConfigError(f"invalid pool option: {e}") from None
-        if int(max_failures) < 1:
-            raise exc.ConfigError("max_failures must be >= 1")
+        # Every number is range-checked here: ctypes would store 2**32 in a
+        # uint32 field as 0 and -1 as 4294967295 without a word.
+        opts.default_cooldown = _seconds(default_cooldown, "default_cooldown")
+        opts.max_failures = _uint(max_failures, "max_failures", U32, lo=1)
+        opts.acquire_timeout = _seconds(acquire_timeout, "acquire_timeout")
+        if rate_margin is not None:
+            opts.rate_margin = _real(rate_margin, "rate_margin")
+        if max_leases_per_process is not None:
+            opts.max_leases_per_process = _uint(max_leases_per_process, "max_leases_per_process", U32, lo=1)
         arr = (_lib.KeySpec * len(specs))(*specs)
         handle = ctypes.c_void_p()
         check(_lib.km_pool_create(arr, len(specs), ctypes.byref(opts), ctypes.byref(handle)))
@@ -245,24 +250,58 @@ class Core:
             _lib.km_pool_destroy(h)
 
 
-def _seconds(value: Any, what: str) -> float:
+# The C ABI's integer widths, and the longest duration it takes (as
+# ValidatePoolOptions and the end calls do: about 31.7 years).
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+MAX_SECONDS = 1e9
+MAX_BURST = 1_000_000
+MAX_PID = (1 << 31) - 1
+
+
+def _real(value: Any, what: str) -> float:
+    """A finite float; ConfigError (a ValueError) for anything else."""
+    if isinstance(value, bool):
+        raise exc.ConfigError(f"{what} must be a number, not a bool")
     try:
         v = float(value)
-    except (TypeError, ValueError):
-        raise exc.ConfigError(f"{what} must be a number of seconds") from None
-    if not (v >= 0.0) or v == float("inf"):
-        raise exc.ConfigError(f"{what} must be a finite number of seconds >= 0")
+    except (TypeError, ValueError, OverflowError):
+        raise exc.ConfigError(f"{what} must be a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise exc.ConfigError(f"{what} must be a finite number")
     return v
 
 
-def _tokens(value: Any) -> int:
+def _seconds(value: Any, what: str) -> float:
+    """A duration the C ABI takes: finite, >= 0, at most MAX_SECONDS."""
     try:
-        n = int(value or 0)
-    except (TypeError, ValueError):
-        raise exc.ConfigError("tokens must be an integer") from None
-    if n < 0 or n >= 1 << 64:
-        raise exc.ConfigError("tokens must be >= 0")
+        v = _real(value, what)
+    except exc.ConfigError:
+        raise exc.ConfigError(f"{what} must be a finite number of seconds >= 0") from None
+    if not 0.0 <= v <= MAX_SECONDS:
+        raise exc.ConfigError(f"{what} must be a finite number of seconds >= 0 and <= {MAX_SECONDS:.0f}, not {v!r}")
+    return v
+
+
+def _uint(value: Any, what: str, hi: int, lo: int = 0) -> int:
+    """An integer in [lo, hi] (an integral float is taken, a bool or 2.5 is
+    not): checked before ctypes, which would wrap it silently."""
+    if isinstance(value, bool):
+        raise exc.ConfigError(f"{what} must be an integer, not a bool")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        if isinstance(value, float) and value.is_integer():
+            n = int(value)
+        else:
+            raise exc.ConfigError(f"{what} must be an integer, not {type(value).__name__} {value!r}") from None
+    if not lo <= n <= hi:
+        raise exc.ConfigError(f"{what} must be between {lo} and {hi}, not {n}")
     return n
+
+
+def _tokens(value: Any) -> int:
+    return 0 if value is None else _uint(value, "tokens", U64)
 
 
 def _spec(k: Any) -> _lib.KeySpec:
@@ -293,19 +332,11 @@ def _spec(k: Any) -> _lib.KeySpec:
     spec = _lib.init(_lib.KeySpec)
     spec.name = raw_name
     spec.secret = raw
-    try:
-        for field in ("weight", "max_concurrency", "rpm", "tpm", "burst"):
-            if limits.get(field) is not None:
-                value = int(limits[field])
-                if value < 0:
-                    raise exc.ConfigError(f"{field} must be >= 0")
-                setattr(spec, field, value)
-        if limits.get("rate_margin") is not None:
-            spec.rate_margin = float(limits["rate_margin"])
-    except (TypeError, ValueError, OverflowError) as e:
-        if isinstance(e, exc.ConfigError):
-            raise
-        raise exc.ConfigError(f"invalid key field: {e}") from None
+    for field, hi in _KEY_LIMITS.items():
+        if limits.get(field) is not None:
+            setattr(spec, field, _uint(limits[field], field, hi))
+    if limits.get("rate_margin") is not None:
+        spec.rate_margin = _real(limits["rate_margin"], "rate_margin")
     # Keep the bytes referenced alongside the struct (ctypes stores only the
     # c_char_p pointers).
     spec._keep = (raw, raw_name)  # type: ignore[attr-defined]
@@ -331,7 +362,8 @@ def parse_duration(value: str) -> float:
 def broker_reclaim(pid: int, socket: Optional[str] = None) -> int:
     """Asks the broker at `socket` to free the leases of exited process `pid`."""
     n = ctypes.c_uint32()
-    check(_lib.km_broker_reclaim(encode(socket, "socket") if socket else None, int(pid), ctypes.byref(n)))
+    check(_lib.km_broker_reclaim(encode(socket, "socket") if socket else None, _uint(pid, "pid", MAX_PID, lo=1),
+                                 ctypes.byref(n)))
     return n.value
 
 

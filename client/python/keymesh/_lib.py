@@ -40,6 +40,7 @@ CORRUPT_STATE = 13
 ALREADY_EXISTS = 14
 CLOSED = 15
 INTERNAL = 16
+BUSY = 17
 
 CODE_NAMES: Dict[int, str] = {
     OK: "ok", NO_AVAILABLE_KEY: "no_available_key", KEY_EXHAUSTED: "key_exhausted",
@@ -47,7 +48,7 @@ CODE_NAMES: Dict[int, str] = {
     INVALID_ARGUMENT: "invalid_argument", LAYOUT_MISMATCH: "layout_mismatch", SEGMENT_ERROR: "segment_error",
     BROKER_UNAVAILABLE: "broker_unavailable", PROTOCOL_ERROR: "protocol_error",
     PERMISSION_DENIED: "permission_denied", IO_ERROR: "io_error", CORRUPT_STATE: "corrupt_state",
-    ALREADY_EXISTS: "already_exists", CLOSED: "closed", INTERNAL: "internal",
+    ALREADY_EXISTS: "already_exists", CLOSED: "closed", INTERNAL: "internal", BUSY: "busy",
 }
 
 # Strategies (KM_ROUND_ROBIN..., == keymesh::Strategy), by StrategyName().
@@ -76,7 +77,7 @@ class PoolOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("strategy", ctypes.c_int32), ("max_failures", ctypes.c_uint32),
                 ("default_cooldown", ctypes.c_double), ("acquire_timeout", ctypes.c_double),
                 ("max_lease_seconds", ctypes.c_double), ("max_cooldown", ctypes.c_double),
-                ("rate_margin", ctypes.c_double)]
+                ("rate_margin", ctypes.c_double), ("max_leases_per_process", ctypes.c_uint32)]
 
 
 class KeySpec(ctypes.Structure):
@@ -224,6 +225,7 @@ _ERRORS = {
     BROKER_UNAVAILABLE: exc.BrokerUnavailableError,
     PROTOCOL_ERROR: exc.ProtocolError,
     CLOSED: exc.PoolClosedError,
+    BUSY: exc.KeyMeshError,  # a pool lock held past the lock timeout: the base class, code == BUSY
 }
 
 

@@ -1,0 +1,26 @@
+// Keeping the broker's secrets out of core dumps and out of other
+// processes' reach (KM-16, docs/SECURITY.md). The broker holds every key's
+// secret in memory; a crash that any segment writer could provoke must not
+// write them to disk, and no process of the same uid may read its memory.
+#ifndef KEYMESH_BROKER_HARDENING_H_
+#define KEYMESH_BROKER_HARDENING_H_
+
+#include <string>
+
+#include "keymesh/status.h"
+
+namespace keymesh::broker {
+
+// Marks the process not dumpable (PR_SET_DUMPABLE 0: no core dump, no
+// ptrace or /proc/PID/mem access by the same uid, /proc/PID owned by root)
+// and sets RLIMIT_CORE to 0 (also covers a later setuid-style re-enable).
+// kInternal naming the failed call; the broker refuses to start then.
+Status ProtectProcessMemory();
+
+// Overwrites a buffer that held a secret before it is freed or reused
+// (explicit_bzero: the compiler may not drop it).
+void WipeSecret(std::string& s) noexcept;
+
+}  // namespace keymesh::broker
+
+#endif  // KEYMESH_BROKER_HARDENING_H_
