@@ -83,7 +83,7 @@ Status Broker::Start() {
   segment_ = std::move(opened->segment);
   segment_name_ = segment_->name();
   // Before any worker learns the name: only workers may open it.
-  if (Status access = GrantSegmentAccess(segment_name_, config_.worker_uids, config_.worker_gids); !access.ok()) {
+  if (Status access = GrantWorkerAccess(segment_name_, config_); !access.ok()) {
     return access;
   }
   const shm::ProcessId& self = shm::Self();
@@ -271,7 +271,7 @@ void Broker::Reload() {
     metrics_file_.reset();
     StartMetricsFile();
   }
-  if (Status access = GrantSegmentAccess(segment_name_, config_.worker_uids, config_.worker_gids); !access.ok()) {
+  if (Status access = GrantWorkerAccess(segment_name_, config_); !access.ok()) {
     // The previous access list stays on the segment.
     Log(LogLevel::kError, "segment_access_failed", {{"error", access.message()}});
   }

@@ -77,4 +77,14 @@ Status GrantSegmentAccess(const std::string& segment_name, const std::vector<uin
   return Status::Ok();
 }
 
+Status GrantWorkerAccess(const std::string& segment_name, const BrokerConfig& config) {
+  auto all = [](std::initializer_list<const std::vector<uint32_t>*> lists) {
+    std::vector<uint32_t> out;
+    for (const std::vector<uint32_t>* l : lists) out.insert(out.end(), l->begin(), l->end());
+    return out;  // WorkerAcl sorts and folds duplicates
+  };
+  return GrantSegmentAccess(segment_name, all({&config.worker_uids, &config.allow_uids, &config.admin_uids}),
+                            all({&config.worker_gids, &config.allow_gids, &config.admin_gids}));
+}
+
 }  // namespace keymesh::broker

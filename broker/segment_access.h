@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "broker/config.h"
 #include "keymesh/status.h"
 
 namespace keymesh::broker {
@@ -33,6 +34,10 @@ std::string WorkerAcl(const std::vector<uint32_t>& uids, const std::vector<uint3
 // system without ACL support the message says so.
 Status GrantSegmentAccess(const std::string& segment_name, const std::vector<uint32_t>& uids,
                           const std::vector<uint32_t>& gids);
+
+// GrantSegmentAccess for everyone `config` lets act as a worker: the
+// worker lists, and the secret readers and admins (who are workers too).
+Status GrantWorkerAccess(const std::string& segment_name, const BrokerConfig& config);
 
 }  // namespace keymesh::broker
 
