@@ -34,13 +34,14 @@ Status Listener::Open(const std::string& path) {
   boost::system::error_code ec;
   acceptor_.open(Local(), ec);
   if (!ec) {
-    // Bind under a umask that already yields 0660, so the socket is never
-    // reachable with wider permissions.
+    // Bind under a umask that yields exactly 0660 (0777 & ~0117), so the
+    // socket is never reachable with wider permissions; no chmod by path
+    // afterwards, which another user could race with a link in a shared
+    // directory (KM-21; the lock file already refused such a directory).
     const mode_t old = ::umask(0117);
     acceptor_.bind(Local::endpoint(path), ec);
     ::umask(old);
   }
-  if (!ec && ::chmod(path.c_str(), 0660) != 0) ec.assign(errno, boost::system::system_category());
   if (!ec) acceptor_.listen(SOMAXCONN, ec);
   if (ec) return Status(Code::kIoError, "cannot listen on " + Escaped(path) + ": " + ec.message());
   return Status::Ok();
