@@ -38,6 +38,7 @@ PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clo
     // the private header pool_header() gave (header() stays dereferenceable).
     std::atomic_ref<const char*>(poison_).store("the pool index is beyond the segment's pools",
                                                 std::memory_order_relaxed);
+    slow_lock_ = 1;
     static uint8_t no_data[64];
     data_ = no_data;
     key_cap_ = lease_cap_ = 0;
@@ -65,15 +66,15 @@ PoolCore::PoolCore(const Segment& segment, uint32_t pool_index, const Clock& clo
   index_view_ = EligibilityIndex(arrays, key_cap_);
 }
 
-PoolCore::Guard::Guard(PoolCore* core) noexcept : core_(core) {
-  if (core_->poisoned() != nullptr) [[unlikely]] {
+void PoolCore::Guard::LockSlow() noexcept {
+  if (core_->poisoned() != nullptr) {
     failure_ = Failure::kPoisoned;
     return;
   }
   PoolHeader* ph = core_->ph_;
   const uint64_t timeout = core_->lock_timeout();
   LockOutcome outcome;
-  if (timeout == 0) [[likely]] {
+  if (timeout == 0) {
     outcome = ph->mutex.Lock();
   } else {
     outcome = ph->mutex.LockFor(timeout);
@@ -83,28 +84,29 @@ PoolCore::Guard::Guard(PoolCore* core) noexcept : core_(core) {
       return;
     }
   }
+  Locked(outcome);
+}
+
+void PoolCore::Guard::Locked(LockOutcome outcome) noexcept {
   // A journal left open under a lock that was free means another process
   // wrote the segment (a holder that died is seen as kOwnerDied): repair
   // before trusting any of it.
-  if (outcome == LockOutcome::kOwnerDied || ph->undo_count.load(std::memory_order_relaxed) != 0) [[unlikely]] {
+  if (outcome == LockOutcome::kOwnerDied || core_->ph_->undo_count.load(std::memory_order_relaxed) != 0) {
     core_->Repair();
     wake_ = true;  // the dead owner may have been about to wake someone
   }
 }
 
-PoolCore::Guard::~Guard() {
-  if (failure_ != Failure::kNone) [[unlikely]]
-    return;
-  if (core_->Troubled()) [[unlikely]] {
+void PoolCore::Guard::UnlockSlow() noexcept {
+  if (core_->Troubled()) {
     // Damage (or a fault of an operation without a retry) seen under this
     // lock: rebuild the derived data before anyone else reads it.
     core_->Repair();
     wake_ = true;
   }
-  bool must_wake = false;
   // Sleepers announce themselves (sleepers = 1) under the lock before they
-  // sleep, so when nobody is announced no wake-up is owed and the fast
-  // path stays free of atomic read-modify-writes and system calls.
+  // sleep, so when nobody is announced no wake-up is owed.
+  bool must_wake = false;
   PoolHeader* ph = core_->ph_;
   if (wake_ && ph->sleepers.load(std::memory_order_relaxed) != 0) {
     ph->sleepers.store(0, std::memory_order_relaxed);

@@ -88,8 +88,28 @@ class PoolCore {
   // when this view is poisoned. Check ok() before anything else.
   class Guard {
    public:
-    explicit Guard(PoolCore* core) noexcept;
-    ~Guard();
+    // The fast path inline (a pair takes two Guards): a view with no lock
+    // timeout and no poison, a free lock word, no journal left open.
+    explicit Guard(PoolCore* core) noexcept : core_(core) {
+      if (std::atomic_ref<uint32_t>(core->slow_lock_).load(std::memory_order_relaxed) != 0) [[unlikely]] {
+        LockSlow();
+        return;
+      }
+      const LockOutcome outcome = core->ph_->mutex.Lock();
+      if (outcome != LockOutcome::kAcquired || core->ph_->undo_count.load(std::memory_order_relaxed) != 0)
+          [[unlikely]] {
+        Locked(outcome);
+      }
+    }
+    ~Guard() {
+      if (failure_ != Failure::kNone) [[unlikely]]
+        return;
+      if (wake_ || core_->Troubled()) [[unlikely]] {
+        UnlockSlow();
+        return;
+      }
+      core_->ph_->mutex.Unlock();
+    }
     Guard(const Guard&) = delete;
     Guard& operator=(const Guard&) = delete;
     bool ok() const noexcept { return failure_ == Failure::kNone; }
@@ -98,6 +118,10 @@ class PoolCore {
     void RequestWake() noexcept { wake_ = true; }
 
    private:
+    void LockSlow() noexcept;                   // a lock timeout or poison
+    void Locked(LockOutcome outcome) noexcept;  // repairs after an owner died or an open journal
+    void UnlockSlow() noexcept;                 // repairs damage, wakes sleepers
+
     enum class Failure : uint8_t { kNone, kBusy, kPoisoned };
     PoolCore* core_;
     bool wake_ = false;
@@ -111,6 +135,7 @@ class PoolCore {
   // may set it at any time; it applies to the Guards made afterwards.
   void set_lock_timeout(uint64_t ns) noexcept {
     std::atomic_ref<uint64_t>(lock_timeout_ns_).store(ns, std::memory_order_relaxed);
+    if (ns != 0) std::atomic_ref<uint32_t>(slow_lock_).store(1, std::memory_order_relaxed);
   }
   uint64_t lock_timeout() const noexcept {
     return std::atomic_ref<uint64_t>(const_cast<uint64_t&>(lock_timeout_ns_)).load(std::memory_order_relaxed);
@@ -272,6 +297,9 @@ class PoolCore {
   // copyable, as it was before it had them).
   uint64_t lock_timeout_ns_ = 0;
   const char* poison_ = nullptr;
+  // Non-zero once the view has a lock timeout or is poisoned: the Guard's
+  // one test before its fast path (never cleared: LockSlow re-reads both).
+  uint32_t slow_lock_ = 0;
   // Written only under the pool lock (Checked() resets them).
   const char* fault_ = nullptr;
   mutable bool damaged_ = false;
@@ -280,10 +308,12 @@ class PoolCore {
 
 template <typename Fn>
 auto PoolCore::Checked(Fn&& attempt) -> decltype(attempt()) {
+  // One named result returned on every path, so it is built in the caller's
+  // slot (NRVO): the fast path moves no Status (a string) around.
   auto r = attempt();
-  if (!Troubled()) [[likely]]
-    return r;
-  return Recover(attempt, std::move(r));
+  if (Troubled()) [[unlikely]]
+    r = Recover(attempt, std::move(r));
+  return r;
 }
 
 template <typename Fn>
@@ -304,6 +334,7 @@ auto PoolCore::Recover(Fn& attempt, decltype(attempt()) first) -> decltype(attem
   // The same operation faulted right after a repair: the state itself
   // cannot be trusted (or another process keeps rewriting it).
   std::atomic_ref<const char*>(poison_).store(fault_, std::memory_order_relaxed);
+  std::atomic_ref<uint32_t>(slow_lock_).store(1, std::memory_order_relaxed);
   fault_ = nullptr;
   Repair();
   WakeAllLocked();

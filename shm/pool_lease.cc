@@ -327,8 +327,8 @@ void PoolCore::RetireSlotIfDone(uint32_t s) noexcept {
 // ---------------------------------------------------------------------------
 // PoolUser: the worker's lease calls
 
-Result<LeaseHandle> PoolUser::TryAcquire(const Selector* selector, uint64_t* earliest, const ProcessId& holder,
-                                         uint64_t tokens) {
+[[gnu::flatten]] Result<LeaseHandle> PoolUser::TryAcquire(const Selector* selector, uint64_t* earliest,
+                                                          const ProcessId& holder, uint64_t tokens) {
   Result<LeaseHandle> r = [&]() -> Result<LeaseHandle> {
     PoolCore::Guard g(&core_);
     if (!g.ok()) [[unlikely]]
@@ -405,14 +405,18 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
   }
 }
 
-Status PoolUser::Release(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder) {
+[[gnu::flatten]] Status PoolUser::Release(const LeaseHandle& lease, const Outcome& outcome, const ProcessId& holder) {
   PoolCore::Guard g(&core_);
   if (!g.ok()) [[unlikely]]
     return g.status();
-  bool wake = false;
-  Status st = core_.Checked([&] { return core_.ReleaseLocked(lease, outcome, holder, &wake); });
-  if (wake) g.RequestWake();
-  return st;
+  // Returned as built (one named Status per function: NRVO), so an ok
+  // release moves no string.
+  return core_.Checked([&] {
+    bool wake = false;
+    Status st = core_.ReleaseLocked(lease, outcome, holder, &wake);
+    if (wake) g.RequestWake();
+    return st;
+  });
 }
 
 }  // namespace keymesh::shm
