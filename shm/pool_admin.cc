@@ -8,6 +8,20 @@
 #include "shm/pool.h"
 
 namespace keymesh::shm {
+namespace {
+
+// The definition's settings into a slot's config (AddKey, Reconfigure).
+void ApplyDefinition(const KeyDefinition& def, KeyConfig& c) noexcept {
+  c.fingerprint = def.fingerprint;
+  c.weight = def.weight;
+  c.max_concurrency = def.max_concurrency;
+  c.rpm = def.rpm;
+  c.tpm = def.tpm;
+  c.burst = def.burst;
+  c.margin_ppm = def.margin_ppm;
+}
+
+}  // namespace
 
 Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
   Status valid = ValidateName("key", def.name);
@@ -17,15 +31,6 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
   if (!g.ok()) return g.status();
   PoolHeader* ph = core_.header();
   const uint64_t now = core_.Now();
-  auto set_config = [&](KeyConfig& c) {
-    c.fingerprint = def.fingerprint;
-    c.weight = def.weight;
-    c.max_concurrency = def.max_concurrency;
-    c.rpm = def.rpm;
-    c.tpm = def.tpm;
-    c.burst = def.burst;
-    c.margin_ppm = def.margin_ppm;
-  };
   if (std::optional<uint32_t> existing = core_.FindByNameLocked(def.name)) {
     // Re-admission (the original's add_key of a known key): clears the
     // failure streak and exhaustion, keeps counters and in-flight leases.
@@ -47,7 +52,7 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
     // must not outlive the operator's re-admission.
     k.state.req_tat = 0;
     k.state.tok_tat = 0;
-    set_config(k.config);
+    ApplyDefinition(def, k.config);
     core_.Commit();
     core_.IndexUpdate(s, now);
     g.RequestWake();
@@ -65,7 +70,7 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
   if (s >= ph->slot_high_water) core_.Set(ph->slot_high_water, s + 1);
   std::memset(&k, 0, sizeof(KeySlot));
   std::memcpy(k.name, def.name.data(), def.name.size());
-  set_config(k.config);
+  ApplyDefinition(def, k.config);
   k.state.enabled = 1;
   k.state.pass = ph->vtime;
   CrashPointReached(CrashPoint::kAdminMidMutation);
@@ -86,14 +91,7 @@ Status PoolAdmin::Reconfigure(const KeyDefinition& def) {
   const bool rotated = k.config.fingerprint != def.fingerprint;
   core_.LogSlotImage(s);
   CrashPointReached(CrashPoint::kAdminMidMutation);
-  KeyConfig& c = k.config;
-  c.fingerprint = def.fingerprint;
-  c.weight = def.weight;
-  c.max_concurrency = def.max_concurrency;
-  c.rpm = def.rpm;
-  c.tpm = def.tpm;
-  c.burst = def.burst;
-  c.margin_ppm = def.margin_ppm;
+  ApplyDefinition(def, k.config);
   if (rotated) {
     // A new secret is a new credential at the provider: the old one's
     // failure history and circuit (also a revocation) do not apply to it.

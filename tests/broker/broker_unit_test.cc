@@ -191,19 +191,25 @@ BOOST_AUTO_TEST_CASE(segment_names_are_random_and_well_formed) {
   BOOST_CHECK_EQUAL(kb::SegmentNameFileFor("/run/keymesh/keymesh.sock"), "/run/keymesh/keymesh.sock.segment");
 }
 
+// A fresh directory /tmp/<prefix><pid>, removed at scope end (also when a
+// check fails).
+struct ScratchDir {
+  explicit ScratchDir(const std::string& prefix) : path("/tmp/" + prefix + std::to_string(::getpid())) {
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string path;
+};
+
 // The recorded name is read only from a file this uid owns, not writable by
 // others, not through a symlink, holding one well-formed name.
 BOOST_AUTO_TEST_CASE(segment_name_file_is_trusted_only_when_ours) {
-  const std::string dir = "/tmp/kmu-name-" + std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  struct Cleanup {
-    std::string dir;
-    ~Cleanup() {
-      std::error_code ec;
-      std::filesystem::remove_all(dir, ec);
-    }
-  } cleanup{dir};
+  const ScratchDir scratch("kmu-name-");
+  const std::string& dir = scratch.path;
   const std::string file = dir + "/km.sock.segment";
   BOOST_CHECK(!kb::ReadSegmentName(file));  // none yet
   km::Result<std::string> name = kb::NewSegmentName();
@@ -571,16 +577,8 @@ BOOST_AUTO_TEST_CASE(reload_keeps_what_workers_set_meanwhile) {
 // KM-26: two discards within one second keep both files; temp files a dead
 // writer left beside the state file are removed at start, nothing else.
 BOOST_AUTO_TEST_CASE(move_aside_never_overwrites_and_stale_temps_go) {
-  const std::string dir = "/tmp/kmu-aside-" + std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  struct Cleanup {
-    std::string dir;
-    ~Cleanup() {
-      std::error_code ec;
-      std::filesystem::remove_all(dir, ec);
-    }
-  } cleanup{dir};
+  const ScratchDir scratch("kmu-aside-");
+  const std::string& dir = scratch.path;
   const std::string path = dir + "/state.json";
   std::ofstream(path) << "first";
   km::Result<std::string> a = kb::MoveAside(path);

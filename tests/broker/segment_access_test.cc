@@ -31,15 +31,6 @@ constexpr const char* kPools = R"({"p":{"keys":[{"name":"a","secret":"sk-test-aa
 
 bool RunningAsRoot() { return ::geteuid() == 0; }
 
-// The segment the broker serves, from its "ready" line.
-std::string SegmentOf(kt::BrokerProcess& b) {
-  const std::string log = b.Log();
-  const size_t at = log.find(" segment=");
-  if (at == std::string::npos) return "";
-  const size_t start = at + 9;
-  return log.substr(start, log.find_first_of(" \n", start) - start);
-}
-
 // In a child running as uid nobody with primary gid `gid` and the given
 // supplementary groups: 0 if it can open the segment read-write, the errno
 // otherwise (100+ for a set-up failure).
@@ -102,7 +93,7 @@ BOOST_AUTO_TEST_CASE(only_configured_workers_can_open_the_segment, *kNeedsRoot) 
   kt::BrokerProcess b;
   b.WriteConfig(kPools, R"(,"allow_uids":[65534],"allow_gids":[4343])");
   BOOST_REQUIRE(b.Start());
-  const std::string segment = SegmentOf(b);
+  const std::string segment = b.segment();
   BOOST_REQUIRE(!segment.empty());
   BOOST_CHECK_EQUAL(OpenAs(segment, kNobody, {}), 0);  // listed by uid
   BOOST_CHECK_EQUAL(b.Stop(), 0);
@@ -110,7 +101,7 @@ BOOST_AUTO_TEST_CASE(only_configured_workers_can_open_the_segment, *kNeedsRoot) 
   kt::BrokerProcess c;
   c.WriteConfig(kPools, R"(,"allow_uids":[4242],"allow_gids":[4343])");
   BOOST_REQUIRE(c.Start());
-  const std::string other = SegmentOf(c);
+  const std::string other = c.segment();
   BOOST_CHECK_EQUAL(OpenAs(other, kNobody, {}), EACCES);  // not listed
   // Members of the broker's own group (root's here) are not workers as such:
   // the mode bits no longer grant the owning group anything.
@@ -123,7 +114,7 @@ BOOST_AUTO_TEST_CASE(a_reload_that_drops_a_worker_stops_it_opening_the_segment, 
   kt::BrokerProcess b;
   b.WriteConfig(kPools, R"(,"allow_uids":[65534])");
   BOOST_REQUIRE(b.Start());
-  const std::string segment = SegmentOf(b);
+  const std::string segment = b.segment();
   BOOST_REQUIRE_EQUAL(OpenAs(segment, kNobody, {}), 0);
   b.WriteConfig(kPools, R"(,"allow_uids":[4242])");
   b.Signal(SIGHUP);

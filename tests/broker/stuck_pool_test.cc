@@ -28,15 +28,6 @@ namespace {
 constexpr const char* kPools = R"({"a":{"keys":[{"name":"a1","secret":"sk-test-aaaaaaaaaaaa1111"}]},)"
                                R"("b":{"keys":[{"name":"b1","secret":"sk-test-bbbbbbbbbbbb2222"}]}})";
 
-// The segment the broker serves, from its "ready" line.
-std::string SegmentOf(kt::BrokerProcess& b) {
-  const std::string log = b.Log();
-  const size_t at = log.find(" segment=");
-  if (at == std::string::npos) return "";
-  const size_t start = at + 9;
-  return log.substr(start, log.find_first_of(" \n", start) - start);
-}
-
 // A child that takes pool `pool`'s lock in `segment` and stops itself
 // there, as a worker preempted (or SIGSTOPped, or frozen) in a critical
 // section would. Returns once it is stopped.
@@ -74,7 +65,7 @@ BOOST_AUTO_TEST_CASE(a_stopped_lock_holder_stops_only_its_pool) {
   kt::BrokerProcess b;
   b.WriteConfig(kPools);
   BOOST_REQUIRE(b.Start());
-  kt::ChildGuard holder{StopInsideThePoolLock(SegmentOf(b), "a")};
+  kt::ChildGuard holder{StopInsideThePoolLock(b.segment(), "a")};
 
   kt::RawClient c(b.socket());
   BOOST_REQUIRE(c.connected());
@@ -114,7 +105,7 @@ BOOST_AUTO_TEST_CASE(once_the_holder_is_gone_the_pool_is_served_again) {
   kt::BrokerProcess b;
   b.WriteConfig(kPools);
   BOOST_REQUIRE(b.Start());
-  kt::ChildGuard holder{StopInsideThePoolLock(SegmentOf(b), "a")};
+  kt::ChildGuard holder{StopInsideThePoolLock(b.segment(), "a")};
   kt::RawClient c(b.socket());
   BOOST_REQUIRE_EQUAL(ErrorCode(c.Call("status", {{"pool", "a"}})), "busy");
   BOOST_CHECK_EQUAL(holder.KillAndWait(), 128 + SIGKILL);
