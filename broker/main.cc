@@ -57,6 +57,11 @@ int main(int argc, char** argv) {
     std::printf("config OK: %zu pools, %zu keys\n", config->pools.size(), keys);
     return 0;
   }
+  // KM-15: a broker that cannot see its workers in /proc must not start.
+  if (keymesh::Status st = keymesh::broker::CheckProcVisibility(); !st.ok()) {
+    std::fprintf(stderr, "keymesh-broker: %s\n", st.message().c_str());
+    return 1;
+  }
   keymesh::broker::Broker broker(std::move(options));
   return broker.Run();
 }

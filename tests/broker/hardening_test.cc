@@ -195,3 +195,24 @@ BOOST_AUTO_TEST_CASE(a_wiped_secret_leaves_no_byte_of_itself) {
   for (size_t i = 0; i < capacity; ++i) nonzero += buf[i] != 0;
   BOOST_CHECK_EQUAL(nonzero, 0u);
 }
+
+BOOST_AUTO_TEST_CASE(proc_hidden_from_the_broker_by_hidepid_is_refused) {
+  const std::string plain = "22 27 0:21 / /proc rw,relatime - proc proc rw\n";
+  const std::string hidden = "22 27 0:21 / /proc rw,nosuid shared:12 - proc proc rw,hidepid=invisible\n";
+  const std::string exempt = "22 27 0:21 / /proc rw - proc proc rw,gid=4343,hidepid=2\n";
+  const std::string other = "30 22 0:40 / /proc/sys/fs/binfmt_misc rw - binfmt_misc binfmt_misc rw,hidepid=2\n";
+  BOOST_CHECK(kb::CheckProcVisibility(plain, 1000, {1000}).ok());
+  BOOST_CHECK(kb::CheckProcVisibility(plain + other, 1000, {1000}).ok());  // only /proc itself counts
+  km::Status st = kb::CheckProcVisibility(hidden, 1000, {1000});
+  BOOST_CHECK(st.code() == km::Code::kPermissionDenied);
+  BOOST_CHECK_MESSAGE(st.message().find("hidepid=invisible with no gid= exemption") != std::string::npos, st.message());
+  BOOST_CHECK(kb::CheckProcVisibility(hidden, 0, {0}).ok());  // root sees every process
+  BOOST_CHECK(kb::CheckProcVisibility(exempt, 1000, {1000, 4343}).ok());
+  st = kb::CheckProcVisibility(exempt, 1000, {1000});
+  BOOST_CHECK(st.code() == km::Code::kPermissionDenied);
+  BOOST_CHECK_MESSAGE(st.message().find("gid=4343") != std::string::npos, st.message());
+  BOOST_CHECK(kb::CheckProcVisibility(hidden + plain, 1000, {1000}).ok());  // the last mount on /proc wins
+  BOOST_CHECK(kb::CheckProcVisibility("", 1000, {1000}).ok());
+  // This machine's own /proc: the suite runs where the broker can start.
+  BOOST_CHECK_MESSAGE(kb::CheckProcVisibility().ok(), kb::CheckProcVisibility().message());
+}
