@@ -25,6 +25,7 @@
 #include "broker/config.h"
 #include "broker/cooldown_timer.h"
 #include "broker/lock_file.h"
+#include "broker/mesh/mesh_job.h"
 #include "broker/metrics.h"
 #include "broker/persistence.h"
 #include "broker/pool_registry.h"
@@ -85,6 +86,8 @@ class Broker {
   // an op over the socket that may have set, moved or cleared one (a 429, a
   // Retry-After, a reset).
   void RearmCooldownTimer() { cooldown_->Rearm(); }
+  // The mesh job; nullptr when the config has no `mesh`.
+  mesh::MeshJob* mesh() noexcept { return mesh_.get(); }
 
  private:
   Status Start();
@@ -120,6 +123,7 @@ class Broker {
   std::unique_ptr<Dispatcher> dispatcher_;
   std::unique_ptr<Listener> listener_;
   std::unique_ptr<MetricsFileWriter> metrics_file_;  // null without metrics_file
+  std::unique_ptr<mesh::MeshJob> mesh_;              // null without mesh
   bool stopping_ = false;
 };
 

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "broker/log.h"
+#include "broker/mesh/mesh_config.h"
 #include "keymesh/status.h"
 #include "keymesh/types.h"
 #include "shm/capacities.h"
@@ -62,10 +63,11 @@ struct BrokerConfig {
   uint32_t max_slow_leases = 256;
   double frame_timeout = 5.0;  // seconds
   shm::Capacities capacity;
-  std::optional<LogLevel> log_level;   // absent: info (or --log-level)
-  std::string metrics_file;            // absolute; empty: no metrics file
-  double metrics_interval = 10.0;      // seconds
-  std::vector<PoolConfigEntry> pools;  // in file order
+  std::optional<LogLevel> log_level;     // absent: info (or --log-level)
+  std::string metrics_file;              // absolute; empty: no metrics file
+  double metrics_interval = 10.0;        // seconds
+  std::vector<PoolConfigEntry> pools;    // in file order
+  std::optional<mesh::MeshConfig> mesh;  // absent: this host alone (CONTRACT.md "Across hosts")
 
   const PoolConfigEntry* FindPool(std::string_view name) const;
 };

@@ -101,12 +101,9 @@ Result<RedisEndpoint> ParseRedisUrl(std::string_view url) {
 
 const char* OutageModeName(OutageMode mode) noexcept {
   switch (mode) {
-    case OutageMode::kShare:
-      return "share";
-    case OutageMode::kClosed:
-      return "closed";
-    case OutageMode::kOpen:
-      return "open";
+    case OutageMode::kShare: return "share";
+    case OutageMode::kClosed: return "closed";
+    case OutageMode::kOpen: return "open";
   }
   return "?";
 }

@@ -15,7 +15,7 @@ namespace keymesh::broker::mesh {
 
 // redis://HOST:PORT[/DB] or unix:///PATH[?db=N].
 struct RedisEndpoint {
-  std::string host;       // TCP host (name or address); empty for a Unix socket
+  std::string host;  // TCP host (name or address); empty for a Unix socket
   uint16_t port = 6379;
   std::string unix_path;  // absolute; empty for TCP
   uint32_t db = 0;
@@ -42,8 +42,8 @@ struct MeshConfig {
   double refresh = 1.0;            // seconds between lease refreshes
   double lease = 30.0;             // seconds a grant stays valid without a refresh
   OutageMode outage = OutageMode::kShare;
-  double headroom = 0.05;          // share of each limit never granted
-  double timeout = 0.1;            // seconds: connect and command timeout
+  double headroom = 0.05;  // share of each limit never granted
+  double timeout = 0.1;    // seconds: connect and command timeout
 };
 
 }  // namespace keymesh::broker::mesh

@@ -26,7 +26,7 @@ struct MeshKeyStatus {
   double burst = 0;      // requests back to back on this host
   double wants_rpm = 0;  // this host's demand as last reported
   double wants_tpm = 0;
-  uint32_t holders = 0;  // hosts holding a lease of it
+  uint32_t holders = 0;   // hosts holding a lease of it
   bool mismatch = false;  // refused: another host has a different secret under this name
 };
 
@@ -34,17 +34,17 @@ struct MeshStatus {
   bool enabled = false;  // false: no `mesh` in the config (everything else empty)
   std::string host;
   std::string ns;
-  std::string redis;      // RedisEndpoint::Describe()
+  std::string redis;  // RedisEndpoint::Describe()
   MeshMode mode = MeshMode::kShare;
-  bool redis_ok = false;  // the last call to Redis succeeded
-  std::string last_error;  // the last Redis error ("" after a success)
-  double rtt_seconds = -1;  // last Redis round trip; -1 before the first
-  double since_refresh = -1;  // seconds since the last successful lease refresh; -1 never
+  bool redis_ok = false;       // the last call to Redis succeeded
+  std::string last_error;      // the last Redis error ("" after a success)
+  double rtt_seconds = -1;     // last Redis round trip; -1 before the first
+  double since_refresh = -1;   // seconds since the last successful lease refresh; -1 never
   double lease_remaining = 0;  // seconds the current lease stays valid
   uint32_t hosts = 0;
   std::vector<std::string> members;
   std::string epoch;
-  uint64_t refreshes = 0;         // successful lease refreshes
+  uint64_t refreshes = 0;  // successful lease refreshes
   uint64_t refresh_failures = 0;
   uint64_t events_published = 0;  // local changes sent to Redis
   uint64_t events_applied = 0;    // other hosts' changes merged into the segment

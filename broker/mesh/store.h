@@ -45,9 +45,9 @@ struct LeaseKey {
 
 struct LeaseRequest {
   std::string host;
-  uint64_t seq = 0;          // grows with every request of this host; a retry may reuse it
+  uint64_t seq = 0;           // grows with every request of this host; a retry may reuse it
   uint64_t lease_ms = 30000;  // how long a grant stays valid without a refresh
-  double headroom = 0.05;    // share of every limit never granted (reserve for newcomers)
+  double headroom = 0.05;     // share of every limit never granted (reserve for newcomers)
   std::vector<LeaseKey> keys;
   // Unset in production (the script reads Redis TIME). Tests of the
   // allocator drive a fake clock through it.
@@ -55,22 +55,22 @@ struct LeaseRequest {
 };
 
 struct KeyGrant {
-  double req = 0;            // granted request rate per second (0 for an unlimited dimension)
-  double tok = 0;            // granted token rate per second
-  double burst = 0;          // requests this host may send back to back (b_h = B_g * r_h / r, >= 1 when req > 0)
-  bool mismatch = false;     // another host registered a different secret under this pool/key: nothing granted
+  double req = 0;             // granted request rate per second (0 for an unlimited dimension)
+  double tok = 0;             // granted token rate per second
+  double burst = 0;           // requests this host may send back to back (b_h = B_g * r_h / r, >= 1 when req > 0)
+  bool mismatch = false;      // another host registered a different secret under this pool/key: nothing granted
   int64_t cool_until_ms = 0;  // Redis time the key cools until (0: not cooling); nothing granted while cooling
-  uint32_t holders = 0;      // live hosts holding a lease of this key
+  uint32_t holders = 0;       // live hosts holding a lease of this key
 };
 
 struct LeaseReply {
-  int64_t now_ms = 0;      // Redis time when the script ran
-  int64_t expires_ms = 0;  // this host's grants are valid until then (Redis time)
-  bool learning = false;   // Redis lost its state recently: grants only echo what hosts held
-  std::string epoch;       // changes whenever Redis lost its state
-  uint32_t hosts = 0;      // live hosts in the namespace (this one included)
+  int64_t now_ms = 0;                // Redis time when the script ran
+  int64_t expires_ms = 0;            // this host's grants are valid until then (Redis time)
+  bool learning = false;             // Redis lost its state recently: grants only echo what hosts held
+  std::string epoch;                 // changes whenever Redis lost its state
+  uint32_t hosts = 0;                // live hosts in the namespace (this one included)
   std::vector<std::string> members;  // their names, sorted
-  std::vector<KeyGrant> keys;  // one per request key, in request order
+  std::vector<KeyGrant> keys;        // one per request key, in request order
 };
 
 // A change of a key's shared state. Deadlines are Redis time (ms).
@@ -81,7 +81,7 @@ enum class EventKind : uint8_t {
   kRevoked = 3,        // an authentication failure: out until reset
   kDisabled = 4,       // an operator disabled the key (durable, no TTL)
   kEnabled = 5,
-  kReset = 6,          // cooldown, streaks and circuit cleared; bumps the key's version
+  kReset = 6,  // cooldown, streaks and circuit cleared; bumps the key's version
 };
 
 struct KeyEvent {

@@ -123,6 +123,14 @@ struct KeyStatus {
   int64_t requests_available = -1;  // requests grantable now; -1: no rpm limit
   int64_t tokens_available = -1;    // tokens left in the bucket now; -1: no tpm limit
   uint32_t burst = 0;
+  // The mesh (several hosts): when share_active, this host paces the key at
+  // its share of the key's limits (share_rpm, share_tpm, share_burst)
+  // instead of rpm, tpm and burst; a share of 0 for a limited dimension
+  // keeps the key out of rotation on this host.
+  bool share_active = false;
+  double share_rpm = 0.0;
+  double share_tpm = 0.0;
+  uint32_t share_burst = 0;
   double rate_margin = -1.0;  // per-key override; -1: the pool's
   double ready_in = 0.0;      // seconds until cooldown and budgets allow a grant
   std::string reason;         // why the key is not eligible ("" when it is): DescribeKeyState()

@@ -1,13 +1,12 @@
 #include "support/redis_server.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <fcntl.h>
 
 #include <cerrno>
 #include <chrono>
@@ -60,9 +59,9 @@ std::string RedisServer::url() const { return "redis://127.0.0.1:" + std::to_str
 bool RedisServer::Start(double timeout) {
   if (pid_ > 0) return true;
   if (port_ == 0) port_ = FreePort();
-  std::vector<std::string> args = {"redis-server", "--port", std::to_string(port_), "--bind", "127.0.0.1",
-                                   "--save", "", "--dir", dir_, "--logfile", dir_ + "/redis.log",
-                                   "--daemonize", "no", "--protected-mode", "no"};
+  std::vector<std::string> args = {
+      "redis-server", "--port",    std::to_string(port_), "--bind",      "127.0.0.1", "--save",           "",  "--dir",
+      dir_,           "--logfile", dir_ + "/redis.log",   "--daemonize", "no",        "--protected-mode", "no"};
   if (aof_) {
     args.insert(args.end(), {"--appendonly", "yes", "--appendfsync", "always"});
   } else {
