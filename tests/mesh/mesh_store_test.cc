@@ -16,8 +16,8 @@
 #include <chrono>
 #include <cmath>
 #include <map>
-#include <ostream>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <thread>
@@ -606,6 +606,30 @@ BOOST_FIXTURE_TEST_CASE(a_frozen_redis_fails_within_the_timeout_and_recovers, Fr
   BOOST_TEST(s.connected());
 }
 
+BOOST_FIXTURE_TEST_CASE(a_restarted_redis_costs_one_failed_call_then_works, Fresh) {
+  SeedEpoch();
+  Host h("h", kTwoKeys);
+  h.wants_req = {5, 5};
+  BOOST_REQUIRE(h.Refresh(1000).ok());
+  // Killed: the call fails at once (closed or refused), it does not hang.
+  Server().Kill();
+  const auto t0 = std::chrono::steady_clock::now();
+  Result<LeaseReply> down = h.Refresh(1100);
+  BOOST_TEST(down.status().code() == Code::kIoError, down.status().ToString());
+  BOOST_TEST(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < 1.0);
+  // Back empty: the store reconnects, finds its scripts gone (NOSCRIPT),
+  // loads them again, and Redis starts a new epoch in learning.
+  BOOST_REQUIRE(Server().Restart(true));
+  Result<LeaseReply> back = h.Refresh(1200);
+  BOOST_REQUIRE_MESSAGE(back.ok(), back.status().ToString());
+  BOOST_TEST(back->learning);
+  BOOST_TEST(back->keys[0].req == 5);  // it keeps what it held, no more
+  bool ok = false;
+  Server().Cli({"SCRIPT", "FLUSH"}, &ok);
+  BOOST_REQUIRE(ok);
+  BOOST_TEST(h.Refresh(1300).ok());
+}
+
 BOOST_AUTO_TEST_CASE(connection_refused_is_a_clear_error) {
   const uint16_t port = RedisServer::FreePort();
   RedisMeshStore s(Config(port));
@@ -771,14 +795,50 @@ BOOST_AUTO_TEST_CASE(wrong_reply_shapes_are_protocol_errors) {
     BOOST_TEST(!s.connected());
   }
   // A well-formed reply passes (the parser is not simply refusing everything).
-  HostileServer hs({sha, "*7\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
-                         "*6\r\n$3\r\n9.5\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n"});
+  HostileServer hs({sha,
+                    "*7\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
+                    "*6\r\n$3\r\n9.5\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n"});
   c.redis.port = hs.port();
   RedisMeshStore s(c);
   Result<LeaseReply> r = s.Lease(req);
   BOOST_REQUIRE_MESSAGE(r.ok(), r.status().ToString());
   BOOST_TEST(r->keys[0].req == 9.5);
   BOOST_TEST((r->members == std::vector<std::string>{"h"}));
+}
+
+BOOST_AUTO_TEST_CASE(other_calls_check_their_replies_too) {
+  const std::string sha = "$40\r\n" + std::string(40, 'b') + "\r\n";
+  MeshConfig c = Config();
+  {
+    HostileServer hs({sha, "*3\r\n$3\r\nbad\r\n:1\r\n:1\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.Publish(Ev(EventKind::kCooldown, 5)).status().code() == Code::kProtocolError);
+  }
+  {
+    HostileServer hs({sha, "*3\r\n$1\r\ne\r\n:0\r\n$3\r\n1-1\r\n", "*1\r\n:7\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.ReadEvents("1-1", 0).status().code() == Code::kProtocolError);
+  }
+  {
+    HostileServer hs({sha, "*3\r\n$1\r\ne\r\n$3\r\n1-1\r\n:5\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.Snapshot().status().code() == Code::kProtocolError);
+  }
+  {
+    HostileServer hs({sha, "$1\r\n1\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.ClaimProbe("p", "k", "h", 10).status().code() == Code::kProtocolError);
+  }
+  {
+    HostileServer hs({"*2\r\n$2\r\n-5\r\n$1\r\n0\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.Time().status().code() == Code::kProtocolError);
+  }
 }
 
 BOOST_FIXTURE_TEST_CASE(bad_requests_are_refused_before_redis, Fresh) {
@@ -819,9 +879,8 @@ BOOST_FIXTURE_TEST_CASE(lease_round_trip, Fresh) {
     BOOST_REQUIRE(h.Refresh(2000).ok());
     const std::string slow = Server().Cli({"SLOWLOG", "GET", "1"});
     Server().Cli({"CONFIG", "SET", "slowlog-log-slower-than", "10000"});
-    BOOST_TEST_MESSAGE("lease of " << n << " keys: round trip median " << us[us.size() / 2] << " us, min "
-                                   << us.front() << " us; slowlog (id, time, us, ...): "
-                                   << slow.substr(0, slow.find("EVALSHA")));
+    BOOST_TEST_MESSAGE("lease of " << n << " keys: round trip median " << us[us.size() / 2] << " us, min " << us.front()
+                                   << " us; slowlog (id, time, us, ...): " << slow.substr(0, slow.find("EVALSHA")));
   }
 }
 
