@@ -349,6 +349,26 @@ BOOST_FIXTURE_TEST_CASE(learning_after_redis_lost_its_state_grants_nothing_twice
   BOOST_TEST(c.has_req[0] > 0);
 }
 
+BOOST_FIXTURE_TEST_CASE(hosts_with_different_limits_share_the_smallest, Fresh) {
+  SeedEpoch();
+  Host a("a", kTwoKeys);
+  Host b("b", {{"p", "a", 6, 0, 10}, kTwoKeys[1]});  // its config was reloaded first
+  a.wants_req = b.wants_req = {50, 50};
+  // a alone got its own limit's share; b then gets nothing until a has
+  // refreshed under the smaller limit, after which the sum stays under it.
+  BOOST_REQUIRE(a.Refresh(1000).ok());
+  BOOST_REQUIRE(b.Refresh(1000).ok());
+  BOOST_TEST(b.has_req[0] == 0);
+  for (int i = 1; i < 4; ++i) {
+    BOOST_REQUIRE(a.Refresh(1000 + i).ok());
+    BOOST_TEST(a.has_req[0] + b.has_req[0] <= 6 * (1 - kHeadroom) + 1e-9);
+    BOOST_REQUIRE(b.Refresh(1000 + i).ok());
+    BOOST_TEST(a.has_req[0] + b.has_req[0] <= 6 * (1 - kHeadroom) + 1e-9);
+  }
+  BOOST_TEST(std::fabs(a.has_req[0] - 2.85) < 1e-9);
+  BOOST_TEST(std::fabs(b.has_req[0] - 2.85) < 1e-9);
+}
+
 BOOST_FIXTURE_TEST_CASE(a_different_secret_under_the_same_name_is_refused, Fresh) {
   SeedEpoch();
   Host a("a", kTwoKeys);
