@@ -244,7 +244,8 @@ return {epoch, gap, last}
 )lua"};
 
 // Every key's live shared state (deadlines still ahead, revocations,
-// disables) and the stream id to read on from.
+// disables; first a kReset record carrying the version of a key reset at
+// least once) and the stream id to read on from.
 const LuaScript kSnapshotScript = {"snapshot", R"lua(
 local p = ARGV[1]
 local t = redis.call('TIME')
@@ -265,6 +266,7 @@ for _, id in ipairs(redis.call('SMEMBERS', p .. 'keys')) do
   local origin = s[6] or ''
   local mono = s[7] or '0'
   local cool, open = tonumber(s[1]) or 0, tonumber(s[2]) or 0
+  if (tonumber(version) or 0) > 0 then out[#out + 1] = {id, '6', '0', version, origin, mono} end
   if cool > now then out[#out + 1] = {id, '0', s[1], version, origin, mono} end
   if open > now then out[#out + 1] = {id, '1', s[2], version, origin, mono} end
   if s[3] == '1' then out[#out + 1] = {id, '3', '0', version, origin, mono} end

@@ -545,6 +545,8 @@ BOOST_FIXTURE_TEST_CASE(snapshot_holds_every_live_state, Fresh) {
   BOOST_REQUIRE(s.Publish(Ev(EventKind::kCooldown, now - 1000, "over")).ok());  // already over: not in it
   BOOST_REQUIRE(s.Publish(Ev(EventKind::kCircuitOpen, now + 60'000, "open")).ok());
   BOOST_REQUIRE(s.Publish(Ev(EventKind::kRevoked, 0, "rev")).ok());
+  BOOST_REQUIRE(s.Publish(Ev(EventKind::kCooldown, now + 60'000, "was-reset")).ok());
+  BOOST_REQUIRE(s.Publish(Ev(EventKind::kReset, 0, "was-reset")).ok());
   Result<KeyEvent> last = s.Publish(Ev(EventKind::kDisabled, 0, "off/1"));
   BOOST_REQUIRE(last.ok());
   Result<EventBatch> snap = s.Snapshot();
@@ -555,8 +557,10 @@ BOOST_FIXTURE_TEST_CASE(snapshot_holds_every_live_state, Fresh) {
     BOOST_TEST(e.pool == "p");
     BOOST_TEST(e.origin == "a");
     by_key[e.key] = e.kind;
+    if (e.key == "was-reset") BOOST_TEST(e.version == 1u);
   }
-  BOOST_TEST(by_key.size() == 4u);
+  BOOST_TEST(by_key.size() == 5u);
+  BOOST_TEST((by_key["was-reset"] == EventKind::kReset));  // its version, and no cooldown
   BOOST_TEST((by_key["cool"] == EventKind::kCooldown));
   BOOST_TEST((by_key["open"] == EventKind::kCircuitOpen));
   BOOST_TEST((by_key["rev"] == EventKind::kRevoked));
