@@ -48,7 +48,7 @@
 namespace keymesh::shm {
 
 inline constexpr uint64_t kMagic = 0x314853454D59454Bull;  // "KEYMESH1"
-// 4: KeyConfig's mesh share fields and PoolHeader::events_seq. A worker
+// 4: KeyConfig's mesh share fields, PoolHeader::events_seq and share_until. A worker
 // built before them would pace a key at its whole configured rate while a
 // mesh broker gave this host only a share of it: it must refuse the segment.
 inline constexpr uint32_t kLayoutVersion = 4;
@@ -279,7 +279,13 @@ struct alignas(64) PoolHeader {
   // tick; a merge of remote state (MergeRemote) does not bump it. Not
   // journaled: a bump whose change a crash undid only costs one rescan.
   std::atomic<uint64_t> events_seq;
-  uint64_t reserved0[1];
+  // The mesh: CLOCK_MONOTONIC ns until which the broker vouches for the
+  // keys' shares (0: no deadline). The broker's mesh job renews it at every
+  // refresh; a host whose broker died stops granting shared keys once it
+  // passes (its lease at Redis ends then and the others get its share).
+  // Written lock-free by the broker, read by every acquire of a key with a
+  // share.
+  std::atomic<uint64_t> share_until;
   PoolConfig config;  // written field by field under the mutex, not journaled: each
                       // field is one aligned store, and a crash between two leaves
                       // a config that is valid field by field (the next SetOptions

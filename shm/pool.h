@@ -166,6 +166,9 @@ class PoolAdmin : public PoolUser {
   Status SetShares(const std::vector<std::pair<std::string, KeyShare>>& shares, uint32_t* unknown = nullptr);
   // Every key back to its configured limits (the mesh left or lost its lease).
   Status ClearShares();
+  // The mesh: shared keys are granted only until `until` (CLOCK_MONOTONIC
+  // ns; 0: no deadline). Lock-free; wakes sleepers when it moves later.
+  void SetShareDeadline(uint64_t until) noexcept;
   // Merges another host's state of key `name` (RemoteKeyState in
   // pool_types.h), in one critical section: reset first (as ResetKey); the
   // cooldown deadline becomes max(local, cool_until); close_circuit closes

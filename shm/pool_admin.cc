@@ -358,6 +358,11 @@ Status PoolAdmin::ClearShares() {
   return Status::Ok();
 }
 
+void PoolAdmin::SetShareDeadline(uint64_t until) noexcept {
+  const uint64_t before = core_.header()->share_until.exchange(until, std::memory_order_release);
+  if (before != 0 && (until == 0 || until > before) && before <= core_.Now()) WakeWaiters();
+}
+
 Status PoolAdmin::MergeRemote(std::string_view name, const RemoteKeyState& r) {
   PoolCore::Guard g(&core_);
   if (!g.ok()) return g.status();

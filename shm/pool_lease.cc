@@ -48,6 +48,14 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
                   "the pool's selector returned slot " + std::to_string(s) + ", which is not eligible");
   }
   const KeyConfig& cfg = keys_[s].config;
+  if ((cfg.share_flags & kShareActive) != 0) {  // no hint: on a mesh host every key has a share
+    const uint64_t until = ph_->share_until.load(std::memory_order_acquire);
+    if (until != 0 && now >= until) [[unlikely]] {
+      if (earliest != nullptr) *earliest = kNever;
+      return Status(Code::kNoAvailableKey,
+                    "no mesh share on this host: the broker has not renewed its shares (is keymesh-broker running?)");
+    }
+  }
   if (tokens != 0 && cfg.tpm != 0 && tokens > cfg.tpm) [[unlikely]] {
     // More than the key's whole minute: the provider refuses such a request,
     // and reserving it would take the key out of rotation for as long.

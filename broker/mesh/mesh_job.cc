@@ -190,6 +190,7 @@ struct MeshJob::Impl {
   std::map<std::string, shm::PoolAdmin*> admins;
   std::atomic<uint64_t> keys_gen{0};
   MeshStatus status;
+  bool redis_state_logged = false;  // the first state (up or down) is logged too
   std::vector<double> delays;  // propagation delays of applied events (s), a ring
   size_t delay_next = 0;
   std::atomic<bool> stop{false};
@@ -222,6 +223,12 @@ struct MeshJob::Impl {
     auto it = admins.find(pool);
     return it == admins.end() ? nullptr : it->second;
   }
+  // Every pool's shares are good until `until` (mono ns): a host whose
+  // broker died stops granting them then (PoolHeader::share_until).
+  void Vouch(uint64_t until) {
+    std::lock_guard lock(mu);
+    for (auto& [name, admin] : admins) admin->SetShareDeadline(until);
+  }
   std::pair<std::vector<MeshKey>, uint64_t> Keys() {
     std::lock_guard lock(mu);
     return {keys, keys_gen.load()};
@@ -231,7 +238,8 @@ struct MeshJob::Impl {
     bool changed = false;
     {
       std::lock_guard lock(mu);
-      changed = status.redis_ok != ok || (status.refreshes + status.refresh_failures == 0);
+      changed = status.redis_ok != ok || !redis_state_logged;
+      redis_state_logged = true;
       status.redis_ok = ok;
       status.last_error = ok ? "" : error;
     }
@@ -524,6 +532,7 @@ void MeshJob::Impl::RefreshLoop() {
       }
       const MeshMode mode = reply->learning ? MeshMode::kLearning : MeshMode::kLeased;
       ApplyShares(rt, order, mode, last_hosts);
+      Vouch(until);
       applied = mode;
       applied_any = true;
       {
@@ -559,6 +568,8 @@ void MeshJob::Impl::RefreshLoop() {
         applied = outage_mode;
         applied_any = true;
       }
+      // The outage shares hold while this broker runs to renew them.
+      Vouch(MonoNs() + static_cast<uint64_t>(config.lease * 1e9));
       SetMode(outage_mode);
     }
     PublishKeyStatus(rt, order);

@@ -240,6 +240,45 @@ BOOST_AUTO_TEST_CASE(raising_a_share_from_zero_wakes_a_waiter_in_another_process
   BOOST_CHECK(p.tp.pool->CheckConsistency().ok());
 }
 
+BOOST_AUTO_TEST_CASE(shares_lapse_when_the_broker_stops_renewing_them) {
+  // A host whose broker died: its lease at Redis ends, the others are
+  // granted its share, so its workers must stop using theirs.
+  PacedPool p(1, 600000, &SystemClock::Instance());
+  BOOST_REQUIRE(p.tp.pool->SetShares(Shares{{"k0", Share(300000, 0, 1000)}}).ok());
+  p.tp.pool->SetShareDeadline(MonotonicNowNanos() + 60 * kSec);
+  Result<LeaseHandle> ok = p.tp.pool->TryAcquire();
+  BOOST_REQUIRE(ok.ok());
+  BOOST_REQUIRE(p.tp.pool->Release(*ok, Success()).ok());
+  p.tp.pool->SetShareDeadline(MonotonicNowNanos() - 1);
+  Result<LeaseHandle> lapsed = p.tp.pool->TryAcquire();
+  BOOST_REQUIRE(!lapsed.ok());
+  BOOST_CHECK(lapsed.status().code() == Code::kNoAvailableKey);
+  BOOST_CHECK_MESSAGE(lapsed.status().message().find("has not renewed its shares") != std::string::npos,
+                      lapsed.status().message());
+  // A waiter in another process is woken when the broker vouches again.
+  Pipe result;
+  ChildGuard child(ForkChild([&] {
+    result.CloseRead();
+    Result<LeaseHandle> r = p.tp.pool->Acquire(20 * kSec);
+    const uint64_t got = MonotonicNowNanos();
+    if (!result.Put(got) || !r.ok()) return 1;
+    return p.tp.pool->Release(*r, Success()).ok() ? 0 : 2;
+  }));
+  result.CloseWrite();
+  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(*p.tp.pool, child.pid), "the waiter never went to sleep");
+  const uint64_t renewed = MonotonicNowNanos();
+  p.tp.pool->SetShareDeadline(renewed + 60 * kSec);
+  uint64_t got = 0;
+  BOOST_REQUIRE(result.Get(&got));
+  BOOST_CHECK_EQUAL(child.Wait(), 0);
+  BOOST_CHECK_LT(got - renewed, 100'000'000u);  // woken, not timed out
+  // Without a share the deadline means nothing (a host alone).
+  BOOST_REQUIRE(p.tp.pool->ClearShares().ok());
+  p.tp.pool->SetShareDeadline(MonotonicNowNanos() - 1);
+  Result<LeaseHandle> alone = p.tp.pool->TryAcquire();
+  BOOST_CHECK(alone.ok());
+}
+
 // Runs `fn` on the pool in a forked worker and waits for it.
 void InWorker(PoolAdmin& pool, const std::function<bool(PoolAdmin&)>& fn) {
   ChildGuard child(ForkChild([&] { return fn(pool) ? 0 : 1; }));
