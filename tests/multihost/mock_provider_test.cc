@@ -97,6 +97,18 @@ BOOST_AUTO_TEST_CASE(ForkedProcessesShareOneBudgetAndOneLog) {
   BOOST_CHECK_EQUAL(provider.AdmittedBetween("k", 0, UINT64_MAX), provider.admitted("k"));
   // What was sent is far beyond B + r·W: overspend measures it.
   BOOST_CHECK_GT(provider.Overspend("k", 0.25), 100);
+  BOOST_CHECK_GE(provider.WorstOverspend("k"), provider.Overspend("k", 0.25));
+}
+
+BOOST_AUTO_TEST_CASE(WorstOverspendFindsShortWindows) {
+  // 60 rpm, burst 2: three calls at once are one over (B + r·0 = 2), a
+  // window no fixed length of a second or more would show.
+  MockProvider provider({{"k", 60, 2}});
+  for (int i = 0; i < 3; ++i) (void)provider.Call("k");
+  BOOST_CHECK_EQUAL(provider.refused("k"), 1u);
+  BOOST_CHECK_GT(provider.WorstOverspend("k"), 0.9);
+  BOOST_CHECK_LE(provider.WorstOverspend("k"), 1.0);
+  BOOST_CHECK_EQUAL(provider.WorstOverspend("k", 0, 0), 0);
 }
 
 BOOST_AUTO_TEST_CASE(OverspendIsZeroForSendsWithinTheLimit) {

@@ -236,8 +236,27 @@ double MockProvider::Overspend(std::string_view key, double window, uint64_t fro
 }
 
 double MockProvider::WorstOverspend(std::string_view key, uint64_t from_ns, uint64_t to_ns) const {
+  // Over every window [t_i, t_j] of sent calls i <= j: (j - i + 1) - B -
+  // r (t_j - t_i) = (j + 1 - r t_j) + (r t_i - i) - B, so one pass keeping
+  // the best (r t_i - i) so far finds the worst window of any length.
+  // Times are taken relative to the first call to keep the doubles exact.
+  const std::vector<CallRecord> calls = Calls(key);
+  const double r = rate_per_second(key);
+  const double b = burst(key);
   double worst = 0;
-  for (double window : {1.0, 2.0, 5.0, 10.0}) worst = std::max(worst, Overspend(key, window, from_ns, to_ns));
+  double best_start = -1e300;
+  bool any = false;
+  uint64_t origin = 0;
+  size_t n = 0;
+  for (const CallRecord& c : calls) {
+    if (c.mono_ns < from_ns || c.mono_ns >= to_ns) continue;
+    if (!any) origin = c.mono_ns;
+    any = true;
+    const double t = static_cast<double>(c.mono_ns - origin) / 1e9;
+    const double i = static_cast<double>(n++);
+    best_start = std::max(best_start, r * t - i);
+    worst = std::max(worst, (i + 1 - r * t) + best_start - b);
+  }
   return worst;
 }
 

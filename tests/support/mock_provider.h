@@ -88,7 +88,8 @@ class MockProvider {
   // [from_ns, to_ns) of (calls sent in the window) − (B + r·window), with r
   // the key's rate per second; 0 when never over. Requests.
   double Overspend(std::string_view key, double window, uint64_t from_ns = 0, uint64_t to_ns = UINT64_MAX) const;
-  // The worst Overspend over a few windows (1, 2, 5 and 10 s).
+  // The worst overspend over windows of every length (from one sent call
+  // to a later one, both in [from_ns, to_ns)); 0 when never over.
   double WorstOverspend(std::string_view key, uint64_t from_ns = 0, uint64_t to_ns = UINT64_MAX) const;
 
   // The key's limits.
