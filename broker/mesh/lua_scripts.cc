@@ -4,7 +4,8 @@ namespace keymesh::broker::mesh {
 
 // The lease script: membership, cleaning, and every key's grant in one
 // atomic call. Guarantees, per key and dimension with limit > 0 and
-// cap = limit * (1 - headroom): this host's grant <= cap - (sum of the
+// cap = limit * (1 - headroom) (the smallest limit any live host has for
+// the key): this host's grant <= cap - (sum of the
 // other live hosts' recorded grants), so the sum over live hosts never
 // exceeds cap. A cooling/open/revoked/disabled key grants 0; a mismatched
 // fingerprint grants 0 and records nothing; while learning (the epoch was
@@ -55,8 +56,8 @@ local function parse(s)
     if v == nil then return nil end
     f[#f + 1] = v
   end
-  if #f ~= 8 then return nil end
-  return {has = {f[1], f[2]}, wants = {f[3], f[4]}, expiry = f[5]}
+  if #f ~= 10 then return nil end
+  return {has = {f[1], f[2]}, wants = {f[3], f[4]}, expiry = f[5], lim = {f[9], f[10]}}
 end
 
 local out = {}
@@ -106,9 +107,15 @@ for i = 1, n do
     if not blocked then
       for d = 1, 2 do
         if lim[d] > 0 then
-          local cap = lim[d] * (1 - headroom)
+          -- Hosts configured with different limits (a reload reaching one
+          -- host first) share the smallest.
+          local limit = lim[d]
           local others_has = 0
-          for _, e in ipairs(others) do others_has = others_has + e.has[d] end
+          for _, e in ipairs(others) do
+            others_has = others_has + e.has[d]
+            if e.lim[d] > 0 and e.lim[d] < limit then limit = e.lim[d] end
+          end
+          local cap = limit * (1 - headroom)
           local x
           if learning then
             x = math.min(has[d], wants[d])
@@ -141,7 +148,7 @@ for i = 1, n do
       end
     end
     redis.call('HSET', lk, host, table.concat({fmt(g[1]), fmt(g[2]), fmt(wants[1]), fmt(wants[2]),
-      string.format('%.0f', now + lease), ARGV[3], used[1], used[2]}, ' '), ' fp', fp)
+      string.format('%.0f', now + lease), ARGV[3], used[1], used[2], fmt(lim[1]), fmt(lim[2])}, ' '), ' fp', fp)
     redis.call('PEXPIRE', lk, ttl)
   end
   local holders = #others
@@ -237,7 +244,8 @@ return {epoch, gap, last}
 )lua"};
 
 // Every key's live shared state (deadlines still ahead, revocations,
-// disables) and the stream id to read on from.
+// disables; first a kReset record carrying the version of a key reset at
+// least once) and the stream id to read on from.
 const LuaScript kSnapshotScript = {"snapshot", R"lua(
 local p = ARGV[1]
 local t = redis.call('TIME')
@@ -258,6 +266,7 @@ for _, id in ipairs(redis.call('SMEMBERS', p .. 'keys')) do
   local origin = s[6] or ''
   local mono = s[7] or '0'
   local cool, open = tonumber(s[1]) or 0, tonumber(s[2]) or 0
+  if (tonumber(version) or 0) > 0 then out[#out + 1] = {id, '6', '0', version, origin, mono} end
   if cool > now then out[#out + 1] = {id, '0', s[1], version, origin, mono} end
   if open > now then out[#out + 1] = {id, '1', s[2], version, origin, mono} end
   if s[3] == '1' then out[#out + 1] = {id, '3', '0', version, origin, mono} end

@@ -1,6 +1,5 @@
 #include "broker/mesh/redis_connection.h"
 
-#include <hiredis/hiredis.h>
 #include <poll.h>
 #include <sys/time.h>
 
@@ -8,6 +7,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <hiredis/hiredis.h>
 #include <map>
 #include <utility>
 

@@ -29,8 +29,8 @@ namespace keymesh::broker::mesh {
 struct RedisReply {
   enum class Type : uint8_t { kNil, kStatus, kError, kInteger, kString, kArray };
   Type type = Type::kNil;
-  int64_t integer = 0;              // kInteger
-  std::string str;                  // kStatus, kError, kString
+  int64_t integer = 0;               // kInteger
+  std::string str;                   // kStatus, kError, kString
   std::vector<RedisReply> elements;  // kArray
 
   bool is_nil() const noexcept { return type == Type::kNil; }
@@ -41,10 +41,10 @@ struct RedisReply {
 
 // What one reply may hold; more is kProtocolError and drops the connection.
 struct RedisLimits {
-  uint32_t max_depth = 7;           // nested arrays (hiredis itself stops at 7)
-  size_t max_elements = 1u << 20;   // array elements in one reply, all levels
-  size_t max_bulk = 16u << 20;      // bytes of one string
-  size_t max_total = 64u << 20;     // bytes of all strings of one reply
+  uint32_t max_depth = 7;          // nested arrays (hiredis itself stops at 7)
+  size_t max_elements = 1u << 20;  // array elements in one reply, all levels
+  size_t max_bulk = 16u << 20;     // bytes of one string
+  size_t max_total = 64u << 20;    // bytes of all strings of one reply
 };
 
 class RedisConnection {

@@ -15,8 +15,7 @@ namespace {
 constexpr size_t kMaxName = 255;
 
 bool Plain(char c) {
-  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
-         c == '-';
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
 }
 
 // Pool, key and host names: what the segment accepts (printable ASCII, no
@@ -27,8 +26,8 @@ Status CheckName(const char* what, std::string_view name) {
   }
   for (char c : name) {
     if (c <= ' ' || c > '~') {
-      return Status(Code::kInvalidArgument,
-                    std::string("mesh: ") + what + " name may hold only printable ASCII without spaces: " + Quoted(name));
+      return Status(Code::kInvalidArgument, std::string("mesh: ") + what +
+                                                " name may hold only printable ASCII without spaces: " + Quoted(name));
     }
   }
   return Status::Ok();
@@ -76,9 +75,7 @@ bool IsStreamId(std::string_view id) {
   return true;
 }
 
-bool IsInt(const RedisReply& r, int64_t lo, int64_t hi) {
-  return r.is_integer() && r.integer >= lo && r.integer <= hi;
-}
+bool IsInt(const RedisReply& r, int64_t lo, int64_t hi) { return r.is_integer() && r.integer >= lo && r.integer <= hi; }
 
 bool IsArray(const RedisReply& r, size_t n) { return r.is_array() && r.elements.size() == n; }
 
@@ -235,8 +232,8 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
     KeyGrant g;
     if (!IsArray(e, 6) || !e.elements[0].is_string() || !e.elements[1].is_string() || !e.elements[2].is_string() ||
         !ParseDouble(e.elements[0].str, &g.req) || !ParseDouble(e.elements[1].str, &g.tok) ||
-        !ParseDouble(e.elements[2].str, &g.burst) || !IsInt(e.elements[3], 0, 1) ||
-        !IsInt(e.elements[4], 0, kMaxMs) || !IsInt(e.elements[5], 0, 1 << 20)) {
+        !ParseDouble(e.elements[2].str, &g.burst) || !IsInt(e.elements[3], 0, 1) || !IsInt(e.elements[4], 0, kMaxMs) ||
+        !IsInt(e.elements[5], 0, 1 << 20)) {
       return Bad("lease: unexpected reply for key " + std::to_string(i));
     }
     // A grant above the cap would break the mesh's one promise: refuse it.
@@ -275,20 +272,20 @@ Result<KeyEvent> RedisMeshStore::Publish(const KeyEvent& event) {
   if (event.until_ms < 0 || event.until_ms > (int64_t{1} << 52)) {
     return Status(Code::kInvalidArgument, "mesh: event deadline out of range");
   }
-  Result<RedisReply> r = conn_.Eval(
-      kPublishScript, {prefix_, MakeId(event.pool, event.key), event.pool, event.key,
-                       std::to_string(static_cast<int>(event.kind)), std::to_string(event.until_ms),
-                       std::to_string(event.version), event.origin, std::to_string(event.origin_mono_ns),
-                       std::to_string(kStreamMaxLen)});
+  Result<RedisReply> r =
+      conn_.Eval(kPublishScript, {prefix_, MakeId(event.pool, event.key), event.pool, event.key,
+                                  std::to_string(static_cast<int>(event.kind)), std::to_string(event.until_ms),
+                                  std::to_string(event.version), event.origin, std::to_string(event.origin_mono_ns),
+                                  std::to_string(kStreamMaxLen)});
   if (!r.ok()) return r.status();
   if (!IsArray(*r, 3) || !r->elements[0].is_string() || !IsInt(r->elements[1], 0, int64_t{1} << 52) ||
-      !IsInt(r->elements[2], 0, int64_t{1} << 52) ||
-      (!r->elements[0].str.empty() && !IsStreamId(r->elements[0].str))) {
+      !IsInt(r->elements[2], 0, int64_t{1} << 52) || (!r->elements[0].str.empty() && !IsStreamId(r->elements[0].str))) {
     return Bad("publish: unexpected reply");
   }
   KeyEvent out = event;
   out.stream_id = r->elements[0].str;
-  if (event.kind == EventKind::kCooldown || event.kind == EventKind::kCircuitOpen) out.until_ms = r->elements[1].integer;
+  if (event.kind == EventKind::kCooldown || event.kind == EventKind::kCircuitOpen)
+    out.until_ms = r->elements[1].integer;
   out.version = static_cast<uint64_t>(r->elements[2].integer);
   return out;
 }
@@ -390,8 +387,8 @@ Result<EventBatch> RedisMeshStore::ReadEvents(const std::string& after_id, uint3
 Result<EventBatch> RedisMeshStore::Snapshot() {
   Result<RedisReply> r = conn_.Eval(kSnapshotScript, {prefix_});
   if (!r.ok()) return r.status();
-  if (!IsArray(*r, 3) || !r->elements[0].is_string() || r->elements[0].str.size() > 64 ||
-      !r->elements[1].is_string() || !IsStreamId(r->elements[1].str) || !r->elements[2].is_array()) {
+  if (!IsArray(*r, 3) || !r->elements[0].is_string() || r->elements[0].str.size() > 64 || !r->elements[1].is_string() ||
+      !IsStreamId(r->elements[1].str) || !r->elements[2].is_array()) {
     return Bad("snapshot: unexpected reply");
   }
   EventBatch batch;

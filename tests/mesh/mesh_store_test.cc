@@ -16,8 +16,8 @@
 #include <chrono>
 #include <cmath>
 #include <map>
-#include <ostream>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <thread>
@@ -349,6 +349,26 @@ BOOST_FIXTURE_TEST_CASE(learning_after_redis_lost_its_state_grants_nothing_twice
   BOOST_TEST(c.has_req[0] > 0);
 }
 
+BOOST_FIXTURE_TEST_CASE(hosts_with_different_limits_share_the_smallest, Fresh) {
+  SeedEpoch();
+  Host a("a", kTwoKeys);
+  Host b("b", {{"p", "a", 6, 0, 10}, kTwoKeys[1]});  // its config was reloaded first
+  a.wants_req = b.wants_req = {50, 50};
+  // a alone got its own limit's share; b then gets nothing until a has
+  // refreshed under the smaller limit, after which the sum stays under it.
+  BOOST_REQUIRE(a.Refresh(1000).ok());
+  BOOST_REQUIRE(b.Refresh(1000).ok());
+  BOOST_TEST(b.has_req[0] == 0);
+  for (int i = 1; i < 4; ++i) {
+    BOOST_REQUIRE(a.Refresh(1000 + i).ok());
+    BOOST_TEST(a.has_req[0] + b.has_req[0] <= 6 * (1 - kHeadroom) + 1e-9);
+    BOOST_REQUIRE(b.Refresh(1000 + i).ok());
+    BOOST_TEST(a.has_req[0] + b.has_req[0] <= 6 * (1 - kHeadroom) + 1e-9);
+  }
+  BOOST_TEST(std::fabs(a.has_req[0] - 2.85) < 1e-9);
+  BOOST_TEST(std::fabs(b.has_req[0] - 2.85) < 1e-9);
+}
+
 BOOST_FIXTURE_TEST_CASE(a_different_secret_under_the_same_name_is_refused, Fresh) {
   SeedEpoch();
   Host a("a", kTwoKeys);
@@ -525,6 +545,8 @@ BOOST_FIXTURE_TEST_CASE(snapshot_holds_every_live_state, Fresh) {
   BOOST_REQUIRE(s.Publish(Ev(EventKind::kCooldown, now - 1000, "over")).ok());  // already over: not in it
   BOOST_REQUIRE(s.Publish(Ev(EventKind::kCircuitOpen, now + 60'000, "open")).ok());
   BOOST_REQUIRE(s.Publish(Ev(EventKind::kRevoked, 0, "rev")).ok());
+  BOOST_REQUIRE(s.Publish(Ev(EventKind::kCooldown, now + 60'000, "was-reset")).ok());
+  BOOST_REQUIRE(s.Publish(Ev(EventKind::kReset, 0, "was-reset")).ok());
   Result<KeyEvent> last = s.Publish(Ev(EventKind::kDisabled, 0, "off/1"));
   BOOST_REQUIRE(last.ok());
   Result<EventBatch> snap = s.Snapshot();
@@ -535,8 +557,10 @@ BOOST_FIXTURE_TEST_CASE(snapshot_holds_every_live_state, Fresh) {
     BOOST_TEST(e.pool == "p");
     BOOST_TEST(e.origin == "a");
     by_key[e.key] = e.kind;
+    if (e.key == "was-reset") BOOST_TEST(e.version == 1u);
   }
-  BOOST_TEST(by_key.size() == 4u);
+  BOOST_TEST(by_key.size() == 5u);
+  BOOST_TEST((by_key["was-reset"] == EventKind::kReset));  // its version, and no cooldown
   BOOST_TEST((by_key["cool"] == EventKind::kCooldown));
   BOOST_TEST((by_key["open"] == EventKind::kCircuitOpen));
   BOOST_TEST((by_key["rev"] == EventKind::kRevoked));
@@ -604,6 +628,30 @@ BOOST_FIXTURE_TEST_CASE(a_frozen_redis_fails_within_the_timeout_and_recovers, Fr
   Result<MeshStore::TimeSample> back = s.Time();
   BOOST_REQUIRE_MESSAGE(back.ok(), back.status().ToString());
   BOOST_TEST(s.connected());
+}
+
+BOOST_FIXTURE_TEST_CASE(a_restarted_redis_costs_one_failed_call_then_works, Fresh) {
+  SeedEpoch();
+  Host h("h", kTwoKeys);
+  h.wants_req = {5, 5};
+  BOOST_REQUIRE(h.Refresh(1000).ok());
+  // Killed: the call fails at once (closed or refused), it does not hang.
+  Server().Kill();
+  const auto t0 = std::chrono::steady_clock::now();
+  Result<LeaseReply> down = h.Refresh(1100);
+  BOOST_TEST(down.status().code() == Code::kIoError, down.status().ToString());
+  BOOST_TEST(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < 1.0);
+  // Back empty: the store reconnects, finds its scripts gone (NOSCRIPT),
+  // loads them again, and Redis starts a new epoch in learning.
+  BOOST_REQUIRE(Server().Restart(true));
+  Result<LeaseReply> back = h.Refresh(1200);
+  BOOST_REQUIRE_MESSAGE(back.ok(), back.status().ToString());
+  BOOST_TEST(back->learning);
+  BOOST_TEST(back->keys[0].req == 5);  // it keeps what it held, no more
+  bool ok = false;
+  Server().Cli({"SCRIPT", "FLUSH"}, &ok);
+  BOOST_REQUIRE(ok);
+  BOOST_TEST(h.Refresh(1300).ok());
 }
 
 BOOST_AUTO_TEST_CASE(connection_refused_is_a_clear_error) {
@@ -771,14 +819,50 @@ BOOST_AUTO_TEST_CASE(wrong_reply_shapes_are_protocol_errors) {
     BOOST_TEST(!s.connected());
   }
   // A well-formed reply passes (the parser is not simply refusing everything).
-  HostileServer hs({sha, "*7\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
-                         "*6\r\n$3\r\n9.5\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n"});
+  HostileServer hs({sha,
+                    "*7\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
+                    "*6\r\n$3\r\n9.5\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n"});
   c.redis.port = hs.port();
   RedisMeshStore s(c);
   Result<LeaseReply> r = s.Lease(req);
   BOOST_REQUIRE_MESSAGE(r.ok(), r.status().ToString());
   BOOST_TEST(r->keys[0].req == 9.5);
   BOOST_TEST((r->members == std::vector<std::string>{"h"}));
+}
+
+BOOST_AUTO_TEST_CASE(other_calls_check_their_replies_too) {
+  const std::string sha = "$40\r\n" + std::string(40, 'b') + "\r\n";
+  MeshConfig c = Config();
+  {
+    HostileServer hs({sha, "*3\r\n$3\r\nbad\r\n:1\r\n:1\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.Publish(Ev(EventKind::kCooldown, 5)).status().code() == Code::kProtocolError);
+  }
+  {
+    HostileServer hs({sha, "*3\r\n$1\r\ne\r\n:0\r\n$3\r\n1-1\r\n", "*1\r\n:7\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.ReadEvents("1-1", 0).status().code() == Code::kProtocolError);
+  }
+  {
+    HostileServer hs({sha, "*3\r\n$1\r\ne\r\n$3\r\n1-1\r\n:5\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.Snapshot().status().code() == Code::kProtocolError);
+  }
+  {
+    HostileServer hs({sha, "$1\r\n1\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.ClaimProbe("p", "k", "h", 10).status().code() == Code::kProtocolError);
+  }
+  {
+    HostileServer hs({"*2\r\n$2\r\n-5\r\n$1\r\n0\r\n"});
+    c.redis.port = hs.port();
+    RedisMeshStore s(c);
+    BOOST_TEST(s.Time().status().code() == Code::kProtocolError);
+  }
 }
 
 BOOST_FIXTURE_TEST_CASE(bad_requests_are_refused_before_redis, Fresh) {
@@ -819,9 +903,8 @@ BOOST_FIXTURE_TEST_CASE(lease_round_trip, Fresh) {
     BOOST_REQUIRE(h.Refresh(2000).ok());
     const std::string slow = Server().Cli({"SLOWLOG", "GET", "1"});
     Server().Cli({"CONFIG", "SET", "slowlog-log-slower-than", "10000"});
-    BOOST_TEST_MESSAGE("lease of " << n << " keys: round trip median " << us[us.size() / 2] << " us, min "
-                                   << us.front() << " us; slowlog (id, time, us, ...): "
-                                   << slow.substr(0, slow.find("EVALSHA")));
+    BOOST_TEST_MESSAGE("lease of " << n << " keys: round trip median " << us[us.size() / 2] << " us, min " << us.front()
+                                   << " us; slowlog (id, time, us, ...): " << slow.substr(0, slow.find("EVALSHA")));
   }
 }
 
