@@ -15,7 +15,10 @@
 // the provider refuses anything beyond B + r·W, so refusals and overspend
 // are two views of one thing.
 #define BOOST_TEST_MODULE mesh_integration_test
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -343,6 +346,98 @@ class Mesh {
   std::vector<std::unique_ptr<Host>> hosts_;
 };
 
+// A minimal RESP client on 127.0.0.1:port: one command at a time, every
+// read bounded by a 1 s timeout, replies of bulk strings, integers and one
+// level of array. No fork (redis-cli would be: a child forked from another
+// thread meanwhile would inherit its pipe and keep it open).
+class Resp {
+ public:
+  explicit Resp(uint16_t port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    timeval tv{1, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(port);
+    if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) Close();
+  }
+  ~Resp() { Close(); }
+  Resp(const Resp&) = delete;
+  Resp& operator=(const Resp&) = delete;
+
+  // The reply's items (one for a scalar), or nullopt on an error reply or
+  // a broken connection (which then stays closed).
+  std::optional<std::vector<std::string>> Call(const std::vector<std::string>& args) {
+    if (fd_ < 0) return std::nullopt;
+    std::string out = "*" + std::to_string(args.size()) + "\r\n";
+    for (const std::string& a : args) out += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
+    if (::send(fd_, out.data(), out.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(out.size())) return Fail();
+    std::optional<std::string> head = Line();
+    if (!head || head->empty()) return Fail();
+    std::vector<std::string> items;
+    if ((*head)[0] == '*') {
+      const long n = std::stol(head->substr(1));
+      for (long i = 0; i < n; ++i) {
+        std::optional<std::string> item = Item();
+        if (!item) return Fail();
+        items.push_back(*item);
+      }
+      return items;
+    }
+    in_.insert(0, *head + "\r\n");
+    std::optional<std::string> item = Item();
+    if (!item) return Fail();
+    items.push_back(*item);
+    return items;
+  }
+
+ private:
+  std::optional<std::vector<std::string>> Fail() {
+    Close();
+    return std::nullopt;
+  }
+  void Close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  std::optional<std::string> Line() {
+    for (;;) {
+      const size_t eol = in_.find("\r\n");
+      if (eol != std::string::npos) {
+        std::string line = in_.substr(0, eol);
+        in_.erase(0, eol + 2);
+        return line;
+      }
+      char buf[65536];
+      const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+      if (n <= 0) return std::nullopt;
+      in_.append(buf, static_cast<size_t>(n));
+    }
+  }
+  std::optional<std::string> Item() {
+    std::optional<std::string> head = Line();
+    if (!head || head->empty()) return std::nullopt;
+    if ((*head)[0] == ':' || (*head)[0] == '+') return head->substr(1);
+    if ((*head)[0] != '$') return std::nullopt;
+    const long len = std::stol(head->substr(1));
+    if (len < 0) return std::string();
+    while (in_.size() < static_cast<size_t>(len) + 2) {
+      char buf[65536];
+      const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+      if (n <= 0) return std::nullopt;
+      in_.append(buf, static_cast<size_t>(n));
+    }
+    std::string v = in_.substr(0, static_cast<size_t>(len));
+    in_.erase(0, static_cast<size_t>(len) + 2);
+    return v;
+  }
+
+  int fd_ = -1;
+  std::string in_;
+};
+
 // What a host's mesh job reports. The `mesh` op's reply's "mesh" object
 // (broker/mesh/mesh_status.h, names in snake_case) when the broker has the
 // op; until it does, the same facts from what exists: the mode from the
@@ -397,15 +492,15 @@ std::string Mode(Host& h) {
   return log.substr(to + 4, end == std::string::npos ? std::string::npos : end - (to + 4));
 }
 
-// Live hosts of the namespace. The fallback asks Redis: never while it is frozen.
-double Hosts(Host& h, const Mesh& mesh) {
+// Live hosts of the namespace.
+double Hosts(Host& h, Mesh& mesh) {
   if (std::optional<json::object> m = MeshOp(h)) return Number(*m, "hosts");
   static const std::string kScript =
       "local t = redis.call('TIME') "
       "return redis.call('ZCOUNT', KEYS[1], '(' .. (t[1] * 1000 + math.floor(t[2] / 1000)), '+inf')";
-  bool ok = false;
-  const std::string out = const_cast<Mesh&>(mesh).redis().Cli({"EVAL", kScript, "1", mesh.ns() + ":hosts"}, &ok);
-  return ok && !out.empty() ? std::stod(out) : -1;
+  Resp redis(mesh.redis().port());
+  std::optional<std::vector<std::string>> out = redis.Call({"EVAL", kScript, "1", mesh.ns() + ":hosts"});
+  return out && out->size() == 1 ? std::stod(out->front()) : -1;
 }
 
 // This host's share of `key` (requests per minute), -1 when not known.
@@ -452,7 +547,7 @@ double EventsApplied(Host& h) {
 }
 
 // Every host leased and seeing `hosts` members.
-bool WaitLeased(const Mesh& mesh, std::vector<Host*> hosts, double timeout = 10) {
+bool WaitLeased(Mesh& mesh, std::vector<Host*> hosts, double timeout = 10) {
   return Eventually(
       [&] {
         for (Host* h : hosts) {
@@ -494,11 +589,11 @@ void CheckNoSecretInRedis(Mesh& mesh) {
 // `period` s on a thread of its own, each key atomically with Redis's clock
 // (one EVAL), and keeps the worst of (sum of the live leases' request
 // rates) / (limit x (1 - headroom)): the pre-accounting invariant, <= 1 at
-// every instant. Not for scenarios that freeze Redis (redis-cli would wait).
+// every instant.
 class LeaseAudit {
  public:
   LeaseAudit(const RedisServer& redis, const std::string& ns, const std::vector<KeyDef>& keys, double period = 0.1)
-      : redis_(redis) {
+      : port_(redis.port()) {
     for (const KeyDef& k : keys) lease_keys_.push_back({ns + ":lease:p/" + k.name, k.rpm / 60.0});
     thread_ = std::thread([this, period] {
       while (!stop_.load()) {
@@ -520,20 +615,20 @@ class LeaseAudit {
     static const std::string kScript =
         "local t = redis.call('TIME') local h = redis.call('HGETALL', KEYS[1]) "
         "local out = {t[1], t[2]} for _, v in ipairs(h) do out[#out + 1] = v end return out";
+    if (!conn_) conn_ = std::make_unique<Resp>(port_);
     for (const auto& [key, rate] : lease_keys_) {
-      bool ok = false;
-      const std::string out = redis_.Cli({"EVAL", kScript, "1", key}, &ok);
-      if (!ok) continue;
-      std::vector<std::string> lines;
-      std::istringstream in(out);
-      for (std::string line; std::getline(in, line);) lines.push_back(line);
-      if (lines.size() < 2) continue;
-      const double now_ms = std::stod(lines[0]) * 1000 + std::stod(lines[1]) / 1000;
+      std::optional<std::vector<std::string>> lines = conn_->Call({"EVAL", kScript, "1", key});
+      if (!lines) {
+        conn_.reset();
+        return;
+      }
+      if (lines->size() < 2) continue;
+      const double now_ms = std::stod((*lines)[0]) * 1000 + std::stod((*lines)[1]) / 1000;
       double sum = 0;
       bool any = false;
-      for (size_t i = 2; i + 1 < lines.size(); i += 2) {
-        if (lines[i] == " fp") continue;
-        std::istringstream f(lines[i + 1]);
+      for (size_t i = 2; i + 1 < lines->size(); i += 2) {
+        if ((*lines)[i] == " fp") continue;
+        std::istringstream f((*lines)[i + 1]);
         double has_r = 0, has_t = 0, wants_r = 0, wants_t = 0, expiry = 0;
         if (!(f >> has_r >> has_t >> wants_r >> wants_t >> expiry)) continue;
         if (expiry <= now_ms) continue;
@@ -549,7 +644,8 @@ class LeaseAudit {
     }
   }
 
-  const RedisServer& redis_;
+  uint16_t port_;
+  std::unique_ptr<Resp> conn_;                              // the sampling thread's
   std::vector<std::pair<std::string, double>> lease_keys_;  // Redis key, the key's rate per second
   std::atomic<bool> stop_{false};
   std::atomic<double> worst_{0};
