@@ -25,9 +25,10 @@ constexpr uint64_t kSecNs = 1'000'000'000;
 constexpr auto kWatchInterval = std::chrono::milliseconds(1);
 // A publish that failed is retried this often while Redis is away.
 constexpr uint64_t kRetryNs = 100 * kMsNs;
-// The blocking read of the event stream: how long the reader waits for an
-// event before it looks at `stop` again.
-constexpr uint32_t kReadBlockMs = 250;
+// The blocking read of the event stream waits up to one refresh (at most
+// 1 s) for an event before it looks at `stop` again: an idle reader costs
+// Redis one read per refresh, like the lease.
+uint32_t ReadBlockMs(double refresh) { return static_cast<uint32_t>(std::clamp(refresh * 1000, 50.0, 1000.0)); }
 // A claimed half-open probe is claimed this long before the circuit's
 // deadline, so losers extend their open circuit before they would probe.
 constexpr uint64_t kProbeLeadNs = 200 * kMsNs;
@@ -825,7 +826,7 @@ void MeshJob::Impl::ReadLoop() {
       std::lock_guard lock(mu);
       ++status.resyncs;
     }
-    Result<EventBatch> batch = store->ReadEvents(last_id, kReadBlockMs);
+    Result<EventBatch> batch = store->ReadEvents(last_id, ReadBlockMs(config.refresh));
     if (!batch.ok()) {
       store->Disconnect();
       need_sync = true;  // whatever was missed meanwhile comes with the snapshot

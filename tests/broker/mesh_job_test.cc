@@ -4,7 +4,7 @@
 // half-open probe is shared, and a clean stop gives everything back. Also
 // the `mesh` config object and the secret's fingerprint.
 #define BOOST_TEST_MODULE mesh_job_test
-#include <boost/test/unit_test.hpp>
+#include "broker/mesh/mesh_job.h"
 
 #include <chrono>
 #include <condition_variable>
@@ -15,8 +15,9 @@
 #include <ostream>
 #include <thread>
 
+#include <boost/test/unit_test.hpp>
+
 #include "broker/config.h"
-#include "broker/mesh/mesh_job.h"
 #include "support/shm_fixtures.h"
 
 namespace keymesh::broker::mesh {
@@ -55,7 +56,7 @@ struct World {
   bool down = false;
   bool learning = false;
   uint32_t hosts = 2;
-  double grant_fraction = 0.5;  // of each limit
+  double grant_fraction = 0.5;   // of each limit
   std::vector<KeyEvent> stream;  // ids "1", "2", ...
   std::vector<KeyEvent> published;
   std::vector<LeaseRequest> leases;
@@ -130,8 +131,7 @@ class FakeStore : public MeshStore {
     b.last_id = std::to_string(w_.stream.size());
     return b;
   }
-  Result<bool> ClaimProbe(const std::string& pool, const std::string& key, const std::string& host,
-                          uint64_t) override {
+  Result<bool> ClaimProbe(const std::string& pool, const std::string& key, const std::string& host, uint64_t) override {
     std::lock_guard lock(w_.mu);
     if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
     auto [it, fresh] = w_.probe_holder.emplace(pool + "/" + key, host);
@@ -440,7 +440,8 @@ BOOST_AUTO_TEST_CASE(fingerprints_are_keyed_and_reveal_nothing) {
 }
 
 Result<BrokerConfig> Parse(const std::string& mesh, std::map<std::string, std::string> env = {}) {
-  const std::string text = R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-aaaaaaaaaaaaaaaa"}]}},"mesh":)" + mesh + "}";
+  const std::string text =
+      R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-aaaaaaaaaaaaaaaa"}]}},"mesh":)" + mesh + "}";
   return ParseConfig(text, "/tmp", [env](const std::string& var) -> std::optional<std::string> {
     auto it = env.find(var);
     if (it == env.end()) return std::nullopt;
@@ -470,9 +471,8 @@ BOOST_AUTO_TEST_CASE(the_mesh_config_object) {
   BOOST_TEST(d->mesh->lease == 30.0);
   BOOST_TEST(d->mesh->outage == OutageMode::kShare);
   BOOST_TEST(!d->mesh->host.empty());  // the host name
-  Result<BrokerConfig> none = ParseConfig(R"({"pools":{}})", "/tmp", [](const std::string&) {
-    return std::optional<std::string>();
-  });
+  Result<BrokerConfig> none =
+      ParseConfig(R"({"pools":{}})", "/tmp", [](const std::string&) { return std::optional<std::string>(); });
   BOOST_REQUIRE(none.ok());
   BOOST_TEST(!none->mesh.has_value());
 
@@ -480,16 +480,17 @@ BOOST_AUTO_TEST_CASE(the_mesh_config_object) {
     const char* mesh;
     const char* message;
   };
-  for (Bad b : {Bad{R"({})", "config: mesh.redis: is required"},
-                Bad{R"({"redis":"http://x"})", "config: mesh.redis: redis URL 'http://x': expected"},
-                Bad{R"({"redis":"redis://:pw@h:1"})", "a password does not belong in the URL"},
-                Bad{R"({"redis":"redis://h:99999"})", "the port must be 1-65535"},
-                Bad{R"({"redis":"redis://h","bogus":1})", "config: mesh.bogus: unknown field"},
-                Bad{R"({"redis":"redis://h","lease":1,"refresh":1})", "config: mesh.lease: must be at least twice"},
-                Bad{R"({"redis":"redis://h","outage":"maybe"})", "config: mesh.outage: must be one of share, closed, open"},
-                Bad{R"({"redis":"redis://h","redis_password_env":"NOPE"})", "environment variable NOPE is not set"},
-                Bad{R"({"redis":"redis://h","host":"a b"})", "config: mesh.host:"},
-                Bad{R"({"redis":"redis://h\u0001x"})", "\\x01"}}) {
+  for (Bad b :
+       {Bad{R"({})", "config: mesh.redis: is required"},
+        Bad{R"({"redis":"http://x"})", "config: mesh.redis: redis URL 'http://x': expected"},
+        Bad{R"({"redis":"redis://:pw@h:1"})", "a password does not belong in the URL"},
+        Bad{R"({"redis":"redis://h:99999"})", "the port must be 1-65535"},
+        Bad{R"({"redis":"redis://h","bogus":1})", "config: mesh.bogus: unknown field"},
+        Bad{R"({"redis":"redis://h","lease":1,"refresh":1})", "config: mesh.lease: must be at least twice"},
+        Bad{R"({"redis":"redis://h","outage":"maybe"})", "config: mesh.outage: must be one of share, closed, open"},
+        Bad{R"({"redis":"redis://h","redis_password_env":"NOPE"})", "environment variable NOPE is not set"},
+        Bad{R"({"redis":"redis://h","host":"a b"})", "config: mesh.host:"},
+        Bad{R"({"redis":"redis://h\u0001x"})", "\\x01"}}) {
     Result<BrokerConfig> r = Parse(b.mesh);
     BOOST_REQUIRE_MESSAGE(!r.ok(), b.mesh);
     BOOST_TEST_INFO(b.mesh << " -> " << r.status().message());
