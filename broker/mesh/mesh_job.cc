@@ -128,7 +128,13 @@ struct KeyRuntime {
   bool mismatch_logged = false;
 };
 
-double Burst(const MeshKey& k) { return std::max(1.0, static_cast<double>(k.burst)); }
+// The key's burst for the whole mesh (B_g): its configured burst, or about
+// one second of its rate when it has none (providers count per second), so
+// that every host's share of it is at least one request.
+double Burst(const MeshKey& k) {
+  if (k.burst > 1) return k.burst;
+  return std::max(1.0, std::floor(k.rpm / 60.0));
+}
 
 std::string Hex(const unsigned char* p, size_t n) {
   static const char* kDigits = "0123456789abcdef";
@@ -191,7 +197,7 @@ struct MeshJob::Impl {
   std::atomic<uint64_t> keys_gen{0};
   MeshStatus status;
   bool redis_state_logged = false;  // the first state (up or down) is logged too
-  std::vector<double> delays;  // propagation delays of applied events (s), a ring
+  std::vector<double> delays;       // propagation delays of applied events (s), a ring
   size_t delay_next = 0;
   std::atomic<bool> stop{false};
   bool started = false;
@@ -315,9 +321,10 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     if (admin == nullptr) continue;
     Result<PoolStatus> snap = admin->Snapshot();
     if (!snap.ok()) continue;  // busy or poisoned: demand unchanged this round
-    // Workers waited for a key (or gave up): the pool wants more than it has.
-    uint64_t waited = snap->totals.no_key_available + snap->totals.timeouts;
-    for (size_t i = 2; i < kWaitBuckets; ++i) waited += snap->acquire_wait.counts[i];
+    // Workers gave up on an acquire (none came in time): the pool wants
+    // more than it has. Waits alone are no such sign: pacing at any share
+    // makes an acquire wait for the next slot now and then.
+    const uint64_t waited = snap->totals.no_key_available + snap->totals.timeouts;
     uint64_t& last = (*pressure)[pool];
     const bool pressed = last != 0 && waited > last;
     last = waited == 0 ? 1 : waited;

@@ -1012,12 +1012,7 @@ BOOST_AUTO_TEST_CASE(one_host_cut_off_while_the_others_are_not) {
 
 // A broker whose Redis is not there starts, serves its own host in the
 // outage mode, and joins the mesh when Redis appears.
-//
-// Known bug (one expected failure): the job logs no
-// `event=mesh_redis state=down` when Redis was never up, because
-// MeshJob::Impl counts the first refresh failure before NoteRedis looks
-// at the counts; remove expected_failures once that is fixed.
-BOOST_AUTO_TEST_CASE(broker_starts_and_serves_with_redis_absent, *boost::unit_test::expected_failures(1)) {
+BOOST_AUTO_TEST_CASE(broker_starts_and_serves_with_redis_absent) {
   Mesh mesh;
   Host& h = mesh.AddHost(/*proxied=*/true);
   BOOST_REQUIRE(h.proxy->Reset());  // connection refused, as with no redis-server
