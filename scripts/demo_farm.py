@@ -316,7 +316,8 @@ def main() -> int:
                         help="N >= 2: N brokers sharing the keys through a local redis-server (the mesh); "
                              "--workers is then ignored (4, 2, 1, ... per host)")
     parser.add_argument("--refresh", type=float, default=1.0, help="with --hosts: the mesh's refresh (s)")
-    parser.add_argument("--lease", type=float, default=10.0, help="with --hosts: the mesh's lease (s)")
+    parser.add_argument("--lease", type=float, default=6.0,
+                        help="with --hosts: the mesh's lease (s; a new Redis starts learning for one lease)")
     args = parser.parse_args()
     args.build = os.path.abspath(args.build)
     if args.hosts > 1:

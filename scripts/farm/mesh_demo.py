@@ -97,6 +97,8 @@ class MeshDemo:
               f"mock provider on port {c.port}; {len(c.hosts)} brokers: "
               + ", ".join(f"{h.name} (pid {h.proc.pid if h.proc else '?'}, segment /dev/shm/{h.segment})"
                           for h in c.hosts))
+        print(f"demo: waiting for every host to lease its shares (a new Redis starts in learning mode for one "
+              f"lease, {a.lease:g} s: no share is granted twice after Redis lost its state)", flush=True)
         modes = c.wait_mesh(timeout=a.lease + 10)
         print("demo: mesh modes before the load: " + ", ".join(f"{n} {m}" for n, m in modes.items()))
         plan, demand = plans(self.workers, a.seconds)
@@ -135,7 +137,7 @@ class MeshDemo:
               f"{counts['no_key']} acquires without a key")
         for i, h in enumerate(c.hosts):
             s = served[i] + [0, 0]
-            print(f"  {h.name} ({self.workers[i]} workers): served {s[0] / half:4.1f}/s of {demand[i][0]:g} offered, "
+            print(f"  {h.name} ({self.workers[i]} worker{'s' if self.workers[i] != 1 else ''}): served {s[0] / half:4.1f}/s of {demand[i][0]:g} offered, "
                   f"then {s[1] / half:4.1f}/s of {demand[i][1]:g} offered")
         metrics = [p["pool_metrics"] for p in pools]
         keys = [{k["name"]: k for k in p["keys"]} for p in pools]

@@ -538,8 +538,8 @@ def worker(mode: str, plan: WorkerPlan, sock: str, port: int, start: float, unti
                 time.sleep(min(next_at, until) - now)  # the worker's own demand schedule
                 continue
             # Offered load: one request per 1/rate; when served late, catch up at
-            # most one second's worth.
-            next_at = max(next_at + 1.0 / rate, now - 1.0)
+            # most two seconds' worth (demand queues, but not forever).
+            next_at = max(next_at + 1.0 / rate, now - 2.0)
         phase_offered[phase] += 1
         t0 = time.monotonic()
         key: str | None = None
