@@ -11,6 +11,8 @@ broker's shared-memory segment, the temp dir) is removed on exit, also on
 Ctrl-C or SIGTERM.
 
 Usage: python3 scripts/demo_farm.py [--workers 6] [--seconds 10] [--build build]
+       python3 scripts/demo_farm.py --hosts 3 [--seconds 30]   (several hosts:
+       scripts/farm/mesh_demo.py)
 Exit 0 when the accounting check passes.
 """
 
@@ -308,10 +310,27 @@ def worker(pool: Any, port: int, until: float, keymesh: Any) -> dict[str, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=6)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=None, help="default 10, or 30 with --hosts")
     parser.add_argument("--build", default=os.path.join(ROOT, "build"), help="build directory (bin/, lib/)")
+    parser.add_argument("--hosts", type=int, default=1,
+                        help="N >= 2: N brokers sharing the keys through a local redis-server (the mesh); "
+                             "--workers is then ignored (4, 2, 1, ... per host)")
+    parser.add_argument("--refresh", type=float, default=1.0, help="with --hosts: the mesh's refresh (s)")
+    parser.add_argument("--lease", type=float, default=6.0,
+                        help="with --hosts: the mesh's lease (s; a new Redis starts learning for one lease)")
     args = parser.parse_args()
     args.build = os.path.abspath(args.build)
+    if args.hosts > 1:
+        if args.hosts > 8:
+            parser.error("--hosts: at most 8 on one machine")
+        args.seconds = 30.0 if args.seconds is None else args.seconds
+        sys.path.insert(0, os.path.join(HERE, "farm"))
+        import mesh_demo  # noqa: PLC0415 - only the mesh demo needs it
+
+        return mesh_demo.main(args)
+    if args.hosts < 1:
+        parser.error("--hosts must be at least 1")
+    args.seconds = 10.0 if args.seconds is None else args.seconds
     os.environ.setdefault("KEYMESH_LIB", os.path.join(args.build, "lib", "libkeymesh.so"))
     for tool in ("keymesh-broker", "keymeshctl"):
         if not os.access(os.path.join(args.build, "bin", tool), os.X_OK):

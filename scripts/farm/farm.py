@@ -51,10 +51,12 @@ class Caller:
         self.port = port
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
-    def call(self, key: str) -> tuple[int, float | None, int]:
+    def call(self, key: str, extra: dict[str, str] | None = None) -> tuple[int, float | None, int]:
+        """(status, Retry-After or None, tokens); status 0 when the call failed.
+        `extra`: more request headers (the mock provider's test hooks)."""
         try:
-            self.conn.request("POST", "/v1/chat/completions", body=b"{}",
-                              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **(extra or {})}
+            self.conn.request("POST", "/v1/chat/completions", body=b"{}", headers=headers)
             resp = self.conn.getresponse()
             body = resp.read()
         except (OSError, http.client.HTTPException):

@@ -7,6 +7,10 @@ It enforces, per API key, what real providers enforce:
   * 401 for revoked keys and unknown keys;
   * a latency with jitter for each accepted request.
 
+A test hook for the cooldown propagation benchmark: a request with the header
+"X-Mock-Status: 429" is refused with 429 and "Retry-After: <X-Mock-Retry-After
+or 1>" whatever the key's budget (counted under "forced", not as a refusal).
+
 It listens on 127.0.0.1 only. Counters are kept per key and served as JSON
 at GET /stats. Run standalone:  python3 mock_provider.py CONFIG.json
 where CONFIG.json is {"port": 0, "latency_ms": 20, "jitter_ms": 5,
@@ -37,6 +41,7 @@ class KeyLimits:
         self.ok = 0
         self.rate_limited = 0
         self.unauthorized = 0
+        self.forced = 0
         self.lock = threading.Lock()
 
 
@@ -78,6 +83,15 @@ class Provider:
             limits.in_flight += 1
             return 200, 0.0
 
+    def force_429(self, secret: str) -> bool:
+        """The test hook: False for an unknown key."""
+        limits = self.keys.get(secret)
+        if limits is None:
+            return False
+        with limits.lock:
+            limits.forced += 1
+        return True
+
     def finish(self, secret: str) -> None:
         limits = self.keys[secret]
         with limits.lock:
@@ -90,14 +104,14 @@ class Provider:
             with k.lock:
                 out["keys"]["..." + secret[-4:]] = {
                     "ok": k.ok, "rate_limited": k.rate_limited, "unauthorized": k.unauthorized,
-                    "per_second": k.per_second, "revoked": k.revoked,
+                    "per_second": k.per_second, "revoked": k.revoked, "forced": k.forced,
                 }
         return out
 
     def reset(self) -> None:
         for k in self.keys.values():
             with k.lock:
-                k.ok = k.rate_limited = k.unauthorized = 0
+                k.ok = k.rate_limited = k.unauthorized = k.forced = 0
                 k.window = -1
                 k.in_window = 0
         self.unknown = 0
@@ -135,6 +149,13 @@ def make_handler(provider: Provider) -> type[BaseHTTPRequestHandler]:
                 return
             auth = self.headers.get("Authorization", "")
             secret = auth[7:] if auth.startswith("Bearer ") else ""
+            if self.headers.get("X-Mock-Status") == "429" and provider.force_429(secret):
+                try:
+                    forced_retry = min(60.0, max(0.001, float(self.headers.get("X-Mock-Retry-After") or 1)))
+                except ValueError:
+                    forced_retry = 1.0
+                self._send(429, b'{"error":"rate_limited"}', {"Retry-After": f"{forced_retry:.3f}"})
+                return
             status, retry_after = provider.admit(secret)
             if status == 429:
                 self._send(429, b'{"error":"rate_limited"}', {"Retry-After": f"{retry_after:.3f}"})

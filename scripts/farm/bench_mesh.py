@@ -1,0 +1,286 @@
+"""The mesh benchmark (scripts/bench-mesh; not a test): N hosts on one
+machine (keymesh-brokers h1..hN with uneven worker farms, 4, 2, 1 by
+default) share 2 keys x 600 rpm at the mock provider, which enforces each
+key's global limit. Contenders, each for the same duration, one after the
+other in one run, with the same demand:
+
+  mesh           the brokers share the keys through one redis-server (the
+                 `mesh` config object)
+  isolated       the same brokers without `mesh`, each configured with the
+                 keys' full limits (what a farm of several hosts does today)
+  redis-gcra     no broker: every acquire is one EVALSHA of a Lua GCRA over
+                 the keys against the same redis-server, in Python workers
+  mesh, frozen   the mesh with redis-server SIGSTOPped for part of the run
+                 (shorter than the lease)
+  mesh, killed   the mesh with redis-server SIGKILLed a third of the way in
+                 (the rest of the run without Redis: the lease, then `outage`)
+
+Then the cooldown propagation: one host's worker gets a 429 with
+Retry-After from the provider and reports it; the time until every other
+host's segment shows the key cooling (read by an attached pool's status(),
+which reads the segment), over --trials trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import mesh_farm as mf  # noqa: E402
+from farm import Caller, percentile  # noqa: E402
+
+
+def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plans: list[mf.WorkerPlan],
+            mesh: dict[str, Any] | None, fault: str = "") -> dict[str, Any]:
+    """One contender: brokers (unless mode is gcra), the farm, the figures."""
+    gcra = None
+    modes_end: dict[str, str] = {}
+    if mode == "gcra":
+        gcra = mf.Gcra.load(c.redis.port, [c.secrets[k.name] for k in c.keys], c.keys[0].rpm)
+    else:
+        c.start_brokers(mesh)
+        if mesh is not None:
+            modes = c.wait_mesh(timeout=args.lease + 10)
+            if any(m != "leased" for m in modes.values()):
+                print(f"bench-mesh: {label}: not every host leased before the load: {modes}", flush=True)
+    c.provider_reset()
+    events: list[tuple[float, Any]] = []
+    fault_at = args.seconds / 3
+    if fault == "frozen":
+        events += [(fault_at, lambda _t: c.redis.freeze()), (fault_at + args.freeze, lambda _t: c.redis.thaw())]
+    elif fault == "killed":
+        events.append((fault_at, lambda _t: c.redis.kill()))
+    if mesh is not None:
+        def note_modes(_t: float) -> None:
+            for h in c.hosts:
+                st = c.mesh_status(h)
+                modes_end[h.name] = str(st.get("mode")) if st else "?"
+        events.append((max(0.0, args.seconds - 1.0), note_modes))
+    result = mf.run_farm(c, mode, args.seconds, plans, events=events, gcra=gcra)
+    stats = c.provider_stats()
+    counts = mf.totals(result.reports)
+    calls = counts["ok"] + counts["429"] + counts["401"] + counts["other"]
+    refused = sum(k["rate_limited"] for k in stats["keys"].values())
+    p50, p99 = mf.wait_percentiles(result.reports)
+    halves = mf.per_host(result.reports, len(c.hosts))
+    served = [sum(row) for row in halves]
+    second = sum(row[1] if len(row) > 1 else 0 for row in halves)
+    row = {"label": label, "served_s": counts["ok"] / args.seconds,
+           "capacity_share": counts["ok"] / (c.capacity_per_second() * args.seconds),
+           "second_half": second / (c.capacity_per_second() * args.seconds / 2),
+           "calls": calls, "refused": refused, "refused_pct": 100.0 * refused / calls if calls else 0.0,
+           "per_host": [s / args.seconds for s in served], "p50": p50, "p99": p99,
+           "no_key": counts["no_key"], "failed": result.failed,
+           "modes": "/".join(modes_end.get(h.name, "?") for h in c.hosts) if mesh is not None else ""}
+    return row
+
+
+def propagation(c: mf.Cluster, trials: int, retry_after: float) -> dict[str, Any]:
+    """In a forked process: pools attached to every host; per trial one host
+    acquires a key, gets a forced 429 with Retry-After from the provider and
+    reports it; polls the other hosts' segments until each shows the key
+    cooling. Returns the delays (seconds)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 0
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            out = _propagation_trials(c, trials, retry_after)
+            data = json.dumps(out).encode()
+            while data:
+                data = data[os.write(w, data):]
+        except BaseException:  # noqa: BLE001 - never return into the master's code
+            import traceback  # noqa: PLC0415
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    os.close(w)
+    c.workers.append(pid)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    c.workers.remove(pid)
+    return json.loads(data) if data else {"all": [], "each": [], "missed": trials, "error": "the trial process failed"}
+
+
+def _cooling(pool: Any, name: str) -> bool:
+    for k in pool.status()["keys"]:
+        if k["name"] == name:
+            return float(k["cooldown_remaining"]) > 0 or k["state"] == "cooling"
+    return False
+
+
+def _propagation_trials(c: mf.Cluster, trials: int, retry_after: float) -> dict[str, Any]:
+    import keymesh  # noqa: PLC0415
+
+    pools = [keymesh.SyncKeyPool.connect(mf.POOL, socket=h.sock) for h in c.hosts]
+    caller = Caller(c.port)
+    all_delays: list[float] = []
+    each: list[float] = []
+    missed = 0
+    rng = random.Random(11)
+    for trial in range(trials):
+        origin = trial % len(pools)
+        others = [i for i in range(len(pools)) if i != origin]
+        key = pools[origin].acquire(timeout=10)
+        name = pools[origin].key_name(key)
+        # Every other host must see the key ready first (the previous trial's
+        # cooldown over), or a stale cooldown would count as delivered.
+        deadline = time.monotonic() + 10
+        while any(_cooling(pools[i], name) for i in others) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the previous cooldown running out, bounded by the deadline
+        status, retry, _ = caller.call(key, {"X-Mock-Status": "429", "X-Mock-Retry-After": f"{retry_after:.3f}"})
+        if status != 429:
+            pools[origin].cancel(key)
+            missed += 1
+            continue
+        t0 = time.monotonic()
+        pools[origin].mark_rate_limited(key, cooldown=retry)
+        pending = set(others)
+        seen: dict[int, float] = {}
+        deadline = t0 + max(2.0, retry_after)
+        while pending and time.monotonic() < deadline:
+            for i in list(pending):
+                if _cooling(pools[i], name):
+                    seen[i] = time.monotonic() - t0
+                    pending.discard(i)
+        if pending:
+            missed += 1
+        else:
+            all_delays.append(max(seen.values()))
+        each.extend(seen.values())
+        # Let the cooldown run out everywhere before the next trial, with a
+        # random gap so trials do not lock onto the refresh phase.
+        end = time.monotonic() + retry_after + rng.uniform(0.05, 0.3)
+        while time.monotonic() < end:
+            time.sleep(end - time.monotonic())  # the trial's own schedule
+    for p in pools:
+        p.close()
+    return {"all": all_delays, "each": each, "missed": missed}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("seconds", type=float, nargs="?", default=30.0, help="seconds per contender (default 30)")
+    parser.add_argument("--workers", default="4,2,1", help="worker processes per host (one host per number)")
+    parser.add_argument("--rate", type=float, default=3.0,
+                        help="requests/s each worker offers (0: as fast as it gets keys); default 3")
+    parser.add_argument("--refresh", type=float, default=1.0, help="the mesh's refresh (s)")
+    parser.add_argument("--lease", type=float, default=10.0, help="the mesh's lease (s)")
+    parser.add_argument("--freeze", type=float, default=5.0, help="seconds redis-server is frozen (< lease)")
+    parser.add_argument("--trials", type=int, default=20, help="cooldown propagation trials")
+    parser.add_argument("--rows", default="mesh,isolated,redis-gcra,frozen,killed,propagation")
+    parser.add_argument("--build", default=os.path.join(mf.ROOT, "build"))
+    args = parser.parse_args()
+    args.build = os.path.abspath(args.build)
+    workers = [int(n) for n in args.workers.split(",") if n.strip()]
+    if not workers or any(n < 1 for n in workers) or len(workers) > 8:
+        parser.error("--workers: 1 to 8 hosts, each at least 1 worker")
+    if args.freeze >= args.lease:
+        parser.error("--freeze must be shorter than --lease")
+    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    os.environ.setdefault("KEYMESH_LIB", os.path.join(args.build, "lib", "libkeymesh.so"))
+    problem = mf.check_binaries(args.build)
+    if problem:
+        print("bench-mesh: " + problem, file=sys.stderr)
+        return 2
+
+    keys = [mf.KeySpec("key-a", 600), mf.KeySpec("key-b", 600)]
+    c = mf.Cluster(args.build, keys, workers, concurrency=8, prefix="keymesh-bench-mesh-")
+    # Two phases of the same rate: the second half's figures show the steady
+    # state apart from the start (a mesh host's share grows from a floor).
+    plans = [mf.WorkerPlan(h, [mf.Phase(0.0, args.rate), mf.Phase(args.seconds / 2, args.rate)])
+             for h, n in enumerate(workers) for _ in range(n)]
+    mesh = {"namespace": mf.NAMESPACE, "refresh": args.refresh, "lease": args.lease, "outage": "share"}
+    offered = ", ".join(f"{h.name} {n * args.rate:g}/s" for h, n in zip(c.hosts, workers)) if args.rate > 0 \
+        else "as fast as each worker gets keys"
+    print(f"bench-mesh: {len(workers)} hosts x {'/'.join(map(str, workers))} worker processes, "
+          f"{len(keys)} keys x 600 rpm at the mock provider ({c.capacity_per_second():g} requests/s in all, "
+          f"quantized per second), {args.seconds:g} s per contender; offered: {offered}; "
+          f"mesh refresh {args.refresh:g} s, lease {args.lease:g} s, outage share", flush=True)
+    master = os.getpid()
+    mf.install_signals()
+    rows: list[dict[str, Any]] = []
+    prop: dict[str, Any] | None = None
+    try:
+        c.start_provider()
+        c.redis.start()
+        for name in rows_wanted:
+            t = time.monotonic()
+            if name == "mesh":
+                rows.append(run_row(c, "mesh", "keymesh", args, plans, mesh))
+                if "propagation" in rows_wanted:
+                    prop = propagation(c, args.trials, 0.3)
+                c.stop_brokers()
+            elif name == "isolated":
+                rows.append(run_row(c, "isolated", "keymesh", args, plans, None))
+                c.stop_brokers()
+            elif name == "redis-gcra":
+                rows.append(run_row(c, "redis-gcra", "gcra", args, plans, None))
+            elif name == "frozen":
+                rows.append(run_row(c, f"mesh, redis frozen {args.freeze:g}s", "keymesh", args, plans, mesh,
+                                    fault="frozen"))
+                c.stop_brokers()
+            elif name == "killed":
+                rows.append(run_row(c, "mesh, redis killed", "keymesh", args, plans, mesh, fault="killed"))
+                c.stop_brokers()
+                c.redis.start()  # for any row after this one
+            elif name == "propagation":
+                continue
+            else:
+                parser.error(f"--rows: unknown row {name!r}")
+            print(f"bench-mesh: {rows[-1]['label']} done ({time.monotonic() - t:.0f} s)", flush=True)
+    except mf.Interrupted as e:
+        print(f"\nbench-mesh: interrupted ({e}); cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        if os.getpid() == master:
+            mf.ignore_signals()
+            c.cleanup()
+    report(rows, prop, c, args)
+    return 0
+
+
+def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, c: mf.Cluster,
+           args: argparse.Namespace) -> None:
+    hosts = "/".join(h.name for h in c.hosts)
+    print()
+    print(f"{'contender':<26} {'served/s':>8} {'of cap':>7} {'2nd half':>8} {'calls':>6} {'refused':>8} "
+          f"{'served/s ' + hosts:>22} {'acq p50':>9} {'acq p99':>9} {'no key':>6}  modes at the end")
+    for r in rows:
+        per_host = "/".join(f"{v:.1f}" for v in r["per_host"])
+        print(f"{r['label']:<26} {r['served_s']:>8.2f} {r['capacity_share']:>7.3f} {r['second_half']:>8.3f} {r['calls']:>6} "
+              f"{r['refused_pct']:>7.2f}% {per_host:>22} {r['p50'] * 1000:>7.1f}ms {r['p99'] * 1000:>7.1f}ms "
+              f"{r['no_key']:>6}  {r['modes']}")
+    print("\n'of cap': successful calls / the provider's capacity over the run ('2nd half': over its second half); "
+          "'refused': the provider's 429s / calls (every refused call is one the hosts overspent); 'acq': the time a "
+          "worker waits in acquire; 'no key': acquires that timed out.")
+    print("targets (mesh): of cap >= 0.95, refused <= 0.5 %, per-host served following demand; refused 0 "
+          f"while redis is frozen for less than the lease ({args.lease:g} s)")
+    if prop is not None:
+        done = prop["all"]
+        print(f"\ncooldown propagation (a 429 with Retry-After on one host until every other host's segment "
+              f"shows the key cooling), {len(done)} trials ({prop['missed']} missed):")
+        if done:
+            each = prop["each"]
+            print(f"  all other hosts: p50 {percentile(done, 0.5) * 1000:.2f} ms, p99 {percentile(done, 0.99) * 1000:.2f} ms, "
+                  f"max {max(done) * 1000:.2f} ms;  each host: p50 {percentile(each, 0.5) * 1000:.2f} ms, "
+                  f"p99 {percentile(each, 0.99) * 1000:.2f} ms   (targets p50 <= 5 ms, p99 <= 50 ms)")
+        if prop.get("error"):
+            print("  " + prop["error"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
