@@ -86,6 +86,10 @@ std::string DescribeKeyState(const KeyStatus& k) {
                     k.cooldown_remaining);
       break;
     case KeyState::kThrottled:
+      if (k.share_active && ((k.rpm != 0 && k.share_rpm == 0) || (k.tpm != 0 && k.share_tpm == 0))) {
+        std::snprintf(why, sizeof(why), "no mesh share on this host");
+        break;
+      }
       std::snprintf(why, sizeof(why), "request/token budget spent; refills in %.3fs", k.ready_in);
       break;
     case KeyState::kBusy: std::snprintf(why, sizeof(why), "at max concurrency %u", k.max_concurrency); break;

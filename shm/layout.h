@@ -48,7 +48,10 @@
 namespace keymesh::shm {
 
 inline constexpr uint64_t kMagic = 0x314853454D59454Bull;  // "KEYMESH1"
-inline constexpr uint32_t kLayoutVersion = 3;
+// 4: KeyConfig's mesh share fields and PoolHeader::events_seq. A worker
+// built before them would pace a key at its whole configured rate while a
+// mesh broker gave this host only a share of it: it must refuse the segment.
+inline constexpr uint32_t kLayoutVersion = 4;
 inline constexpr uint32_t kNoSlot = UINT32_MAX;
 inline constexpr uint64_t kNever = UINT64_MAX;
 
@@ -115,11 +118,24 @@ struct KeyConfig {
   uint32_t burst;            // requests granted back to back (0 or 1: smooth pacing)
   uint64_t tpm;              // 0: unlimited
   uint32_t margin_ppm;       // safety margin in millionths; kPoolMargin: the pool's
-  uint32_t pad0;
-  uint64_t reserved[3];
+  // The mesh (several hosts share the key's limits): written only by the
+  // broker's mesh job (PoolAdmin::SetShares). While share_flags has
+  // kShareActive, the key is paced at this host's share instead of rpm, tpm
+  // and burst, in each dimension the key limits (rpm or tpm != 0); a share
+  // of 0 in a limited dimension keeps the key out of rotation here. Any
+  // value is read as hostile (rate_budget.cc saturates).
+  uint32_t share_flags;      // kShareActive
+  uint64_t share_rpm_milli;  // this host's requests per minute, in thousandths
+  uint64_t share_tpm;        // this host's tokens per minute
+  uint32_t share_burst;      // this host's burst (0 or 1: smooth pacing)
+  uint32_t pad1;
 };
 inline constexpr uint32_t kPoolMargin = UINT32_MAX;
-static_assert(sizeof(KeyConfig) == 64, "KeyConfig layout");
+inline constexpr uint32_t kShareActive = 1;
+static_assert(sizeof(KeyConfig) == 64 && offsetof(KeyConfig, share_flags) == 36 &&
+                  offsetof(KeyConfig, share_rpm_milli) == 40 && offsetof(KeyConfig, share_tpm) == 48 &&
+                  offsetof(KeyConfig, share_burst) == 56,
+              "KeyConfig layout");
 
 struct alignas(64) KeySlot {
   SlotState state;
@@ -256,7 +272,14 @@ struct alignas(64) PoolHeader {
   uint64_t created_wall;           // wall-clock ns at creation (write-once)
   std::atomic<uint64_t> no_key;    // failed acquires, once each (lock-free)
   std::atomic<uint64_t> timeouts;  // acquires that waited and gave up (lock-free)
-  uint64_t reserved0[2];
+  // Bumped (release) by whoever makes a change another host must learn: a
+  // key's cooldown deadline moved later (a 429, Retry-After, provider
+  // limits), a circuit state change, an enable/disable, a reset. The mesh
+  // job polls it (PoolUser::EventsSeq) to publish without scanning on every
+  // tick; a merge of remote state (MergeRemote) does not bump it. Not
+  // journaled: a bump whose change a crash undid only costs one rescan.
+  std::atomic<uint64_t> events_seq;
+  uint64_t reserved0[1];
   PoolConfig config;  // written field by field under the mutex, not journaled: each
                       // field is one aligned store, and a crash between two leaves
                       // a config that is valid field by field (the next SetOptions
@@ -269,7 +292,8 @@ static_assert(std::is_standard_layout_v<PoolHeader>, "PoolHeader is shared plain
 static_assert(sizeof(PoolHeader) == 448 + sizeof(Journal) && alignof(PoolHeader) == 64,
               "PoolHeader's size is pinned: two builds must agree on every pool's offset");
 static_assert(offsetof(PoolHeader, mutex) == 0 && offsetof(PoolHeader, next_deadline) + 8 == 64 &&
-                  offsetof(PoolHeader, wait_counts) == 64,
+                  offsetof(PoolHeader, wait_counts) == 64 &&
+                  offsetof(PoolHeader, events_seq) + 16 == offsetof(PoolHeader, config),
               "the lock shares its cache line with what the fast path always writes");
 
 // The segment's first page. Written once by the creator before `ready` = 1

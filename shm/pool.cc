@@ -59,8 +59,10 @@ Status PoolUser::ObserveLimits(std::string_view name, const LimitUpdate& u) {
                                          core_.RequestPacingOf(*s), core_.TokenPacingOf(*s), capped, now);
   core_.Set(st.req_tat, after.req_tat);
   core_.Set(st.tok_tat, after.tok_tat);
+  const bool later = after.cooldown_deadline > st.cooldown_deadline;
   core_.Set(st.cooldown_deadline, after.cooldown_deadline);
   core_.Commit();
+  if (later) core_.NoteEvent();
   core_.NoteDeadline(core_.ReadyAt(*s), now);
   core_.IndexUpdate(*s, now);
   return Status::Ok();

@@ -37,6 +37,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "keymesh/selector.h"
@@ -100,6 +101,12 @@ class PoolUser {
   // swept; sleepers are woken all the same, to re-check on their own).
   Status SweepAndWake();
 
+  // PoolHeader::events_seq (layout.h): changes when a key's cooldown moved
+  // later, a circuit changed state, a key was enabled, disabled or reset
+  // (not on a merge of remote state). Lock-free (one acquire load), so the
+  // mesh job can poll it every tick.
+  uint64_t EventsSeq() const noexcept { return core_.header()->events_seq.load(std::memory_order_acquire); }
+
   Result<PoolStatus> Snapshot();
   uint32_t AvailableCount();
   Status AvailableCount(uint32_t* count);
@@ -147,6 +154,28 @@ class PoolAdmin : public PoolUser {
   // under the lock; the inverse of RestoreKeyState.
   std::vector<ExportedKey> ExportKeyStates();
   Status ExportKeyStates(std::vector<ExportedKey>* out);
+
+  // The mesh. Sets this host's share of each named key's limits (KeyShare
+  // in pool_types.h), all in one critical section (journaled key by key: a
+  // crash leaves every key with its old share or its new one). Names not in
+  // the pool are skipped and counted in *unknown. The keys' budgets carry
+  // over (the requests and tokens they are ahead are owed at the new rate),
+  // and waiters are woken when a key may have become eligible. A bad share
+  // (not finite, negative, too large) is kInvalidArgument and changes
+  // nothing. Reconfigure keeps the shares; the state file never holds them.
+  Status SetShares(const std::vector<std::pair<std::string, KeyShare>>& shares, uint32_t* unknown = nullptr);
+  // Every key back to its configured limits (the mesh left or lost its lease).
+  Status ClearShares();
+  // Merges another host's state of key `name` (RemoteKeyState in
+  // pool_types.h), in one critical section: reset first (as ResetKey); the
+  // cooldown deadline becomes max(local, cool_until); close_circuit closes
+  // an open or half-open circuit (and then open_until is ignored); else
+  // open_until > now opens a closed circuit, or extends an open one, until
+  // then (the deadline never shortens; a half-open circuit's probe is in
+  // flight here and decides); revoke revokes; enabled sets. Never bumps
+  // events_seq (the job must not publish it back); wakes waiters when the
+  // key may have become eligible. kUnknownKey for an unknown name.
+  Status MergeRemote(std::string_view name, const RemoteKeyState& remote);
 
   // Frees every lease held by `holder`; returns how many.
   Result<uint32_t> ReclaimProcess(const ProcessId& holder);

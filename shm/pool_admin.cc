@@ -2,7 +2,9 @@
 // removed, enabled, reset and reconfigured; state restored and exported for
 // persistence; leases of dead or hung holders reclaimed.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <unordered_map>
 
 #include "common/text.h"
 #include "shm/pool.h"
@@ -19,6 +21,62 @@ void ApplyDefinition(const KeyDefinition& def, KeyConfig& c) noexcept {
   c.tpm = def.tpm;
   c.burst = def.burst;
   c.margin_ppm = def.margin_ppm;
+}
+
+// A share as the segment stores it (KeyConfig's share fields).
+struct ShareFields {
+  uint32_t flags = 0;
+  uint64_t rpm_milli = 0;
+  uint64_t tpm = 0;
+  uint32_t burst = 0;
+  bool operator==(const ShareFields&) const = default;
+};
+
+constexpr double kMaxShareRpm = 1e15;  // x 1000 stays far below 2^64
+constexpr double kMaxShareTpm = 1e18;
+
+Status ToShareFields(const std::string& name, const KeyShare& share, ShareFields* out) {
+  *out = ShareFields{};
+  if (!share.active) return Status::Ok();
+  if (!(std::isfinite(share.rpm) && share.rpm >= 0 && share.rpm <= kMaxShareRpm)) {
+    return Status(Code::kInvalidArgument,
+                  "the mesh share of key " + Quoted(name) + ": rpm must be a finite number >= 0 and <= 1e15");
+  }
+  if (!(std::isfinite(share.tpm) && share.tpm >= 0 && share.tpm <= kMaxShareTpm)) {
+    return Status(Code::kInvalidArgument,
+                  "the mesh share of key " + Quoted(name) + ": tpm must be a finite number >= 0 and <= 1e18");
+  }
+  out->flags = kShareActive;
+  out->rpm_milli = static_cast<uint64_t>(std::floor(share.rpm * 1000.0));  // rounded down: never above the grant
+  out->tpm = static_cast<uint64_t>(std::floor(share.tpm));
+  out->burst = share.burst;
+  return Status::Ok();
+}
+
+// Locked: writes slot s's share fields (one journaled operation, committed)
+// and carries its budgets over to the new pacing. *wake when the key's ready
+// time moved earlier (a waiter may now get it, or must re-time its sleep).
+void ApplyShareLocked(PoolCore& core, uint32_t s, const ShareFields& f, uint64_t now, bool* wake) noexcept {
+  KeySlot& k = core.key(s);
+  KeyConfig& c = k.config;
+  const ShareFields current{c.share_flags, c.share_rpm_milli, c.share_tpm, c.share_burst};
+  if (current == f) return;
+  const uint64_t ready_before = core.ReadyAt(s);
+  const RequestPacing rp_before = core.RequestPacingOf(s);
+  const TokenPacing tp_before = core.TokenPacingOf(s);
+  core.Set(c.share_flags, f.flags);
+  core.Set(c.share_rpm_milli, f.rpm_milli);
+  CrashPointReached(CrashPoint::kAdminMidMutation);
+  core.Set(c.share_tpm, f.tpm);
+  core.Set(c.share_burst, f.burst);
+  SlotState& st = k.state;
+  core.Set(st.req_tat, RescaleRequestTat(st.req_tat, rp_before, core.RequestPacingOf(s), now));
+  core.Set(st.tok_tat, RescaleTokenTat(st.tok_tat, tp_before, core.TokenPacingOf(s), now));
+  core.Commit();
+  const uint64_t ready = core.ReadyAt(s);
+  core.NoteDeadline(ready, now);
+  core.IndexUpdate(s, now);
+  if (ready < ready_before) *wake = true;
 }
 
 }  // namespace
@@ -52,8 +110,9 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
     // must not outlive the operator's re-admission.
     k.state.req_tat = 0;
     k.state.tok_tat = 0;
-    ApplyDefinition(def, k.config);
+    ApplyDefinition(def, k.config);  // the share fields stay (the mesh job owns them)
     core_.Commit();
+    core_.NoteEvent();  // the circuit closed and the key is enabled: other hosts learn it
     core_.IndexUpdate(s, now);
     g.RequestWake();
     return AddKeyResult{s, false};
@@ -84,11 +143,13 @@ Result<AddKeyResult> PoolAdmin::AddKey(const KeyDefinition& def) {
 Status PoolAdmin::Reconfigure(const KeyDefinition& def) {
   if (def.weight < 1) return Status(Code::kInvalidArgument, "key weight must be >= 1");
   PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
   std::optional<uint32_t> found = core_.FindByNameLocked(def.name);
   if (!found || core_.key(*found).state.use != SlotUse::kActive) return core_.NoSuchKey(def.name);
   const uint32_t s = *found;
   KeySlot& k = core_.key(s);
   const bool rotated = k.config.fingerprint != def.fingerprint;
+  const Circuit circuit_before = k.state.circuit;
   core_.LogSlotImage(s);
   CrashPointReached(CrashPoint::kAdminMidMutation);
   ApplyDefinition(def, k.config);
@@ -104,6 +165,7 @@ Status PoolAdmin::Reconfigure(const KeyDefinition& def) {
     st.open_cooldown = 0;
   }
   core_.Commit();
+  if (k.state.circuit != circuit_before) core_.NoteEvent();
   core_.IndexUpdate(s, core_.Now());
   g.RequestWake();
   return Status::Ok();
@@ -127,8 +189,11 @@ Status PoolAdmin::SetEnabled(std::string_view name, bool enabled) {
   if (!g.ok()) return g.status();
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
-  core_.Set(core_.key(*s).state.enabled, uint8_t{enabled ? uint8_t{1} : uint8_t{0}});
+  const uint8_t value = enabled ? uint8_t{1} : uint8_t{0};
+  const bool changed = core_.key(*s).state.enabled != value;
+  core_.Set(core_.key(*s).state.enabled, value);
   core_.Commit();
+  if (changed) core_.NoteEvent();
   core_.IndexUpdate(*s, core_.Now());
   if (enabled) g.RequestWake();
   return Status::Ok();
@@ -139,16 +204,9 @@ Status PoolAdmin::ResetKey(std::string_view name) {
   if (!g.ok()) return g.status();
   std::optional<uint32_t> s = core_.FindByNameLocked(name);
   if (!s) return core_.NoSuchKey(name);
-  SlotState& st = core_.key(*s).state;
-  core_.Set(st.cooldown_deadline, uint64_t{0});
-  core_.Set(st.last_cooldown, uint64_t{0});
-  core_.Set(st.fail_streak, 0u);
-  core_.Set(st.rl_streak, 0u);
-  core_.Set(st.circuit, Circuit::kClosed);
-  core_.Set(st.open_cooldown, uint64_t{0});
-  core_.Set(st.req_tat, uint64_t{0});  // and the rate-limit buckets: full again
-  core_.Set(st.tok_tat, uint64_t{0});
+  core_.ResetLocked(*s);
   core_.Commit();
+  core_.NoteEvent();
   core_.IndexUpdate(*s, core_.Now());
   g.RequestWake();
   return Status::Ok();
@@ -203,6 +261,7 @@ Status PoolAdmin::RestoreKeyState(std::string_view name, const RestoredState& r)
     st.ema_latency = r.ema_latency;
   }
   core_.Commit();
+  core_.NoteEvent();  // a restored cooldown, circuit or disable: other hosts learn it
   const uint64_t now = core_.Now();
   core_.NoteDeadline(st.cooldown_deadline, now);
   core_.IndexUpdate(*s, now);
@@ -246,8 +305,97 @@ Status PoolAdmin::ExportKeyStates(std::vector<ExportedKey>* exported) {
     r.tokens = st.tokens;
     r.has_latency = st.has_latency != 0;
     r.ema_latency = st.ema_latency;
+    const bool open = st.circuit == Circuit::kOpen || st.circuit == Circuit::kHalfOpen;
+    e.open_until = open ? st.cooldown_deadline : 0;
+    e.revoked = st.circuit == Circuit::kRevoked;
     out.push_back(std::move(e));
   }
+  return Status::Ok();
+}
+
+Status PoolAdmin::SetShares(const std::vector<std::pair<std::string, KeyShare>>& shares, uint32_t* unknown) {
+  if (unknown != nullptr) *unknown = 0;
+  // Checked and looked up by name before the lock (a name given twice: the
+  // last one counts); then one scan of the slots under it.
+  std::unordered_map<std::string_view, ShareFields> wanted;
+  wanted.reserve(shares.size());
+  for (const auto& [name, share] : shares) {
+    ShareFields f;
+    Status st = ToShareFields(name, share, &f);
+    if (!st.ok()) return st;
+    wanted[name] = f;
+  }
+  PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
+  const uint64_t now = core_.Now();
+  bool wake = false;
+  size_t found = 0;
+  const uint32_t hw = core_.HighWater();
+  for (uint32_t s = 0; s < hw && found < wanted.size(); ++s) {
+    const KeySlot& k = core_.key(s);
+    if (k.state.use == SlotUse::kFree) continue;
+    auto it = wanted.find(std::string_view(k.name, strnlen(k.name, kNameCapacity)));
+    if (it == wanted.end()) continue;
+    ++found;
+    ApplyShareLocked(core_, s, it->second, now, &wake);
+  }
+  if (unknown != nullptr) *unknown = static_cast<uint32_t>(wanted.size() - found);
+  if (wake) g.RequestWake();
+  return Status::Ok();
+}
+
+Status PoolAdmin::ClearShares() {
+  PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
+  const uint64_t now = core_.Now();
+  bool wake = false;
+  const uint32_t hw = core_.HighWater();
+  for (uint32_t s = 0; s < hw; ++s) {
+    if (core_.key(s).state.use == SlotUse::kFree) continue;
+    ApplyShareLocked(core_, s, ShareFields{}, now, &wake);
+  }
+  if (wake) g.RequestWake();
+  return Status::Ok();
+}
+
+Status PoolAdmin::MergeRemote(std::string_view name, const RemoteKeyState& r) {
+  PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
+  std::optional<uint32_t> found = core_.FindByNameLocked(name);
+  if (!found) return core_.NoSuchKey(name);
+  const uint32_t s = *found;
+  const uint64_t now = core_.Now();
+  SlotState& st = core_.key(s).state;
+  const uint64_t ready_before = core_.ReadyAt(s);
+  const bool eligible_before = core_.Eligible(s, now);
+  if (r.reset) core_.ResetLocked(s);
+  if (r.cool_until > st.cooldown_deadline) core_.Set(st.cooldown_deadline, r.cool_until);
+  if (r.revoke) {
+    core_.Set(st.circuit, Circuit::kRevoked);
+  } else if (r.close_circuit) {
+    if (st.circuit == Circuit::kOpen || st.circuit == Circuit::kHalfOpen) {
+      // The probe that succeeded elsewhere speaks for this host too; a
+      // local probe still in flight ends normally (its release sees a
+      // closed circuit). The deadline stays: it is never shortened.
+      core_.Set(st.circuit, Circuit::kClosed);
+      core_.Set(st.open_cooldown, uint64_t{0});
+      core_.Set(st.fail_streak, 0u);
+    }
+  } else if (r.open_until > now) {
+    if (st.circuit == Circuit::kClosed) {
+      core_.Set(st.circuit, Circuit::kOpen);
+      core_.Set(st.open_cooldown, r.open_until - now);  // the base of a failed local probe's longer wait
+    }
+    if (st.circuit == Circuit::kOpen && r.open_until > st.cooldown_deadline) {
+      core_.Set(st.cooldown_deadline, r.open_until);  // no probe here before then
+    }
+  }
+  if (r.enabled) core_.Set(st.enabled, *r.enabled ? uint8_t{1} : uint8_t{0});
+  core_.Commit();
+  const uint64_t ready = core_.ReadyAt(s);
+  core_.NoteDeadline(ready, now);
+  core_.IndexUpdate(s, now);
+  if ((!eligible_before && core_.Eligible(s, now)) || ready < ready_before) g.RequestWake();  // eligible now or sooner
   return Status::Ok();
 }
 

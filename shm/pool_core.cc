@@ -201,6 +201,19 @@ void PoolCore::OpenCircuit(SlotState& st, uint64_t now) noexcept {
   Set(st.circuit_opens, st.circuit_opens + 1);
   const uint64_t until = now + st.open_cooldown;
   if (until > st.cooldown_deadline) Set(st.cooldown_deadline, until);
+  NoteEvent();
+}
+
+void PoolCore::ResetLocked(uint32_t slot) noexcept {
+  SlotState& st = keys_[slot].state;
+  Set(st.cooldown_deadline, uint64_t{0});
+  Set(st.last_cooldown, uint64_t{0});
+  Set(st.fail_streak, 0u);
+  Set(st.rl_streak, 0u);
+  Set(st.circuit, Circuit::kClosed);
+  Set(st.open_cooldown, uint64_t{0});
+  Set(st.req_tat, uint64_t{0});  // and the rate-limit buckets: full again
+  Set(st.tok_tat, uint64_t{0});
 }
 
 uint64_t PoolCore::Stride(uint32_t slot) const noexcept {

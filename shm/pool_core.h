@@ -194,6 +194,12 @@ class PoolCore {
     return shm::ReadyAt(keys_[slot].state, keys_[slot].config, MarginPpm(slot));
   }
   bool Eligible(uint32_t slot, uint64_t now) const noexcept;
+  // A change other hosts must learn (PoolHeader::events_seq). Any thread,
+  // lock held or not; only on the rare transitions, never a plain success.
+  void NoteEvent() noexcept { ph_->events_seq.fetch_add(1, std::memory_order_release); }
+  // Clears the key's cooldown, streaks, circuit and budgets (journaled; the
+  // caller commits).
+  void ResetLocked(uint32_t slot) noexcept;
   void OpenCircuit(SlotState& st, uint64_t now) noexcept;
   // Weighted strategy: the pass a grant adds (2^32 / (weight x health)).
   uint64_t Stride(uint32_t slot) const noexcept;

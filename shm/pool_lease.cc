@@ -114,6 +114,7 @@ Result<LeaseHandle> PoolCore::TryAcquireLocked(const Selector* selector, uint64_
   if (st.circuit == Circuit::kOpen) [[unlikely]] {
     Set(st.circuit, Circuit::kHalfOpen);  // this caller is the one probe
     lease.flags = kLeaseProbe;
+    NoteEvent();
   }
   Commit();
   CrashPointReached(CrashPoint::kAcquireAfterCommit);
@@ -186,6 +187,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       if (st.circuit == Circuit::kOpen || st.circuit == Circuit::kHalfOpen) [[unlikely]] {
         Set(st.circuit, Circuit::kClosed);  // the key works again
         Set(st.open_cooldown, uint64_t{0});
+        NoteEvent();
       }
       if (outcome.latency && std::isfinite(*outcome.latency) && *outcome.latency >= 0) {
         Set(st.ema_latency,
@@ -200,6 +202,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
         if (st.circuit != Circuit::kRevoked) {
           Set(st.circuit, Circuit::kRevoked);
           exhausted_now = true;
+          NoteEvent();
         }
       } else if (probe) {
         OpenCircuit(st, now);  // the probe failed: open again, for longer
@@ -210,7 +213,10 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       break;
     case OutcomeKind::kCancelled:
       Set(st.cancelled, st.cancelled + 1);
-      if (probe) Set(st.circuit, Circuit::kOpen);  // nothing learned: the next caller probes
+      if (probe) {
+        Set(st.circuit, Circuit::kOpen);  // nothing learned: the next caller probes
+        NoteEvent();
+      }
       break;
     case OutcomeKind::kRateLimited: {
       Set(st.rate_limited, st.rate_limited + 1);
@@ -230,6 +236,7 @@ Status PoolCore::ReleaseLocked(const LeaseHandle& h, const Outcome& outcome, con
       Set(st.rl_streak, st.rl_streak + 1);
       Set(st.last_cooldown, cooldown);
       const uint64_t until = now > kNever - cooldown ? kNever : now + cooldown;
+      if (until > st.cooldown_deadline || probe) NoteEvent();              // other hosts must learn it
       if (until > st.cooldown_deadline) Set(st.cooldown_deadline, until);  // never shortens
       if (probe) Set(st.circuit, Circuit::kOpen);                          // probe again once the 429 cooldown ends
       break;
@@ -279,7 +286,10 @@ bool PoolCore::FreeLeaseLocked(uint32_t l, uint64_t now, bool count_reclaim) noe
     // reserves a large count and dies does not keep the key throttled.
     Set(st.tok_tat, CorrectTokens(st.tok_tat, TokenPacingOf(s), now, lease.tokens, 0));
   }
-  if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) Set(st.circuit, Circuit::kOpen);
+  if ((lease.flags & kLeaseProbe) != 0 && st.circuit == Circuit::kHalfOpen) {
+    Set(st.circuit, Circuit::kOpen);
+    NoteEvent();
+  }
   Commit();
   PushFreeLease(l);
   RetireSlotIfDone(s);

@@ -41,6 +41,12 @@ KeyStatus DescribeSlot(const KeySlot& k, uint32_t slot, const PoolConfig& pool, 
   ks.has_latency = st.has_latency != 0;
   ks.last_used_ago = st.last_used == 0 ? -1.0 : NanosToSeconds(now > st.last_used ? now - st.last_used : 0);
   ks.burst = k.config.burst;
+  ks.share_active = (k.config.share_flags & kShareActive) != 0;
+  if (ks.share_active) {
+    ks.share_rpm = static_cast<double>(k.config.share_rpm_milli) / 1000.0;
+    ks.share_tpm = static_cast<double>(k.config.share_tpm);
+    ks.share_burst = k.config.share_burst;
+  }
   ks.rate_margin = k.config.margin_ppm == kPoolMargin ? -1.0 : static_cast<double>(k.config.margin_ppm) / 1e6;
   ks.escalation = st.rl_streak;
   ks.circuit_opens = st.circuit_opens;

@@ -83,6 +83,35 @@ struct ExportedKey {
   std::string name;
   uint64_t fingerprint = 0;
   RestoredState state;
+  // For the mesh job's publishing (not persisted): the open circuit's
+  // deadline (CLOCK_MONOTONIC ns; the key's cooldown deadline while its
+  // circuit is open or half-open, 0 while closed or revoked), and whether an
+  // authentication failure revoked the key (state.circuit == kRevoked).
+  uint64_t open_until = 0;
+  bool revoked = false;
+};
+
+// This host's share of a key's rate limits in the mesh (PoolAdmin::SetShares).
+// active false: the key's configured limits. rpm and tpm per minute,
+// finite and >= 0 (rpm <= 1e15, tpm <= 1e18), rounded down; 0 in a
+// dimension the key limits keeps the key out of rotation on this host.
+// burst: requests granted back to back (0 or 1: smooth pacing).
+struct KeyShare {
+  bool active = false;
+  double rpm = 0;
+  double tpm = 0;
+  uint32_t burst = 1;
+};
+
+// Another host's state of a key, merged by PoolAdmin::MergeRemote
+// (CLOCK_MONOTONIC ns of this host; 0: nothing).
+struct RemoteKeyState {
+  uint64_t cool_until = 0;     // cooldown deadline: max-merged
+  uint64_t open_until = 0;     // > now: the circuit is open elsewhere until then
+  bool close_circuit = false;  // a probe elsewhere succeeded
+  bool revoke = false;         // an authentication failure elsewhere
+  std::optional<bool> enabled;
+  bool reset = false;  // an operator's reset elsewhere (applied first)
 };
 
 // Test-only: points inside critical sections where a crash test parks or

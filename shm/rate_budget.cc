@@ -17,25 +17,53 @@ double RateFactor(uint32_t margin_ppm) noexcept {
 
 uint64_t SaturatingAdd(uint64_t a, uint64_t b) noexcept { return a > kNever - b ? kNever : a + b; }
 
+// Only the flag bit counts: other bits of a hostile word are ignored.
+bool ShareActive(const KeyConfig& c) noexcept { return (c.share_flags & kShareActive) != 0; }
+
 }  // namespace
+
+bool ShareBlocked(const KeyConfig& c) noexcept {
+  return ShareActive(c) && ((c.rpm != 0 && c.share_rpm_milli == 0) || (c.tpm != 0 && c.share_tpm == 0));
+}
 
 RequestPacing RequestPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept {
   if (c.rpm == 0) return {};
-  const double rate = static_cast<double>(c.rpm) * RateFactor(margin_ppm);  // per minute, >= 0.5
   RequestPacing p;
-  p.interval = static_cast<uint64_t>(60e9 / rate);       // <= 120 s
-  const uint64_t extra = c.burst > 1 ? c.burst - 1 : 0;  // validated <= 1e6; saturate whatever the segment says
+  double per_minute = static_cast<double>(c.rpm);
+  uint32_t burst = c.burst;
+  if (ShareActive(c)) [[unlikely]] {
+    uint64_t milli = c.share_rpm_milli;
+    if (milli == 0) {
+      p.blocked = true;
+      milli = 1;  // the smallest share's pacing keeps every sum finite; nothing is granted
+    }
+    per_minute = static_cast<double>(milli) / 1000.0;
+    burst = c.share_burst;
+  }
+  const double rate = per_minute * RateFactor(margin_ppm);  // per minute, >= 0.0005
+  // <= 1.2e14 ns (a share of 0.001 per minute); a huge share still paces at
+  // 1 ns, never 0 (which would read as "no limit").
+  p.interval = std::max<uint64_t>(1, static_cast<uint64_t>(60e9 / rate));
+  const uint64_t extra = burst > 1 ? burst - 1 : 0;  // validated <= 1e6; saturate whatever the segment says
   p.tolerance = extra > kNever / p.interval ? kNever : extra * p.interval;
   return p;
 }
 
 TokenPacing TokenPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept {
   if (c.tpm == 0) return {};
-  const double rate = static_cast<double>(c.tpm) * RateFactor(margin_ppm);  // per minute, >= 0.5
   TokenPacing p;
-  p.per_token = 60e9 / rate;
+  uint64_t minute = c.tpm;
+  if (ShareActive(c)) [[unlikely]] {
+    minute = c.share_tpm;
+    if (minute == 0) {
+      p.blocked = true;
+      minute = 1;
+    }
+  }
+  const double rate = static_cast<double>(minute) * RateFactor(margin_ppm);  // per minute, >= 0.5
+  p.per_token = 60e9 / rate;                                                 // > 3e-9 for any 64-bit count: never 0
   p.tolerance = kNanosPerSecond;  // at most one second of token budget in a burst
-  p.minute = c.tpm;
+  p.minute = minute;
   p.minute_ns = static_cast<uint64_t>(60e9 / RateFactor(margin_ppm));  // 60 s / (1 - margin) <= 120 s
   return p;
 }
@@ -43,12 +71,36 @@ TokenPacing TokenPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept {
 uint64_t ReadyAt(const SlotState& st, const KeyConfig& c, uint32_t margin_ppm) noexcept {
   uint64_t ready = st.cooldown_deadline;
   if (c.rpm == 0 && c.tpm == 0) [[likely]]
-    return ready;  // no budgets: only the cooldown
+    return ready;  // no budgets: only the cooldown (and no share can limit it)
   const RequestPacing rp = RequestPacingOf(c, margin_ppm);
-  if (rp.limited() && st.req_tat > rp.tolerance) ready = std::max(ready, st.req_tat - rp.tolerance);
   const TokenPacing tp = TokenPacingOf(c, margin_ppm);
+  if (rp.blocked || tp.blocked) [[unlikely]]
+    return kNever;
+  if (rp.limited() && st.req_tat > rp.tolerance) ready = std::max(ready, st.req_tat - rp.tolerance);
   if (tp.limited() && st.tok_tat > tp.tolerance) ready = std::max(ready, st.tok_tat - tp.tolerance);
   return ready;
+}
+
+namespace {
+
+// `tat`'s lead over now, scaled by to_unit / from_unit (both > 0).
+uint64_t Rescale(uint64_t tat, double from_unit, double to_unit, uint64_t now) noexcept {
+  if (tat <= now || from_unit == to_unit) return tat;
+  const double ahead = static_cast<double>(tat - now) * (to_unit / from_unit);
+  if (!(ahead < 9e18)) return kNever;  // centuries: saturate (NaN too)
+  return SaturatingAdd(now, static_cast<uint64_t>(ahead));
+}
+
+}  // namespace
+
+uint64_t RescaleRequestTat(uint64_t tat, const RequestPacing& from, const RequestPacing& to, uint64_t now) noexcept {
+  if (!from.limited() || !to.limited() || from.blocked || to.blocked) return tat;
+  return Rescale(tat, static_cast<double>(from.interval), static_cast<double>(to.interval), now);
+}
+
+uint64_t RescaleTokenTat(uint64_t tat, const TokenPacing& from, const TokenPacing& to, uint64_t now) noexcept {
+  if (!from.limited() || !to.limited() || from.blocked || to.blocked) return tat;
+  return Rescale(tat, from.per_token, to.per_token, now);
 }
 
 uint64_t AfterTokens(uint64_t tat, const TokenPacing& p, uint64_t now, uint64_t tokens) noexcept {
@@ -63,13 +115,17 @@ uint64_t CorrectTokens(uint64_t tat, const TokenPacing& p, uint64_t now, uint64_
 
 int64_t RequestsAvailable(uint64_t req_tat, const RequestPacing& p, uint64_t now) noexcept {
   if (!p.limited()) return -1;
+  if (p.blocked) return 0;
   const uint64_t tat = std::max(req_tat, now);
-  const uint64_t limit = now + p.tolerance;
-  return tat > limit ? 0 : static_cast<int64_t>((limit - tat) / p.interval + 1);
+  const uint64_t limit = SaturatingAdd(now, p.tolerance);
+  if (tat > limit) return 0;
+  const uint64_t n = (limit - tat) / p.interval;
+  return n >= static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(n + 1);
 }
 
 int64_t TokensAvailable(uint64_t tok_tat, const TokenPacing& p, uint64_t now) noexcept {
   if (!p.limited()) return -1;
+  if (p.blocked) return 0;
   const double room = static_cast<double>(now + p.tolerance) - static_cast<double>(std::max(tok_tat, now));
   return room > 0 ? static_cast<int64_t>(room / p.per_token) : 0;
 }
@@ -84,14 +140,15 @@ Budgets ApplyLimitUpdate(Budgets b, const RequestPacing& rp, const TokenPacing& 
     const uint64_t n = *u.remaining_requests;
     if (n == 0) {
       if (rp.limited()) {
-        b.req_tat = std::max(b.req_tat, req_reset + rp.tolerance);
+        b.req_tat = std::max(b.req_tat, SaturatingAdd(req_reset, rp.tolerance));
       } else {
         b.cooldown_deadline = std::max(b.cooldown_deadline, req_reset);
       }
     } else if (rp.limited()) {
       // At most n requests grantable now: tat >= now + tolerance - (n-1)*interval.
       const uint64_t allow = (n - 1) >= (kNever / rp.interval) ? kNever : (n - 1) * rp.interval;
-      const uint64_t floor = now + rp.tolerance > allow ? now + rp.tolerance - allow : 0;
+      const uint64_t top = SaturatingAdd(now, rp.tolerance);
+      const uint64_t floor = top > allow ? top - allow : 0;
       b.req_tat = std::max(b.req_tat, floor);
     }
   }

@@ -35,6 +35,9 @@ struct LimitUpdate {
 struct RequestPacing {
   uint64_t interval = 0;   // ns between requests; 0: no request limit
   uint64_t tolerance = 0;  // ns of burst
+  // A mesh share of 0 requests: nothing is grantable on this host (the
+  // interval is then the smallest share's, so arithmetic stays finite).
+  bool blocked = false;
   bool limited() const noexcept { return interval != 0; }
 };
 
@@ -43,6 +46,7 @@ struct TokenPacing {
   uint64_t tolerance = 0;  // ns of burst
   uint64_t minute = 0;     // the key's one-minute budget in tokens (its tpm)
   uint64_t minute_ns = 0;  // what `minute` tokens cost (ns): the most one debit moves tok_tat
+  bool blocked = false;    // a mesh share of 0 tokens: nothing is grantable on this host
   bool limited() const noexcept { return per_token != 0; }
   // The ns `tokens` cost, saturating at minute_ns: the count is compared
   // with the minute's budget as an integer before any conversion, so no
@@ -56,17 +60,37 @@ struct TokenPacing {
 // The pacing of a key with config `c` under safety margin `margin_ppm`.
 // Any input is safe (the config is read from the segment, which another
 // process may have written): a margin beyond the documented < 0.5 is taken
-// as 0.5, so every interval and cost stays below two minutes.
+// as 0.5, so every interval and cost of a configured limit stays below two
+// minutes.
+// With a mesh share (c.share_flags & kShareActive) a dimension the key
+// limits is paced at the share (share_rpm_milli / 1000 per minute, share_tpm,
+// share_burst) under the same margin; a dimension it does not limit stays
+// unlimited. A share of 0 is `blocked`. A share may be far below 1 per
+// minute: its interval is then long (at most 60e12 / 0.5 ns, about 33 h),
+// and every sum over it saturates.
 RequestPacing RequestPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept;
 TokenPacing TokenPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept;
 
+// The key has a limited dimension whose mesh share is 0 on this host.
+bool ShareBlocked(const KeyConfig& c) noexcept;
+
 // The earliest time (ns) at which the key's cooldown and both budgets allow
-// a grant.
+// a grant; kNever when a mesh share of 0 blocks it.
 uint64_t ReadyAt(const SlotState& st, const KeyConfig& c, uint32_t margin_ppm) noexcept;
+
+// An arrival time `tat` kept under pacing `from`, carried over to pacing
+// `to` at `now` (a mesh share changed): the requests (tokens) it is ahead of
+// now are owed at the new rate. So a key that was granted one request under
+// a tiny share is not held for that share's long interval once the share
+// rises. Unchanged when either side is unlimited or blocked (nothing is
+// granted under a block; its debt is kept as time). Saturates.
+uint64_t RescaleRequestTat(uint64_t tat, const RequestPacing& from, const RequestPacing& to, uint64_t now) noexcept;
+uint64_t RescaleTokenTat(uint64_t tat, const TokenPacing& from, const TokenPacing& to, uint64_t now) noexcept;
 
 // The request arrival time after one request granted at `now`.
 inline uint64_t AfterRequest(uint64_t tat, const RequestPacing& p, uint64_t now) noexcept {
-  return (tat > now ? tat : now) + p.interval;
+  const uint64_t from = tat > now ? tat : now;
+  return from > kNever - p.interval ? kNever : from + p.interval;  // a share's interval may be long
 }
 // The token arrival time after `tokens` more were used at `now`. One call
 // debits at most the key's one-minute budget (TokenPacing::CostOf), and the

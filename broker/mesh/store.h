@@ -134,6 +134,9 @@ class MeshStore {
   virtual Result<EventBatch> ReadEvents(const std::string& after_id, uint32_t block_ms) = 0;
   // Every key's shared state as events (cooldowns still running, open
   // circuits, revocations, disables) and the stream id to read on from.
+  // A key reset at least once comes first as a kReset carrying its
+  // version: a reader applies a kReset (from here or the stream, which may
+  // deliver one twice) only when it is newer than the version it knows.
   virtual Result<EventBatch> Snapshot() = 0;
   // Exactly one host of the mesh wins the half-open probe of pool/key for
   // ttl_ms: true for the winner (also when it already holds it).

@@ -334,3 +334,85 @@ BOOST_AUTO_TEST_CASE(a_blocking_acquire_on_a_full_table_waits_for_a_release) {
   for (uint32_t i = 1; i < 4; ++i) BOOST_CHECK(tp.pool->Release(held[i], Success(), Foreign(500000 + i)).ok());
   BOOST_CHECK(tp.pool->CheckConsistency().ok());
 }
+
+// A mesh share is read from the segment like the rest of a key's config: any
+// value (the largest milli-rpm, a burst of 0 or 2^32 - 1, stray flag bits)
+// paces with finite, saturating arithmetic and never reads as "no limit".
+BOOST_AUTO_TEST_CASE(share_arithmetic_saturates_for_any_input) {
+  const uint64_t now = 1000 * kSec;
+  for (uint32_t margin : {0u, 499'999u, UINT32_MAX}) {
+    for (uint64_t milli : {uint64_t{1}, uint64_t{999}, uint64_t{1} << 63, UINT64_MAX}) {
+      for (uint32_t burst : {0u, 1u, UINT32_MAX}) {
+        shm::KeyConfig c{};
+        c.rpm = 60;
+        c.tpm = 1000;
+        c.share_flags = UINT32_MAX;  // the flag bit, and garbage beside it
+        c.share_rpm_milli = milli;
+        c.share_tpm = milli;
+        c.share_burst = burst;
+        const shm::RequestPacing rp = shm::RequestPacingOf(c, margin);
+        BOOST_CHECK(rp.limited() && !rp.blocked);
+        BOOST_CHECK_LE(rp.interval, 120'000 * kSec);  // a share of 0.001 per minute at most
+        BOOST_CHECK_EQUAL(shm::AfterRequest(shm::kNever - 1, rp, now), shm::kNever);
+        BOOST_CHECK_GE(shm::RequestsAvailable(0, rp, now), 1);
+        BOOST_CHECK_GE(shm::RequestsAvailable(shm::kNever, rp, now), 0);
+        const shm::TokenPacing tp = shm::TokenPacingOf(c, margin);
+        BOOST_CHECK(tp.limited() && !tp.blocked);
+        BOOST_CHECK_LE(tp.CostOf(UINT64_MAX), 120 * kSec);
+        BOOST_CHECK_GE(shm::TokensAvailable(0, tp, now), 0);
+        shm::SlotState st{};
+        st.req_tat = shm::kNever;
+        st.tok_tat = shm::kNever;
+        (void)shm::ReadyAt(st, c, margin);
+        shm::KeyConfig plain = c;
+        plain.share_flags = 0;
+        const shm::RequestPacing cfg = shm::RequestPacingOf(plain, margin);
+        BOOST_CHECK_LE(shm::RescaleRequestTat(now + 120 * kSec, cfg, rp, now), shm::kNever);
+        BOOST_CHECK_GE(shm::RescaleRequestTat(shm::kNever, rp, cfg, now), now);
+        BOOST_CHECK_GE(shm::RescaleTokenTat(shm::kNever, shm::TokenPacingOf(plain, margin), tp, now), now);
+      }
+    }
+  }
+  // A share of 0 in a limited dimension blocks; in an unlimited one it is no limit.
+  shm::KeyConfig z{};
+  z.rpm = 60;
+  z.share_flags = shm::kShareActive;
+  BOOST_CHECK(shm::RequestPacingOf(z, 0).blocked);
+  BOOST_CHECK_EQUAL(shm::RequestsAvailable(0, shm::RequestPacingOf(z, 0), now), 0);
+  BOOST_CHECK(!shm::TokenPacingOf(z, 0).limited());
+  shm::SlotState st{};
+  BOOST_CHECK_EQUAL(shm::ReadyAt(st, z, 0), shm::kNever);
+  z.rpm = 0;
+  BOOST_CHECK_EQUAL(shm::ReadyAt(st, z, 0), 0u);
+}
+
+// The same values planted in a live pool's slot: acquires, releases and
+// snapshots stay well defined, and the pool stays consistent.
+BOOST_AUTO_TEST_CASE(planted_share_fields_in_the_segment) {
+  TokenPool p;
+  shm::KeySlot* keys =
+      reinterpret_cast<shm::KeySlot*>(p.tp.segment->pool_data(p.tp.index) + p.tp.segment->layout().plan.keys_offset);
+  shm::KeyConfig& c = keys[0].config;
+  for (uint64_t v : {uint64_t{0}, uint64_t{1}, UINT64_MAX}) {
+    for (uint32_t burst : {0u, UINT32_MAX}) {
+      c.share_flags = UINT32_MAX;
+      c.share_rpm_milli = v;
+      c.share_tpm = v;
+      c.share_burst = burst;
+      for (int i = 0; i < 3; ++i) {
+        Result<shm::LeaseHandle> h = p.tp.pool->TryAcquire(nullptr, nullptr, shm::Self(), 10);
+        if (h.ok()) BOOST_CHECK(p.tp.pool->Release(*h, Success(std::nullopt, UINT64_MAX)).ok());
+        // No share on this host: out once anything re-checked the key (a
+        // planted value bypasses the index until then).
+        if (v == 0 && i > 0) BOOST_CHECK(!h.ok());
+        p.clock.AdvanceSeconds(1);
+      }
+      const keymesh::KeyStatus k = p.Key();
+      BOOST_CHECK(k.share_active);
+      BOOST_CHECK(k.tokens_available >= 0);
+      BOOST_CHECK(p.tp.pool->CheckConsistency().ok());
+    }
+  }
+  BOOST_CHECK(p.tp.pool->ClearShares().ok());
+  BOOST_CHECK_EQUAL(c.share_flags, 0u);
+}

@@ -25,6 +25,7 @@ using testing::Must;
 using testing::Pipe;
 using testing::SharedArray;
 using testing::TestPool;
+using testing::WaitUntilAsleep;
 
 constexpr uint32_t kProcs = 8;
 constexpr uint32_t kKeys = 4;
@@ -154,29 +155,6 @@ void Hammer(Strategy strategy, uint32_t pairs_per_proc) {
   BOOST_CHECK_EQUAL(s.totals.rate_limited, total[kRateLimitedK]);
   // Every kind of outcome happened.
   for (uint32_t kind = 0; kind < kKinds; ++kind) BOOST_CHECK_GT(total[kind], 0u);
-}
-
-// Waits (bounded) until `pid` sleeps with the pool's sleeper flag raised:
-// then it is inside FutexWait (or about to enter it with a stale sequence,
-// which returns at once), so a wake-up is what lets it continue.
-bool WaitUntilAsleep(PoolAdmin& pool, pid_t pid) {
-  const uint64_t give_up = MonotonicNowNanos() + 10 * kNanosPerSecond;
-  char path[64];
-  std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
-  while (MonotonicNowNanos() < give_up) {
-    if (pool.header()->sleepers.load() != 0) {
-      char buf[512] = {};
-      int fd = ::open(path, O_RDONLY);
-      if (fd < 0) return false;
-      ssize_t n = ::read(fd, buf, sizeof(buf) - 1);
-      ::close(fd);
-      const char* p = n > 0 ? std::strrchr(buf, ')') : nullptr;
-      if (p != nullptr && p[1] == ' ' && p[2] == 'S') return true;
-    }
-    timespec ts{0, 200'000};  // polling a condition, bounded by give_up
-    nanosleep(&ts, nullptr);
-  }
-  return false;
 }
 
 struct WaitResult {

@@ -5,6 +5,7 @@
 #ifndef KEYMESH_TESTS_SUPPORT_SHM_FIXTURES_H_
 #define KEYMESH_TESTS_SUPPORT_SHM_FIXTURES_H_
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -140,6 +142,29 @@ struct SegmentNameGuard {
   explicit SegmentNameGuard(std::string n) : name(std::move(n)) {}
   ~SegmentNameGuard() { (void)Segment::Remove(name); }
 };
+
+// Waits (bounded) until `pid` sleeps with the pool's sleeper flag raised:
+// then it is inside FutexWait (or about to enter it with a stale sequence,
+// which returns at once), so a wake-up is what lets it continue.
+inline bool WaitUntilAsleep(PoolAdmin& pool, pid_t pid) {
+  const uint64_t give_up = MonotonicNowNanos() + 10 * kNanosPerSecond;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
+  while (MonotonicNowNanos() < give_up) {
+    if (pool.header()->sleepers.load() != 0) {
+      char buf[512] = {};
+      int fd = ::open(path, O_RDONLY);
+      if (fd < 0) return false;
+      ssize_t n = ::read(fd, buf, sizeof(buf) - 1);
+      ::close(fd);
+      const char* p = n > 0 ? std::strrchr(buf, ')') : nullptr;
+      if (p != nullptr && p[1] == ' ' && p[2] == 'S') return true;
+    }
+    timespec ts{0, 200'000};  // polling a condition, bounded by give_up
+    nanosleep(&ts, nullptr);
+  }
+  return false;
+}
 
 }  // namespace keymesh::shm::testing
 
