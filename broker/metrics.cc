@@ -123,10 +123,15 @@ void RenderMesh(const mesh::MeshStatus& m, Exposition* e) {
   e->Sample({}, Num(m.events_published));
   e->Family("keymesh_mesh_events_applied_total", "counter", "Other hosts' changes merged into this host's segment.");
   e->Sample({}, Num(m.events_applied));
+  // Like the budgets, only for the dimensions a key limits.
   e->Family("keymesh_key_share_rpm", "gauge", "This host's share of the key's requests per minute.");
-  for (const mesh::MeshKeyStatus& k : m.keys) e->Sample({{"pool", &k.pool}, {"key", &k.key}}, Num(k.share_rpm));
+  for (const mesh::MeshKeyStatus& k : m.keys) {
+    if (k.limit_rpm > 0) e->Sample({{"pool", &k.pool}, {"key", &k.key}}, Num(k.share_rpm));
+  }
   e->Family("keymesh_key_share_tpm", "gauge", "This host's share of the key's tokens per minute.");
-  for (const mesh::MeshKeyStatus& k : m.keys) e->Sample({{"pool", &k.pool}, {"key", &k.key}}, Num(k.share_tpm));
+  for (const mesh::MeshKeyStatus& k : m.keys) {
+    if (k.limit_tpm > 0) e->Sample({{"pool", &k.pool}, {"key", &k.key}}, Num(k.share_tpm));
+  }
 }
 
 }  // namespace

@@ -33,7 +33,8 @@
 //   keymesh_mesh_{refreshes,refresh_failures,events_published,
 //                 events_applied}_total      counter
 //   keymesh_key_share_rpm, keymesh_key_share_tpm   gauge {pool,key}: this host's
-//                                            share of the key's limits (per minute)
+//                                            share of the key's limits (per minute),
+//                                            only keys with an rpm / tpm limit
 #ifndef KEYMESH_BROKER_METRICS_H_
 #define KEYMESH_BROKER_METRICS_H_
 

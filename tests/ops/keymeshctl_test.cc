@@ -293,6 +293,7 @@ BOOST_AUTO_TEST_CASE(render_metrics_of_a_mesh) {
   m.events_published = 5;
   m.events_applied = 7;
   m.keys.push_back({"p", "a\"x", 600, 100000, 190, 31666.5, 2, 200, 30000, 3, false});
+  m.keys.push_back({"p", "rpm-only", 60, 0, 19, 0, 1, 20, 0, 3, false});
   Exposition e;
   std::string err;
   std::string text = keymesh::broker::RenderMetrics({p}, &m);
@@ -312,6 +313,9 @@ BOOST_AUTO_TEST_CASE(render_metrics_of_a_mesh) {
   BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_events_applied_total", {}), 7);
   BOOST_CHECK_EQUAL(e.Get("keymesh_key_share_rpm", {{"pool", "p"}, {"key", "a\"x"}}), 190);
   BOOST_CHECK_EQUAL(e.Get("keymesh_key_share_tpm", {{"pool", "p"}, {"key", "a\"x"}}), 31666.5);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_key_share_rpm", {{"pool", "p"}, {"key", "rpm-only"}}), 19);
+  BOOST_CHECK_EQUAL(e.Count("keymesh_key_share_rpm"), 2u);
+  BOOST_CHECK_EQUAL(e.Count("keymesh_key_share_tpm"), 1u);  // only the key with a tpm limit
 
   // Redis gone before the first refresh: down, no round trip yet, the lease
   // age infinite (an alert on it fires), the outage mode.
