@@ -13,6 +13,7 @@
 #include "broker/key_ledger.h"
 #include "broker/listener.h"
 #include "broker/log.h"
+#include "broker/mesh/redis_store.h"
 #include "broker/recovery.h"
 #include "broker/segment_access.h"
 #include "broker/session.h"
@@ -115,7 +116,46 @@ Status Broker::Start() {
        {"keys", std::to_string(pools_->key_count())},
        {"pid", std::to_string(::getpid())}});
   StartMetricsFile();
+  if (config_.mesh) {
+    // After the segment and the socket: the broker serves its own host
+    // whatever Redis does, and the job never holds anything they need.
+    mesh::MeshConfig mc = *config_.mesh;
+    mesh_ = std::make_unique<mesh::MeshJob>(
+        mc, [mc]() -> std::unique_ptr<mesh::MeshStore> { return std::make_unique<mesh::RedisMeshStore>(mc); });
+    SyncMeshKeys();
+    mesh_->Start();
+  }
   return Status::Ok();
+}
+
+void Broker::SyncMeshKeys() {
+  if (!mesh_) return;
+  std::vector<mesh::MeshKey> keys;
+  std::map<std::string, shm::PoolAdmin*> admins;
+  for (const std::string& pool : pools_->Names()) {
+    shm::PoolAdmin* admin = pools_->Find(pool);
+    const std::map<std::string, std::string>* secrets = pools_->Secrets(pool);
+    if (admin == nullptr || secrets == nullptr) continue;
+    admins[pool] = admin;
+    Result<PoolStatus> snap = pools_->Snapshot(pool);
+    if (!snap.ok()) {
+      Log(LogLevel::kWarn, "mesh_keys_stale", {{"pool", pool}, {"error", snap.status().message()}});
+      continue;
+    }
+    for (const KeyStatus& k : snap->keys) {
+      auto secret = secrets->find(k.name);
+      if (secret == secrets->end()) continue;
+      mesh::MeshKey mk;
+      mk.pool = pool;
+      mk.key = k.name;
+      mk.fingerprint = mesh::MeshFingerprint(config_.mesh->ns, secret->second);
+      mk.rpm = k.rpm;
+      mk.tpm = k.tpm;
+      mk.burst = k.burst;
+      keys.push_back(std::move(mk));
+    }
+  }
+  mesh_->SetKeys(std::move(keys), std::move(admins));
 }
 
 void Broker::WaitSignal() {
@@ -135,6 +175,8 @@ void Broker::Shutdown() {
   if (stopping_) return;
   stopping_ = true;
   listener_->Stop();
+  // Gives this host's shares back to the mesh at once (a clean stop).
+  if (mesh_) mesh_->Stop();
   slow_->Stop();
   dispatcher_->CloseAll();
   cooldown_->Stop();
@@ -267,6 +309,15 @@ void Broker::Reload() {
     next.state_file = config_.state_file;
     next.capacity = config_.capacity;
   }
+  if (next.mesh.has_value() != config_.mesh.has_value() ||
+      (next.mesh && (next.mesh->redis_url != config_.mesh->redis_url || next.mesh->host != config_.mesh->host ||
+                     next.mesh->ns != config_.mesh->ns || next.mesh->refresh != config_.mesh->refresh ||
+                     next.mesh->lease != config_.mesh->lease || next.mesh->outage != config_.mesh->outage ||
+                     next.mesh->headroom != config_.mesh->headroom || next.mesh->timeout != config_.mesh->timeout ||
+                     next.mesh->password != config_.mesh->password))) {
+    Log(LogLevel::kWarn, "reload_partial", {{"reason", "mesh changes only on restart"}});
+  }
+  next.mesh = config_.mesh;
   BrokerConfig old = std::move(config_);
   config_ = std::move(next);
   if (config_.log_level) SetConfigLogLevel(*config_.log_level);
@@ -286,6 +337,7 @@ void Broker::Reload() {
     Log(LogLevel::kError, "reload_failed", {{"error", st.message()}});
   }
   cooldown_->Rearm();
+  SyncMeshKeys();
   SaveState(false);
   Log(LogLevel::kInfo, "reloaded",
       {{"pools", std::to_string(config_.pools.size())}, {"generation", std::to_string(segment_->generation())}});

@@ -88,6 +88,10 @@ class Broker {
   void RearmCooldownTimer() { cooldown_->Rearm(); }
   // The mesh job; nullptr when the config has no `mesh`.
   mesh::MeshJob* mesh() noexcept { return mesh_.get(); }
+  // Hands the mesh job the keys of every configured pool (limits from the
+  // segment, fingerprints of the secrets): after start, a reload, and keys
+  // added or removed over the socket. A no-op without a mesh.
+  void SyncMeshKeys();
 
  private:
   Status Start();

@@ -204,6 +204,98 @@ Result<PoolConfigEntry> ParsePool(std::string_view name, const json::value& v, c
   return p;
 }
 
+Result<double> GetRange(const json::value& v, const std::string& field, double lo, double hi, const char* unit) {
+  Result<double> r = GetSeconds(v, field);
+  if (!r.ok()) return r.status();
+  if (*r < lo || *r > hi) {
+    std::ostringstream m;
+    m << "must be between " << lo << " and " << hi << unit;
+    return Error(field, m.str());
+  }
+  return r;
+}
+
+Result<mesh::MeshConfig> ParseMesh(const json::value& v, const EnvLookup& env) {
+  if (!v.is_object()) return Error("mesh", "must be an object");
+  const json::object& o = v.as_object();
+  Status st = OnlyFields(
+      o, "mesh",
+      {"redis", "redis_password_env", "host", "namespace", "refresh", "lease", "outage", "headroom", "timeout"});
+  if (!st.ok()) return st;
+  mesh::MeshConfig m;
+  const json::value* redis = o.if_contains("redis");
+  if (redis == nullptr) return Error("mesh.redis", "is required (redis://HOST:PORT[/DB] or unix:///PATH)");
+  Result<std::string> url = GetString(*redis, "mesh.redis");
+  if (!url.ok()) return url.status();
+  Result<mesh::RedisEndpoint> ep = mesh::ParseRedisUrl(*url);
+  if (!ep.ok()) return Error("mesh.redis", ep.status().message());
+  m.redis = *ep;
+  m.redis_url = *url;
+  if (const json::value* x = o.if_contains("redis_password_env")) {
+    Result<std::string> var = GetString(*x, "mesh.redis_password_env");
+    if (!var.ok()) return var.status();
+    if (var->empty()) return Error("mesh.redis_password_env", "must name an environment variable");
+    std::optional<std::string> pw = env(*var);
+    if (!pw) return Error("mesh.redis_password_env", "environment variable " + Escaped(*var) + " is not set");
+    if (pw->empty()) return Error("mesh.redis_password_env", "environment variable " + Escaped(*var) + " is empty");
+    m.redis_password_env = *var;
+    m.password = *pw;
+  }
+  if (const json::value* x = o.if_contains("host")) {
+    Result<std::string> r = GetString(*x, "mesh.host");
+    if (!r.ok()) return r.status();
+    m.host = *r;
+  } else {
+    char name[256] = {};
+    if (::gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') {
+      return Error("mesh.host", "is not set and the host name cannot be read");
+    }
+    m.host = name;
+  }
+  st = shm::ValidateName("mesh host", m.host);
+  if (!st.ok()) return Error("mesh.host", st.message());
+  if (const json::value* x = o.if_contains("namespace")) {
+    Result<std::string> r = GetString(*x, "mesh.namespace");
+    if (!r.ok()) return r.status();
+    m.ns = *r;
+  }
+  st = shm::ValidateName("mesh namespace", m.ns);
+  if (!st.ok()) return Error("mesh.namespace", st.message());
+  struct Range {
+    const char* field;
+    double* dest;
+    double lo;
+    double hi;
+    const char* unit;
+  };
+  for (Range r : {Range{"refresh", &m.refresh, 0.05, 60, " seconds"}, Range{"lease", &m.lease, 0.5, 3600, " seconds"},
+                  Range{"headroom", &m.headroom, 0, 0.5, ""}, Range{"timeout", &m.timeout, 0.005, 5, " seconds"}}) {
+    if (const json::value* x = o.if_contains(r.field)) {
+      Result<double> d = GetRange(*x, std::string("mesh.") + r.field, r.lo, r.hi, r.unit);
+      if (!d.ok()) return d.status();
+      *r.dest = *d;
+    }
+  }
+  if (m.lease < 2 * m.refresh) {
+    return Error("mesh.lease", "must be at least twice mesh.refresh (a lease outlives a missed refresh)");
+  }
+  if (m.timeout * 2 > m.refresh) return Error("mesh.timeout", "must be at most half of mesh.refresh");
+  if (const json::value* x = o.if_contains("outage")) {
+    Result<std::string> r = GetString(*x, "mesh.outage");
+    if (!r.ok()) return r.status();
+    if (*r == "share") {
+      m.outage = mesh::OutageMode::kShare;
+    } else if (*r == "closed") {
+      m.outage = mesh::OutageMode::kClosed;
+    } else if (*r == "open") {
+      m.outage = mesh::OutageMode::kOpen;
+    } else {
+      return Error("mesh.outage", "must be one of share, closed, open (not " + Quoted(*r) + ")");
+    }
+  }
+  return m;
+}
+
 }  // namespace
 
 const PoolConfigEntry* BrokerConfig::FindPool(std::string_view name) const {
@@ -222,7 +314,7 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
       OnlyFields(o, "",
                  {"socket", "state_file", "allow_uids", "allow_gids", "worker_uids", "worker_gids", "admin_uids",
                   "admin_gids", "max_sessions", "max_sessions_per_uid", "max_pending_acquires", "max_slow_leases",
-                  "frame_timeout", "pools", "capacity", "log_level", "metrics_file", "metrics_interval"});
+                  "frame_timeout", "pools", "capacity", "log_level", "metrics_file", "metrics_interval", "mesh"});
   if (!st.ok()) return st;
   BrokerConfig c;
   c.socket = protocol::kDefaultSocket;
@@ -316,6 +408,11 @@ Result<BrokerConfig> ParseConfig(std::string_view text, const std::string& base_
         *cap.dest = static_cast<uint32_t>(*r);
       }
     }
+  }
+  if (const json::value* v = o.if_contains("mesh")) {
+    Result<mesh::MeshConfig> m = ParseMesh(*v, env);
+    if (!m.ok()) return m.status();
+    c.mesh = std::move(m).value();
   }
   const json::value* pools = o.if_contains("pools");
   if (pools == nullptr) return Error("pools", "is required");

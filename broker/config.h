@@ -17,7 +17,13 @@
 // `max_pending_acquires` (waiting acquires per connection, 64),
 // `max_slow_leases` (leases held over one connection, 256) and
 // `frame_timeout` (seconds from a frame's first byte to its newline,
-// default 5). Unknown
+// default 5). `mesh` (CONTRACT.md "Across hosts"): `redis` (required),
+// `redis_password_env`, `host`, `namespace`, `refresh` (0.05-60 s),
+// `lease` (at least twice refresh, up to 3600 s), `outage` (share, closed,
+// open), and two extensions: `headroom` (0-0.5, default 0.05: the share of
+// every limit never granted) and `timeout` (Redis connect and command
+// timeout, 0.005-5 s, at most half of refresh; default 0.1). The mesh
+// changes only on restart. Unknown
 // fields are errors. Every error is one line naming the field:
 //   config: pools.openai.keys[1].secret_env: environment variable OPENAI_KEY_B is not set
 // Secrets never appear in messages.

@@ -74,6 +74,7 @@ Fields AddKey(const OpCall& call, const protocol::AddKeyRequest& request) {
   }
   st = pools.AddKey(request.pool, key, source);
   if (!st.ok()) return st;
+  call.broker.SyncMeshKeys();
   protocol::AddKeyReply reply;
   reply.durable = source.durable();
   if (!note.empty()) reply.note = note;
@@ -92,6 +93,7 @@ Fields KeyOp(const OpCall& call, const protocol::KeyOpRequest& request) {
     default: st = (*pool)->ResetKey(request.name); break;
   }
   if (!st.ok()) return st;
+  if (request.op() == protocol::Op::kRemoveKey) call.broker.SyncMeshKeys();
   Log(LogLevel::kInfo, "key_" + std::string(protocol::OpName(request.op())),
       {{"pool", request.pool}, {"key", request.name}, {"peer_uid", std::to_string(call.session->peer().uid)}});
   call.broker.RearmCooldownTimer();  // a reset clears a cooldown, an enable re-admits a key

@@ -174,7 +174,9 @@ class PoolAdmin : public PoolUser {
   // then (the deadline never shortens; a half-open circuit's probe is in
   // flight here and decides); revoke revokes; enabled sets. Never bumps
   // events_seq (the job must not publish it back); wakes waiters when the
-  // key may have become eligible. kUnknownKey for an unknown name.
+  // key may have become eligible. Deadlines beyond now + the pool's
+  // max_cooldown are taken as that (remote state is input, like a 429's
+  // Retry-After). kUnknownKey for an unknown name.
   Status MergeRemote(std::string_view name, const RemoteKeyState& remote);
 
   // Frees every lease held by `holder`; returns how many.

@@ -368,8 +368,15 @@ Status PoolAdmin::MergeRemote(std::string_view name, const RemoteKeyState& r) {
   SlotState& st = core_.key(s).state;
   const uint64_t ready_before = core_.ReadyAt(s);
   const bool eligible_before = core_.Eligible(s, now);
+  // Another host's word arrives through Redis: honoured up to max_cooldown
+  // from now, as a local 429's Retry-After is, so one planted value cannot
+  // bench a key for years.
+  const uint64_t cap =
+      now > kNever - core_.header()->config.max_cooldown ? kNever : now + core_.header()->config.max_cooldown;
+  const uint64_t cool_until = std::min(r.cool_until, cap);
+  const uint64_t open_until = std::min(r.open_until, cap);
   if (r.reset) core_.ResetLocked(s);
-  if (r.cool_until > st.cooldown_deadline) core_.Set(st.cooldown_deadline, r.cool_until);
+  if (cool_until > st.cooldown_deadline) core_.Set(st.cooldown_deadline, cool_until);
   if (r.revoke) {
     core_.Set(st.circuit, Circuit::kRevoked);
   } else if (r.close_circuit) {
@@ -381,13 +388,13 @@ Status PoolAdmin::MergeRemote(std::string_view name, const RemoteKeyState& r) {
       core_.Set(st.open_cooldown, uint64_t{0});
       core_.Set(st.fail_streak, 0u);
     }
-  } else if (r.open_until > now) {
+  } else if (open_until > now) {
     if (st.circuit == Circuit::kClosed) {
       core_.Set(st.circuit, Circuit::kOpen);
-      core_.Set(st.open_cooldown, r.open_until - now);  // the base of a failed local probe's longer wait
+      core_.Set(st.open_cooldown, open_until - now);  // the base of a failed local probe's longer wait
     }
-    if (st.circuit == Circuit::kOpen && r.open_until > st.cooldown_deadline) {
-      core_.Set(st.cooldown_deadline, r.open_until);  // no probe here before then
+    if (st.circuit == Circuit::kOpen && open_until > st.cooldown_deadline) {
+      core_.Set(st.cooldown_deadline, open_until);  // no probe here before then
     }
   }
   if (r.enabled) core_.Set(st.enabled, *r.enabled ? uint8_t{1} : uint8_t{0});

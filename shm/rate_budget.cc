@@ -31,7 +31,7 @@ RequestPacing RequestPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept 
   RequestPacing p;
   double per_minute = static_cast<double>(c.rpm);
   uint32_t burst = c.burst;
-  if (ShareActive(c)) [[unlikely]] {
+  if (ShareActive(c)) {  // no hint: on a mesh host every key has a share
     uint64_t milli = c.share_rpm_milli;
     if (milli == 0) {
       p.blocked = true;
@@ -53,7 +53,7 @@ TokenPacing TokenPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept {
   if (c.tpm == 0) return {};
   TokenPacing p;
   uint64_t minute = c.tpm;
-  if (ShareActive(c)) [[unlikely]] {
+  if (ShareActive(c)) {  // no hint: on a mesh host every key has a share
     minute = c.share_tpm;
     if (minute == 0) {
       p.blocked = true;

@@ -33,14 +33,36 @@ local ttl = math.floor(lease * 2 + 60000)
 local ek = p .. 'epoch'
 local epoch = redis.call('HGET', ek, 'id')
 local learning_until
+-- Learning ends early for a mesh that is new rather than lost: when no host
+-- reported holding a share within `quiet` ms of the epoch's start (every
+-- connected host refreshes within that), nobody holds anything to be
+-- granted twice. A host that reports a share marks the epoch claimed, and
+-- then learning lasts the whole lease.
+local quiet = num(ARGV[8 + n * 11]) or 0
+local holds = false
+for i = 1, n do
+  local o = 7 + (i - 1) * 11
+  if (num(ARGV[o + 6]) or 0) > 0 or (num(ARGV[o + 10]) or 0) > 0 then holds = true end
+end
 if not epoch then
   epoch = t[1] .. '.' .. t[2]
   learning_until = now + lease
-  redis.call('HSET', ek, 'id', epoch, 'learning_until', string.format('%.0f', learning_until))
+  redis.call('HSET', ek, 'id', epoch, 'learning_until', string.format('%.0f', learning_until),
+    'started', string.format('%.0f', now), 'claimed', holds and '1' or '0')
 else
   learning_until = num(redis.call('HGET', ek, 'learning_until')) or 0
 end
 local learning = now < learning_until
+if learning then
+  if holds then
+    redis.call('HSET', ek, 'claimed', '1')
+  elseif quiet > 0 and redis.call('HGET', ek, 'claimed') ~= '1' and
+      now >= (num(redis.call('HGET', ek, 'started')) or now) + quiet then
+    learning_until = now
+    redis.call('HSET', ek, 'learning_until', string.format('%.0f', now))
+    learning = false
+  end
+end
 
 local hk = p .. 'hosts'
 redis.call('ZREMRANGEBYSCORE', hk, '-inf', fmt(now))

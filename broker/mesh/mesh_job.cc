@@ -1,49 +1,949 @@
 #include "broker/mesh/mesh_job.h"
 
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <set>
+#include <utility>
+
+#include <boost/uuid/detail/sha1.hpp>
+
+#include "broker/log.h"
+#include "shm/pool.h"
+
 namespace keymesh::broker::mesh {
+namespace {
+
+constexpr uint64_t kMsNs = 1'000'000;
+constexpr uint64_t kSecNs = 1'000'000'000;
+// How often the watcher looks at the pools' change counters (one atomic
+// load per pool): the first part of a cooldown's propagation delay.
+constexpr auto kWatchInterval = std::chrono::milliseconds(1);
+// A publish that failed is retried this often while Redis is away.
+constexpr uint64_t kRetryNs = 100 * kMsNs;
+// The blocking read of the event stream waits up to one refresh (at most
+// 1 s) for an event before it looks at `stop` again: an idle reader costs
+// Redis one read per refresh, like the lease.
+uint32_t ReadBlockMs(double refresh) { return static_cast<uint32_t>(std::clamp(refresh * 1000, 50.0, 1000.0)); }
+// A claimed half-open probe is claimed this long before the circuit's
+// deadline, so losers extend their open circuit before they would probe.
+constexpr uint64_t kProbeLeadNs = 200 * kMsNs;
+// Demand: the floor of a key's wants (a share of its limit every host
+// keeps asking for, so a host that turns busy is served at once from it),
+// the growth factor of a host that uses its whole share, and the margin
+// over measured use of one that does not.
+constexpr double kWantsFloor = 0.02;
+constexpr double kWantsGrow = 1.5;
+constexpr double kWantsMargin = 1.2;
+// Every share's lease ends this early on this host's clock: the round trip
+// plus this, so that no host uses a share past Redis's view of its lease.
+constexpr uint64_t kExpiryMarginNs = 50 * kMsNs;
+
+uint64_t MonoNs() noexcept {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * kSecNs + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+std::string KeyOf(const std::string& pool, const std::string& key) {
+  std::string id = pool;
+  id.push_back('\0');
+  id += key;
+  return id;
+}
+
+// Redis time (ms) and CLOCK_MONOTONIC (ns) differ by an offset the refresh
+// thread measures at every round trip (to +-RTT/2); the other threads read it.
+class ClockOffset {
+ public:
+  void Set(int64_t redis_ms, uint64_t mono_mid_ns) noexcept {
+    offset_us_.store(redis_ms * 1000 - static_cast<int64_t>(mono_mid_ns / 1000), std::memory_order_relaxed);
+    valid_.store(true, std::memory_order_release);
+  }
+  bool valid() const noexcept { return valid_.load(std::memory_order_acquire); }
+  int64_t ToRedisMs(uint64_t mono_ns) const noexcept {
+    return (static_cast<int64_t>(mono_ns / 1000) + offset_us_.load(std::memory_order_relaxed)) / 1000;
+  }
+  // 0 for a deadline already past on this host's clock (or nonsense).
+  uint64_t ToMonoNs(int64_t redis_ms) const noexcept {
+    if (redis_ms <= 0 || redis_ms > (INT64_MAX / 1000) - (int64_t{1} << 50)) return 0;
+    const int64_t us = redis_ms * 1000 - offset_us_.load(std::memory_order_relaxed);
+    if (us <= 0) return 0;
+    return static_cast<uint64_t>(us) * 1000;
+  }
+
+ private:
+  std::atomic<int64_t> offset_us_{0};
+  std::atomic<bool> valid_{false};
+};
+
+// Exponential reconnect delays with +-25 % jitter, so brokers that lost
+// Redis together do not come back as a herd.
+class Backoff {
+ public:
+  Backoff(double min_s, double max_s) : min_(min_s), max_(max_s), next_(min_s), rng_(std::random_device{}()) {}
+  void Reset() noexcept { next_ = min_; }
+  std::chrono::nanoseconds Next() {
+    const double base = next_;
+    next_ = std::min(max_, next_ * 2);
+    std::uniform_real_distribution<double> jitter(0.75, 1.25);
+    return std::chrono::nanoseconds(static_cast<int64_t>(base * jitter(rng_) * 1e9));
+  }
+
+ private:
+  double min_, max_, next_;
+  std::mt19937_64 rng_;
+};
+
+// What this host last knew of a key's shared state (its own changes
+// published, other hosts' changes merged), to tell a local change from an
+// echo of a remote one.
+struct Known {
+  uint64_t cool = 0;  // cooldown deadline, mono ns
+  uint32_t circuit = 0;
+  bool enabled = true;
+  bool seen = false;
+  uint64_t version = 0;  // the key's reset generation last applied or published
+};
+
+// The refresh thread's view of one key.
+struct KeyRuntime {
+  MeshKey def;
+  uint64_t acquires = 0;
+  uint64_t tokens = 0;
+  bool counted = false;
+  double rate_req = 0;  // admitted per second (smoothed)
+  double rate_tok = 0;
+  double wants_req = 0;
+  double wants_tok = 0;
+  double has_req = 0;  // the current grant (per second)
+  double has_tok = 0;
+  double burst = 1;
+  uint32_t holders = 0;
+  bool mismatch = false;
+  bool mismatch_logged = false;
+};
+
+double Burst(const MeshKey& k) { return std::max(1.0, static_cast<double>(k.burst)); }
+
+std::string Hex(const unsigned char* p, size_t n) {
+  static const char* kDigits = "0123456789abcdef";
+  std::string out;
+  out.reserve(n * 2);
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back(kDigits[p[i] >> 4]);
+    out.push_back(kDigits[p[i] & 15]);
+  }
+  return out;
+}
+
+void Sha1(const std::string& a, const std::string& b, unsigned char out[20]) {
+  boost::uuids::detail::sha1 h;
+  h.process_bytes(a.data(), a.size());
+  h.process_bytes(b.data(), b.size());
+  boost::uuids::detail::sha1::digest_type d;
+  h.get_digest(d);
+  for (int i = 0; i < 5; ++i) {
+    out[i * 4] = static_cast<unsigned char>(d[i] >> 24);
+    out[i * 4 + 1] = static_cast<unsigned char>(d[i] >> 16);
+    out[i * 4 + 2] = static_cast<unsigned char>(d[i] >> 8);
+    out[i * 4 + 3] = static_cast<unsigned char>(d[i]);
+  }
+}
+
+}  // namespace
+
+std::string MeshFingerprint(const std::string& ns, const std::string& secret) {
+  // HMAC-SHA-1 (RFC 2104) keyed by the namespace: equal secrets give equal
+  // fingerprints on every host of the namespace, and the fingerprint does
+  // not reveal the secret (API keys are long random strings).
+  std::string key = "keymesh-mesh-v1:" + ns;
+  unsigned char kd[20];
+  if (key.size() > 64) {
+    Sha1(key, "", kd);
+    key.assign(reinterpret_cast<const char*>(kd), 20);
+  }
+  key.resize(64, '\0');
+  std::string ipad(64, '\0'), opad(64, '\0');
+  for (size_t i = 0; i < 64; ++i) {
+    ipad[i] = static_cast<char>(key[i] ^ 0x36);
+    opad[i] = static_cast<char>(key[i] ^ 0x5c);
+  }
+  unsigned char inner[20], outer[20];
+  Sha1(ipad, secret, inner);
+  Sha1(opad, std::string(reinterpret_cast<const char*>(inner), 20), outer);
+  return Hex(outer, 20);
+}
 
 struct MeshJob::Impl {
   MeshConfig config;
-  PoolLookup pools;
-  StoreFactory store;
+  StoreFactory factory;
+
+  // Guards keys, keys_gen, status, delays; cv wakes the threads on Stop().
   mutable std::mutex mu;
+  std::condition_variable cv;
   std::vector<MeshKey> keys;
+  std::map<std::string, shm::PoolAdmin*> admins;
+  std::atomic<uint64_t> keys_gen{0};
+  MeshStatus status;
+  std::vector<double> delays;  // propagation delays of applied events (s), a ring
+  size_t delay_next = 0;
+  std::atomic<bool> stop{false};
+  bool started = false;
+
+  // Guards known: the watcher's diff and the reader's merges are one at a
+  // time, so a remote change is never mistaken for a local one.
+  std::mutex known_mu;
+  std::map<std::string, Known> known;
+
+  // Set by a merge of remote state: the watcher re-reads the pools (a
+  // circuit another host opened takes part in the shared probe here too).
+  std::atomic<bool> rediff{false};
+
+  ClockOffset offset;
+  std::atomic<uint64_t> last_refresh_ns{0};  // mono ns of the last successful refresh, 0 never
+  std::atomic<uint64_t> lease_until_ns{0};   // mono ns the current grants end
+  std::atomic<uint64_t> rtt_ns{0};
+
+  std::thread refresh_thread;
+  std::thread watch_thread;
+  std::thread reader_thread;
+
+  bool Sleep(std::chrono::nanoseconds d) {
+    std::unique_lock lock(mu);
+    return !cv.wait_for(lock, d, [&] { return stop.load(); });
+  }
+  shm::PoolAdmin* pools(const std::string& pool) {
+    std::lock_guard lock(mu);
+    auto it = admins.find(pool);
+    return it == admins.end() ? nullptr : it->second;
+  }
+  std::pair<std::vector<MeshKey>, uint64_t> Keys() {
+    std::lock_guard lock(mu);
+    return {keys, keys_gen.load()};
+  }
+
+  void NoteRedis(bool ok, const std::string& error) {
+    bool changed = false;
+    {
+      std::lock_guard lock(mu);
+      changed = status.redis_ok != ok || (status.refreshes + status.refresh_failures == 0);
+      status.redis_ok = ok;
+      status.last_error = ok ? "" : error;
+    }
+    if (!changed) return;
+    if (ok) {
+      Log(LogLevel::kInfo, "mesh_redis", {{"state", "up"}, {"redis", config.redis.Describe()}});
+    } else {
+      Log(LogLevel::kWarn, "mesh_redis", {{"state", "down"}, {"redis", config.redis.Describe()}, {"error", error}});
+    }
+  }
+  void SetMode(MeshMode mode) {
+    MeshMode from;
+    {
+      std::lock_guard lock(mu);
+      from = status.mode;
+      status.mode = mode;
+    }
+    if (from != mode) Log(LogLevel::kInfo, "mesh_mode", {{"from", MeshModeName(from)}, {"to", MeshModeName(mode)}});
+  }
+
+  // --- refresh thread ------------------------------------------------------
+  void RefreshLoop();
+  void ApplyShares(std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order, MeshMode mode,
+                   uint32_t hosts);
+  void MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
+                     std::map<std::string, uint64_t>* pressure);
+  void PublishKeyStatus(const std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order);
+
+  // --- watcher -------------------------------------------------------------
+  void WatchLoop();
+  // --- reader --------------------------------------------------------------
+  void ReadLoop();
+  void Apply(const KeyEvent& e, bool count);
 };
 
-MeshJob::MeshJob(MeshConfig config, PoolLookup pools, StoreFactory store) : impl_(std::make_unique<Impl>()) {
+namespace {
+
+// ProportionalShare's local half: what this host asks for.
+void UpdateWants(KeyRuntime& k, double dt, uint64_t d_acq, uint64_t d_tok, bool pressure) {
+  const double limit_req = k.def.rpm / 60.0;
+  const double limit_tok = static_cast<double>(k.def.tpm) / 60.0;
+  const double r_req = dt > 0 ? static_cast<double>(d_acq) / dt : 0;
+  const double r_tok = dt > 0 ? static_cast<double>(d_tok) / dt : 0;
+  k.rate_req = k.counted ? 0.5 * k.rate_req + 0.5 * r_req : r_req;
+  k.rate_tok = k.counted ? 0.5 * k.rate_tok + 0.5 * r_tok : r_tok;
+  auto wants = [&](double rate, double has, double limit) {
+    if (limit <= 0) return 0.0;
+    const double floor = limit * kWantsFloor;
+    double w;
+    // Saturated: this host uses (nearly) all it holds, or its workers
+    // waited: ask for more, geometrically, until it no longer is.
+    if ((has > 0 && rate >= 0.85 * has) || pressure) {
+      w = std::max(rate, has) * kWantsGrow + floor;
+    } else {
+      w = rate * kWantsMargin + floor;
+    }
+    return std::min(w, limit);
+  };
+  k.wants_req = wants(k.rate_req, k.has_req, limit_req);
+  k.wants_tok = wants(k.rate_tok, k.has_tok, limit_tok);
+}
+
+}  // namespace
+
+void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
+                                  std::map<std::string, uint64_t>* pressure) {
+  const double dt = *last_ns == 0 ? 0 : static_cast<double>(now - *last_ns) / 1e9;
+  *last_ns = now;
+  std::set<std::string> pool_names;
+  for (const auto& [id, k] : rt) pool_names.insert(k.def.pool);
+  for (const std::string& pool : pool_names) {
+    shm::PoolAdmin* admin = pools(pool);
+    if (admin == nullptr) continue;
+    Result<PoolStatus> snap = admin->Snapshot();
+    if (!snap.ok()) continue;  // busy or poisoned: demand unchanged this round
+    // Workers waited for a key (or gave up): the pool wants more than it has.
+    uint64_t waited = snap->totals.no_key_available + snap->totals.timeouts;
+    for (size_t i = 2; i < kWaitBuckets; ++i) waited += snap->acquire_wait.counts[i];
+    uint64_t& last = (*pressure)[pool];
+    const bool pressed = last != 0 && waited > last;
+    last = waited == 0 ? 1 : waited;
+    for (const KeyStatus& ks : snap->keys) {
+      auto it = rt.find(KeyOf(pool, ks.name));
+      if (it == rt.end()) continue;
+      KeyRuntime& k = it->second;
+      const uint64_t d_acq = k.counted && ks.acquires >= k.acquires ? ks.acquires - k.acquires : 0;
+      const uint64_t d_tok = k.counted && ks.tokens >= k.tokens ? ks.tokens - k.tokens : 0;
+      UpdateWants(k, k.counted ? dt : 0, d_acq, d_tok, pressed);
+      k.acquires = ks.acquires;
+      k.tokens = ks.tokens;
+      k.counted = true;
+    }
+  }
+}
+
+void MeshJob::Impl::ApplyShares(std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order,
+                                MeshMode mode, uint32_t hosts) {
+  std::map<std::string, std::vector<std::pair<std::string, shm::KeyShare>>> by_pool;
+  std::set<std::string> open_pools;
+  const double n = std::max<uint32_t>(hosts, 1);
+  const double keep = 1.0 - config.headroom;
+  for (const std::string& id : order) {
+    KeyRuntime& k = rt.at(id);
+    shm::KeyShare share;
+    share.active = true;
+    const double limit_req = k.def.rpm / 60.0;
+    const double limit_tok = static_cast<double>(k.def.tpm) / 60.0;
+    switch (mode) {
+      case MeshMode::kLeased:
+      case MeshMode::kLearning:
+        share.rpm = k.mismatch ? 0 : k.has_req * 60;
+        share.tpm = k.mismatch ? 0 : k.has_tok * 60;
+        share.burst = static_cast<uint32_t>(std::max(1.0, std::floor(k.burst)));
+        break;
+      case MeshMode::kShare:
+        // 1/N of each limit, N the hosts Redis last reported (Doorman's
+        // safe capacity): no overspend when every host is cut off alike.
+        // What this host holds (and reports: after Redis restarted empty,
+        // learning echoes it instead of granting nothing).
+        k.has_req = limit_req * keep / n;
+        k.has_tok = limit_tok * keep / n;
+        share.rpm = limit_req * keep / n * 60;
+        share.tpm = limit_tok * keep / n * 60;
+        share.burst = static_cast<uint32_t>(std::max(1.0, std::floor(Burst(k.def) / n)));
+        break;
+      case MeshMode::kClosed:
+        k.has_req = 0;
+        k.has_tok = 0;
+        share.rpm = 0;
+        share.tpm = 0;
+        share.burst = 1;
+        break;
+      case MeshMode::kOpen:
+        k.has_req = 0;
+        k.has_tok = 0;
+        open_pools.insert(k.def.pool);
+        continue;
+    }
+    by_pool[k.def.pool].emplace_back(k.def.key, share);
+  }
+  for (const std::string& pool : open_pools) {
+    if (shm::PoolAdmin* admin = pools(pool)) (void)admin->ClearShares();
+  }
+  for (auto& [pool, shares] : by_pool) {
+    if (shm::PoolAdmin* admin = pools(pool)) {
+      keymesh::Status st = admin->SetShares(shares);
+      if (!st.ok()) Log(LogLevel::kWarn, "mesh_share_failed", {{"pool", pool}, {"error", st.message()}});
+    }
+  }
+}
+
+void MeshJob::Impl::PublishKeyStatus(const std::map<std::string, KeyRuntime>& rt,
+                                     const std::vector<std::string>& order) {
+  std::vector<MeshKeyStatus> out;
+  for (const std::string& id : order) {
+    const KeyRuntime& k = rt.at(id);
+    MeshKeyStatus s;
+    s.pool = k.def.pool;
+    s.key = k.def.key;
+    s.limit_rpm = k.def.rpm;
+    s.limit_tpm = static_cast<double>(k.def.tpm);
+    s.wants_rpm = k.wants_req * 60;
+    s.wants_tpm = k.wants_tok * 60;
+    s.holders = k.holders;
+    s.mismatch = k.mismatch;
+    s.burst = k.burst;
+    s.share_rpm = k.has_req * 60;
+    s.share_tpm = k.has_tok * 60;
+    out.push_back(std::move(s));
+  }
+  std::lock_guard lock(mu);
+  const MeshMode mode = status.mode;
+  if (mode == MeshMode::kShare || mode == MeshMode::kClosed || mode == MeshMode::kOpen) {
+    const double n = std::max<uint32_t>(status.hosts, 1);
+    for (MeshKeyStatus& s : out) {
+      const double f = mode == MeshMode::kShare ? (1 - config.headroom) / n : mode == MeshMode::kOpen ? 1.0 : 0.0;
+      s.share_rpm = s.limit_rpm * f;
+      s.share_tpm = s.limit_tpm * f;
+    }
+  }
+  status.keys = std::move(out);
+}
+
+void MeshJob::Impl::RefreshLoop() {
+  std::unique_ptr<MeshStore> store = factory();
+  Backoff backoff(0.1, std::max(config.refresh, 0.2));
+  std::map<std::string, KeyRuntime> rt;
+  std::vector<std::string> order;
+  uint64_t gen = UINT64_MAX;
+  uint64_t seq = 0;
+  uint64_t last_demand_ns = 0;
+  std::map<std::string, uint64_t> pressure;
+  uint32_t last_hosts = 1;
+  MeshMode outage_mode = config.outage == OutageMode::kShare    ? MeshMode::kShare
+                         : config.outage == OutageMode::kClosed ? MeshMode::kClosed
+                                                                : MeshMode::kOpen;
+  MeshMode applied = MeshMode::kLeased;
+  bool applied_any = false;
+  const auto refresh = std::chrono::nanoseconds(static_cast<int64_t>(config.refresh * 1e9));
+  const uint64_t lease_ms = static_cast<uint64_t>(config.lease * 1000);
+  while (!stop.load()) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto [defs, g] = Keys();
+    if (g != gen) {
+      std::map<std::string, KeyRuntime> next;
+      order.clear();
+      for (MeshKey& d : defs) {
+        const std::string id = KeyOf(d.pool, d.key);
+        auto it = rt.find(id);
+        KeyRuntime k = it != rt.end() ? it->second : KeyRuntime{};
+        if (it == rt.end() || it->second.def.fingerprint != d.fingerprint) {
+          k.mismatch = false;
+          k.mismatch_logged = false;
+        }
+        k.def = d;
+        next[id] = std::move(k);
+        order.push_back(id);
+      }
+      rt = std::move(next);
+      gen = g;
+      // Until the first lease answers, new keys get nothing (a broker that
+      // just joined must not burst at the full limit beside the others).
+      if (!applied_any) ApplyShares(rt, order, MeshMode::kClosed, 1);
+    }
+    const uint64_t now = MonoNs();
+    MeasureDemand(rt, now, &last_demand_ns, &pressure);
+
+    LeaseRequest req;
+    req.host = config.host;
+    req.seq = ++seq;
+    req.lease_ms = lease_ms;
+    req.headroom = config.headroom;
+    req.learning_quiet_ms = static_cast<uint64_t>(3 * config.refresh * 1000);
+    for (const std::string& id : order) {
+      const KeyRuntime& k = rt.at(id);
+      LeaseKey lk;
+      lk.pool = k.def.pool;
+      lk.key = k.def.key;
+      lk.fingerprint = k.def.fingerprint;
+      lk.burst = Burst(k.def);
+      lk.req = Dimension{k.def.rpm / 60.0, k.wants_req, k.has_req, k.acquires};
+      lk.tok = Dimension{static_cast<double>(k.def.tpm) / 60.0, k.wants_tok, k.has_tok, k.tokens};
+      req.keys.push_back(std::move(lk));
+    }
+    const uint64_t sent = MonoNs();
+    Result<LeaseReply> reply = store->Lease(req);
+    const uint64_t got = MonoNs();
+    if (reply.ok() && reply->keys.size() != req.keys.size()) {
+      reply = keymesh::Status(Code::kProtocolError, "mesh: lease reply has " + std::to_string(reply->keys.size()) +
+                                                        " keys for " + std::to_string(req.keys.size()));
+    }
+    if (reply.ok()) {
+      const uint64_t rtt = got - sent;
+      offset.Set(reply->now_ms, sent + rtt / 2);
+      rtt_ns.store(rtt, std::memory_order_relaxed);
+      const int64_t valid_ms = reply->expires_ms - reply->now_ms;
+      const uint64_t until = valid_ms > 0 ? got + static_cast<uint64_t>(valid_ms) * kMsNs -
+                                                std::min<uint64_t>(rtt, kSecNs) - kExpiryMarginNs
+                                          : got;
+      lease_until_ns.store(until, std::memory_order_relaxed);
+      last_refresh_ns.store(got, std::memory_order_relaxed);
+      last_hosts = std::max<uint32_t>(reply->hosts, 1);
+      for (size_t i = 0; i < order.size(); ++i) {
+        KeyRuntime& k = rt.at(order[i]);
+        const KeyGrant& kg = reply->keys[i];
+        auto finite = [](double v) { return std::isfinite(v) && v > 0 ? v : 0.0; };
+        k.has_req = std::min(finite(kg.req), k.def.rpm / 60.0);
+        k.has_tok = std::min(finite(kg.tok), static_cast<double>(k.def.tpm) / 60.0);
+        k.burst = std::clamp(finite(kg.burst), 1.0, Burst(k.def));
+        k.holders = kg.holders;
+        k.mismatch = kg.mismatch;
+        if (kg.mismatch && !k.mismatch_logged) {
+          k.mismatch_logged = true;
+          Log(LogLevel::kError, "mesh_key_refused",
+              {{"pool", k.def.pool},
+               {"key", k.def.key},
+               {"reason", "another host of namespace " + config.ns +
+                              " uses a different secret under this pool and key name; this host leaves it out"}});
+        }
+        if (kg.cool_until_ms > reply->now_ms) {
+          // Defense in depth: Redis says the key cools (an event this host
+          // may have missed).
+          KeyEvent e;
+          e.pool = k.def.pool;
+          e.key = k.def.key;
+          e.kind = EventKind::kCooldown;
+          e.until_ms = kg.cool_until_ms;
+          Apply(e, false);
+        }
+      }
+      const MeshMode mode = reply->learning ? MeshMode::kLearning : MeshMode::kLeased;
+      ApplyShares(rt, order, mode, last_hosts);
+      applied = mode;
+      applied_any = true;
+      {
+        std::lock_guard lock(mu);
+        ++status.refreshes;
+        status.hosts = reply->hosts;
+        status.members = reply->members;
+        status.epoch = reply->epoch;
+      }
+      NoteRedis(true, "");
+      SetMode(mode);
+      backoff.Reset();
+      PublishKeyStatus(rt, order);
+      const auto next = t0 + refresh;
+      if (!Sleep(next - std::chrono::steady_clock::now())) break;
+      continue;
+    }
+    store->Disconnect();
+    {
+      std::lock_guard lock(mu);
+      ++status.refresh_failures;
+    }
+    NoteRedis(false, reply.status().message());
+    if (MonoNs() >= lease_until_ns.load(std::memory_order_relaxed)) {
+      // The lease ran out with Redis away: the outage mode, with N as
+      // Redis last said.
+      if (!applied_any || applied != outage_mode) {
+        {
+          std::lock_guard lock(mu);
+          status.hosts = last_hosts;
+        }
+        ApplyShares(rt, order, outage_mode, last_hosts);
+        applied = outage_mode;
+        applied_any = true;
+      }
+      SetMode(outage_mode);
+    }
+    PublishKeyStatus(rt, order);
+    if (!Sleep(std::min<std::chrono::nanoseconds>(backoff.Next(), refresh))) break;
+  }
+}
+
+// --- watcher: local changes out, the shared probe ----------------------------
+
+void MeshJob::Impl::WatchLoop() {
+  std::unique_ptr<MeshStore> store = factory();
+  std::map<std::string, uint64_t> seen_seq;  // pool -> events_seq last diffed
+  uint64_t retry_at = 0;                     // mono ns: re-diff everything (a publish failed)
+  // key -> the open circuit deadline (mono) this host already settled the
+  // probe for (won it, or extended its circuit past it).
+  std::map<std::string, uint64_t> probe_done;
+  struct Open {
+    std::string pool, key;
+    uint64_t deadline;
+  };
+  std::map<std::string, Open> open;  // keys whose circuit is open here, from the last diff
+  Backoff backoff(0.05, 1.0);
+  uint64_t next_attempt = 0;
+  uint64_t watched_gen = UINT64_MAX;
+  std::map<std::string, std::set<std::string>> mesh_keys;  // pool -> key names
+  const uint64_t probe_ttl_ns = static_cast<uint64_t>(std::max(1.0, 2 * config.refresh) * 1e9);
+  while (Sleep(kWatchInterval)) {
+    const uint64_t now = MonoNs();
+    if (now < next_attempt) continue;
+    if (keys_gen.load(std::memory_order_acquire) != watched_gen) {
+      auto [defs, g] = Keys();
+      watched_gen = g;
+      mesh_keys.clear();
+      for (const MeshKey& k : defs) mesh_keys[k.pool].insert(k.key);
+      seen_seq.clear();
+    }
+    const bool retry = (retry_at != 0 && now >= retry_at) || rediff.exchange(false);
+    bool failed = false;
+    for (const auto& [pool, names] : mesh_keys) {
+      shm::PoolAdmin* admin = pools(pool);
+      if (admin == nullptr) continue;
+      const uint64_t seq = admin->EventsSeq();
+      auto it = seen_seq.find(pool);
+      if (it != seen_seq.end() && it->second == seq && !retry) continue;
+      // Diff under known_mu: the reader's merges and this diff never interleave.
+      std::vector<KeyEvent> events;
+      {
+        std::lock_guard lock(known_mu);
+        std::vector<shm::ExportedKey> exported;
+        if (!admin->ExportKeyStates(&exported).ok()) continue;  // busy: next round
+        seen_seq[pool] = seq;
+        const uint64_t t = MonoNs();
+        for (const shm::ExportedKey& x : exported) {
+          if (names.count(x.name) == 0) continue;
+          const std::string id = KeyOf(pool, x.name);
+          Known& k = known[id];
+          const Known before = k;
+          Known cur;
+          cur.cool = x.state.cooldown_deadline;
+          cur.circuit = x.state.circuit;
+          cur.enabled = x.state.enabled;
+          cur.seen = true;
+          auto event = [&](EventKind kind, uint64_t until) {
+            KeyEvent e;
+            e.pool = pool;
+            e.key = x.name;
+            e.kind = kind;
+            e.until_ms = until != 0 ? offset.ToRedisMs(until) : 0;
+            e.origin = config.host;
+            e.origin_mono_ns = t;
+            events.push_back(std::move(e));
+          };
+          const uint32_t kRevoked = static_cast<uint32_t>(shm::Circuit::kRevoked);
+          const uint32_t kClosed = static_cast<uint32_t>(shm::Circuit::kClosed);
+          const uint32_t kOpenC = static_cast<uint32_t>(shm::Circuit::kOpen);
+          bool reset = false;
+          if (before.seen) {
+            // Only a reset moves a running deadline earlier or ends a revocation.
+            reset = (before.cool > t + kMsNs && cur.cool + kMsNs < before.cool) ||
+                    (before.circuit == kRevoked && cur.circuit != kRevoked);
+            if (reset) event(EventKind::kReset, 0);
+          }
+          if (cur.circuit == kRevoked && before.circuit != kRevoked) event(EventKind::kRevoked, 0);
+          if (cur.cool > t && (reset || cur.cool > before.cool + kMsNs)) {
+            event(cur.circuit == kOpenC ? EventKind::kCircuitOpen : EventKind::kCooldown, cur.cool);
+          }
+          if (before.seen && !reset && before.circuit != kClosed && before.circuit != kRevoked &&
+              cur.circuit == kClosed) {
+            event(EventKind::kCircuitClosed, 0);
+          }
+          if (before.seen ? before.enabled != cur.enabled : !cur.enabled) {
+            event(cur.enabled ? EventKind::kEnabled : EventKind::kDisabled, 0);
+          }
+          if (cur.circuit == kOpenC && cur.cool > t) {
+            open[id] = Open{pool, x.name, cur.cool};
+          } else {
+            open.erase(id);
+          }
+          // Optimistically known; a failed publish re-diffs from `before`.
+          cur.version = before.version;
+          k = cur;
+          if (!events.empty() && !offset.valid()) k = before;
+        }
+      }
+      if (!events.empty() && !offset.valid()) {
+        Result<MeshStore::TimeSample> ts = store->Time();
+        if (ts.ok()) {
+          offset.Set(ts->redis_ms, MonoNs() - ts->rtt_ns / 2);
+          retry_at = MonoNs();  // re-diff now with deadlines convertible
+        } else {
+          failed = true;
+        }
+        continue;
+      }
+      for (size_t i = 0; i < events.size(); ++i) {
+        Result<KeyEvent> merged = store->Publish(events[i]);
+        if (!merged.ok()) {
+          failed = true;
+          // Forget what this round learned of the keys not yet sent, so the
+          // next diff sends their state again.
+          std::lock_guard lock(known_mu);
+          for (size_t j = i; j < events.size(); ++j) {
+            Known& k = known[KeyOf(events[j].pool, events[j].key)];
+            k = Known{.version = k.version};
+          }
+          break;
+        }
+        if (events[i].kind == EventKind::kReset) {
+          std::lock_guard lock(known_mu);
+          Known& k = known[KeyOf(events[i].pool, events[i].key)];
+          k.version = std::max(k.version, merged->version);
+        }
+        std::lock_guard lock(mu);
+        ++status.events_published;
+      }
+    }
+    // The mesh-wide half-open probe: just before an open circuit's
+    // deadline, one host claims the probe; the others extend their open
+    // circuit by the claim's lifetime and learn the probe's outcome from
+    // the winner's event (closed, or open again).
+    for (auto it = open.begin(); it != open.end() && !failed;) {
+      const Open& o = it->second;
+      const uint64_t t = MonoNs();
+      if (o.deadline <= t + kProbeLeadNs && probe_done[it->first] != o.deadline) {
+        Result<bool> won = store->ClaimProbe(o.pool, o.key, config.host, probe_ttl_ns / kMsNs);
+        if (!won.ok()) {
+          failed = true;
+          break;
+        }
+        uint64_t settled = o.deadline;
+        if (!*won) {
+          std::lock_guard lock(known_mu);
+          shm::PoolAdmin* admin = pools(o.pool);
+          shm::RemoteKeyState r;
+          r.open_until = o.deadline + probe_ttl_ns;
+          if (admin != nullptr && admin->MergeRemote(o.key, r).ok()) {
+            Known& k = known[it->first];
+            k.cool = std::max(k.cool, r.open_until);
+            settled = r.open_until;
+          }
+        }
+        probe_done[it->first] = settled;
+        it->second.deadline = settled;
+      }
+      ++it;
+    }
+    if (failed) {
+      store->Disconnect();
+      retry_at = MonoNs() + kRetryNs;
+      next_attempt = MonoNs() + static_cast<uint64_t>(backoff.Next().count());
+    } else {
+      if (retry) retry_at = 0;
+      backoff.Reset();
+    }
+  }
+}
+
+// --- reader: other hosts' changes in ------------------------------------------
+
+void MeshJob::Impl::Apply(const KeyEvent& e, bool count) {
+  shm::PoolAdmin* admin = pools(e.pool);
+  if (admin == nullptr) return;
+  shm::RemoteKeyState r;
+  const uint64_t t = MonoNs();
+  switch (e.kind) {
+    case EventKind::kCooldown:
+      r.cool_until = offset.ToMonoNs(e.until_ms);
+      if (r.cool_until <= t) return;
+      break;
+    case EventKind::kCircuitOpen:
+      r.open_until = offset.ToMonoNs(e.until_ms);
+      if (r.open_until <= t) return;
+      break;
+    case EventKind::kCircuitClosed: r.close_circuit = true; break;
+    case EventKind::kRevoked: r.revoke = true; break;
+    case EventKind::kDisabled: r.enabled = false; break;
+    case EventKind::kEnabled: r.enabled = true; break;
+    case EventKind::kReset: r.reset = true; break;
+  }
+  {
+    std::lock_guard lock(known_mu);
+    if (e.kind == EventKind::kReset) {
+      // The stream may deliver a reset twice and a snapshot repeats the
+      // last one: only a newer generation resets.
+      Known& k = known[KeyOf(e.pool, e.key)];
+      if (e.version <= k.version) return;
+      k.version = e.version;
+    }
+    if (!admin->MergeRemote(e.key, r).ok()) return;  // not a key of this host, or busy
+    // What the segment now holds is known: the watcher must not echo it.
+    std::vector<shm::ExportedKey> exported;
+    if (admin->ExportKeyStates(&exported).ok()) {
+      for (const shm::ExportedKey& x : exported) {
+        if (x.name != e.key) continue;
+        Known& k = known[KeyOf(e.pool, e.key)];
+        k.version = std::max(k.version, e.version);
+        k.cool = x.state.cooldown_deadline;
+        k.circuit = x.state.circuit;
+        k.enabled = x.state.enabled;
+        k.seen = true;
+      }
+    }
+  }
+  rediff.store(true);
+  if (!count) return;
+  std::lock_guard lock(mu);
+  ++status.events_applied;
+  if (e.origin_mono_ns != 0 && e.origin_mono_ns <= t && t - e.origin_mono_ns < 3600 * kSecNs) {
+    const double d = static_cast<double>(MonoNs() - e.origin_mono_ns) / 1e9;
+    constexpr size_t kRing = 1024;
+    if (delays.size() < kRing) {
+      delays.push_back(d);
+    } else {
+      delays[delay_next] = d;
+      delay_next = (delay_next + 1) % kRing;
+    }
+  }
+}
+
+void MeshJob::Impl::ReadLoop() {
+  std::unique_ptr<MeshStore> store = factory();
+  Backoff backoff(0.1, 2.0);
+  std::string last_id;
+  bool need_sync = true;
+  while (!stop.load()) {
+    if (!offset.valid()) {
+      Result<MeshStore::TimeSample> ts = store->Time();
+      if (!ts.ok()) {
+        store->Disconnect();
+        if (!Sleep(backoff.Next())) break;
+        continue;
+      }
+      offset.Set(ts->redis_ms, MonoNs() - ts->rtt_ns / 2);
+    }
+    if (need_sync) {
+      Result<EventBatch> snap = store->Snapshot();
+      if (!snap.ok()) {
+        store->Disconnect();
+        if (!Sleep(backoff.Next())) break;
+        continue;
+      }
+      for (const KeyEvent& e : snap->events) Apply(e, false);
+      last_id = snap->last_id;
+      need_sync = false;
+      std::lock_guard lock(mu);
+      ++status.resyncs;
+    }
+    Result<EventBatch> batch = store->ReadEvents(last_id, ReadBlockMs(config.refresh));
+    if (!batch.ok()) {
+      store->Disconnect();
+      need_sync = true;  // whatever was missed meanwhile comes with the snapshot
+      if (!Sleep(backoff.Next())) break;
+      continue;
+    }
+    backoff.Reset();
+    if (batch->gap) {
+      need_sync = true;
+      continue;
+    }
+    for (const KeyEvent& e : batch->events) {
+      if (e.origin == config.host) continue;
+      Apply(e, true);
+    }
+    if (!batch->last_id.empty()) last_id = batch->last_id;
+  }
+}
+
+// --- the job -------------------------------------------------------------------
+
+MeshJob::MeshJob(MeshConfig config, StoreFactory store) : impl_(std::make_unique<Impl>()) {
   impl_->config = std::move(config);
-  impl_->pools = std::move(pools);
-  impl_->store = std::move(store);
-}
-MeshJob::~MeshJob() { Stop(); }
-void MeshJob::Start() {}
-void MeshJob::Stop() {}
-void MeshJob::SetKeys(std::vector<MeshKey> keys) {
-  std::lock_guard lock(impl_->mu);
-  impl_->keys = std::move(keys);
-}
-MeshStatus MeshJob::Status() const {
-  std::lock_guard lock(impl_->mu);
-  MeshStatus s;
+  impl_->factory = std::move(store);
+  MeshStatus& s = impl_->status;
   s.enabled = true;
   s.host = impl_->config.host;
   s.ns = impl_->config.ns;
   s.redis = impl_->config.redis.Describe();
+  s.mode = impl_->config.outage == OutageMode::kShare    ? MeshMode::kShare
+           : impl_->config.outage == OutageMode::kClosed ? MeshMode::kClosed
+                                                         : MeshMode::kOpen;
+}
+
+MeshJob::~MeshJob() { Stop(); }
+
+void MeshJob::Start() {
+  Impl& m = *impl_;
+  if (m.started) return;
+  m.started = true;
+  m.stop = false;
+  Log(LogLevel::kInfo, "mesh_start",
+      {{"host", m.config.host},
+       {"namespace", m.config.ns},
+       {"redis", m.config.redis.Describe()},
+       {"outage", OutageModeName(m.config.outage)}});
+  m.refresh_thread = std::thread([&m] { m.RefreshLoop(); });
+  m.watch_thread = std::thread([&m] { m.WatchLoop(); });
+  m.reader_thread = std::thread([&m] { m.ReadLoop(); });
+}
+
+void MeshJob::Stop() {
+  Impl& m = *impl_;
+  if (!m.started) return;
+  m.started = false;
+  {
+    std::lock_guard lock(m.mu);
+    m.stop = true;
+  }
+  m.cv.notify_all();
+  for (std::thread* t : {&m.refresh_thread, &m.watch_thread, &m.reader_thread}) {
+    if (t->joinable()) t->join();
+  }
+  // Give the shares back at once, and stop using them: a host that left
+  // holds nothing (the others may be granted it at their next refresh).
+  std::unique_ptr<MeshStore> store = m.factory();
+  keymesh::Status left = store->Leave(m.config.host);
+  auto [defs, g] = m.Keys();
+  (void)g;
+  std::map<std::string, std::vector<std::pair<std::string, shm::KeyShare>>> by_pool;
+  for (const MeshKey& k : defs) {
+    shm::KeyShare none;
+    none.active = true;
+    by_pool[k.pool].emplace_back(k.key, none);
+  }
+  for (auto& [pool, shares] : by_pool) {
+    if (shm::PoolAdmin* admin = m.pools(pool)) (void)admin->SetShares(shares);
+  }
+  Log(left.ok() ? LogLevel::kInfo : LogLevel::kWarn, "mesh_stop",
+      {{"host", m.config.host}, {"left", left.ok() ? "yes" : left.message()}});
+}
+
+void MeshJob::SetKeys(std::vector<MeshKey> keys, std::map<std::string, shm::PoolAdmin*> pools) {
+  std::lock_guard lock(impl_->mu);
+  impl_->keys = std::move(keys);
+  impl_->admins = std::move(pools);
+  ++impl_->keys_gen;
+}
+
+MeshStatus MeshJob::Status() const {
+  const Impl& m = *impl_;
+  const uint64_t now = MonoNs();
+  std::lock_guard lock(m.mu);
+  MeshStatus s = m.status;
+  const uint64_t last = m.last_refresh_ns.load(std::memory_order_relaxed);
+  s.since_refresh = last == 0 ? -1 : static_cast<double>(now - std::min(now, last)) / 1e9;
+  const uint64_t until = m.lease_until_ns.load(std::memory_order_relaxed);
+  s.lease_remaining = until > now ? static_cast<double>(until - now) / 1e9 : 0;
+  const uint64_t rtt = m.rtt_ns.load(std::memory_order_relaxed);
+  s.rtt_seconds = last == 0 ? -1 : static_cast<double>(rtt) / 1e9;
+  if (!m.delays.empty()) {
+    std::vector<double> d = m.delays;
+    std::sort(d.begin(), d.end());
+    s.propagation_p50 = d[d.size() / 2];
+    s.propagation_p99 = d[std::min(d.size() - 1, d.size() * 99 / 100)];
+    s.propagation_samples = d.size();
+  }
   return s;
 }
 
 const char* MeshModeName(MeshMode mode) noexcept {
   switch (mode) {
-    case MeshMode::kLeased:
-      return "leased";
-    case MeshMode::kLearning:
-      return "learning";
-    case MeshMode::kShare:
-      return "share";
-    case MeshMode::kClosed:
-      return "closed";
-    case MeshMode::kOpen:
-      return "open";
+    case MeshMode::kLeased: return "leased";
+    case MeshMode::kLearning: return "learning";
+    case MeshMode::kShare: return "share";
+    case MeshMode::kClosed: return "closed";
+    case MeshMode::kOpen: return "open";
   }
   return "?";
 }

@@ -59,11 +59,9 @@ using StoreFactory = std::function<std::unique_ptr<MeshStore>()>;
 
 class MeshJob {
  public:
-  // `pools` resolves a pool name to its admin view (the broker's registry;
-  // the pointers stay valid for the job's life). `store` makes one store
-  // per thread (RedisMeshStore in production, a fake in tests).
-  using PoolLookup = std::function<shm::PoolAdmin*(const std::string& pool)>;
-  MeshJob(MeshConfig config, PoolLookup pools, StoreFactory store);
+  // `store` makes one store per thread (RedisMeshStore in production, a
+  // fake in tests).
+  MeshJob(MeshConfig config, StoreFactory store);
   ~MeshJob();  // Stop()
   MeshJob(const MeshJob&) = delete;
   MeshJob& operator=(const MeshJob&) = delete;
@@ -72,8 +70,10 @@ class MeshJob {
   // Gives this host's shares back (Leave) when Redis answers within the
   // timeout, stops the threads and clears the shares from the segment.
   void Stop();
-  // The keys to share (replaces the previous list).
-  void SetKeys(std::vector<MeshKey> keys);
+  // The keys to share (replaces the previous list), and the admin views of
+  // their pools (the broker's registry: each pointer must stay valid for
+  // the job's life; the registry never frees one).
+  void SetKeys(std::vector<MeshKey> keys, std::map<std::string, shm::PoolAdmin*> pools);
   MeshStatus Status() const;
 
  private:

@@ -49,6 +49,12 @@ struct MeshStatus {
   uint64_t events_published = 0;  // local changes sent to Redis
   uint64_t events_applied = 0;    // other hosts' changes merged into the segment
   uint64_t resyncs = 0;           // full state reads (after a reconnect or a trimmed stream)
+  // Delay from a change on another host to its merge into this segment
+  // (seconds; hosts on one machine share CLOCK_MONOTONIC, so this is exact
+  // there), over the last 1024 events applied; -1 before the first.
+  double propagation_p50 = -1;
+  double propagation_p99 = -1;
+  uint64_t propagation_samples = 0;
   std::vector<MeshKeyStatus> keys;
 };
 

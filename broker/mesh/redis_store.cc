@@ -175,7 +175,7 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
                                    Num(request.headroom),
                                    request.now_ms_for_testing ? std::to_string(*request.now_ms_for_testing) : "",
                                    std::to_string(request.keys.size())};
-  args.reserve(args.size() + request.keys.size() * 11);
+  args.reserve(args.size() + request.keys.size() * 11 + 1);
   std::set<std::string> ids;
   for (const LeaseKey& k : request.keys) {
     if (Status st = CheckName("pool", k.pool); !st.ok()) return st;
@@ -205,6 +205,7 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
     args.push_back(Num(k.tok.has));
     args.push_back(UsedText(k.tok.used));
   }
+  args.push_back(std::to_string(request.learning_quiet_ms));
   Result<RedisReply> r = conn_.Eval(kLeaseScript, args);
   if (!r.ok()) return r.status();
   const RedisReply& top = *r;

@@ -48,6 +48,10 @@ struct LeaseRequest {
   uint64_t seq = 0;           // grows with every request of this host; a retry may reuse it
   uint64_t lease_ms = 30000;  // how long a grant stays valid without a refresh
   double headroom = 0.05;     // share of every limit never granted (reserve for newcomers)
+  // Learning ends this long after a new epoch began when no host reported
+  // holding a share meanwhile (a new mesh, not a lost one); 0: learning
+  // always lasts the whole lease. The job passes 3 x refresh.
+  uint64_t learning_quiet_ms = 0;
   std::vector<LeaseKey> keys;
   // Unset in production (the script reads Redis TIME). Tests of the
   // allocator drive a fake clock through it.

@@ -702,9 +702,7 @@ BOOST_AUTO_TEST_CASE(mesh_report_with_an_unreachable_redis) {
   config.redis.host = "127.0.0.1";
   config.redis.port = 1;
   config.refresh = 0.05;
-  kb::mesh::MeshJob job(
-      config, [](const std::string&) -> km::shm::PoolAdmin* { return nullptr; },
-      [] { return std::make_unique<UnreachableStore>(); });
+  kb::mesh::MeshJob job(config, [] { return std::make_unique<UnreachableStore>(); });
   job.Start();
   const auto start = std::chrono::steady_clock::now();
   const km::protocol::MeshReport r = kb::ops::MeshReportOf(job.Status());

@@ -182,12 +182,31 @@ void RunOperations(SegmentEnv& env, const shm::Segment& seg, shm::FakeClock& clo
     (void)pool.SetEnabled("b", false);
     (void)pool.ResetKey("d");
     (void)pool.RemoveKey("n");
+    // The mesh job's calls: shares (planted share fields meet these too),
+    // remote state merged, the change counter.
+    shm::KeyShare share;
+    share.active = true;
+    share.rpm = 0.5;
+    share.tpm = 100;
+    share.burst = UINT32_MAX;
+    uint32_t unknown = 0;
+    (void)pool.SetShares({{"a", share}, {"b", shm::KeyShare{true, 0, 0, 0}}, {"zz", share}}, &unknown);
+    shm::RemoteKeyState remote;
+    remote.cool_until = clock.NowNanos() + 5'000'000'000;
+    remote.open_until = shm::kNever;
+    remote.enabled = true;
+    (void)pool.MergeRemote("c", remote);
+    remote.close_circuit = true;
+    remote.reset = true;
+    (void)pool.MergeRemote("d", remote);
+    (void)pool.EventsSeq();
     std::optional<uint32_t> by_fp;
     (void)pool.FindByFingerprint(77, &by_fp);
     clock.AdvanceSeconds(1);
     Result<shm::LeaseHandle> again = pool.TryAcquire();
     if (again.ok())
       (void)pool.Release(*again, shm::Outcome{OutcomeKind::kCancelled, std::nullopt, 0, std::nullopt, false});
+    (void)pool.ClearShares();
     (void)pool.CheckConsistency();
   }
 }

@@ -105,6 +105,7 @@ struct Host {
     r.lease_ms = lease_ms;
     r.headroom = kHeadroom;
     r.now_ms_for_testing = now_ms;
+    r.learning_quiet_ms = quiet_ms;
     for (size_t i = 0; i < defs.size(); ++i) {
       LeaseKey k;
       k.pool = defs[i].pool;
@@ -132,6 +133,7 @@ struct Host {
     expires = 0;
   }
   bool live(int64_t now) const { return expires > now; }
+  uint64_t quiet_ms = 0;
 
   std::string name;
   std::vector<KeyDef> defs;
@@ -346,6 +348,56 @@ BOOST_FIXTURE_TEST_CASE(learning_after_redis_lost_its_state_grants_nothing_twice
       CheckSums(hosts, kTwoKeys, now, "after learning");
     }
   }
+  BOOST_TEST(c.has_req[0] > 0);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_new_mesh_learns_only_until_it_is_quiet, Fresh) {
+  // No epoch at all: Redis cannot tell a new mesh from a lost one. Nobody
+  // reports holding a share within the quiet time: the mesh is new, so
+  // learning ends then instead of after a whole lease.
+  Host a("a", kTwoKeys);
+  Host b("b", kTwoKeys);
+  a.quiet_ms = b.quiet_ms = 600;
+  a.wants_req = b.wants_req = {3, 3};
+  const uint64_t lease = 30'000;
+  int64_t now = 50'000;
+  Result<LeaseReply> r = a.Refresh(now, lease);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->learning);
+  BOOST_TEST(a.has_req[0] == 0);
+  now += 300;
+  BOOST_REQUIRE(b.Refresh(now, lease).ok());
+  BOOST_TEST(b.has_req[0] == 0);
+  now += 300;
+  r = a.Refresh(now, lease);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(!r->learning);
+  BOOST_TEST(a.has_req[0] == 3);
+  BOOST_REQUIRE(b.Refresh(now, lease).ok());
+  BOOST_TEST(b.has_req[0] == 3);
+
+  // Redis loses its state while both hold shares: a host re-reports its
+  // share within the quiet time, so learning lasts the whole lease and the
+  // newcomer c gets nothing meanwhile.
+  Fresh wipe;
+  Host c("c", kTwoKeys);
+  c.quiet_ms = 600;
+  c.wants_req = {3, 3};
+  now += 100;
+  r = a.Refresh(now, lease);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->learning);
+  BOOST_TEST(a.has_req[0] == 3);
+  now += 1000;  // past the quiet time
+  r = c.Refresh(now, lease);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->learning);
+  BOOST_TEST(c.has_req[0] == 0);
+  now += static_cast<int64_t>(lease);
+  BOOST_REQUIRE(a.Refresh(now, lease).ok());
+  r = c.Refresh(now, lease);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(!r->learning);
   BOOST_TEST(c.has_req[0] > 0);
 }
 

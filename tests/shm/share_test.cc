@@ -331,6 +331,11 @@ BOOST_AUTO_TEST_CASE(never_shortens_a_deadline) {
   clock.Set(1100 * kSec);
   BOOST_CHECK(t.pool->TryAcquire().ok());
   BOOST_CHECK(t.pool->MergeRemote("nope", r).code() == Code::kUnknownKey);
+  // A hostile deadline (years away) is honoured up to max_cooldown (600 s).
+  r.cool_until = kNever;
+  BOOST_REQUIRE(t.pool->MergeRemote("k0", r).ok());
+  s = t.Snap();
+  BOOST_CHECK_CLOSE(t.Key(s, "k0").cooldown_remaining, 600.0, 1e-6);
 }
 
 BOOST_AUTO_TEST_CASE(opens_extends_and_closes_circuits) {

@@ -1,0 +1,503 @@
+// The broker's mesh job against a fake store (no Redis): shares reach the
+// segment, the outage modes follow an expired lease, local changes made by
+// another process are published, other hosts' changes are merged, the
+// half-open probe is shared, and a clean stop gives everything back. Also
+// the `mesh` config object and the secret's fingerprint.
+#define BOOST_TEST_MODULE mesh_job_test
+#include "broker/mesh/mesh_job.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <ostream>
+#include <thread>
+
+#include <boost/test/unit_test.hpp>
+
+#include "broker/config.h"
+#include "support/shm_fixtures.h"
+
+namespace keymesh::broker::mesh {
+
+std::ostream& operator<<(std::ostream& os, MeshMode m) { return os << MeshModeName(m); }
+std::ostream& operator<<(std::ostream& os, OutageMode m) { return os << OutageModeName(m); }
+
+}  // namespace keymesh::broker::mesh
+
+namespace keymesh {
+inline std::ostream& operator<<(std::ostream& os, KeyState s) { return os << KeyStateName(s); }
+inline std::ostream& operator<<(std::ostream& os, CircuitState s) { return os << static_cast<int>(s); }
+}  // namespace keymesh
+
+namespace keymesh::broker::mesh {
+
+namespace {
+
+using keymesh::shm::testing::ChildGuard;
+using keymesh::shm::testing::ForkChild;
+using keymesh::shm::testing::MakeConfig;
+using keymesh::shm::testing::Must;
+using keymesh::shm::testing::RateLimited;
+using keymesh::shm::testing::TestPool;
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+             .count() +
+         1'000'000'000;  // "Redis time": another clock than this host's
+}
+
+// What all fake stores of a test share: the "Redis".
+struct World {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool down = false;
+  bool learning = false;
+  uint32_t hosts = 2;
+  double grant_fraction = 0.5;   // of each limit
+  std::vector<KeyEvent> stream;  // ids "1", "2", ...
+  std::vector<KeyEvent> published;
+  std::vector<LeaseRequest> leases;
+  std::map<std::string, std::string> probe_holder;
+  std::vector<std::string> left;
+  int64_t cool_until_ms = 0;  // every key's cool_until in lease replies
+
+  std::string Append(KeyEvent e) {
+    e.stream_id = std::to_string(stream.size() + 1);
+    stream.push_back(e);
+    cv.notify_all();
+    return e.stream_id;
+  }
+};
+
+class FakeStore : public MeshStore {
+ public:
+  explicit FakeStore(World& w) : w_(w) {}
+  Status Connect() override { return Down() ? Status(Code::kIoError, "mesh: fake redis down") : Status::Ok(); }
+  bool connected() const override { return true; }
+  void Disconnect() override {}
+  Result<LeaseReply> Lease(const LeaseRequest& r) override {
+    std::lock_guard lock(w_.mu);
+    if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
+    w_.leases.push_back(r);
+    LeaseReply reply;
+    reply.now_ms = NowMs();
+    reply.expires_ms = reply.now_ms + static_cast<int64_t>(r.lease_ms);
+    reply.learning = w_.learning;
+    reply.epoch = "e1";
+    reply.hosts = w_.hosts;
+    reply.members = {"h1", "h2"};
+    for (const LeaseKey& k : r.keys) {
+      KeyGrant g;
+      g.req = k.req.limit * w_.grant_fraction;
+      g.tok = k.tok.limit * w_.grant_fraction;
+      g.burst = 1;
+      g.holders = w_.hosts;
+      g.cool_until_ms = w_.cool_until_ms;
+      reply.keys.push_back(g);
+    }
+    return reply;
+  }
+  Status Leave(const std::string& host) override {
+    std::lock_guard lock(w_.mu);
+    if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
+    w_.left.push_back(host);
+    return Status::Ok();
+  }
+  Result<KeyEvent> Publish(const KeyEvent& e) override {
+    std::lock_guard lock(w_.mu);
+    if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
+    w_.published.push_back(e);
+    KeyEvent merged = e;
+    merged.stream_id = w_.Append(e);
+    return merged;
+  }
+  Result<EventBatch> ReadEvents(const std::string& after, uint32_t block_ms) override {
+    std::unique_lock lock(w_.mu);
+    if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
+    const size_t from = after.empty() ? 0 : std::stoul(after);
+    w_.cv.wait_for(lock, std::chrono::milliseconds(block_ms), [&] { return w_.stream.size() > from || w_.down; });
+    EventBatch b;
+    for (size_t i = from; i < w_.stream.size(); ++i) b.events.push_back(w_.stream[i]);
+    b.last_id = std::to_string(w_.stream.size());
+    return b;
+  }
+  Result<EventBatch> Snapshot() override {
+    std::lock_guard lock(w_.mu);
+    if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
+    EventBatch b;
+    b.last_id = std::to_string(w_.stream.size());
+    return b;
+  }
+  Result<bool> ClaimProbe(const std::string& pool, const std::string& key, const std::string& host, uint64_t) override {
+    std::lock_guard lock(w_.mu);
+    if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
+    auto [it, fresh] = w_.probe_holder.emplace(pool + "/" + key, host);
+    return fresh || it->second == host;
+  }
+  Result<TimeSample> Time() override {
+    if (Down()) return Status(Code::kIoError, "mesh: fake redis down");
+    return TimeSample{NowMs(), 1000};
+  }
+
+ private:
+  bool Down() {
+    std::lock_guard lock(w_.mu);
+    return w_.down;
+  }
+  World& w_;
+};
+
+// Waits up to `seconds` for `cond` (polled every millisecond).
+bool WaitFor(const std::function<bool()>& cond, double seconds = 5) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (cond()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return cond();
+}
+
+struct Fixture {
+  World world;
+  TestPool tp{0, MakeConfig(Strategy::kLeastBusy, 60.0, 3)};
+  std::unique_ptr<MeshJob> job;
+
+  explicit Fixture(OutageMode outage = OutageMode::kShare) {
+    for (const char* name : {"a", "b"}) {
+      shm::KeyDefinition def;
+      def.name = name;
+      def.fingerprint = name[0];
+      def.rpm = 600;
+      def.tpm = 60000;
+      Must(tp.pool->AddKey(def), "AddKey");
+    }
+    tp.pool->set_lock_timeout(50'000'000);
+    MeshConfig c;
+    c.host = "h1";
+    c.refresh = 0.05;
+    c.lease = 0.5;
+    c.timeout = 0.02;
+    c.outage = outage;
+    job = std::make_unique<MeshJob>(c, [this] { return std::make_unique<FakeStore>(world); });
+    std::vector<MeshKey> keys;
+    for (const char* name : {"a", "b"}) {
+      MeshKey k;
+      k.pool = "p";
+      k.key = name;
+      k.fingerprint = MeshFingerprint("keymesh", std::string("secret-") + name);
+      k.rpm = 600;
+      k.tpm = 60000;
+      keys.push_back(k);
+    }
+    job->SetKeys(keys, {{"p", tp.pool.get()}});
+  }
+  KeyStatus Key(const std::string& name) { return tp.Key(tp.Snap(), name); }
+};
+
+BOOST_AUTO_TEST_CASE(grants_become_the_segments_shares) {
+  Fixture f;
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_active && f.Key("a").share_rpm > 0; }));
+  KeyStatus a = f.Key("a");
+  BOOST_TEST(a.share_rpm == 300.0, boost::test_tools::tolerance(0.01));
+  BOOST_TEST(a.share_tpm == 30000.0, boost::test_tools::tolerance(0.01));
+  BOOST_TEST(f.job->Status().mode == MeshMode::kLeased);
+  // Demand and use go out with every refresh, one bulk request for all keys.
+  {
+    std::lock_guard lock(f.world.mu);
+    BOOST_REQUIRE(!f.world.leases.empty());
+    BOOST_TEST(f.world.leases.back().keys.size() == 2u);
+    BOOST_TEST(f.world.leases.back().keys[0].req.limit == 10.0, boost::test_tools::tolerance(1e-9));
+    BOOST_TEST(f.world.leases.back().keys[0].fingerprint.size() == 40u);
+  }
+  // A new grant replaces the old one.
+  {
+    std::lock_guard lock(f.world.mu);
+    f.world.grant_fraction = 0.25;
+  }
+  BOOST_REQUIRE(WaitFor([&] { return std::abs(f.Key("a").share_rpm - 150.0) < 0.5; }));
+  MeshStatus st = f.job->Status();
+  BOOST_TEST(st.redis_ok);
+  BOOST_TEST(st.refreshes > 0u);
+  BOOST_TEST(st.hosts == 2u);
+  BOOST_TEST(st.keys.size() == 2u);
+  BOOST_TEST(st.lease_remaining > 0.0);
+}
+
+BOOST_AUTO_TEST_CASE(learning_is_reported) {
+  Fixture f;
+  f.world.learning = true;
+  f.job->Start();
+  BOOST_TEST(WaitFor([&] { return f.job->Status().mode == MeshMode::kLearning; }));
+}
+
+BOOST_AUTO_TEST_CASE(share_mode_after_the_lease_expired) {
+  Fixture f;
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased; }));
+  const auto cut = std::chrono::steady_clock::now();
+  {
+    std::lock_guard lock(f.world.mu);
+    f.world.down = true;
+  }
+  // The lease (0.5 s) still holds: the share stays.
+  BOOST_REQUIRE(WaitFor([&] { return !f.job->Status().redis_ok; }));
+  if (std::chrono::steady_clock::now() - cut < std::chrono::milliseconds(300)) {
+    BOOST_TEST(f.job->Status().mode == MeshMode::kLeased);
+    BOOST_TEST(f.Key("a").share_rpm == 300.0, boost::test_tools::tolerance(0.01));
+  }
+  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kShare; }));
+  BOOST_TEST((std::chrono::steady_clock::now() - cut >= std::chrono::milliseconds(400)));
+  // 1/N of the limit less the headroom, N = 2 as Redis last said.
+  BOOST_TEST(f.Key("a").share_rpm == 600 * 0.95 / 2, boost::test_tools::tolerance(0.01));
+  // Redis back: leased again.
+  {
+    std::lock_guard lock(f.world.mu);
+    f.world.down = false;
+  }
+  BOOST_TEST(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased; }));
+  BOOST_TEST(WaitFor([&] { return std::abs(f.Key("a").share_rpm - 300.0) < 0.5; }));
+}
+
+BOOST_AUTO_TEST_CASE(closed_mode_grants_nothing_and_open_mode_the_configured_limit) {
+  {
+    Fixture f(OutageMode::kClosed);
+    f.world.down = true;
+    f.job->Start();
+    // Closed from the first failed refresh on (there was never a lease).
+    BOOST_REQUIRE(WaitFor([&] { return f.job->Status().refresh_failures >= 2; }));
+    BOOST_TEST(f.job->Status().mode == MeshMode::kClosed);
+    BOOST_TEST(!f.job->Status().redis_ok);
+    BOOST_TEST(f.Key("a").share_active);
+    BOOST_TEST(f.Key("a").share_rpm == 0.0);
+    BOOST_TEST(f.Key("a").state == KeyState::kThrottled);
+    BOOST_TEST(!f.tp.pool->TryAcquire().ok());
+  }
+  {
+    Fixture f(OutageMode::kOpen);
+    f.world.down = true;
+    f.job->Start();
+    BOOST_REQUIRE(WaitFor([&] { return f.job->Status().refresh_failures >= 2; }));
+    BOOST_TEST(f.job->Status().mode == MeshMode::kOpen);
+    BOOST_TEST(!f.Key("a").share_active);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(a_workers_429_in_another_process_is_published) {
+  Fixture f;
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_rpm > 0 && f.Key("b").share_rpm > 0; }));
+  const uint64_t before = f.tp.pool->EventsSeq();
+  ChildGuard child(ForkChild([&] {
+    shm::PoolUser user(*f.tp.segment, f.tp.index);
+    for (;;) {
+      Result<shm::LeaseHandle> lease = user.TryAcquire();
+      if (!lease.ok()) return 2;
+      std::string name = user.KeyName(lease->slot);
+      if (name != "a") {
+        (void)user.Release(*lease, keymesh::shm::testing::Success());
+        continue;
+      }
+      return user.Release(*lease, RateLimited(5.0)).ok() ? 0 : 3;
+    }
+  }));
+  BOOST_REQUIRE(child.Wait() == 0);
+  BOOST_TEST(f.tp.pool->EventsSeq() > before);
+  BOOST_REQUIRE(WaitFor([&] {
+    std::lock_guard lock(f.world.mu);
+    for (const KeyEvent& e : f.world.published) {
+      if (e.key == "a" && e.kind == EventKind::kCooldown) return true;
+    }
+    return false;
+  }));
+  std::lock_guard lock(f.world.mu);
+  for (const KeyEvent& e : f.world.published) {
+    if (e.key != "a" || e.kind != EventKind::kCooldown) continue;
+    BOOST_TEST(e.origin == "h1");
+    BOOST_TEST(e.pool == "p");
+    // The deadline in Redis time: about 5 s from now.
+    BOOST_TEST(std::abs(e.until_ms - (NowMs() + 5000)) < 500);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(another_hosts_changes_are_merged_and_not_echoed) {
+  Fixture f;
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_rpm > 0 && f.job->Status().resyncs > 0; }));
+  {
+    std::lock_guard lock(f.world.mu);
+    KeyEvent e;
+    e.pool = "p";
+    e.key = "b";
+    e.kind = EventKind::kCooldown;
+    e.until_ms = NowMs() + 3000;
+    e.origin = "h2";
+    f.world.Append(e);
+    KeyEvent d = e;
+    d.key = "a";
+    d.kind = EventKind::kDisabled;
+    d.until_ms = 0;
+    f.world.Append(d);
+  }
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("b").cooldown_remaining > 2.0 && !f.Key("a").enabled; }));
+  BOOST_TEST(f.job->Status().events_applied == 2u);
+  // A shorter remote cooldown never shortens the local one.
+  {
+    std::lock_guard lock(f.world.mu);
+    KeyEvent e;
+    e.pool = "p";
+    e.key = "b";
+    e.kind = EventKind::kCooldown;
+    e.until_ms = NowMs() + 1000;
+    e.origin = "h2";
+    f.world.Append(e);
+  }
+  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().events_applied == 3u; }));
+  BOOST_TEST(f.Key("b").cooldown_remaining > 1.5);
+  // A local change after the merges: only it is published, not the merged ones.
+  BOOST_REQUIRE(f.tp.pool->SetEnabled("a", true).ok());
+  BOOST_REQUIRE(WaitFor([&] {
+    std::lock_guard lock(f.world.mu);
+    return !f.world.published.empty();
+  }));
+  std::lock_guard lock(f.world.mu);
+  BOOST_TEST(f.world.published.size() == 1u);
+  BOOST_TEST(f.world.published[0].key == "a");
+  BOOST_TEST(static_cast<int>(f.world.published[0].kind) == static_cast<int>(EventKind::kEnabled));
+}
+
+BOOST_AUTO_TEST_CASE(the_loser_of_the_probe_keeps_its_circuit_open) {
+  Fixture f;
+  {
+    std::lock_guard lock(f.world.mu);
+    f.world.probe_holder["p/a"] = "h2";  // another host won
+  }
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_rpm > 0 && f.job->Status().resyncs > 0; }));
+  {
+    std::lock_guard lock(f.world.mu);
+    KeyEvent e;
+    e.pool = "p";
+    e.key = "a";
+    e.kind = EventKind::kCircuitOpen;
+    e.until_ms = NowMs() + 400;
+    e.origin = "h2";
+    f.world.Append(e);
+  }
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("a").circuit == CircuitState::kOpen; }));
+  // Past the original deadline the circuit is still open here: the probe is h2's.
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));  // the deadline under test, not a settle
+  BOOST_TEST(f.Key("a").circuit == CircuitState::kOpen);
+  BOOST_TEST(f.Key("a").state != KeyState::kProbe);
+  // h2's probe succeeded: closed here too.
+  {
+    std::lock_guard lock(f.world.mu);
+    KeyEvent e;
+    e.pool = "p";
+    e.key = "a";
+    e.kind = EventKind::kCircuitClosed;
+    e.origin = "h2";
+    f.world.Append(e);
+  }
+  BOOST_TEST(WaitFor([&] { return f.Key("a").circuit == CircuitState::kClosed; }));
+}
+
+BOOST_AUTO_TEST_CASE(a_clean_stop_leaves_and_stops_using_the_shares) {
+  Fixture f;
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_rpm > 0; }));
+  f.job->Stop();
+  {
+    std::lock_guard lock(f.world.mu);
+    BOOST_REQUIRE(f.world.left.size() == 1u);
+    BOOST_TEST(f.world.left[0] == "h1");
+  }
+  BOOST_TEST(f.Key("a").share_active);
+  BOOST_TEST(f.Key("a").share_rpm == 0.0);
+  BOOST_TEST(!f.tp.pool->TryAcquire().ok());
+}
+
+BOOST_AUTO_TEST_CASE(redis_cooling_a_key_in_a_lease_reply_cools_it_here) {
+  Fixture f;
+  f.world.cool_until_ms = NowMs() + 4000;
+  f.job->Start();
+  BOOST_TEST(WaitFor([&] { return f.Key("a").cooldown_remaining > 3.0; }));
+}
+
+BOOST_AUTO_TEST_CASE(fingerprints_are_keyed_and_reveal_nothing) {
+  const std::string a = MeshFingerprint("keymesh", "sk-secret-value-1");
+  BOOST_TEST(a.size() == 40u);
+  BOOST_TEST(a == MeshFingerprint("keymesh", "sk-secret-value-1"));
+  BOOST_TEST(a != MeshFingerprint("keymesh", "sk-secret-value-2"));
+  BOOST_TEST(a != MeshFingerprint("other", "sk-secret-value-1"));
+  BOOST_TEST(a.find("secret") == std::string::npos);
+  // HMAC-SHA-1 keyed by "keymesh-mesh-v1:" + namespace, pinned against
+  // Python's hmac module: every host and version must compute the same.
+  BOOST_TEST(a == "d55f79575c500f24e1ecc8b40463861be0b61082");
+}
+
+Result<BrokerConfig> Parse(const std::string& mesh, std::map<std::string, std::string> env = {}) {
+  const std::string text =
+      R"({"pools":{"p":{"keys":[{"name":"a","secret":"sk-aaaaaaaaaaaaaaaa"}]}},"mesh":)" + mesh + "}";
+  return ParseConfig(text, "/tmp", [env](const std::string& var) -> std::optional<std::string> {
+    auto it = env.find(var);
+    if (it == env.end()) return std::nullopt;
+    return it->second;
+  });
+}
+
+BOOST_AUTO_TEST_CASE(the_mesh_config_object) {
+  Result<BrokerConfig> c = Parse(R"({"redis":"redis://10.0.0.5:6380/2","host":"web-1","namespace":"prod",
+      "refresh":0.5,"lease":10,"outage":"closed","redis_password_env":"PW"})",
+                                 {{"PW", "hunter2"}});
+  BOOST_REQUIRE_MESSAGE(c.ok(), c.status().message());
+  BOOST_REQUIRE(c->mesh.has_value());
+  BOOST_TEST(c->mesh->redis.host == "10.0.0.5");
+  BOOST_TEST(c->mesh->redis.port == 6380);
+  BOOST_TEST(c->mesh->redis.db == 2u);
+  BOOST_TEST(c->mesh->host == "web-1");
+  BOOST_TEST(c->mesh->ns == "prod");
+  BOOST_TEST(c->mesh->refresh == 0.5);
+  BOOST_TEST(c->mesh->lease == 10.0);
+  BOOST_TEST(c->mesh->outage == OutageMode::kClosed);
+  BOOST_TEST(c->mesh->password == "hunter2");
+  Result<BrokerConfig> d = Parse(R"({"redis":"unix:///run/redis.sock"})");
+  BOOST_REQUIRE(d.ok());
+  BOOST_TEST(d->mesh->redis.unix_path == "/run/redis.sock");
+  BOOST_TEST(d->mesh->refresh == 1.0);
+  BOOST_TEST(d->mesh->lease == 30.0);
+  BOOST_TEST(d->mesh->outage == OutageMode::kShare);
+  BOOST_TEST(!d->mesh->host.empty());  // the host name
+  Result<BrokerConfig> none =
+      ParseConfig(R"({"pools":{}})", "/tmp", [](const std::string&) { return std::optional<std::string>(); });
+  BOOST_REQUIRE(none.ok());
+  BOOST_TEST(!none->mesh.has_value());
+
+  struct Bad {
+    const char* mesh;
+    const char* message;
+  };
+  for (Bad b :
+       {Bad{R"({})", "config: mesh.redis: is required"},
+        Bad{R"({"redis":"http://x"})", "config: mesh.redis: redis URL 'http://x': expected"},
+        Bad{R"({"redis":"redis://:pw@h:1"})", "a password does not belong in the URL"},
+        Bad{R"({"redis":"redis://h:99999"})", "the port must be 1-65535"},
+        Bad{R"({"redis":"redis://h","bogus":1})", "config: mesh.bogus: unknown field"},
+        Bad{R"({"redis":"redis://h","lease":1,"refresh":1})", "config: mesh.lease: must be at least twice"},
+        Bad{R"({"redis":"redis://h","outage":"maybe"})", "config: mesh.outage: must be one of share, closed, open"},
+        Bad{R"({"redis":"redis://h","redis_password_env":"NOPE"})", "environment variable NOPE is not set"},
+        Bad{R"({"redis":"redis://h","host":"a b"})", "config: mesh.host:"},
+        Bad{R"({"redis":"redis://h\u0001x"})", "\\x01"}}) {
+    Result<BrokerConfig> r = Parse(b.mesh);
+    BOOST_REQUIRE_MESSAGE(!r.ok(), b.mesh);
+    BOOST_TEST_INFO(b.mesh << " -> " << r.status().message());
+    BOOST_TEST(r.status().message().find(b.message) != std::string::npos);
+    BOOST_TEST(r.status().message().find('\n') == std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace keymesh::broker::mesh
