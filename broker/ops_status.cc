@@ -63,6 +63,9 @@ protocol::MeshReport MeshReportOf(const mesh::MeshStatus& s) {
   r.events_published = s.events_published;
   r.events_applied = s.events_applied;
   r.resyncs = s.resyncs;
+  r.propagation_p50 = s.propagation_p50;
+  r.propagation_p99 = s.propagation_p99;
+  r.propagation_samples = s.propagation_samples;
   r.keys.reserve(s.keys.size());
   for (const mesh::MeshKeyStatus& k : s.keys) {
     r.keys.push_back({k.pool, k.key, k.limit_rpm, k.limit_tpm, k.share_rpm, k.share_tpm, k.burst, k.wants_rpm,

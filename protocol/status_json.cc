@@ -212,6 +212,9 @@ const Field<MeshReport> kMeshFields[] = {
     {"events_published", &MeshReport::events_published},
     {"events_applied", &MeshReport::events_applied},
     {"resyncs", &MeshReport::resyncs},
+    {"propagation_p50", &MeshReport::propagation_p50},
+    {"propagation_p99", &MeshReport::propagation_p99},
+    {"propagation_samples", &MeshReport::propagation_samples},
     {"keys", Special::kMeshKeys},
 };
 
@@ -294,6 +297,8 @@ Result<MeshReport> MeshReportFromJson(const json::value& v) {
   ReadFields(o, kMeshFields, &r);
   r.rtt_seconds = SecondsOrNone(r.rtt_seconds);
   r.since_refresh = SecondsOrNone(r.since_refresh);
+  r.propagation_p50 = SecondsOrNone(r.propagation_p50);
+  r.propagation_p99 = SecondsOrNone(r.propagation_p99);
   r.lease_remaining = NonNegative(r.lease_remaining);
   if (const json::value* m = o.if_contains("members"); m != nullptr) {
     if (!m->is_array()) return FieldError(kWireField, "members", "must be a list of strings");

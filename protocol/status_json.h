@@ -72,6 +72,11 @@ struct MeshReport {
   uint64_t events_published = 0;
   uint64_t events_applied = 0;
   uint64_t resyncs = 0;
+  // Delay from a change on another host to its merge here (seconds), over
+  // the last events applied; -1 before the first.
+  double propagation_p50 = -1;
+  double propagation_p99 = -1;
+  uint64_t propagation_samples = 0;
   std::vector<Key> keys;
 };
 

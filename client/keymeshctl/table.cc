@@ -83,7 +83,8 @@ std::string Rows(const std::vector<std::vector<std::string>>& rows, size_t first
   return out;
 }
 
-// A Redis round trip: "0.42ms", "12ms", "1.5s"; "-" before the first.
+// A short delay (a Redis round trip, a propagation): "0.42ms", "12ms",
+// "1.5s"; "-" for none (negative).
 std::string RoundTrip(double s) {
   if (s < 0) return "-";
   if (s < 0.01) {
@@ -154,6 +155,10 @@ std::string RenderMesh(const protocol::MeshReport& m) {
   out << "epoch " << (m.epoch.empty() ? std::string("-") : Escaped(m.epoch)) << ", refreshes " << m.refreshes << " ("
       << m.refresh_failures << " failed), events " << m.events_published << " published / " << m.events_applied
       << " applied, resyncs " << m.resyncs << "\n";
+  if (m.propagation_samples > 0) {
+    out << "propagation from other hosts: p50 " << RoundTrip(m.propagation_p50) << ", p99 "
+        << RoundTrip(m.propagation_p99) << " (last " << m.propagation_samples << " events)\n";
+  }
   if (!m.last_error.empty()) out << "last error: " << Escaped(m.last_error) << "\n";
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"POOL", "KEY", "LIMIT", "SHARE", "WANTS", "BURST", "HOLDERS", "REFUSED"});

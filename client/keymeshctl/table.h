@@ -23,7 +23,8 @@ std::string FormatSeconds(double seconds);
 std::string RenderPool(const protocol::StatusReply::Pool& pool);
 
 // The mesh: header lines (host, namespace, redis, mode, round trip, since
-// the last refresh, lease left, the hosts by name, the last error) and a
+// the last refresh, lease left, the hosts by name, the counters, the
+// propagation delay of other hosts' changes, the last error) and a
 // row per key: pool, key, limits, this host's share, burst, wants, holders,
 // refused. Without a mesh one line says so.
 std::string RenderMesh(const protocol::MeshReport& mesh);

@@ -655,6 +655,9 @@ BOOST_AUTO_TEST_CASE(mesh_report_carries_every_status_field) {
   s.events_published = 2;
   s.events_applied = 3;
   s.resyncs = 4;
+  s.propagation_p50 = 0.002;
+  s.propagation_p99 = 0.01;
+  s.propagation_samples = 7;
   s.keys.push_back({"p", "a", 600, 1000, 190, 316, 2.5, 200, 300, 3, true});
   const km::protocol::MeshReport r = kb::ops::MeshReportOf(s);
   BOOST_CHECK(r.enabled && r.redis_ok);
@@ -674,6 +677,9 @@ BOOST_AUTO_TEST_CASE(mesh_report_carries_every_status_field) {
   BOOST_CHECK_EQUAL(r.events_published, 2u);
   BOOST_CHECK_EQUAL(r.events_applied, 3u);
   BOOST_CHECK_EQUAL(r.resyncs, 4u);
+  BOOST_CHECK_EQUAL(r.propagation_p50, 0.002);
+  BOOST_CHECK_EQUAL(r.propagation_p99, 0.01);
+  BOOST_CHECK_EQUAL(r.propagation_samples, 7u);
   BOOST_REQUIRE_EQUAL(r.keys.size(), 1u);
   const km::protocol::MeshReport::Key& k = r.keys[0];
   BOOST_CHECK_EQUAL(k.pool, "p");

@@ -31,6 +31,7 @@
 #include "ops/exposition_check.h"
 #include "shm/segment.h"
 #include "support/broker_harness.h"
+#include "support/redis_server.h"
 
 namespace {
 
@@ -363,6 +364,9 @@ BOOST_AUTO_TEST_CASE(mesh_and_share_tables) {
   m.refreshes = 12;
   m.refresh_failures = 1;
   m.last_error = "mesh: redis 127.0.0.1:6379: timeout";
+  m.propagation_p50 = 0.0012;
+  m.propagation_p99 = 0.015;
+  m.propagation_samples = 40;
   m.keys.push_back({"openai", "a", 600, 100000, 285, 47500, 4.75, 300, 60000, 2, false});
   m.keys.push_back({"openai", "b", 600, 0, 0, 0, 0, 12.5, 0, 1, true});
   const std::string t = keymesh::ctl::RenderMesh(m);
@@ -378,6 +382,7 @@ BOOST_AUTO_TEST_CASE(mesh_and_share_tables) {
                            "hosts 2: web-1, web-2",
                            "epoch e1",
                            "refreshes 12 (1 failed)",
+                           "p50 1.20ms, p99 15ms (last 40 events)",
                            "last error: mesh: redis 127.0.0.1:6379: timeout",
                            "POOL",
                            "KEY",
@@ -613,6 +618,96 @@ BOOST_AUTO_TEST_CASE(mesh_command_without_a_mesh) {
     BOOST_CHECK_MESSAGE(s.name.rfind("keymesh_mesh_", 0) != 0 && s.name.rfind("keymesh_key_share_", 0) != 0, s.name);
   }
   BOOST_CHECK_EQUAL(b.Stop(), 0);
+  CheckNoSecret("keymeshctl output", g_all_output);
+}
+
+json::object MeshJson(const BrokerProcess& b) {
+  CtlResult r = Ctl(b, {"mesh", "--json"});
+  BOOST_REQUIRE_MESSAGE(r.code == 0, r.err);
+  boost::system::error_code ec;
+  json::value v = json::parse(r.out, ec);
+  BOOST_REQUIRE_MESSAGE(!ec && v.is_object(), "mesh --json is not a JSON object: " + r.out);
+  return v.get_object();
+}
+
+std::string MeshConfig(const std::string& url) {
+  return ",\"mesh\":{\"redis\":\"" + url + "\",\"host\":\"ops-1\",\"namespace\":\"ops-" + std::to_string(::getpid()) +
+         "\",\"refresh\":0.2,\"lease\":2,\"outage\":\"share\"}";
+}
+
+// keymeshctl mesh against a broker in a mesh. With Redis absent the broker
+// starts and serves, and mesh answers at once: Redis unreachable, the
+// outage mode. With a real redis-server: the broker leases its share of the
+// key, shown by mesh, status (the SHARE column) and metrics.
+BOOST_AUTO_TEST_CASE(mesh_command_with_a_mesh) {
+  const std::string pools = "{\"p\":{\"keys\":[{\"name\":\"a\",\"secret\":\"" + kSecretA + "\",\"rpm\":600}]}}";
+  BrokerProcess b;
+  b.WriteConfig(pools, MeshConfig("redis://127.0.0.1:" + std::to_string(keymesh::testing::RedisServer::FreePort())));
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  const double asked = NowSeconds();
+  json::object m = MeshJson(b);
+  BOOST_CHECK_LT(NowSeconds() - asked, 2.0);  // keymeshctl's own start included: no wait on Redis
+  BOOST_CHECK(m.at("enabled").as_bool());
+  BOOST_CHECK(!m.at("redis_ok").as_bool());
+  BOOST_CHECK_EQUAL(m.at("mode").as_string(), "share");
+  BOOST_CHECK_EQUAL(m.at("host").as_string(), "ops-1");
+  CtlResult r = Ctl(b, {"mesh"});
+  BOOST_CHECK_EQUAL(r.code, 0);
+  for (const char* want : {"host ops-1", "mode share", "redis unreachable", "since refresh never"}) {
+    BOOST_CHECK_MESSAGE(r.out.find(want) != std::string::npos, std::string("no '") + want + "' in\n" + r.out);
+  }
+  Exposition e = ScrapeMetrics(b);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", "share"}}), 1);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", "leased"}}), 0);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_redis_up", {}), 0);
+  BOOST_CHECK(std::isinf(e.Get("keymesh_mesh_lease_age_seconds", {})));
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+
+  keymesh::testing::RedisServer redis;
+  BOOST_REQUIRE(redis.Start());
+  b.WriteConfig(pools, MeshConfig(redis.url()));
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  const double deadline = NowSeconds() + 15;
+  for (m = MeshJson(b); m.at("mode").as_string() != "leased" && NowSeconds() < deadline; m = MeshJson(b)) {
+    ::usleep(50'000);
+  }
+  BOOST_REQUIRE_MESSAGE(m.at("mode").as_string() == "leased", json::serialize(m) + "\n" + b.Log());
+  BOOST_CHECK(m.at("redis_ok").as_bool());
+  BOOST_CHECK_EQUAL(m.at("hosts").to_number<int64_t>(), 1);
+  BOOST_CHECK_EQUAL(json::serialize(m.at("members")), "[\"ops-1\"]");
+  BOOST_CHECK_GE(m.at("rtt_seconds").to_number<double>(), 0.0);
+  BOOST_CHECK_GE(m.at("since_refresh").to_number<double>(), 0.0);
+  BOOST_CHECK_GT(m.at("lease_remaining").to_number<double>(), 0.0);
+  BOOST_CHECK_GE(m.at("refreshes").to_number<int64_t>(), 1);
+  BOOST_REQUIRE_EQUAL(m.at("keys").as_array().size(), 1u);
+  const json::object& k = m.at("keys").as_array()[0].as_object();
+  BOOST_CHECK_EQUAL(k.at("pool").as_string(), "p");
+  BOOST_CHECK_EQUAL(k.at("key").as_string(), "a");
+  BOOST_CHECK_EQUAL(k.at("limit_rpm").to_number<double>(), 600.0);
+  BOOST_CHECK(!k.at("mismatch").as_bool());
+  // Alone in the mesh, the host may hold up to the limit less the headroom.
+  const double share = k.at("share_rpm").to_number<double>();
+  BOOST_CHECK_LE(share, 600 * 0.95 + 1e-6);
+  r = Ctl(b, {"mesh"});
+  BOOST_CHECK_EQUAL(r.code, 0);
+  for (const char* want : {"mode leased", "redis ok", "hosts 1: ops-1", "600 rpm"}) {
+    BOOST_CHECK_MESSAGE(r.out.find(want) != std::string::npos, std::string("no '") + want + "' in\n" + r.out);
+  }
+  // The segment paces the key at its share: status shows it beside the limit.
+  json::array status = StatusJson(b);
+  const json::object* a = FindKey(status, "p", "a");
+  BOOST_REQUIRE(a != nullptr);
+  BOOST_CHECK(a->at("share_active").as_bool());
+  r = Ctl(b, {"status"});
+  BOOST_CHECK_MESSAGE(r.out.find("SHARE") != std::string::npos && r.out.find("/600 rpm") != std::string::npos, r.out);
+  e = ScrapeMetrics(b);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", "leased"}}), 1);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_redis_up", {}), 1);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_hosts", {}), 1);
+  BOOST_CHECK_GE(e.Get("keymesh_mesh_refreshes_total", {}), 1);
+  BOOST_CHECK(!std::isnan(e.Get("keymesh_key_share_rpm", {{"pool", "p"}, {"key", "a"}})));
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  CheckNoSecret("broker log", b.Log());
   CheckNoSecret("keymeshctl output", g_all_output);
 }
 

@@ -171,6 +171,9 @@ kp::MeshReport SampleMesh() {
   m.events_published = 4;
   m.events_applied = 5;
   m.resyncs = 6;
+  m.propagation_p50 = 0.0015;
+  m.propagation_p99 = 0.02;
+  m.propagation_samples = 99;
   m.keys.push_back({"openai", "a", 600, 100000, 285, 47500, 4.75, 300, 60000, 2, false});
   m.keys.push_back({"openai", "b", 600, 0, 0, 0, 0, 12.5, 0, 1, true});
   return m;
@@ -710,9 +713,28 @@ BOOST_AUTO_TEST_CASE(mesh_reply_round_trips_and_reads_hostile_values_safely) {
   const kp::MeshReport m = SampleMesh();
   const json::object wire = Wire(kp::MeshReply{m}.ToJson());
   const json::object& o = wire.at("mesh").as_object();
-  for (const char* f : {"enabled", "host", "namespace", "redis", "mode", "redis_ok", "last_error", "rtt_seconds",
-                        "since_refresh", "lease_remaining", "hosts", "members", "epoch", "refreshes",
-                        "refresh_failures", "events_published", "events_applied", "resyncs", "keys"}) {
+  for (const char* f : {"enabled",
+                        "host",
+                        "namespace",
+                        "redis",
+                        "mode",
+                        "redis_ok",
+                        "last_error",
+                        "rtt_seconds",
+                        "since_refresh",
+                        "lease_remaining",
+                        "hosts",
+                        "members",
+                        "epoch",
+                        "refreshes",
+                        "refresh_failures",
+                        "events_published",
+                        "events_applied",
+                        "resyncs",
+                        "propagation_p50",
+                        "propagation_p99",
+                        "propagation_samples",
+                        "keys"}) {
     BOOST_CHECK_MESSAGE(o.contains(f), f);
   }
   for (const char* f : {"pool", "key", "limit_rpm", "limit_tpm", "share_rpm", "share_tpm", "burst", "wants_rpm",
@@ -738,6 +760,9 @@ BOOST_AUTO_TEST_CASE(mesh_reply_round_trips_and_reads_hostile_values_safely) {
   BOOST_CHECK_EQUAL(b.events_published, 4u);
   BOOST_CHECK_EQUAL(b.events_applied, 5u);
   BOOST_CHECK_EQUAL(b.resyncs, 6u);
+  BOOST_CHECK_EQUAL(b.propagation_p50, 0.0015);
+  BOOST_CHECK_EQUAL(b.propagation_p99, 0.02);
+  BOOST_CHECK_EQUAL(b.propagation_samples, 99u);
   BOOST_REQUIRE_EQUAL(b.keys.size(), 2u);
   BOOST_CHECK_EQUAL(b.keys[0].pool, "openai");
   BOOST_CHECK_EQUAL(b.keys[0].key, "a");
@@ -760,7 +785,7 @@ BOOST_AUTO_TEST_CASE(mesh_reply_round_trips_and_reads_hostile_values_safely) {
   // Hostile or broken replies: clamped, or an error naming the field; never
   // a crash or an out-of-range conversion.
   back = kp::MeshReply::FromJson(json::parse(R"({"mesh":{"enabled":true,"hosts":1e300,"refreshes":-4,
-      "rtt_seconds":-7,"since_refresh":"soon","lease_remaining":-3,"mode":"\u001b[2J","keys":[{"share_rpm":-1,
+      "rtt_seconds":-7,"since_refresh":"soon","propagation_p99":-0.5,"lease_remaining":-3,"mode":"\u001b[2J","keys":[{"share_rpm":-1,
       "holders":-2,"burst":1e308,"pool":5}]}})")
                                      .as_object());
   BOOST_REQUIRE(back.ok());
@@ -768,6 +793,7 @@ BOOST_AUTO_TEST_CASE(mesh_reply_round_trips_and_reads_hostile_values_safely) {
   BOOST_CHECK_EQUAL(back->mesh.refreshes, 0u);
   BOOST_CHECK_EQUAL(back->mesh.rtt_seconds, -1.0);
   BOOST_CHECK_EQUAL(back->mesh.since_refresh, -1.0);
+  BOOST_CHECK_EQUAL(back->mesh.propagation_p99, -1.0);
   BOOST_CHECK_EQUAL(back->mesh.lease_remaining, 0.0);
   BOOST_CHECK_EQUAL(back->mesh.mode, "\x1b[2J");
   BOOST_REQUIRE_EQUAL(back->mesh.keys.size(), 1u);
