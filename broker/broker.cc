@@ -281,8 +281,12 @@ void Broker::SaveState(bool force) {
 void Broker::StartMetricsFile() {
   if (config_.metrics_file.empty()) return;
   const auto interval = std::chrono::milliseconds(static_cast<int64_t>(config_.metrics_interval * 1000));
-  metrics_file_ = std::make_unique<MetricsFileWriter>(io_, config_.metrics_file, interval,
-                                                      [this] { return pools_->SnapshotAll(); });
+  metrics_file_ = std::make_unique<MetricsFileWriter>(
+      io_, config_.metrics_file, interval, [this] { return pools_->SnapshotAll(); },
+      [this]() -> std::optional<mesh::MeshStatus> {
+        if (mesh_ == nullptr) return std::nullopt;
+        return mesh_->Status();
+      });
   metrics_file_->Start();
   char interval_text[32];
   std::snprintf(interval_text, sizeof(interval_text), "%gs", config_.metrics_interval);

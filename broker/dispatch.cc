@@ -95,6 +95,7 @@ constexpr OpEntry kOps[] = {
     {Op::kMetrics, kRoleWorker, false, "read metrics", &Untyped<&ops::Metrics>},
     {Op::kReclaim, kRoleAdmin, false, "reclaim leases", &Typed<ReclaimRequest, &ops::Reclaim>},
     {Op::kObserveLimits, kRoleWorker, true, "act as a worker", &Typed<ObserveLimitsRequest, &ops::ObserveLimits>},
+    {Op::kMesh, kRoleWorker, false, "read status", &Untyped<&ops::Mesh>},
 };
 static_assert(std::size(kOps) == protocol::kOpCount, "one entry per op");
 constexpr bool IndexedByOp() {

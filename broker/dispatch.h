@@ -12,7 +12,7 @@
 // for every op from one table (dispatch.cc's kOps):
 //   worker  worker_uids/worker_gids (default: allow_uids/allow_gids):
 //           hello, acquire, the ends of its own leases, observe_limits,
-//           status, metrics;
+//           status, metrics, mesh;
 //   reader  allow_uids/allow_gids: secrets;
 //   admin   admin_uids/admin_gids: add/remove/enable/disable/reset keys,
 //           reclaim.

@@ -2,6 +2,7 @@
 
 #include <charconv>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "broker/atomic_file.h"
@@ -93,9 +94,49 @@ class Exposition {
 
 bool Eligible(const KeyStatus& k) { return k.state == KeyState::kAvailable || k.state == KeyState::kProbe; }
 
+// The mesh's families (see metrics.h).
+void RenderMesh(const mesh::MeshStatus& m, Exposition* e) {
+  e->Family("keymesh_mesh_mode", "gauge",
+            "1 for the mesh's current mode (leased, learning, share, closed, open), 0 for the others.");
+  for (mesh::MeshMode mode : {mesh::MeshMode::kLeased, mesh::MeshMode::kLearning, mesh::MeshMode::kShare,
+                              mesh::MeshMode::kClosed, mesh::MeshMode::kOpen}) {
+    const std::string name = mesh::MeshModeName(mode);
+    e->Sample({{"mode", &name}}, Num(static_cast<uint32_t>(m.mode == mode ? 1 : 0)));
+  }
+  e->Family("keymesh_mesh_redis_up", "gauge", "1 if the mesh's last call to Redis succeeded.");
+  e->Sample({}, Num(static_cast<uint32_t>(m.redis_ok ? 1 : 0)));
+  e->Family("keymesh_mesh_redis_rtt_seconds", "gauge", "Round trip of the mesh's last call to Redis.");
+  if (m.rtt_seconds >= 0) e->Sample({}, Num(m.rtt_seconds));
+  e->Family("keymesh_mesh_lease_age_seconds", "gauge",
+            "Seconds since the last successful lease refresh (+Inf before the first).");
+  e->Sample({}, Num(m.since_refresh >= 0 ? m.since_refresh : std::numeric_limits<double>::infinity()));
+  e->Family("keymesh_mesh_lease_remaining_seconds", "gauge", "Seconds this host's lease stays valid.");
+  e->Sample({}, Num(m.lease_remaining > 0 ? m.lease_remaining : 0.0));
+  e->Family("keymesh_mesh_hosts", "gauge", "Live hosts of the mesh's namespace, this one included.");
+  e->Sample({}, Num(m.hosts));
+  e->Family("keymesh_mesh_refreshes_total", "counter", "Successful lease refreshes.");
+  e->Sample({}, Num(m.refreshes));
+  e->Family("keymesh_mesh_refresh_failures_total", "counter", "Lease refreshes that failed.");
+  e->Sample({}, Num(m.refresh_failures));
+  e->Family("keymesh_mesh_events_published_total", "counter",
+            "Local cooldowns, circuit changes, revocations, disables and resets sent to the mesh.");
+  e->Sample({}, Num(m.events_published));
+  e->Family("keymesh_mesh_events_applied_total", "counter", "Other hosts' changes merged into this host's segment.");
+  e->Sample({}, Num(m.events_applied));
+  // Like the budgets, only for the dimensions a key limits.
+  e->Family("keymesh_key_share_rpm", "gauge", "This host's share of the key's requests per minute.");
+  for (const mesh::MeshKeyStatus& k : m.keys) {
+    if (k.limit_rpm > 0) e->Sample({{"pool", &k.pool}, {"key", &k.key}}, Num(k.share_rpm));
+  }
+  e->Family("keymesh_key_share_tpm", "gauge", "This host's share of the key's tokens per minute.");
+  for (const mesh::MeshKeyStatus& k : m.keys) {
+    if (k.limit_tpm > 0) e->Sample({{"pool", &k.pool}, {"key", &k.key}}, Num(k.share_tpm));
+  }
+}
+
 }  // namespace
 
-std::string RenderMetrics(const std::vector<PoolStatus>& pools) {
+std::string RenderMetrics(const std::vector<PoolStatus>& pools, const mesh::MeshStatus* mesh) {
   Exposition e;
   auto pool_family = [&](const char* name, const char* type, const char* help, auto get) {
     e.Family(name, type, help);
@@ -201,12 +242,13 @@ std::string RenderMetrics(const std::vector<PoolStatus>& pools) {
   key_family(
       "keymesh_key_latency_ema_seconds", "gauge", "EMA of the key's request latency (alpha 0.2).",
       [](const KeyStatus& k) { return k.latency_avg; }, [](const KeyStatus& k) { return k.has_latency; });
+  if (mesh != nullptr && mesh->enabled) RenderMesh(*mesh, &e);
   return e.Take();
 }
 
 MetricsFileWriter::MetricsFileWriter(boost::asio::io_context& io, std::string path, std::chrono::milliseconds interval,
-                                     Snapshot snapshot)
-    : path_(std::move(path)), interval_(interval), snapshot_(std::move(snapshot)), timer_(io) {}
+                                     Snapshot snapshot, MeshSnapshot mesh)
+    : path_(std::move(path)), interval_(interval), snapshot_(std::move(snapshot)), mesh_(std::move(mesh)), timer_(io) {}
 
 void MetricsFileWriter::Start() {
   WriteNow();
@@ -231,9 +273,11 @@ void MetricsFileWriter::Arm() {
 
 void MetricsFileWriter::WriteNow() {
   Result<std::vector<PoolStatus>> pools = snapshot_();
-  Status st = pools.ok()
-                  ? WriteFileAtomically(path_, RenderMetrics(*pools), 0644, Durability::kAtomic, Directory::kShared)
-                  : pools.status();
+  std::optional<mesh::MeshStatus> mesh;
+  if (pools.ok() && mesh_) mesh = mesh_();
+  Status st = pools.ok() ? WriteFileAtomically(path_, RenderMetrics(*pools, mesh ? &*mesh : nullptr), 0644,
+                                               Durability::kAtomic, Directory::kShared)
+                         : pools.status();
   if (!st.ok() && !failing_) {
     Log(LogLevel::kError, "metrics_file_failed", {{"file", path_}, {"error", st.message()}});
   } else if (st.ok() && failing_) {

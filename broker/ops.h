@@ -10,6 +10,7 @@
 #include <boost/json/object.hpp>
 
 #include "broker/dispatch.h"
+#include "broker/mesh/mesh_status.h"
 #include "keymesh/status.h"
 #include "protocol/messages.h"
 
@@ -32,7 +33,13 @@ Fields Reclaim(const OpCall& call, const protocol::ReclaimRequest& request);
 
 // ops_status.cc: a worker's read-only ops.
 Fields PoolsStatus(const OpCall& call, const protocol::StatusRequest& request);
+// With the mesh's families when the broker is in a mesh.
 Fields Metrics(const OpCall& call);
+// The mesh job's report ({"enabled": false} without a mesh). Reads the
+// job's last status under its own lock: never waits on Redis.
+Fields Mesh(const OpCall& call);
+// The mesh job's status as the protocol reports it.
+protocol::MeshReport MeshReportOf(const mesh::MeshStatus& status);
 
 }  // namespace keymesh::broker::ops
 

@@ -16,8 +16,9 @@ namespace json = boost::json;
 
 // The one op name table, in the order of the Op enum.
 constexpr std::array<std::string_view, kOpCount> kOpNames = {
-    "hello",   "secrets",    "acquire", "release", "mark_failed", "mark_rate_limited", "cancel",  "status",
-    "add_key", "remove_key", "enable",  "disable", "reset",       "metrics",           "reclaim", "observe_limits",
+    "hello",  "secrets", "acquire", "release",        "mark_failed", "mark_rate_limited",
+    "cancel", "status",  "add_key", "remove_key",     "enable",      "disable",
+    "reset",  "metrics", "reclaim", "observe_limits", "mesh",
 };
 
 }  // namespace
@@ -372,7 +373,7 @@ Result<double> ReadRateMargin(const json::value& v, std::string_view field, cons
   return r;
 }
 
-// --- metrics, reclaim, observe_limits ------------------------------------------
+// --- metrics, mesh, reclaim, observe_limits ------------------------------------
 
 json::object MetricsReply::ToJson() const { return {{"text", text}}; }
 
@@ -381,6 +382,16 @@ Result<MetricsReply> MetricsReply::FromJson(const json::object& o) {
   FieldReader in(o);
   in.Required("text", &r.text);
   return in.Finish(std::move(r));
+}
+
+json::object MeshReply::ToJson() const { return {{"mesh", MeshReportToJson(mesh)}}; }
+
+Result<MeshReply> MeshReply::FromJson(const json::object& o) {
+  const json::value* m = o.if_contains("mesh");
+  if (m == nullptr || !m->is_object()) return FieldError(kWireField, "mesh", "must be an object");
+  Result<MeshReport> report = MeshReportFromJson(*m);
+  if (!report.ok()) return report.status();
+  return MeshReply{std::move(report).value()};
 }
 
 json::object ReclaimRequest::ToJson() const { return {{"pid", pid}}; }

@@ -37,6 +37,8 @@
 //                      -> reclaimed
 //   observe_limits     pool, name, remaining_requests?, reset_requests?, remaining_tokens?, reset_tokens?, retry_after?
 //                      -> (none)
+//   mesh               (none)
+//                      -> mesh
 // Durations (timeout, latency, cooldown, reset_*, retry_after) are seconds.
 // The four ends of a lease read the same fields; cooldown counts only for
 // mark_rate_limited, permanent only for mark_failed.
@@ -62,6 +64,7 @@
 #include "keymesh/status.h"
 #include "keymesh/types.h"
 #include "protocol/json_fields.h"
+#include "protocol/status_json.h"
 
 namespace keymesh::protocol {
 
@@ -82,8 +85,9 @@ enum class Op : uint8_t {
   kMetrics,
   kReclaim,
   kObserveLimits,
+  kMesh,
 };
-inline constexpr size_t kOpCount = static_cast<size_t>(Op::kObserveLimits) + 1;
+inline constexpr size_t kOpCount = static_cast<size_t>(Op::kMesh) + 1;
 
 // The op's wire name ("mark_rate_limited"); ParseOp is its inverse.
 std::string_view OpName(Op op) noexcept;
@@ -289,6 +293,16 @@ struct ObserveLimitsRequest {
   Op op() const noexcept { return Op::kObserveLimits; }
   boost::json::object ToJson() const;
   static Result<ObserveLimitsRequest> FromJson(const boost::json::object& o);
+};
+
+// The reply to `mesh`: this broker's report of the mesh (status_json.h's
+// MeshReport; {"enabled": false} without a mesh in its config).
+struct MeshReply {
+  MeshReport mesh;
+
+  boost::json::object ToJson() const;
+  // kProtocolError without a `mesh` object; lenient inside (status_json.h).
+  static Result<MeshReply> FromJson(const boost::json::object& o);
 };
 
 // The numeric limits of a key (weight, max_concurrency, rpm, tpm, burst,

@@ -1,5 +1,6 @@
 #include "protocol/status_json.h"
 
+#include <algorithm>
 #include <type_traits>
 #include <variant>
 
@@ -16,7 +17,7 @@ namespace json = boost::json;
 // loop, so a field is added in one place. kSpecial entries are written and
 // read by the caller (enums, derived values, the masked secret), so the
 // object keeps the order of the list.
-enum class Special { kKeySuffix, kState, kIsAvailable, kCircuit };
+enum class Special { kKeySuffix, kState, kIsAvailable, kCircuit, kMembers, kMeshKeys };
 
 template <typename S>
 struct Field {
@@ -71,6 +72,10 @@ const Field<KeyStatus> kKeyFields[] = {
     {"requests_available", &KeyStatus::requests_available},
     {"tokens_available", &KeyStatus::tokens_available},
     {"burst", &KeyStatus::burst},
+    {"share_active", &KeyStatus::share_active},
+    {"share_rpm", &KeyStatus::share_rpm},
+    {"share_tpm", &KeyStatus::share_tpm},
+    {"share_burst", &KeyStatus::share_burst},
     {"rate_margin", &KeyStatus::rate_margin},
     {"reason", &KeyStatus::reason},
 };
@@ -135,6 +140,7 @@ json::object KeyToJson(const KeyStatus& k, std::string key_suffix) {
       case Special::kState: return json::value(KeyStateName(k.state));
       case Special::kIsAvailable: return json::value(k.state == KeyState::kAvailable);
       case Special::kCircuit: return json::value(CircuitStateName(k.circuit));
+      default: break;
     }
     return json::value();
   });
@@ -180,8 +186,50 @@ KeyStatus KeyFromJson(const json::object& j) {
   ReadFields(j, kKeyFields, &k);
   if (Result<KeyState> ks = ParseKeyState(LenientString(j, "state")); ks.ok()) k.state = *ks;
   if (Result<CircuitState> c = ParseCircuitState(LenientString(j, "circuit")); c.ok()) k.circuit = *c;
+  // A rate is never negative (a hostile or broken broker's -5 reads as 0).
+  k.share_rpm = std::max(k.share_rpm, 0.0);
+  k.share_tpm = std::max(k.share_tpm, 0.0);
   return k;
 }
+
+// The mesh report: `members` and `keys` are written by MeshReportToJson.
+const Field<MeshReport> kMeshFields[] = {
+    {"enabled", &MeshReport::enabled},
+    {"host", &MeshReport::host},
+    {"namespace", &MeshReport::ns},
+    {"redis", &MeshReport::redis},
+    {"mode", &MeshReport::mode},
+    {"redis_ok", &MeshReport::redis_ok},
+    {"last_error", &MeshReport::last_error},
+    {"rtt_seconds", &MeshReport::rtt_seconds},
+    {"since_refresh", &MeshReport::since_refresh},
+    {"lease_remaining", &MeshReport::lease_remaining},
+    {"hosts", &MeshReport::hosts},
+    {"members", Special::kMembers},
+    {"epoch", &MeshReport::epoch},
+    {"refreshes", &MeshReport::refreshes},
+    {"refresh_failures", &MeshReport::refresh_failures},
+    {"events_published", &MeshReport::events_published},
+    {"events_applied", &MeshReport::events_applied},
+    {"resyncs", &MeshReport::resyncs},
+    {"propagation_p50", &MeshReport::propagation_p50},
+    {"propagation_p99", &MeshReport::propagation_p99},
+    {"propagation_samples", &MeshReport::propagation_samples},
+    {"keys", Special::kMeshKeys},
+};
+
+const Field<MeshReport::Key> kMeshKeyFields[] = {
+    {"pool", &MeshReport::Key::pool},           {"key", &MeshReport::Key::key},
+    {"limit_rpm", &MeshReport::Key::limit_rpm}, {"limit_tpm", &MeshReport::Key::limit_tpm},
+    {"share_rpm", &MeshReport::Key::share_rpm}, {"share_tpm", &MeshReport::Key::share_tpm},
+    {"burst", &MeshReport::Key::burst},         {"wants_rpm", &MeshReport::Key::wants_rpm},
+    {"wants_tpm", &MeshReport::Key::wants_tpm}, {"holders", &MeshReport::Key::holders},
+    {"mismatch", &MeshReport::Key::mismatch},
+};
+
+// 0 for a negative amount; -1 ("none yet") for a negative "seconds since".
+double NonNegative(double v) { return v < 0 ? 0.0 : v; }
+double SecondsOrNone(double v) { return v < 0 ? -1.0 : v; }
 
 }  // namespace
 
@@ -217,6 +265,61 @@ Result<PoolStatus> PoolStatusFromJson(const json::value& v, std::vector<std::str
     if (key_suffix != nullptr) key_suffix->push_back(LenientString(kv.get_object(), "key_suffix"));
   }
   return s;
+}
+
+json::object MeshReportToJson(const MeshReport& r) {
+  json::object o;
+  if (!r.enabled) {
+    o["enabled"] = false;
+    return o;
+  }
+  WriteFields(r, kMeshFields, &o, [&](Special sp) -> json::value {
+    if (sp == Special::kMembers) {
+      json::array members;
+      for (const std::string& m : r.members) members.push_back(json::value(m));
+      return members;
+    }
+    json::array keys;
+    for (const MeshReport::Key& k : r.keys) {
+      json::object j;
+      WriteFields(k, kMeshKeyFields, &j);
+      keys.push_back(std::move(j));
+    }
+    return keys;
+  });
+  return o;
+}
+
+Result<MeshReport> MeshReportFromJson(const json::value& v) {
+  if (!v.is_object()) return Status(Code::kProtocolError, "mesh report must be an object");
+  const json::object& o = v.get_object();
+  MeshReport r;
+  ReadFields(o, kMeshFields, &r);
+  r.rtt_seconds = SecondsOrNone(r.rtt_seconds);
+  r.since_refresh = SecondsOrNone(r.since_refresh);
+  r.propagation_p50 = SecondsOrNone(r.propagation_p50);
+  r.propagation_p99 = SecondsOrNone(r.propagation_p99);
+  r.lease_remaining = NonNegative(r.lease_remaining);
+  if (const json::value* m = o.if_contains("members"); m != nullptr) {
+    if (!m->is_array()) return FieldError(kWireField, "members", "must be a list of strings");
+    for (const json::value& name : m->get_array()) {
+      if (!name.is_string()) return FieldError(kWireField, "members", "must be a list of strings");
+      r.members.emplace_back(name.get_string());
+    }
+  }
+  if (const json::value* keys = o.if_contains("keys"); keys != nullptr) {
+    if (!keys->is_array()) return FieldError(kWireField, "keys", "must be a list of objects");
+    for (const json::value& kv : keys->get_array()) {
+      if (!kv.is_object()) return FieldError(kWireField, "keys", "must be a list of objects");
+      MeshReport::Key k;
+      ReadFields(kv.get_object(), kMeshKeyFields, &k);
+      for (double* d : {&k.limit_rpm, &k.limit_tpm, &k.share_rpm, &k.share_tpm, &k.burst, &k.wants_rpm, &k.wants_tpm}) {
+        *d = NonNegative(*d);
+      }
+      r.keys.push_back(std::move(k));
+    }
+  }
+  return r;
 }
 
 }  // namespace keymesh::protocol

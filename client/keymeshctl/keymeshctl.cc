@@ -7,6 +7,7 @@
 //                              [--burst N] [--rate-margin F]
 //   keymeshctl [--socket PATH] remove-key|enable|disable|reset POOL NAME
 //   keymeshctl [--socket PATH] metrics
+//   keymeshctl [--socket PATH] mesh [--json]
 //
 // Exit 0 on success; otherwise one line on stderr and a non-zero status
 // (1: the broker refused or failed, 2: usage, 3: the broker is unreachable).
@@ -61,6 +62,7 @@ void Usage() {
                "          [--weight W] [--max-concurrency N] [--rpm N] [--tpm N] [--burst N] [--rate-margin F]\n"
                "  remove-key POOL NAME | enable POOL NAME | disable POOL NAME | reset POOL NAME\n"
                "  metrics                     Prometheus text exposition\n"
+               "  mesh [--json]               the hosts sharing the keys through Redis, and this host's shares\n"
                "The socket is --socket, else $KEYMESH_SOCKET, else %s.\n",
                kp::kDefaultSocket);
 }
@@ -171,6 +173,26 @@ int StatusCommand(kp::ControlClient& broker, const std::string& command, const s
   return 0;
 }
 
+// Prints the broker's report of the mesh as a table or JSON.
+int MeshCommand(kp::ControlClient& broker, const std::vector<std::string>& rest) {
+  bool as_json = false;
+  for (const std::string& a : rest) {
+    if (a != "--json") return UsageError("unexpected argument " + Quoted(a) + " for mesh");
+    as_json = true;
+  }
+  Result<boost::json::object> reply = broker.Call(kp::Op::kMesh, {});
+  if (!reply.ok()) return Fail(reply.status());
+  Result<kp::MeshReply> mesh = kp::MeshReply::FromJson(*reply);
+  if (!mesh.ok()) return Fail(mesh.status());
+  if (as_json) {
+    // The broker's own JSON (fields this keymeshctl does not know included).
+    std::printf("%s\n", boost::json::serialize(reply->at("mesh")).c_str());
+    return 0;
+  }
+  std::fputs(keymesh::ctl::RenderMesh(mesh->mesh).c_str(), stdout);
+  return 0;
+}
+
 int AddKeyCommand(kp::ControlClient& broker, const std::vector<std::string>& rest) {
   if (rest.size() < 2) return UsageError("add-key needs POOL NAME and --secret-env VAR or --secret-file FILE");
   kp::AddKeyRequest request;
@@ -271,6 +293,7 @@ int main(int argc, char** argv) {
 
   if (command == "status" || command == "watch") return StatusCommand(broker, command, rest);
   if (command == "add-key") return AddKeyCommand(broker, rest);
+  if (command == "mesh") return MeshCommand(broker, rest);
   if (command == "metrics") {
     if (!rest.empty()) return UsageError("metrics takes no arguments");
     Result<kp::MetricsReply> metrics = broker.Metrics();

@@ -84,6 +84,7 @@ BOOST_AUTO_TEST_CASE(uid_in_no_list_is_refused_hello_acquire_and_status, NEEDS_R
     if (ErrorCode(c.Call("acquire", {{"pool", "p"}})) != "permission_denied") return 3;
     if (ErrorCode(c.Call("status", {})) != "permission_denied") return 4;
     if (ErrorCode(c.Call("metrics", {})) != "permission_denied") return 5;
+    if (ErrorCode(c.Call("mesh", {})) != "permission_denied") return 9;
     if (ErrorCode(c.Call("secrets", {{"pool", "p"}})) != "permission_denied") return 6;
     if (ErrorCode(c.Call("disable", {{"pool", "p"}, {"name", "a"}})) != "permission_denied") return 7;
     if (ErrorCode(c.Call("release", {{"pool", "p"}, {"slot", 0}, {"lease", 0}, {"seq", 1}})) != "permission_denied")
@@ -107,6 +108,7 @@ BOOST_AUTO_TEST_CASE(worker_only_uid_acquires_but_is_refused_secrets_and_admin_o
     std::optional<boost::json::object> a = c.Call("acquire", {{"pool", "p"}, {"timeout", 1.0}});
     if (ErrorCode(a) != "ok") return 3;
     if (ErrorCode(c.Call("status", {})) != "ok") return 4;
+    if (ErrorCode(c.Call("mesh", {})) != "ok") return 10;  // a status reader's op
     if (ErrorCode(c.Call("secrets", {{"pool", "p"}})) != "permission_denied") return 5;
     for (const char* op : {"disable", "enable", "reset", "remove_key"}) {
       if (ErrorCode(c.Call(op, {{"pool", "p"}, {"name", "a"}})) != "permission_denied") return 6;

@@ -558,6 +558,14 @@ BOOST_AUTO_TEST_CASE(control_client_speaks_every_op_with_the_broker) {
   BOOST_CHECK_EQUAL(reclaimed->reclaimed, 0u);
   BOOST_CHECK(client.ObserveLimits(kp::ObserveLimitsRequest{"p", "a", 5, 30.0, std::nullopt, std::nullopt, 2.0}).ok());
   BOOST_CHECK(Key(client.GetStatus(kp::StatusRequest{})->pools[0].status, "a").state == km::KeyState::kCooling);
+  // Without a mesh in the config: {"enabled": false}, and no mesh metrics.
+  km::Result<boost::json::object> mesh = client.Call(kp::Op::kMesh, {});
+  BOOST_REQUIRE_MESSAGE(mesh.ok(), mesh.status().ToString());
+  BOOST_REQUIRE(mesh->contains("mesh"));
+  BOOST_CHECK_EQUAL(boost::json::serialize(mesh->at("mesh")), R"({"enabled":false})");
+  BOOST_CHECK(kp::MeshReply::FromJson(*mesh).ok());
+  BOOST_CHECK(metrics->text.find("keymesh_mesh_") == std::string::npos);
+  BOOST_CHECK(metrics->text.find("keymesh_key_share_") == std::string::npos);
 
   // Every op of the table is served: none is an "unknown op", whatever
   // its fields. Worker ops need a hello first and say which op it was.

@@ -8,11 +8,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <sstream>
 
 #include <boost/asio/io_context.hpp>
@@ -23,6 +25,9 @@
 #include "broker/config.h"
 #include "broker/dispatch.h"
 #include "broker/hash.h"
+#include "broker/mesh/mesh_job.h"
+#include "broker/mesh/store.h"
+#include "broker/ops.h"
 #include "broker/persistence.h"
 #include "broker/recovery.h"
 #include "broker/session.h"
@@ -600,4 +605,120 @@ BOOST_AUTO_TEST_CASE(move_aside_never_overwrites_and_stale_temps_go) {
   BOOST_CHECK(std::filesystem::exists(dir + "/state.json.tmp.7.zz"));
   BOOST_CHECK(std::filesystem::exists(dir + "/state.json.tmp.x1"));
   BOOST_CHECK(std::filesystem::exists(dir + "/other.tmp.5"));
+}
+
+namespace {
+
+// A MeshStore whose Redis is never there: every call fails as an
+// unreachable Redis does (kIoError naming the endpoint).
+class UnreachableStore : public kb::mesh::MeshStore {
+ public:
+  km::Status Connect() override { return Down(); }
+  bool connected() const override { return false; }
+  void Disconnect() override {}
+  km::Result<kb::mesh::LeaseReply> Lease(const kb::mesh::LeaseRequest&) override { return Down(); }
+  km::Status Leave(const std::string&) override { return Down(); }
+  km::Result<kb::mesh::KeyEvent> Publish(const kb::mesh::KeyEvent&) override { return Down(); }
+  km::Result<kb::mesh::EventBatch> ReadEvents(const std::string&, uint32_t) override { return Down(); }
+  km::Result<kb::mesh::EventBatch> Snapshot() override { return Down(); }
+  km::Result<bool> ClaimProbe(const std::string&, const std::string&, const std::string&, uint64_t) override {
+    return Down();
+  }
+  km::Result<TimeSample> Time() override { return Down(); }
+
+ private:
+  static km::Status Down() { return km::Status(km::Code::kIoError, "mesh: redis 127.0.0.1:1: connection refused"); }
+};
+
+}  // namespace
+
+// The `mesh` op's report carries every field of the job's status, the mode
+// by name; without a mesh only enabled=false.
+BOOST_AUTO_TEST_CASE(mesh_report_carries_every_status_field) {
+  kb::mesh::MeshStatus s;
+  BOOST_CHECK(!kb::ops::MeshReportOf(s).enabled);
+  s.enabled = true;
+  s.host = "web-1";
+  s.ns = "ns";
+  s.redis = "127.0.0.1:6379";
+  s.mode = kb::mesh::MeshMode::kLearning;
+  s.redis_ok = true;
+  s.last_error = "e";
+  s.rtt_seconds = 0.001;
+  s.since_refresh = 0.5;
+  s.lease_remaining = 29.5;
+  s.hosts = 3;
+  s.members = {"web-1", "web-2", "web-3"};
+  s.epoch = "ep";
+  s.refreshes = 10;
+  s.refresh_failures = 1;
+  s.events_published = 2;
+  s.events_applied = 3;
+  s.resyncs = 4;
+  s.propagation_p50 = 0.002;
+  s.propagation_p99 = 0.01;
+  s.propagation_samples = 7;
+  s.keys.push_back({"p", "a", 600, 1000, 190, 316, 2.5, 200, 300, 3, true});
+  const km::protocol::MeshReport r = kb::ops::MeshReportOf(s);
+  BOOST_CHECK(r.enabled && r.redis_ok);
+  BOOST_CHECK_EQUAL(r.host, "web-1");
+  BOOST_CHECK_EQUAL(r.ns, "ns");
+  BOOST_CHECK_EQUAL(r.redis, "127.0.0.1:6379");
+  BOOST_CHECK_EQUAL(r.mode, "learning");
+  BOOST_CHECK_EQUAL(r.last_error, "e");
+  BOOST_CHECK_EQUAL(r.rtt_seconds, 0.001);
+  BOOST_CHECK_EQUAL(r.since_refresh, 0.5);
+  BOOST_CHECK_EQUAL(r.lease_remaining, 29.5);
+  BOOST_CHECK_EQUAL(r.hosts, 3u);
+  BOOST_CHECK(r.members == s.members);
+  BOOST_CHECK_EQUAL(r.epoch, "ep");
+  BOOST_CHECK_EQUAL(r.refreshes, 10u);
+  BOOST_CHECK_EQUAL(r.refresh_failures, 1u);
+  BOOST_CHECK_EQUAL(r.events_published, 2u);
+  BOOST_CHECK_EQUAL(r.events_applied, 3u);
+  BOOST_CHECK_EQUAL(r.resyncs, 4u);
+  BOOST_CHECK_EQUAL(r.propagation_p50, 0.002);
+  BOOST_CHECK_EQUAL(r.propagation_p99, 0.01);
+  BOOST_CHECK_EQUAL(r.propagation_samples, 7u);
+  BOOST_REQUIRE_EQUAL(r.keys.size(), 1u);
+  const km::protocol::MeshReport::Key& k = r.keys[0];
+  BOOST_CHECK_EQUAL(k.pool, "p");
+  BOOST_CHECK_EQUAL(k.key, "a");
+  BOOST_CHECK_EQUAL(k.limit_rpm, 600.0);
+  BOOST_CHECK_EQUAL(k.limit_tpm, 1000.0);
+  BOOST_CHECK_EQUAL(k.share_rpm, 190.0);
+  BOOST_CHECK_EQUAL(k.share_tpm, 316.0);
+  BOOST_CHECK_EQUAL(k.burst, 2.5);
+  BOOST_CHECK_EQUAL(k.wants_rpm, 200.0);
+  BOOST_CHECK_EQUAL(k.wants_tpm, 300.0);
+  BOOST_CHECK_EQUAL(k.holders, 3u);
+  BOOST_CHECK(k.mismatch);
+  for (kb::mesh::MeshMode mode : {kb::mesh::MeshMode::kLeased, kb::mesh::MeshMode::kLearning,
+                                  kb::mesh::MeshMode::kShare, kb::mesh::MeshMode::kClosed, kb::mesh::MeshMode::kOpen}) {
+    s.mode = mode;
+    BOOST_CHECK_EQUAL(kb::ops::MeshReportOf(s).mode, kb::mesh::MeshModeName(mode));
+  }
+}
+
+// A mesh job whose Redis is unreachable (a fake store) reports at once:
+// enabled, redis not ok, the outage mode `share`, no lease.
+BOOST_AUTO_TEST_CASE(mesh_report_with_an_unreachable_redis) {
+  kb::mesh::MeshConfig config;
+  config.host = "lonely";
+  config.redis.host = "127.0.0.1";
+  config.redis.port = 1;
+  config.refresh = 0.05;
+  kb::mesh::MeshJob job(config, [] { return std::make_unique<UnreachableStore>(); });
+  job.Start();
+  const auto start = std::chrono::steady_clock::now();
+  const km::protocol::MeshReport r = kb::ops::MeshReportOf(job.Status());
+  BOOST_CHECK(std::chrono::steady_clock::now() - start < std::chrono::milliseconds(50));
+  BOOST_CHECK(r.enabled);
+  BOOST_CHECK(!r.redis_ok);
+  BOOST_CHECK_EQUAL(r.mode, "share");
+  BOOST_CHECK_EQUAL(r.host, "lonely");
+  BOOST_CHECK_EQUAL(r.redis, "127.0.0.1:1");
+  BOOST_CHECK_EQUAL(r.lease_remaining, 0.0);
+  BOOST_CHECK_EQUAL(r.refreshes, 0u);
+  job.Stop();
 }

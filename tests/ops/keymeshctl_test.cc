@@ -26,10 +26,12 @@
 #include <boost/test/unit_test.hpp>
 
 #include "broker/metrics.h"
+#include "client/keymeshctl/table.h"
 #include "keymesh/pool.h"
 #include "ops/exposition_check.h"
 #include "shm/segment.h"
 #include "support/broker_harness.h"
+#include "support/redis_server.h"
 
 namespace {
 
@@ -272,6 +274,161 @@ BOOST_AUTO_TEST_CASE(render_metrics_escapes_and_accumulates_the_histogram) {
   BOOST_CHECK_EQUAL(e.Count("keymesh_key_latency_ema_seconds"), 0u);  // no sample yet
 }
 
+// The mesh's families: every mode with 1 for the current one, Redis up and
+// round trip, lease age and remaining, hosts, the counters, each key's
+// share; none of them without a mesh.
+BOOST_AUTO_TEST_CASE(render_metrics_of_a_mesh) {
+  namespace mesh = keymesh::broker::mesh;
+  keymesh::PoolStatus p;
+  p.name = "p";
+  mesh::MeshStatus m;
+  m.enabled = true;
+  m.mode = mesh::MeshMode::kLeased;
+  m.redis_ok = true;
+  m.rtt_seconds = 0.00025;
+  m.since_refresh = 0.5;
+  m.lease_remaining = 29.5;
+  m.hosts = 3;
+  m.refreshes = 40;
+  m.refresh_failures = 2;
+  m.events_published = 5;
+  m.events_applied = 7;
+  m.keys.push_back({"p", "a\"x", 600, 100000, 190, 31666.5, 2, 200, 30000, 3, false});
+  m.keys.push_back({"p", "rpm-only", 60, 0, 19, 0, 1, 20, 0, 3, false});
+  Exposition e;
+  std::string err;
+  std::string text = keymesh::broker::RenderMetrics({p}, &m);
+  BOOST_REQUIRE_MESSAGE(ParseExposition(text, &e, &err), err + "\n" + text);
+  for (const char* mode : {"leased", "learning", "share", "closed", "open"}) {
+    BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", mode}}), std::string(mode) == "leased" ? 1 : 0);
+  }
+  BOOST_CHECK_EQUAL(e.Count("keymesh_mesh_mode"), 5u);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_redis_up", {}), 1);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_redis_rtt_seconds", {}), 0.00025);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_lease_age_seconds", {}), 0.5);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_lease_remaining_seconds", {}), 29.5);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_hosts", {}), 3);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_refreshes_total", {}), 40);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_refresh_failures_total", {}), 2);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_events_published_total", {}), 5);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_events_applied_total", {}), 7);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_key_share_rpm", {{"pool", "p"}, {"key", "a\"x"}}), 190);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_key_share_tpm", {{"pool", "p"}, {"key", "a\"x"}}), 31666.5);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_key_share_rpm", {{"pool", "p"}, {"key", "rpm-only"}}), 19);
+  BOOST_CHECK_EQUAL(e.Count("keymesh_key_share_rpm"), 2u);
+  BOOST_CHECK_EQUAL(e.Count("keymesh_key_share_tpm"), 1u);  // only the key with a tpm limit
+
+  // Redis gone before the first refresh: down, no round trip yet, the lease
+  // age infinite (an alert on it fires), the outage mode.
+  m = mesh::MeshStatus();
+  m.enabled = true;
+  m.mode = mesh::MeshMode::kShare;
+  text = keymesh::broker::RenderMetrics({p}, &m);
+  BOOST_REQUIRE_MESSAGE(ParseExposition(text, &e, &err), err + "\n" + text);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", "share"}}), 1);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", "leased"}}), 0);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_redis_up", {}), 0);
+  BOOST_CHECK_EQUAL(e.Count("keymesh_mesh_redis_rtt_seconds"), 0u);
+  BOOST_CHECK(std::isinf(e.Get("keymesh_mesh_lease_age_seconds", {})));
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_lease_remaining_seconds", {}), 0);
+  BOOST_CHECK_EQUAL(e.Count("keymesh_key_share_rpm"), 0u);
+
+  // No mesh (or one not enabled): none of its families.
+  m.enabled = false;
+  for (const mesh::MeshStatus* none :
+       {static_cast<const mesh::MeshStatus*>(nullptr), static_cast<const mesh::MeshStatus*>(&m)}) {
+    text = keymesh::broker::RenderMetrics({p}, none);
+    BOOST_CHECK(text.find("keymesh_mesh_") == std::string::npos);
+    BOOST_CHECK(text.find("keymesh_key_share_") == std::string::npos);
+  }
+}
+
+// keymeshctl's tables of the mesh: every header field, a row per key, what
+// the broker sent escaped; the status table's SHARE column only when a key
+// paces at a share.
+BOOST_AUTO_TEST_CASE(mesh_and_share_tables) {
+  keymesh::protocol::MeshReport m;
+  BOOST_CHECK(keymesh::ctl::RenderMesh(m).find("not configured") != std::string::npos);
+  m.enabled = true;
+  m.host = "web-1";
+  m.ns = "team\x1b[2J";
+  m.redis = "127.0.0.1:6379";
+  m.mode = "leased";
+  m.redis_ok = true;
+  m.rtt_seconds = 0.00042;
+  m.since_refresh = 0.25;
+  m.lease_remaining = 29.75;
+  m.hosts = 2;
+  m.members = {"web-1", "web-2"};
+  m.epoch = "e1";
+  m.refreshes = 12;
+  m.refresh_failures = 1;
+  m.last_error = "mesh: redis 127.0.0.1:6379: timeout";
+  m.propagation_p50 = 0.0012;
+  m.propagation_p99 = 0.015;
+  m.propagation_samples = 40;
+  m.keys.push_back({"openai", "a", 600, 100000, 285, 47500, 4.75, 300, 60000, 2, false});
+  m.keys.push_back({"openai", "b", 600, 0, 0, 0, 0, 12.5, 0, 1, true});
+  const std::string t = keymesh::ctl::RenderMesh(m);
+  BOOST_TEST_MESSAGE(t);
+  for (const char* want : {"host web-1",
+                           "namespace team\\x1b[2J",
+                           "redis 127.0.0.1:6379",
+                           "mode leased",
+                           "redis ok",
+                           "round trip 0.42ms",
+                           "since refresh 250ms",
+                           "lease left 29.8s",
+                           "hosts 2: web-1, web-2",
+                           "epoch e1",
+                           "refreshes 12 (1 failed)",
+                           "p50 1.20ms, p99 15ms (last 40 events)",
+                           "last error: mesh: redis 127.0.0.1:6379: timeout",
+                           "POOL",
+                           "KEY",
+                           "LIMIT",
+                           "SHARE",
+                           "BURST",
+                           "WANTS",
+                           "HOLDERS",
+                           "REFUSED",
+                           "600 rpm, 100000 tpm",
+                           "285 rpm, 47500 tpm",
+                           "4.8",
+                           "300 rpm, 60000 tpm",
+                           "12.5 rpm",
+                           "secret differs"}) {
+    BOOST_CHECK_MESSAGE(t.find(want) != std::string::npos, std::string("no '") + want + "' in\n" + t);
+  }
+  BOOST_CHECK(t.find('\x1b') == std::string::npos);
+  m.redis_ok = false;
+  m.since_refresh = -1;
+  m.rtt_seconds = -1;
+  m.members.clear();
+  m.keys.clear();
+  const std::string down = keymesh::ctl::RenderMesh(m);
+  for (const char* want : {"redis unreachable", "since refresh never", "round trip -", "no keys shared"}) {
+    BOOST_CHECK_MESSAGE(down.find(want) != std::string::npos, std::string("no '") + want + "' in\n" + down);
+  }
+
+  keymesh::protocol::StatusReply::Pool pool;
+  pool.status.name = "openai";
+  keymesh::KeyStatus k;
+  k.name = "a";
+  k.rpm = 600;
+  k.tpm = 100000;
+  pool.status.keys.push_back(k);
+  BOOST_CHECK(keymesh::ctl::RenderPool(pool).find("SHARE") == std::string::npos);
+  k.name = "b";
+  k.share_active = true;
+  k.share_rpm = 300;
+  k.share_tpm = 40000.5;
+  pool.status.keys.push_back(k);
+  const std::string st = keymesh::ctl::RenderPool(pool);
+  BOOST_CHECK_MESSAGE(st.find("SHARE") != std::string::npos, st);
+  BOOST_CHECK_MESSAGE(st.find("300/600 rpm, 40000.5/100000 tpm") != std::string::npos, st);
+}
+
 BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
   BrokerProcess b;
   WriteFile(b.dir() + "/c.key", kSecretC + "\n");
@@ -433,13 +590,135 @@ BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
   }
 }
 
+// keymeshctl mesh against a broker without a mesh: it says so (exit 0), its
+// JSON is {"enabled": false}, status shows no SHARE column, metrics no mesh
+// family; a bad argument is a usage error.
+BOOST_AUTO_TEST_CASE(mesh_command_without_a_mesh) {
+  BrokerProcess b;
+  b.WriteConfig("{\"p\":{\"keys\":[{\"name\":\"a\",\"secret\":\"" + kSecretA + "\",\"rpm\":600}]}}");
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  CtlResult r = Ctl(b, {"mesh"});
+  BOOST_CHECK_EQUAL(r.code, 0);
+  BOOST_CHECK_MESSAGE(r.out.find("mesh: not configured") != std::string::npos, r.out);
+  r = Ctl(b, {"mesh", "--json"});
+  BOOST_CHECK_EQUAL(r.code, 0);
+  BOOST_CHECK_EQUAL(r.out, "{\"enabled\":false}\n");
+  r = Ctl(b, {"mesh", "--frobnicate"});
+  BOOST_CHECK_EQUAL(r.code, 2);
+  BOOST_CHECK_EQUAL(std::count(r.err.begin(), r.err.end(), '\n'), 1);
+  r = Ctl(b, {"status"});
+  BOOST_CHECK_EQUAL(r.code, 0);
+  BOOST_CHECK_MESSAGE(r.out.find("SHARE") == std::string::npos, r.out);
+  const json::array pools = StatusJson(b);
+  const json::object* a = FindKey(pools, "p", "a");
+  BOOST_REQUIRE(a != nullptr);
+  BOOST_CHECK(!a->at("share_active").as_bool());
+  Exposition e = ScrapeMetrics(b);
+  for (const keymesh::testing::Sample& s : e.samples) {
+    BOOST_CHECK_MESSAGE(s.name.rfind("keymesh_mesh_", 0) != 0 && s.name.rfind("keymesh_key_share_", 0) != 0, s.name);
+  }
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  CheckNoSecret("keymeshctl output", g_all_output);
+}
+
+json::object MeshJson(const BrokerProcess& b) {
+  CtlResult r = Ctl(b, {"mesh", "--json"});
+  BOOST_REQUIRE_MESSAGE(r.code == 0, r.err);
+  boost::system::error_code ec;
+  json::value v = json::parse(r.out, ec);
+  BOOST_REQUIRE_MESSAGE(!ec && v.is_object(), "mesh --json is not a JSON object: " + r.out);
+  return v.get_object();
+}
+
+std::string MeshConfig(const std::string& url) {
+  return ",\"mesh\":{\"redis\":\"" + url + "\",\"host\":\"ops-1\",\"namespace\":\"ops-" + std::to_string(::getpid()) +
+         "\",\"refresh\":0.2,\"lease\":2,\"outage\":\"share\"}";
+}
+
+// keymeshctl mesh against a broker in a mesh. With Redis absent the broker
+// starts and serves, and mesh answers at once: Redis unreachable, the
+// outage mode. With a real redis-server: the broker leases its share of the
+// key, shown by mesh, status (the SHARE column) and metrics.
+BOOST_AUTO_TEST_CASE(mesh_command_with_a_mesh) {
+  const std::string pools = "{\"p\":{\"keys\":[{\"name\":\"a\",\"secret\":\"" + kSecretA + "\",\"rpm\":600}]}}";
+  BrokerProcess b;
+  b.WriteConfig(pools, MeshConfig("redis://127.0.0.1:" + std::to_string(keymesh::testing::RedisServer::FreePort())));
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  const double asked = NowSeconds();
+  json::object m = MeshJson(b);
+  BOOST_CHECK_LT(NowSeconds() - asked, 2.0);  // keymeshctl's own start included: no wait on Redis
+  BOOST_CHECK(m.at("enabled").as_bool());
+  BOOST_CHECK(!m.at("redis_ok").as_bool());
+  BOOST_CHECK_EQUAL(m.at("mode").as_string(), "share");
+  BOOST_CHECK_EQUAL(m.at("host").as_string(), "ops-1");
+  CtlResult r = Ctl(b, {"mesh"});
+  BOOST_CHECK_EQUAL(r.code, 0);
+  for (const char* want : {"host ops-1", "mode share", "redis unreachable", "since refresh never"}) {
+    BOOST_CHECK_MESSAGE(r.out.find(want) != std::string::npos, std::string("no '") + want + "' in\n" + r.out);
+  }
+  Exposition e = ScrapeMetrics(b);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", "share"}}), 1);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", "leased"}}), 0);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_redis_up", {}), 0);
+  BOOST_CHECK(std::isinf(e.Get("keymesh_mesh_lease_age_seconds", {})));
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+
+  keymesh::testing::RedisServer redis;
+  BOOST_REQUIRE(redis.Start());
+  b.WriteConfig(pools, MeshConfig(redis.url()));
+  BOOST_REQUIRE_MESSAGE(b.Start(), b.Log());
+  const double deadline = NowSeconds() + 15;
+  for (m = MeshJson(b); m.at("mode").as_string() != "leased" && NowSeconds() < deadline; m = MeshJson(b)) {
+    ::usleep(50'000);
+  }
+  BOOST_REQUIRE_MESSAGE(m.at("mode").as_string() == "leased", json::serialize(m) + "\n" + b.Log());
+  BOOST_CHECK(m.at("redis_ok").as_bool());
+  BOOST_CHECK_EQUAL(m.at("hosts").to_number<int64_t>(), 1);
+  BOOST_CHECK_EQUAL(json::serialize(m.at("members")), "[\"ops-1\"]");
+  BOOST_CHECK_GE(m.at("rtt_seconds").to_number<double>(), 0.0);
+  BOOST_CHECK_GE(m.at("since_refresh").to_number<double>(), 0.0);
+  BOOST_CHECK_GT(m.at("lease_remaining").to_number<double>(), 0.0);
+  BOOST_CHECK_GE(m.at("refreshes").to_number<int64_t>(), 1);
+  BOOST_REQUIRE_EQUAL(m.at("keys").as_array().size(), 1u);
+  const json::object& k = m.at("keys").as_array()[0].as_object();
+  BOOST_CHECK_EQUAL(k.at("pool").as_string(), "p");
+  BOOST_CHECK_EQUAL(k.at("key").as_string(), "a");
+  BOOST_CHECK_EQUAL(k.at("limit_rpm").to_number<double>(), 600.0);
+  BOOST_CHECK(!k.at("mismatch").as_bool());
+  // Alone in the mesh, the host may hold up to the limit less the headroom.
+  const double share = k.at("share_rpm").to_number<double>();
+  BOOST_CHECK_LE(share, 600 * 0.95 + 1e-6);
+  r = Ctl(b, {"mesh"});
+  BOOST_CHECK_EQUAL(r.code, 0);
+  for (const char* want : {"mode leased", "redis ok", "hosts 1: ops-1", "600 rpm"}) {
+    BOOST_CHECK_MESSAGE(r.out.find(want) != std::string::npos, std::string("no '") + want + "' in\n" + r.out);
+  }
+  // The segment paces the key at its share: status shows it beside the limit.
+  json::array status = StatusJson(b);
+  const json::object* a = FindKey(status, "p", "a");
+  BOOST_REQUIRE(a != nullptr);
+  BOOST_CHECK(a->at("share_active").as_bool());
+  r = Ctl(b, {"status"});
+  BOOST_CHECK_MESSAGE(r.out.find("SHARE") != std::string::npos && r.out.find("/600 rpm") != std::string::npos, r.out);
+  e = ScrapeMetrics(b);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_mode", {{"mode", "leased"}}), 1);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_redis_up", {}), 1);
+  BOOST_CHECK_EQUAL(e.Get("keymesh_mesh_hosts", {}), 1);
+  BOOST_CHECK_GE(e.Get("keymesh_mesh_refreshes_total", {}), 1);
+  BOOST_CHECK(!std::isnan(e.Get("keymesh_key_share_rpm", {{"pool", "p"}, {"key", "a"}})));
+  BOOST_CHECK_EQUAL(b.Stop(), 0);
+  CheckNoSecret("broker log", b.Log());
+  CheckNoSecret("keymeshctl output", g_all_output);
+}
+
 BOOST_AUTO_TEST_CASE(broker_down_is_one_clear_line) {
   const std::string dir = "/tmp/kmops-" + std::to_string(::getpid());
   std::filesystem::create_directories(dir);
   const std::string sock = dir + "/nobody.sock";
   for (const std::vector<std::string>& args :
        {std::vector<std::string>{"--socket", sock, "status"}, std::vector<std::string>{"--socket", sock, "metrics"},
-        std::vector<std::string>{"--socket", sock, "disable", "p", "a"}}) {
+        std::vector<std::string>{"--socket", sock, "disable", "p", "a"},
+        std::vector<std::string>{"--socket", sock, "mesh"}}) {
     CtlResult r = Ctl(dir, args);
     BOOST_CHECK_EQUAL(r.code, 3);
     BOOST_CHECK_EQUAL(std::count(r.err.begin(), r.err.end(), '\n'), 1);

@@ -59,6 +59,7 @@ km::Status ParseRequestFor(Op op, const json::object& o) {
     case Op::kMetrics: return km::Status::Ok();
     case Op::kReclaim: return kp::ReclaimRequest::FromJson(o).status();
     case Op::kObserveLimits: return kp::ObserveLimitsRequest::FromJson(o).status();
+    case Op::kMesh: return km::Status::Ok();
   }
   return km::Status(km::Code::kInternal, "no such op");
 }
@@ -72,6 +73,7 @@ km::Status ParseReplyFor(Op op, const json::object& o) {
     case Op::kMetrics: return kp::MetricsReply::FromJson(o).status();
     case Op::kReclaim: return kp::ReclaimReply::FromJson(o).status();
     case Op::kAddKey: return kp::AddKeyReply::FromJson(o).status();
+    case Op::kMesh: return kp::MeshReply::FromJson(o).status();
     default: return km::Status::Ok();  // no fields
   }
 }
@@ -149,6 +151,34 @@ km::PoolStatus SamplePool() {
   return s;
 }
 
+kp::MeshReport SampleMesh() {
+  kp::MeshReport m;
+  m.enabled = true;
+  m.host = "web-1";
+  m.ns = "keymesh";
+  m.redis = "127.0.0.1:6379";
+  m.mode = "leased";
+  m.redis_ok = true;
+  m.last_error = "";
+  m.rtt_seconds = 0.00042;
+  m.since_refresh = 0.25;
+  m.lease_remaining = 29.75;
+  m.hosts = 2;
+  m.members = {"web-1", "web-2"};
+  m.epoch = "e-17";
+  m.refreshes = 1ull << 40;
+  m.refresh_failures = 3;
+  m.events_published = 4;
+  m.events_applied = 5;
+  m.resyncs = 6;
+  m.propagation_p50 = 0.0015;
+  m.propagation_p99 = 0.02;
+  m.propagation_samples = 99;
+  m.keys.push_back({"openai", "a", 600, 100000, 285, 47500, 4.75, 300, 60000, 2, false});
+  m.keys.push_back({"openai", "b", 600, 0, 0, 0, 0, 12.5, 0, 1, true});
+  return m;
+}
+
 std::vector<Sample> Samples() {
   std::vector<Sample> out;
   kp::HelloRequest hello{4242, 987654321ull, std::string("p")};
@@ -193,6 +223,7 @@ std::vector<Sample> Samples() {
   obs_min.pool = "p";
   obs_min.name = "a";
   out.push_back({Op::kObserveLimits, obs.ToJson(), obs_min.ToJson(), {}});
+  out.push_back({Op::kMesh, {}, {}, kp::MeshReply{SampleMesh()}.ToJson()});
   return out;
 }
 
@@ -647,6 +678,135 @@ BOOST_AUTO_TEST_CASE(status_reads_leniently_and_clamps) {
   BOOST_CHECK(!kp::PoolStatusFromJson(json::parse(R"({"name":"p"})")).ok());
   BOOST_CHECK(!kp::PoolStatusFromJson(json::parse(R"({"keys":[1]})")).ok());
   BOOST_CHECK(!kp::PoolStatusFromJson(json::parse("[]")).ok());
+}
+
+// The share fields of a key's status (the mesh) travel; a negative share
+// (a broken or hostile broker) reads as 0.
+BOOST_AUTO_TEST_CASE(status_carries_the_mesh_share) {
+  km::PoolStatus s = SamplePool();
+  s.keys[0].share_active = true;
+  s.keys[0].share_rpm = 142.5;
+  s.keys[0].share_tpm = 1e6;
+  s.keys[0].share_burst = 3;
+  const json::object o = kp::PoolStatusToJson(s, std::vector<std::string>{});
+  const json::object& k0 = o.at("keys").as_array()[0].as_object();
+  for (const char* f : {"share_active", "share_rpm", "share_tpm", "share_burst"}) BOOST_CHECK(k0.contains(f));
+  km::Result<km::PoolStatus> back = kp::PoolStatusFromJson(json::parse(json::serialize(o)));
+  BOOST_REQUIRE(back.ok());
+  BOOST_CHECK(back->keys[0].share_active);
+  BOOST_CHECK_EQUAL(back->keys[0].share_rpm, 142.5);
+  BOOST_CHECK_EQUAL(back->keys[0].share_tpm, 1e6);
+  BOOST_CHECK_EQUAL(back->keys[0].share_burst, 3u);
+  BOOST_CHECK(!back->keys[1].share_active);
+  BOOST_CHECK_EQUAL(back->keys[1].share_rpm, 0.0);
+  back = kp::PoolStatusFromJson(json::parse(
+      R"({"keys":[{"share_active":"yes","share_rpm":-5,"share_tpm":1e308,"share_burst":-1},{"share_burst":1e300}]})"));
+  BOOST_REQUIRE(back.ok());
+  BOOST_CHECK(!back->keys[0].share_active);
+  BOOST_CHECK_EQUAL(back->keys[0].share_rpm, 0.0);
+  BOOST_CHECK_EQUAL(back->keys[0].share_tpm, 1e308);
+  BOOST_CHECK_EQUAL(back->keys[0].share_burst, 0u);
+  BOOST_CHECK_EQUAL(back->keys[1].share_burst, UINT32_MAX);
+}
+
+BOOST_AUTO_TEST_CASE(mesh_reply_round_trips_and_reads_hostile_values_safely) {
+  const kp::MeshReport m = SampleMesh();
+  const json::object wire = Wire(kp::MeshReply{m}.ToJson());
+  const json::object& o = wire.at("mesh").as_object();
+  for (const char* f : {"enabled",
+                        "host",
+                        "namespace",
+                        "redis",
+                        "mode",
+                        "redis_ok",
+                        "last_error",
+                        "rtt_seconds",
+                        "since_refresh",
+                        "lease_remaining",
+                        "hosts",
+                        "members",
+                        "epoch",
+                        "refreshes",
+                        "refresh_failures",
+                        "events_published",
+                        "events_applied",
+                        "resyncs",
+                        "propagation_p50",
+                        "propagation_p99",
+                        "propagation_samples",
+                        "keys"}) {
+    BOOST_CHECK_MESSAGE(o.contains(f), f);
+  }
+  for (const char* f : {"pool", "key", "limit_rpm", "limit_tpm", "share_rpm", "share_tpm", "burst", "wants_rpm",
+                        "wants_tpm", "holders", "mismatch"}) {
+    BOOST_CHECK_MESSAGE(o.at("keys").as_array()[0].as_object().contains(f), f);
+  }
+  km::Result<kp::MeshReply> back = kp::MeshReply::FromJson(wire);
+  BOOST_REQUIRE(back.ok());
+  const kp::MeshReport& b = back->mesh;
+  BOOST_CHECK(b.enabled && b.redis_ok);
+  BOOST_CHECK_EQUAL(b.host, "web-1");
+  BOOST_CHECK_EQUAL(b.ns, "keymesh");
+  BOOST_CHECK_EQUAL(b.redis, "127.0.0.1:6379");
+  BOOST_CHECK_EQUAL(b.mode, "leased");
+  BOOST_CHECK_EQUAL(b.rtt_seconds, 0.00042);
+  BOOST_CHECK_EQUAL(b.since_refresh, 0.25);
+  BOOST_CHECK_EQUAL(b.lease_remaining, 29.75);
+  BOOST_CHECK_EQUAL(b.hosts, 2u);
+  BOOST_CHECK(b.members == (std::vector<std::string>{"web-1", "web-2"}));
+  BOOST_CHECK_EQUAL(b.epoch, "e-17");
+  BOOST_CHECK_EQUAL(b.refreshes, 1ull << 40);
+  BOOST_CHECK_EQUAL(b.refresh_failures, 3u);
+  BOOST_CHECK_EQUAL(b.events_published, 4u);
+  BOOST_CHECK_EQUAL(b.events_applied, 5u);
+  BOOST_CHECK_EQUAL(b.resyncs, 6u);
+  BOOST_CHECK_EQUAL(b.propagation_p50, 0.0015);
+  BOOST_CHECK_EQUAL(b.propagation_p99, 0.02);
+  BOOST_CHECK_EQUAL(b.propagation_samples, 99u);
+  BOOST_REQUIRE_EQUAL(b.keys.size(), 2u);
+  BOOST_CHECK_EQUAL(b.keys[0].pool, "openai");
+  BOOST_CHECK_EQUAL(b.keys[0].key, "a");
+  BOOST_CHECK_EQUAL(b.keys[0].limit_rpm, 600.0);
+  BOOST_CHECK_EQUAL(b.keys[0].limit_tpm, 100000.0);
+  BOOST_CHECK_EQUAL(b.keys[0].share_rpm, 285.0);
+  BOOST_CHECK_EQUAL(b.keys[0].share_tpm, 47500.0);
+  BOOST_CHECK_EQUAL(b.keys[0].burst, 4.75);
+  BOOST_CHECK_EQUAL(b.keys[0].wants_rpm, 300.0);
+  BOOST_CHECK_EQUAL(b.keys[0].wants_tpm, 60000.0);
+  BOOST_CHECK_EQUAL(b.keys[0].holders, 2u);
+  BOOST_CHECK(!b.keys[0].mismatch && b.keys[1].mismatch);
+
+  // Without a mesh: only `enabled`.
+  const json::object off = Wire(kp::MeshReply{}.ToJson());
+  BOOST_CHECK_EQUAL(json::serialize(off), R"({"mesh":{"enabled":false}})");
+  BOOST_REQUIRE(kp::MeshReply::FromJson(off).ok());
+  BOOST_CHECK(!kp::MeshReply::FromJson(off)->mesh.enabled);
+
+  // Hostile or broken replies: clamped, or an error naming the field; never
+  // a crash or an out-of-range conversion.
+  back = kp::MeshReply::FromJson(json::parse(R"({"mesh":{"enabled":true,"hosts":1e300,"refreshes":-4,
+      "rtt_seconds":-7,"since_refresh":"soon","propagation_p99":-0.5,"lease_remaining":-3,"mode":"\u001b[2J","keys":[{"share_rpm":-1,
+      "holders":-2,"burst":1e308,"pool":5}]}})")
+                                     .as_object());
+  BOOST_REQUIRE(back.ok());
+  BOOST_CHECK_EQUAL(back->mesh.hosts, UINT32_MAX);
+  BOOST_CHECK_EQUAL(back->mesh.refreshes, 0u);
+  BOOST_CHECK_EQUAL(back->mesh.rtt_seconds, -1.0);
+  BOOST_CHECK_EQUAL(back->mesh.since_refresh, -1.0);
+  BOOST_CHECK_EQUAL(back->mesh.propagation_p99, -1.0);
+  BOOST_CHECK_EQUAL(back->mesh.lease_remaining, 0.0);
+  BOOST_CHECK_EQUAL(back->mesh.mode, "\x1b[2J");
+  BOOST_REQUIRE_EQUAL(back->mesh.keys.size(), 1u);
+  BOOST_CHECK_EQUAL(back->mesh.keys[0].share_rpm, 0.0);
+  BOOST_CHECK_EQUAL(back->mesh.keys[0].holders, 0u);
+  BOOST_CHECK_EQUAL(back->mesh.keys[0].burst, 1e308);
+  BOOST_CHECK_EQUAL(back->mesh.keys[0].pool, "");
+  for (const char* bad :
+       {R"({})", R"({"mesh":[]})", R"({"mesh":{"enabled":true,"keys":{}}})", R"({"mesh":{"enabled":true,"keys":[1]}})",
+        R"({"mesh":{"enabled":true,"members":"h1"}})", R"({"mesh":{"enabled":true,"members":["h1",2]}})"}) {
+    km::Result<kp::MeshReply> r = kp::MeshReply::FromJson(json::parse(bad).as_object());
+    BOOST_CHECK_MESSAGE(!r.ok() && r.status().code() == km::Code::kProtocolError, bad);
+  }
 }
 
 BOOST_AUTO_TEST_CASE(field_readers_name_the_field_in_each_style) {

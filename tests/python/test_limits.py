@@ -91,6 +91,9 @@ def test_burst_and_rate_margin_are_settable(make_pool) -> None:
     keys = {k["name"]: k for k in st["keys"]}
     assert keys["paced"]["burst"] == 4 and keys["paced"]["rate_margin"] == pytest.approx(0.25)
     assert keys["plain"]["burst"] == 0 and keys["plain"]["rate_margin"] < 0  # the pool's
+    # The mesh share fields travel (no mesh here: inactive, zero).
+    for k in keys.values():
+        assert (k["share_active"], k["share_rpm"], k["share_tpm"], k["share_burst"]) == (False, 0, 0, 0)
     # At 60 rpm less the margin a key is granted about once per 1.1-1.3 s:
     # back to back, the burst key gives 4 and the other one.
     granted = {"paced": 0, "plain": 0}
