@@ -615,7 +615,10 @@ void MeshJob::Impl::WatchLoop() {
     }
     const bool retry = (retry_at != 0 && now >= retry_at) || rediff.exchange(false);
     bool failed = false;
-    for (const auto& [pool, names] : mesh_keys) {
+    for (const auto& entry : mesh_keys) {
+      // (Named, not a structured binding: the diff's lambda captures it.)
+      const std::string& pool = entry.first;
+      const std::set<std::string>& names = entry.second;
       shm::PoolAdmin* admin = pools(pool);
       if (admin == nullptr) continue;
       const uint64_t seq = admin->EventsSeq();

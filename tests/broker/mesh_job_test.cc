@@ -204,7 +204,8 @@ BOOST_AUTO_TEST_CASE(grants_become_the_segments_shares) {
   KeyStatus a = f.Key("a");
   BOOST_TEST(a.share_rpm == 300.0, boost::test_tools::tolerance(0.01));
   BOOST_TEST(a.share_tpm == 30000.0, boost::test_tools::tolerance(0.01));
-  BOOST_TEST(f.job->Status().mode == MeshMode::kLeased);
+  // (The mode is reported just after the shares are written.)
+  BOOST_TEST(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased && f.job->Status().redis_ok; }));
   // Demand and use go out with every refresh, one bulk request for all keys.
   {
     std::lock_guard lock(f.world.mu);
@@ -343,7 +344,7 @@ BOOST_AUTO_TEST_CASE(another_hosts_changes_are_merged_and_not_echoed) {
     f.world.Append(d);
   }
   BOOST_REQUIRE(WaitFor([&] { return f.Key("b").cooldown_remaining > 2.0 && !f.Key("a").enabled; }));
-  BOOST_TEST(f.job->Status().events_applied == 2u);
+  BOOST_TEST(WaitFor([&] { return f.job->Status().events_applied == 2u; }));
   // A shorter remote cooldown never shortens the local one.
   {
     std::lock_guard lock(f.world.mu);
