@@ -20,7 +20,7 @@
 // default 5). `mesh` (CONTRACT.md "Across hosts"): `redis` (required),
 // `redis_password_env`, `host`, `namespace`, `refresh` (0.05-60 s),
 // `lease` (at least twice refresh, up to 3600 s), `outage` (share, closed,
-// open), and two extensions: `headroom` (0-0.5, default 0.05: the share of
+// open), and two extensions: `headroom` (0-0.5, default 0.03: the share of
 // every limit never granted) and `timeout` (Redis connect and command
 // timeout, 0.005-5 s, at most half of refresh; default 0.1). The mesh
 // changes only on restart. Unknown

@@ -38,7 +38,7 @@ constexpr uint64_t kProbeLeadNs = 200 * kMsNs;
 // over measured use of one that does not.
 constexpr double kWantsFloor = 0.02;
 constexpr double kWantsGrow = 1.5;
-constexpr double kWantsMargin = 1.2;
+constexpr double kWantsMargin = 1.1;
 // Every share's lease ends this early on this host's clock: the round trip
 // plus this, so that no host uses a share past Redis's view of its lease.
 constexpr uint64_t kExpiryMarginNs = 50 * kMsNs;

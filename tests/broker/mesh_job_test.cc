@@ -253,7 +253,7 @@ BOOST_AUTO_TEST_CASE(share_mode_after_the_lease_expired) {
   BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kShare; }));
   BOOST_TEST((std::chrono::steady_clock::now() - cut >= std::chrono::milliseconds(400)));
   // 1/N of the limit less the headroom, N = 2 as Redis last said.
-  BOOST_TEST(f.Key("a").share_rpm == 600 * 0.95 / 2, boost::test_tools::tolerance(0.01));
+  BOOST_TEST(f.Key("a").share_rpm == 600 * (1 - MeshConfig{}.headroom) / 2, boost::test_tools::tolerance(0.01));
   // Redis back: leased again.
   {
     std::lock_guard lock(f.world.mu);
