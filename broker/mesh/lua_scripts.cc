@@ -116,7 +116,11 @@ for i = 1, n do
   local st = redis.call('HMGET', p .. 'state:' .. id, 'cool_until', 'open_until', 'revoked', 'disabled')
   local cool = math.max(num(st[1]) or 0, num(st[2]) or 0)
   if cool <= now then cool = 0 end
-  local blocked = cool > 0 or st[3] == '1' or st[4] == '1'
+  -- A revoked or disabled key gets nothing. A cooling key keeps its
+  -- shares: the cooldown itself (returned below and merged into every
+  -- segment) keeps it out of rotation, and a share zeroed for it would
+  -- cost every host up to a refresh of the key after the cooldown ended.
+  local blocked = st[3] == '1' or st[4] == '1'
 
   -- The first fingerprint registered wins while any lease of it lives.
   local mismatch = reg and reg ~= fp and #others > 0

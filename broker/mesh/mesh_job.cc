@@ -128,13 +128,11 @@ struct KeyRuntime {
   bool mismatch_logged = false;
 };
 
-// The key's burst for the whole mesh (B_g): its configured burst, or about
-// one second of its rate when it has none (providers count per second), so
-// that every host's share of it is at least one request.
-double Burst(const MeshKey& k) {
-  if (k.burst > 1) return k.burst;
-  return std::max(1.0, std::floor(k.rpm / 60.0));
-}
+// The key's burst for the whole mesh (B_g): its configured burst (0 or 1:
+// smooth pacing). Each host's part is B_g x its share of the rate, at least
+// one request: so a key paced smoothly stays smooth on every host (a
+// provider counting per fixed second refuses what bursts add up to).
+double Burst(const MeshKey& k) { return std::max(1.0, static_cast<double>(k.burst)); }
 
 std::string Hex(const unsigned char* p, size_t n) {
   static const char* kDigits = "0123456789abcdef";

@@ -122,8 +122,9 @@ class MeshStore {
   // One bulk call for all of this host's keys: renews this host's
   // membership and leases, cleans expired ones, and grants each key's share.
   // Guarantees: for every key and dimension, the sum of the live hosts'
-  // grants never exceeds limit x (1 - headroom); a key cooling, revoked or
-  // disabled in Redis gets 0; while learning, a host gets at most
+  // grants never exceeds limit x (1 - headroom); a key revoked or disabled
+  // in Redis gets 0, a cooling one its deadline (cool_until_ms) beside its
+  // share; while learning, a host gets at most
   // min(has, wants) and a newcomer 0.
   virtual Result<LeaseReply> Lease(const LeaseRequest& request) = 0;
   // A clean stop: this host's leases and membership end at once.
