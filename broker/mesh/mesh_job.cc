@@ -34,10 +34,10 @@ uint32_t ReadBlockMs(double refresh) { return static_cast<uint32_t>(std::clamp(r
 constexpr uint64_t kProbeLeadNs = 200 * kMsNs;
 // Demand: the floor of a key's wants (a share of its limit every host
 // keeps asking for, so a host that turns busy is served at once from it),
-// the growth factor of a host that uses its whole share, and the margin
-// over measured use of one that does not.
+// the use of its share above which a host counts as saturated, and the
+// margin over measured use of one that is not.
 constexpr double kWantsFloor = 0.02;
-constexpr double kWantsGrow = 1.5;
+constexpr double kSaturated = 0.93;
 constexpr double kWantsMargin = 1.1;
 // Every share's lease ends this early on this host's clock: the round trip
 // plus this, so that no host uses a share past Redis's view of its lease.
@@ -293,10 +293,14 @@ void UpdateWants(KeyRuntime& k, double dt, uint64_t d_acq, uint64_t d_tok, bool 
     if (limit <= 0) return 0.0;
     const double floor = limit * kWantsFloor;
     double w;
-    // Saturated: this host uses (nearly) all it holds, or its workers
-    // waited: ask for more, geometrically, until it no longer is.
-    if ((has > 0 && rate >= 0.85 * has) || pressure) {
-      w = std::max(rate, has) * kWantsGrow + floor;
+    // Saturated: this host uses all it holds (pacing lets it reach 98 %
+    // of a share with the pools' 2 % margin), or its workers gave up: its
+    // true demand is unknown, so it asks for the whole key and the
+    // allocator's max-min split gives it an equal part of what the hosts
+    // that are not saturated leave. Once it holds more than it uses it
+    // asks for its use again (within two refreshes either way).
+    if ((has > 0 && rate >= kSaturated * has) || pressure) {
+      w = limit;
     } else {
       w = rate * kWantsMargin + floor;
     }
