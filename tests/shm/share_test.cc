@@ -215,28 +215,35 @@ BOOST_AUTO_TEST_SUITE_END()
 
 BOOST_AUTO_TEST_SUITE(across_processes)
 
+// A worker in another process waits for a key of `pool`; once it sleeps,
+// `wake` makes the key grantable, and the worker must get it at once
+// (woken, not timed out).
+void ExpectWaiterWokenBy(PoolAdmin& pool, const std::function<void()>& wake) {
+  Pipe result;
+  ChildGuard child(ForkChild([&] {
+    result.CloseRead();
+    Result<LeaseHandle> r = pool.Acquire(20 * kSec);
+    const uint64_t got = MonotonicNowNanos();
+    if (!result.Put(got) || !r.ok()) return 1;
+    return pool.Release(*r, Success()).ok() ? 0 : 2;
+  }));
+  result.CloseWrite();
+  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(pool, child.pid), "the waiter never went to sleep");
+  const uint64_t woken = MonotonicNowNanos();
+  wake();
+  uint64_t got = 0;
+  BOOST_REQUIRE(result.Get(&got));
+  BOOST_CHECK_EQUAL(child.Wait(), 0);
+  BOOST_CHECK_GE(got, woken);
+  BOOST_CHECK_LT(got - woken, 100'000'000u);
+}
+
 // A worker in another process waits for the only key, which has no share on
 // this host; the share rises and the worker gets the key at once.
 BOOST_AUTO_TEST_CASE(raising_a_share_from_zero_wakes_a_waiter_in_another_process) {
   PacedPool p(1, 600, &SystemClock::Instance());
   BOOST_REQUIRE(p.tp.pool->SetShares(Shares{{"k0", Share(0)}}).ok());
-  Pipe result;
-  ChildGuard child(ForkChild([&] {
-    result.CloseRead();
-    Result<LeaseHandle> r = p.tp.pool->Acquire(20 * kSec);
-    const uint64_t got = MonotonicNowNanos();
-    if (!result.Put(got) || !r.ok()) return 1;
-    return p.tp.pool->Release(*r, Success()).ok() ? 0 : 2;
-  }));
-  result.CloseWrite();
-  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(*p.tp.pool, child.pid), "the waiter never went to sleep");
-  const uint64_t raised = MonotonicNowNanos();
-  BOOST_REQUIRE(p.tp.pool->SetShares(Shares{{"k0", Share(300)}}).ok());
-  uint64_t got = 0;
-  BOOST_REQUIRE(result.Get(&got));
-  BOOST_CHECK_EQUAL(child.Wait(), 0);
-  BOOST_CHECK_GE(got, raised);
-  BOOST_CHECK_LT(got - raised, 100'000'000u);  // woken, not timed out
+  ExpectWaiterWokenBy(*p.tp.pool, [&] { BOOST_REQUIRE(p.tp.pool->SetShares(Shares{{"k0", Share(300)}}).ok()); });
   BOOST_CHECK(p.tp.pool->CheckConsistency().ok());
 }
 
@@ -256,22 +263,7 @@ BOOST_AUTO_TEST_CASE(shares_lapse_when_the_broker_stops_renewing_them) {
   BOOST_CHECK_MESSAGE(lapsed.status().message().find("has not renewed its shares") != std::string::npos,
                       lapsed.status().message());
   // A waiter in another process is woken when the broker vouches again.
-  Pipe result;
-  ChildGuard child(ForkChild([&] {
-    result.CloseRead();
-    Result<LeaseHandle> r = p.tp.pool->Acquire(20 * kSec);
-    const uint64_t got = MonotonicNowNanos();
-    if (!result.Put(got) || !r.ok()) return 1;
-    return p.tp.pool->Release(*r, Success()).ok() ? 0 : 2;
-  }));
-  result.CloseWrite();
-  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(*p.tp.pool, child.pid), "the waiter never went to sleep");
-  const uint64_t renewed = MonotonicNowNanos();
-  p.tp.pool->SetShareDeadline(renewed + 60 * kSec);
-  uint64_t got = 0;
-  BOOST_REQUIRE(result.Get(&got));
-  BOOST_CHECK_EQUAL(child.Wait(), 0);
-  BOOST_CHECK_LT(got - renewed, 100'000'000u);  // woken, not timed out
+  ExpectWaiterWokenBy(*p.tp.pool, [&] { p.tp.pool->SetShareDeadline(MonotonicNowNanos() + 60 * kSec); });
   // Without a share the deadline means nothing (a host alone).
   BOOST_REQUIRE(p.tp.pool->ClearShares().ok());
   p.tp.pool->SetShareDeadline(MonotonicNowNanos() - 1);
