@@ -150,6 +150,17 @@ class FakeStore : public MeshStore {
   World& w_;
 };
 
+// A change another host (h2) made to key `key` of pool p.
+KeyEvent FromH2(const std::string& key, EventKind kind, int64_t until_ms = 0) {
+  KeyEvent e;
+  e.pool = "p";
+  e.key = key;
+  e.kind = kind;
+  e.until_ms = until_ms;
+  e.origin = "h2";
+  return e;
+}
+
 // Waits up to `seconds` for `cond` (polled every millisecond).
 bool WaitFor(const std::function<bool()>& cond, double seconds = 5) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
@@ -330,31 +341,15 @@ BOOST_AUTO_TEST_CASE(another_hosts_changes_are_merged_and_not_echoed) {
   BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_rpm > 0 && f.job->Status().resyncs > 0; }));
   {
     std::lock_guard lock(f.world.mu);
-    KeyEvent e;
-    e.pool = "p";
-    e.key = "b";
-    e.kind = EventKind::kCooldown;
-    e.until_ms = NowMs() + 3000;
-    e.origin = "h2";
-    f.world.Append(e);
-    KeyEvent d = e;
-    d.key = "a";
-    d.kind = EventKind::kDisabled;
-    d.until_ms = 0;
-    f.world.Append(d);
+    f.world.Append(FromH2("b", EventKind::kCooldown, NowMs() + 3000));
+    f.world.Append(FromH2("a", EventKind::kDisabled));
   }
   BOOST_REQUIRE(WaitFor([&] { return f.Key("b").cooldown_remaining > 2.0 && !f.Key("a").enabled; }));
   BOOST_TEST(WaitFor([&] { return f.job->Status().events_applied == 2u; }));
   // A shorter remote cooldown never shortens the local one.
   {
     std::lock_guard lock(f.world.mu);
-    KeyEvent e;
-    e.pool = "p";
-    e.key = "b";
-    e.kind = EventKind::kCooldown;
-    e.until_ms = NowMs() + 1000;
-    e.origin = "h2";
-    f.world.Append(e);
+    f.world.Append(FromH2("b", EventKind::kCooldown, NowMs() + 1000));
   }
   BOOST_REQUIRE(WaitFor([&] { return f.job->Status().events_applied == 3u; }));
   BOOST_TEST(f.Key("b").cooldown_remaining > 1.5);
@@ -380,13 +375,7 @@ BOOST_AUTO_TEST_CASE(the_loser_of_the_probe_keeps_its_circuit_open) {
   BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_rpm > 0 && f.job->Status().resyncs > 0; }));
   {
     std::lock_guard lock(f.world.mu);
-    KeyEvent e;
-    e.pool = "p";
-    e.key = "a";
-    e.kind = EventKind::kCircuitOpen;
-    e.until_ms = NowMs() + 400;
-    e.origin = "h2";
-    f.world.Append(e);
+    f.world.Append(FromH2("a", EventKind::kCircuitOpen, NowMs() + 400));
   }
   BOOST_REQUIRE(WaitFor([&] { return f.Key("a").circuit == CircuitState::kOpen; }));
   // Past the original deadline the circuit is still open here: the probe is h2's.
@@ -396,12 +385,7 @@ BOOST_AUTO_TEST_CASE(the_loser_of_the_probe_keeps_its_circuit_open) {
   // h2's probe succeeded: closed here too.
   {
     std::lock_guard lock(f.world.mu);
-    KeyEvent e;
-    e.pool = "p";
-    e.key = "a";
-    e.kind = EventKind::kCircuitClosed;
-    e.origin = "h2";
-    f.world.Append(e);
+    f.world.Append(FromH2("a", EventKind::kCircuitClosed));
   }
   BOOST_TEST(WaitFor([&] { return f.Key("a").circuit == CircuitState::kClosed; }));
 }
