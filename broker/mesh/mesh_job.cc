@@ -123,6 +123,8 @@ struct KeyRuntime {
   double has_req = 0;  // the current grant (per second)
   double has_tok = 0;
   double burst = 1;
+  double pace_rpm = 0;  // what this host paces the key at now (ApplyShares), for the status
+  double pace_tpm = 0;
   uint32_t holders = 0;
   bool mismatch = false;
   bool mismatch_logged = false;
@@ -384,9 +386,13 @@ void MeshJob::Impl::ApplyShares(std::map<std::string, KeyRuntime>& rt, const std
       case MeshMode::kOpen:
         k.has_req = 0;
         k.has_tok = 0;
+        k.pace_rpm = k.def.rpm;
+        k.pace_tpm = static_cast<double>(k.def.tpm);
         open_pools.insert(k.def.pool);
         continue;
     }
+    k.pace_rpm = share.rpm;
+    k.pace_tpm = share.tpm;
     by_pool[k.def.pool].emplace_back(k.def.key, share);
   }
   for (const std::string& pool : open_pools) {
@@ -415,20 +421,11 @@ void MeshJob::Impl::PublishKeyStatus(const std::map<std::string, KeyRuntime>& rt
     s.holders = k.holders;
     s.mismatch = k.mismatch;
     s.burst = k.burst;
-    s.share_rpm = k.has_req * 60;
-    s.share_tpm = k.has_tok * 60;
+    s.share_rpm = k.pace_rpm;
+    s.share_tpm = k.pace_tpm;
     out.push_back(std::move(s));
   }
   std::lock_guard lock(mu);
-  const MeshMode mode = status.mode;
-  if (mode == MeshMode::kShare || mode == MeshMode::kClosed || mode == MeshMode::kOpen) {
-    const double n = std::max<uint32_t>(status.hosts, 1);
-    for (MeshKeyStatus& s : out) {
-      const double f = mode == MeshMode::kShare ? (1 - config.headroom) / n : mode == MeshMode::kOpen ? 1.0 : 0.0;
-      s.share_rpm = s.limit_rpm * f;
-      s.share_tpm = s.limit_tpm * f;
-    }
-  }
   status.keys = std::move(out);
 }
 
