@@ -168,6 +168,10 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
     return Status(Code::kInvalidArgument, "mesh: headroom must be >= 0 and < 1");
   }
   if (request.keys.size() > kMaxLeaseKeys) return Status(Code::kInvalidArgument, "mesh: too many keys in one lease");
+  if (request.now_ms_for_testing &&
+      (*request.now_ms_for_testing < 0 || *request.now_ms_for_testing > (int64_t{1} << 52))) {
+    return Status(Code::kInvalidArgument, "mesh: now_ms_for_testing out of range");
+  }
   std::vector<std::string> args = {prefix_,
                                    request.host,
                                    std::to_string(request.seq),

@@ -931,7 +931,11 @@ BOOST_FIXTURE_TEST_CASE(bad_requests_are_refused_before_redis, Fresh) {
   req.keys[0].req.wants = 1;
   req.host = "two words";
   BOOST_TEST(s.Lease(req).status().code() == Code::kInvalidArgument);
+  req.host = "h";
+  req.now_ms_for_testing = -1;
+  BOOST_TEST(s.Lease(req).status().code() == Code::kInvalidArgument);
   BOOST_TEST(s.Leave("").code() == Code::kInvalidArgument);
+  BOOST_TEST(s.ClaimProbe("p", "k", "h", 0).status().code() == Code::kInvalidArgument);
 }
 
 // Not an assertion on speed (a shared 2-core machine): the figure for the
