@@ -3,6 +3,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -32,13 +33,16 @@ uint32_t ReadBlockMs(double refresh) { return static_cast<uint32_t>(std::clamp(r
 // A claimed half-open probe is claimed this long before the circuit's
 // deadline, so losers extend their open circuit before they would probe.
 constexpr uint64_t kProbeLeadNs = 200 * kMsNs;
-// Demand: the floor of a key's wants (a share of its limit every host
-// keeps asking for, so a host that turns busy is served at once from it),
-// the use of its share above which a host counts as saturated, and the
-// margin over measured use of one that is not.
+// Demand: the least a host asks of a key (a share of its limit every host
+// keeps, so a host that turns busy is served at once from it), the use of
+// its shares above which a host counts as saturated, and the margin over
+// measured use of one that is not (1 / kWantsMargin < kSaturated: a host
+// whose use is steady does not flip between the two).
 constexpr double kWantsFloor = 0.02;
-constexpr double kSaturated = 0.93;
-constexpr double kWantsMargin = 1.1;
+constexpr double kSaturated = 0.97;
+constexpr double kWantsMargin = 1.08;
+// Refreshes over which a pool's use is set against its shares.
+constexpr size_t kDemandWindow = 5;
 // Every share's lease ends this early on this host's clock: the round trip
 // plus this, so that no host uses a share past Redis's view of its lease.
 constexpr uint64_t kExpiryMarginNs = 50 * kMsNs;
@@ -108,6 +112,33 @@ struct Known {
   bool enabled = true;
   bool seen = false;
   uint64_t version = 0;  // the key's reset generation last applied or published
+};
+
+// The refresh thread's view of one pool's demand on this host: its workers'
+// give-ups last seen, and the use and shares of its keys over the last
+// kDemandWindow refreshes (requests or tokens; summed over the pool's keys).
+struct PoolDemand {
+  static constexpr size_t kWindow = kDemandWindow;
+  uint64_t waited = 0;
+  struct Interval {
+    double used_req = 0, held_req = 0, used_tok = 0, held_tok = 0;
+  };
+  std::array<Interval, kWindow> last{};
+  size_t n = 0;
+
+  void Add(double dt, double used_req, double held_req, double used_tok, double held_tok) {
+    if (dt <= 0) return;  // the first measurement has no interval
+    last[n % kWindow] = {used_req * dt, held_req * dt, used_tok * dt, held_tok * dt};
+    ++n;
+  }
+  bool Saturated(bool tokens) const {
+    double used = 0, held = 0;
+    for (size_t i = 0; i < std::min(n, kWindow); ++i) {
+      used += tokens ? last[i].used_tok : last[i].used_req;
+      held += tokens ? last[i].held_tok : last[i].held_req;
+    }
+    return held > 0 && used >= kSaturated * held;
+  }
 };
 
 // The refresh thread's view of one key.
@@ -271,7 +302,7 @@ struct MeshJob::Impl {
   void ApplyShares(std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order, MeshMode mode,
                    uint32_t hosts);
   void MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
-                     std::map<std::string, uint64_t>* pressure);
+                     std::map<std::string, PoolDemand>* demand);
   void PublishKeyStatus(const std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order);
 
   // --- watcher -------------------------------------------------------------
@@ -283,39 +314,36 @@ struct MeshJob::Impl {
 
 namespace {
 
-// ProportionalShare's local half: what this host asks for.
-void UpdateWants(KeyRuntime& k, double dt, uint64_t d_acq, uint64_t d_tok, bool pressure) {
-  const double limit_req = k.def.rpm / 60.0;
-  const double limit_tok = static_cast<double>(k.def.tpm) / 60.0;
-  const double r_req = dt > 0 ? static_cast<double>(d_acq) / dt : 0;
-  const double r_tok = dt > 0 ? static_cast<double>(d_tok) / dt : 0;
-  k.rate_req = k.counted ? 0.5 * k.rate_req + 0.5 * r_req : r_req;
-  k.rate_tok = k.counted ? 0.5 * k.rate_tok + 0.5 * r_tok : r_tok;
-  auto wants = [&](double rate, double has, double limit) {
-    if (limit <= 0) return 0.0;
-    const double floor = limit * kWantsFloor;
-    double w;
-    // Saturated: this host uses all it holds (pacing lets it reach 98 %
-    // of a share with the pools' 2 % margin), or its workers gave up: its
-    // true demand is unknown, so it asks for the whole key and the
-    // allocator's max-min split gives it an equal part of what the hosts
-    // that are not saturated leave. Once it holds more than it uses it
-    // asks for its use again (within two refreshes either way).
-    if ((has > 0 && rate >= kSaturated * has) || pressure) {
-      w = limit;
-    } else {
-      w = rate * kWantsMargin + floor;
-    }
-    return std::min(w, limit);
-  };
-  k.wants_req = wants(k.rate_req, k.has_req, limit_req);
-  k.wants_tok = wants(k.rate_tok, k.has_tok, limit_tok);
+// ProportionalShare's local half: what this host asks for, per dimension.
+// `saturated`: the host's pool uses all it holds of the keys (MeasureDemand
+// judges it for the pool as a whole). Its true demand is then unknown, so it
+// asks for the whole key and the allocator's max-min split gives it an equal
+// part of what the hosts that are not saturated leave; once it holds more
+// than it uses it asks for its use again (within two refreshes either way).
+double Wants(double rate, double limit, bool saturated) {
+  if (limit <= 0) return 0.0;
+  const double w = saturated ? limit : std::max(rate * kWantsMargin, limit * kWantsFloor);
+  return std::min(w, limit);
+}
+
+// One key's admitted rates of the last interval (per second), and their
+// smoothed values.
+struct Rates {
+  double req = 0;
+  double tok = 0;
+};
+
+Rates Measure(KeyRuntime& k, double dt, uint64_t d_acq, uint64_t d_tok) {
+  const Rates r{dt > 0 ? static_cast<double>(d_acq) / dt : 0, dt > 0 ? static_cast<double>(d_tok) / dt : 0};
+  k.rate_req = k.counted ? 0.5 * k.rate_req + 0.5 * r.req : r.req;
+  k.rate_tok = k.counted ? 0.5 * k.rate_tok + 0.5 * r.tok : r.tok;
+  return r;
 }
 
 }  // namespace
 
 void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
-                                  std::map<std::string, uint64_t>* pressure) {
+                                  std::map<std::string, PoolDemand>* demand) {
   const double dt = *last_ns == 0 ? 0 : static_cast<double>(now - *last_ns) / 1e9;
   *last_ns = now;
   std::set<std::string> pool_names;
@@ -329,19 +357,61 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     // more than it has. Waits alone are no such sign: pacing at any share
     // makes an acquire wait for the next slot now and then.
     const uint64_t waited = snap->totals.no_key_available + snap->totals.timeouts;
-    uint64_t& last = (*pressure)[pool];
-    const bool pressed = last != 0 && waited > last;
-    last = waited == 0 ? 1 : waited;
+    PoolDemand& d = (*demand)[pool];
+    const bool pressed = d.waited != 0 && waited > d.waited;
+    d.waited = waited == 0 ? 1 : waited;
+    // Saturation is the pool's, not each key's: a worker takes whichever
+    // key is ready, so how its use splits between the keys follows the
+    // shares (judged per key, the keys whose share just grew looked idle
+    // and the hosts' shares swung between the keys every refresh). The use
+    // of the last intervals is set against the shares held during them (a
+    // smoothed rate lags behind a share that moved; one interval's count of
+    // a few requests is too coarse).
+    std::vector<KeyRuntime*> keys;
+    double used_req = 0, held_req = 0, used_tok = 0, held_tok = 0;
     for (const KeyStatus& ks : snap->keys) {
       auto it = rt.find(KeyOf(pool, ks.name));
       if (it == rt.end()) continue;
       KeyRuntime& k = it->second;
       const uint64_t d_acq = k.counted && ks.acquires >= k.acquires ? ks.acquires - k.acquires : 0;
       const uint64_t d_tok = k.counted && ks.tokens >= k.tokens ? ks.tokens - k.tokens : 0;
-      UpdateWants(k, k.counted ? dt : 0, d_acq, d_tok, pressed);
+      const Rates r = Measure(k, k.counted ? dt : 0, d_acq, d_tok);
+      if (k.def.rpm > 0) {
+        used_req += r.req;
+        held_req += k.has_req;
+      }
+      if (k.def.tpm > 0) {
+        used_tok += r.tok;
+        held_tok += k.has_tok;
+      }
       k.acquires = ks.acquires;
       k.tokens = ks.tokens;
       k.counted = true;
+      keys.push_back(&k);
+    }
+    d.Add(dt, used_req, held_req, used_tok, held_tok);
+    const bool sat_req = pressed || d.Saturated(false);
+    const bool sat_tok = pressed || d.Saturated(true);
+    // A host that is not saturated asks each key for its part of the pool's
+    // use, split by the keys' limits: how a few requests a second fall on
+    // each key changes from one interval to the next, and a key whose wants
+    // dropped for a refresh lost its share to a saturated host.
+    double rate_req = 0, rate_tok = 0, limits_req = 0, limits_tok = 0;
+    for (const KeyRuntime* k : keys) {
+      if (k->def.rpm > 0) {
+        rate_req += k->rate_req;
+        limits_req += k->def.rpm / 60.0;
+      }
+      if (k->def.tpm > 0) {
+        rate_tok += k->rate_tok;
+        limits_tok += static_cast<double>(k->def.tpm) / 60.0;
+      }
+    }
+    for (KeyRuntime* k : keys) {
+      const double limit_req = k->def.rpm / 60.0;
+      const double limit_tok = static_cast<double>(k->def.tpm) / 60.0;
+      k->wants_req = Wants(limits_req > 0 ? rate_req * limit_req / limits_req : 0, limit_req, sat_req);
+      k->wants_tok = Wants(limits_tok > 0 ? rate_tok * limit_tok / limits_tok : 0, limit_tok, sat_tok);
     }
   }
 }
@@ -437,7 +507,7 @@ void MeshJob::Impl::RefreshLoop() {
   uint64_t gen = UINT64_MAX;
   uint64_t seq = 0;
   uint64_t last_demand_ns = 0;
-  std::map<std::string, uint64_t> pressure;
+  std::map<std::string, PoolDemand> demand;
   uint32_t last_hosts = 1;
   MeshMode outage_mode = config.outage == OutageMode::kShare    ? MeshMode::kShare
                          : config.outage == OutageMode::kClosed ? MeshMode::kClosed
@@ -471,7 +541,7 @@ void MeshJob::Impl::RefreshLoop() {
       if (!applied_any) ApplyShares(rt, order, MeshMode::kClosed, 1);
     }
     const uint64_t now = MonoNs();
-    MeasureDemand(rt, now, &last_demand_ns, &pressure);
+    MeasureDemand(rt, now, &last_demand_ns, &demand);
 
     LeaseRequest req;
     req.host = config.host;

@@ -65,6 +65,17 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
                 st = c.mesh_status(h)
                 modes_end[h.name] = str(st.get("mode")) if st else "?"
         events.append((max(0.0, args.seconds - 1.0), note_modes))
+        if args.trace:
+            def trace(t: float) -> None:
+                cells = []
+                for h in c.hosts:
+                    st = c.mesh_status(h) or {}
+                    keys = st.get("keys") or []
+                    cells.append(f"{h.name} " + " ".join(
+                        f"{float(k.get('share_rpm', 0)) / 60:4.1f}/{float(k.get('wants_rpm', 0)) / 60:4.1f}"
+                        for k in keys if isinstance(k, dict)))
+                print(f"  t={t:5.1f}s share/wants per key (req/s): " + " | ".join(cells), flush=True)
+            events += [(float(t), trace) for t in range(1, int(args.seconds))]
     result = mf.run_farm(c, mode, args.seconds, plans, events=events, gcra=gcra)
     stats = c.provider_stats()
     counts = mf.totals(result.reports)
@@ -182,6 +193,8 @@ def main() -> int:
     parser.add_argument("--freeze", type=float, default=5.0, help="seconds redis-server is frozen (< lease)")
     parser.add_argument("--trials", type=int, default=20, help="cooldown propagation trials")
     parser.add_argument("--rows", default="mesh,isolated,redis-gcra,frozen,killed,propagation")
+    parser.add_argument("--trace", action="store_true",
+                        help="print each host's share and wants of each key every second of the mesh rows")
     parser.add_argument("--build", default=os.path.join(mf.ROOT, "build"))
     args = parser.parse_args()
     args.build = os.path.abspath(args.build)

@@ -6,6 +6,7 @@
 #define BOOST_TEST_MODULE mesh_job_test
 #include "broker/mesh/mesh_job.h"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -237,6 +238,45 @@ BOOST_AUTO_TEST_CASE(grants_become_the_segments_shares) {
   BOOST_TEST(st.hosts == 2u);
   BOOST_TEST(st.keys.size() == 2u);
   BOOST_TEST(st.lease_remaining > 0.0);
+}
+
+// The wants of the last lease request for key `i` (requests per second).
+double LastWants(Fixture& f, size_t i) {
+  std::lock_guard lock(f.world.mu);
+  if (f.world.leases.empty() || f.world.leases.back().keys.size() <= i) return -1;
+  return f.world.leases.back().keys[i].req.wants;
+}
+
+// A worker takes whichever key is ready, so demand is judged for the pool:
+// a host that is not saturated asks each key for its part of the pool's use
+// (split by the keys' limits, whichever key served it), and one that uses
+// all it holds asks for the whole of every key.
+BOOST_AUTO_TEST_CASE(demand_is_the_pools_and_split_by_the_keys_limits) {
+  Fixture f;
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("b").share_active && f.Key("b").share_rpm > 0; }));
+  // Only "a" serves, at about 4 a second of the 10 a second held in all.
+  BOOST_REQUIRE(f.tp.pool->SetEnabled("b", false).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<double> interval{0.25};
+  std::thread worker([&] {
+    while (!stop.load()) {
+      Result<shm::LeaseHandle> r = f.tp.pool->TryAcquire();
+      if (r.ok()) (void)f.tp.pool->Release(*r, shm::testing::Success());
+      std::this_thread::sleep_for(std::chrono::duration<double>(interval.load()));  // the worker's own demand
+    }
+  });
+  const double floor = 10 * 0.02;
+  BOOST_TEST(WaitFor([&] {
+    const double a = LastWants(f, 0), b = LastWants(f, 1);
+    return a > floor && std::abs(a - b) < 1e-9;
+  }));
+  // Saturated: the worker takes every request the shares allow.
+  BOOST_REQUIRE(f.tp.pool->SetEnabled("b", true).ok());
+  interval = 0.0005;
+  BOOST_TEST(WaitFor([&] { return LastWants(f, 0) == 10.0 && LastWants(f, 1) == 10.0; }));
+  stop = true;
+  worker.join();
 }
 
 BOOST_AUTO_TEST_CASE(learning_is_reported) {

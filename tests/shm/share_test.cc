@@ -45,17 +45,18 @@ KeyShare Share(double rpm, double tpm = 0, uint32_t burst = 1) {
   return s;
 }
 
-// A pool without a rate margin whose keys k0..k{n-1} have `rpm` (burst 1).
+// A pool (without a rate margin unless given one) whose keys k0..k{n-1}
+// have `rpm` (burst 1).
 struct PacedPool {
   FakeClock clock;
   TestPool tp;
-  explicit PacedPool(uint32_t keys, uint32_t rpm, const Clock* use = nullptr)
-      : tp(0, Config(), use != nullptr ? *use : static_cast<const Clock&>(clock)) {
+  explicit PacedPool(uint32_t keys, uint32_t rpm, const Clock* use = nullptr, double margin = 0)
+      : tp(0, Config(margin), use != nullptr ? *use : static_cast<const Clock&>(clock)) {
     for (uint32_t i = 0; i < keys; ++i) Must(tp.pool->AddKey(Def("k" + std::to_string(i), rpm)), "AddKey");
   }
-  static PoolConfig Config() {
+  static PoolConfig Config(double margin) {
     PoolOptions o;
-    o.rate_margin = 0;
+    o.rate_margin = margin;
     o.max_failures = 1;
     o.default_cooldown = 60;
     o.max_cooldown = 600;
@@ -119,6 +120,22 @@ BOOST_AUTO_TEST_CASE(half_the_configured_rpm_admits_half) {
   BOOST_CHECK_GE(slow, 5u);  // 9.2 s apart, after at most one interval owed from before
   BOOST_CHECK_LE(slow, 7u);
   BOOST_CHECK(p.tp.pool->CheckConsistency().ok());
+}
+
+// The mesh's headroom is taken off the key's limit before it is split: a
+// share is paced as granted, without the pool's margin on top.
+BOOST_AUTO_TEST_CASE(a_share_is_paced_without_the_pools_margin) {
+  PacedPool p(1, 120, nullptr, 0.25);  // configured: 120 rpm paced at 90 rpm
+  p.clock.Set(1000 * kSec);
+  const uint32_t configured = p.GrantsOver(60);
+  BOOST_CHECK_GE(configured, 89u);
+  BOOST_CHECK_LE(configured, 91u);
+  BOOST_REQUIRE(p.tp.pool->SetShares(Shares{{"k0", Share(120)}}).ok());
+  const uint32_t shared = p.GrantsOver(60);
+  BOOST_CHECK_GE(shared, 119u);
+  BOOST_CHECK_LE(shared, 121u);
+  BOOST_REQUIRE(p.tp.pool->ClearShares().ok());
+  BOOST_CHECK_LE(p.GrantsOver(60), 91u);
 }
 
 BOOST_AUTO_TEST_CASE(share_burst_and_unlimited_dimensions) {
