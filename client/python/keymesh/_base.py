@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from . import _core
+from ._core import Core
 from ._status import shape_status
 from .exceptions import KeyExhaustedError, KeyMeshError, KeyNotHeldError
 from .scheduler import SchedulerStrategy, parse_strategy, strategy_of_scheduler
@@ -26,7 +27,7 @@ class PoolBase:
     """The pool surface both classes share; ``_owner`` names the class in messages."""
 
     _owner = "KeyPool"
-    _core: "_core.Core"
+    _core: Core
 
     def __init__(self, keys: Sequence[Any], *, strategy: Union[str, SchedulerStrategy] = SchedulerStrategy.LEAST_BUSY,
                  scheduler: Any = None, storage: Any = None, default_cooldown: float = 60.0,
@@ -64,7 +65,7 @@ class PoolBase:
         self._init_core(_core.Core.connect(pool, socket))
         return self
 
-    def _init_core(self, core: "_core.Core") -> None:
+    def _init_core(self, core: Core) -> None:
         """The one place a pool object gets its state (both constructors)."""
         self._core = core
 
