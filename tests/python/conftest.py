@@ -8,7 +8,9 @@ connects to it. Attached tests fail when the broker is not built.
 ``asyncio_debug`` (a fixture; ``pytestmark = pytest.mark.usefixtures("asyncio_debug")``
 applies it to a module) runs every event loop the test creates in debug mode
 with a small slow_callback_duration, and fails the test if asyncio logged a
-callback that blocked the loop ("Executing ... took ...").
+callback that blocked the loop ("Executing ... took ..."). A test whose loops
+run in several threads at once (so a step may wait for the GIL) sets its own
+bound with ``@pytest.mark.slow_callback(seconds)``.
 """
 from __future__ import annotations
 
@@ -150,16 +152,24 @@ def make_pool(mode: str):
 # A callback (a coroutine step) that runs longer than this blocked the loop: a
 # blocking call where an await belongs. Well above what a coroutine step of
 # the pool costs, well below any blocking wait; $KEYMESH_SLOW_CALLBACK overrides.
-SLOW_CALLBACK = float(os.environ.get("KEYMESH_SLOW_CALLBACK", "0.05"))
+SLOW_CALLBACK = float(os.environ.get("KEYMESH_SLOW_CALLBACK", "0.08"))
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "slow_callback(seconds): the asyncio_debug bound for this test")
 
 
 class DebugLoopPolicy(asyncio.DefaultEventLoopPolicy):
     """New loops (asyncio.run's included) in debug mode, flagging slow callbacks."""
 
+    def __init__(self, slow_callback: float = SLOW_CALLBACK) -> None:
+        super().__init__()
+        self.slow_callback = slow_callback
+
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         loop = super().new_event_loop()
         loop.set_debug(True)
-        loop.slow_callback_duration = SLOW_CALLBACK
+        loop.slow_callback_duration = self.slow_callback
         return loop
 
 
@@ -177,9 +187,10 @@ class SlowCallbacks(logging.Handler):
 
 
 @pytest.fixture
-def asyncio_debug() -> Iterator[SlowCallbacks]:
+def asyncio_debug(request: Any) -> Iterator[SlowCallbacks]:
+    marker = request.node.get_closest_marker("slow_callback")
     old_policy = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(DebugLoopPolicy())
+    asyncio.set_event_loop_policy(DebugLoopPolicy(float(marker.args[0]) if marker else SLOW_CALLBACK))
     logger = logging.getLogger("asyncio")
     old_level = logger.level
     handler = SlowCallbacks()

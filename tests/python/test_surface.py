@@ -200,9 +200,10 @@ def test_key_state_async_mutators(asyncio_debug):
     assert KEY not in repr(s)
 
 
+@pytest.mark.slow_callback(0.5)  # four loops' threads take turns at the GIL
 def test_key_state_shared_by_tasks_of_several_threads_loops(asyncio_debug):
     s = KeyState(KEY, max_failures=10**9)
-    n, tasks, per = 4, 20, 100
+    n, tasks, per = 4, 10, 100
 
     async def worker():
         for _ in range(per):
@@ -269,6 +270,7 @@ def test_semaphore_group_caps_concurrency_per_key(asyncio_debug):
     assert peak == {"a": 3, "b": 3}
 
 
+@pytest.mark.slow_callback(0.5)  # four loops' threads take turns at the GIL
 def test_semaphore_group_is_per_loop_thread_safe_and_bounded(asyncio_debug):
     group = SemaphoreGroup(max_concurrent=1)
     seen = []
