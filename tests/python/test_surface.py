@@ -429,3 +429,58 @@ def test_asyncio_debug_flags_a_blocking_call():
         asyncio.set_event_loop_policy(old)
         logger.removeHandler(handler)
     assert handler.slow and "took" in handler.slow[0]
+
+
+# ---- burst and rate_margin, per key and per pool -------------------------------
+def keys_by_name(pool):
+    return {k["name"]: k for k in pool.status()["keys"]}
+
+
+def test_pool_wide_burst_and_rate_margin_embedded():
+    pool = keymesh.SyncKeyPool([("a", secret(1)), {"name": "b", "secret": secret(2), "burst": 5, "rate_margin": 0.1}],
+                               burst=3, rate_margin=0.05)
+    try:
+        pool.add_key(secret(3), name="c")
+        pool.add_key(secret(4), name="d", burst=7, rate_margin=0.2)
+        k = keys_by_name(pool)
+        assert [(k[n]["burst"], k[n]["rate_margin"]) for n in "abcd"] == [(3, -1.0), (5, 0.1), (3, -1.0), (7, 0.2)]
+        assert pool.status()["options"]["rate_margin"] == 0.05
+    finally:
+        pool.close()
+
+
+def test_pool_wide_burst_grants_back_to_back():
+    pool = keymesh.SyncKeyPool([{"secret": secret(1), "rpm": 6}], burst=3)
+    try:
+        for _ in range(3):  # the burst: granted at once
+            pool.release(pool.acquire(timeout=0))
+        with pytest.raises(keymesh.NoAvailableKeyError):  # then paced at 6/min
+            pool.acquire(timeout=0)
+    finally:
+        pool.close()
+    smooth = keymesh.SyncKeyPool([{"secret": secret(1), "rpm": 6}])
+    try:
+        smooth.release(smooth.acquire(timeout=0))
+        with pytest.raises(keymesh.NoAvailableKeyError):
+            smooth.acquire(timeout=0)
+    finally:
+        smooth.close()
+
+
+@pytest.mark.parametrize("kw", [dict(burst=-1), dict(burst=1_000_001), dict(burst=True), dict(burst=2.5),
+                                dict(rate_margin=0.5), dict(rate_margin=-0.1), dict(rate_margin=float("nan"))])
+def test_pool_burst_and_rate_margin_are_range_checked(kw):
+    with pytest.raises(keymesh.ConfigError):
+        keymesh.SyncKeyPool([secret(1)], **kw)
+
+
+def test_per_key_burst_and_rate_margin_through_add_key(make_pool):
+    pool = make_pool([secret(1)])
+    pool.add_key(secret(2), name="tuned", burst=4, rate_margin=0.3)
+    k = keys_by_name(pool)["tuned"]
+    assert (k["burst"], k["rate_margin"]) == (4, 0.3)
+    with pytest.raises(keymesh.ConfigError):
+        pool.add_key(secret(3), name="bad", burst=2_000_000)
+    with pytest.raises(keymesh.ConfigError):
+        pool.add_key(secret(3), name="bad", rate_margin=0.9)
+    assert "bad" not in keys_by_name(pool)

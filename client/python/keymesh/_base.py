@@ -32,13 +32,15 @@ class PoolBase:
     def __init__(self, keys: Sequence[Any], *, strategy: Union[str, SchedulerStrategy] = SchedulerStrategy.LEAST_BUSY,
                  scheduler: Any = None, storage: Any = None, default_cooldown: float = 60.0,
                  max_failures: int = 10, acquire_timeout: float = 30.0, rate_margin: Optional[float] = None,
-                 max_leases_per_process: Optional[int] = None) -> None:
+                 max_leases_per_process: Optional[int] = None, burst: Optional[int] = None) -> None:
         """An embedded pool (no broker: state lives in an anonymous shared mapping
         inherited by children forked afterwards). ``keys`` items are secrets (str),
         ``(name, secret)`` pairs, or dicts with ``secret`` and optional ``name``,
         ``weight``, ``max_concurrency``, ``rpm``, ``tpm``, ``burst`` and
         ``rate_margin``. ``rate_margin`` (default 0.02): keys are paced at
-        (1 - rate_margin) x their rpm/tpm. ``max_leases_per_process`` (default:
+        (1 - rate_margin) x their rpm/tpm. ``burst`` (default none, 0..1000000):
+        the burst of every key given none, here or by add_key (a key's own
+        wins). ``max_leases_per_process`` (default:
         half the lease table): leases one process may hold at once; a blocking
         acquire over it waits for one of its leases to end. Every number is
         range-checked (ConfigError, a ValueError, when out of range)."""
@@ -51,7 +53,7 @@ class PoolBase:
         core = _core.Core.create(keys, strategy=s.value, default_cooldown=default_cooldown,
                                  max_failures=max_failures, acquire_timeout=acquire_timeout,
                                  rate_margin=rate_margin, max_leases_per_process=max_leases_per_process,
-                                 owner=self._owner)
+                                 burst=burst, owner=self._owner)
         log.info("%s initialised: %d keys, strategy=%s", self._owner, len(keys), s.value)
         self._init_core(core)
 
