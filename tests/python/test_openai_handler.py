@@ -324,3 +324,32 @@ def test_async_stream_and_owned_pool_closed_by_aclose():
             await pool.acquire(timeout=0)
 
     asyncio.run(main())
+
+
+# ---- forked workers ------------------------------------------------------------
+def test_handler_made_before_fork_reports_from_every_worker(make_pool):
+    from test_processes import fork, wait_ok
+
+    replies = {"n": 0}
+
+    def respond(request):
+        replies["n"] += 1
+        if request.url.path.endswith("/limited"):
+            return httpx.Response(429, headers={"retry-after": "30"})
+        return httpx.Response(200, json={"usage": {"total_tokens": 10}})
+
+    client, pool, _ = handler_on(make_pool, respond, keys=KEYS)
+
+    def worker():
+        for _ in range(3):
+            assert client.get(URL).status_code == 200
+        assert pool.held_count() == 0
+
+    pids = [fork(worker) for _ in range(2)]
+    for pid in pids:
+        wait_ok(pid)
+    keys = pool.status()["keys"]
+    assert sum(k["success_count"] for k in keys) == 6 and sum(k["tokens"] for k in keys) == 60
+    pid = fork(lambda: client.get(URL + "/limited"))   # a 429 in a worker cools the key for all
+    wait_ok(pid)
+    assert pool.available_count() == 1 and replies["n"] == 0   # the parent sent nothing itself
