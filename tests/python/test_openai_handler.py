@@ -209,6 +209,14 @@ def test_malformed_rate_limit_headers_are_logged_and_the_response_kept(make_pool
     assert "x-ratelimit-remaining-requests" in caplog.text and "\x1b" not in caplog.text
 
 
+def test_an_anthropic_reset_without_a_time_zone_is_logged_and_the_response_kept(make_pool, caplog):
+    client, pool, _ = handler_on(make_pool, lambda r: httpx.Response(200, headers={
+        "anthropic-ratelimit-requests-reset": "2030-01-01T00:00:00"}))
+    assert client.get(URL).status_code == 200
+    assert key_status(pool)["success_count"] == 1 and pool.held_count() == 0
+    assert "time zone" in caplog.text
+
+
 def test_streamed_response_reports_when_closed(make_pool):
     def chunks():
         yield b"data: 1\n\n"

@@ -25,7 +25,6 @@ not import it (keymesh.OpenAIHandler imports this module on first use).
 from __future__ import annotations
 
 import datetime
-import email.utils
 import json
 import logging
 import time
@@ -172,6 +171,18 @@ def _pool_kwargs(strategy: Union[str, SchedulerStrategy], default_cooldown: floa
             "acquire_timeout": acquire_timeout}
 
 
+def _observe(pool: Union[SyncKeyPool, KeyPool], report: _Report, response: "httpx.Response") -> None:
+    """Feeds the response's rate-limit headers to the pool (a plain call in
+    both pools: it never waits). A malformed one is logged; the response and
+    its outcome stand."""
+    try:
+        headers = limit_headers(response.headers)
+        if headers:
+            pool.observe_limits(report.key, headers)
+    except KeyMeshError as e:
+        _quietly("rate-limit headers", report.key, e)
+
+
 # ---------------------------------------------------------------------------
 class _SyncStream(httpx.SyncByteStream):
     """A streamed body that reports the outcome when it is closed."""
@@ -287,12 +298,7 @@ class OpenAIHandler(httpx.Client):
         return response
 
     def _observe(self, report: _Report, response: "httpx.Response") -> None:
-        headers = limit_headers(response.headers)
-        if headers:
-            try:
-                self._km_pool.observe_limits(report.key, headers)
-            except KeyMeshError as e:
-                _quietly("rate-limit headers", report.key, e)
+        _observe(self._km_pool, report, response)
 
     def _end(self, report: _Report, outcome: str, response: Optional["httpx.Response"]) -> None:
         if not report.take():
@@ -390,12 +396,7 @@ class AsyncOpenAIHandler(httpx.AsyncClient):
         return response
 
     def _observe(self, report: _Report, response: "httpx.Response") -> None:
-        headers = limit_headers(response.headers)
-        if headers:
-            try:
-                self._km_pool.observe_limits(report.key, headers)
-            except KeyMeshError as e:
-                _quietly("rate-limit headers", report.key, e)
+        _observe(self._km_pool, report, response)
 
     async def _end(self, report: _Report, outcome: str, response: Optional["httpx.Response"]) -> None:
         if not report.take():
