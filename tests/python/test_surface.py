@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -28,8 +29,8 @@ KEY = secret(1)
 
 
 def python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={"PYTHONPATH": PACKAGE, "PATH": "/usr/bin:/bin"})
+    env = dict(os.environ, PYTHONPATH=PACKAGE)  # and this run's KEYMESH_LIB
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
 
 
 # ---- names and places ------------------------------------------------------
