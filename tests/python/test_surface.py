@@ -46,9 +46,10 @@ def test_original_names_import_from_their_places():
     assert keymesh.mask_key is helpers.mask_key and keymesh.retry_on is helpers.retry_on
     for name in ("setup_logging", "now", "mask_key", "retry_on"):
         assert callable(getattr(helpers, name))
-    for name in ("KeyState", "SyncKeyState", "OpenAIHandler", "AsyncOpenAIHandler", "CooldownManager",
-                 "SemaphoreGroup", "PoolMetrics", "setup_logging", "now", "retry_on", "mask_key"):
+    for name in ("KeyState", "SyncKeyState", "CooldownManager", "SemaphoreGroup", "PoolMetrics", "setup_logging",
+                 "now", "retry_on", "mask_key"):
         assert name in keymesh.__all__
+    assert {"OpenAIHandler", "AsyncOpenAIHandler"} <= set(dir(keymesh))
 
 
 def test_import_keymesh_does_not_import_httpx():
@@ -63,7 +64,7 @@ def test_import_keymesh_does_not_import_httpx():
 
 
 def test_missing_httpx_is_a_clear_import_error():
-    r = python("import sys; sys.modules['httpx'] = None\nimport keymesh\n"
+    r = python("import sys; sys.modules['httpx'] = None\nimport keymesh\nfrom keymesh import *\n"
                "try:\n    keymesh.OpenAIHandler\nexcept ImportError as e:\n    print(e)\n")
     assert r.returncode == 0, r.stderr
     assert "need httpx" in r.stdout

@@ -46,6 +46,10 @@ def __getattr__(name: str) -> _Any:
         from .integrations import openai_handler
         return getattr(openai_handler, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> "list[str]":
+    return sorted(set(globals()) | set(_LAZY))
 # ---- end py-surface ----
 
 __version__ = "0.1.0"
@@ -59,7 +63,7 @@ __all__ = [
     "CapacityError", "mask_key", "reclaim_worker",
     # py-surface:
     "KeyState", "SyncKeyState", "CooldownManager", "SemaphoreGroup", "PoolMetrics", "setup_logging", "now",
-    "retry_on", "OpenAIHandler", "AsyncOpenAIHandler",
+    "retry_on",  # not OpenAIHandler/AsyncOpenAIHandler: `from keymesh import *` must work without httpx
 ]
 
 
