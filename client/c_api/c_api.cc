@@ -192,14 +192,19 @@ int km_end_options_init(km_end_options* o) { return InitStruct(o, &keymesh::c_ap
 int km_pool_create(const km_key_spec* keys, size_t n, const km_pool_options* options, km_pool** out) {
   return Guarded([&] {
     if (out == nullptr || (keys == nullptr && n != 0)) return NullArgument("keys and out");
-    Result<keymesh::PoolOptions> opts = keymesh::c_api::ToPoolOptions(options);
+    uint32_t default_burst = 0;
+    Result<keymesh::PoolOptions> opts = keymesh::c_api::ToPoolOptions(options, &default_burst);
     if (!opts.ok()) return Fail(opts.status());
     Result<std::vector<keymesh::KeySpec>> specs = keymesh::c_api::ToKeySpecs(keys, n);
     if (!specs.ok()) return Fail(specs.status());
+    for (keymesh::KeySpec& spec : *specs) {
+      if (spec.burst == 0) spec.burst = default_burst;
+    }
     Result<std::unique_ptr<Pool>> pool = Pool::CreateEmbedded(*specs, *opts);
     if (!pool.ok()) return Fail(pool.status());
     auto p = std::make_unique<km_pool>();
     p->embedded = std::move(pool).value();
+    p->default_burst = default_burst;
     Result<ProcState*> s = keymesh::c_api::CurrentState(p.get());
     if (!s.ok()) return Fail(s.status());
     keymesh::c_api::Register(p.get());
@@ -468,6 +473,7 @@ int km_pool_add_key(km_pool* p, const km_key_spec* key) {
     if (key == nullptr) return NullArgument("key");
     Result<keymesh::KeySpec> spec = keymesh::c_api::ToKeySpec(key);
     if (!spec.ok()) return Fail(spec.status());
+    if (spec->burst == 0) spec->burst = p->default_burst;
     return FromStatus(s.pool->AddKey(*spec));
   });
 }

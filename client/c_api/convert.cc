@@ -10,6 +10,7 @@
 #include <boost/json.hpp>
 
 #include "client/c_api/handles.h"
+#include "client/pool_backend.h"
 #include "protocol/status_json.h"
 
 namespace keymesh::c_api {
@@ -65,13 +66,14 @@ static_assert((KM_ACQUIRE_POLL & (KM_ACQUIRE_POLL - 1)) == 0 && (KM_END_PERMANEN
 
 constexpr size_t kPoolOptionsV1 = 56;
 constexpr size_t kPoolOptionsV2 = 64;  // + max_leases_per_process
+constexpr size_t kPoolOptionsV3 = 72;  // + burst (after version 2's named tail padding)
 constexpr size_t kKeySpecV1 = 56;
 constexpr size_t kAcquireOptionsV1 = 32;
 constexpr size_t kEndOptionsV1 = 40;
 
-static_assert(sizeof(km_pool_options) == kPoolOptionsV2 && offsetof(km_pool_options, strategy) == 4 &&
-              offsetof(km_pool_options, max_failures) == 8 && offsetof(km_pool_options, default_cooldown) == 16 &&
-              offsetof(km_pool_options, rate_margin) == 48 &&
+static_assert(sizeof(km_pool_options) == kPoolOptionsV3 && offsetof(km_pool_options, burst) == kPoolOptionsV2 &&
+              offsetof(km_pool_options, strategy) == 4 && offsetof(km_pool_options, max_failures) == 8 &&
+              offsetof(km_pool_options, default_cooldown) == 16 && offsetof(km_pool_options, rate_margin) == 48 &&
               offsetof(km_pool_options, max_leases_per_process) == kPoolOptionsV1);
 static_assert(sizeof(km_key_spec) == kKeySpecV1 && offsetof(km_key_spec, name) == 8 &&
               offsetof(km_key_spec, tpm) == 32 && offsetof(km_key_spec, burst) == 40 &&
@@ -194,8 +196,9 @@ void InitEndOptions(km_end_options* o) noexcept {
   o->cooldown = KM_DEFAULT;
 }
 
-Result<PoolOptions> ToPoolOptions(const km_pool_options* in) {
+Result<PoolOptions> ToPoolOptions(const km_pool_options* in, uint32_t* default_burst) {
   PoolOptions opts;
+  if (default_burst != nullptr) *default_burst = 0;
   if (in == nullptr) return opts;
   km_pool_options o;
   InitPoolOptions(&o);
@@ -204,8 +207,10 @@ Result<PoolOptions> ToPoolOptions(const km_pool_options* in) {
   if (o.strategy < KM_ROUND_ROBIN || o.strategy > KM_WEIGHTED) {
     return Invalid("strategy must be KM_ROUND_ROBIN, KM_LEAST_BUSY or KM_WEIGHTED");
   }
+  if (o.burst > detail::kMaxBurst) return Invalid("burst must be at most " + std::to_string(detail::kMaxBurst));
   opts.strategy = static_cast<Strategy>(o.strategy);
   PoolOptionFields([&](auto c, auto cpp) { opts.*cpp = o.*c; });
+  if (default_burst != nullptr) *default_burst = o.burst;
   return opts;
 }
 

@@ -23,8 +23,10 @@ void InitKeySpec(km_key_spec* key) noexcept;
 void InitAcquireOptions(km_acquire_options* options) noexcept;
 void InitEndOptions(km_end_options* options) noexcept;
 
-// `options` NULL: the defaults.
-Result<PoolOptions> ToPoolOptions(const km_pool_options* options);
+// `options` NULL: the defaults. *default_burst (if not null) receives
+// km_pool_options.burst (range-checked), which PoolOptions does not hold:
+// the C ABI gives it to the keys whose own burst is 0 (km_pool::default_burst).
+Result<PoolOptions> ToPoolOptions(const km_pool_options* options, uint32_t* default_burst = nullptr);
 Result<KeySpec> ToKeySpec(const km_key_spec* key);
 // An array of `n` specs whose stride is keys[0].struct_size.
 Result<std::vector<KeySpec>> ToKeySpecs(const km_key_spec* keys, size_t n);

@@ -41,6 +41,7 @@ struct km_pool {
   std::string socket_path;                  // attached: as given to km_pool_connect
   std::string pool_name;                    // attached
   std::unique_ptr<keymesh::Pool> embedded;  // embedded pools: shared by every generation
+  uint32_t default_burst = 0;               // km_pool_options.burst: given to keys created or added with burst 0
   std::atomic<keymesh::c_api::ProcState*> state{nullptr};
   std::atomic<bool> closed{false};
   // Set by km_pool_close: the cancel token of every wait that has none of

@@ -116,8 +116,8 @@ typedef struct km_cancel km_cancel;
 /* The original KeyPool's options; km_pool_options_init() sets the struct
  * size and the defaults (least_busy, cooldown 60, max_failures 10,
  * acquire_timeout 30, max_lease_seconds 600, max_cooldown 600,
- * rate_margin 0.02, max_leases_per_process 0). max_cooldown also caps every
- * cooldown a 429 or a Retry-After asks for. */
+ * rate_margin 0.02, max_leases_per_process 0, burst 0). max_cooldown also
+ * caps every cooldown a 429 or a Retry-After asks for. */
 typedef struct km_pool_options {
   uint32_t struct_size;     /* sizeof(km_pool_options); set by km_pool_options_init() */
   int32_t strategy;         /* KM_ROUND_ROBIN / KM_LEAST_BUSY / KM_WEIGHTED */
@@ -129,6 +129,10 @@ typedef struct km_pool_options {
   double rate_margin;       /* keys are paced at (1 - rate_margin) x rpm/tpm; 0 <= m < 0.5 */
   /* Version 2 (appended): */
   uint32_t max_leases_per_process; /* leases one process may hold at once; 0: half the lease table */
+  uint32_t reserved_v2;            /* version 2's tail padding, named so that version 3 starts after it; ignored */
+  /* Version 3 (appended): */
+  uint32_t burst; /* km_pool_create: the burst of every key whose km_key_spec.burst is 0, and of the keys
+                     km_pool_add_key adds later with burst 0; 0: none (smooth pacing); <= 1000000 */
 } km_pool_options;
 
 /* One key; km_key_spec_init() sets the struct size and the defaults (no

@@ -5,6 +5,7 @@
  * holds; prints the failing check otherwise. */
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -452,6 +453,39 @@ static void test_burst_and_rate_margin(void) {
   km_pool* refused = NULL;
   opts.rate_margin = 0.6;
   CHECK_RC(km_pool_create(keys, 2, &opts, &refused), KM_INVALID_ARGUMENT);
+
+  /* A pool-wide burst (version 3): the keys created or added with burst 0
+   * get it; a key's own burst wins. */
+  CHECK_RC(km_pool_options_init(&opts), KM_OK);
+  CHECK(opts.burst == 0);
+  opts.burst = 3;
+  CHECK_RC(km_pool_create(keys, 2, &opts, &pool), KM_OK);
+  km_key_spec added;
+  CHECK_RC(km_key_spec_init(&added), KM_OK);
+  added.name = "added";
+  added.secret = "sk-added-key-000000000004";
+  CHECK_RC(km_pool_add_key(pool, &added), KM_OK);
+  CHECK_RC(km_pool_status_json(pool, &json), KM_OK);
+  paced = json != NULL ? strstr(json, "\"name\":\"paced\"") : NULL;
+  plain = json != NULL ? strstr(json, "\"name\":\"plain\"") : NULL;
+  const char* added_at = json != NULL ? strstr(json, "\"name\":\"added\"") : NULL;
+  CHECK(paced != NULL && plain != NULL && added_at != NULL);
+  CHECK(json_number(paced, "\"burst\":") == 4.0);
+  CHECK(json_number(plain, "\"burst\":") == 3.0);
+  CHECK(json_number(added_at, "\"burst\":") == 3.0);
+  km_string_free(json);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
+  opts.burst = 1000001; /* range-checked, and named */
+  CHECK_RC(km_pool_create(keys, 2, &opts, &refused), KM_INVALID_ARGUMENT);
+  CHECK(strstr(km_last_error(), "burst") != NULL);
+  /* A caller built against version 2 never sets it: no pool-wide burst. */
+  opts.struct_size = (uint32_t)offsetof(km_pool_options, burst);
+  CHECK_RC(km_pool_create(keys, 2, &opts, &pool), KM_OK);
+  CHECK_RC(km_pool_status_json(pool, &json), KM_OK);
+  plain = json != NULL ? strstr(json, "\"name\":\"plain\"") : NULL;
+  CHECK(plain != NULL && json_number(plain, "\"burst\":") == 0.0);
+  km_string_free(json);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
 }
 
 /* The general acquire and end calls, on both kinds of holding a key. */

@@ -4,10 +4,19 @@
 ``attached`` mode, starts the real keymesh-broker ($KEYMESH_BROKER, else
 build/bin/keymesh-broker) with a temporary config holding those keys and
 connects to it. Attached tests fail when the broker is not built.
+
+``asyncio_debug`` (a fixture; ``pytestmark = pytest.mark.usefixtures("asyncio_debug")``
+applies it to a module) runs every event loop the test creates in debug mode
+with a small slow_callback_duration, and fails the test if asyncio logged a
+callback that blocked the loop ("Executing ... took ..."). A test whose loops
+run in several threads at once (so a step may wait for the GIL) sets its own
+bound with ``@pytest.mark.slow_callback(seconds)``.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -137,3 +146,63 @@ def make_pool(mode: str):
         core.close()
     for broker in brokers:
         broker.stop()
+
+
+# ---- asyncio debug mode ------------------------------------------------------
+# A callback (a coroutine step) that runs longer than this blocked the loop: a
+# blocking call where an await belongs. Well above what a coroutine step of
+# the pool costs, well below any blocking wait; $KEYMESH_SLOW_CALLBACK overrides.
+SLOW_CALLBACK = float(os.environ.get("KEYMESH_SLOW_CALLBACK", "0.08"))
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "slow_callback(seconds): the asyncio_debug bound for this test")
+
+
+class DebugLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """New loops (asyncio.run's included) in debug mode, flagging slow callbacks."""
+
+    def __init__(self, slow_callback: float = SLOW_CALLBACK) -> None:
+        super().__init__()
+        self.slow_callback = slow_callback
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = self.slow_callback
+        return loop
+
+
+class SlowCallbacks(logging.Handler):
+    """Collects asyncio's "Executing <handle> took N seconds" warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.slow: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("Executing ") and " took " in msg:
+            self.slow.append(msg)
+
+
+@pytest.fixture
+def asyncio_debug(request: Any) -> Iterator[SlowCallbacks]:
+    marker = request.node.get_closest_marker("slow_callback")
+    old_policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(DebugLoopPolicy(float(marker.args[0]) if marker else SLOW_CALLBACK))
+    logger = logging.getLogger("asyncio")
+    old_level = logger.level
+    handler = SlowCallbacks()
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        asyncio.set_event_loop_policy(old_policy)
+    if handler.slow:
+        pytest.fail("a blocking call in the event loop (asyncio debug mode): " + "; ".join(handler.slow[:3]),
+                    pytrace=False)

@@ -12,6 +12,10 @@ from conftest import secret
 
 KEYS = [secret(i) for i in range(2)]
 
+# Every loop in debug mode: a blocking call in the loop fails the test.
+# (The pools are made before the loop runs: starting a test broker blocks.)
+pytestmark = pytest.mark.usefixtures("asyncio_debug")
+
 # The bounds below separate the bugs they guard against from a loaded CI
 # machine's scheduling noise (2 cores, other suites running): a waiting
 # acquire that blocked the loop would lag it for the whole 250 ms wait, and
@@ -64,8 +68,8 @@ class LagProbe:
 
 
 def test_wait_for_cooldown_wakes_on_time_without_blocking_loop(make_pool):
+    pool = make_pool(KEYS[:1], cls=keymesh.KeyPool)
     async def main():
-        pool = make_pool(KEYS[:1], cls=keymesh.KeyPool)
         key = await pool.acquire()
         cooldown = 0.25
         await pool.mark_rate_limited(key, cooldown=cooldown)
@@ -86,8 +90,8 @@ def test_wait_for_cooldown_wakes_on_time_without_blocking_loop(make_pool):
 
 
 def test_waiter_wakes_on_release(make_pool):
+    pool = make_pool([{"secret": KEYS[0], "max_concurrency": 1}], cls=keymesh.KeyPool)
     async def main():
-        pool = make_pool([{"secret": KEYS[0], "max_concurrency": 1}], cls=keymesh.KeyPool)
         lates = []
         for _ in range(5):
             join_helpers()  # so until_waiting() sees this round's helper only
@@ -114,8 +118,8 @@ def test_waiter_wakes_on_release(make_pool):
 
 
 def test_cancelled_waiter_leaks_nothing(make_pool):
+    pool = make_pool([{"secret": KEYS[0], "max_concurrency": 1}], cls=keymesh.KeyPool)
     async def main():
-        pool = make_pool([{"secret": KEYS[0], "max_concurrency": 1}], cls=keymesh.KeyPool)
         held = await pool.acquire()
         waiter = asyncio.ensure_future(pool.acquire(timeout=10))
         await until_waiting()
@@ -147,8 +151,8 @@ def test_cancelled_waiter_leaks_nothing(make_pool):
 
 
 def test_many_waiters_all_served_exact_counts(make_pool):
+    pool = make_pool([{"secret": s, "max_concurrency": 1} for s in KEYS], cls=keymesh.KeyPool)
     async def main():
-        pool = make_pool([{"secret": s, "max_concurrency": 1} for s in KEYS], cls=keymesh.KeyPool)
 
         async def worker():
             async with pool.lease(timeout=10) as key:
@@ -166,8 +170,8 @@ def test_many_waiters_all_served_exact_counts(make_pool):
 
 
 def test_async_timeout_and_close_wakes_waiters(make_pool):
+    pool = make_pool(KEYS[:1], cls=keymesh.KeyPool)
     async def main():
-        pool = make_pool(KEYS[:1], cls=keymesh.KeyPool)
         await pool.mark_rate_limited(await pool.acquire(), cooldown=60)
         t0 = time.monotonic()
         with pytest.raises(keymesh.NoAvailableKeyError):
@@ -185,8 +189,8 @@ def test_async_timeout_and_close_wakes_waiters(make_pool):
 
 
 def test_async_lease_on_exception_marks_failed(make_pool):
+    pool = make_pool(KEYS[:1], cls=keymesh.KeyPool, max_failures=1)
     async def main():
-        pool = make_pool(KEYS[:1], cls=keymesh.KeyPool, max_failures=1)
         with pytest.raises(ValueError):
             async with pool.lease():
                 raise ValueError("boom")

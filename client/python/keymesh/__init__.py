@@ -29,7 +29,28 @@ from .scheduler import (BaseScheduler, LeastBusyScheduler, RoundRobinScheduler, 
 from .sync_pool import SyncKeyPool
 from . import _core
 from ._core import parse_duration, parse_retry_after
-from ._lib import mask_secret as mask_key
+# ---- py-surface: the rest of the original's public surface ----
+from typing import Any as _Any
+
+from .concurrency import SemaphoreGroup
+from .cooldown import CooldownManager
+from .metrics import PoolMetrics
+from .state import KeyState, SyncKeyState
+from .utils.helpers import mask_key, now, retry_on, setup_logging
+
+_LAZY = ("OpenAIHandler", "AsyncOpenAIHandler")  # need httpx: imported on first use
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        from .integrations import openai_handler
+        return getattr(openai_handler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> "list[str]":
+    return sorted(set(globals()) | set(_LAZY))
+# ---- end py-surface ----
 
 __version__ = "0.1.0"
 
@@ -40,6 +61,9 @@ __all__ = [
     "KeyMeshError", "NoAvailableKeyError", "KeyExhaustedError", "KeyCooldownError", "UnknownKeyError",
     "KeyNotHeldError", "BrokerUnavailableError", "ConfigError", "ProtocolError", "PoolClosedError",
     "CapacityError", "mask_key", "reclaim_worker",
+    # py-surface:
+    "KeyState", "SyncKeyState", "CooldownManager", "SemaphoreGroup", "PoolMetrics", "setup_logging", "now",
+    "retry_on",  # not OpenAIHandler/AsyncOpenAIHandler: `from keymesh import *` must work without httpx
 ]
 
 

@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from . import _core
+from ._core import Core
 from ._status import shape_status
 from .exceptions import KeyExhaustedError, KeyMeshError, KeyNotHeldError
 from .scheduler import SchedulerStrategy, parse_strategy, strategy_of_scheduler
@@ -26,18 +27,20 @@ class PoolBase:
     """The pool surface both classes share; ``_owner`` names the class in messages."""
 
     _owner = "KeyPool"
-    _core: "_core.Core"
+    _core: Core
 
     def __init__(self, keys: Sequence[Any], *, strategy: Union[str, SchedulerStrategy] = SchedulerStrategy.LEAST_BUSY,
                  scheduler: Any = None, storage: Any = None, default_cooldown: float = 60.0,
                  max_failures: int = 10, acquire_timeout: float = 30.0, rate_margin: Optional[float] = None,
-                 max_leases_per_process: Optional[int] = None) -> None:
+                 max_leases_per_process: Optional[int] = None, burst: Optional[int] = None) -> None:
         """An embedded pool (no broker: state lives in an anonymous shared mapping
         inherited by children forked afterwards). ``keys`` items are secrets (str),
         ``(name, secret)`` pairs, or dicts with ``secret`` and optional ``name``,
         ``weight``, ``max_concurrency``, ``rpm``, ``tpm``, ``burst`` and
         ``rate_margin``. ``rate_margin`` (default 0.02): keys are paced at
-        (1 - rate_margin) x their rpm/tpm. ``max_leases_per_process`` (default:
+        (1 - rate_margin) x their rpm/tpm. ``burst`` (default none, 0..1000000):
+        the burst of every key given none, here or by add_key (a key's own
+        wins). ``max_leases_per_process`` (default:
         half the lease table): leases one process may hold at once; a blocking
         acquire over it waits for one of its leases to end. Every number is
         range-checked (ConfigError, a ValueError, when out of range)."""
@@ -50,7 +53,7 @@ class PoolBase:
         core = _core.Core.create(keys, strategy=s.value, default_cooldown=default_cooldown,
                                  max_failures=max_failures, acquire_timeout=acquire_timeout,
                                  rate_margin=rate_margin, max_leases_per_process=max_leases_per_process,
-                                 owner=self._owner)
+                                 burst=burst, owner=self._owner)
         log.info("%s initialised: %d keys, strategy=%s", self._owner, len(keys), s.value)
         self._init_core(core)
 
@@ -64,7 +67,7 @@ class PoolBase:
         self._init_core(_core.Core.connect(pool, socket))
         return self
 
-    def _init_core(self, core: "_core.Core") -> None:
+    def _init_core(self, core: Core) -> None:
         """The one place a pool object gets its state (both constructors)."""
         self._core = core
 

@@ -93,7 +93,8 @@ class Core:
     @classmethod
     def create(cls, keys: Iterable[Any], *, strategy: str, default_cooldown: float, max_failures: int,
                acquire_timeout: float, rate_margin: Optional[float] = None,
-               max_leases_per_process: Optional[int] = None, owner: str) -> "Core":
+               max_leases_per_process: Optional[int] = None, burst: Optional[int] = None,
+               owner: str) -> "Core":
         if isinstance(keys, (str, bytes)):
             raise exc.ConfigError(f"{owner} expects a sequence of API keys, not a single string")
         specs = [_spec(k) for k in keys]
@@ -110,6 +111,8 @@ class Core:
             opts.rate_margin = _real(rate_margin, "rate_margin")
         if max_leases_per_process is not None:
             opts.max_leases_per_process = _uint(max_leases_per_process, "max_leases_per_process", U32, lo=1)
+        if burst is not None:  # py-surface: the pool-wide burst (km_pool_options version 3)
+            opts.burst = _uint(burst, "burst", MAX_BURST)
         arr = (_lib.KeySpec * len(specs))(*specs)
         handle = ctypes.c_void_p()
         check(_lib.km_pool_create(arr, len(specs), ctypes.byref(opts), ctypes.byref(handle)))

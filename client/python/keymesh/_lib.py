@@ -77,7 +77,8 @@ class PoolOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("strategy", ctypes.c_int32), ("max_failures", ctypes.c_uint32),
                 ("default_cooldown", ctypes.c_double), ("acquire_timeout", ctypes.c_double),
                 ("max_lease_seconds", ctypes.c_double), ("max_cooldown", ctypes.c_double),
-                ("rate_margin", ctypes.c_double), ("max_leases_per_process", ctypes.c_uint32)]
+                ("rate_margin", ctypes.c_double), ("max_leases_per_process", ctypes.c_uint32),
+                ("reserved_v2", ctypes.c_uint32), ("burst", ctypes.c_uint32)]  # version 3 (py-surface)
 
 
 class KeySpec(ctypes.Structure):

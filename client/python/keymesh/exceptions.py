@@ -5,7 +5,7 @@ Exceptions never carry a raw secret: ``key`` is the masked secret
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 
 class KeyMeshError(Exception):
@@ -30,7 +30,7 @@ class NoAvailableKeyError(KeyMeshError):
     """No key became available before the acquire timeout."""
 
     def __init__(self, message: str = ("No API keys are currently available. All keys are "
-                                       "either cooling down or exhausted."), **kw) -> None:
+                                       "either cooling down or exhausted."), **kw: Any) -> None:
         super().__init__(message, **kw)
 
 
@@ -44,7 +44,7 @@ class KeyExhaustedError(KeyMeshError):
 class KeyCooldownError(KeyMeshError):
     """Kept for compatibility with the original package (never raised there either)."""
 
-    def __init__(self, key: str = "", cooldown_remaining: float = 0.0, **kw) -> None:
+    def __init__(self, key: str = "", cooldown_remaining: float = 0.0, **kw: Any) -> None:
         from ._lib import mask_secret
         masked = mask_secret(key)
         super().__init__(f"Key {masked} is in cooldown for {cooldown_remaining:.1f}s more.",

@@ -19,7 +19,7 @@ def after_fork() -> None:
 def install() -> bool:
     """Registers after_fork with uwsgidecorators.postfork. False outside uwsgi."""
     try:
-        from uwsgidecorators import postfork  # type: ignore[import-not-found]
+        from uwsgidecorators import postfork  # type: ignore[import]
     except ImportError:
         return False
     postfork(after_fork)

@@ -1,0 +1,4 @@
+"""The original package's concurrency helper (keymesh.concurrency.semaphores)."""
+from .semaphores import SemaphoreGroup
+
+__all__ = ["SemaphoreGroup"]
