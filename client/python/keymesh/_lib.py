@@ -261,6 +261,13 @@ _INITS = {PoolOptions: km_pool_options_init, KeySpec: km_key_spec_init,
 # ---- Errors ----------------------------------------------------------------
 
 
+def version() -> str:
+    """The library's version (km_version): the package's __version__."""
+    out = ctypes.c_char_p()
+    check(km_version(ctypes.byref(out)))
+    return (out.value or b"").decode()
+
+
 def mask_secret(secret: str) -> str:
     """'...' + the last 4 characters, and only for secrets of 12+ characters."""
     return "..." + secret[-4:] if len(secret) >= 12 else "***"
