@@ -135,6 +135,13 @@ def test_one_library_for_both_bindings():
         acq = _lib.init(_lib.AcquireOptions)
         _lib.check(_lib.km_pool_acquire_key_ex(handle, ctypes.byref(acq), ctypes.byref(held)))
         native.release(held.secret.decode(), 0.25)
+        # And one made a Key (Key._of: by its ticket) is ended exactly once.
+        _lib.check(_lib.km_pool_acquire_key_ex(handle, ctypes.byref(acq), ctypes.byref(held)))
+        key = _core.Key._of(held)
+        assert key == held.secret.decode() and key._km_ticket == held.ticket and key.name == held.name.decode()
+        native.cancel(key)
+        with pytest.raises(keymesh.KeyNotHeldError):
+            native.cancel(key)
         _lib.check(_lib.km_pool_held_count(handle, None, ctypes.byref(n)))
         assert n.value == 0
     finally:

@@ -179,8 +179,44 @@ static PyGetSetDef Key_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+/* Key._of(held): the Key of a lease acquired through ctypes (a km_held
+ * struct, or anything with bytes .secret and .name and an int .ticket), for
+ * the cold calls that return one (e.g. an acquire of one chosen key). */
+static PyObject* Key_of(PyObject* cls, PyObject* held) {
+  PyObject* raw = PyObject_GetAttrString(held, "secret");
+  PyObject* name_raw = raw ? PyObject_GetAttrString(held, "name") : NULL;
+  PyObject* ticket_obj = name_raw ? PyObject_GetAttrString(held, "ticket") : NULL;
+  PyObject *s = NULL, *args = NULL, *name = NULL, *k = NULL;
+  if (ticket_obj == NULL) goto done;
+  if (!PyBytes_Check(raw) || !PyBytes_Check(name_raw)) {
+    PyErr_SetString(PyExc_TypeError, "Key._of(held): held.secret and held.name must be bytes");
+    goto done;
+  }
+  unsigned long long ticket = PyLong_AsUnsignedLongLong(ticket_obj);
+  if (ticket == (unsigned long long)-1 && PyErr_Occurred()) goto done;
+  s = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), "surrogateescape");
+  name = s ? PyUnicode_DecodeUTF8(PyBytes_AS_STRING(name_raw), PyBytes_GET_SIZE(name_raw), "replace") : NULL;
+  args = name ? PyTuple_Pack(1, s) : NULL;
+  k = args ? PyUnicode_Type.tp_new((PyTypeObject*)cls, args, NULL) : NULL;
+  if (k != NULL) {
+    KeyObject* key = (KeyObject*)k;
+    key->raw = Py_NewRef(raw);
+    key->name = Py_NewRef(name);
+    key->ticket = (uint64_t)ticket;
+  }
+done:
+  Py_XDECREF(raw);
+  Py_XDECREF(name_raw);
+  Py_XDECREF(ticket_obj);
+  Py_XDECREF(s);
+  Py_XDECREF(name);
+  Py_XDECREF(args);
+  return k;
+}
+
 static PyMethodDef Key_methods[] = {
     {"__reduce__", Key_reduce, METH_NOARGS, NULL},
+    {"_of", Key_of, METH_O | METH_CLASS, "Key._of(held): the Key of a km_held acquired through ctypes"},
     {NULL, NULL, 0, NULL},
 };
 
