@@ -90,6 +90,16 @@ static int Tokens(PyObject* v, uint64_t* out) {
     *out = 0;
     return 0;
   }
+  if (PyLong_CheckExact(v)) { /* the common case, without PyNumber_Index */
+    unsigned long long u = PyLong_AsUnsignedLongLong(v);
+    if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      CONFIG_ERROR("tokens must be between 0 and 18446744073709551615, not %R", v);
+      return -1;
+    }
+    *out = (uint64_t)u;
+    return 0;
+  }
   if (PyBool_Check(v)) {
     CONFIG_ERROR("tokens must be an integer, not a bool");
     return -1;
