@@ -2,4 +2,4 @@
 // linked whole): the version string, for diagnostics.
 #include "keymesh/export.h"
 
-extern "C" KEYMESH_EXPORT const char* keymesh_version_string(void) { return "0.1.0"; }
+extern "C" KEYMESH_EXPORT const char* keymesh_version_string(void) { return KEYMESH_VERSION_STRING; }

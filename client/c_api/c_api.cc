@@ -169,7 +169,7 @@ const char* km_code_name(int code) {
 
 int km_version(const char** out) {
   if (out == nullptr) return NullArgument("out");
-  *out = "0.1.0";
+  *out = KEYMESH_VERSION_STRING;  // CMakeLists.txt project(VERSION), the one place the version is written
   return KM_OK;
 }
 

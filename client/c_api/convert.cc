@@ -103,10 +103,10 @@ uint32_t SizeOf(const void* in) noexcept {
 template <typename T>
 Status ReadSized(const void* in, size_t min_size, const char* what, T* out) {
   const uint32_t size = SizeOf(in);
-  const std::string init = std::string(" (initialise it with ") + what + "_init())";
-  if (size < min_size || size > kMaxStructSize) {
+  if (size < min_size || size > kMaxStructSize) {  // the message only here: it allocates
     return Status(Code::kInvalidArgument, std::string(what) + ".struct_size " + std::to_string(size) +
-                                              " is not a size this library reads" + init);
+                                              " is not a size this library reads (initialise it with " + what +
+                                              "_init())");
   }
   const auto* bytes = static_cast<const unsigned char*>(in);
   if (size > sizeof(T) && std::any_of(bytes + sizeof(T), bytes + size, [](unsigned char b) { return b != 0; })) {

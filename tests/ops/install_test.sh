@@ -20,6 +20,18 @@ for f in bin/keymesh-broker bin/keymeshctl lib/libkeymesh.so lib/pkgconfig/keyme
   [ -e "$prefix/$f" ] || fail "missing $f"
 done
 [ -x "$prefix/bin/keymesh-broker" ] && [ -x "$prefix/bin/keymeshctl" ] || fail "binaries not executable"
+# The Python package there: its extension, stub and marker, and it imports
+# against the installed library (from outside the checkout).
+if [ -e "$build/python/keymesh" ]; then
+  ls "$prefix"/share/keymesh/python/keymesh/_native*.so >/dev/null 2>&1 || fail "keymesh._native not installed"
+  for f in _native.pyi py.typed; do
+    [ -e "$prefix/share/keymesh/python/keymesh/$f" ] || fail "missing share/keymesh/python/keymesh/$f"
+  done
+  (cd "$tmp" && env -u PYTHONPATH PYTHONPATH="$prefix/share/keymesh/python" KEYMESH_LIB="$prefix/lib/libkeymesh.so" \
+    PYTHONDONTWRITEBYTECODE=1 /usr/bin/python3 -c \
+    'import keymesh; p = keymesh.SyncKeyPool(["sk-install-aaaaaaaaaaaa"]); p.release(p.acquire()); p.close()') \
+    || fail "the installed Python package does not work"
+fi
 # The soname link chain: libkeymesh.so -> libkeymesh.so.0 -> libkeymesh.so.0.1.0
 soname=$(objdump -p "$prefix/lib/libkeymesh.so" | awk '/SONAME/ {print $2}')
 [ -n "$soname" ] && [ -e "$prefix/lib/$soname" ] || fail "soname link $soname missing"

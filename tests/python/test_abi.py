@@ -55,6 +55,13 @@ def test_strategy_codes_are_the_librarys(name, code):
     assert rc == _lib.INVALID_ARGUMENT
 
 
+def _end(core, key, outcome, *, cooldown=_lib.DEFAULT, flags=0):
+    """km_pool_end_key through ctypes, with _lib's EndOptions and numbers."""
+    opts = _lib.init(_lib.EndOptions)
+    opts.outcome, opts.cooldown, opts.flags, opts.latency = outcome, cooldown, flags, _lib.LATENCY_NONE
+    _lib.check(_lib.km_pool_end_key(core.handle, key._km_raw, key._km_ticket, ctypes.byref(opts)))
+
+
 def test_outcome_codes_count_as_their_outcome():
     pool = keymesh.SyncKeyPool([secret(1)], max_failures=100)
     core = pool._core
@@ -64,16 +71,16 @@ def test_outcome_codes_count_as_their_outcome():
         for outcome, counter in counters.items():
             before = pool.status()["keys"][0][counter]
             key = core.acquire(1.0)
-            core._end(key, outcome, cooldown=0.0)
+            _end(core, key, outcome, cooldown=0.0)
             after = pool.status()["keys"][0]
             assert after[counter] == before + 1, counter
         key = core.acquire(1.0)
         with pytest.raises(keymesh.ConfigError):
-            core._end(key, max(counters) + 1)
+            _end(core, key, max(counters) + 1)
         assert core.held_count() == 1  # the bad call left the lease held
         # A permanent flag only goes with a failure.
         with pytest.raises(keymesh.ConfigError):
-            core._end(key, _lib.OUTCOME_SUCCESS, flags=_lib.END_PERMANENT)
+            _end(core, key, _lib.OUTCOME_SUCCESS, flags=_lib.END_PERMANENT)
         core.cancel(key)
     finally:
         pool.close()
@@ -104,3 +111,89 @@ def test_version():
     out = ctypes.c_char_p()
     assert _lib.km_version(ctypes.byref(out)) == _lib.OK
     assert out.value.decode() == keymesh.__version__
+
+
+def test_one_library_for_both_bindings():
+    # The extension (hot path) and ctypes (cold calls) use one loaded copy of
+    # libkeymesh.so, so a handle and a lease made by one are the other's.
+    assert _lib.native.library_address() == ctypes.cast(_lib.lib.km_version, ctypes.c_void_p).value
+    specs = (_lib.KeySpec * 2)(_core._spec(secret(1)), _core._spec(secret(2)))
+    handle = ctypes.c_void_p()
+    _lib.check(_lib.km_pool_create(specs, 2, None, ctypes.byref(handle)))  # made by ctypes
+    native = _lib.native.Pool(handle.value)  # owned and used by the extension from here on
+    try:
+        key = native.acquire(1.0)
+        n = ctypes.c_uint32()
+        _lib.check(_lib.km_pool_held_count(handle, None, ctypes.byref(n)))
+        assert n.value == 1  # ctypes sees the extension's lease
+        opts = _lib.init(_lib.EndOptions)
+        _lib.check(_lib.km_pool_end_key(handle, key._km_raw, key._km_ticket, ctypes.byref(opts)))
+        with pytest.raises(keymesh.KeyNotHeldError):  # ended through ctypes: not held for the extension
+            native.release(key)
+        # A lease acquired through ctypes is ended by the extension (a plain str: the oldest held).
+        held = _lib.Held()
+        acq = _lib.init(_lib.AcquireOptions)
+        _lib.check(_lib.km_pool_acquire_key_ex(handle, ctypes.byref(acq), ctypes.byref(held)))
+        native.release(held.secret.decode(), 0.25)
+        # And one made a Key (Key._of: by its ticket) is ended exactly once.
+        _lib.check(_lib.km_pool_acquire_key_ex(handle, ctypes.byref(acq), ctypes.byref(held)))
+        key = _core.Key._of(held)
+        assert key == held.secret.decode() and key._km_ticket == held.ticket and key.name == held.name.decode()
+        native.cancel(key)
+        with pytest.raises(keymesh.KeyNotHeldError):
+            native.cancel(key)
+        _lib.check(_lib.km_pool_held_count(handle, None, ctypes.byref(n)))
+        assert n.value == 0
+    finally:
+        _lib.km_pool_close(handle)
+        del native  # km_pool_destroy
+
+
+def test_key_object():
+    pool = keymesh.SyncKeyPool([("first", secret(1))])
+    try:
+        key = pool.acquire()
+        assert isinstance(key, str) and key == secret(1) and hash(key) == hash(secret(1))
+        assert type(key) is _core.Key and key.name == "first" and key._km_ticket > 0
+        assert key._km_raw == secret(1).encode()
+        assert repr(key) == f"<keymesh key 'first' ...{secret(1)[-4:]}>"
+        assert secret(1) not in repr(key) and secret(1) not in repr([key])
+        import copy
+        import pickle
+        for twin in (copy.copy(key), pickle.loads(pickle.dumps(key))):
+            assert type(twin) is str and twin == key  # a copy is not the lease
+        with pytest.raises(AttributeError):
+            key.name = "other"  # type: ignore[misc]
+        pool.release(key)
+        with pytest.raises(keymesh.KeyNotHeldError) as e:
+            pool.release(key)  # the same lease twice
+        assert e.value.key_name == "first" and secret(1) not in str(e.value)
+        short = keymesh.SyncKeyPool(["sk-short"])
+        k = short.acquire()
+        assert repr(k) == "<keymesh key 'key-1' ***>"
+        short.release(k)
+        short.close()
+    finally:
+        pool.close()
+
+
+def test_hot_path_arguments_are_checked():
+    pool = keymesh.SyncKeyPool([secret(1)])
+    native = pool._core.native
+    try:
+        with pytest.raises(TypeError):
+            native.acquire(1.0, 0, None, 4)
+        with pytest.raises(keymesh.ConfigError, match="timeout"):
+            native.acquire("1")
+        with pytest.raises(keymesh.ConfigError, match="key must be a str"):
+            pool.release(42)  # type: ignore[arg-type]
+        with pytest.raises(keymesh.ConfigError, match="NUL"):
+            pool.release("sk\0x")
+        with pytest.raises(keymesh.UnknownKeyError):
+            pool.release("sk-not-in-this-pool")
+        key = pool.acquire(tokens=3.0)  # an integral float is taken
+        with pytest.raises(keymesh.ConfigError, match="cooldown"):
+            pool.mark_rate_limited(key, float("nan"))
+        pool.mark_rate_limited(key, 0.0)
+    finally:
+        pool.close()

@@ -1,7 +1,8 @@
 """KeyMesh: a pool of AI API keys shared by every thread and process of a host.
 
 A drop-in for the original Python package's ``KeyPool`` / ``SyncKeyPool``,
-over libkeymesh.so (C ABI, loaded with ctypes; standard library only)::
+over libkeymesh.so (its C ABI: the hot path through the extension module
+keymesh._native, the rest through ctypes; standard library only)::
 
     import keymesh
 
@@ -17,8 +18,22 @@ inherited shared memory; an attached pool reconnects (registering the child
 with the broker) on the child's first call. Leases belong to the process that
 acquired them. See keymesh.gunicorn and keymesh.uwsgi for the server hooks.
 
-The library is found through $KEYMESH_LIB, else build/lib/libkeymesh.so of
-this checkout, else the system library path.
+Install: ``pip install --no-build-isolation --no-index ./client/python``
+(offline; into a venv or the system). The package then bundles
+libkeymesh.so.0 and keymesh._native (RPATH $ORIGIN), and needs neither
+PYTHONPATH nor KEYMESH_LIB. The build drives CMake over the checkout, or
+copies an already built build directory named by $KEYMESH_BUILD_DIR.
+
+Where the native parts are looked up (keymesh/_lib.py):
+
+1. the library: $KEYMESH_LIB when set (and nothing else then); else the
+   libkeymesh.so.0 bundled in the installed package; else
+   build/lib/libkeymesh.so of the checkout this package lives in (tests and
+   development run from the checkout this way); else the system library path.
+2. the extension keymesh._native: the installed package's own; else
+   <build>/python/keymesh/ of the build directory whose lib/ the library came
+   from; else the checkout's build/python/keymesh/. It must use the library
+   loaded in step 1 (the import fails otherwise).
 """
 from .exceptions import (BrokerUnavailableError, CapacityError, ConfigError, KeyCooldownError,
                          KeyExhaustedError, KeyMeshError, KeyNotHeldError, NoAvailableKeyError,
@@ -27,7 +42,7 @@ from .pool import KeyPool
 from .scheduler import (BaseScheduler, LeastBusyScheduler, RoundRobinScheduler, SchedulerStrategy,
                         WeightedScheduler, build_scheduler)
 from .sync_pool import SyncKeyPool
-from . import _core
+from . import _core, _lib
 from ._core import parse_duration, parse_retry_after
 # ---- py-surface: the rest of the original's public surface ----
 from typing import Any as _Any
@@ -52,7 +67,7 @@ def __dir__() -> "list[str]":
     return sorted(set(globals()) | set(_LAZY))
 # ---- end py-surface ----
 
-__version__ = "0.1.0"
+__version__ = _lib.version()  # the library's: CMakeLists.txt project(VERSION) is the one place
 
 __all__ = [
     "parse_duration", "parse_retry_after",

@@ -15,34 +15,16 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 from . import _lib
 from . import exceptions as exc
 from ._lib import check, encode
+from ._native import Key, Pool  # loaded by _lib, after the library it links to
 
 
-class Key(str):
-    """The key string acquire() returns. A plain ``str`` (use it anywhere),
-    that also remembers which lease it is, so releasing it twice is an error
-    rather than a release of another holder's lease. Its repr is masked.
-    """
-
-    name: str          # the key's stable name in the pool
-    _km_raw: bytes     # the secret as the library returned it
-    _km_ticket: int    # the lease (km_held.ticket)
-
-    @classmethod
-    def _of(cls, held: _lib.Held) -> "Key":
-        raw = held.secret
-        k = cls(raw.decode("utf-8", "surrogateescape"))
-        k._km_raw = raw
-        k._km_ticket = held.ticket
-        k.name = held.name.decode("utf-8", "replace")
-        return k
-
-    def __repr__(self) -> str:
-        return f"<keymesh key {self.name!r} {_lib.mask_secret(self)}>"
+# Key, the key string acquire() returns, is a str subclass built by the
+# extension (its name, the lease it is: _km_raw, _km_ticket; masked repr).
 
 
 def _key_args(key: Any) -> Tuple[bytes, int]:
     """(secret, ticket) of a Key, or (secret, 0: the oldest held) of a plain str."""
-    if type(key) is Key:
+    if isinstance(key, Key):
         return key._km_raw, key._km_ticket
     return encode(key, "key"), 0
 
@@ -56,7 +38,7 @@ class CancelToken:
         handle = ctypes.c_void_p()
         check(_lib.km_cancel_create(core.handle, ctypes.byref(handle)))
         self._core = core  # keeps the km_pool alive while the token lives
-        self._handle = handle
+        self._handle: Optional[ctypes.c_void_p] = handle
 
     def trigger(self) -> None:
         _lib.km_cancel_trigger(self._handle)
@@ -78,10 +60,15 @@ _KEY_LIMITS = {"weight": (1 << 32) - 1, "max_concurrency": (1 << 32) - 1, "rpm":
 
 
 class Core:
-    """One km_pool handle and the operations both pool classes share."""
+    """One km_pool handle and the operations both pool classes share.
+
+    The handle is owned by ``native`` (a keymesh._native.Pool, which
+    destroys it when freed) and used by both bindings: the hot path through
+    ``native``, the cold calls through ctypes with ``handle``."""
 
     def __init__(self, handle: ctypes.c_void_p, *, attached: bool, socket: Optional[str] = None) -> None:
         self.handle = handle
+        self.native = Pool(handle.value)
         self.attached = attached
         self.socket = socket
         self.closed = False
@@ -125,22 +112,9 @@ class Core:
                                    ctypes.byref(handle)))
         return cls(handle, attached=True, socket=socket)
 
-    # ---- acquire ------------------------------------------------------
-    def _acquire(self, timeout: float, token: Optional[CancelToken], tokens: int, flags: int) -> Tuple[int, Any]:
-        opts = _lib.init(_lib.AcquireOptions)
-        opts.timeout = timeout
-        opts.tokens = _tokens(tokens)
-        opts.cancel = token._handle if token is not None else None
-        opts.flags = flags
-        held = _lib.Held()
-        rc = _lib.km_pool_acquire_key_ex(self.handle, ctypes.byref(opts), ctypes.byref(held))
-        return rc, (Key._of(held) if rc == _lib.OK else None)
-
+    # ---- acquire (the extension: range checks, the GIL released while waiting) ----
     def acquire(self, timeout: Optional[float], token: Optional[CancelToken] = None, tokens: int = 0) -> Key:
-        t = _lib.DEFAULT if timeout is None else _seconds(timeout, "timeout")
-        rc, key = self._acquire(t, token, tokens, 0)
-        check(rc)
-        return key
+        return self.native.acquire(timeout, tokens, None if token is None or not token._handle else token._handle.value)
 
     def acquire_rc(self, timeout: Optional[float], token: Optional[CancelToken], tokens: int = 0) -> Tuple[int, Any]:
         """As acquire, but returns (rc, Key or error) instead of raising (for threads)."""
@@ -151,11 +125,7 @@ class Core:
 
     def poll(self, tokens: int = 0) -> Optional[Key]:
         """One uncounted attempt: a Key, or None when no key is eligible now."""
-        rc, key = self._acquire(_lib.DEFAULT, None, tokens, _lib.ACQUIRE_POLL)
-        if rc == _lib.NO_AVAILABLE_KEY:
-            return None
-        check(rc)
-        return key
+        return self.native.poll(tokens)
 
     def new_token(self) -> CancelToken:
         token = CancelToken(self)
@@ -163,31 +133,18 @@ class Core:
             self._tokens.add(token)
         return token
 
-    # ---- outcomes -----------------------------------------------------
-    def _end(self, key: Any, outcome: int, *, latency: float = _lib.LATENCY_NONE, tokens: int = 0,
-             cooldown: float = _lib.DEFAULT, flags: int = 0) -> None:
-        raw, ticket = _key_args(key)
-        opts = _lib.init(_lib.EndOptions)
-        opts.outcome = outcome
-        opts.latency = latency
-        opts.tokens = _tokens(tokens)
-        opts.cooldown = cooldown
-        opts.flags = flags
-        check(_lib.km_pool_end_key(self.handle, raw, ticket, ctypes.byref(opts)), raw, getattr(key, "name", None))
-
+    # ---- outcomes (the extension) ----------------------------------------
     def release(self, key: Any, latency: Optional[float], tokens: int) -> None:
-        lat = _lib.LATENCY_NONE if latency is None else _seconds(latency, "latency")
-        self._end(key, _lib.OUTCOME_SUCCESS, latency=lat, tokens=tokens)
+        self.native.release(key, latency, tokens)
 
     def mark_failed(self, key: Any, permanent: bool = False) -> None:
-        self._end(key, _lib.OUTCOME_FAILURE, flags=_lib.END_PERMANENT if permanent else 0)
+        self.native.mark_failed(key, permanent)
 
     def mark_rate_limited(self, key: Any, cooldown: Optional[float]) -> None:
-        c = _lib.DEFAULT if cooldown is None else _seconds(cooldown, "cooldown")
-        self._end(key, _lib.OUTCOME_RATE_LIMITED, cooldown=c)
+        self.native.mark_rate_limited(key, cooldown)
 
     def cancel(self, key: Any) -> None:
-        self._end(key, _lib.OUTCOME_CANCELLED)
+        self.native.cancel(key)
 
     def observe_limits(self, key: Any, headers: Any) -> None:
         raw, _ = _key_args(key)
@@ -219,7 +176,8 @@ class Core:
 
     def status_raw(self) -> Dict[str, Any]:
         """The C ABI's status JSON (the control protocol's shape)."""
-        return json.loads(self._string(_lib.km_pool_status_json))
+        out: Dict[str, Any] = json.loads(self._string(_lib.km_pool_status_json))
+        return out
 
     def available_count(self) -> int:
         return self._count(_lib.km_pool_available_count)
@@ -238,6 +196,7 @@ class Core:
         out = ctypes.c_void_p()
         check(fn(self.handle, *args, ctypes.byref(out)))
         try:
+            assert out.value is not None  # set by every call that returned OK
             return ctypes.string_at(out.value).decode("utf-8", "replace")
         finally:
             _lib.km_string_free(out)
@@ -247,10 +206,6 @@ class Core:
         check(fn(self.handle, ctypes.byref(n)))
         return n.value
 
-    def __del__(self) -> None:
-        h, self.handle = getattr(self, "handle", None), None
-        if h:
-            _lib.km_pool_destroy(h)
 
 
 # The C ABI's integer widths, and the longest duration it takes (as
@@ -332,7 +287,7 @@ def _spec(k: Any) -> _lib.KeySpec:
         raise exc.ConfigError("an API key needs a secret")
     raw = encode(secret, "key")
     raw_name = encode(name, "key name") if name else None
-    spec = _lib.init(_lib.KeySpec)
+    spec: _lib.KeySpec = _lib.init(_lib.KeySpec)
     spec.name = raw_name
     spec.secret = raw
     for field, hi in _KEY_LIMITS.items():
@@ -342,7 +297,7 @@ def _spec(k: Any) -> _lib.KeySpec:
         spec.rate_margin = _real(limits["rate_margin"], "rate_margin")
     # Keep the bytes referenced alongside the struct (ctypes stores only the
     # c_char_p pointers).
-    spec._keep = (raw, raw_name)  # type: ignore[attr-defined]
+    spec._keep = (raw, raw_name)
     return spec
 
 

@@ -1,22 +1,38 @@
-"""libkeymesh.so through ctypes: loading, the C ABI's signatures and numbers.
+"""libkeymesh.so through ctypes, and the extension module over the same copy.
 
 Internal (include/keymesh/keymesh.h is the contract mirrored here; the
 numbers are checked against the library by tests/python/test_abi.py). The
 objects built on it are in _core.py.
 
-Library lookup: $KEYMESH_LIB, else build/lib/libkeymesh.so of the checkout
-this package lives in, else the system library path.
+Two bindings of one loaded library: the hot path (acquire, poll, the
+outcome calls and the Key object) is the C extension module
+keymesh._native; every cold call (create, connect, status, add_key, the
+admin calls, header parsing) is ctypes, here. The library is loaded first,
+by ctypes; the extension's DT_NEEDED libkeymesh.so.0 then resolves to that
+copy (the loader matches the soname), and load() checks it did, so both
+bindings share one copy of the library's per-process state.
 
-ctypes releases the GIL around every foreign call, so a blocking acquire
-lets other Python threads run.
+Library lookup: $KEYMESH_LIB (explicit: no fallback), else the
+libkeymesh.so.0 bundled in this package (an installed package), else
+build/lib/libkeymesh.so of the checkout this package lives in, else the
+system library path. The extension: the package's own _native (installed),
+else build/python/keymesh/ beside the loaded library's build/lib/, else the
+checkout's build/python/keymesh/.
+
+ctypes releases the GIL around every foreign call; the extension releases
+it around the calls that may block (an acquire that waits).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.machinery
+import importlib.util
 import os
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from types import ModuleType
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import exceptions as exc
 
@@ -103,14 +119,19 @@ class Held(ctypes.Structure):
 
 # ---- Loading ---------------------------------------------------------------
 
+_HERE = Path(__file__).resolve().parent
+# The checkout root when this package is client/python/keymesh/ of one.
+_ROOT = _HERE.parents[2] if len(_HERE.parents) > 2 else _HERE
+BUNDLED = "libkeymesh.so.0"  # the library's soname: what _native links to
+
+
 def _candidates() -> List[str]:
     out = []
     env = os.environ.get("KEYMESH_LIB")
     if env:
         out.append(env)
-    # client/python/keymesh/_lib.py -> checkout root is three levels up.
-    root = Path(__file__).resolve().parents[3]
-    out.append(str(root / "build" / "lib" / "libkeymesh.so"))
+    out.append(str(_HERE / BUNDLED))  # installed: bundled next to _native
+    out.append(str(_ROOT / "build" / "lib" / "libkeymesh.so"))
     found = ctypes.util.find_library("keymesh")
     if found:
         out.append(found)
@@ -118,11 +139,11 @@ def _candidates() -> List[str]:
     return out
 
 
-def _load() -> ctypes.CDLL:
+def _load() -> Tuple[ctypes.CDLL, str]:
     env = os.environ.get("KEYMESH_LIB")
     if env:  # explicit: no silent fallback to another build
         try:
-            return ctypes.CDLL(env)
+            return ctypes.CDLL(env), env
         except OSError as e:
             raise ImportError(f"keymesh: cannot load $KEYMESH_LIB={env}: {e}") from None
     errors = []
@@ -131,14 +152,48 @@ def _load() -> ctypes.CDLL:
             errors.append(f"{path}: not found")
             continue
         try:
-            return ctypes.CDLL(path)
+            return ctypes.CDLL(path), path
         except OSError as e:  # pragma: no cover - depends on the system
             errors.append(f"{path}: {e}")
     raise ImportError("keymesh: cannot load libkeymesh.so (set $KEYMESH_LIB or build the checkout): "
                       + "; ".join(errors))
 
 
-lib = _load()
+def _native_candidates(lib_path: str) -> List[Path]:
+    """Where keymesh._native may be when it is not in the package itself."""
+    dirs = []
+    if os.sep in lib_path:  # <build>/lib/libkeymesh.so -> <build>/python/keymesh/
+        dirs.append(Path(os.path.abspath(lib_path)).parent.parent / "python" / "keymesh")
+    dirs.append(_ROOT / "build" / "python" / "keymesh")
+    return [d / ("_native" + suffix) for d in dirs for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+
+
+def _load_native(lib_path: str) -> ModuleType:
+    """keymesh._native, loaded after the library (so it links to that copy)."""
+    name = __package__ + "._native"
+    if importlib.util.find_spec(name) is not None:  # installed: next to this file
+        module = importlib.import_module(name)
+    else:
+        tried = _native_candidates(lib_path)
+        path = next((p for p in tried if p.is_file()), None)
+        if path is None:
+            raise ImportError("keymesh: the extension module keymesh._native is not built (build the CMake "
+                              "target keymesh_python, or pip install the package); looked for "
+                              + ", ".join(str(p) for p in tried))
+        loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+        spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        loader.exec_module(module)
+    ours = ctypes.cast(lib.km_version, ctypes.c_void_p).value
+    if module.library_address() != ours:
+        raise ImportError(f"keymesh: {module.__file__} uses another copy of libkeymesh.so than {lib_path} "
+                          "(its soname must be libkeymesh.so.0, and it must be loaded first)")
+    return module
+
+
+lib, LIB_PATH = _load()
 
 _P = ctypes.c_void_p
 _PP = ctypes.POINTER(ctypes.c_void_p)
@@ -207,6 +262,13 @@ _INITS = {PoolOptions: km_pool_options_init, KeySpec: km_key_spec_init,
 # ---- Errors ----------------------------------------------------------------
 
 
+def version() -> str:
+    """The library's version (km_version): the package's __version__."""
+    out = ctypes.c_char_p()
+    check(km_version(ctypes.byref(out)))
+    return (out.value or b"").decode()
+
+
 def mask_secret(secret: str) -> str:
     """'...' + the last 4 characters, and only for secrets of 12+ characters."""
     return "..." + secret[-4:] if len(secret) >= 12 else "***"
@@ -235,7 +297,8 @@ def error(rc: int, key: Optional[bytes] = None, key_name: Optional[str] = None) 
     cls = _ERRORS.get(rc, exc.KeyMeshError)
     message = last_error() or (km_code_name(rc) or b"error").decode()
     masked = mask_secret(key.decode("utf-8", "replace")) if key is not None else None
-    return cls(message, code=rc, key=masked, key_name=key_name)
+    err: exc.KeyMeshError = cls(message, code=rc, key=masked, key_name=key_name)
+    return err
 
 
 def check(rc: int, key: Optional[bytes] = None, key_name: Optional[str] = None) -> None:
@@ -255,3 +318,8 @@ def encode(value: Any, what: str) -> bytes:
     if b"\0" in raw:
         raise exc.ConfigError(f"{what} must not contain NUL characters")
     return raw
+
+
+# The hot path: loaded last, after `lib` and the error factory it raises through.
+native = _load_native(LIB_PATH)
+native._setup(error, exc.ConfigError)

@@ -36,7 +36,7 @@ class _Waiter:
     def __init__(self, core: "_core.Core", loop: asyncio.AbstractEventLoop) -> None:
         self.core = core
         self.loop = loop
-        self.future: asyncio.Future = loop.create_future()
+        self.future: "asyncio.Future[str]" = loop.create_future()
         self.token = core.new_token()
         self.lock = threading.Lock()
         self.result: Any = None     # (rc, Key or error) once the wait ended
@@ -106,7 +106,7 @@ class KeyPool(PoolBase):
     async def acquire(self, timeout: Optional[float] = None, tokens: int = 0) -> str:
         """As SyncKeyPool.acquire; never blocks the event loop."""
         core = self._core
-        key = core.poll(tokens)
+        key = core.native.poll(tokens)  # the extension: one uncounted attempt, GIL held
         if key is not None:
             return key
         if timeout is not None and timeout <= 0:
@@ -121,16 +121,16 @@ class KeyPool(PoolBase):
             raise
 
     async def release(self, key: str, latency: Optional[float] = None, tokens: int = 0) -> None:
-        self._core.release(key, latency, tokens)
+        self._core.native.release(key, latency, tokens)
 
     async def mark_failed(self, key: str, permanent: bool = False) -> None:
-        self._core.mark_failed(key, permanent)
+        self._core.native.mark_failed(key, permanent)
 
     async def mark_rate_limited(self, key: str, cooldown: Optional[float] = None) -> None:
-        self._core.mark_rate_limited(key, cooldown)
+        self._core.native.mark_rate_limited(key, cooldown)
 
     async def cancel(self, key: str) -> None:
-        self._core.cancel(key)
+        self._core.native.cancel(key)
 
     @contextlib.asynccontextmanager
     async def lease(self, timeout: Optional[float] = None) -> AsyncIterator[str]:

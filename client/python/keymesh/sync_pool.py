@@ -2,6 +2,11 @@
 
 One pool object may be used from any number of threads; a pool created
 before fork() works in every child (see keymesh/__init__.py).
+
+The hot path (acquire, release, mark_failed, mark_rate_limited, cancel)
+calls the extension keymesh._native straight from each method: one C call,
+which range-checks the arguments and releases the GIL only when it may
+block.
 """
 from __future__ import annotations
 
@@ -36,28 +41,28 @@ class SyncKeyPool(PoolBase):
         the pool's acquire_timeout). Raises NoAvailableKeyError. The GIL is
         released while waiting. ``tokens``: the request's expected token count,
         reserved up front from the key's TPM budget (release(tokens=) corrects it)."""
-        return self._core.acquire(timeout, None, tokens)
+        return self._core.native.acquire(timeout, tokens)
 
     def release(self, key: str, latency: Optional[float] = None, tokens: int = 0) -> None:
         """Success. ``latency`` None leaves the key's latency average unchanged.
         KeyNotHeldError if this process does not hold ``key``; UnknownKeyError if
         the key is not in the pool."""
-        self._core.release(key, latency, tokens)
+        self._core.native.release(key, latency, tokens)
 
     def mark_failed(self, key: str, permanent: bool = False) -> None:
         """A non-429 failure; KeyExhaustedError when this failure made the key
         reach max_failures (once: the key's circuit opens for its cooldown, then
         one caller probes it). ``permanent=True`` (an authentication failure,
         e.g. HTTP 401) revokes the key until reset_key/add_key."""
-        self._core.mark_failed(key, permanent)
+        self._core.native.mark_failed(key, permanent)
 
     def mark_rate_limited(self, key: str, cooldown: Optional[float] = None) -> None:
         """A 429: cools the key for ``cooldown`` seconds (None: the pool's default)."""
-        self._core.mark_rate_limited(key, cooldown)
+        self._core.native.mark_rate_limited(key, cooldown)
 
     def cancel(self, key: str) -> None:
         """Ends the lease without an outcome (the request was never sent)."""
-        self._core.cancel(key)
+        self._core.native.cancel(key)
 
     @contextlib.contextmanager
     def lease(self, timeout: Optional[float] = None) -> Iterator[str]:
