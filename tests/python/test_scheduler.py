@@ -456,3 +456,58 @@ def test_asyncio_custom_scheduler_chooses_and_waits_in_a_helper_thread(make_pool
     while any(t.name == "keymesh-wait" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "a helper thread outlived its wait"
         time.sleep(0.01)
+
+
+def test_threads_share_one_custom_scheduler_and_the_accounting_stays_exact(make_pool):
+    pool = make_pool([{"secret": s, "max_concurrency": 2} for s in KEYS], scheduler=LeastLoadedLast())
+    errors: List[BaseException] = []
+    peak: List[int] = []
+
+    def worker():
+        try:
+            for _ in range(50):
+                key = pool.acquire(timeout=10)
+                peak.append(max(k["active_requests"] for k in pool.status()["keys"]))
+                pool.release(key)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert max(peak) <= 2  # every acquire-this-key kept the concurrency cap
+    status = pool.status()
+    assert sum(k["success_count"] for k in status["keys"]) == 400
+    assert all(k["active_requests"] == 0 for k in status["keys"])
+
+
+class LeastLoadedLast(BaseScheduler):
+    """The candidate with fewest in flight, ties to the last one."""
+
+    def select(self, candidates: Sequence[KeyView]) -> Optional[KeyView]:
+        return min(reversed(candidates), key=lambda c: c.active_requests)
+
+
+def test_connect_with_a_builtin_of_another_strategy_runs_its_select_here():
+    from conftest import BROKER, Broker, broker_available
+    if not broker_available():
+        pytest.fail(f"keymesh-broker not built ({BROKER})")
+    broker = Broker(KEYS, {"strategy": "round_robin"})
+    try:
+        pool = keymesh.SyncKeyPool.connect("test", socket=broker.socket, scheduler=LeastBusyScheduler())
+        same = keymesh.SyncKeyPool.connect("test", socket=broker.socket, scheduler=RoundRobinScheduler())
+        try:
+            assert "acquire" in vars(pool) and "acquire" not in vars(same)
+            a = pool.acquire(timeout=5)
+            b = pool.acquire(timeout=5)
+            assert {a.name, b.name} == {"key-1", "key-2"}
+            pool.release(a)
+            pool.release(b)
+        finally:
+            pool.close()
+            same.close()
+    finally:
+        broker.stop()

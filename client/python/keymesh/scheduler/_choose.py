@@ -41,10 +41,11 @@ class Chooser:
         self.fallback = fallback  # the pool class's own acquire(timeout, tokens), bound
         self.scheduler = scheduler
         self.owner = owner
-        self.snapshots = _abi.Snapshotter(core)
+        # A snapshot buffer per thread: no lock, so nothing a fork() could
+        # leave held in the child.
+        self._local = threading.local()
         self._acquire_timeout = acquire_timeout
         self._fallback_logged = False
-        self._lock = threading.Lock()  # the snapshot buffer is shared by the pool's threads
 
     # ---- the steps (each never blocks) ---------------------------------
     def timeout_of(self, timeout: Optional[float]) -> float:
@@ -56,8 +57,10 @@ class Chooser:
         return _core._seconds(timeout, "timeout")
 
     def snapshot(self) -> _abi.Snapshot:
-        with self._lock:
-            return self.snapshots.take()
+        snapshots: Optional[_abi.Snapshotter] = getattr(self._local, "snapshots", None)
+        if snapshots is None:
+            snapshots = self._local.snapshots = _abi.Snapshotter(self.core)
+        return snapshots.take()
 
     def choose(self, snap: _abi.Snapshot) -> Optional[KeyView]:
         """The user's choice among the eligible keys, checked (None: no key now)."""
