@@ -65,7 +65,7 @@ class SyncKeyPool(PoolBase):
         mark the key failed (KeyExhaustedError is logged, the original exception
         propagates). If the block already reported an outcome for the key
         (e.g. mark_rate_limited), nothing more is reported."""
-        key = self.acquire(timeout)  # py-sched: a custom scheduler's path when the pool has one
+        key = self._core.acquire(timeout)
         with reporting(self._core, key):
             yield key
 

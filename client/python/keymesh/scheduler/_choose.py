@@ -14,10 +14,11 @@ until something changed, then asks again, until the acquire's timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 from .. import _core, _lib
 from ..exceptions import KeyMeshError, NoAvailableKeyError
@@ -193,13 +194,25 @@ def _no_key_message(budget: float, snap: _abi.Snapshot) -> str:
 
 
 def install(pool: Any, core: "_core.Core", scheduler: BaseScheduler, acquire_timeout: Optional[float]) -> Chooser:
-    """Makes ``pool.acquire`` the custom path (an instance attribute: the class's
-    native acquire, used by every pool without a custom scheduler, is untouched)."""
+    """Makes ``pool.acquire`` (and a SyncKeyPool's ``lease``) the custom path:
+    instance attributes, so the class's native methods, used by every pool
+    without a custom scheduler, are untouched."""
     native = type(pool).acquire.__get__(pool, type(pool))
     asynchronous = asyncio.iscoroutinefunction(native)
     chooser = Chooser(core, scheduler, type(pool).__name__, acquire_timeout, native)
     method: Callable[..., Any] = chooser.acquire_async if asynchronous else chooser.acquire
     pool.acquire = method
+    if not asynchronous:  # KeyPool.lease already awaits self.acquire
+        from .._base import reporting
+
+        @contextlib.contextmanager
+        def lease(timeout: Optional[float] = None) -> Iterator[str]:
+            """SyncKeyPool.lease through the custom scheduler."""
+            key = chooser.acquire(timeout)
+            with reporting(core, key):
+                yield key
+
+        pool.lease = lease
     return chooser
 
 
