@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <unordered_set>
 
 #include "common/text.h"
@@ -143,6 +144,28 @@ void LocalPool::SetSelector(std::shared_ptr<const Selector> selector) {
   std::lock_guard<std::mutex> lock(secrets_mutex_);
   selector_.store(selector.get(), std::memory_order_release);
   if (selector) selectors_.push_back(std::move(selector));
+}
+
+Status LocalPool::SnapshotKeys(KeySnapshot* out, uint32_t capacity, KeysSnapshotInfo* info) {
+  Status st = user_.SnapshotKeys(out, capacity, info);
+  if (!st.ok()) return st;
+  for (uint32_t i = 0; i < std::min(capacity, info->count); ++i) {
+    const KeyEntry* e = EntryOf(out[i].slot);
+    out[i].secret = e != nullptr && e->fingerprint == out[i].fingerprint ? e->secret.c_str() : nullptr;
+  }
+  return st;
+}
+
+Result<Lease> LocalPool::AcquireKey(const KeySnapshot& key, uint64_t tokens) {
+  Result<shm::LeaseHandle> h = user_.AcquireKey(key.slot, key.generation, key.fingerprint, tokens);
+  if (!h.ok()) return h.status();
+  return Grant(*h);
+}
+
+Status LocalPool::WaitForChange(uint32_t wake_seq, double timeout, const CancelToken* cancel) {
+  Status st = ValidateTimeout(timeout);
+  if (!st.ok()) return st;
+  return user_.WaitForChange(wake_seq, shm::SecondsToNanos(timeout), FlagOf(cancel));
 }
 
 // ---------------------------------------------------------------------------

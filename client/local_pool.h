@@ -46,6 +46,9 @@ class LocalPool : public PoolBackend {
   std::optional<std::string> NameOfSecret(std::string_view secret) final;
   std::optional<std::string> MaskedSecretOfSlot(uint32_t slot) final;
   void SetSelector(std::shared_ptr<const Selector> selector) final;
+  Status SnapshotKeys(KeySnapshot* out, uint32_t capacity, KeysSnapshotInfo* info) final;
+  Result<Lease> AcquireKey(const KeySnapshot& key, uint64_t tokens) final;
+  Status WaitForChange(uint32_t wake_seq, double timeout, const CancelToken* cancel) final;
   // Asks `source_` (kUnknownKey when there is none) and learns the secrets.
   Status RefreshSecrets() final;
 

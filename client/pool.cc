@@ -33,6 +33,18 @@ Status ValidateKeySpec(const KeySpec& key) {
   return Status::Ok();
 }
 
+namespace {
+Status NoSegment() {
+  return Status(Code::kInvalidArgument,
+                "this pool goes over the broker socket (its segment could not be mapped): no key snapshot, so "
+                "no scheduler outside the pool can choose for it");
+}
+}  // namespace
+
+Status PoolBackend::SnapshotKeys(KeySnapshot*, uint32_t, KeysSnapshotInfo*) { return NoSegment(); }
+Result<Lease> PoolBackend::AcquireKey(const KeySnapshot&, uint64_t) { return NoSegment(); }
+Status PoolBackend::WaitForChange(uint32_t, double, const CancelToken*) { return NoSegment(); }
+
 }  // namespace detail
 
 namespace {
@@ -198,6 +210,16 @@ const std::string& Pool::name() const noexcept { return backend_->name(); }
 std::optional<std::string> Pool::NameOfSecret(std::string_view secret) { return backend_->NameOfSecret(secret); }
 std::optional<std::string> Pool::MaskedSecretOfSlot(uint32_t slot) { return backend_->MaskedSecretOfSlot(slot); }
 void Pool::SetSelector(std::shared_ptr<const Selector> selector) { backend_->SetSelector(std::move(selector)); }
+Status Pool::SnapshotKeys(KeySnapshot* out, uint32_t capacity, KeysSnapshotInfo* info) {
+  if ((out == nullptr && capacity != 0) || info == nullptr) {
+    return Status(Code::kInvalidArgument, "SnapshotKeys needs a buffer for `capacity` keys and an info");
+  }
+  return backend_->SnapshotKeys(out, capacity, info);
+}
+Result<Lease> Pool::AcquireKey(const KeySnapshot& key, uint64_t tokens) { return backend_->AcquireKey(key, tokens); }
+Status Pool::WaitForChange(uint32_t wake_seq, double timeout, const CancelToken* cancel) {
+  return backend_->WaitForChange(wake_seq, timeout, cancel);
+}
 bool Pool::slow_path() const noexcept { return backend_->slow_path(); }
 
 }  // namespace keymesh

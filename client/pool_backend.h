@@ -99,6 +99,12 @@ class PoolBackend {
   virtual std::optional<std::string> NameOfSecret(std::string_view secret) = 0;
   virtual std::optional<std::string> MaskedSecretOfSlot(uint32_t slot) = 0;
   virtual void SetSelector(std::shared_ptr<const Selector> selector) = 0;
+  // Schedulers outside the lock (Pool::SnapshotKeys, AcquireKey,
+  // WaitForChange): the segment's backends; the socket slow path has no
+  // segment to read (kInvalidArgument).
+  virtual Status SnapshotKeys(KeySnapshot* out, uint32_t capacity, KeysSnapshotInfo* info);
+  virtual Result<Lease> AcquireKey(const KeySnapshot& key, uint64_t tokens);
+  virtual Status WaitForChange(uint32_t wake_seq, double timeout, const CancelToken* cancel);
 
   // The lease and cancel-token internals, for the backends (friendship is
   // not inherited, so these are the one door).

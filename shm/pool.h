@@ -107,6 +107,27 @@ class PoolUser {
   // mesh job can poll it every tick.
   uint64_t EventsSeq() const noexcept { return core_.header()->events_seq.load(std::memory_order_acquire); }
 
+  // Schedulers outside the lock (a Python BaseScheduler): one pass over the
+  // pool's keys into out[0..capacity) (KeySnapshot in keymesh/types.h; the
+  // secret is left null: only the client knows it), *info about the pool.
+  // Announces a sleeper, so that any change after it wakes WaitForChange
+  // with info->wake_seq (a release from then on makes one futex wake).
+  Status SnapshotKeys(KeySnapshot* out, uint32_t capacity, KeysSnapshotInfo* info);
+  // Acquires exactly the key of (slot, generation, fingerprint) if it is
+  // still eligible, with every check, accounting and quota of TryAcquire;
+  // never waits, and a refusal is not counted as a failed acquire.
+  // kUnknownKey when the identity is stale (the key is gone, or keys were
+  // added or removed since the snapshot); kNoAvailableKey when the key is
+  // there but not eligible now.
+  Result<LeaseHandle> AcquireKey(uint32_t slot, uint64_t generation, uint64_t fingerprint, uint64_t tokens = 0,
+                                 const ProcessId& holder = Self());
+  // Sleeps on the pool's futex until a change after the snapshot that
+  // returned `wake_seq` (a release, a key added, enabled or reset, a wake),
+  // the earliest cooldown or budget deadline, or timeout_ns (real time).
+  // Returns at once when a change already happened. kClosed when `cancel`
+  // (may be null) is set before or after the sleep. Never spins.
+  Status WaitForChange(uint32_t wake_seq, uint64_t timeout_ns, const std::atomic<bool>* cancel = nullptr);
+
   Result<PoolStatus> Snapshot();
   uint32_t AvailableCount();
   Status AvailableCount(uint32_t* count);

@@ -369,6 +369,83 @@ KEYMESH_EXPORT int km_pool_available_count(km_pool* pool, uint32_t* out);
  * master) to call it. */
 KEYMESH_EXPORT int km_pool_reclaim_dead(km_pool* pool, uint32_t* reclaimed);
 
+/* ---- Schedulers outside the pool (snapshot, choose, acquire that key) -----
+ *
+ * For a scheduler written in the caller's language (a Python
+ * BaseScheduler), which must never run under the pool's lock:
+ *
+ *   1. km_pool_snapshot(): one pass over the pool's keys into the caller's
+ *      array of km_key_view (no allocation per key);
+ *   2. the caller chooses one of the views whose `eligible` is 1;
+ *   3. km_pool_acquire_this_key() acquires exactly that key if it is still
+ *      eligible, with every check, the accounting, lease ownership and the
+ *      per-process lease cap of km_pool_acquire_key_ex; it never waits.
+ *      KM_NO_AVAILABLE_KEY: the key is there but no longer eligible;
+ *      KM_UNKNOWN_KEY: the view is stale (the key was removed, or keys were
+ *      added or removed since the snapshot). Either way: snapshot again.
+ *      Neither counts as a failed acquire;
+ *   4. when nothing suits the caller, km_pool_wait_change() with the
+ *      snapshot's wake_seq sleeps on the pool's futex until a release, a
+ *      key added, enabled or reset, the earliest cooldown or budget
+ *      deadline, or the timeout, whichever comes first; then snapshot again.
+ * Embedded and attached pools (the segment); a pool on the broker socket's
+ * slow path returns KM_INVALID_ARGUMENT. A snapshot announces a sleeper, so
+ * the next release (by any process) makes one futex wake-up. */
+
+#define KM_NAME_CAPACITY 64
+
+/* One key at the snapshot. km_key_view_init() sets struct_size; the
+ * array's stride is its first element's struct_size. Output only, except
+ * that km_pool_acquire_this_key reads slot, generation and fingerprint. */
+typedef struct km_key_view {
+  uint32_t struct_size;        /* sizeof(km_key_view); set by km_key_view_init() */
+  uint32_t slot;               /* with generation and fingerprint: the key's identity */
+  uint64_t generation;         /* the pool's key generation at the snapshot */
+  uint64_t fingerprint;        /* salted hash of the secret (never the secret) */
+  char name[KM_NAME_CAPACITY]; /* NUL-terminated */
+  /* This process's copy of the secret, valid until the pool is closed;
+   * NULL when this process does not know it yet. */
+  const char* secret;
+  uint32_t eligible;        /* 1: every check an acquire makes passed */
+  uint32_t in_flight;       /* leases held, all processes */
+  uint32_t max_concurrency; /* 0: unlimited */
+  uint32_t weight;
+  uint32_t fail_streak; /* consecutive failures */
+  uint32_t has_latency; /* 1: latency_avg holds at least one sample */
+  uint64_t successes;
+  uint64_t failures;
+  double cooldown_remaining; /* seconds, 0: not cooling */
+  double latency_avg;        /* seconds (EMA) */
+  double last_used_ago;      /* seconds since the last acquire, -1 if never */
+} km_key_view;
+
+/* The pool at the snapshot; km_snapshot_info_init() sets struct_size. */
+typedef struct km_snapshot_info {
+  uint32_t struct_size;  /* sizeof(km_snapshot_info); set by km_snapshot_info_init() */
+  uint32_t count;        /* keys in the pool; above `capacity` only the first were written */
+  uint64_t generation;   /* as in each view */
+  uint32_t wake_seq;     /* for km_pool_wait_change */
+  uint32_t max_failures; /* the pool's */
+  double next_change;    /* seconds until the earliest cooldown or budget deadline, -1 if none */
+  int32_t strategy;      /* the pool's KM_ROUND_ROBIN / KM_LEAST_BUSY / KM_WEIGHTED */
+} km_snapshot_info;
+
+KEYMESH_EXPORT int km_key_view_init(km_key_view* view);
+KEYMESH_EXPORT int km_snapshot_info_init(km_snapshot_info* info);
+/* Writes up to `capacity` views (views may be NULL when capacity is 0) and
+ * *info. */
+KEYMESH_EXPORT int km_pool_snapshot(km_pool* pool, km_key_view* views, size_t capacity, km_snapshot_info* info);
+/* Acquires the key `view` names (see above), remembered as held by this
+ * process as km_pool_acquire_key_ex does. `options` (NULL: the defaults):
+ * only tokens is used; flags must be 0 or KM_ACQUIRE_POLL (it never waits
+ * either way). */
+KEYMESH_EXPORT int km_pool_acquire_this_key(km_pool* pool, const km_key_view* view, const km_acquire_options* options,
+                                            km_held* out);
+/* Sleeps as described above, at most `timeout` seconds; KM_OK also on
+ * timeout (the caller keeps its own deadline). KM_CLOSED when `cancel`
+ * (may be NULL) is triggered or the pool is closed. */
+KEYMESH_EXPORT int km_pool_wait_change(km_pool* pool, uint32_t wake_seq, double timeout, km_cancel* cancel);
+
 /* ---- Broker helpers ----------------------------------------------------- */
 
 /* Asks the broker at `socket_path` (NULL or "": $KEYMESH_SOCKET, else the

@@ -249,6 +249,30 @@ class KEYMESH_EXPORT Pool {
   // effect on slow_path() pools (the broker selects).
   void SetSelector(std::shared_ptr<const Selector> selector);
 
+  // Schedulers that run outside the pool's lock (a Python BaseScheduler):
+  // take a snapshot, choose, acquire exactly the chosen key, or wait for a
+  // change and snapshot again. Pools on the segment only (embedded and
+  // attached); slow_path() pools return kInvalidArgument.
+  //
+  // One pass over the pool's keys into out[0..capacity) with no allocation;
+  // info->count says how many keys there are (more than `capacity`: only the
+  // first were written). Each key's secret is this process's copy, or null
+  // when this process does not know it (AcquireKey then asks for it).
+  Status SnapshotKeys(KeySnapshot* out, uint32_t capacity, KeysSnapshotInfo* info);
+  // Acquires exactly the key `key` (from SnapshotKeys) names if it is still
+  // eligible: the checks, accounting, quota and lease ownership of Acquire,
+  // never waiting. kUnknownKey: the identity is stale (the key was removed,
+  // or keys were added or removed since the snapshot); kNoAvailableKey: the
+  // key is no longer eligible (cooling, busy, disabled, out of budget...);
+  // kCapacityExceeded as for Acquire. Neither refusal counts as a failed
+  // acquire.
+  Result<Lease> AcquireKey(const KeySnapshot& key, uint64_t tokens = 0);
+  // Sleeps until a change after the snapshot whose info->wake_seq is
+  // `wake_seq` (a release, a key added, enabled or reset, WakeWaiters), the
+  // earliest cooldown or budget deadline, or `timeout` seconds; at once if
+  // one already happened. kClosed when `cancel` (may be null) is set.
+  Status WaitForChange(uint32_t wake_seq, double timeout, const CancelToken* cancel = nullptr);
+
   // True when every call goes over the broker socket (Connect() could not
   // map the segment).
   bool slow_path() const noexcept;

@@ -177,6 +177,42 @@ struct PoolStatus {
   std::vector<KeyStatus> keys;
 };
 
+// One key of a pool as a scheduler outside the pool's lock sees it
+// (Pool::SnapshotKeys): plain data, written into the caller's buffer with
+// no allocation. (slot, generation, fingerprint) identify the key for
+// Pool::AcquireKey: a key removed and re-added, or any key added or removed
+// since (the pool's generation moved), no longer matches.
+struct KeySnapshot {
+  uint32_t slot = 0;
+  uint64_t generation = 0;   // the pool's key generation when the snapshot was taken
+  uint64_t fingerprint = 0;  // the salted hash of the key's secret
+  char name[64] = {};        // NUL-terminated
+  // This process's copy of the secret (valid while the Pool lives), or
+  // nullptr when this process does not know it yet.
+  const char* secret = nullptr;
+  bool eligible = false;  // every check an acquire makes passed at the snapshot
+  bool has_latency = false;
+  uint32_t in_flight = 0;
+  uint32_t max_concurrency = 0;
+  uint32_t weight = 1;
+  uint32_t fail_streak = 0;
+  uint64_t successes = 0;
+  uint64_t failures = 0;
+  double cooldown_remaining = 0.0;  // seconds until the key's cooldown ends (0: not cooling)
+  double latency_avg = 0.0;         // seconds (meaningful when has_latency)
+  double last_used_ago = -1.0;      // seconds since the last acquire, -1 if never
+};
+
+// What Pool::SnapshotKeys says of the pool as a whole.
+struct KeysSnapshotInfo {
+  uint32_t count = 0;         // keys in the pool (may exceed the buffer: then only the first were written)
+  uint32_t wake_seq = 0;      // for Pool::WaitForChange
+  uint64_t generation = 0;    // as in each KeySnapshot
+  double next_change = -1.0;  // seconds until the earliest cooldown or budget deadline, -1 if none
+  uint32_t max_failures = 0;  // the pool's
+  Strategy strategy = Strategy::kLeastBusy;
+};
+
 // Masks a secret for display: "..." plus at most the last 4 characters, and
 // only when the secret is at least 12 characters long ("***" otherwise).
 KEYMESH_EXPORT std::string MaskSecret(std::string_view secret);

@@ -698,6 +698,63 @@ static void test_broker_unavailable(void) {
   CHECK_RC(km_broker_reclaim(NULL, 0, &n), KM_INVALID_ARGUMENT);
 }
 
+/* A scheduler outside the pool: snapshot, acquire the chosen key, a stale
+ * view, a key no longer eligible, and the wait for a change. */
+static void test_snapshot_and_acquire_this_key(void) {
+  km_pool* pool = make_pool(KM_ROUND_ROBIN, 10);
+  km_key_view views[4];
+  km_snapshot_info info;
+  CHECK_RC(km_key_view_init(&views[0]), KM_OK);
+  CHECK_RC(km_snapshot_info_init(&info), KM_OK);
+  CHECK(views[0].struct_size == sizeof(km_key_view) && views[0].last_used_ago == -1.0);
+  CHECK_RC(km_pool_snapshot(pool, views, 4, &info), KM_OK);
+  CHECK(info.count == 3 && info.strategy == KM_ROUND_ROBIN && info.max_failures == 10);
+  CHECK(strcmp(views[1].name, "beta") == 0 && views[1].eligible == 1 && views[1].in_flight == 0);
+  CHECK(views[1].secret != NULL && strcmp(views[1].secret, "sk-test-beta-00000000002") == 0);
+  /* The chosen key, not round robin's first. */
+  km_held held;
+  CHECK_RC(km_pool_acquire_this_key(pool, &views[1], NULL, &held), KM_OK);
+  CHECK(strcmp(held.name, "beta") == 0 && held.ticket != 0);
+  km_key_view after[4];
+  CHECK_RC(km_key_view_init(&after[0]), KM_OK);
+  CHECK_RC(km_pool_snapshot(pool, after, 4, &info), KM_OK);
+  CHECK(after[1].in_flight == 1);
+  CHECK_RC(km_pool_release_key(pool, held.secret, held.ticket, 0.25, 0), KM_OK);
+  /* No longer eligible between the snapshot and the acquire. */
+  CHECK_RC(km_pool_disable_key(pool, "alpha"), KM_OK);
+  CHECK_RC(km_pool_acquire_this_key(pool, &views[0], NULL, &held), KM_NO_AVAILABLE_KEY);
+  CHECK_RC(km_pool_enable_key(pool, "alpha"), KM_OK);
+  /* Stale: the key was removed since the snapshot. */
+  CHECK_RC(km_pool_remove_key(pool, "gamma-not-a-name"), KM_UNKNOWN_KEY);
+  CHECK_RC(km_pool_remove_key(pool, views[2].name), KM_OK);
+  CHECK_RC(km_pool_acquire_this_key(pool, &views[2], NULL, &held), KM_UNKNOWN_KEY);
+  /* A short buffer: count says how many there are. */
+  CHECK_RC(km_pool_snapshot(pool, after, 1, &info), KM_OK);
+  CHECK(info.count == 2);
+  CHECK_RC(km_pool_snapshot(pool, NULL, 0, &info), KM_OK);
+  CHECK_RC(km_pool_snapshot(pool, NULL, 1, &info), KM_INVALID_ARGUMENT);
+  km_key_view bad = views[0];
+  bad.struct_size = 8;
+  CHECK_RC(km_pool_acquire_this_key(pool, &bad, NULL, &held), KM_INVALID_ARGUMENT);
+  /* The wait: a change since the snapshot returns at once; a timeout ends it. */
+  CHECK_RC(km_pool_snapshot(pool, after, 4, &info), KM_OK);
+  CHECK_RC(km_pool_acquire_this_key(pool, &after[0], NULL, &held), KM_OK);
+  CHECK_RC(km_pool_cancel_key(pool, held.secret, held.ticket), KM_OK);
+  double t0 = now_seconds();
+  CHECK_RC(km_pool_wait_change(pool, info.wake_seq, 10.0, NULL), KM_OK);
+  CHECK(now_seconds() - t0 < 5.0);
+  CHECK_RC(km_pool_snapshot(pool, after, 4, &info), KM_OK);
+  t0 = now_seconds();
+  CHECK_RC(km_pool_wait_change(pool, info.wake_seq, 0.02, NULL), KM_OK);
+  CHECK(now_seconds() - t0 >= 0.015);
+  km_cancel* token = NULL;
+  CHECK_RC(km_cancel_create(pool, &token), KM_OK);
+  CHECK_RC(km_cancel_trigger(token), KM_OK);
+  CHECK_RC(km_pool_wait_change(pool, info.wake_seq, 10.0, token), KM_CLOSED);
+  CHECK_RC(km_cancel_destroy(token), KM_OK);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
+}
+
 int main(void) {
   test_errors_and_version();
   test_lease_handles();
@@ -710,6 +767,7 @@ int main(void) {
   test_acquire_and_end_options();
   test_deprecated_wrappers();
   test_observe_limits_and_parsers();
+  test_snapshot_and_acquire_this_key();
   if (g_failures != 0) {
     fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

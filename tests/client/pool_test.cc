@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -619,6 +620,177 @@ BOOST_AUTO_TEST_CASE(slow_path_pool_goes_over_the_socket) {
 BOOST_AUTO_TEST_CASE(connect_to_nobody_is_broker_unavailable) {
   const std::string nowhere = "/nonexistent/keymesh-pool-test.sock";
   BOOST_CHECK(Pool::Connect(nowhere, "p").status().code() == Code::kBrokerUnavailable);
+}
+
+// ---- Schedulers outside the lock: SnapshotKeys, AcquireKey, WaitForChange --
+
+namespace {
+
+std::vector<KeySnapshot> SnapshotOf(Pool& pool, KeysSnapshotInfo* info) {
+  std::vector<KeySnapshot> keys(16);
+  BOOST_REQUIRE(pool.SnapshotKeys(keys.data(), static_cast<uint32_t>(keys.size()), info).ok());
+  keys.resize(std::min<size_t>(info->count, keys.size()));
+  return keys;
+}
+
+const KeySnapshot& Named(const std::vector<KeySnapshot>& keys, const std::string& name) {
+  for (const KeySnapshot& k : keys) {
+    if (name == k.name) return k;
+  }
+  BOOST_FAIL("no key " + name + " in the snapshot");
+  return keys.front();
+}
+
+// Snapshot, acquire the key a stale or ineligible view names, on any Pool.
+void CheckAcquireKey(Pool& pool) {
+  KeysSnapshotInfo info;
+  std::vector<KeySnapshot> keys = SnapshotOf(pool, &info);
+  BOOST_REQUIRE_EQUAL(info.count, 2u);
+  const KeySnapshot a = Named(keys, "a");
+  const KeySnapshot b = Named(keys, "b");
+  BOOST_CHECK(a.eligible && b.eligible);
+  BOOST_REQUIRE(a.secret != nullptr);
+  BOOST_CHECK_EQUAL(std::string(a.secret), "sk-test-aaaaaaaaaaaa1111");
+  BOOST_CHECK_EQUAL(a.in_flight, 0u);
+  BOOST_CHECK_EQUAL(a.max_concurrency, 1u);
+  // The chosen key, not the strategy's first: b.
+  Result<Lease> lb = pool.AcquireKey(b);
+  BOOST_REQUIRE_MESSAGE(lb.ok(), lb.status().ToString());
+  BOOST_CHECK_EQUAL(lb->key_name(), "b");
+  keys = SnapshotOf(pool, &info);
+  BOOST_CHECK_EQUAL(Named(keys, "b").in_flight, 1u);
+  BOOST_CHECK(!Named(keys, "b").eligible);  // max_concurrency 1
+  // Ineligible between the snapshot and the acquire: refused, not waited.
+  Result<Lease> again = pool.AcquireKey(b);
+  BOOST_CHECK(again.status().code() == Code::kNoAvailableKey);
+  BOOST_REQUIRE(pool.DisableKey("a").ok());
+  BOOST_CHECK(pool.AcquireKey(a).status().code() == Code::kNoAvailableKey);
+  BOOST_REQUIRE(pool.EnableKey("a").ok());
+  BOOST_REQUIRE(lb->Release(0.5).ok());
+  keys = SnapshotOf(pool, &info);
+  BOOST_CHECK(Named(keys, "b").has_latency);
+  BOOST_CHECK_CLOSE(Named(keys, "b").latency_avg, 0.5, 1e-6);
+  BOOST_CHECK_EQUAL(Named(keys, "b").successes, 1u);
+  BOOST_CHECK_GE(Named(keys, "b").last_used_ago, 0.0);
+  BOOST_CHECK_EQUAL(Named(keys, "a").last_used_ago, -1.0);
+  // A stale identity: keys were removed and re-added since the snapshot.
+  const KeySnapshot stale = Named(keys, "a");
+  BOOST_REQUIRE(pool.RemoveKey("a").ok());
+  BOOST_CHECK(pool.AcquireKey(stale).status().code() == Code::kUnknownKey);
+  BOOST_REQUIRE(pool.AddKey({"a", "sk-test-aaaaaaaaaaaa1111", 1, 1, 0, 0}).ok());
+  BOOST_CHECK(pool.AcquireKey(stale).status().code() == Code::kUnknownKey);
+  keys = SnapshotOf(pool, &info);
+  Result<Lease> fresh = pool.AcquireKey(Named(keys, "a"));
+  BOOST_REQUIRE_MESSAGE(fresh.ok(), fresh.status().ToString());
+  BOOST_CHECK_EQUAL(fresh->key_name(), "a");
+}
+
+// A wait after a snapshot ends at a release made after it, or at once when
+// one happened in between; never before.
+void CheckWaitForChange(Pool& pool) {
+  Result<Lease> la = pool.TryAcquire();
+  Result<Lease> lb = pool.TryAcquire();
+  BOOST_REQUIRE(la.ok() && lb.ok());
+  KeysSnapshotInfo info;
+  std::vector<KeySnapshot> keys = SnapshotOf(pool, &info);
+  BOOST_CHECK(!keys[0].eligible && !keys[1].eligible);
+  // Nothing changes: the timeout ends it.
+  auto t0 = std::chrono::steady_clock::now();
+  BOOST_CHECK(pool.WaitForChange(info.wake_seq, 0.05).ok());
+  BOOST_CHECK_GE(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.045);
+  keys = SnapshotOf(pool, &info);
+  // A release from another thread wakes it long before its timeout.
+  std::atomic<bool> released{false};
+  std::thread t([&] {
+    while (!released.load()) std::this_thread::yield();
+    BOOST_CHECK(la->Release().ok());
+  });
+  t0 = std::chrono::steady_clock::now();
+  released.store(true);
+  BOOST_CHECK(pool.WaitForChange(info.wake_seq, 20.0).ok());
+  BOOST_CHECK_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  t.join();
+  // A change between the snapshot and the wait: the wait returns at once.
+  keys = SnapshotOf(pool, &info);
+  BOOST_REQUIRE(lb->Release().ok());
+  t0 = std::chrono::steady_clock::now();
+  BOOST_CHECK(pool.WaitForChange(info.wake_seq, 20.0).ok());
+  BOOST_CHECK_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  // A cancelled token ends it with kClosed.
+  CancelToken token;
+  token.Cancel();
+  keys = SnapshotOf(pool, &info);
+  BOOST_CHECK(pool.WaitForChange(info.wake_seq, 20.0, &token).code() == Code::kClosed);
+  BOOST_CHECK(pool.WaitForChange(info.wake_seq, -1.0).code() == Code::kInvalidArgument);
+}
+
+std::unique_ptr<Pool> EmbeddedAB() {
+  std::vector<KeySpec> keys = {{"a", "sk-test-aaaaaaaaaaaa1111", 1, 1, 0, 0},
+                               {"b", "sk-test-bbbbbbbbbbbb2222", 1, 1, 0, 0}};
+  PoolOptions o;
+  o.strategy = Strategy::kRoundRobin;
+  return Must(Pool::CreateEmbedded(keys, o), "CreateEmbedded");
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(acquire_key_takes_the_chosen_key_or_refuses_a_stale_or_ineligible_one_embedded) {
+  std::unique_ptr<Pool> pool = EmbeddedAB();
+  CheckAcquireKey(*pool);
+}
+
+BOOST_AUTO_TEST_CASE(acquire_key_takes_the_chosen_key_or_refuses_a_stale_or_ineligible_one_attached) {
+  testing::BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  std::unique_ptr<Pool> pool = Connect(b);
+  CheckAcquireKey(*pool);
+}
+
+BOOST_AUTO_TEST_CASE(wait_for_change_ends_on_a_release_embedded) {
+  std::unique_ptr<Pool> pool = EmbeddedAB();
+  CheckWaitForChange(*pool);
+}
+
+BOOST_AUTO_TEST_CASE(wait_for_change_ends_on_a_release_attached) {
+  testing::BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  std::unique_ptr<Pool> pool = Connect(b);
+  CheckWaitForChange(*pool);
+}
+
+BOOST_AUTO_TEST_CASE(acquire_key_keeps_the_per_process_lease_cap_and_snapshot_reports_a_short_buffer) {
+  std::vector<KeySpec> keys = {{"a", "sk-test-aaaaaaaaaaaa1111", 1, 0, 0, 0},
+                               {"b", "sk-test-bbbbbbbbbbbb2222", 1, 0, 0, 0}};
+  PoolOptions o;
+  o.max_leases_per_process = 1;
+  std::unique_ptr<Pool> pool = Must(Pool::CreateEmbedded(keys, o), "CreateEmbedded");
+  KeysSnapshotInfo info;
+  KeySnapshot one[1];
+  BOOST_REQUIRE(pool->SnapshotKeys(one, 1, &info).ok());
+  BOOST_CHECK_EQUAL(info.count, 2u);  // more than the buffer: the first written
+  BOOST_CHECK_EQUAL(std::string(one[0].name), "a");
+  BOOST_CHECK(pool->SnapshotKeys(nullptr, 1, &info).code() == Code::kInvalidArgument);
+  Result<Lease> first = pool->AcquireKey(one[0]);
+  BOOST_REQUIRE(first.ok());
+  std::vector<KeySnapshot> all = SnapshotOf(*pool, &info);
+  BOOST_CHECK(pool->AcquireKey(Named(all, "b")).status().code() == Code::kCapacityExceeded);
+  // The refusals were not counted as failed acquires.
+  BOOST_CHECK_EQUAL(Must(pool->GetStatus(), "GetStatus").totals.no_key_available, 0u);
+}
+
+BOOST_AUTO_TEST_CASE(slow_path_pool_has_no_snapshot) {
+  testing::BrokerProcess b;
+  b.WriteConfig(kPools);
+  BOOST_REQUIRE(b.Start());
+  SlowPath slow;
+  std::unique_ptr<Pool> pool = Connect(b);
+  BOOST_REQUIRE(pool->slow_path());
+  KeysSnapshotInfo info;
+  BOOST_CHECK(pool->SnapshotKeys(nullptr, 0, &info).code() == Code::kInvalidArgument);
+  BOOST_CHECK(pool->AcquireKey(KeySnapshot{}).status().code() == Code::kInvalidArgument);
+  BOOST_CHECK(pool->WaitForChange(0, 0.0).code() == Code::kInvalidArgument);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

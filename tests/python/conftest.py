@@ -135,7 +135,9 @@ def make_pool(mode: str):
         else:
             broker = Broker(keys, options)
             brokers.append(broker)
-            pool = cls.connect("test", socket=broker.socket)
+            # py-sched: a scheduler goes to connect as to the constructor.
+            extra = {"scheduler": options["scheduler"]} if options.get("scheduler") is not None else {}
+            pool = cls.connect("test", socket=broker.socket, **extra)
         made.append(pool)
         return pool
 

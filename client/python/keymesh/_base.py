@@ -18,7 +18,7 @@ from . import _core
 from ._core import Core
 from ._status import shape_status
 from .exceptions import KeyExhaustedError, KeyMeshError, KeyNotHeldError
-from .scheduler import SchedulerStrategy, parse_strategy, strategy_of_scheduler
+from .scheduler import SchedulerStrategy, parse_strategy, resolve_scheduler
 
 log = logging.getLogger("keymesh")
 
@@ -45,7 +45,9 @@ class PoolBase:
         acquire over it waits for one of its leases to end. Every number is
         range-checked (ConfigError, a ValueError, when out of range)."""
         keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
-        s = strategy_of_scheduler(scheduler) if scheduler is not None else parse_strategy(strategy)
+        # py-sched: a built-in scheduler is its native strategy; a custom one
+        # (its own select) gets the Python acquire path (keymesh.scheduler._choose).
+        s, custom = resolve_scheduler(scheduler) if scheduler is not None else (parse_strategy(strategy), None)
         if storage is not None:
             warnings.warn("keymesh: storage= is ignored; an embedded pool lives in shared memory for the "
                           "life of its processes, and keymesh-broker persists attached pools",
@@ -56,16 +58,44 @@ class PoolBase:
                                  burst=burst, owner=self._owner)
         log.info("%s initialised: %d keys, strategy=%s", self._owner, len(keys), s.value)
         self._init_core(core)
+        if custom is not None:  # py-sched
+            self._use_scheduler(custom, acquire_timeout)
 
     @classmethod
-    def connect(cls, pool: str, socket: Optional[str] = None) -> Any:
+    def connect(cls, pool: str, socket: Optional[str] = None, scheduler: Any = None) -> Any:
         """Attach to pool ``pool`` of the keymesh-broker at ``socket`` (default:
         $KEYMESH_SOCKET, else /run/keymesh/keymesh.sock), shared by every process
         on the host. Connecting is a short blocking exchange with the local
-        broker (done once per process). Raises BrokerUnavailableError."""
+        broker (done once per process). Raises BrokerUnavailableError.
+        ``scheduler``: a custom BaseScheduler chooses this process's keys; a
+        built-in one whose strategy is not the broker pool's runs its ``select``
+        in this process (the pool's strategy is the broker's configuration)."""
         self = cls.__new__(cls)
         self._init_core(_core.Core.connect(pool, socket))
+        if scheduler is not None:  # py-sched
+            custom, timeout = self._attached_scheduler(scheduler)
+            if custom is not None:
+                self._use_scheduler(custom, timeout)
         return self
+
+    # ---- py-sched: custom schedulers -----------------------------------
+    def _use_scheduler(self, scheduler: Any, acquire_timeout: Optional[float]) -> None:
+        """Installs the Python acquire path of a custom scheduler (chosen once:
+        pools without one keep the native acquire)."""
+        from .scheduler import _choose
+        self._chooser = _choose.install(self, self._core, scheduler, acquire_timeout)
+
+    def _attached_scheduler(self, scheduler: Any) -> Tuple[Any, Optional[float]]:
+        from .scheduler import build_scheduler
+        s, custom = resolve_scheduler(scheduler)
+        if custom is None:
+            raw = self._core.status_raw()
+            if raw.get("strategy") == s.value:
+                return None, None
+            log.info("%s: pool's strategy is %s (the broker's); this process's %s runs in Python",
+                     self._owner, raw.get("strategy"), type(scheduler).__name__)
+            custom = scheduler if hasattr(type(scheduler), "select") else build_scheduler(s)
+        return custom, None
 
     def _init_core(self, core: Core) -> None:
         """The one place a pool object gets its state (both constructors)."""
