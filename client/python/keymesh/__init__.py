@@ -38,10 +38,9 @@ Where the native parts are looked up (keymesh/_lib.py):
 from .exceptions import (BrokerUnavailableError, CapacityError, ConfigError, KeyCooldownError,
                          KeyExhaustedError, KeyMeshError, KeyNotHeldError, NoAvailableKeyError,
                          PoolClosedError, ProtocolError, UnknownKeyError)
-from .pool import KeyPool
+from .pool import KeyPool, SyncKeyPool
 from .scheduler import (BaseScheduler, LeastBusyScheduler, RoundRobinScheduler, SchedulerStrategy,
                         WeightedScheduler, build_scheduler)
-from .sync_pool import SyncKeyPool
 from . import _core, _lib
 from ._core import parse_duration, parse_retry_after
 # ---- py-surface: the rest of the original's public surface ----

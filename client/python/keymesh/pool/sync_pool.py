@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Optional
 
-from ._base import PoolBase, key_ops, reporting
+from .._base import PoolBase, key_ops, reporting
 
 
 class SyncKeyPool(PoolBase):

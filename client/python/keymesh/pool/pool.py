@@ -21,8 +21,8 @@ import contextlib
 import threading
 from typing import Any, AsyncIterator, Optional
 
-from . import _core, _lib
-from ._base import PoolBase, end_quietly, key_ops, reporting
+from .. import _core, _lib
+from .._base import PoolBase, end_quietly, key_ops, reporting
 
 
 class _Waiter:
