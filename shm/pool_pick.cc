@@ -70,9 +70,9 @@ Status PoolUser::SnapshotKeys(KeySnapshot* out, uint32_t capacity, KeysSnapshotI
     if (core_.index().damaged()) return core_.Fault("the eligibility index names slots beyond the pool");
     info->count = n;
     info->generation = generation;
-    info->next_change = ph->next_deadline == kNever     ? -1.0
-                        : ph->next_deadline > now ? NanosToSeconds(ph->next_deadline - now)
-                                                  : 0.0;
+    info->next_change = ph->next_deadline == kNever ? -1.0
+                        : ph->next_deadline > now   ? NanosToSeconds(ph->next_deadline - now)
+                                                    : 0.0;
     info->max_failures = ph->config.max_failures;
     info->strategy = static_cast<Strategy>(ph->config.strategy);
     // Announced under the lock: every change after the unlock bumps

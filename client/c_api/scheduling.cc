@@ -49,8 +49,7 @@ uint32_t SizeOf(const void* s) noexcept {
 
 int BadSize(const char* what, uint32_t size) {
   return Fail(Code::kInvalidArgument, std::string(what) + ".struct_size " + std::to_string(size) +
-                                          " is not a size this library reads (initialise it with " + what +
-                                          "_init())");
+                                          " is not a size this library reads (initialise it with " + what + "_init())");
 }
 
 // Writes `full` into the caller's struct of `size` bytes: the fields that
@@ -125,7 +124,8 @@ int km_pool_snapshot(km_pool* p, km_key_view* views, size_t capacity, km_snapsho
     Status st = s.pool->SnapshotKeys(buffer.data(), cap, &got);
     if (!st.ok()) return Fail(st);
     auto* out = reinterpret_cast<unsigned char*>(views);
-    for (uint32_t i = 0; i < std::min(cap, got.count); ++i) WriteSized(out + size_t{i} * stride, stride, ToView(buffer[i]));
+    for (uint32_t i = 0; i < std::min(cap, got.count); ++i)
+      WriteSized(out + size_t{i} * stride, stride, ToView(buffer[i]));
     km_snapshot_info full{};
     full.count = got.count;
     full.generation = got.generation;

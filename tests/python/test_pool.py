@@ -271,3 +271,37 @@ def test_close_is_idempotent(make_pool):
     pool.close()
     with pytest.raises(keymesh.PoolClosedError):
         pool.acquire()
+
+
+def test_hot_calls_take_the_methods_arguments_and_keep_a_subclass_override(make_pool):
+    # SyncKeyPool binds its hot calls to the extension; they take the same
+    # positional and keyword arguments as the methods they stand for.
+    pool = make_pool([secret(10), secret(11)])
+    k = pool.acquire(timeout=1, tokens=2)
+    pool.release(key=k, latency=0.1, tokens=3)
+    k = pool.acquire(1)
+    pool.mark_rate_limited(k, cooldown=0.01)
+    k = pool.acquire()
+    pool.cancel(key=k)
+    k = pool.acquire()
+    pool.mark_failed(k, permanent=False)
+    assert pool.held_count() == 0
+    with pytest.raises(TypeError, match="unexpected keyword argument 'timeuot'"):
+        pool.acquire(timeuot=1)
+    with pytest.raises(TypeError, match="multiple values for argument 'timeout'"):
+        pool.acquire(1, timeout=1)
+    with pytest.raises(TypeError, match="missing required argument 'key'"):
+        pool.release()
+    with pytest.raises(keymesh.ConfigError, match="latency"):
+        pool.release(pool.acquire(), latency=-1)
+
+    seen = []
+
+    class Logged(keymesh.SyncKeyPool):
+        def release(self, key, latency=None, tokens=0):
+            seen.append(key.name)
+            super().release(key, latency, tokens)
+
+    logged = make_pool([secret(12)], cls=Logged)
+    logged.release(logged.acquire())
+    assert seen == [logged.key_name(secret(12))]

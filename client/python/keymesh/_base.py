@@ -58,6 +58,7 @@ class PoolBase:
                                  burst=burst, owner=self._owner)
         log.info("%s initialised: %d keys, strategy=%s", self._owner, len(keys), s.value)
         self._init_core(core)
+        self._bind_hot_path()
         if custom is not None:  # py-sched
             self._use_scheduler(custom, acquire_timeout)
 
@@ -72,6 +73,7 @@ class PoolBase:
         in this process (the pool's strategy is the broker's configuration)."""
         self = cls.__new__(cls)
         self._init_core(_core.Core.connect(pool, socket))
+        self._bind_hot_path()
         if scheduler is not None:  # py-sched
             custom, timeout = self._attached_scheduler(scheduler)
             if custom is not None:
@@ -100,6 +102,11 @@ class PoolBase:
     def _init_core(self, core: Core) -> None:
         """The one place a pool object gets its state (both constructors)."""
         self._core = core
+
+    def _bind_hot_path(self) -> None:
+        """Once the core is final (storage included) and before a custom
+        scheduler takes over acquire: SyncKeyPool binds its hot calls straight
+        to the extension; the asyncio pool keeps its coroutines."""
 
     # ---- calls that never wait -------------------------------------------
     def observe_limits(self, key: str, headers: Any) -> None:

@@ -444,19 +444,38 @@ static int DoAcquire(PoolObject* p, double timeout, uint64_t tokens, km_cancel* 
   return rc;
 }
 
-static int ParseAcquire(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t max, double* timeout, uint64_t* tokens,
-                        km_cancel** cancel) {
-  if (nargs > max) {
-    PyErr_Format(PyExc_TypeError, "acquire takes at most %zd arguments (%zd given)", max, nargs);
+/* The arguments of a hot call, by position or keyword, into out[0..n)
+ * (NULL where not given), as the SyncKeyPool methods these calls stand for
+ * take them: SyncKeyPool binds its methods straight to these. */
+static int Gather(const char* fn, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, const char* const* names,
+                  Py_ssize_t n, Py_ssize_t required, PyObject** out) {
+  if (nargs > n) {
+    PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)", fn, n, nargs);
     return -1;
   }
-  if (Seconds(nargs > 0 ? args[0] : NULL, "timeout", KM_DEFAULT, timeout) < 0) return -1;
-  if (Tokens(nargs > 1 ? args[1] : NULL, tokens) < 0) return -1;
-  *cancel = NULL;
-  if (nargs > 2 && args[2] != Py_None) {
-    void* c = PyLong_AsVoidPtr(args[2]);
-    if (c == NULL && PyErr_Occurred()) return -1;
-    *cancel = (km_cancel*)c;
+  for (Py_ssize_t i = 0; i < n; ++i) out[i] = i < nargs ? args[i] : NULL;
+  if (kwnames != NULL) {
+    const Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < nk; ++k) {
+      PyObject* kw = PyTuple_GET_ITEM(kwnames, k);
+      Py_ssize_t i = 0;
+      while (i < n && PyUnicode_CompareWithASCIIString(kw, names[i]) != 0) ++i;
+      if (i == n) {
+        PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fn, kw);
+        return -1;
+      }
+      if (out[i] != NULL) {
+        PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, names[i]);
+        return -1;
+      }
+      out[i] = args[nargs + k];
+    }
+  }
+  for (Py_ssize_t i = 0; i < required; ++i) {
+    if (out[i] == NULL) {
+      PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
+      return -1;
+    }
   }
   return 0;
 }
@@ -464,12 +483,21 @@ static int ParseAcquire(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t max,
 /* acquire(timeout=None, tokens=0, cancel=None) -> Key. One uncounted
  * attempt with the GIL held; only when it finds no key, the counted acquire
  * that may wait, with the GIL released. */
-static PyObject* Pool_acquire(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+static PyObject* Pool_acquire(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {"timeout", "tokens", "cancel"};
   PoolObject* p = (PoolObject*)self;
+  PyObject* a[3];
+  if (Gather("acquire", args, nargs, kwnames, names, 3, 0, a) < 0) return NULL;
   double timeout;
   uint64_t tokens;
-  km_cancel* cancel;
-  if (ParseAcquire(args, nargs, 3, &timeout, &tokens, &cancel) < 0) return NULL;
+  if (Seconds(a[0], "timeout", KM_DEFAULT, &timeout) < 0) return NULL;
+  if (Tokens(a[1], &tokens) < 0) return NULL;
+  km_cancel* cancel = NULL;
+  if (a[2] != NULL && a[2] != Py_None) {
+    void* c = PyLong_AsVoidPtr(a[2]);
+    if (c == NULL && PyErr_Occurred()) return NULL;
+    cancel = (km_cancel*)c;
+  }
   km_held held;
   int fork = AfterFork(p);
   int rc = DoAcquire(p, KM_DEFAULT, tokens, NULL, KM_ACQUIRE_POLL, fork, &held);
@@ -479,21 +507,19 @@ static PyObject* Pool_acquire(PyObject* self, PyObject* const* args, Py_ssize_t 
 }
 
 /* poll(tokens=0) -> Key | None: one uncounted attempt that never waits. */
-static PyObject* Pool_poll(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+static PyObject* Pool_poll(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {"tokens"};
   PoolObject* p = (PoolObject*)self;
-  if (nargs > 1) {
-    PyErr_Format(PyExc_TypeError, "poll takes at most 1 argument (%zd given)", nargs);
-    return NULL;
-  }
+  PyObject* a[1];
+  if (Gather("poll", args, nargs, kwnames, names, 1, 0, a) < 0) return NULL;
   uint64_t tokens;
-  if (Tokens(nargs > 0 ? args[0] : NULL, &tokens) < 0) return NULL;
+  if (Tokens(a[0], &tokens) < 0) return NULL;
   km_held held;
   int rc = DoAcquire(p, KM_DEFAULT, tokens, NULL, KM_ACQUIRE_POLL, AfterFork(p), &held);
   if (rc == KM_NO_AVAILABLE_KEY) Py_RETURN_NONE;
   if (rc != KM_OK) return RaiseCode(rc, NULL, NULL);
   return MakeKey(p, &held);
 }
-
 static PyObject* End(PoolObject* p, PyObject* key, uint32_t outcome, uint32_t flags, double latency, uint64_t tokens,
                      double cooldown) {
   const char* secret;
@@ -526,43 +552,45 @@ static PyObject* End(PoolObject* p, PyObject* key, uint32_t outcome, uint32_t fl
   Py_RETURN_NONE;
 }
 
-static int ArgCount(const char* fn, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi) {
-  if (nargs >= lo && nargs <= hi) return 0;
-  PyErr_Format(PyExc_TypeError, "%s takes %zd to %zd arguments (%zd given)", fn, lo, hi, nargs);
-  return -1;
-}
-
 /* release(key, latency=None, tokens=0) */
-static PyObject* Pool_release(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (ArgCount("release", nargs, 1, 3) < 0) return NULL;
+static PyObject* Pool_release(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {"key", "latency", "tokens"};
+  PyObject* a[3];
+  if (Gather("release", args, nargs, kwnames, names, 3, 1, a) < 0) return NULL;
   double latency;
   uint64_t tokens;
-  if (Seconds(nargs > 1 ? args[1] : NULL, "latency", KM_LATENCY_NONE, &latency) < 0) return NULL;
-  if (Tokens(nargs > 2 ? args[2] : NULL, &tokens) < 0) return NULL;
-  return End((PoolObject*)self, args[0], KM_OUTCOME_SUCCESS, 0, latency, tokens, KM_DEFAULT);
+  if (Seconds(a[1], "latency", KM_LATENCY_NONE, &latency) < 0) return NULL;
+  if (Tokens(a[2], &tokens) < 0) return NULL;
+  return End((PoolObject*)self, a[0], KM_OUTCOME_SUCCESS, 0, latency, tokens, KM_DEFAULT);
 }
 
 /* mark_failed(key, permanent=False) */
-static PyObject* Pool_mark_failed(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (ArgCount("mark_failed", nargs, 1, 2) < 0) return NULL;
+static PyObject* Pool_mark_failed(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {"key", "permanent"};
+  PyObject* a[2];
+  if (Gather("mark_failed", args, nargs, kwnames, names, 2, 1, a) < 0) return NULL;
   int permanent = 0;
-  if (nargs > 1 && (permanent = PyObject_IsTrue(args[1])) < 0) return NULL;
-  return End((PoolObject*)self, args[0], KM_OUTCOME_FAILURE, permanent ? KM_END_PERMANENT : 0, KM_LATENCY_NONE, 0,
+  if (a[1] != NULL && (permanent = PyObject_IsTrue(a[1])) < 0) return NULL;
+  return End((PoolObject*)self, a[0], KM_OUTCOME_FAILURE, permanent ? KM_END_PERMANENT : 0, KM_LATENCY_NONE, 0,
              KM_DEFAULT);
 }
 
 /* mark_rate_limited(key, cooldown=None) */
-static PyObject* Pool_mark_rate_limited(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (ArgCount("mark_rate_limited", nargs, 1, 2) < 0) return NULL;
+static PyObject* Pool_mark_rate_limited(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {"key", "cooldown"};
+  PyObject* a[2];
+  if (Gather("mark_rate_limited", args, nargs, kwnames, names, 2, 1, a) < 0) return NULL;
   double cooldown;
-  if (Seconds(nargs > 1 ? args[1] : NULL, "cooldown", KM_DEFAULT, &cooldown) < 0) return NULL;
-  return End((PoolObject*)self, args[0], KM_OUTCOME_RATE_LIMITED, 0, KM_LATENCY_NONE, 0, cooldown);
+  if (Seconds(a[1], "cooldown", KM_DEFAULT, &cooldown) < 0) return NULL;
+  return End((PoolObject*)self, a[0], KM_OUTCOME_RATE_LIMITED, 0, KM_LATENCY_NONE, 0, cooldown);
 }
 
 /* cancel(key) */
-static PyObject* Pool_cancel(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (ArgCount("cancel", nargs, 1, 1) < 0) return NULL;
-  return End((PoolObject*)self, args[0], KM_OUTCOME_CANCELLED, 0, KM_LATENCY_NONE, 0, KM_DEFAULT);
+static PyObject* Pool_cancel(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {"key"};
+  PyObject* a[1];
+  if (Gather("cancel", args, nargs, kwnames, names, 1, 1, a) < 0) return NULL;
+  return End((PoolObject*)self, a[0], KM_OUTCOME_CANCELLED, 0, KM_LATENCY_NONE, 0, KM_DEFAULT);
 }
 
 static PyObject* Pool_get_address(PyObject* self, void* Py_UNUSED(closure)) {
@@ -571,14 +599,16 @@ static PyObject* Pool_get_address(PyObject* self, void* Py_UNUSED(closure)) {
 }
 
 static PyMethodDef Pool_methods[] = {
-    {"acquire", (PyCFunction)(void (*)(void))Pool_acquire, METH_FASTCALL,
+    {"acquire", (PyCFunction)(void (*)(void))Pool_acquire, METH_FASTCALL | METH_KEYWORDS,
      "acquire(timeout=None, tokens=0, cancel=None) -> Key"},
-    {"poll", (PyCFunction)(void (*)(void))Pool_poll, METH_FASTCALL, "poll(tokens=0) -> Key | None"},
-    {"release", (PyCFunction)(void (*)(void))Pool_release, METH_FASTCALL, "release(key, latency=None, tokens=0)"},
-    {"mark_failed", (PyCFunction)(void (*)(void))Pool_mark_failed, METH_FASTCALL, "mark_failed(key, permanent=False)"},
-    {"mark_rate_limited", (PyCFunction)(void (*)(void))Pool_mark_rate_limited, METH_FASTCALL,
+    {"poll", (PyCFunction)(void (*)(void))Pool_poll, METH_FASTCALL | METH_KEYWORDS, "poll(tokens=0) -> Key | None"},
+    {"release", (PyCFunction)(void (*)(void))Pool_release, METH_FASTCALL | METH_KEYWORDS,
+     "release(key, latency=None, tokens=0)"},
+    {"mark_failed", (PyCFunction)(void (*)(void))Pool_mark_failed, METH_FASTCALL | METH_KEYWORDS,
+     "mark_failed(key, permanent=False)"},
+    {"mark_rate_limited", (PyCFunction)(void (*)(void))Pool_mark_rate_limited, METH_FASTCALL | METH_KEYWORDS,
      "mark_rate_limited(key, cooldown=None)"},
-    {"cancel", (PyCFunction)(void (*)(void))Pool_cancel, METH_FASTCALL, "cancel(key)"},
+    {"cancel", (PyCFunction)(void (*)(void))Pool_cancel, METH_FASTCALL | METH_KEYWORDS, "cancel(key)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -35,6 +35,20 @@ class SyncKeyPool(PoolBase):
 
     _owner = "SyncKeyPool"
 
+    # The calls of every request, bound per pool straight to the extension's
+    # methods (same arguments, keywords and defaults), so a pair runs no
+    # Python frame (100k pairs, 30 runs on a busy 2-core VM: min 561 -> 506 ns,
+    # median 1022 -> 873 ns). A subclass that overrides one keeps its
+    # override; the methods below stay for help() and for subclasses.
+    _HOT = ("acquire", "release", "mark_failed", "mark_rate_limited", "cancel")
+
+    def _bind_hot_path(self) -> None:
+        native = self._core.native
+        cls = type(self)
+        for name in self._HOT:
+            if getattr(cls, name) is getattr(SyncKeyPool, name):
+                setattr(self, name, getattr(native, name))
+
     # ---- keys ---------------------------------------------------------
     def acquire(self, timeout: Optional[float] = None, tokens: int = 0) -> str:
         """The secret of an eligible key; waits up to ``timeout`` seconds (default:
