@@ -124,9 +124,10 @@ def make_pool(mode: str):
         if mode == "embedded":
             pool = cls(keys, **options)
         else:
+            storage = options.pop("storage", None)
             broker = Broker(keys, options)
             brokers.append(broker)
-            pool = cls.connect("test", socket=broker.socket)
+            pool = cls.connect("test", socket=broker.socket, storage=storage)
         made.append(pool)
         return pool
 
