@@ -156,6 +156,7 @@ def test_json_file_has_the_originals_shape_and_no_secret(make_pool, tmp_path):
     pool.mark_failed(k3)
     flush(pool)
     text = path.read_text(encoding="utf-8")
+    assert os.stat(path).st_mode & 0o777 == 0o600  # its ids let a reader confirm a guessed key
     for s in KEYS:
         assert s not in text and s[-6:] not in text  # no secret, nor the original's 6-char suffix
     data = json.loads(text)

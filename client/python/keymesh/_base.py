@@ -44,7 +44,8 @@ class PoolBase:
         default None: nothing saved): each key's snapshot is saved after its
         release, mark_failed and mark_rate_limited by a background writer, and
         the keys' counters, latency average and remaining cooldown are restored
-        from it here."""
+        from it here (a blocking read of the storage: build the pool before
+        the event loop runs, as servers do at start-up)."""
         keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
         s = strategy_of_scheduler(scheduler) if scheduler is not None else parse_strategy(strategy)
         core = _core.Core.create(keys, strategy=s.value, default_cooldown=default_cooldown,

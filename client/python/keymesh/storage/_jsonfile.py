@@ -18,6 +18,10 @@ What the original got wrong here (defect 18) and how this fixes it:
   aside (renamed to ``<path>.corrupt-<UTC time>-<pid>``), never silently
   overwritten; an unreadable one (an OS error) is a StorageError and is not
   touched;
+- the file (and its lock file) is created mode 0600: the ids are the
+  original's unsalted 64-bit SHA-256 prefixes (kept so that its files stay
+  readable both ways), which let someone who can read the file confirm a
+  guessed key (defect 19), so only the owner may read it;
 - the writer coalesces: one read-modify-write per batch of changed keys
   (save_many), not one per event; an entry read from the pool earlier
   (``saved_at``) than the one in the file does not replace it.
