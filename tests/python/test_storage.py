@@ -127,13 +127,6 @@ def test_corrupt_file_is_kept_aside_never_overwritten(tmp_path, caplog):
     assert len(new) == 1 and open(new.pop(), "rb").read() == garbage
 
 
-def test_a_stale_snapshot_never_replaces_a_newer_one(tmp_path):
-    storage = SyncJSONStorage(tmp_path / "s.json")
-    storage.save(KEYS[0], {"success_count": 7, "saved_at": 200.0})
-    storage.save(KEYS[0], {"success_count": 6, "saved_at": 100.0})  # read from the pool earlier
-    assert storage.load(KEYS[0])["success_count"] == 7
-
-
 # ---- the pools ---------------------------------------------------------------
 
 def test_no_storage_no_writer(make_pool):

@@ -22,9 +22,9 @@ What the original got wrong here (defect 18) and how this fixes it:
   original's unsalted 64-bit SHA-256 prefixes (kept so that its files stay
   readable both ways), which let someone who can read the file confirm a
   guessed key (defect 19), so only the owner may read it;
-- the writer coalesces: one read-modify-write per batch of changed keys
-  (save_many), not one per event; an entry read from the pool earlier
-  (``saved_at``) than the one in the file does not replace it.
+- the writer coalesces: one read-modify-write per batch of changed keys,
+  not one per event, and reads those keys' state from the pool while it
+  holds the lock (save_fresh), so the file always ends with the latest.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 from .base import StorageError, storage_id
 
@@ -54,12 +54,21 @@ class JSONFile:
 
     # ---- the five operations (each under the file lock) ----------------
     def save_many(self, states: Mapping[str, Dict[str, Any]]) -> None:
+        self.save_fresh(lambda: states)
+
+    def save_fresh(self, make_states: Callable[[], Mapping[str, Dict[str, Any]]]) -> None:
+        """Saves what ``make_states()`` returns, calling it under the file lock.
+        The pool's writer reads the keys' snapshots there: two processes
+        that read a key's state in one order then write the file in the same
+        order, so the later state always wins (the original let a stale
+        snapshot land last: defect 11)."""
         with self._locked():
+            states = make_states()
+            if not states:
+                return
             data = self._read(strict=False)
             for key, state in states.items():
-                sid = storage_id(key)
-                if not _older(state, data.get(sid)):
-                    data[sid] = dict(state)
+                data[storage_id(key)] = dict(state)
             self._write(data)
 
     def load(self, key: str) -> Optional[Dict[str, Any]]:
@@ -157,17 +166,6 @@ class JSONFile:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-
-
-def _older(new: Mapping[str, Any], old: Optional[Mapping[str, Any]]) -> bool:
-    """True when ``new`` was read from the pool before ``old`` was (both carry
-    the writer's ``saved_at``): two processes' writers read a key's state in
-    one order and may take the file lock in the other, and the later state
-    must win (the original let a stale snapshot land last: defect 11)."""
-    if old is None:
-        return False
-    a, b = new.get("saved_at"), old.get("saved_at")
-    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and a < b
 
 
 def _shape_problem(data: Any) -> Optional[str]:

@@ -232,13 +232,14 @@ class StorageWriter:
         finally:
             job.done.set()
 
-    def _write(self, batch: Set[str]) -> None:
-        self._secrets.update(str(k) for k in batch)
+    def _states(self, batch: Set[str]) -> Dict[str, Dict[str, Any]]:
+        """raw key -> snapshot of the keys of ``batch`` still in the pool, read
+        now ({} when the status cannot be read: logged)."""
         try:
             raw = self._core.status_raw()
         except KeyMeshError as e:
             log.error("keymesh: storage: cannot read the pool's state, %d key(s) not saved: %s", len(batch), e)
-            return
+            return {}
         by_name = {k["name"]: k for k in raw["keys"]}
         now_mono, now_wall = time.monotonic(), time.time()
         states: Dict[str, Dict[str, Any]] = {}
@@ -252,10 +253,19 @@ class StorageWriter:
             entry = by_name.get(name)
             if entry is not None:
                 states[str(key)] = snapshot(entry, now_mono, now_wall)
-        if not states:
-            return
+        return states
+
+    def _write(self, batch: Set[str]) -> None:
+        self._secrets.update(str(k) for k in batch)
         storage = self.storage
         try:
+            fresh = getattr(storage, "_km_save_fresh", None)
+            if callable(fresh):  # ours: the snapshots are read under the storage's lock
+                self._await(fresh(lambda: self._states(batch)))
+                return
+            states = self._states(batch)
+            if not states:
+                return
             save_many = getattr(storage, "save_many", None)
             if callable(save_many):
                 self._await(save_many(states))
@@ -264,8 +274,8 @@ class StorageWriter:
                     self._await(storage.save(key, state))
         except Exception as e:  # a user's storage may raise anything
             log.error("keymesh: storage: %s failed to save %d key(s) (%s): %s: %s", type(storage).__name__,
-                      len(states), ", ".join(_lib.mask_secret(k) for k in states), type(e).__name__,
-                      mask_in(str(e), states))
+                      len(batch), ", ".join(_lib.mask_secret(str(k)) for k in batch), type(e).__name__,
+                      mask_in(str(e), batch))
 
 
 _live: "weakref.WeakSet[StorageWriter]" = weakref.WeakSet()

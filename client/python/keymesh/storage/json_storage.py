@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from ._jsonfile import JSONFile, PathArg
 from .base import BaseStorage
@@ -27,6 +27,10 @@ class JSONStorage(BaseStorage):
 
     async def save_many(self, states: Mapping[str, Dict[str, Any]]) -> None:
         await asyncio.to_thread(self._file.save_many, {k: dict(v) for k, v in states.items()})
+
+    async def _km_save_fresh(self, make_states: Callable[[], Mapping[str, Dict[str, Any]]]) -> None:
+        """The pool writer's save: snapshots read under the file lock (JSONFile.save_fresh)."""
+        await asyncio.to_thread(self._file.save_fresh, make_states)
 
     async def load(self, key: str) -> Optional[Dict[str, Any]]:
         return await asyncio.to_thread(self._file.load, key)

@@ -1,7 +1,7 @@
 """SyncJSONStorage: snapshots in a JSON file shared safely by processes."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from ._jsonfile import JSONFile, PathArg
 from .sync_base import BaseSyncStorage
@@ -27,6 +27,10 @@ class SyncJSONStorage(BaseSyncStorage):
 
     def save_many(self, states: Mapping[str, Dict[str, Any]]) -> None:
         self._file.save_many(states)
+
+    def _km_save_fresh(self, make_states: Callable[[], Mapping[str, Dict[str, Any]]]) -> None:
+        """The pool writer's save: snapshots read under the file lock (JSONFile.save_fresh)."""
+        self._file.save_fresh(make_states)
 
     def load(self, key: str) -> Optional[Dict[str, Any]]:
         return self._file.load(key)
