@@ -286,4 +286,15 @@ Status EmbeddedPool::RemoveKey(std::string_view name) {
   return st;
 }
 
+Status EmbeddedPool::RestoreKey(std::string_view name, const KeyRestore& restore) {
+  shm::KeyProgress p;
+  p.successes = restore.successes;
+  p.failures = restore.failures;
+  p.rate_limited = restore.rate_limited;
+  p.has_latency = restore.latency_avg.has_value();
+  p.ema_latency = restore.latency_avg.value_or(0.0);
+  p.cooldown_ns = static_cast<uint64_t>(restore.cooldown_remaining * 1e9);  // <= 1e18: checked by Pool
+  return admin_.RestoreKeyProgress(name, p);
+}
+
 }  // namespace keymesh::detail

@@ -109,6 +109,7 @@ class EmbeddedPool final : public LocalPool, public KeyAdmin {
   Status SetEnabled(std::string_view name, bool enabled) override { return admin_.SetEnabled(name, enabled); }
   Status ResetKey(std::string_view name) override { return admin_.ResetKey(name); }
   Result<uint32_t> ReclaimDead() override { return admin_.ReclaimDead(); }
+  Status RestoreKey(std::string_view name, const KeyRestore& restore) override;
 
  private:
   EmbeddedPool(std::unique_ptr<shm::Segment> segment, uint32_t pool_index, std::string name, Pool::SecretSource source);

@@ -45,6 +45,12 @@ Status PoolBackend::SnapshotKeys(KeySnapshot*, uint32_t, KeysSnapshotInfo*) { re
 Result<Lease> PoolBackend::AcquireKey(const KeySnapshot&, uint64_t) { return NoSegment(); }
 Status PoolBackend::WaitForChange(uint32_t, double, const CancelToken*) { return NoSegment(); }
 
+Status KeyAdmin::RestoreKey(std::string_view, const KeyRestore&) {
+  return Status(
+      Code::kInvalidArgument,
+      "restoring key state is for embedded pools: keymesh-broker restores attached pools from its state file");
+}
+
 }  // namespace detail
 
 namespace {
@@ -204,6 +210,17 @@ Status Pool::DisableKey(std::string_view name) { return backend_->keys().SetEnab
 Status Pool::ResetKey(std::string_view name) { return backend_->keys().ResetKey(name); }
 Result<uint32_t> Pool::ReclaimDead() { return backend_->keys().ReclaimDead(); }
 
+Status Pool::RestoreKey(std::string_view name, const KeyRestore& restore) {
+  // A hostile storage file reaches this through the bindings: every number
+  // is checked before anything is written.
+  if (restore.latency_avg && !(*restore.latency_avg >= 0 && *restore.latency_avg <= 1e9)) {
+    return Status(Code::kInvalidArgument, "latency_avg must be a finite number of seconds >= 0 and <= 1e9");
+  }
+  if (!(restore.cooldown_remaining >= 0 && restore.cooldown_remaining <= 1e9)) {
+    return Status(Code::kInvalidArgument, "cooldown_remaining must be a finite number of seconds >= 0 and <= 1e9");
+  }
+  return backend_->keys().RestoreKey(name, restore);
+}
 Result<PoolStatus> Pool::GetStatus() { return backend_->GetStatus(); }
 uint32_t Pool::AvailableCount() { return backend_->AvailableCount(); }
 const std::string& Pool::name() const noexcept { return backend_->name(); }

@@ -67,6 +67,9 @@ class KeyAdmin {
   virtual Status ResetKey(std::string_view name) = 0;
   // Frees the leases of holders that no longer run; returns how many.
   virtual Result<uint32_t> ReclaimDead() = 0;
+  // Pool::RestoreKey (arguments checked). Only the segment's owner can:
+  // broker-backed pools refuse it (the broker's state file is authoritative).
+  virtual Status RestoreKey(std::string_view name, const KeyRestore& restore);
 };
 
 // Thread safety: every method may be called from any number of threads at

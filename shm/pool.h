@@ -171,6 +171,9 @@ class PoolAdmin : public PoolUser {
   // Overwrites persisted per-key state (restore after reboot). Deadline is
   // CLOCK_MONOTONIC ns (0: none). In-flight and leases are not touched.
   Status RestoreKeyState(std::string_view name, const RestoredState& state);
+  // Restores a key's counters, latency EMA and remaining cooldown from a
+  // client's storage (KeyProgress), in one critical section. kUnknownKey.
+  Status RestoreKeyProgress(std::string_view name, const KeyProgress& progress);
   // The persistable state of every active key (removed keys excluded), read
   // under the lock; the inverse of RestoreKeyState.
   std::vector<ExportedKey> ExportKeyStates();

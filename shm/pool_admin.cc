@@ -268,6 +268,29 @@ Status PoolAdmin::RestoreKeyState(std::string_view name, const RestoredState& r)
   return Status::Ok();
 }
 
+Status PoolAdmin::RestoreKeyProgress(std::string_view name, const KeyProgress& p) {
+  PoolCore::Guard g(&core_);
+  if (!g.ok()) return g.status();
+  std::optional<uint32_t> s = core_.FindByNameLocked(name);
+  if (!s) return core_.NoSuchKey(name);
+  SlotState& st = core_.key(*s).state;
+  const PoolConfig& config = core_.header()->config;
+  const uint64_t now = core_.Now();
+  const uint64_t left = std::min(p.cooldown_ns, std::max(config.max_cooldown, config.default_cooldown));
+  core_.LogSlotImage(*s);  // many fields: one image
+  st.successes = p.successes;
+  st.failures = p.failures;
+  st.rate_limited = p.rate_limited;
+  st.has_latency = p.has_latency ? 1 : 0;
+  st.ema_latency = p.has_latency ? p.ema_latency : 0.0;
+  if (left > 0 && now + left > st.cooldown_deadline) st.cooldown_deadline = now + left;
+  core_.Commit();
+  core_.NoteEvent();  // a restored cooldown: other hosts learn it
+  core_.NoteDeadline(st.cooldown_deadline, now);
+  core_.IndexUpdate(*s, now);
+  return Status::Ok();
+}
+
 std::vector<ExportedKey> PoolAdmin::ExportKeyStates() {
   std::vector<ExportedKey> out;
   if (!ExportKeyStates(&out).ok()) out.clear();

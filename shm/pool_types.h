@@ -78,6 +78,18 @@ struct RestoredState {
   bool restore_counters = true;
 };
 
+// What an embedded pool's client restores into a key from its own storage
+// (PoolAdmin::RestoreKeyProgress): the counters and the latency EMA
+// overwrite the key's; a cooldown of `cooldown_ns` from now (capped at
+// max(max_cooldown, default_cooldown)) only ever lengthens the key's.
+// Streaks, circuit, enabled and leases are not touched.
+struct KeyProgress {
+  uint64_t successes = 0, failures = 0, rate_limited = 0;
+  bool has_latency = false;
+  double ema_latency = 0.0;  // seconds, finite and >= 0 (checked by the caller)
+  uint64_t cooldown_ns = 0;
+};
+
 // One active key's persistable state, read under the lock.
 struct ExportedKey {
   std::string name;

@@ -186,6 +186,7 @@ int km_acquire_options_init(km_acquire_options* o) {
   return InitStruct(o, &keymesh::c_api::InitAcquireOptions, "options");
 }
 int km_end_options_init(km_end_options* o) { return InitStruct(o, &keymesh::c_api::InitEndOptions, "options"); }
+int km_key_restore_init(km_key_restore* r) { return InitStruct(r, &keymesh::c_api::InitKeyRestore, "restore"); }
 
 // ---- Pools -------------------------------------------------------------------
 
@@ -482,6 +483,15 @@ int km_pool_remove_key(km_pool* p, const char* name) { return KeyOp(p, name, &Po
 int km_pool_enable_key(km_pool* p, const char* name) { return KeyOp(p, name, &Pool::EnableKey); }
 int km_pool_disable_key(km_pool* p, const char* name) { return KeyOp(p, name, &Pool::DisableKey); }
 int km_pool_reset_key(km_pool* p, const char* name) { return KeyOp(p, name, &Pool::ResetKey); }
+
+int km_pool_restore_key(km_pool* p, const char* name, const km_key_restore* restore) {
+  return WithPool(p, [&](ProcState& s) {
+    if (name == nullptr || restore == nullptr) return NullArgument("name and restore");
+    Result<keymesh::KeyRestore> r = keymesh::c_api::ToKeyRestore(restore);
+    if (!r.ok()) return Fail(r.status());
+    return FromStatus(s.pool->RestoreKey(name, *r));
+  });
+}
 
 int km_pool_key_name(km_pool* p, const char* secret, char** out) {
   return WithPool(p, [&](ProcState& s) {

@@ -70,6 +70,7 @@ constexpr size_t kPoolOptionsV3 = 72;  // + burst (after version 2's named tail 
 constexpr size_t kKeySpecV1 = 56;
 constexpr size_t kAcquireOptionsV1 = 32;
 constexpr size_t kEndOptionsV1 = 40;
+constexpr size_t kKeyRestoreV1 = 48;
 
 static_assert(sizeof(km_pool_options) == kPoolOptionsV3 && offsetof(km_pool_options, burst) == kPoolOptionsV2 &&
               offsetof(km_pool_options, strategy) == 4 && offsetof(km_pool_options, max_failures) == 8 &&
@@ -82,6 +83,9 @@ static_assert(sizeof(km_acquire_options) == kAcquireOptionsV1 && offsetof(km_acq
               offsetof(km_acquire_options, cancel) == 24);
 static_assert(sizeof(km_end_options) == kEndOptionsV1 && offsetof(km_end_options, latency) == 16 &&
               offsetof(km_end_options, cooldown) == 32);
+
+static_assert(sizeof(km_key_restore) == kKeyRestoreV1 && offsetof(km_key_restore, success_count) == 8 &&
+              offsetof(km_key_restore, latency_avg) == 32 && offsetof(km_key_restore, cooldown_remaining) == 40);
 
 // Above this a struct_size is garbage (an uninitialised struct), not a
 // newer header: refuse it without reading that far.
@@ -194,6 +198,26 @@ void InitEndOptions(km_end_options* o) noexcept {
   o->outcome = KM_OUTCOME_SUCCESS;
   o->latency = KM_LATENCY_MEASURED;
   o->cooldown = KM_DEFAULT;
+}
+
+void InitKeyRestore(km_key_restore* r) noexcept {
+  *r = km_key_restore{};
+  r->struct_size = sizeof(km_key_restore);
+}
+
+Result<KeyRestore> ToKeyRestore(const km_key_restore* in) {
+  km_key_restore r;
+  InitKeyRestore(&r);
+  Status st = ReadSized(in, kKeyRestoreV1, "km_key_restore", &r);
+  if (!st.ok()) return st;
+  if (r.has_latency > 1) return Invalid("km_key_restore.has_latency must be 0 or 1");
+  KeyRestore out;
+  out.successes = r.success_count;
+  out.failures = r.failure_count;
+  out.rate_limited = r.rate_limited_count;
+  if (r.has_latency == 1) out.latency_avg = r.latency_avg;
+  out.cooldown_remaining = r.cooldown_remaining;
+  return out;
 }
 
 Result<PoolOptions> ToPoolOptions(const km_pool_options* in, uint32_t* default_burst) {

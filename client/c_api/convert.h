@@ -22,6 +22,7 @@ void InitPoolOptions(km_pool_options* options) noexcept;
 void InitKeySpec(km_key_spec* key) noexcept;
 void InitAcquireOptions(km_acquire_options* options) noexcept;
 void InitEndOptions(km_end_options* options) noexcept;
+void InitKeyRestore(km_key_restore* restore) noexcept;
 
 // `options` NULL: the defaults. *default_burst (if not null) receives
 // km_pool_options.burst (range-checked), which PoolOptions does not hold:
@@ -49,6 +50,10 @@ Result<EndArgs> ReleaseArgs(double latency, uint64_t tokens);
 Result<EndArgs> RateLimitedArgs(double cooldown);
 // A failure or a cancel: no latency, tokens or cooldown.
 Result<EndArgs> OutcomeArgs(OutcomeKind kind, bool permanent = false);
+
+// A km_key_restore (not NULL) as the Pool takes it (which range-checks it);
+// has_latency other than 0 or 1 is refused.
+Result<KeyRestore> ToKeyRestore(const km_key_restore* restore);
 
 // KM_DEFAULT -> nullopt (the pool's); anything else as given (the Pool
 // checks the range).

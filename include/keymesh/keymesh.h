@@ -454,6 +454,32 @@ KEYMESH_EXPORT int km_pool_wait_change(km_pool* pool, uint32_t wake_seq, double 
  * leases were freed, when the broker says. */
 KEYMESH_EXPORT int km_broker_reclaim(const char* socket_path, int32_t pid, uint32_t* reclaimed);
 
+/* ---- Restoring an embedded pool's keys (the Python package's storage=) --- */
+
+/* A key's progress from an earlier run, kept by the caller's own storage;
+ * km_key_restore_init() sets the struct size and the defaults (zero
+ * counters, no latency sample, no cooldown). Size-prefixed like the option
+ * structs above. */
+typedef struct km_key_restore {
+  uint32_t struct_size;        /* sizeof(km_key_restore); set by km_key_restore_init() */
+  uint32_t has_latency;        /* 1: latency_avg holds a sample; 0: none */
+  uint64_t success_count;      /* successes so far */
+  uint64_t failure_count;      /* failures so far (not a streak: nothing is exhausted) */
+  uint64_t rate_limited_count; /* 429s so far */
+  double latency_avg;          /* seconds, finite, 0 <= x <= 1e9; read only when has_latency */
+  double cooldown_remaining;   /* seconds from now, finite, 0 <= x <= 1e9 */
+} km_key_restore;
+
+KEYMESH_EXPORT int km_key_restore_init(km_key_restore* restore);
+/* Overwrites key `name`'s success, failure and 429 counters and latency
+ * average with `restore`'s, and cools it for restore->cooldown_remaining
+ * seconds (capped at max(max_cooldown, default_cooldown)) unless it already
+ * cools longer; its streaks, circuit, enabled flag and leases stay. Any
+ * process of the pool may call it. KM_INVALID_ARGUMENT for a value out of
+ * range (nothing is written) and for an attached pool (the broker restores
+ * it from its state file); KM_UNKNOWN_KEY for an unknown name. */
+KEYMESH_EXPORT int km_pool_restore_key(km_pool* pool, const char* name, const km_key_restore* restore);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif

@@ -148,6 +148,17 @@ class KEYMESH_EXPORT Lease {
   uint64_t acquire_ns_ = 0;
 };
 
+// A key's progress from an earlier run of an embedded pool, kept by the
+// client's own storage (the Python package's storage=), for
+// Pool::RestoreKey.
+struct KeyRestore {
+  uint64_t successes = 0;
+  uint64_t failures = 0;
+  uint64_t rate_limited = 0;
+  std::optional<double> latency_avg;  // seconds; absent: no sample
+  double cooldown_remaining = 0;      // seconds from now
+};
+
 struct EmbeddedOptions {
   uint32_t keys_capacity = 1024;    // keys the pool can ever hold
   uint32_t leases_capacity = 4096;  // leases held at once, all processes together
@@ -233,6 +244,14 @@ class KEYMESH_EXPORT Pool {
   // itself, so Connect()ed pools return kInvalidArgument.
   Result<uint32_t> ReclaimDead();
 
+  // Overwrites key `name`'s success, failure and 429 counters and latency
+  // average with `restore`'s, and cools it for restore.cooldown_remaining
+  // seconds (capped at max(max_cooldown, default_cooldown)) unless it
+  // already cools longer; streaks, circuit, enabled and leases stay.
+  // kInvalidArgument when a number is out of range (latency or cooldown
+  // not finite, negative or above 1e9 seconds) and for broker-backed pools
+  // (Connect: the broker's state file is authoritative); kUnknownKey.
+  Status RestoreKey(std::string_view name, const KeyRestore& restore);
   Result<PoolStatus> GetStatus();
   uint32_t AvailableCount();
   const std::string& name() const noexcept;

@@ -755,6 +755,84 @@ static void test_snapshot_and_acquire_this_key(void) {
   CHECK_RC(km_pool_destroy(pool), KM_OK);
 }
 
+/* km_pool_restore_key: counters, latency and a (capped) cooldown written
+ * into the segment, every hostile value refused with nothing written. */
+static void test_restore_key(void) {
+  km_pool* pool = make_pool(KM_LEAST_BUSY, 3);
+  km_key_restore r;
+  CHECK_RC(km_key_restore_init(NULL), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_key_restore_init(&r), KM_OK);
+  CHECK(r.struct_size == sizeof(km_key_restore) && r.has_latency == 0 && r.success_count == 0 &&
+        r.cooldown_remaining == 0.0);
+  r.success_count = 41;
+  r.failure_count = 7; /* above max_failures: a count, not a streak */
+  r.rate_limited_count = 3;
+  r.has_latency = 1;
+  r.latency_avg = 0.25;
+  r.cooldown_remaining = 1e9; /* capped at max(max_cooldown, default_cooldown) = 600 */
+  CHECK_RC(km_pool_restore_key(pool, "alpha", &r), KM_OK);
+  char* json = NULL;
+  CHECK_RC(km_pool_status_json(pool, &json), KM_OK);
+  /* alpha is the first key of the status. */
+  CHECK(json_number(json, "\"success_count\":") == 41.0);
+  CHECK(json_number(json, "\"failure_count\":") == 7.0);
+  CHECK(json_number(json, "\"rate_limited\":") == 3.0);
+  CHECK(fabs(json_number(json, "\"latency_avg\":") - 0.25) < 1e-9);
+  const double left = json_number(json, "\"cooldown_remaining\":");
+  CHECK(left > 590.0 && left <= 600.0);
+  CHECK(json_number(json, "\"fail_streak\":") == 0.0);
+  km_string_free(json);
+  /* alpha cools: the two others are handed out, never alpha. */
+  uint32_t n = 0;
+  CHECK_RC(km_pool_available_count(pool, &n), KM_OK);
+  CHECK(n == 2);
+
+  /* Hostile values: refused, nothing written. */
+  km_key_restore bad = r;
+  bad.latency_avg = NAN;
+  CHECK_RC(km_pool_restore_key(pool, "beta", &bad), KM_INVALID_ARGUMENT);
+  bad = r;
+  bad.latency_avg = -1.0;
+  CHECK_RC(km_pool_restore_key(pool, "beta", &bad), KM_INVALID_ARGUMENT);
+  bad = r;
+  bad.cooldown_remaining = INFINITY;
+  CHECK_RC(km_pool_restore_key(pool, "beta", &bad), KM_INVALID_ARGUMENT);
+  bad = r;
+  bad.cooldown_remaining = -0.5;
+  CHECK_RC(km_pool_restore_key(pool, "beta", &bad), KM_INVALID_ARGUMENT);
+  bad = r;
+  bad.cooldown_remaining = 2e9;
+  CHECK_RC(km_pool_restore_key(pool, "beta", &bad), KM_INVALID_ARGUMENT);
+  bad = r;
+  bad.has_latency = 2;
+  CHECK_RC(km_pool_restore_key(pool, "beta", &bad), KM_INVALID_ARGUMENT);
+  bad = r;
+  bad.struct_size = 0;
+  CHECK_RC(km_pool_restore_key(pool, "beta", &bad), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_pool_restore_key(pool, "no-such-key", &r), KM_UNKNOWN_KEY);
+  CHECK_RC(km_pool_restore_key(pool, NULL, &r), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_pool_restore_key(pool, "beta", NULL), KM_INVALID_ARGUMENT);
+  CHECK_RC(km_pool_available_count(pool, &n), KM_OK);
+  CHECK(n == 2);
+
+  /* A shorter cooldown never shortens one already set; no latency sample
+   * and no cooldown leave the key eligible. */
+  km_key_restore shorter;
+  CHECK_RC(km_key_restore_init(&shorter), KM_OK);
+  shorter.cooldown_remaining = 1.0;
+  CHECK_RC(km_pool_restore_key(pool, "alpha", &shorter), KM_OK);
+  CHECK_RC(km_pool_status_json(pool, &json), KM_OK);
+  CHECK(json_number(json, "\"cooldown_remaining\":") > 590.0);
+  CHECK(json_number(json, "\"success_count\":") == 0.0);
+  km_string_free(json);
+  km_key_restore plain;
+  CHECK_RC(km_key_restore_init(&plain), KM_OK);
+  CHECK_RC(km_pool_restore_key(pool, "beta", &plain), KM_OK);
+  CHECK_RC(km_pool_available_count(pool, &n), KM_OK);
+  CHECK(n == 2);
+  CHECK_RC(km_pool_destroy(pool), KM_OK);
+}
+
 int main(void) {
   test_errors_and_version();
   test_lease_handles();
@@ -768,6 +846,7 @@ int main(void) {
   test_deprecated_wrappers();
   test_observe_limits_and_parsers();
   test_snapshot_and_acquire_this_key();
+  test_restore_key();
   if (g_failures != 0) {
     fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

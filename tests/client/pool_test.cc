@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -327,6 +328,66 @@ BOOST_AUTO_TEST_CASE(embedded_pool_capacity) {
   BOOST_CHECK(Pool::CreateEmbedded({}, PoolOptions{}).status().code() == Code::kInvalidArgument);
 }
 
+// Pool::RestoreKey (the Python package's storage=): counters and latency
+// overwritten, a cooldown that only lengthens and is capped, the streaks
+// kept, and a hostile value refused with nothing written.
+BOOST_AUTO_TEST_CASE(restore_key_writes_progress_and_keeps_streaks) {
+  PoolOptions o;
+  o.max_failures = 3;
+  o.default_cooldown = 60.0;
+  o.max_cooldown = 120.0;
+  std::unique_ptr<Pool> pool = Must(Pool::CreateEmbedded(Keys(2), o), "CreateEmbedded");
+  {
+    Result<Lease> l = pool->TryAcquire();
+    BOOST_REQUIRE(l.ok());
+    BOOST_REQUIRE_EQUAL(l->key_name(), "k0");
+    BOOST_CHECK(l->MarkFailed().ok());  // streak 1
+  }
+  KeyRestore r;
+  r.successes = 5;
+  r.failures = 9;  // a lifetime count above max_failures: never exhausts the key
+  r.rate_limited = 2;
+  r.latency_avg = 0.4;
+  r.cooldown_remaining = 30.0;
+  BOOST_REQUIRE(pool->RestoreKey("k0", r).ok());
+  PoolStatus s = Must(pool->GetStatus(), "GetStatus");
+  const KeyStatus& k = s.keys[0];
+  BOOST_CHECK_EQUAL(k.successes, 5u);
+  BOOST_CHECK_EQUAL(k.failures, 9u);
+  BOOST_CHECK_EQUAL(k.rate_limited, 2u);
+  BOOST_CHECK(k.has_latency);
+  BOOST_CHECK_CLOSE(k.latency_avg, 0.4, 1e-9);
+  BOOST_CHECK_EQUAL(k.fail_streak, 1u);
+  BOOST_CHECK(k.cooldown_remaining > 29.0 && k.cooldown_remaining <= 30.0);
+  BOOST_CHECK(k.circuit == CircuitState::kClosed);
+  BOOST_CHECK_EQUAL(pool->AvailableCount(), 1u);  // k0 cools
+  // A shorter cooldown keeps the longer one; a longer one is capped at
+  // max(max_cooldown, default_cooldown).
+  KeyRestore shorter;
+  shorter.cooldown_remaining = 1.0;
+  BOOST_REQUIRE(pool->RestoreKey("k0", shorter).ok());
+  s = Must(pool->GetStatus(), "GetStatus");
+  BOOST_CHECK_GT(s.keys[0].cooldown_remaining, 29.0);
+  BOOST_CHECK(!s.keys[0].has_latency);
+  KeyRestore longer;
+  longer.cooldown_remaining = 1e9;
+  BOOST_REQUIRE(pool->RestoreKey("k1", longer).ok());
+  s = Must(pool->GetStatus(), "GetStatus");
+  BOOST_CHECK(s.keys[1].cooldown_remaining > 119.0 && s.keys[1].cooldown_remaining <= 120.0);
+  // Hostile values: refused, nothing written.
+  for (double bad : {std::nan(""), -1.0, 2e9, std::numeric_limits<double>::infinity()}) {
+    KeyRestore h;
+    h.successes = 77;
+    h.latency_avg = bad;
+    BOOST_CHECK(pool->RestoreKey("k1", h).code() == Code::kInvalidArgument);
+    h.latency_avg.reset();
+    h.cooldown_remaining = bad;
+    BOOST_CHECK(pool->RestoreKey("k1", h).code() == Code::kInvalidArgument);
+  }
+  BOOST_CHECK_EQUAL(Must(pool->GetStatus(), "GetStatus").keys[1].successes, 0u);
+  BOOST_CHECK(pool->RestoreKey("nope", r).code() == Code::kUnknownKey);
+}
+
 BOOST_AUTO_TEST_CASE(key_specs_are_checked_and_kept) {
   KeySpec k{"a", "sk-aaaaaaaaaaaaaaaa", 1, 0, 600, 0};
   k.burst = 5;
@@ -533,6 +594,8 @@ BOOST_AUTO_TEST_CASE(attached_pool_leases_on_the_segment_and_changes_keys_throug
   BOOST_CHECK_EQUAL(pool->AvailableCount(), 1u);
   // Dead holders are the broker's to reclaim.
   BOOST_CHECK(pool->ReclaimDead().status().code() == Code::kInvalidArgument);
+  // Its state file is the authority for the keys' state, too.
+  BOOST_CHECK(pool->RestoreKey("a", KeyRestore{}).code() == Code::kInvalidArgument);
   // A second process's Pool sees the same keys.
   std::unique_ptr<Pool> other = Connect(b);
   BOOST_CHECK_EQUAL(Must(other->GetStatus(), "GetStatus").keys.size(), 2u);
@@ -613,6 +676,7 @@ BOOST_AUTO_TEST_CASE(slow_path_pool_goes_over_the_socket) {
   BOOST_CHECK_EQUAL(Key(s, "a").tokens, 7u);
   BOOST_CHECK_EQUAL(pool->NameOfSecret("sk-test-bbbbbbbbbbbb2222").value_or(""), "b");
   BOOST_CHECK(pool->ReclaimDead().status().code() == Code::kInvalidArgument);
+  BOOST_CHECK(pool->RestoreKey("a", KeyRestore{}).code() == Code::kInvalidArgument);
   BOOST_REQUIRE(pool->ResetKey("b").ok());
   BOOST_CHECK_EQUAL(pool->AvailableCount(), 2u);
 }

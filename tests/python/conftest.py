@@ -133,11 +133,12 @@ def make_pool(mode: str):
         if mode == "embedded":
             pool = cls(keys, **options)
         else:
+            storage = options.pop("storage", None)
             broker = Broker(keys, options)
             brokers.append(broker)
             # py-sched: a scheduler goes to connect as to the constructor.
             extra = {"scheduler": options["scheduler"]} if options.get("scheduler") is not None else {}
-            pool = cls.connect("test", socket=broker.socket, **extra)
+            pool = cls.connect("test", socket=broker.socket, storage=storage, **extra)
         made.append(pool)
         return pool
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from . import _core
@@ -43,36 +42,44 @@ class PoolBase:
         wins). ``max_leases_per_process`` (default:
         half the lease table): leases one process may hold at once; a blocking
         acquire over it waits for one of its leases to end. Every number is
-        range-checked (ConfigError, a ValueError, when out of range)."""
+        range-checked (ConfigError, a ValueError, when out of range).
+        ``storage`` (keymesh.storage, or a BaseStorage/BaseSyncStorage subclass;
+        default None: nothing saved): each key's snapshot is saved after its
+        release, mark_failed and mark_rate_limited by a background writer, and
+        the keys' counters, latency average and remaining cooldown are restored
+        from it here (a blocking read of the storage: build the pool before
+        the event loop runs, as servers do at start-up)."""
         keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
         # py-sched: a built-in scheduler is its native strategy; a custom one
         # (its own select) gets the Python acquire path (keymesh.scheduler._choose).
         s, custom = resolve_scheduler(scheduler) if scheduler is not None else (parse_strategy(strategy), None)
-        if storage is not None:
-            warnings.warn("keymesh: storage= is ignored; an embedded pool lives in shared memory for the "
-                          "life of its processes, and keymesh-broker persists attached pools",
-                          UserWarning, stacklevel=2)
         core = _core.Core.create(keys, strategy=s.value, default_cooldown=default_cooldown,
                                  max_failures=max_failures, acquire_timeout=acquire_timeout,
                                  rate_margin=rate_margin, max_leases_per_process=max_leases_per_process,
                                  burst=burst, owner=self._owner)
         log.info("%s initialised: %d keys, strategy=%s", self._owner, len(keys), s.value)
         self._init_core(core)
+        if storage is not None:  # py-storage (before the hot path is bound: the writer wraps the outcomes)
+            self._attach_storage(storage, keys)
         self._bind_hot_path()
         if custom is not None:  # py-sched
             self._use_scheduler(custom, acquire_timeout)
 
     @classmethod
-    def connect(cls, pool: str, socket: Optional[str] = None, scheduler: Any = None) -> Any:
+    def connect(cls, pool: str, socket: Optional[str] = None, scheduler: Any = None, storage: Any = None) -> Any:
         """Attach to pool ``pool`` of the keymesh-broker at ``socket`` (default:
         $KEYMESH_SOCKET, else /run/keymesh/keymesh.sock), shared by every process
         on the host. Connecting is a short blocking exchange with the local
         broker (done once per process). Raises BrokerUnavailableError.
         ``scheduler``: a custom BaseScheduler chooses this process's keys; a
         built-in one whose strategy is not the broker pool's runs its ``select``
-        in this process (the pool's strategy is the broker's configuration)."""
+        in this process (the pool's strategy is the broker's configuration).
+        ``storage``: as for the constructor, saved to but not restored from
+        (the broker's state file is the authority for attached pools)."""
         self = cls.__new__(cls)
         self._init_core(_core.Core.connect(pool, socket))
+        if storage is not None:  # py-storage
+            self._attach_storage(storage, None)
         self._bind_hot_path()
         if scheduler is not None:  # py-sched
             custom, timeout = self._attached_scheduler(scheduler)
@@ -98,6 +105,15 @@ class PoolBase:
                      self._owner, raw.get("strategy"), type(scheduler).__name__)
             custom = scheduler if hasattr(type(scheduler), "select") else build_scheduler(s)
         return custom, None
+
+    # ---- py-storage: storage= (keymesh/storage/_writer.py) ----------------
+    def _attach_storage(self, storage: Any, keys: Any) -> None:
+        """Puts ``storage`` behind the pool's outcome calls (a background
+        writer saves each changed key's snapshot) and, for an embedded pool
+        (``keys`` not None), restores the keys' state from it first. Only
+        pools given a storage pay for it."""
+        from .storage._writer import attach
+        self._core = attach(self._core, storage, keys)
 
     def _init_core(self, core: Core) -> None:
         """The one place a pool object gets its state (both constructors)."""

@@ -146,6 +146,10 @@ class KeyPool(PoolBase):
 
     async def close(self) -> None:
         """Idempotent. Waiting acquires raise PoolClosedError."""
+        aclose = getattr(self._core, "aclose", None)  # py-storage: a storage= pool flushes off the loop
+        if aclose is not None:
+            await aclose()
+            return
         self._core.close()
 
     async def __aenter__(self) -> "KeyPool":
