@@ -209,3 +209,27 @@ def asyncio_debug(request: Any) -> Iterator[SlowCallbacks]:
     if handler.slow:
         pytest.fail("a blocking call in the event loop (asyncio debug mode): " + "; ".join(handler.slow[:3]),
                     pytrace=False)
+
+
+# ---- forked processes (the tests of what crosses processes) ------------------
+
+def fork(fn):
+    """Runs fn() in a forked child; returns its pid. The child exits 0 when fn
+    returns, 1 when it raises."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:  # noqa: BLE001 - report through the exit status
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_ok(pid):
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child {pid} failed: {status}"

@@ -8,31 +8,9 @@ import time
 import pytest
 
 import keymesh
-from conftest import secret
+from conftest import fork, secret, wait_ok
 
 KEYS = [secret(i) for i in range(4)]
-
-
-def fork(fn):
-    """Runs fn() in a forked child; returns its pid. The child exits 0 when fn
-    returns, 1 when it raises."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:  # noqa: BLE001 - report through the exit status
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait_ok(pid):
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child {pid} failed: {status}"
 
 
 def test_rate_limit_in_one_process_seen_by_another_at_once(make_pool):

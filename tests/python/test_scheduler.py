@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence
 import pytest
 
 import keymesh
-from conftest import secret
+from conftest import fork, secret, wait_ok
 from keymesh.scheduler import (BaseScheduler, KeyView, LeastBusyScheduler, RoundRobinScheduler, SchedulerStrategy,
                                WeightedScheduler, build_scheduler)
 from keymesh.scheduler import _choose
@@ -38,26 +38,6 @@ class ByName(BaseScheduler):
 
 def held_by_name(pool: Any) -> dict:
     return {k["name"]: k["active_requests"] for k in pool.status()["keys"]}
-
-
-def fork(fn):
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:  # noqa: BLE001 - reported through the exit status
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait_ok(pid):
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child {pid} failed: {status}"
 
 
 # ---- the choice, across processes ---------------------------------------------

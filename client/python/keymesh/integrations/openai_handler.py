@@ -28,7 +28,8 @@ import datetime
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar,
+                    Union)
 
 try:
     import httpx
@@ -165,10 +166,22 @@ def _quietly(what: str, key: str, exc: BaseException) -> None:
     log.warning("keymesh: could not report %s for key %s: %s", what, mask_key(key), exc)
 
 
-def _pool_kwargs(strategy: Union[str, SchedulerStrategy], default_cooldown: float, max_failures: int,
-                 acquire_timeout: float) -> dict[str, Any]:
-    return {"strategy": strategy, "default_cooldown": default_cooldown, "max_failures": max_failures,
-            "acquire_timeout": acquire_timeout}
+_P = TypeVar("_P", SyncKeyPool, KeyPool)
+
+
+def _handler_pool(owner: str, cls: Type[_P], keys: Optional[Sequence[Any]], pool: Optional[_P],
+                  close_pool: Optional[bool], strategy: Union[str, SchedulerStrategy], default_cooldown: float,
+                  max_failures: int, acquire_timeout: float) -> Tuple[_P, bool]:
+    """A handler's pool (the one given, or an embedded one built from
+    ``keys``) and whether the handler closes it."""
+    if (keys is None) == (pool is None):
+        raise ConfigError(f"{owner} takes either keys or pool=, not both or neither")
+    if pool is not None and not isinstance(pool, cls):
+        raise ConfigError(f"{owner} needs a {cls.__name__}, not {type(pool).__name__}")
+    made = pool if pool is not None else cls(keys if keys is not None else [], strategy=strategy,
+                                             default_cooldown=default_cooldown, max_failures=max_failures,
+                                             acquire_timeout=acquire_timeout)
+    return made, pool is None if close_pool is None else bool(close_pool)
 
 
 def _observe(pool: Union[SyncKeyPool, KeyPool], report: _Report, response: "httpx.Response") -> None:
@@ -244,14 +257,9 @@ class OpenAIHandler(httpx.Client):
                  default_cooldown: float = 60.0, max_failures: int = 10, acquire_timeout: float = 30.0,
                  pool: Optional[SyncKeyPool] = None, close_pool: Optional[bool] = None,
                  **httpx_kwargs: Any) -> None:
-        if (keys is None) == (pool is None):
-            raise ConfigError("OpenAIHandler takes either keys or pool=, not both or neither")
-        if pool is not None and not isinstance(pool, SyncKeyPool):
-            raise ConfigError(f"OpenAIHandler needs a SyncKeyPool, not {type(pool).__name__}")
-        self._km_pool: SyncKeyPool = pool if pool is not None else SyncKeyPool(
-            keys if keys is not None else [],
-            **_pool_kwargs(strategy, default_cooldown, max_failures, acquire_timeout))
-        self._km_close_pool = pool is None if close_pool is None else bool(close_pool)
+        self._km_pool, self._km_close_pool = _handler_pool("OpenAIHandler", SyncKeyPool, keys, pool, close_pool,
+                                                           strategy, default_cooldown, max_failures,
+                                                           acquire_timeout)
         try:
             super().__init__(**httpx_kwargs)
         except BaseException:
@@ -340,14 +348,9 @@ class AsyncOpenAIHandler(httpx.AsyncClient):
                  default_cooldown: float = 60.0, max_failures: int = 10, acquire_timeout: float = 30.0,
                  pool: Optional[KeyPool] = None, close_pool: Optional[bool] = None,
                  **httpx_kwargs: Any) -> None:
-        if (keys is None) == (pool is None):
-            raise ConfigError("AsyncOpenAIHandler takes either keys or pool=, not both or neither")
-        if pool is not None and not isinstance(pool, KeyPool):
-            raise ConfigError(f"AsyncOpenAIHandler needs a KeyPool, not {type(pool).__name__}")
-        self._km_pool: KeyPool = pool if pool is not None else KeyPool(
-            keys if keys is not None else [],
-            **_pool_kwargs(strategy, default_cooldown, max_failures, acquire_timeout))
-        self._km_close_pool = pool is None if close_pool is None else bool(close_pool)
+        self._km_pool, self._km_close_pool = _handler_pool("AsyncOpenAIHandler", KeyPool, keys, pool, close_pool,
+                                                           strategy, default_cooldown, max_failures,
+                                                           acquire_timeout)
         try:
             super().__init__(**httpx_kwargs)
         except BaseException:
