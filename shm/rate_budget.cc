@@ -20,12 +20,6 @@ uint64_t SaturatingAdd(uint64_t a, uint64_t b) noexcept { return a > kNever - b 
 // Only the flag bit counts: other bits of a hostile word are ignored.
 bool ShareActive(const KeyConfig& c) noexcept { return (c.share_flags & kShareActive) != 0; }
 
-// A mesh share is paced as granted: the mesh's headroom is already taken off
-// the key's limit before the shares are split, and the pool's margin on top
-// of it would leave both margins unused (a saturated host could not reach
-// more than 95 % of the key with the defaults).
-uint32_t MarginOf(const KeyConfig& c, uint32_t margin_ppm) noexcept { return ShareActive(c) ? 0 : margin_ppm; }
-
 }  // namespace
 
 bool ShareBlocked(const KeyConfig& c) noexcept {
@@ -34,7 +28,6 @@ bool ShareBlocked(const KeyConfig& c) noexcept {
 
 RequestPacing RequestPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept {
   if (c.rpm == 0) return {};
-  margin_ppm = MarginOf(c, margin_ppm);
   RequestPacing p;
   double per_minute = static_cast<double>(c.rpm);
   uint32_t burst = c.burst;
@@ -58,7 +51,6 @@ RequestPacing RequestPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept 
 
 TokenPacing TokenPacingOf(const KeyConfig& c, uint32_t margin_ppm) noexcept {
   if (c.tpm == 0) return {};
-  margin_ppm = MarginOf(c, margin_ppm);
   TokenPacing p;
   uint64_t minute = c.tpm;
   if (ShareActive(c)) {  // no hint: on a mesh host every key has a share

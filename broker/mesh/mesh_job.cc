@@ -39,7 +39,7 @@ constexpr uint64_t kProbeLeadNs = 200 * kMsNs;
 // measured use of one that is not (1 / kWantsMargin < kSaturated: a host
 // whose use is steady does not flip between the two).
 constexpr double kWantsFloor = 0.02;
-constexpr double kSaturated = 0.97;
+constexpr double kSaturated = 0.95;
 constexpr double kWantsMargin = 1.08;
 // Refreshes over which a pool's use is set against its shares.
 constexpr size_t kDemandWindow = 5;

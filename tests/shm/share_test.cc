@@ -122,18 +122,20 @@ BOOST_AUTO_TEST_CASE(half_the_configured_rpm_admits_half) {
   BOOST_CHECK(p.tp.pool->CheckConsistency().ok());
 }
 
-// The mesh's headroom is taken off the key's limit before it is split: a
-// share is paced as granted, without the pool's margin on top.
-BOOST_AUTO_TEST_CASE(a_share_is_paced_without_the_pools_margin) {
+// A share is paced with the pool's margin too: several hosts' smooth
+// senders add up, against a provider that counts per second, to more than
+// one sender at the same rate (paced as granted, 3 hosts had 1 % of their
+// calls refused in scripts/demo --hosts 3).
+BOOST_AUTO_TEST_CASE(a_share_is_paced_with_the_pools_margin) {
   PacedPool p(1, 120, nullptr, 0.25);  // configured: 120 rpm paced at 90 rpm
   p.clock.Set(1000 * kSec);
   const uint32_t configured = p.GrantsOver(60);
   BOOST_CHECK_GE(configured, 89u);
   BOOST_CHECK_LE(configured, 91u);
-  BOOST_REQUIRE(p.tp.pool->SetShares(Shares{{"k0", Share(120)}}).ok());
+  BOOST_REQUIRE(p.tp.pool->SetShares(Shares{{"k0", Share(80)}}).ok());  // paced at 60 rpm
   const uint32_t shared = p.GrantsOver(60);
-  BOOST_CHECK_GE(shared, 119u);
-  BOOST_CHECK_LE(shared, 121u);
+  BOOST_CHECK_GE(shared, 59u);
+  BOOST_CHECK_LE(shared, 61u);
   BOOST_REQUIRE(p.tp.pool->ClearShares().ok());
   BOOST_CHECK_LE(p.GrantsOver(60), 91u);
 }
