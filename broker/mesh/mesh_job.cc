@@ -120,15 +120,17 @@ struct Known {
 struct PoolDemand {
   static constexpr size_t kWindow = kDemandWindow;
   uint64_t waited = 0;
+  // One refresh interval: what the pool's keys admitted (requests,
+  // tokens) and the shares they held over it (share x seconds).
   struct Interval {
     double used_req = 0, held_req = 0, used_tok = 0, held_tok = 0;
   };
   std::array<Interval, kWindow> last{};
   size_t n = 0;
 
-  void Add(double dt, double used_req, double held_req, double used_tok, double held_tok) {
+  void Add(double dt, const Interval& in) {
     if (dt <= 0) return;  // the first measurement has no interval
-    last[n % kWindow] = {used_req * dt, held_req * dt, used_tok * dt, held_tok * dt};
+    last[n % kWindow] = in;
     ++n;
   }
   bool Saturated(bool tokens) const {
@@ -326,18 +328,13 @@ double Wants(double rate, double limit, bool saturated) {
   return std::min(w, limit);
 }
 
-// One key's admitted rates of the last interval (per second), and their
-// smoothed values.
-struct Rates {
-  double req = 0;
-  double tok = 0;
-};
-
-Rates Measure(KeyRuntime& k, double dt, uint64_t d_acq, uint64_t d_tok) {
-  const Rates r{dt > 0 ? static_cast<double>(d_acq) / dt : 0, dt > 0 ? static_cast<double>(d_tok) / dt : 0};
-  k.rate_req = k.counted ? 0.5 * k.rate_req + 0.5 * r.req : r.req;
-  k.rate_tok = k.counted ? 0.5 * k.rate_tok + 0.5 * r.tok : r.tok;
-  return r;
+// A key's smoothed admitted rates (per second), after `d_acq` requests and
+// `d_tok` tokens over the last `dt` seconds.
+void Smooth(KeyRuntime& k, double dt, uint64_t d_acq, uint64_t d_tok) {
+  const double r_req = dt > 0 ? static_cast<double>(d_acq) / dt : 0;
+  const double r_tok = dt > 0 ? static_cast<double>(d_tok) / dt : 0;
+  k.rate_req = k.counted ? 0.5 * k.rate_req + 0.5 * r_req : r_req;
+  k.rate_tok = k.counted ? 0.5 * k.rate_tok + 0.5 * r_tok : r_tok;
 }
 
 }  // namespace
@@ -367,46 +364,41 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     // of the last intervals is set against the shares held during them (a
     // smoothed rate lags behind a share that moved; one interval's count of
     // a few requests is too coarse).
+    //
+    // A host that is not saturated asks each key for its part of the pool's
+    // use, split by the keys' limits: how a few requests a second fall on
+    // each key changes from one interval to the next, and a key whose wants
+    // dropped for a refresh lost its share to a saturated host.
     std::vector<KeyRuntime*> keys;
-    double used_req = 0, held_req = 0, used_tok = 0, held_tok = 0;
+    PoolDemand::Interval in;
+    double rate_req = 0, rate_tok = 0, limits_req = 0, limits_tok = 0;
     for (const KeyStatus& ks : snap->keys) {
       auto it = rt.find(KeyOf(pool, ks.name));
       if (it == rt.end()) continue;
       KeyRuntime& k = it->second;
       const uint64_t d_acq = k.counted && ks.acquires >= k.acquires ? ks.acquires - k.acquires : 0;
       const uint64_t d_tok = k.counted && ks.tokens >= k.tokens ? ks.tokens - k.tokens : 0;
-      const Rates r = Measure(k, k.counted ? dt : 0, d_acq, d_tok);
+      Smooth(k, k.counted ? dt : 0, d_acq, d_tok);
       if (k.def.rpm > 0) {
-        used_req += r.req;
-        held_req += k.has_req;
+        in.used_req += static_cast<double>(d_acq);
+        in.held_req += k.has_req * dt;
+        rate_req += k.rate_req;
+        limits_req += k.def.rpm / 60.0;
       }
       if (k.def.tpm > 0) {
-        used_tok += r.tok;
-        held_tok += k.has_tok;
+        in.used_tok += static_cast<double>(d_tok);
+        in.held_tok += k.has_tok * dt;
+        rate_tok += k.rate_tok;
+        limits_tok += static_cast<double>(k.def.tpm) / 60.0;
       }
       k.acquires = ks.acquires;
       k.tokens = ks.tokens;
       k.counted = true;
       keys.push_back(&k);
     }
-    d.Add(dt, used_req, held_req, used_tok, held_tok);
+    d.Add(dt, in);
     const bool sat_req = pressed || d.Saturated(false);
     const bool sat_tok = pressed || d.Saturated(true);
-    // A host that is not saturated asks each key for its part of the pool's
-    // use, split by the keys' limits: how a few requests a second fall on
-    // each key changes from one interval to the next, and a key whose wants
-    // dropped for a refresh lost its share to a saturated host.
-    double rate_req = 0, rate_tok = 0, limits_req = 0, limits_tok = 0;
-    for (const KeyRuntime* k : keys) {
-      if (k->def.rpm > 0) {
-        rate_req += k->rate_req;
-        limits_req += k->def.rpm / 60.0;
-      }
-      if (k->def.tpm > 0) {
-        rate_tok += k->rate_tok;
-        limits_tok += static_cast<double>(k->def.tpm) / 60.0;
-      }
-    }
     for (KeyRuntime* k : keys) {
       const double limit_req = k->def.rpm / 60.0;
       const double limit_tok = static_cast<double>(k->def.tpm) / 60.0;
