@@ -35,6 +35,9 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "client", "python"))
+sys.path.insert(0, os.path.join(HERE, "farm"))
+
+from farm import kill_and_reap  # noqa: E402
 
 POOL = "demo"
 # name -> (rpm, revoked): four healthy keys and one the provider refuses.
@@ -170,16 +173,7 @@ class Demo:
         return reports
 
     def cleanup(self) -> None:
-        for pid in self.workers:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for pid in self.workers:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+        kill_and_reap(self.workers, signal.SIGTERM)
         self.workers = []
         if self.pool is not None:
             try:
@@ -324,7 +318,6 @@ def main() -> int:
         if args.hosts > 8:
             parser.error("--hosts: at most 8 on one machine")
         args.seconds = 30.0 if args.seconds is None else args.seconds
-        sys.path.insert(0, os.path.join(HERE, "farm"))
         import mesh_demo  # noqa: PLC0415 - only the mesh demo needs it
 
         return mesh_demo.main(args)

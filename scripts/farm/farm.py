@@ -37,6 +37,21 @@ import mock_provider  # noqa: E402
 from original_pool import OriginalPool  # noqa: E402
 
 
+def kill_and_reap(pids: list[int], sig: int) -> None:
+    """Sends `sig` to every worker in `pids` (gone ones skipped), then waits
+    for each (already reaped ones skipped)."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return 0.0

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "client", "python"))
 sys.path.insert(0, HERE)
 
-from farm import Caller, percentile  # noqa: E402
+from farm import Caller, kill_and_reap, percentile  # noqa: E402
 
 POOL = "mesh"
 NAMESPACE = "keymesh-farm"
@@ -405,16 +405,7 @@ class Cluster:
             time.sleep(0.2)  # polling keymeshctl, bounded by the deadline
 
     def cleanup(self) -> None:
-        for pid in self.workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in self.workers:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+        kill_and_reap(self.workers, signal.SIGKILL)
         self.workers = []
         for h in self.hosts:
             if h.proc is not None and h.proc.poll() is None:
