@@ -295,9 +295,6 @@ class StoredNative:
     def __init__(self, native: Any, writer: StorageWriter) -> None:
         self._native = native
         self._writer = writer
-        self.acquire = native.acquire
-        self.poll = native.poll
-        self.cancel = native.cancel
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._native, name)
