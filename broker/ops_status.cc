@@ -63,6 +63,7 @@ protocol::MeshReport MeshReportOf(const mesh::MeshStatus& s) {
   r.events_published = s.events_published;
   r.events_applied = s.events_applied;
   r.resyncs = s.resyncs;
+  r.rebalances = s.rebalances;
   r.propagation_p50 = s.propagation_p50;
   r.propagation_p99 = s.propagation_p99;
   r.propagation_samples = s.propagation_samples;

@@ -212,6 +212,7 @@ const Field<MeshReport> kMeshFields[] = {
     {"events_published", &MeshReport::events_published},
     {"events_applied", &MeshReport::events_applied},
     {"resyncs", &MeshReport::resyncs},
+    {"rebalances", &MeshReport::rebalances},
     {"propagation_p50", &MeshReport::propagation_p50},
     {"propagation_p99", &MeshReport::propagation_p99},
     {"propagation_samples", &MeshReport::propagation_samples},

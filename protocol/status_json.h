@@ -72,6 +72,7 @@ struct MeshReport {
   uint64_t events_published = 0;
   uint64_t events_applied = 0;
   uint64_t resyncs = 0;
+  uint64_t rebalances = 0;  // refreshes made at once because another host was short of its fair part
   // Delay from a change on another host to its merge here (seconds), over
   // the last events applied; -1 before the first.
   double propagation_p50 = -1;

@@ -83,6 +83,11 @@ local function parse(s)
 end
 
 local out = {}
+-- Whether some key's grant fell short of this host's fair part because
+-- other hosts still hold it (lent while nobody wanted it, or wanted before):
+-- they give it back at their next refresh, which the rebalance event below
+-- makes come at once.
+local short = false
 for i = 1, n do
   local o = 7 + (i - 1) * 11
   local id = ARGV[o + 1]
@@ -146,20 +151,27 @@ for i = 1, n do
           if learning then
             x = math.min(has[d], wants[d])
           else
-            -- Max-min fair share (water-filling) of cap over the live wants.
+            -- Max-min fair share (water-filling) of cap over the live wants;
+            -- what is left when every want is met is lent to all live
+            -- holders alike, so that a host that turns busy starts from its
+            -- part of the idle capacity rather than from its small wants
+            -- (a lender gives it back at its own next refresh, once others
+            -- want it).
             local ws = {{w = wants[d], me = true}}
             for _, e in ipairs(others) do ws[#ws + 1] = {w = e.wants[d], me = false} end
             table.sort(ws, function(a, c) return a.w < c.w end)
             local left = cap
-            x = 0
+            local mine = 0
             for k, e in ipairs(ws) do
               local level = left / (#ws - k + 1)
               local a = e.w
               if a > level then a = level end
-              if e.me then x = a; break end
+              if e.me then mine = a end
               left = left - a
             end
+            x = mine + math.max(left, 0) / #ws
           end
+          if not learning and x - (cap - others_has) > limit * 0.01 then short = true end
           x = math.min(x, cap - others_has)
           if not (x > 0) then x = 0 end
           g[d] = x
@@ -181,7 +193,13 @@ for i = 1, n do
   if not mismatch then holders = holders + 1 end
   out[i] = {fmt(g[1]), fmt(g[2]), fmt(b), mismatch and 1 or 0, cool, holders}
 end
-return {now, now + lease, learning and 1 or 0, epoch, #members, members, out}
+-- At most one rebalance event per namespace per 200 ms, however many hosts
+-- are short: every other host refreshes on it (kind 7; no key's state).
+if short and #members > 1 and redis.call('SET', p .. 'rebalance', host, 'NX', 'PX', 200) then
+  redis.call('XADD', p .. 'events', 'MAXLEN', '~', ARGV[9 + n * 11], '*', 'pool', '', 'key', '', 'kind', '7',
+    'until', '0', 'version', '0', 'origin', host, 'mono', '0')
+end
+return {now, now + lease, learning and 1 or 0, epoch, #members, members, out, short and 1 or 0}
 )lua"};
 
 // Max-merge of one change into the key's state; XADD only on a change.

@@ -13,6 +13,7 @@
 //   P state:ID     hash   cool_until, open_until, revoked, disabled, version, origin, mono
 //   P events       stream pool key kind until version origin mono  (MAXLEN ~)
 //   P probe:ID     string the host holding the half-open probe (PX ttl)
+//   P rebalance    string the host that last asked the others to refresh (PX 200 ms)
 //
 // Times are Redis TIME in ms (the lease script takes a fake now for tests).
 // Rates go in and out as "%.17g" strings (Lua numbers become integers in
@@ -29,8 +30,13 @@ struct LuaScript {
 };
 
 // ARGV: P host seq lease_ms headroom now_ms|"" nkeys, then per key
-//   ID fp burst req_limit req_wants req_has req_used tok_limit tok_wants tok_has tok_used
-// -> {now, expires, learning 0|1, epoch, nhosts, {members}, {{req, tok, burst, mismatch, cool_until, holders}...}}
+//   ID fp burst req_limit req_wants req_has req_used tok_limit tok_wants tok_has tok_used,
+//   then learning_quiet_ms stream_maxlen
+// -> {now, expires, learning 0|1, epoch, nhosts, {members}, {{req, tok, burst, mismatch, cool_until, holders}...},
+//     short 0|1}
+// short: some grant fell short of this host's fair part because other hosts
+// still hold it; the script then XADDs a kind-7 (rebalance) event, at most
+// one per namespace per 200 ms, on which the other hosts refresh at once.
 extern const LuaScript kLeaseScript;
 // ARGV: P ID pool key kind until version origin mono maxlen
 // -> {stream_id|"", until (merged), version}

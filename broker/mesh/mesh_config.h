@@ -42,7 +42,7 @@ struct MeshConfig {
   double refresh = 1.0;            // seconds between lease refreshes
   double lease = 30.0;             // seconds a grant stays valid without a refresh
   OutageMode outage = OutageMode::kShare;
-  double headroom = 0.03;  // share of each limit never granted
+  double headroom = 0.02;  // share of each limit never granted
   double timeout = 0.1;    // seconds: connect and command timeout
 };
 

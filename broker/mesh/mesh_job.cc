@@ -34,15 +34,25 @@ uint32_t ReadBlockMs(double refresh) { return static_cast<uint32_t>(std::clamp(r
 // deadline, so losers extend their open circuit before they would probe.
 constexpr uint64_t kProbeLeadNs = 200 * kMsNs;
 // Demand: the least a host asks of a key (a share of its limit every host
-// keeps, so a host that turns busy is served at once from it), the use of
-// its shares above which a host counts as saturated, and the margin over
-// measured use of one that is not (1 / kWantsMargin < kSaturated: a host
-// whose use is steady does not flip between the two).
+// keeps, so a host that turns busy is served at once from it); a pool is
+// saturated when its workers queue for the shares: on average at least
+// kSaturatedWaiting of them waited in acquire while it used kSaturatedUse
+// of the shares it held or more (waits alone may be a cooldown or a
+// concurrency cap; a high use alone is a steady host near its wants); the
+// margin over the measured use of a pool that is not.
 constexpr double kWantsFloor = 0.02;
-constexpr double kSaturated = 0.95;
-constexpr double kWantsMargin = 1.08;
-// Refreshes over which a pool's use is set against its shares.
-constexpr size_t kDemandWindow = 5;
+constexpr double kSaturatedWaiting = 0.5;
+constexpr double kSaturatedUse = 0.8;
+constexpr double kWantsMargin = 1.04;
+// Refresh periods over which a pool's use is measured, and over which its
+// waits are (at least: one interval, however long).
+constexpr double kDemandWindow = 3;
+constexpr double kSaturatedSpan = 0.5;
+// A rebalance (another host is short of its fair part): this host refreshes
+// at once, but not sooner than this after its last refresh; a host that was
+// short refreshes again this soon, once the others gave back.
+constexpr auto kRebalanceGap = std::chrono::milliseconds(50);
+constexpr auto kShortRetry = std::chrono::milliseconds(150);
 // Every share's lease ends this early on this host's clock: the round trip
 // plus this, so that no host uses a share past Redis's view of its lease.
 constexpr uint64_t kExpiryMarginNs = 50 * kMsNs;
@@ -115,31 +125,57 @@ struct Known {
 };
 
 // The refresh thread's view of one pool's demand on this host: its workers'
-// give-ups last seen, and the use and shares of its keys over the last
-// kDemandWindow refreshes (requests or tokens; summed over the pool's keys).
+// give-ups and waits last seen, and the use, shares and waits of its keys
+// over the last intervals (requests or tokens; summed over the pool's keys).
 struct PoolDemand {
-  static constexpr size_t kWindow = kDemandWindow;
-  uint64_t waited = 0;
-  // One refresh interval: what the pool's keys admitted (requests,
-  // tokens) and the shares they held over it (share x seconds).
+  uint64_t gave_up = 0;
+  double wait_sum = -1;  // the pool's acquire_wait.sum last seen; -1: none yet
+  // One refresh interval (dt seconds): what the pool's keys admitted
+  // (requests, tokens), the shares they held over it (share x seconds) and
+  // the seconds its workers waited in acquire.
   struct Interval {
-    double used_req = 0, held_req = 0, used_tok = 0, held_tok = 0;
+    double dt = 0, used_req = 0, held_req = 0, used_tok = 0, held_tok = 0, waited = 0;
   };
-  std::array<Interval, kWindow> last{};
+  // The newest intervals (a rebalance makes some short).
+  static constexpr size_t kSlots = 16;
+  std::array<Interval, kSlots> last{};
   size_t n = 0;
 
-  void Add(double dt, const Interval& in) {
-    if (dt <= 0) return;  // the first measurement has no interval
-    last[n % kWindow] = in;
+  void Add(const Interval& in) {
+    if (in.dt <= 0) return;  // the first measurement has no interval
+    last[n % kSlots] = in;
     ++n;
   }
-  bool Saturated(bool tokens) const {
-    double used = 0, held = 0;
-    for (size_t i = 0; i < std::min(n, kWindow); ++i) {
-      used += tokens ? last[i].used_tok : last[i].used_req;
-      held += tokens ? last[i].held_tok : last[i].held_req;
+  // The newest intervals summed, back until they span `span` seconds (at
+  // least the newest one).
+  Interval Since(double span) const {
+    Interval s;
+    for (size_t i = 0; i < std::min(n, kSlots) && (i == 0 || s.dt < span); ++i) {
+      const Interval& x = last[(n - 1 - i) % kSlots];
+      s.dt += x.dt;
+      s.used_req += x.used_req;
+      s.held_req += x.held_req;
+      s.used_tok += x.used_tok;
+      s.held_tok += x.held_tok;
+      s.waited += x.waited;
     }
-    return held > 0 && used >= kSaturated * held;
+    return s;
+  }
+  // Judged on about the last refresh period: a pool that turned busy counts
+  // at once (not once its idle intervals left a window), and one whose
+  // queue the larger share emptied asks for its use again at once.
+  bool Saturated(bool tokens, double refresh) const {
+    const Interval s = Since(kSaturatedSpan * refresh);
+    const double used = tokens ? s.used_tok : s.used_req;
+    const double held = tokens ? s.held_tok : s.held_req;
+    return s.dt > 0 && held > 0 && s.waited >= kSaturatedWaiting * s.dt && used >= kSaturatedUse * held;
+  }
+  // The pool's use per second (requests or tokens): over the window, or
+  // over about the last refresh period when that is more (a rise counts at
+  // once, a fall once the window saw it).
+  double Rate(bool tokens, double refresh) const {
+    const auto rate = [tokens](const Interval& s) { return s.dt > 0 ? (tokens ? s.used_tok : s.used_req) / s.dt : 0; };
+    return std::max(rate(Since(kDemandWindow * refresh)), rate(Since(kSaturatedSpan * refresh)));
   }
 };
 
@@ -149,8 +185,6 @@ struct KeyRuntime {
   uint64_t acquires = 0;
   uint64_t tokens = 0;
   bool counted = false;
-  double rate_req = 0;  // admitted per second (smoothed)
-  double rate_tok = 0;
   double wants_req = 0;
   double wants_tok = 0;
   double has_req = 0;  // the current grant (per second)
@@ -225,6 +259,7 @@ struct MeshJob::Impl {
   // Guards keys, keys_gen, status, delays; cv wakes the threads on Stop().
   mutable std::mutex mu;
   std::condition_variable cv;
+  bool refresh_now = false;  // under mu: another host asked for a rebalance
   std::vector<MeshKey> keys;
   std::map<std::string, shm::PoolAdmin*> admins;
   std::atomic<uint64_t> keys_gen{0};
@@ -256,6 +291,25 @@ struct MeshJob::Impl {
   bool Sleep(std::chrono::nanoseconds d) {
     std::unique_lock lock(mu);
     return !cv.wait_for(lock, d, [&] { return stop.load(); });
+  }
+  // The refresh thread's wait for its next refresh: until `next`, or until
+  // another host asked for a rebalance, but not before `earliest`. False
+  // when the job stops.
+  bool SleepUntilRefresh(std::chrono::steady_clock::time_point next, std::chrono::steady_clock::time_point earliest) {
+    std::unique_lock lock(mu);
+    if (!cv.wait_until(lock, next, [&] { return stop.load() || refresh_now; })) return true;
+    if (stop.load()) return false;
+    const bool stopped = cv.wait_until(lock, earliest, [&] { return stop.load(); });
+    refresh_now = false;
+    return !stopped;
+  }
+  void RequestRefresh() {
+    {
+      std::lock_guard lock(mu);
+      refresh_now = true;
+      ++status.rebalances;
+    }
+    cv.notify_all();
   }
   shm::PoolAdmin* pools(const std::string& pool) {
     std::lock_guard lock(mu);
@@ -328,15 +382,6 @@ double Wants(double rate, double limit, bool saturated) {
   return std::min(w, limit);
 }
 
-// A key's smoothed admitted rates (per second), after `d_acq` requests and
-// `d_tok` tokens over the last `dt` seconds.
-void Smooth(KeyRuntime& k, double dt, uint64_t d_acq, uint64_t d_tok) {
-  const double r_req = dt > 0 ? static_cast<double>(d_acq) / dt : 0;
-  const double r_tok = dt > 0 ? static_cast<double>(d_tok) / dt : 0;
-  k.rate_req = k.counted ? 0.5 * k.rate_req + 0.5 * r_req : r_req;
-  k.rate_tok = k.counted ? 0.5 * k.rate_tok + 0.5 * r_tok : r_tok;
-}
-
 }  // namespace
 
 void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
@@ -351,19 +396,20 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     Result<PoolStatus> snap = admin->Snapshot();
     if (!snap.ok()) continue;  // busy or poisoned: demand unchanged this round
     // Workers gave up on an acquire (none came in time): the pool wants
-    // more than it has. Waits alone are no such sign: pacing at any share
-    // makes an acquire wait for the next slot now and then.
-    const uint64_t waited = snap->totals.no_key_available + snap->totals.timeouts;
+    // more than it has.
+    const uint64_t gave_up = snap->totals.no_key_available + snap->totals.timeouts;
     PoolDemand& d = (*demand)[pool];
-    const bool pressed = d.waited != 0 && waited > d.waited;
-    d.waited = waited == 0 ? 1 : waited;
+    const bool pressed = d.gave_up != 0 && gave_up > d.gave_up;
+    d.gave_up = gave_up == 0 ? 1 : gave_up;
     // Saturation is the pool's, not each key's: a worker takes whichever
     // key is ready, so how its use splits between the keys follows the
     // shares (judged per key, the keys whose share just grew looked idle
     // and the hosts' shares swung between the keys every refresh). The use
     // of the last intervals is set against the shares held during them (a
     // smoothed rate lags behind a share that moved; one interval's count of
-    // a few requests is too coarse).
+    // a few requests is too coarse), and it takes workers queueing for the
+    // shares: pacing at any share makes an acquire wait for its slot now
+    // and then, and a steady host uses nearly all of its wants.
     //
     // A host that is not saturated asks each key for its part of the pool's
     // use, split by the keys' limits: how a few requests a second fall on
@@ -371,24 +417,25 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     // dropped for a refresh lost its share to a saturated host.
     std::vector<KeyRuntime*> keys;
     PoolDemand::Interval in;
-    double rate_req = 0, rate_tok = 0, limits_req = 0, limits_tok = 0;
+    in.dt = dt;
+    const double wait_sum = snap->acquire_wait.sum;
+    in.waited = d.wait_sum >= 0 && wait_sum >= d.wait_sum ? wait_sum - d.wait_sum : 0;
+    d.wait_sum = wait_sum;
+    double limits_req = 0, limits_tok = 0;
     for (const KeyStatus& ks : snap->keys) {
       auto it = rt.find(KeyOf(pool, ks.name));
       if (it == rt.end()) continue;
       KeyRuntime& k = it->second;
       const uint64_t d_acq = k.counted && ks.acquires >= k.acquires ? ks.acquires - k.acquires : 0;
       const uint64_t d_tok = k.counted && ks.tokens >= k.tokens ? ks.tokens - k.tokens : 0;
-      Smooth(k, k.counted ? dt : 0, d_acq, d_tok);
       if (k.def.rpm > 0) {
         in.used_req += static_cast<double>(d_acq);
         in.held_req += k.has_req * dt;
-        rate_req += k.rate_req;
         limits_req += k.def.rpm / 60.0;
       }
       if (k.def.tpm > 0) {
         in.used_tok += static_cast<double>(d_tok);
         in.held_tok += k.has_tok * dt;
-        rate_tok += k.rate_tok;
         limits_tok += static_cast<double>(k.def.tpm) / 60.0;
       }
       k.acquires = ks.acquires;
@@ -396,9 +443,10 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
       k.counted = true;
       keys.push_back(&k);
     }
-    d.Add(dt, in);
-    const bool sat_req = pressed || d.Saturated(false);
-    const bool sat_tok = pressed || d.Saturated(true);
+    d.Add(in);
+    const bool sat_req = pressed || d.Saturated(false, config.refresh);
+    const bool sat_tok = pressed || d.Saturated(true, config.refresh);
+    const double rate_req = d.Rate(false, config.refresh), rate_tok = d.Rate(true, config.refresh);
     for (KeyRuntime* k : keys) {
       const double limit_req = k->def.rpm / 60.0;
       const double limit_tok = static_cast<double>(k->def.tpm) / 60.0;
@@ -532,8 +580,13 @@ void MeshJob::Impl::RefreshLoop() {
       // just joined must not burst at the full limit beside the others).
       if (!applied_any) ApplyShares(rt, order, MeshMode::kClosed, 1);
     }
+    // An early refresh (a rebalance) keeps the wants of the last measured
+    // interval: it hands back what this host holds beyond them, and a
+    // fraction of a refresh period is too short to count a few requests.
     const uint64_t now = MonoNs();
-    MeasureDemand(rt, now, &last_demand_ns, &demand);
+    if (last_demand_ns == 0 || static_cast<double>(now - last_demand_ns) >= kSaturatedSpan * config.refresh * 1e9) {
+      MeasureDemand(rt, now, &last_demand_ns, &demand);
+    }
 
     LeaseRequest req;
     req.host = config.host;
@@ -614,8 +667,9 @@ void MeshJob::Impl::RefreshLoop() {
       SetMode(mode);
       backoff.Reset();
       PublishKeyStatus(rt, order);
-      const auto next = t0 + refresh;
-      if (!Sleep(next - std::chrono::steady_clock::now())) break;
+      auto next = t0 + refresh;
+      if (reply->short_of_share) next = std::min(next, std::chrono::steady_clock::now() + kShortRetry);
+      if (!SleepUntilRefresh(next, t0 + kRebalanceGap)) break;
       continue;
     }
     store->Disconnect();
@@ -839,6 +893,7 @@ void MeshJob::Impl::Apply(const KeyEvent& e, bool count) {
     case EventKind::kDisabled: r.enabled = false; break;
     case EventKind::kEnabled: r.enabled = true; break;
     case EventKind::kReset: r.reset = true; break;
+    case EventKind::kRebalance: return;  // no key's change (the reader refreshes on it)
   }
   {
     std::lock_guard lock(known_mu);
@@ -922,6 +977,10 @@ void MeshJob::Impl::ReadLoop() {
     }
     for (const KeyEvent& e : batch->events) {
       if (e.origin == config.host) continue;
+      if (e.kind == EventKind::kRebalance) {
+        RequestRefresh();
+        continue;
+      }
       Apply(e, true);
     }
     if (!batch->last_id.empty()) last_id = batch->last_id;

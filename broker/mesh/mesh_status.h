@@ -49,6 +49,7 @@ struct MeshStatus {
   uint64_t events_published = 0;  // local changes sent to Redis
   uint64_t events_applied = 0;    // other hosts' changes merged into the segment
   uint64_t resyncs = 0;           // full state reads (after a reconnect or a trimmed stream)
+  uint64_t rebalances = 0;        // another host was short of its fair part: refreshes asked for at once
   // Delay from a change on another host to its merge into this segment
   // (seconds; hosts on one machine share CLOCK_MONOTONIC, so this is exact
   // there), over the last 1024 events applied; -1 before the first.

@@ -210,14 +210,15 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
     args.push_back(UsedText(k.tok.used));
   }
   args.push_back(std::to_string(request.learning_quiet_ms));
+  args.push_back(std::to_string(kStreamMaxLen));
   Result<RedisReply> r = conn_.Eval(kLeaseScript, args);
   if (!r.ok()) return r.status();
   const RedisReply& top = *r;
   constexpr int64_t kMaxMs = int64_t{1} << 52;
-  if (!IsArray(top, 7) || !IsInt(top.elements[0], 0, kMaxMs) || !IsInt(top.elements[1], 0, kMaxMs) ||
+  if (!IsArray(top, 8) || !IsInt(top.elements[0], 0, kMaxMs) || !IsInt(top.elements[1], 0, kMaxMs) ||
       !IsInt(top.elements[2], 0, 1) || !top.elements[3].is_string() || top.elements[3].str.size() > 64 ||
       !IsInt(top.elements[4], 1, 1 << 20) || !top.elements[5].is_array() ||
-      !IsArray(top.elements[6], request.keys.size())) {
+      !IsArray(top.elements[6], request.keys.size()) || !IsInt(top.elements[7], 0, 1)) {
     return Bad("lease: unexpected reply");
   }
   LeaseReply out;
@@ -226,6 +227,7 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
   out.learning = top.elements[2].integer == 1;
   out.epoch = top.elements[3].str;
   out.hosts = static_cast<uint32_t>(top.elements[4].integer);
+  out.short_of_share = top.elements[7].integer == 1;
   if (top.elements[5].elements.size() != out.hosts) return Bad("lease: member list does not match the host count");
   for (const RedisReply& m : top.elements[5].elements) {
     if (!m.is_string() || !CheckName("host", m.str).ok()) return Bad("lease: bad member name");
@@ -318,7 +320,7 @@ bool ParseEntry(const RedisReply& entry, KeyEvent* ev) {
       ev->key = v;
       seen |= 2;
     } else if (name == "kind") {
-      if (!ParseU64(v, &u) || u > static_cast<uint64_t>(EventKind::kReset)) return false;
+      if (!ParseU64(v, &u) || u > static_cast<uint64_t>(EventKind::kRebalance)) return false;
       ev->kind = static_cast<EventKind>(u);
       seen |= 4;
     } else if (name == "until") {
@@ -335,8 +337,10 @@ bool ParseEntry(const RedisReply& entry, KeyEvent* ev) {
       seen |= 64;
     }
   }
-  return seen == 127 && CheckName("pool", ev->pool).ok() && CheckName("key", ev->key).ok() &&
-         CheckName("host", ev->origin).ok();
+  if (seen != 127 || !CheckName("host", ev->origin).ok()) return false;
+  // A rebalance names no key: it asks every host to refresh.
+  if (ev->kind == EventKind::kRebalance) return ev->pool.empty() && ev->key.empty();
+  return CheckName("pool", ev->pool).ok() && CheckName("key", ev->key).ok();
 }
 
 }  // namespace

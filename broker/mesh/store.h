@@ -75,6 +75,9 @@ struct LeaseReply {
   uint32_t hosts = 0;                // live hosts in the namespace (this one included)
   std::vector<std::string> members;  // their names, sorted
   std::vector<KeyGrant> keys;        // one per request key, in request order
+  // Some grant fell short of this host's fair part because other hosts
+  // still hold it; they were asked to refresh (EventKind::kRebalance).
+  bool short_of_share = false;
 };
 
 // A change of a key's shared state. Deadlines are Redis time (ms).
@@ -86,6 +89,10 @@ enum class EventKind : uint8_t {
   kDisabled = 4,       // an operator disabled the key (durable, no TTL)
   kEnabled = 5,
   kReset = 6,  // cooldown, streaks and circuit cleared; bumps the key's version
+  // Not a key's change (pool and key empty; never published by a host, never
+  // in a snapshot): a host's lease fell short because others hold what is
+  // now its fair part; every other host refreshes at once to give it back.
+  kRebalance = 7,
 };
 
 struct KeyEvent {

@@ -154,7 +154,7 @@ std::string RenderMesh(const protocol::MeshReport& m) {
   out << "\n";
   out << "epoch " << (m.epoch.empty() ? std::string("-") : Escaped(m.epoch)) << ", refreshes " << m.refreshes << " ("
       << m.refresh_failures << " failed), events " << m.events_published << " published / " << m.events_applied
-      << " applied, resyncs " << m.resyncs << "\n";
+      << " applied, resyncs " << m.resyncs << ", rebalances " << m.rebalances << "\n";
   if (m.propagation_samples > 0) {
     out << "propagation from other hosts: p50 " << RoundTrip(m.propagation_p50) << ", p99 "
         << RoundTrip(m.propagation_p99) << " (last " << m.propagation_samples << " events)\n";

@@ -655,6 +655,7 @@ BOOST_AUTO_TEST_CASE(mesh_report_carries_every_status_field) {
   s.events_published = 2;
   s.events_applied = 3;
   s.resyncs = 4;
+  s.rebalances = 5;
   s.propagation_p50 = 0.002;
   s.propagation_p99 = 0.01;
   s.propagation_samples = 7;
@@ -677,6 +678,7 @@ BOOST_AUTO_TEST_CASE(mesh_report_carries_every_status_field) {
   BOOST_CHECK_EQUAL(r.events_published, 2u);
   BOOST_CHECK_EQUAL(r.events_applied, 3u);
   BOOST_CHECK_EQUAL(r.resyncs, 4u);
+  BOOST_CHECK_EQUAL(r.rebalances, 5u);
   BOOST_CHECK_EQUAL(r.propagation_p50, 0.002);
   BOOST_CHECK_EQUAL(r.propagation_p99, 0.01);
   BOOST_CHECK_EQUAL(r.propagation_samples, 7u);

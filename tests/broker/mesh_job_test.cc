@@ -6,6 +6,7 @@
 #define BOOST_TEST_MODULE mesh_job_test
 #include "broker/mesh/mesh_job.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -63,7 +64,8 @@ struct World {
   std::vector<LeaseRequest> leases;
   std::map<std::string, std::string> probe_holder;
   std::vector<std::string> left;
-  int64_t cool_until_ms = 0;  // every key's cool_until in lease replies
+  int64_t cool_until_ms = 0;    // every key's cool_until in lease replies
+  bool short_of_share = false;  // every lease reply says this host is short
 
   std::string Append(KeyEvent e) {
     e.stream_id = std::to_string(stream.size() + 1);
@@ -90,6 +92,7 @@ class FakeStore : public MeshStore {
     reply.epoch = "e1";
     reply.hosts = w_.hosts;
     reply.members = {"h1", "h2"};
+    reply.short_of_share = w_.short_of_share;
     for (const LeaseKey& k : r.keys) {
       KeyGrant g;
       g.req = k.req.limit * w_.grant_fraction;
@@ -177,7 +180,7 @@ struct Fixture {
   TestPool tp{0, MakeConfig(Strategy::kLeastBusy, 60.0, 3)};
   std::unique_ptr<MeshJob> job;
 
-  explicit Fixture(OutageMode outage = OutageMode::kShare) {
+  explicit Fixture(OutageMode outage = OutageMode::kShare, double refresh = 0.05) {
     for (const char* name : {"a", "b"}) {
       shm::KeyDefinition def;
       def.name = name;
@@ -189,8 +192,8 @@ struct Fixture {
     tp.pool->set_lock_timeout(50'000'000);
     MeshConfig c;
     c.host = "h1";
-    c.refresh = 0.05;
-    c.lease = 0.5;
+    c.refresh = refresh;
+    c.lease = std::max(0.5, 4 * refresh);
     c.timeout = 0.02;
     c.outage = outage;
     job = std::make_unique<MeshJob>(c, [this] { return std::make_unique<FakeStore>(world); });
@@ -277,6 +280,41 @@ BOOST_AUTO_TEST_CASE(demand_is_the_pools_and_split_by_the_keys_limits) {
   BOOST_TEST(WaitFor([&] { return LastWants(f, 0) == 10.0 && LastWants(f, 1) == 10.0; }));
   stop = true;
   worker.join();
+}
+
+size_t Leases(Fixture& f) {
+  std::lock_guard lock(f.world.mu);
+  return f.world.leases.size();
+}
+
+// Another host short of its fair part (a rebalance event) makes this host
+// refresh at once, not at its next refresh 5 s on; a host told it is short
+// refreshes again soon, once the others gave back.
+BOOST_AUTO_TEST_CASE(a_rebalance_or_a_short_grant_refreshes_at_once) {
+  Fixture f(OutageMode::kShare, 5.0);
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased; }));
+  const size_t before = Leases(f);
+  {
+    std::lock_guard lock(f.world.mu);
+    KeyEvent e;
+    e.kind = EventKind::kRebalance;
+    e.origin = "h2";
+    f.world.Append(e);
+  }
+  BOOST_TEST(WaitFor([&] { return Leases(f) > before; }, 2));
+  BOOST_TEST(f.job->Status().rebalances == 1u);
+  BOOST_TEST(f.Key("a").share_rpm == 300.0);  // the rebalance changed no key's state
+  {
+    std::lock_guard lock(f.world.mu);
+    f.world.short_of_share = true;
+    KeyEvent e;
+    e.kind = EventKind::kRebalance;
+    e.origin = "h2";
+    f.world.Append(e);  // the refresh it brings is told it is short
+  }
+  const size_t shorted = Leases(f) + 1;
+  BOOST_TEST(WaitFor([&] { return Leases(f) > shorted; }, 2));
 }
 
 BOOST_AUTO_TEST_CASE(learning_is_reported) {

@@ -227,15 +227,27 @@ BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Fresh) {
     BOOST_REQUIRE(a.Refresh(now += 100).ok());
     BOOST_REQUIRE(b.Refresh(now += 100).ok());
   }
-  BOOST_TEST(a.has_req[0] == 8);
-  BOOST_TEST(b.has_req[0] == 1);
-  // The busy host goes idle and the idle one gets busy: one refresh each.
+  // What neither asked for (9.5 - 8 - 1) is lent to both alike.
+  BOOST_TEST(a.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(b.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
+  // The busy host goes idle and the idle one gets busy. a's refresh still
+  // sees b's old wants and lends a itself half of what is free; b, short of
+  // its fair part while a holds it, is told so (and the others asked to
+  // refresh at once); a's next refresh gives it back, b's takes it.
   a.wants_req = {1, 1};
   b.wants_req = {8, 8};
   BOOST_REQUIRE(a.Refresh(now += 100).ok());
-  BOOST_REQUIRE(b.Refresh(now += 100).ok());
-  BOOST_TEST(a.has_req[0] == 1);
-  BOOST_TEST(b.has_req[0] == 8);
+  Result<LeaseReply> rb = b.Refresh(now += 100);
+  BOOST_REQUIRE(rb.ok());
+  BOOST_TEST(rb->short_of_share);
+  BOOST_TEST(a.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(b.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));
+  BOOST_REQUIRE(a.Refresh(now += 100).ok());
+  rb = b.Refresh(now += 100);
+  BOOST_REQUIRE(rb.ok());
+  BOOST_TEST(!rb->short_of_share);
+  BOOST_TEST(a.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(b.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
   // Both want more than there is: each converges to half of the cap.
   a.wants_req = {50, 50};
   b.wants_req = {50, 50};
@@ -253,7 +265,50 @@ BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Fresh) {
   // The burst is split like the rate; an unlimited token dimension gets 0.
   BOOST_TEST(std::fabs(last->keys[0].burst - 10 * 4.75 / 10) < 1e-9);
   BOOST_TEST(last->keys[0].tok == 0);
-  BOOST_TEST(std::fabs(last->keys[1].tok - 0) < 1e-9);  // b wants no tokens
+  // Nobody wants key b's tokens: each host is lent half of them.
+  BOOST_TEST(std::fabs(last->keys[1].tok - 475) < 1e-9);
+}
+
+// A host short of its fair part because another holds it (lent while
+// nobody wanted it) asks every other host to refresh at once: one
+// rebalance event (kind 7, no key), at most one per 200 ms.
+BOOST_FIXTURE_TEST_CASE(a_short_host_asks_the_others_to_refresh, Fresh) {
+  SeedEpoch();
+  RedisMeshStore reader(Config());
+  Result<EventBatch> start = reader.ReadEvents("$", 0);
+  BOOST_REQUIRE(start.ok());
+  Host a("a", kTwoKeys);
+  Host b("b", kTwoKeys);
+  a.wants_req = {1, 1};
+  b.wants_req = {8, 8};
+  BOOST_REQUIRE(a.Refresh(1000).ok());
+  BOOST_TEST(a.has_req[0] == 9.5, boost::test_tools::tolerance(1e-9));  // alone: lent the whole key
+  Result<LeaseReply> r = b.Refresh(1001);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->short_of_share);
+  BOOST_TEST(b.has_req[0] == 0);
+  BOOST_REQUIRE(b.Refresh(1002).ok());  // short again at once: no second event
+  Result<EventBatch> got = reader.ReadEvents(start->last_id, 0);
+  BOOST_REQUIRE_MESSAGE(got.ok(), got.status().ToString());
+  BOOST_REQUIRE(got->events.size() == 1u);
+  BOOST_TEST((got->events[0].kind == EventKind::kRebalance));
+  BOOST_TEST(got->events[0].origin == "b");
+  BOOST_TEST(got->events[0].pool.empty());
+  BOOST_TEST(got->events[0].key.empty());
+  // a gives back what it was lent; b takes its part, no longer short.
+  BOOST_REQUIRE(a.Refresh(1003).ok());
+  r = b.Refresh(1004);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(!r->short_of_share);
+  BOOST_TEST(a.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(b.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
+  // Hosts never publish one.
+  KeyEvent e;
+  e.pool = "p";
+  e.key = "a";
+  e.kind = EventKind::kRebalance;
+  e.origin = "a";
+  BOOST_TEST(a.store.Publish(e).status().code() == Code::kInvalidArgument);
 }
 
 BOOST_FIXTURE_TEST_CASE(a_dead_hosts_share_returns_after_its_lease, Fresh) {
@@ -372,9 +427,9 @@ BOOST_FIXTURE_TEST_CASE(a_new_mesh_learns_only_until_it_is_quiet, Fresh) {
   r = a.Refresh(now, lease);
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(!r->learning);
-  BOOST_TEST(a.has_req[0] == 3);
+  BOOST_TEST(a.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));  // its 3 and half of what nobody asked for
   BOOST_REQUIRE(b.Refresh(now, lease).ok());
-  BOOST_TEST(b.has_req[0] == 3);
+  BOOST_TEST(b.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));
 
   // Redis loses its state while both hold shares: a host re-reports its
   // share within the quiet time, so learning lasts the whole lease and the
@@ -387,18 +442,22 @@ BOOST_FIXTURE_TEST_CASE(a_new_mesh_learns_only_until_it_is_quiet, Fresh) {
   r = a.Refresh(now, lease);
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(r->learning);
-  BOOST_TEST(a.has_req[0] == 3);
-  now += 1000;  // past the quiet time
+  BOOST_TEST(a.has_req[0] == 3);  // what it held, at most its wants
+  now += 1000;                    // past the quiet time
   r = c.Refresh(now, lease);
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(r->learning);
   BOOST_TEST(c.has_req[0] == 0);
   now += static_cast<int64_t>(lease);
-  BOOST_REQUIRE(a.Refresh(now, lease).ok());
+  BOOST_REQUIRE(a.Refresh(now, lease).ok());  // alone (c's lease ended): lent the whole key
   r = c.Refresh(now, lease);
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(!r->learning);
-  BOOST_TEST(c.has_req[0] > 0);
+  BOOST_TEST(c.has_req[0] == 0);
+  BOOST_TEST(r->short_of_share);
+  BOOST_REQUIRE(a.Refresh(now + 1, lease).ok());
+  BOOST_REQUIRE(c.Refresh(now + 1, lease).ok());
+  BOOST_TEST(c.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));
 }
 
 BOOST_FIXTURE_TEST_CASE(hosts_with_different_limits_share_the_smallest, Fresh) {
@@ -435,13 +494,13 @@ BOOST_FIXTURE_TEST_CASE(a_different_secret_under_the_same_name_is_refused, Fresh
   r = a.Refresh(1001, 1000, "aaaa");
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(!r->keys[0].mismatch);
-  BOOST_TEST(r->keys[0].req == 5);
+  BOOST_TEST(r->keys[0].req == 9.5, boost::test_tools::tolerance(1e-9));  // b holds nothing of it: a is lent the rest
   // Once no lease of the first secret lives, the new one is accepted (rotation).
   a.Leave();
   r = b.Refresh(1002, 1000, "bbbb");
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(!r->keys[0].mismatch);
-  BOOST_TEST(r->keys[0].req == 5);
+  BOOST_TEST(r->keys[0].req == 9.5, boost::test_tools::tolerance(1e-9));
 }
 
 KeyEvent Ev(EventKind kind, int64_t until, const std::string& key = "a", const std::string& origin = "a") {
@@ -461,18 +520,18 @@ BOOST_FIXTURE_TEST_CASE(a_revoked_or_disabled_key_gets_nothing_a_cooling_one_its
   a.wants_req = {5, 5};
   a.wants_tok = {0, 100};
   BOOST_REQUIRE(a.Refresh(1000).ok());
-  BOOST_TEST(a.has_req[0] == 5);
+  BOOST_TEST(a.has_req[0] == 9.5, boost::test_tools::tolerance(1e-9));  // alone: its 5 and the rest, lent
   BOOST_REQUIRE(a.store.Publish(Ev(EventKind::kCooldown, 3000)).ok());
   Result<LeaseReply> r = a.Refresh(1100);
   BOOST_REQUIRE(r.ok());
   // Cooling: the deadline comes back (every host merges it), the share
   // stays, so the key is served at once when the cooldown ends.
-  BOOST_TEST(r->keys[0].req == 5);
+  BOOST_TEST(r->keys[0].req == 9.5, boost::test_tools::tolerance(1e-9));
   BOOST_TEST(r->keys[0].cool_until_ms == 3000);
-  BOOST_TEST(r->keys[1].req == 5);  // the other key is untouched
+  BOOST_TEST(r->keys[1].req == 9.5, boost::test_tools::tolerance(1e-9));  // the other key is untouched
   r = a.Refresh(3000);
   BOOST_REQUIRE(r.ok());
-  BOOST_TEST(r->keys[0].req == 5);
+  BOOST_TEST(r->keys[0].req == 9.5, boost::test_tools::tolerance(1e-9));
   BOOST_TEST(r->keys[0].cool_until_ms == 0);
 
   BOOST_REQUIRE(a.store.Publish(Ev(EventKind::kDisabled, 0, "b")).ok());
@@ -488,8 +547,8 @@ BOOST_FIXTURE_TEST_CASE(a_revoked_or_disabled_key_gets_nothing_a_cooling_one_its
   BOOST_REQUIRE(a.store.Publish(Ev(EventKind::kReset, 0, "b")).ok());
   r = a.Refresh(3300);
   BOOST_REQUIRE(r.ok());
-  BOOST_TEST(r->keys[1].req == 5);
-  BOOST_TEST(r->keys[1].tok == 100);
+  BOOST_TEST(r->keys[1].req == 9.5, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(r->keys[1].tok == 950, boost::test_tools::tolerance(1e-9));
 }
 
 BOOST_FIXTURE_TEST_CASE(publish_max_merges_and_reset_bumps_the_version, Fresh) {
@@ -860,10 +919,15 @@ BOOST_AUTO_TEST_CASE(wrong_reply_shapes_are_protocol_errors) {
   req.host = "h";
   req.keys.push_back(LeaseKey{"p", "k", "ff", 1, {10, 1, 0, 0}, {}});
   for (const std::string& bad : {std::string(":1\r\n"), std::string("*2\r\n:1\r\n:2\r\n"),
+                                 std::string("*8\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
+                                             "*6\r\n$3\r\nnan\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n:0\r\n"),
+                                 std::string("*8\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
+                                             "*6\r\n$3\r\n100\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n:0\r\n"),
+                                 // the short flag out of range, and missing (the reply of an older script)
+                                 std::string("*8\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
+                                             "*6\r\n$3\r\n9.5\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n:2\r\n"),
                                  std::string("*7\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
-                                             "*6\r\n$3\r\nnan\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n"),
-                                 std::string("*7\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
-                                             "*6\r\n$3\r\n100\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n")}) {
+                                             "*6\r\n$3\r\n9.5\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n")}) {
     HostileServer hs({sha, bad});
     c.redis.port = hs.port();
     RedisMeshStore s(c);
@@ -873,13 +937,14 @@ BOOST_AUTO_TEST_CASE(wrong_reply_shapes_are_protocol_errors) {
   }
   // A well-formed reply passes (the parser is not simply refusing everything).
   HostileServer hs({sha,
-                    "*7\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
-                    "*6\r\n$3\r\n9.5\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n"});
+                    "*8\r\n:1\r\n:2\r\n:0\r\n$1\r\ne\r\n:1\r\n*1\r\n$1\r\nh\r\n*1\r\n"
+                    "*6\r\n$3\r\n9.5\r\n$1\r\n0\r\n$1\r\n1\r\n:0\r\n:0\r\n:1\r\n:1\r\n"});
   c.redis.port = hs.port();
   RedisMeshStore s(c);
   Result<LeaseReply> r = s.Lease(req);
   BOOST_REQUIRE_MESSAGE(r.ok(), r.status().ToString());
   BOOST_TEST(r->keys[0].req == 9.5);
+  BOOST_TEST(r->short_of_share);
   BOOST_TEST((r->members == std::vector<std::string>{"h"}));
 }
 

@@ -65,7 +65,7 @@ namespace {
 
 constexpr double kRefresh = 0.2;
 constexpr double kLease = 2.0;
-constexpr double kHeadroom = 0.03;  // MeshConfig's default
+constexpr double kHeadroom = 0.02;  // MeshConfig's default
 constexpr uint32_t kRpm = 3000;     // per key: 50 requests a second
 constexpr size_t kMaxWorkers = 32;
 constexpr size_t kMaxHosts = 8;

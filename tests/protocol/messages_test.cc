@@ -171,6 +171,7 @@ kp::MeshReport SampleMesh() {
   m.events_published = 4;
   m.events_applied = 5;
   m.resyncs = 6;
+  m.rebalances = 8;
   m.propagation_p50 = 0.0015;
   m.propagation_p99 = 0.02;
   m.propagation_samples = 99;
@@ -731,6 +732,7 @@ BOOST_AUTO_TEST_CASE(mesh_reply_round_trips_and_reads_hostile_values_safely) {
                         "events_published",
                         "events_applied",
                         "resyncs",
+                        "rebalances",
                         "propagation_p50",
                         "propagation_p99",
                         "propagation_samples",
@@ -760,6 +762,7 @@ BOOST_AUTO_TEST_CASE(mesh_reply_round_trips_and_reads_hostile_values_safely) {
   BOOST_CHECK_EQUAL(b.events_published, 4u);
   BOOST_CHECK_EQUAL(b.events_applied, 5u);
   BOOST_CHECK_EQUAL(b.resyncs, 6u);
+  BOOST_CHECK_EQUAL(b.rebalances, 8u);
   BOOST_CHECK_EQUAL(b.propagation_p50, 0.0015);
   BOOST_CHECK_EQUAL(b.propagation_p99, 0.02);
   BOOST_CHECK_EQUAL(b.propagation_samples, 99u);
