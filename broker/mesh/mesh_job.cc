@@ -44,10 +44,14 @@ constexpr double kWantsFloor = 0.02;
 constexpr double kSaturatedWaiting = 0.5;
 constexpr double kSaturatedUse = 0.8;
 constexpr double kWantsMargin = 1.04;
+constexpr double kSaturatedGrowth = 1.5;
 // Refresh periods over which a pool's use is measured, and over which its
 // waits are (at least: one interval, however long).
 constexpr double kDemandWindow = 3;
 constexpr double kSaturatedSpan = 0.5;
+// The span of the use that counts as a rise (a shorter one reads a few
+// requests' chance as a rise).
+constexpr double kRiseSpan = 1;
 // A rebalance (another host is short of its fair part): this host refreshes
 // at once, but not sooner than this after its last refresh; a host that was
 // short refreshes again this soon, once the others gave back.
@@ -175,7 +179,7 @@ struct PoolDemand {
   // once, a fall once the window saw it).
   double Rate(bool tokens, double refresh) const {
     const auto rate = [tokens](const Interval& s) { return s.dt > 0 ? (tokens ? s.used_tok : s.used_req) / s.dt : 0; };
-    return std::max(rate(Since(kDemandWindow * refresh)), rate(Since(kSaturatedSpan * refresh)));
+    return std::max(rate(Since(kDemandWindow * refresh)), rate(Since(kRiseSpan * refresh)));
   }
 };
 
@@ -357,8 +361,10 @@ struct MeshJob::Impl {
   void RefreshLoop();
   void ApplyShares(std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order, MeshMode mode,
                    uint32_t hosts);
+  // `early`: a refresh before its time (a rebalance); the wants then only
+  // grow: a fraction of a refresh period shows a rise, not a fall.
   void MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
-                     std::map<std::string, PoolDemand>* demand);
+                     std::map<std::string, PoolDemand>* demand, bool early);
   void PublishKeyStatus(const std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order);
 
   // --- watcher -------------------------------------------------------------
@@ -370,22 +376,27 @@ struct MeshJob::Impl {
 
 namespace {
 
-// ProportionalShare's local half: what this host asks for, per dimension.
-// `saturated`: the host's pool uses all it holds of the keys (MeasureDemand
-// judges it for the pool as a whole). Its true demand is then unknown, so it
-// asks for the whole key and the allocator's max-min split gives it an equal
-// part of what the hosts that are not saturated leave; once it holds more
-// than it uses it asks for its use again (within two refreshes either way).
-double Wants(double rate, double limit, bool saturated) {
+// ProportionalShare's local half: what this host asks of a key, per
+// dimension: `rate` its part of the pool's use, `held` of the pool's shares.
+// A pool that is not saturated asks for its use and a margin. One that is
+// (MeasureDemand judges it for the pool as a whole) has a demand it cannot
+// show: it asks for kSaturatedGrowth x what it has, and the allocator's
+// max-min split gives it at most an equal part of what the hosts that are
+// not saturated leave; a few saturated refreshes reach the whole key, a host
+// squeezed for a moment below its use asks for about its use again. Workers
+// that gave up (`pressed`) ask for the whole key at once.
+double Wants(double rate, double held, double limit, bool saturated, bool pressed) {
   if (limit <= 0) return 0.0;
-  const double w = saturated ? limit : std::max(rate * kWantsMargin, limit * kWantsFloor);
+  double w = std::max(rate * kWantsMargin, limit * kWantsFloor);
+  if (pressed) w = limit;
+  if (saturated) w = std::max(w, kSaturatedGrowth * std::max(rate, held));
   return std::min(w, limit);
 }
 
 }  // namespace
 
 void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
-                                  std::map<std::string, PoolDemand>* demand) {
+                                  std::map<std::string, PoolDemand>* demand, bool early) {
   const double dt = *last_ns == 0 ? 0 : static_cast<double>(now - *last_ns) / 1e9;
   *last_ns = now;
   std::set<std::string> pool_names;
@@ -421,7 +432,7 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     const double wait_sum = snap->acquire_wait.sum;
     in.waited = d.wait_sum >= 0 && wait_sum >= d.wait_sum ? wait_sum - d.wait_sum : 0;
     d.wait_sum = wait_sum;
-    double limits_req = 0, limits_tok = 0;
+    double limits_req = 0, limits_tok = 0, has_req = 0, has_tok = 0;
     for (const KeyStatus& ks : snap->keys) {
       auto it = rt.find(KeyOf(pool, ks.name));
       if (it == rt.end()) continue;
@@ -431,11 +442,13 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
       if (k.def.rpm > 0) {
         in.used_req += static_cast<double>(d_acq);
         in.held_req += k.has_req * dt;
+        has_req += k.has_req;
         limits_req += k.def.rpm / 60.0;
       }
       if (k.def.tpm > 0) {
         in.used_tok += static_cast<double>(d_tok);
         in.held_tok += k.has_tok * dt;
+        has_tok += k.has_tok;
         limits_tok += static_cast<double>(k.def.tpm) / 60.0;
       }
       k.acquires = ks.acquires;
@@ -444,14 +457,18 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
       keys.push_back(&k);
     }
     d.Add(in);
-    const bool sat_req = pressed || d.Saturated(false, config.refresh);
-    const bool sat_tok = pressed || d.Saturated(true, config.refresh);
+    const bool sat_req = d.Saturated(false, config.refresh);
+    const bool sat_tok = d.Saturated(true, config.refresh);
     const double rate_req = d.Rate(false, config.refresh), rate_tok = d.Rate(true, config.refresh);
     for (KeyRuntime* k : keys) {
       const double limit_req = k->def.rpm / 60.0;
       const double limit_tok = static_cast<double>(k->def.tpm) / 60.0;
-      k->wants_req = Wants(limits_req > 0 ? rate_req * limit_req / limits_req : 0, limit_req, sat_req);
-      k->wants_tok = Wants(limits_tok > 0 ? rate_tok * limit_tok / limits_tok : 0, limit_tok, sat_tok);
+      const double part_req = limits_req > 0 ? limit_req / limits_req : 0;
+      const double part_tok = limits_tok > 0 ? limit_tok / limits_tok : 0;
+      const double w_req = Wants(rate_req * part_req, has_req * part_req, limit_req, sat_req, pressed);
+      const double w_tok = Wants(rate_tok * part_tok, has_tok * part_tok, limit_tok, sat_tok, pressed);
+      k->wants_req = early ? std::max(k->wants_req, w_req) : w_req;
+      k->wants_tok = early ? std::max(k->wants_tok, w_tok) : w_tok;
     }
   }
 }
@@ -580,13 +597,12 @@ void MeshJob::Impl::RefreshLoop() {
       // just joined must not burst at the full limit beside the others).
       if (!applied_any) ApplyShares(rt, order, MeshMode::kClosed, 1);
     }
-    // An early refresh (a rebalance) keeps the wants of the last measured
-    // interval: it hands back what this host holds beyond them, and a
-    // fraction of a refresh period is too short to count a few requests.
+    // An early refresh (a rebalance) hands back what this host holds
+    // beyond its wants; it measures too, but its wants only grow.
     const uint64_t now = MonoNs();
-    if (last_demand_ns == 0 || static_cast<double>(now - last_demand_ns) >= kSaturatedSpan * config.refresh * 1e9) {
-      MeasureDemand(rt, now, &last_demand_ns, &demand);
-    }
+    const bool early =
+        last_demand_ns != 0 && static_cast<double>(now - last_demand_ns) < kSaturatedSpan * config.refresh * 1e9;
+    MeasureDemand(rt, now, &last_demand_ns, &demand, early);
 
     LeaseRequest req;
     req.host = config.host;
