@@ -45,10 +45,17 @@ constexpr double kSaturatedWaiting = 0.5;
 constexpr double kSaturatedUse = 0.8;
 constexpr double kWantsMargin = 1.04;
 constexpr double kSaturatedGrowth = 1.5;
-// Refresh periods over which a pool's use is measured, and over which its
-// waits are (at least: one interval, however long).
-constexpr double kDemandWindow = 3;
+// Refresh periods over which a pool's use is measured (a fall shows within
+// two refreshes), and over which its waits are (at least: one interval,
+// however long).
+constexpr double kDemandWindow = 2;
 constexpr double kSaturatedSpan = 0.5;
+// A saturated pool whose workers queued this long (refresh periods) asks for
+// the whole key: its queue outlasted what kSaturatedGrowth brought, so its
+// demand is more than a squeeze of a moment, and the allocator's max-min
+// split (an equal part of what the others leave) is reached within two
+// refreshes.
+constexpr double kSaturatedEscalation = 0.9;
 // The span of the use that counts as a rise (a shorter one reads a few
 // requests' chance as a rise).
 constexpr double kRiseSpan = 1;
@@ -134,6 +141,9 @@ struct Known {
 struct PoolDemand {
   uint64_t gave_up = 0;
   double wait_sum = -1;  // the pool's acquire_wait.sum last seen; -1: none yet
+  // Since when the pool's workers queue (every measurement since saw them
+  // queue); 0: they do not.
+  uint64_t queued_since = 0;
   // One refresh interval (dt seconds): what the pool's keys admitted
   // (requests, tokens), the shares they held over it (share x seconds) and
   // the seconds its workers waited in acquire.
@@ -172,7 +182,12 @@ struct PoolDemand {
     const Interval s = Since(kSaturatedSpan * refresh);
     const double used = tokens ? s.used_tok : s.used_req;
     const double held = tokens ? s.held_tok : s.held_req;
-    return s.dt > 0 && held > 0 && s.waited >= kSaturatedWaiting * s.dt && used >= kSaturatedUse * held;
+    return Queued(refresh) && held > 0 && used >= kSaturatedUse * held;
+  }
+  // Its workers queued (on average kSaturatedWaiting of them waiting).
+  bool Queued(double refresh) const {
+    const Interval s = Since(kSaturatedSpan * refresh);
+    return s.dt > 0 && s.waited >= kSaturatedWaiting * s.dt;
   }
   // The pool's use per second (requests or tokens): over the window, or
   // over about the last refresh period when that is more (a rise counts at
@@ -380,11 +395,11 @@ namespace {
 // dimension: `rate` its part of the pool's use, `held` of the pool's shares.
 // A pool that is not saturated asks for its use and a margin. One that is
 // (MeasureDemand judges it for the pool as a whole) has a demand it cannot
-// show: it asks for kSaturatedGrowth x what it has, and the allocator's
-// max-min split gives it at most an equal part of what the hosts that are
-// not saturated leave; a few saturated refreshes reach the whole key, a host
-// squeezed for a moment below its use asks for about its use again. Workers
-// that gave up (`pressed`) ask for the whole key at once.
+// show: it asks for kSaturatedGrowth x what it has (a host squeezed for a
+// moment below its use asks for about its use again), and once it stayed
+// saturated for a refresh period (`pressed`), or its workers gave up on an
+// acquire, for the whole key; the allocator's max-min split gives it at most
+// an equal part of what the hosts that are not saturated leave.
 double Wants(double rate, double held, double limit, bool saturated, bool pressed) {
   if (limit <= 0) return 0.0;
   double w = std::max(rate * kWantsMargin, limit * kWantsFloor);
@@ -426,7 +441,7 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     // use, split by the keys' limits: how a few requests a second fall on
     // each key changes from one interval to the next, and a key whose wants
     // dropped for a refresh lost its share to a saturated host.
-    std::vector<KeyRuntime*> keys;
+    std::vector<std::pair<KeyRuntime*, bool>> keys;  // and whether it serves
     PoolDemand::Interval in;
     in.dt = dt;
     const double wait_sum = snap->acquire_wait.sum;
@@ -437,16 +452,22 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
       auto it = rt.find(KeyOf(pool, ks.name));
       if (it == rt.end()) continue;
       KeyRuntime& k = it->second;
+      // A key out of rotation until an operator acts (disabled, revoked,
+      // being removed) takes no part of the pool's use: the keys that serve
+      // split it (a revoked key's part would squeeze them below the use).
+      const bool serves = ks.enabled && ks.circuit != CircuitState::kRevoked && ks.state != KeyState::kDisabled &&
+                          ks.state != KeyState::kRevoked && ks.state != KeyState::kRemoving;
       const uint64_t d_acq = k.counted && ks.acquires >= k.acquires ? ks.acquires - k.acquires : 0;
       const uint64_t d_tok = k.counted && ks.tokens >= k.tokens ? ks.tokens - k.tokens : 0;
-      if (k.def.rpm > 0) {
-        in.used_req += static_cast<double>(d_acq);
+      // Its use counts (the pool's demand), whatever became of it since.
+      if (k.def.rpm > 0) in.used_req += static_cast<double>(d_acq);
+      if (k.def.tpm > 0) in.used_tok += static_cast<double>(d_tok);
+      if (k.def.rpm > 0 && serves) {
         in.held_req += k.has_req * dt;
         has_req += k.has_req;
         limits_req += k.def.rpm / 60.0;
       }
-      if (k.def.tpm > 0) {
-        in.used_tok += static_cast<double>(d_tok);
+      if (k.def.tpm > 0 && serves) {
         in.held_tok += k.has_tok * dt;
         has_tok += k.has_tok;
         limits_tok += static_cast<double>(k.def.tpm) / 60.0;
@@ -454,19 +475,31 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
       k.acquires = ks.acquires;
       k.tokens = ks.tokens;
       k.counted = true;
-      keys.push_back(&k);
+      keys.emplace_back(&k, serves);
     }
     d.Add(in);
     const bool sat_req = d.Saturated(false, config.refresh);
     const bool sat_tok = d.Saturated(true, config.refresh);
+    // A queue that lasted a refresh period while the pool is saturated: the
+    // whole key (each interval's use of a few requests may fall below the
+    // saturation's mark now and then; the queue is what lasts).
+    const bool queued = d.Queued(config.refresh);
+    if (!queued) d.queued_since = 0;
+    if (queued && d.queued_since == 0) d.queued_since = now;
+    const bool lasting =
+        queued && static_cast<double>(now - d.queued_since) >= kSaturatedEscalation * config.refresh * 1e9;
+    const bool pressed_req = pressed || (sat_req && lasting);
+    const bool pressed_tok = pressed || (sat_tok && lasting);
     const double rate_req = d.Rate(false, config.refresh), rate_tok = d.Rate(true, config.refresh);
-    for (KeyRuntime* k : keys) {
+    for (const auto& [k, serves] : keys) {
       const double limit_req = k->def.rpm / 60.0;
       const double limit_tok = static_cast<double>(k->def.tpm) / 60.0;
-      const double part_req = limits_req > 0 ? limit_req / limits_req : 0;
-      const double part_tok = limits_tok > 0 ? limit_tok / limits_tok : 0;
-      const double w_req = Wants(rate_req * part_req, has_req * part_req, limit_req, sat_req, pressed);
-      const double w_tok = Wants(rate_tok * part_tok, has_tok * part_tok, limit_tok, sat_tok, pressed);
+      const double part_req = serves && limits_req > 0 ? limit_req / limits_req : 0;
+      const double part_tok = serves && limits_tok > 0 ? limit_tok / limits_tok : 0;
+      const double w_req =
+          Wants(rate_req * part_req, has_req * part_req, limit_req, serves && sat_req, serves && pressed_req);
+      const double w_tok =
+          Wants(rate_tok * part_tok, has_tok * part_tok, limit_tok, serves && sat_tok, serves && pressed_tok);
       k->wants_req = early ? std::max(k->wants_req, w_req) : w_req;
       k->wants_tok = early ? std::max(k->wants_tok, w_tok) : w_tok;
     }

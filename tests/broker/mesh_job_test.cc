@@ -251,15 +251,16 @@ double LastWants(Fixture& f, size_t i) {
 }
 
 // A worker takes whichever key is ready, so demand is judged for the pool:
-// a host that is not saturated asks each key for its part of the pool's use
-// (split by the keys' limits, whichever key served it), and one that uses
-// all it holds asks for the whole of every key.
+// a host that is not saturated asks each key that serves for its part of
+// the pool's use (split by the keys' limits, whichever key served it), a
+// key out of rotation (disabled, revoked) for the floor only, and a host
+// that uses all it holds and queues for more asks for the whole of every key.
 BOOST_AUTO_TEST_CASE(demand_is_the_pools_and_split_by_the_keys_limits) {
   Fixture f;
   f.job->Start();
   BOOST_REQUIRE(WaitFor([&] { return f.Key("b").share_active && f.Key("b").share_rpm > 0; }));
-  // Only "a" serves, at about 4 a second of the 10 a second held in all.
-  BOOST_REQUIRE(f.tp.pool->SetEnabled("b", false).ok());
+  // About 4 a second of the 10 a second held in all (a refresh of 50 ms
+  // sees 0 or 1 of them: the wants are coarse, but the same for both keys).
   std::atomic<bool> stop{false};
   std::atomic<double> interval{0.25};
   std::thread worker([&] {
@@ -274,6 +275,9 @@ BOOST_AUTO_TEST_CASE(demand_is_the_pools_and_split_by_the_keys_limits) {
     const double a = LastWants(f, 0), b = LastWants(f, 1);
     return a > floor && std::abs(a - b) < 1e-9;
   }));
+  // "b" out of rotation: "a" asks for the whole use, "b" for the floor.
+  BOOST_REQUIRE(f.tp.pool->SetEnabled("b", false).ok());
+  BOOST_TEST(WaitFor([&] { return LastWants(f, 0) > floor && LastWants(f, 1) == floor; }));
   // Saturated: the worker takes every request the shares allow.
   BOOST_REQUIRE(f.tp.pool->SetEnabled("b", true).ok());
   interval = 0.0005;
@@ -335,13 +339,17 @@ BOOST_AUTO_TEST_CASE(queued_workers_ask_for_more_than_they_hold) {
       }
     }
   });
+  // First 1.5x what it holds (5 a second of each key)...
   const bool asked = WaitFor([&] {
     const double a = LastWants(f, 0), b = LastWants(f, 1);
     return a >= 7.5 - 1e-9 && a < 10 && b >= 7.5 - 1e-9 && b < 10;
   });
+  // ... then, still queued a refresh later, the whole key.
+  const bool whole = WaitFor([&] { return LastWants(f, 0) == 10 && LastWants(f, 1) == 10; });
   stop = true;
   worker.join();
   BOOST_TEST(asked);
+  BOOST_TEST(whole);
   BOOST_TEST(gave_up.load() == 0u);
   BOOST_TEST(WaitFor([&] { return LastWants(f, 0) == 10 * 0.02 && LastWants(f, 1) == 10 * 0.02; }, 10));
 }
