@@ -175,19 +175,18 @@ struct PoolDemand {
     }
     return s;
   }
-  // Judged on about the last refresh period: a pool that turned busy counts
-  // at once (not once its idle intervals left a window), and one whose
-  // queue the larger share emptied asks for its use again at once.
-  bool Saturated(bool tokens, double refresh) const {
-    const Interval s = Since(kSaturatedSpan * refresh);
+  // Its workers queued in `s` (on average kSaturatedWaiting of them
+  // waiting).
+  static bool Queued(const Interval& s) { return s.dt > 0 && s.waited >= kSaturatedWaiting * s.dt; }
+  // Saturated in `s` (the newest intervals over about half a refresh
+  // period: a pool that turned busy counts at once, not once its idle
+  // intervals left a window, and one whose queue the larger share emptied
+  // asks for its use again at once): its workers queued while it used
+  // kSaturatedUse of what it held.
+  static bool Saturated(const Interval& s, bool tokens) {
     const double used = tokens ? s.used_tok : s.used_req;
     const double held = tokens ? s.held_tok : s.held_req;
-    return Queued(refresh) && held > 0 && used >= kSaturatedUse * held;
-  }
-  // Its workers queued (on average kSaturatedWaiting of them waiting).
-  bool Queued(double refresh) const {
-    const Interval s = Since(kSaturatedSpan * refresh);
-    return s.dt > 0 && s.waited >= kSaturatedWaiting * s.dt;
+    return Queued(s) && held > 0 && used >= kSaturatedUse * held;
   }
   // The pool's use per second (requests or tokens): over the window, or
   // over about the last refresh period when that is more (a rise counts at
@@ -376,10 +375,11 @@ struct MeshJob::Impl {
   void RefreshLoop();
   void ApplyShares(std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order, MeshMode mode,
                    uint32_t hosts);
-  // `early`: a refresh before its time (a rebalance); the wants then only
-  // grow: a fraction of a refresh period shows a rise, not a fall.
+  // After less than half a refresh period since the last measurement (an
+  // early refresh: a rebalance) the wants only grow: a fraction of a
+  // refresh period shows a rise, not a fall.
   void MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
-                     std::map<std::string, PoolDemand>* demand, bool early);
+                     std::map<std::string, PoolDemand>* demand);
   void PublishKeyStatus(const std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order);
 
   // --- watcher -------------------------------------------------------------
@@ -411,8 +411,9 @@ double Wants(double rate, double held, double limit, bool saturated, bool presse
 }  // namespace
 
 void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
-                                  std::map<std::string, PoolDemand>* demand, bool early) {
+                                  std::map<std::string, PoolDemand>* demand) {
   const double dt = *last_ns == 0 ? 0 : static_cast<double>(now - *last_ns) / 1e9;
+  const bool early = *last_ns != 0 && dt < kSaturatedSpan * config.refresh;
   *last_ns = now;
   std::set<std::string> pool_names;
   for (const auto& [id, k] : rt) pool_names.insert(k.def.pool);
@@ -455,8 +456,8 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
       // A key out of rotation until an operator acts (disabled, revoked,
       // being removed) takes no part of the pool's use: the keys that serve
       // split it (a revoked key's part would squeeze them below the use).
-      const bool serves = ks.enabled && ks.circuit != CircuitState::kRevoked && ks.state != KeyState::kDisabled &&
-                          ks.state != KeyState::kRevoked && ks.state != KeyState::kRemoving;
+      const bool serves =
+          ks.state != KeyState::kDisabled && ks.state != KeyState::kRevoked && ks.state != KeyState::kRemoving;
       const uint64_t d_acq = k.counted && ks.acquires >= k.acquires ? ks.acquires - k.acquires : 0;
       const uint64_t d_tok = k.counted && ks.tokens >= k.tokens ? ks.tokens - k.tokens : 0;
       // Its use counts (the pool's demand), whatever became of it since.
@@ -478,12 +479,13 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
       keys.emplace_back(&k, serves);
     }
     d.Add(in);
-    const bool sat_req = d.Saturated(false, config.refresh);
-    const bool sat_tok = d.Saturated(true, config.refresh);
+    const PoolDemand::Interval recent = d.Since(kSaturatedSpan * config.refresh);
+    const bool sat_req = PoolDemand::Saturated(recent, false);
+    const bool sat_tok = PoolDemand::Saturated(recent, true);
     // A queue that lasted a refresh period while the pool is saturated: the
     // whole key (each interval's use of a few requests may fall below the
     // saturation's mark now and then; the queue is what lasts).
-    const bool queued = d.Queued(config.refresh);
+    const bool queued = PoolDemand::Queued(recent);
     if (!queued) d.queued_since = 0;
     if (queued && d.queued_since == 0) d.queued_since = now;
     const bool lasting =
@@ -632,10 +634,7 @@ void MeshJob::Impl::RefreshLoop() {
     }
     // An early refresh (a rebalance) hands back what this host holds
     // beyond its wants; it measures too, but its wants only grow.
-    const uint64_t now = MonoNs();
-    const bool early =
-        last_demand_ns != 0 && static_cast<double>(now - last_demand_ns) < kSaturatedSpan * config.refresh * 1e9;
-    MeasureDemand(rt, now, &last_demand_ns, &demand, early);
+    MeasureDemand(rt, MonoNs(), &last_demand_ns, &demand);
 
     LeaseRequest req;
     req.host = config.host;
