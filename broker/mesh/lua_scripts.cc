@@ -197,7 +197,7 @@ end
 -- are short: every other host refreshes on it (kind 7; no key's state).
 if short and #members > 1 and redis.call('SET', p .. 'rebalance', host, 'NX', 'PX', 200) then
   redis.call('XADD', p .. 'events', 'MAXLEN', '~', ARGV[9 + n * 11], '*', 'pool', '', 'key', '', 'kind', '7',
-    'until', '0', 'version', '0', 'origin', host, 'mono', '0')
+    'until', '0', 'version', '0', 'origin', host, 'mono', '0', 'seq', tostring(redis.call('INCR', p .. 'seq')))
 end
 return {now, now + lease, learning and 1 or 0, epoch, #members, members, out, short and 1 or 0}
 )lua"};
@@ -242,18 +242,30 @@ if changed then
   redis.call('SADD', p .. 'keys', id)
   sid = redis.call('XADD', p .. 'events', 'MAXLEN', '~', maxlen, '*', 'pool', pool, 'key', key,
     'kind', tostring(kind), 'until', string.format('%.0f', merged), 'version', string.format('%.0f', version),
-    'origin', origin, 'mono', mono)
+    'origin', origin, 'mono', mono, 'seq', tostring(redis.call('INCR', p .. 'seq')))
 end
 return {sid, merged, version}
 )lua"};
 
-// Whether a reader resuming after `after` missed events: the stream was
-// trimmed past it (its entry is gone while entries were removed) or
-// recreated (its last id is below `after`). Conservative: a trimmed
-// `after` whose successor survived still counts as a gap (a resync is
-// harmless: the merge is idempotent).
+// Where a reader starts reading after `after` (a reader that knows this
+// from its last read or a snapshot skips it): whether it missed events
+// (the stream was trimmed past `after`: its entry is gone while entries
+// were removed; or recreated: its last id is below `after`), and the
+// sequence number of `after`'s entry ('$': the newest's; '0': 0), which
+// every entry of ours carries one above the one before it, so that the
+// reads that follow see a gap as a jump. Conservative: a trimmed `after`
+// whose successor survived still counts as a gap (a resync is harmless:
+// the merge is idempotent).
 const LuaScript kReadMetaScript = {"read_meta", R"lua(
 local p, after = ARGV[1], ARGV[2]
+local function seq_of(entries)
+  if #entries == 0 then return 0 end
+  local f = entries[1][2]
+  for i = 1, #f, 2 do
+    if f[i] == 'seq' then return tonumber(f[i + 1]) or 0 end
+  end
+  return 0
+end
 local epoch = redis.call('HGET', p .. 'epoch', 'id') or ''
 local sk = p .. 'events'
 local function id_lt(a, b)
@@ -266,6 +278,7 @@ end
 local from_start = after == '0' or after == '0-0'
 local gap = 0
 local last = '0-0'
+local seq = 0
 if redis.call('EXISTS', sk) == 1 then
   local info = redis.call('XINFO', 'STREAM', sk)
   local f = {}
@@ -277,14 +290,18 @@ if redis.call('EXISTS', sk) == 1 then
       if trimmed then gap = 1 end
     elseif id_lt(last, after) then
       gap = 1
-    elseif trimmed and #redis.call('XRANGE', sk, after, after) == 0 then
-      gap = 1
+    else
+      local at = redis.call('XRANGE', sk, after, after)
+      if trimmed and #at == 0 then gap = 1 end
+      seq = seq_of(at)
     end
+  else
+    seq = tonumber(redis.call('GET', p .. 'seq')) or 0
   end
 elseif after ~= '$' and not from_start then
   gap = 1
 end
-return {epoch, gap, last}
+return {epoch, gap, last, seq}
 )lua"};
 
 // Every key's live shared state (deadlines still ahead, revocations,
@@ -302,6 +319,7 @@ if redis.call('EXISTS', p .. 'events') == 1 then
     if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
 end
+local seq = tonumber(redis.call('GET', p .. 'seq')) or 0
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', p .. 'keys')) do
   local s = redis.call('HMGET', p .. 'state:' .. id, 'cool_until', 'open_until', 'revoked', 'disabled', 'version',
@@ -316,7 +334,7 @@ for _, id in ipairs(redis.call('SMEMBERS', p .. 'keys')) do
   if s[3] == '1' then out[#out + 1] = {id, '3', '0', version, origin, mono} end
   if s[4] == '1' then out[#out + 1] = {id, '4', '0', version, origin, mono} end
 end
-return {epoch, last, out}
+return {epoch, last, out, seq}
 )lua"};
 
 const LuaScript kClaimProbeScript = {"claim_probe", R"lua(

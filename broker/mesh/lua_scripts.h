@@ -11,7 +11,9 @@
 //                         and ' fp' -> the fingerprint registered first (kept while a
 //                         lease of it lives; no host name holds a space)
 //   P state:ID     hash   cool_until, open_until, revoked, disabled, version, origin, mono
-//   P events       stream pool key kind until version origin mono  (MAXLEN ~)
+//   P events       stream pool key kind until version origin mono seq  (MAXLEN ~)
+//   P seq          string the seq of the newest entry of P events (INCR with each XADD):
+//                         a reader that sees an entry's seq jump missed entries
 //   P probe:ID     string the host holding the half-open probe (PX ttl)
 //   P rebalance    string the host that last asked the others to refresh (PX 200 ms)
 //
@@ -41,9 +43,9 @@ extern const LuaScript kLeaseScript;
 // ARGV: P ID pool key kind until version origin mono maxlen
 // -> {stream_id|"", until (merged), version}
 extern const LuaScript kPublishScript;
-// ARGV: P after_id -> {epoch|"", gap 0|1, last_generated_id}
+// ARGV: P after_id -> {epoch|"", gap 0|1, last_generated_id, seq of after_id's entry}
 extern const LuaScript kReadMetaScript;
-// ARGV: P -> {epoch|"", last_id, {{pool, key, kind, until, version, origin, mono}...}}
+// ARGV: P -> {epoch|"", last_id, {{pool, key, kind, until, version, origin, mono}...}, seq of last_id's entry}
 extern const LuaScript kSnapshotScript;
 // ARGV: P ID host ttl_ms -> 1 | 0
 extern const LuaScript kClaimProbeScript;

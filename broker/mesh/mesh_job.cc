@@ -26,10 +26,11 @@ constexpr uint64_t kSecNs = 1'000'000'000;
 constexpr auto kWatchInterval = std::chrono::milliseconds(1);
 // A publish that failed is retried this often while Redis is away.
 constexpr uint64_t kRetryNs = 100 * kMsNs;
-// The blocking read of the event stream waits up to one refresh (at most
-// 1 s) for an event before it looks at `stop` again: an idle reader costs
-// Redis one read per refresh, like the lease.
-uint32_t ReadBlockMs(double refresh) { return static_cast<uint32_t>(std::clamp(refresh * 1000, 50.0, 1000.0)); }
+// The blocking read of the event stream waits this long for an event: an
+// idle reader costs Redis one XREAD per 30 s, next to the lease's one call
+// per refresh. Stop() and a Redis that came back after an outage interrupt
+// it (MeshStore::Interrupt); TCP keepalive finds a peer that vanished.
+constexpr uint32_t kReadBlockMs = 30'000;
 // A claimed half-open probe is claimed this long before the circuit's
 // deadline, so losers extend their open circuit before they would probe.
 constexpr uint64_t kProbeLeadNs = 200 * kMsNs;
@@ -282,8 +283,9 @@ struct MeshJob::Impl {
   std::map<std::string, shm::PoolAdmin*> admins;
   std::atomic<uint64_t> keys_gen{0};
   MeshStatus status;
-  bool redis_state_logged = false;  // the first state (up or down) is logged too
-  std::vector<double> delays;       // propagation delays of applied events (s), a ring
+  bool redis_state_logged = false;    // the first state (up or down) is logged too
+  MeshStore* reader_store = nullptr;  // the reader's, while it runs (Interrupt() under mu)
+  std::vector<double> delays;         // propagation delays of applied events (s), a ring
   size_t delay_next = 0;
   std::atomic<bool> stop{false};
   bool started = false;
@@ -350,6 +352,10 @@ struct MeshJob::Impl {
     {
       std::lock_guard lock(mu);
       changed = status.redis_ok != ok || !redis_state_logged;
+      // Redis answers again after an outage: the reader may still wait on
+      // a connection that died with it (a blackhole sends no reset), so it
+      // reconnects and resyncs now rather than at the end of its block.
+      if (changed && ok && redis_state_logged && reader_store != nullptr) reader_store->Interrupt();
       redis_state_logged = true;
       status.redis_ok = ok;
       status.last_error = ok ? "" : error;
@@ -985,6 +991,17 @@ void MeshJob::Impl::Apply(const KeyEvent& e, bool count) {
 
 void MeshJob::Impl::ReadLoop() {
   std::unique_ptr<MeshStore> store = factory();
+  {
+    std::lock_guard lock(mu);
+    reader_store = store.get();
+  }
+  struct Unpublish {
+    Impl* m;
+    ~Unpublish() {
+      std::lock_guard lock(m->mu);
+      m->reader_store = nullptr;
+    }
+  } unpublish{this};
   Backoff backoff(0.1, 2.0);
   std::string last_id;
   bool need_sync = true;
@@ -1011,7 +1028,7 @@ void MeshJob::Impl::ReadLoop() {
       std::lock_guard lock(mu);
       ++status.resyncs;
     }
-    Result<EventBatch> batch = store->ReadEvents(last_id, ReadBlockMs(config.refresh));
+    Result<EventBatch> batch = store->ReadEvents(last_id, kReadBlockMs);
     if (!batch.ok()) {
       store->Disconnect();
       need_sync = true;  // whatever was missed meanwhile comes with the snapshot
@@ -1074,6 +1091,7 @@ void MeshJob::Stop() {
   {
     std::lock_guard lock(m.mu);
     m.stop = true;
+    if (m.reader_store != nullptr) m.reader_store->Interrupt();
   }
   m.cv.notify_all();
   for (std::thread* t : {&m.refresh_thread, &m.watch_thread, &m.reader_thread}) {

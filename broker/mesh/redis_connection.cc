@@ -1,7 +1,9 @@
 #include "broker/mesh/redis_connection.h"
 
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 #include <cctype>
 #include <cerrno>
@@ -138,11 +140,21 @@ struct RedisConnection::Impl {
   redisContext* ctx = nullptr;
   ReplyBuilder builder;
   std::map<std::string, std::string> shas;  // script name -> SHA1 Redis gave for it
+  // Interrupt() counts up here; every wait polls it beside the socket.
+  int wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 
-  ~Impl() { Close(); }
+  ~Impl() {
+    Close();
+    if (wake_fd >= 0) close(wake_fd);
+  }
   void Close() noexcept {
     if (ctx != nullptr) redisFree(ctx);
     ctx = nullptr;
+  }
+  // Consumes a pending Interrupt(); true if there was one.
+  bool TakeWake() noexcept {
+    uint64_t n = 0;
+    return wake_fd >= 0 && read(wake_fd, &n, sizeof(n)) == static_cast<ssize_t>(sizeof(n));
   }
 };
 
@@ -158,6 +170,11 @@ RedisConnection::~RedisConnection() = default;
 bool RedisConnection::connected() const noexcept { return impl_->ctx != nullptr; }
 
 void RedisConnection::Disconnect() noexcept { impl_->Close(); }
+
+void RedisConnection::Interrupt() noexcept {
+  const uint64_t one = 1;
+  if (impl_->wake_fd >= 0) (void)!write(impl_->wake_fd, &one, sizeof(one));
+}
 
 Status RedisConnection::Fail(Code code, const std::string& what) {
   Disconnect();
@@ -207,6 +224,7 @@ Status RedisConnection::Connect() {
 
 Result<std::vector<RedisReply>> RedisConnection::Pipeline(const std::vector<std::vector<std::string>>& commands,
                                                           uint32_t extra_ms) {
+  if (impl_->TakeWake()) return Fail(Code::kIoError, "interrupted");
   if (Status st = Connect(); !st.ok()) return st;
   redisContext* c = impl_->ctx;
   const auto deadline = Clock::now() + std::chrono::microseconds(static_cast<int64_t>(options_.timeout * 1e6)) +
@@ -232,20 +250,23 @@ Result<std::vector<RedisReply>> RedisConnection::Pipeline(const std::vector<std:
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
     return left <= 0 ? 0 : static_cast<int>(left);
   };
-  auto wait = [&](short events) -> bool {  // NOLINT(google-runtime-int): poll's type
+  enum class Waited { kReady, kTimedOut, kInterrupted };
+  auto wait = [&](short events) -> Waited {  // NOLINT(google-runtime-int): poll's type
     for (;;) {
-      pollfd pfd{c->fd, events, 0};
+      pollfd pfd[2] = {{c->fd, events, 0}, {impl_->wake_fd, POLLIN, 0}};
       const int left = remaining_ms();
-      if (left == 0) return false;
-      const int n = poll(&pfd, 1, left);
-      if (n > 0) return true;
-      if (n == 0) return false;
-      if (errno != EINTR) return false;
+      if (left == 0) return Waited::kTimedOut;
+      const int n = poll(pfd, impl_->wake_fd >= 0 ? 2 : 1, left);
+      if (n > 0 && (pfd[1].revents & POLLIN) != 0 && impl_->TakeWake()) return Waited::kInterrupted;
+      if (n > 0 && pfd[0].revents != 0) return Waited::kReady;
+      if (n == 0) return Waited::kTimedOut;
+      if (n < 0 && errno != EINTR) return Waited::kTimedOut;
     }
   };
+  auto waited = [&](Waited w) { return Fail(Code::kIoError, w == Waited::kInterrupted ? "interrupted" : "timed out"); };
   int done = 0;
   while (done == 0) {
-    if (!wait(POLLOUT)) return Fail(Code::kIoError, "timed out");
+    if (const Waited w = wait(POLLOUT); w != Waited::kReady) return waited(w);
     if (redisBufferWrite(c, &done) != REDIS_OK) return Fail(Code::kIoError, DescribeHiredisError(c->err, c->errstr));
   }
   std::vector<RedisReply> out;
@@ -265,7 +286,7 @@ Result<std::vector<RedisReply>> RedisConnection::Pipeline(const std::vector<std:
       }
       if (raw != nullptr) break;
       if (c->reader->len - c->reader->pos > max_buffer) return Fail(Code::kProtocolError, "reply over the size limits");
-      if (!wait(POLLIN)) return Fail(Code::kIoError, "timed out");
+      if (const Waited w = wait(POLLIN); w != Waited::kReady) return waited(w);
       if (redisBufferRead(c) != REDIS_OK) return Fail(Code::kIoError, DescribeHiredisError(c->err, c->errstr));
     }
     std::unique_ptr<RedisReply> reply(static_cast<RedisReply*>(raw));

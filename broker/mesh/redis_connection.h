@@ -9,7 +9,8 @@
 // after either the connection is dropped and the next call reconnects.
 // The password is sent with AUTH and never appears in a message.
 //
-// Threading: not thread-safe; one connection per thread.
+// Threading: not thread-safe, one connection per thread; but Interrupt()
+// may be called from any thread.
 #ifndef KEYMESH_BROKER_MESH_REDIS_CONNECTION_H_
 #define KEYMESH_BROKER_MESH_REDIS_CONNECTION_H_
 
@@ -64,6 +65,9 @@ class RedisConnection {
   Status Connect();
   bool connected() const noexcept;
   void Disconnect() noexcept;
+  // Thread-safe: the call in progress (or the next one) fails at once,
+  // kIoError "interrupted", and drops the connection.
+  void Interrupt() noexcept;
 
   // Sends every command, then reads one reply per command, all before the
   // timeout plus `extra_ms` (a blocking command's own wait). Redis error

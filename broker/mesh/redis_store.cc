@@ -145,10 +145,14 @@ RedisMeshStore::RedisMeshStore(const MeshConfig& config)
 
 Status RedisMeshStore::Connect() { return conn_.Connect(); }
 bool RedisMeshStore::connected() const { return conn_.connected(); }
-void RedisMeshStore::Disconnect() { conn_.Disconnect(); }
+void RedisMeshStore::Disconnect() {
+  cursor_.reset();
+  conn_.Disconnect();
+}
+void RedisMeshStore::Interrupt() { conn_.Interrupt(); }
 
 Status RedisMeshStore::Bad(const std::string& what) {
-  conn_.Disconnect();
+  Disconnect();
   return Status(Code::kProtocolError, conn_.prefix() + what);
 }
 
@@ -335,6 +339,8 @@ bool ParseEntry(const RedisReply& entry, KeyEvent* ev) {
     } else if (name == "mono") {
       if (!ParseU64(v, &ev->origin_mono_ns)) return false;
       seen |= 64;
+    } else if (name == "seq") {
+      if (!ParseU64(v, &ev->seq) || ev->seq == 0) return false;
     }
   }
   if (seen != 127 || !CheckName("host", ev->origin).ok()) return false;
@@ -349,21 +355,29 @@ Result<EventBatch> RedisMeshStore::ReadEvents(const std::string& after_id, uint3
   if (after_id != "$" && after_id != "0" && !IsStreamId(after_id)) {
     return Status(Code::kInvalidArgument, "mesh: bad stream id " + Quoted(after_id));
   }
-  Result<RedisReply> meta = conn_.Eval(kReadMetaScript, {prefix_, after_id});
-  if (!meta.ok()) return meta.status();
-  if (!IsArray(*meta, 3) || !meta->elements[0].is_string() || meta->elements[0].str.size() > 64 ||
-      !IsInt(meta->elements[1], 0, 1) || !meta->elements[2].is_string() || !IsStreamId(meta->elements[2].str)) {
-    return Bad("read_meta: unexpected reply");
-  }
   EventBatch batch;
-  const bool epoch_changed = NoteEpoch(meta->elements[0].str);
-  if (epoch_changed || meta->elements[1].integer == 1) {
-    batch.gap = true;
-    batch.last_id = meta->elements[2].str;
-    return batch;
+  std::string from = after_id;
+  if (!cursor_ || cursor_->id != after_id) {
+    // Not where this store's last read or snapshot ended: find out where
+    // `after_id` stands first (one more round trip, once).
+    cursor_.reset();
+    Result<RedisReply> meta = conn_.Eval(kReadMetaScript, {prefix_, after_id});
+    if (!meta.ok()) return meta.status();
+    if (!IsArray(*meta, 4) || !meta->elements[0].is_string() || meta->elements[0].str.size() > 64 ||
+        !IsInt(meta->elements[1], 0, 1) || !meta->elements[2].is_string() || !IsStreamId(meta->elements[2].str) ||
+        !IsInt(meta->elements[3], 0, int64_t{1} << 62)) {
+      return Bad("read_meta: unexpected reply");
+    }
+    const bool epoch_changed = NoteEpoch(meta->elements[0].str);
+    if (epoch_changed || meta->elements[1].integer == 1) {
+      batch.gap = true;
+      batch.last_id = meta->elements[2].str;
+      return batch;
+    }
+    // "$" resolved now, so that nothing published between two calls is lost.
+    from = after_id == "$" ? meta->elements[2].str : (after_id == "0" ? "0-0" : after_id);
+    cursor_ = Cursor{from, static_cast<uint64_t>(meta->elements[3].integer)};
   }
-  // "$" resolved now, so that nothing published between two calls is lost.
-  const std::string from = after_id == "$" ? meta->elements[2].str : (after_id == "0" ? "0-0" : after_id);
   std::vector<std::string> cmd = {"XREAD", "COUNT", std::to_string(kReadCount)};
   if (block_ms > 0) {
     cmd.push_back("BLOCK");
@@ -371,33 +385,53 @@ Result<EventBatch> RedisMeshStore::ReadEvents(const std::string& after_id, uint3
   }
   cmd.insert(cmd.end(), {"STREAMS", prefix_ + "events", from});
   Result<RedisReply> r = conn_.Command(cmd, block_ms);
-  if (!r.ok()) return r.status();
+  if (!r.ok()) {
+    cursor_.reset();
+    return r.status();
+  }
   batch.last_id = from;
   if (r->is_nil()) return batch;
   if (!IsArray(*r, 1) || !IsArray(r->elements[0], 2) || !r->elements[0].elements[1].is_array()) {
+    cursor_.reset();
     return Bad("xread: unexpected reply");
   }
+  Cursor next = *cursor_;
   for (const RedisReply& entry : r->elements[0].elements[1].elements) {
     KeyEvent ev;
     if (!ParseEntry(entry, &ev)) {
       // Not one of ours (another writer): step over it, never act on it.
       if (IsArray(entry, 2) && entry.elements[0].is_string() && IsStreamId(entry.elements[0].str)) {
-        batch.last_id = entry.elements[0].str;
+        batch.last_id = next.id = entry.elements[0].str;
         continue;
       }
+      cursor_.reset();
       return Bad("xread: unexpected entry");
     }
-    batch.last_id = ev.stream_id;
+    if (ev.seq != 0) {
+      if (ev.seq != next.seq + 1) {
+        // Entries between the last one read and this one are gone (the
+        // stream was trimmed past this reader, or Redis lost its state and
+        // numbers from 1 again): the caller resyncs from a snapshot.
+        cursor_.reset();
+        EventBatch lost;
+        lost.gap = true;
+        lost.last_id = ev.stream_id;
+        return lost;
+      }
+      next.seq = ev.seq;
+    }
+    batch.last_id = next.id = ev.stream_id;
     batch.events.push_back(std::move(ev));
   }
+  cursor_ = next;
   return batch;
 }
 
 Result<EventBatch> RedisMeshStore::Snapshot() {
   Result<RedisReply> r = conn_.Eval(kSnapshotScript, {prefix_});
   if (!r.ok()) return r.status();
-  if (!IsArray(*r, 3) || !r->elements[0].is_string() || r->elements[0].str.size() > 64 || !r->elements[1].is_string() ||
-      !IsStreamId(r->elements[1].str) || !r->elements[2].is_array()) {
+  if (!IsArray(*r, 4) || !r->elements[0].is_string() || r->elements[0].str.size() > 64 || !r->elements[1].is_string() ||
+      !IsStreamId(r->elements[1].str) || !r->elements[2].is_array() || !IsInt(r->elements[3], 0, int64_t{1} << 62)) {
     return Bad("snapshot: unexpected reply");
   }
   EventBatch batch;
@@ -422,6 +456,7 @@ Result<EventBatch> RedisMeshStore::Snapshot() {
     batch.events.push_back(std::move(ev));
   }
   NoteEpoch(r->elements[0].str);
+  cursor_ = Cursor{batch.last_id, static_cast<uint64_t>(r->elements[3].integer)};
   return batch;
 }
 

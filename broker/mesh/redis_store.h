@@ -1,8 +1,10 @@
 // MeshStore over one Redis (store.h has the contract; lua_scripts.h the
-// data model). Each call is one round trip (ReadEvents: two), bounded by
-// the config's timeout; a failure drops the connection and the next call
-// reconnects. Replies are parsed defensively: a wrong shape is
-// kProtocolError, never trusted.
+// data model). Each call is one round trip, bounded by the config's timeout
+// (ReadEvents: plus its block), a failure drops the connection and the next
+// call reconnects. ReadEvents is one XREAD when it reads on from where the
+// store's last read or snapshot ended (it tells a gap by the entries'
+// sequence numbers), else one more round trip first to place `after_id`. Replies are parsed defensively: a wrong shape
+// is kProtocolError, never trusted.
 //
 // Threading: as MeshStore, one store per thread.
 #ifndef KEYMESH_BROKER_MESH_REDIS_STORE_H_
@@ -48,6 +50,7 @@ class RedisMeshStore final : public MeshStore {
   Result<bool> ClaimProbe(const std::string& pool, const std::string& key, const std::string& host,
                           uint64_t ttl_ms) override;
   Result<TimeSample> Time() override;
+  void Interrupt() override;
 
   // "ns:" encoded, the prefix of every Redis key of this mesh (tests).
   const std::string& key_prefix() const noexcept { return prefix_; }
@@ -61,6 +64,13 @@ class RedisMeshStore final : public MeshStore {
   std::string prefix_;
   std::string epoch_;
   bool epoch_known_ = false;
+  // Where the last read or snapshot ended: the stream id and the sequence
+  // number of its entry (0: before the first); unset after a failure.
+  struct Cursor {
+    std::string id;
+    uint64_t seq = 0;
+  };
+  std::optional<Cursor> cursor_;
 };
 
 }  // namespace keymesh::broker::mesh

@@ -12,7 +12,7 @@
 // a host converts them to its CLOCK_MONOTONIC with the offset it measures.
 //
 // Threading: one store object per thread (the refresh thread, the event
-// reader); a store is not thread-safe.
+// reader); a store is not thread-safe, but for Interrupt().
 #ifndef KEYMESH_BROKER_MESH_STORE_H_
 #define KEYMESH_BROKER_MESH_STORE_H_
 
@@ -104,6 +104,7 @@ struct KeyEvent {
   uint64_t version = 0;         // the key's reset generation (Redis assigns it on Publish)
   std::string origin;           // the host that made the change
   uint64_t origin_mono_ns = 0;  // the origin's CLOCK_MONOTONIC at the change (delay measurements)
+  uint64_t seq = 0;             // the stream entry's sequence number (one above the entry before it); 0: none
 };
 
 struct EventBatch {
@@ -142,7 +143,8 @@ class MeshStore {
   // event (version assigned, deadline possibly later than asked).
   virtual Result<KeyEvent> Publish(const KeyEvent& event) = 0;
   // Events after `after_id` ("0": from the start, "$": only new ones),
-  // waiting up to block_ms for the first.
+  // waiting up to block_ms for the first; gap when some are lost (the
+  // stream trimmed past `after_id`, Redis lost its state).
   virtual Result<EventBatch> ReadEvents(const std::string& after_id, uint32_t block_ms) = 0;
   // Every key's shared state as events (cooldowns still running, open
   // circuits, revocations, disables) and the stream id to read on from.
@@ -160,6 +162,10 @@ class MeshStore {
     uint64_t rtt_ns = 0;
   };
   virtual Result<TimeSample> Time() = 0;
+  // Thread-safe, unlike the rest: makes the call this store is blocked in
+  // (or its next one) fail at once with kIoError and drop the connection,
+  // so that a reader blocked for long on ReadEvents stops or resyncs now.
+  virtual void Interrupt() = 0;
 };
 
 }  // namespace keymesh::broker::mesh

@@ -625,6 +625,7 @@ class UnreachableStore : public kb::mesh::MeshStore {
     return Down();
   }
   km::Result<TimeSample> Time() override { return Down(); }
+  void Interrupt() override {}
 
  private:
   static km::Status Down() { return km::Status(km::Code::kIoError, "mesh: redis 127.0.0.1:1: connection refused"); }

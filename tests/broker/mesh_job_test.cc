@@ -16,6 +16,7 @@
 #include <mutex>
 #include <ostream>
 #include <thread>
+#include <utility>
 
 #include <boost/test/unit_test.hpp>
 
@@ -66,6 +67,8 @@ struct World {
   std::vector<std::string> left;
   int64_t cool_until_ms = 0;    // every key's cool_until in lease replies
   bool short_of_share = false;  // every lease reply says this host is short
+  int reads = 0;                // ReadEvents calls
+  int interrupts = 0;           // Interrupt() calls
 
   std::string Append(KeyEvent e) {
     e.stream_id = std::to_string(stream.size() + 1);
@@ -122,7 +125,10 @@ class FakeStore : public MeshStore {
     std::unique_lock lock(w_.mu);
     if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
     const size_t from = after.empty() ? 0 : std::stoul(after);
-    w_.cv.wait_for(lock, std::chrono::milliseconds(block_ms), [&] { return w_.stream.size() > from || w_.down; });
+    ++w_.reads;
+    w_.cv.wait_for(lock, std::chrono::milliseconds(block_ms),
+                   [&] { return w_.stream.size() > from || w_.down || interrupted_; });
+    if (std::exchange(interrupted_, false)) return Status(Code::kIoError, "mesh: fake redis: interrupted");
     EventBatch b;
     for (size_t i = from; i < w_.stream.size(); ++i) b.events.push_back(w_.stream[i]);
     b.last_id = std::to_string(w_.stream.size());
@@ -145,8 +151,17 @@ class FakeStore : public MeshStore {
     if (Down()) return Status(Code::kIoError, "mesh: fake redis down");
     return TimeSample{NowMs(), 1000};
   }
+  void Interrupt() override {
+    {
+      std::lock_guard lock(w_.mu);
+      interrupted_ = true;
+      ++w_.interrupts;
+    }
+    w_.cv.notify_all();
+  }
 
  private:
+  bool interrupted_ = false;  // under w_.mu
   bool Down() {
     std::lock_guard lock(w_.mu);
     return w_.down;
@@ -387,6 +402,12 @@ BOOST_AUTO_TEST_CASE(share_mode_after_the_lease_expired) {
   }
   BOOST_TEST(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased; }));
   BOOST_TEST(WaitFor([&] { return std::abs(f.Key("a").share_rpm - 300.0) < 0.5; }));
+  // The event reader, blocked for up to 30 s on a connection that may have
+  // died with the outage, was woken to reconnect and resync.
+  BOOST_TEST(WaitFor([&] {
+    std::lock_guard lock(f.world.mu);
+    return f.world.interrupts >= 1;
+  }));
 }
 
 BOOST_AUTO_TEST_CASE(closed_mode_grants_nothing_and_open_mode_the_configured_limit) {
@@ -509,11 +530,17 @@ BOOST_AUTO_TEST_CASE(a_clean_stop_leaves_and_stops_using_the_shares) {
   Fixture f;
   f.job->Start();
   BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_rpm > 0; }));
+  BOOST_REQUIRE(WaitFor([&] {
+    std::lock_guard lock(f.world.mu);
+    return f.world.reads >= 1;
+  }));
   f.job->Stop();
   {
     std::lock_guard lock(f.world.mu);
     BOOST_REQUIRE(f.world.left.size() == 1u);
     BOOST_TEST(f.world.left[0] == "h1");
+    // The reader's blocking read (30 s) was interrupted, not waited out.
+    BOOST_TEST(f.world.interrupts == 1);
   }
   BOOST_TEST(f.Key("a").share_active);
   BOOST_TEST(f.Key("a").share_rpm == 0.0);

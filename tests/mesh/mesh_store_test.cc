@@ -635,17 +635,90 @@ BOOST_FIXTURE_TEST_CASE(read_events_returns_other_hosts_changes_and_reports_gaps
   Result<EventBatch> gap = b.ReadEvents(behind, 0);
   BOOST_REQUIRE(gap.ok());
   BOOST_TEST(gap->gap);
-  // Redis lost its state (a new epoch): a gap too.
+  // Placed anew (a reader resuming where it read before), the stream
+  // trimmed past it: a gap too.
+  RedisMeshStore c(Config());
+  Result<EventBatch> placed = c.ReadEvents(behind, 0);
+  BOOST_REQUIRE(placed.ok());
+  BOOST_TEST(placed->gap);
+  // Redis lost its state (a new epoch): a gap for a reader placing itself,
+  // and for one reading on, at the first entry after it.
   Result<EventBatch> caught = b.ReadEvents(gap->last_id, 0);
   BOOST_REQUIRE(caught.ok());
   BOOST_TEST(!caught->gap);
+  Result<EventBatch> c_caught = c.ReadEvents(caught->last_id, 0);
+  BOOST_REQUIRE(c_caught.ok());
+  BOOST_TEST(!c_caught->gap);
   Fresh wipe;
   Host h("h", kTwoKeys);
   BOOST_REQUIRE(h.Refresh(1).ok());  // recreates the epoch
-  Result<EventBatch> lost = b.ReadEvents(caught->last_id, 0);
+  RedisMeshStore d(Config());
+  Result<EventBatch> lost = d.ReadEvents(caught->last_id, 0);
   BOOST_REQUIRE(lost.ok());
   BOOST_TEST(lost->gap);
+  BOOST_REQUIRE(a.Publish(Ev(EventKind::kCooldown, 7000, "k5")).ok());  // numbered from 1 again
+  Result<EventBatch> renumbered = b.ReadEvents(caught->last_id, 0);
+  BOOST_REQUIRE(renumbered.ok());
+  BOOST_TEST(renumbered->gap);
+  BOOST_TEST(renumbered->events.empty());
   BOOST_TEST(b.ReadEvents("nonsense", 0).status().code() == Code::kInvalidArgument);
+}
+
+// A reader reading on from its last read or a snapshot costs Redis one
+// XREAD per read, nothing else: an idle host's reader adds one command per
+// block, not one per refresh.
+BOOST_FIXTURE_TEST_CASE(reading_on_is_one_xread_per_read, Fresh) {
+  RedisMeshStore a(Config());
+  RedisMeshStore b(Config());
+  Result<EventBatch> snap = b.Snapshot();
+  BOOST_REQUIRE(snap.ok());
+  BOOST_REQUIRE(a.Publish(Ev(EventKind::kCooldown, 1000, "k1")).ok());
+  bool ok = false;
+  Server().Cli({"CONFIG", "RESETSTAT"}, &ok);
+  BOOST_REQUIRE(ok);
+  Result<EventBatch> got = b.ReadEvents(snap->last_id, 0);
+  BOOST_REQUIRE_MESSAGE(got.ok(), got.status().ToString());
+  BOOST_TEST(got->events.size() == 1u);
+  BOOST_TEST(got->events[0].seq == 1u);
+  Result<EventBatch> idle = b.ReadEvents(got->last_id, 10);
+  BOOST_REQUIRE(idle.ok());
+  BOOST_TEST(idle->events.empty());
+  Result<EventBatch> again = b.ReadEvents(idle->last_id, 0);
+  BOOST_REQUIRE(again.ok());
+  const std::string stats = Server().Cli({"INFO", "commandstats"}, &ok);
+  BOOST_REQUIRE(ok);
+  BOOST_TEST(stats.find("cmdstat_xread:calls=3,") != std::string::npos, stats);
+  BOOST_TEST(stats.find("cmdstat_evalsha") == std::string::npos, stats);
+}
+
+// Interrupt() from another thread ends a blocked read at once; the store
+// reconnects on its next call.
+BOOST_FIXTURE_TEST_CASE(an_interrupt_ends_a_blocked_read, Fresh) {
+  RedisMeshStore b(Config());
+  Result<EventBatch> start = b.ReadEvents("$", 0);
+  BOOST_REQUIRE(start.ok());
+  std::atomic<bool> returned{false};
+  Result<EventBatch> blocked = Status(Code::kInternal, "not run");
+  std::thread reader([&] {
+    blocked = b.ReadEvents(start->last_id, 60'000);
+    returned = true;
+  });
+  // Once Redis counts the reader as blocked, interrupt it.
+  bool ok = false;
+  for (int i = 0; i < 5000 && Server().Cli({"INFO", "clients"}, &ok).find("blocked_clients:1") == std::string::npos;
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  BOOST_TEST(!returned.load());
+  b.Interrupt();
+  reader.join();
+  BOOST_TEST(blocked.status().code() == Code::kIoError);
+  BOOST_TEST(blocked.status().message().find("interrupted") != std::string::npos, blocked.status().message());
+  RedisMeshStore a(Config());
+  BOOST_REQUIRE(a.Publish(Ev(EventKind::kCooldown, 1000, "k1")).ok());
+  Result<EventBatch> next = b.ReadEvents(start->last_id, 0);
+  BOOST_REQUIRE_MESSAGE(next.ok(), next.status().ToString());
+  BOOST_TEST(next->events.size() == 1u);
 }
 
 BOOST_FIXTURE_TEST_CASE(snapshot_holds_every_live_state, Fresh) {
@@ -958,13 +1031,13 @@ BOOST_AUTO_TEST_CASE(other_calls_check_their_replies_too) {
     BOOST_TEST(s.Publish(Ev(EventKind::kCooldown, 5)).status().code() == Code::kProtocolError);
   }
   {
-    HostileServer hs({sha, "*3\r\n$1\r\ne\r\n:0\r\n$3\r\n1-1\r\n", "*1\r\n:7\r\n"});
+    HostileServer hs({sha, "*4\r\n$1\r\ne\r\n:0\r\n$3\r\n1-1\r\n:0\r\n", "*1\r\n:7\r\n"});
     c.redis.port = hs.port();
     RedisMeshStore s(c);
     BOOST_TEST(s.ReadEvents("1-1", 0).status().code() == Code::kProtocolError);
   }
   {
-    HostileServer hs({sha, "*3\r\n$1\r\ne\r\n$3\r\n1-1\r\n:5\r\n"});
+    HostileServer hs({sha, "*4\r\n$1\r\ne\r\n$3\r\n1-1\r\n:5\r\n:0\r\n"});
     c.redis.port = hs.port();
     RedisMeshStore s(c);
     BOOST_TEST(s.Snapshot().status().code() == Code::kProtocolError);
