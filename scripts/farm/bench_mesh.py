@@ -28,6 +28,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -52,7 +53,18 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
             modes = c.wait_mesh(timeout=args.lease + 10)
             if any(m != "leased" for m in modes.values()):
                 print(f"bench-mesh: {label}: not every host leased before the load: {modes}", flush=True)
+    idle_load = None
+    count_redis = mesh is not None and not fault
+    if count_redis and args.idle > 0:
+        # Every host leased, no worker yet: what an idle mesh asks of Redis.
+        reset_redis_stats(c)
+        r0 = total_refreshes(c)
+        time.sleep(args.idle)  # the measurement window, not a settle
+        idle_load = redis_load(c, r0)
     c.provider_reset()
+    if count_redis:
+        reset_redis_stats(c)
+        busy_r0 = total_refreshes(c)
     events: list[tuple[float, Any]] = []
     fault_at = args.seconds / 3
     if fault == "frozen":
@@ -77,22 +89,114 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
                 print(f"  t={t:5.1f}s share/wants per key (req/s): " + " | ".join(cells), flush=True)
             events += [(float(t), trace) for t in range(1, int(args.seconds))]
     result = mf.run_farm(c, mode, args.seconds, plans, events=events, gcra=gcra)
+    busy_load = redis_load(c, busy_r0) if count_redis else None
     stats = c.provider_stats()
     counts = mf.totals(result.reports)
     calls = counts["ok"] + counts["429"] + counts["401"] + counts["other"]
     refused = sum(k["rate_limited"] for k in stats["keys"].values())
+    refused_at = sorted(t for k in stats["keys"].values() for t in k.get("refused_at", []))
     p50, p99 = mf.wait_percentiles(result.reports)
     halves = mf.per_host(result.reports, len(c.hosts))
     served = [sum(row) for row in halves]
-    second = sum(row[1] if len(row) > 1 else 0 for row in halves)
+    # The steady state: the calls that completed in the second half (a call
+    # offered in the first half and served in the second counts there).
+    done = mf.per_host(result.reports, len(c.hosts), "phase_done")
+    second = sum(row[1] if len(row) > 1 else 0 for row in done)
     row = {"label": label, "served_s": counts["ok"] / args.seconds,
            "capacity_share": counts["ok"] / (c.capacity_per_second() * args.seconds),
            "second_half": second / (c.capacity_per_second() * args.seconds / 2),
            "calls": calls, "refused": refused, "refused_pct": 100.0 * refused / calls if calls else 0.0,
            "per_host": [s / args.seconds for s in served], "p50": p50, "p99": p99,
            "no_key": counts["no_key"], "failed": result.failed,
-           "modes": "/".join(modes_end.get(h.name, "?") for h in c.hosts) if mesh is not None else ""}
+           "modes": "/".join(modes_end.get(h.name, "?") for h in c.hosts) if mesh is not None else "",
+           "redis_idle": idle_load, "redis_busy": busy_load, "refused_at": refused_at}
     return row
+
+
+def redis_commands(c: mf.Cluster) -> dict[str, int]:
+    """redis-server's calls per command since the last CONFIG RESETSTAT."""
+    r = mf.Resp(c.redis.port)
+    try:
+        text = r.call("INFO", "commandstats")
+    finally:
+        r.close()
+    out: dict[str, int] = {}
+    for line in (text or b"").decode(errors="replace").splitlines():
+        if line.startswith("cmdstat_") and ":calls=" in line:
+            name, rest = line[len("cmdstat_"):].split(":", 1)
+            out[name] = int(rest.split(",", 1)[0][len("calls="):])
+    return out
+
+
+def reset_redis_stats(c: mf.Cluster) -> None:
+    r = mf.Resp(c.redis.port)
+    try:
+        r.call("CONFIG", "RESETSTAT")
+    finally:
+        r.close()
+
+
+def total_refreshes(c: mf.Cluster) -> int:
+    return sum(int((c.mesh_status(h) or {}).get("refreshes", 0)) for h in c.hosts)
+
+
+# The commands a broker sends (round trips; INFO commandstats also counts
+# the commands its scripts run inside Redis, which are no calls).
+BROKER_COMMANDS = ("evalsha", "eval", "xread", "script|load", "auth", "select", "ping")
+
+
+def redis_load(c: mf.Cluster, since_refreshes: int) -> dict[str, Any]:
+    """The brokers' calls to Redis since the last reset per host refresh
+    (all hosts' refreshes since `since_refreshes`), in all and by command.
+    TIME is left out: the scripts call it too, and a broker only once per
+    connection."""
+    cmds = {k: v for k, v in redis_commands(c).items() if k in BROKER_COMMANDS}
+    refreshes = max(1, total_refreshes(c) - since_refreshes)
+    return {"per_refresh": sum(cmds.values()) / refreshes, "refreshes": refreshes,
+            "by": {k: v / refreshes for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])}}
+
+
+def fastpath(args: argparse.Namespace, mesh: dict[str, Any]) -> list[dict[str, Any]]:
+    """The workers' fast path beside the mesh: two brokers of one pool of 8
+    keys (limits far above what pairs reach, so pacing never waits), h1
+    without a mesh, h2 with one; one process attached to both times
+    acquire+release pairs on each, alternated (keymesh-bench
+    attached-pairs), with Redis healthy, frozen, killed while h2's lease
+    holds, and killed after it ran out (h2 in its outage mode)."""
+    keys = [mf.KeySpec(f"fast-{i}", 2_000_000_000) for i in range(8)]
+    c = mf.Cluster(args.build, keys, [1, 1], prefix="keymesh-bench-fast-")
+    plain, meshed = c.hosts
+    out: list[dict[str, Any]] = []
+
+    def measure(label: str) -> None:
+        r = subprocess.run([os.path.join(c.bin, "keymesh-bench"), "attached-pairs", mf.POOL, "7", plain.sock,
+                            meshed.sock], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise SystemExit(f"bench-mesh: keymesh-bench attached-pairs failed: {r.stderr.strip()[-500:]}")
+        ns = json.loads(r.stdout)["pair_ns"]
+        st = c.mesh_status(meshed) or {}
+        out.append({"label": label, "plain": float(ns[0]), "mesh": float(ns[1]), "mode": str(st.get("mode", "?"))})
+
+    try:
+        c.redis.start()
+        c.start_brokers(mesh, mesh_hosts={meshed.name})
+        modes = c.wait_mesh(timeout=args.lease + 10, hosts=[meshed])
+        if modes.get(meshed.name) != "leased":
+            print(f"bench-mesh: fastpath: {meshed.name} not leased: {modes}", flush=True)
+        measure("healthy")
+        c.redis.freeze()
+        try:
+            measure("frozen")
+        finally:
+            c.redis.thaw()
+        c.wait_mesh(timeout=args.lease + 10, hosts=[meshed])
+        c.redis.kill()
+        measure("killed, lease held")
+        c.wait_mesh(timeout=args.lease + 10, modes=("share",), hosts=[meshed])
+        measure("killed, lease over")
+    finally:
+        c.cleanup()
+    return out
 
 
 def propagation(c: mf.Cluster, trials: int, retry_after: float) -> dict[str, Any]:
@@ -192,7 +296,9 @@ def main() -> int:
     parser.add_argument("--lease", type=float, default=10.0, help="the mesh's lease (s)")
     parser.add_argument("--freeze", type=float, default=5.0, help="seconds redis-server is frozen (< lease)")
     parser.add_argument("--trials", type=int, default=20, help="cooldown propagation trials")
-    parser.add_argument("--rows", default="mesh,isolated,redis-gcra,frozen,killed,propagation")
+    parser.add_argument("--idle", type=float, default=10.0,
+                        help="seconds the mesh row first counts Redis commands with no load (0: not)")
+    parser.add_argument("--rows", default="mesh,isolated,redis-gcra,frozen,killed,propagation,fastpath")
     parser.add_argument("--trace", action="store_true",
                         help="print each host's share and wants of each key every second of the mesh rows")
     parser.add_argument("--build", default=os.path.join(mf.ROOT, "build"))
@@ -227,6 +333,7 @@ def main() -> int:
     mf.install_signals()
     rows: list[dict[str, Any]] = []
     prop: dict[str, Any] | None = None
+    fast: list[dict[str, Any]] = []
     try:
         c.start_provider()
         c.redis.start()
@@ -252,6 +359,10 @@ def main() -> int:
                 c.redis.start()  # for any row after this one
             elif name == "propagation":
                 continue
+            elif name == "fastpath":
+                fast = fastpath(args, mesh)
+                print(f"bench-mesh: fastpath done ({time.monotonic() - t:.0f} s)", flush=True)
+                continue
             else:
                 parser.error(f"--rows: unknown row {name!r}")
             print(f"bench-mesh: {rows[-1]['label']} done ({time.monotonic() - t:.0f} s)", flush=True)
@@ -262,26 +373,44 @@ def main() -> int:
         if os.getpid() == master:
             mf.ignore_signals()
             c.cleanup()
-    report(rows, prop, c, args)
+    report(rows, prop, fast, c, args)
     return 0
 
 
-def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, c: mf.Cluster,
+def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, fast: list[dict[str, Any]], c: mf.Cluster,
            args: argparse.Namespace) -> None:
-    hosts = "/".join(h.name for h in c.hosts)
-    print()
-    print(f"{'contender':<26} {'served/s':>8} {'of cap':>7} {'2nd half':>8} {'calls':>6} {'refused':>8} "
-          f"{'served/s ' + hosts:>22} {'acq p50':>9} {'acq p99':>9} {'no key':>6}  modes at the end")
+    if rows:
+        hosts = "/".join(h.name for h in c.hosts)
+        print()
+        print(f"{'contender':<26} {'served/s':>8} {'of cap':>7} {'2nd half':>8} {'calls':>6} {'refused':>8} "
+              f"{'served/s ' + hosts:>22} {'acq p50':>9} {'acq p99':>9} {'no key':>6}  modes at the end")
+        for r in rows:
+            per_host = "/".join(f"{v:.1f}" for v in r["per_host"])
+            print(f"{r['label']:<26} {r['served_s']:>8.2f} {r['capacity_share']:>7.3f} {r['second_half']:>8.3f} {r['calls']:>6} "
+                  f"{r['refused_pct']:>7.2f}% {per_host:>22} {r['p50'] * 1000:>7.1f}ms {r['p99'] * 1000:>7.1f}ms "
+                  f"{r['no_key']:>6}  {r['modes']}")
+        print("\n'of cap': successful calls / the provider's capacity over the run ('2nd half': the calls that completed "
+              "in its second half, the steady state, / the capacity over that half); "
+              "'refused': the provider's 429s / calls (every refused call is one the hosts overspent); 'acq': the time a "
+              "worker waits in acquire; 'no key': acquires that timed out.")
+        print("targets (mesh): of cap >= 0.95, refused <= 0.5 %, per-host served following demand; refused 0 "
+              f"while redis is frozen for less than the lease ({args.lease:g} s)")
+    late = [r for r in rows if r.get("refused_at")]
+    if late:
+        print("\nwhen the provider refused (seconds into the row): " + "; ".join(
+            f"{r['label']}: " + ", ".join(f"{t:.1f}" for t in r["refused_at"][:12]) +
+            (" ..." if len(r["refused_at"]) > 12 else "") for r in late))
     for r in rows:
-        per_host = "/".join(f"{v:.1f}" for v in r["per_host"])
-        print(f"{r['label']:<26} {r['served_s']:>8.2f} {r['capacity_share']:>7.3f} {r['second_half']:>8.3f} {r['calls']:>6} "
-              f"{r['refused_pct']:>7.2f}% {per_host:>22} {r['p50'] * 1000:>7.1f}ms {r['p99'] * 1000:>7.1f}ms "
-              f"{r['no_key']:>6}  {r['modes']}")
-    print("\n'of cap': successful calls / the provider's capacity over the run ('2nd half': over its second half); "
-          "'refused': the provider's 429s / calls (every refused call is one the hosts overspent); 'acq': the time a "
-          "worker waits in acquire; 'no key': acquires that timed out.")
-    print("targets (mesh): of cap >= 0.95, refused <= 0.5 %, per-host served following demand; refused 0 "
-          f"while redis is frozen for less than the lease ({args.lease:g} s)")
+        for what, load in (("idle (hosts leased, no worker)", r.get("redis_idle")),
+                           ("under the row's load", r.get("redis_busy"))):
+            if load:
+                by = ", ".join(f"{k} {v:.2f}" for k, v in load["by"].items())
+                print(f"\nredis calls per host per refresh, {r['label']} {what}: {load['per_refresh']:.2f} "
+                      f"over {load['refreshes']} refreshes ({by})")
+    if any(r.get("redis_busy") for r in rows):
+        print("(evalsha: the lease, one per refresh for all keys, and publishes, one per change; xread: the event "
+              "reader's blocking read, one per batch of other hosts' changes or 30 s; target: at most one per host per "
+              "refresh, whatever the number of keys)")
     if prop is not None:
         done = prop["all"]
         print(f"\ncooldown propagation (a 429 with Retry-After on one host until every other host's segment "
@@ -293,6 +422,16 @@ def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, c: mf.Cluste
                   f"p99 {percentile(each, 0.99) * 1000:.2f} ms   (targets p50 <= 5 ms, p99 <= 50 ms)")
         if prop.get("error"):
             print("  " + prop["error"])
+    if fast:
+        print("\nthe fast path beside the mesh: one acquire+release pair (keymesh::Pool attached to the segment, 8 keys, "
+              "least_busy), median of 7 runs of 200,000 pairs, a broker without a mesh and one with it alternated in "
+              "one process:")
+        print(f"  {'redis':<20} {'no mesh':>9} {'mesh':>9} {'mesh/no mesh':>13}  mode of the mesh host")
+        for f in fast:
+            ratio = f["mesh"] / f["plain"] if f["plain"] > 0 else float("nan")
+            print(f"  {f['label']:<20} {f['plain']:>7.1f}ns {f['mesh']:>7.1f}ns {ratio:>12.3f}x  {f['mode']}"
+                  f"{'' if ratio <= 1.05 else '   (over 5 %)'}")
+        print("  (target: within 5 % of the single-host figure with Redis healthy, frozen and killed)")
 
 
 if __name__ == "__main__":

@@ -284,9 +284,10 @@ class Cluster:
     def env_name(self, key: str) -> str:
         return "MESH_KEY_" + re.sub(r"[^A-Za-z0-9]", "_", key).upper()
 
-    def start_brokers(self, mesh: dict[str, Any] | None) -> None:
+    def start_brokers(self, mesh: dict[str, Any] | None, mesh_hosts: set[str] | None = None) -> None:
         """Starts every host's broker, with `mesh` (the config object, without
-        `redis` and `host`, which are filled in) or without a mesh."""
+        `redis` and `host`, which are filled in; only on the hosts named in
+        `mesh_hosts` when given) or without a mesh."""
         self.runs += 1
         env = dict(os.environ)
         for name, secret in self.secrets.items():
@@ -305,7 +306,7 @@ class Cluster:
                               "max_concurrency": self.concurrency} for k in self.keys],
                 }},
             }
-            if mesh is not None:
+            if mesh is not None and (mesh_hosts is None or h.name in mesh_hosts):
                 config["mesh"] = {"redis": self.redis.url, "host": h.name, **mesh}
             path = os.path.join(h.dir, "keymesh.json")
             with open(path, "w", encoding="utf-8") as f:
@@ -387,14 +388,15 @@ class Cluster:
         obj = json.loads(r.stdout)
         return obj[0] if isinstance(obj, list) else obj
 
-    def wait_mesh(self, timeout: float, modes: tuple[str, ...] = ("leased",)) -> dict[str, str]:
+    def wait_mesh(self, timeout: float, modes: tuple[str, ...] = ("leased",),
+                  hosts: list[Host] | None = None) -> dict[str, str]:
         """Waits until every host's mesh mode is in `modes` and each host holds
         a share of every healthy key; returns each host's mode at the end."""
         deadline = time.monotonic() + timeout
         while True:
             modes_now: dict[str, str] = {}
             ready = True
-            for h in self.hosts:
+            for h in hosts if hosts is not None else self.hosts:
                 st = self.mesh_status(h)
                 mode = str(st.get("mode")) if st else "?"
                 modes_now[h.name] = mode
@@ -513,7 +515,8 @@ def worker(mode: str, plan: WorkerPlan, sock: str, port: int, start: float, unti
     caller = Caller(port)
     rng = random.Random(os.getpid())
     counts = {"ok": 0, "429": 0, "401": 0, "other": 0, "no_key": 0}
-    phase_ok = [0] * len(plan.phases)
+    phase_ok = [0] * len(plan.phases)    # successful calls by the phase they were offered in
+    phase_done = [0] * len(plan.phases)  # ... by the phase they completed in
     phase_offered = [0] * len(plan.phases)
     waits: list[float] = []
     next_at = start
@@ -560,6 +563,7 @@ def worker(mode: str, plan: WorkerPlan, sock: str, port: int, start: float, unti
         if status == 200:
             counts["ok"] += 1
             phase_ok[phase] += 1
+            phase_done[_phase_at(plan.phases, time.monotonic() - start)] += 1
             if pool is not None:
                 pool.release(key, latency=latency, tokens=tokens)
         elif status == 429:
@@ -576,7 +580,8 @@ def worker(mode: str, plan: WorkerPlan, sock: str, port: int, start: float, unti
                     pass  # this failure took the key out of rotation
     if len(waits) > 20000:
         waits = rng.sample(waits, 20000)
-    report = {"host": plan.host, "counts": counts, "phase_ok": phase_ok, "phase_offered": phase_offered,
+    report = {"host": plan.host, "counts": counts, "phase_ok": phase_ok, "phase_done": phase_done,
+              "phase_offered": phase_offered,
               "waits": waits}
     data = (json.dumps(report) + "\n").encode()
     while data:

@@ -42,6 +42,7 @@ class KeyLimits:
         self.rate_limited = 0
         self.unauthorized = 0
         self.forced = 0
+        self.refused_at: list[float] = []  # seconds after the last reset of each rate refusal (the first 1000)
         self.lock = threading.Lock()
 
 
@@ -56,6 +57,7 @@ class Provider:
         self.unknown = 0
         self.lock = threading.Lock()
         self.started = time.time()
+        self.reset_at = self.started
 
     def admit(self, secret: str) -> tuple[int, float]:
         """Returns (status, retry_after_seconds)."""
@@ -75,6 +77,8 @@ class Provider:
                 limits.in_window = 0
             if limits.per_second and limits.in_window >= limits.per_second:
                 limits.rate_limited += 1
+                if len(limits.refused_at) < 1000:
+                    limits.refused_at.append(round(now - self.reset_at, 3))
                 return 429, max(0.001, window + 1 - now)
             if limits.max_concurrency and limits.in_flight >= limits.max_concurrency:
                 limits.rate_limited += 1
@@ -105,13 +109,16 @@ class Provider:
                 out["keys"]["..." + secret[-4:]] = {
                     "ok": k.ok, "rate_limited": k.rate_limited, "unauthorized": k.unauthorized,
                     "per_second": k.per_second, "revoked": k.revoked, "forced": k.forced,
+                    "refused_at": list(k.refused_at),
                 }
         return out
 
     def reset(self) -> None:
+        self.reset_at = time.time()
         for k in self.keys.values():
             with k.lock:
                 k.ok = k.rate_limited = k.unauthorized = k.forced = 0
+                k.refused_at = []
                 k.window = -1
                 k.in_window = 0
         self.unknown = 0

@@ -526,8 +526,60 @@ int MeshPair() {
   return 0;
 }
 
+// The fast path of pools attached to running brokers (keymesh::Pool::Connect:
+// the segment, no socket call): one acquire+release pair on each of the
+// pools named `pool` at the given sockets, 200,000 pairs per run, the
+// sockets' pools alternated run by run, `rounds` runs each. Prints one JSON
+// line {"pair_ns": [median per socket]} (scripts/farm/bench_mesh.py compares
+// a broker with a mesh beside one without).
+int AttachedPairs(const std::vector<std::string>& sockets, const std::string& pool_name, int rounds) {
+  std::vector<std::unique_ptr<keymesh::Pool>> pools;
+  for (const std::string& s : sockets) {
+    auto p = keymesh::Pool::Connect(s, pool_name);
+    if (!p.ok()) {
+      std::fprintf(stderr, "bench: connect %s: %s\n", s.c_str(), p.status().ToString().c_str());
+      return 1;
+    }
+    if ((*p)->slow_path()) {
+      std::fprintf(stderr, "bench: %s: the pool is not attached (socket calls only)\n", s.c_str());
+      return 1;
+    }
+    pools.push_back(std::move(p).value());
+  }
+  std::vector<std::vector<double>> ns(pools.size());
+  for (int r = 0; r < rounds; ++r) {
+    for (size_t i = 0; i < pools.size(); ++i) {
+      keymesh::Pool& pool = *pools[i];
+      bool failed = false;
+      ns[i].push_back(NanosPerOp(
+          [&] {
+            auto lease = pool.TryAcquire();
+            if (!lease.ok()) {
+              failed = true;
+              return;
+            }
+            (void)lease->Release(0.1);
+          },
+          200'000, 1));
+      if (failed) {
+        std::fprintf(stderr, "bench: %s: an acquire found no key (a limit or share too small?)\n",
+                     sockets[i].c_str());
+        return 1;
+      }
+    }
+  }
+  std::printf("{\"pair_ns\": [");
+  for (size_t i = 0; i < ns.size(); ++i) std::printf("%s%.2f", i ? ", " : "", Median(ns[i]));
+  std::printf("]}\n");
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "mesh") == 0) return MeshPair();
+  if (argc >= 6 && std::strcmp(argv[1], "attached-pairs") == 0) {
+    // attached-pairs POOL ROUNDS SOCKET SOCKET...
+    return AttachedPairs(std::vector<std::string>(argv + 4, argv + argc), argv[2], std::atoi(argv[3]));
+  }
   if (argc >= 4 && std::strcmp(argv[1], "kill-to-free") == 0) return KillToFree(argv[2], std::atoi(argv[3]));
   if (argc >= 5 && std::strcmp(argv[1], "contend") == 0) {
     return Contend(argv[2], static_cast<uint32_t>(std::atoi(argv[3])), std::atof(argv[4]), argc > 5 ? argv[5] : "");
