@@ -562,8 +562,7 @@ int AttachedPairs(const std::vector<std::string>& sockets, const std::string& po
           },
           200'000, 1));
       if (failed) {
-        std::fprintf(stderr, "bench: %s: an acquire found no key (a limit or share too small?)\n",
-                     sockets[i].c_str());
+        std::fprintf(stderr, "bench: %s: an acquire found no key (a limit or share too small?)\n", sockets[i].c_str());
         return 1;
       }
     }
