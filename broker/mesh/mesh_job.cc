@@ -60,6 +60,11 @@ constexpr double kSaturatedEscalation = 0.9;
 // The span of the use that counts as a rise (a shorter one reads a few
 // requests' chance as a rise).
 constexpr double kRiseSpan = 1;
+// A use over the last refresh period below this part of the window's, and
+// lower by this part of the pool's limits, is a fall that shows at once
+// (PoolDemand::Rate).
+constexpr double kClearFall = 0.5;
+constexpr double kClearFallOfLimit = 0.1;
 // A rebalance (another host is short of its fair part): this host refreshes
 // at once, but not sooner than this after its last refresh; a host that was
 // short refreshes again this soon, once the others gave back.
@@ -191,10 +196,16 @@ struct PoolDemand {
   }
   // The pool's use per second (requests or tokens): over the window, or
   // over about the last refresh period when that is more (a rise counts at
-  // once, a fall once the window saw it).
-  double Rate(bool tokens, double refresh) const {
+  // once) or, with no worker queueing, less than kClearFall of it and by
+  // kClearFallOfLimit of the pool's `limits` (a host whose workers left
+  // gives back a refresh sooner; a use that wanders, a few requests' chance,
+  // or a use a cooldown or a squeeze holds down waits for the window).
+  double Rate(bool tokens, double refresh, bool queued, double limits) const {
     const auto rate = [tokens](const Interval& s) { return s.dt > 0 ? (tokens ? s.used_tok : s.used_req) / s.dt : 0; };
-    return std::max(rate(Since(kDemandWindow * refresh)), rate(Since(kRiseSpan * refresh)));
+    const double wide = rate(Since(kDemandWindow * refresh));
+    const double narrow = rate(Since(kRiseSpan * refresh));
+    if (!queued && narrow < kClearFall * wide && wide - narrow >= kClearFallOfLimit * limits) return narrow;
+    return std::max(wide, narrow);
   }
 };
 
@@ -498,7 +509,8 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
         queued && static_cast<double>(now - d.queued_since) >= kSaturatedEscalation * config.refresh * 1e9;
     const bool pressed_req = pressed || (sat_req && lasting);
     const bool pressed_tok = pressed || (sat_tok && lasting);
-    const double rate_req = d.Rate(false, config.refresh), rate_tok = d.Rate(true, config.refresh);
+    const double rate_req = d.Rate(false, config.refresh, queued, limits_req);
+    const double rate_tok = d.Rate(true, config.refresh, queued, limits_tok);
     for (const auto& [k, serves] : keys) {
       const double limit_req = k->def.rpm / 60.0;
       const double limit_tok = static_cast<double>(k->def.tpm) / 60.0;

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <map>
@@ -63,6 +64,7 @@ struct World {
   std::vector<KeyEvent> stream;  // ids "1", "2", ...
   std::vector<KeyEvent> published;
   std::vector<LeaseRequest> leases;
+  std::function<void(size_t)> on_lease;  // called in each Lease (under mu) with the count so far
   std::map<std::string, std::string> probe_holder;
   std::vector<std::string> left;
   int64_t cool_until_ms = 0;    // every key's cool_until in lease replies
@@ -88,6 +90,7 @@ class FakeStore : public MeshStore {
     std::lock_guard lock(w_.mu);
     if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
     w_.leases.push_back(r);
+    if (w_.on_lease) w_.on_lease(w_.leases.size());
     LeaseReply reply;
     reply.now_ms = NowMs();
     reply.expires_ms = reply.now_ms + static_cast<int64_t>(r.lease_ms);
@@ -367,6 +370,45 @@ BOOST_AUTO_TEST_CASE(queued_workers_ask_for_more_than_they_hold) {
   BOOST_TEST(whole);
   BOOST_TEST(gave_up.load() == 0u);
   BOOST_TEST(WaitFor([&] { return LastWants(f, 0) == 10 * 0.02 && LastWants(f, 1) == 10 * 0.02; }, 10));
+}
+
+// A host whose workers left gives its share back at the first refresh that
+// sees a whole period without them (its use over the last period is less
+// than half the window's, and lower by a tenth of the limits), not once the
+// whole two-period window has passed.
+BOOST_AUTO_TEST_CASE(a_clear_fall_shows_at_the_next_refresh) {
+  Fixture f(OutageMode::kShare, 0.5);
+  // The worker stops at a lease (under the world's lock, just after the job
+  // measured the pool for it), so the next period holds none of its use.
+  std::atomic<size_t> stop_at{SIZE_MAX};
+  std::atomic<bool> stop{false};
+  f.world.on_lease = [&](size_t count) {
+    if (count == stop_at.load()) stop = true;
+  };
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.Key("a").share_rpm == 300.0 && f.Key("b").share_rpm == 300.0; }));
+  // About 6 a second of the 10 held: the pool is not queued.
+  std::thread worker([&] {
+    while (!stop.load()) {
+      Result<shm::LeaseHandle> r = f.tp.pool->TryAcquire();
+      if (r.ok()) (void)f.tp.pool->Release(*r, shm::testing::Success());
+      std::this_thread::sleep_for(std::chrono::milliseconds(166));  // the worker's own demand
+    }
+  });
+  const double floor = 10 * 0.02;
+  BOOST_REQUIRE(WaitFor([&] { return LastWants(f, 0) > 2 && LastWants(f, 1) > 2; }));
+  // One more period of use, then the stop.
+  const size_t m = Leases(f);
+  stop_at = m + 2;
+  worker.join();
+  BOOST_REQUIRE(WaitFor([&] { return Leases(f) >= m + 3; }));
+  std::lock_guard lock(f.world.mu);
+  // The lease that ended the last busy period asked for the use...
+  BOOST_TEST(f.world.leases[m + 1].keys[0].req.wants > 2);
+  // ... the next, after one period without it, for the floor (the window of
+  // two periods still holds half the use).
+  BOOST_TEST(f.world.leases[m + 2].keys[0].req.wants == floor);
+  BOOST_TEST(f.world.leases[m + 2].keys[1].req.wants == floor);
 }
 
 BOOST_AUTO_TEST_CASE(learning_is_reported) {
