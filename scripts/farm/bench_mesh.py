@@ -169,7 +169,7 @@ def fastpath(args: argparse.Namespace, mesh: dict[str, Any]) -> list[dict[str, A
     out: list[dict[str, Any]] = []
 
     def measure(label: str) -> None:
-        r = subprocess.run([os.path.join(c.bin, "keymesh-bench"), "attached-pairs", mf.POOL, "7", plain.sock,
+        r = subprocess.run([os.path.join(c.bin, "keymesh-bench"), "attached-pairs", mf.POOL, "9", plain.sock,
                             meshed.sock], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise SystemExit(f"bench-mesh: keymesh-bench attached-pairs failed: {r.stderr.strip()[-500:]}")
@@ -424,7 +424,8 @@ def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, fast: list[d
             print("  " + prop["error"])
     if fast:
         print("\nthe fast path beside the mesh: one acquire+release pair (keymesh::Pool attached to the segment, 8 keys, "
-              "least_busy), median of 7 runs of 200,000 pairs, a broker without a mesh and one with it alternated in "
+              "least_busy), median of 9 runs of 200,000 pairs after one to warm up, a broker without a mesh and one with it "
+              "alternated in "
               "one process:")
         print(f"  {'redis':<20} {'no mesh':>9} {'mesh':>9} {'mesh/no mesh':>13}  mode of the mesh host")
         for f in fast:

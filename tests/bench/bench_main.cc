@@ -529,7 +529,8 @@ int MeshPair() {
 // The fast path of pools attached to running brokers (keymesh::Pool::Connect:
 // the segment, no socket call): one acquire+release pair on each of the
 // pools named `pool` at the given sockets, 200,000 pairs per run, the
-// sockets' pools alternated run by run, `rounds` runs each. Prints one JSON
+// sockets' pools alternated run by run, `rounds` runs each after one run of
+// each to warm up. Prints one JSON
 // line {"pair_ns": [median per socket]} (scripts/farm/bench_mesh.py compares
 // a broker with a mesh beside one without).
 int AttachedPairs(const std::vector<std::string>& sockets, const std::string& pool_name, int rounds) {
@@ -547,11 +548,12 @@ int AttachedPairs(const std::vector<std::string>& sockets, const std::string& po
     pools.push_back(std::move(p).value());
   }
   std::vector<std::vector<double>> ns(pools.size());
-  for (int r = 0; r < rounds; ++r) {
+  // Round -1 warms both pools up (their pages, the caches) and is not kept.
+  for (int r = -1; r < rounds; ++r) {
     for (size_t i = 0; i < pools.size(); ++i) {
       keymesh::Pool& pool = *pools[i];
       bool failed = false;
-      ns[i].push_back(NanosPerOp(
+      const double t = NanosPerOp(
           [&] {
             auto lease = pool.TryAcquire();
             if (!lease.ok()) {
@@ -560,7 +562,8 @@ int AttachedPairs(const std::vector<std::string>& sockets, const std::string& po
             }
             (void)lease->Release(0.1);
           },
-          200'000, 1));
+          200'000, 1);
+      if (r >= 0) ns[i].push_back(t);
       if (failed) {
         std::fprintf(stderr, "bench: %s: an acquire found no key (a limit or share too small?)\n", sockets[i].c_str());
         return 1;
