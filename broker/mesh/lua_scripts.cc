@@ -22,6 +22,12 @@ if ARGV[6] ~= '' then now = tonumber(ARGV[6]) else now = tonumber(t[1]) * 1000 +
 if now == nil or lease == nil or lease <= 0 or headroom == nil or headroom < 0 or headroom >= 1 or n == nil then
   return redis.error_reply('ERR lease: bad arguments')
 end
+-- A request Redis runs after the host gave up on it (it waited in a frozen
+-- Redis, or in the network, past the host's timeout) is refused unrecorded:
+-- the host never sees its grant and keeps pacing at what it holds, which a
+-- record of a smaller grant would let the others take too.
+local deadline = tonumber(ARGV[10 + n * 11]) or 0
+if deadline > 0 and now > deadline then return {'stale', now} end
 local function fmt(x) return string.format('%.17g', x) end
 local function num(s)
   local v = tonumber(s)

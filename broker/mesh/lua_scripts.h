@@ -33,9 +33,9 @@ struct LuaScript {
 
 // ARGV: P host seq lease_ms headroom now_ms|"" nkeys, then per key
 //   ID fp burst req_limit req_wants req_has req_used tok_limit tok_wants tok_has tok_used,
-//   then learning_quiet_ms stream_maxlen
+//   then learning_quiet_ms stream_maxlen deadline_ms (0: none)
 // -> {now, expires, learning 0|1, epoch, nhosts, {members}, {{req, tok, burst, mismatch, cool_until, holders}...},
-//     short 0|1}
+//     short 0|1}, or {'stale', now} (nothing written) when now > deadline_ms
 // short: some grant fell short of this host's fair part because other hosts
 // still hold it; the script then XADDs a kind-7 (rebalance) event, at most
 // one per namespace per 200 ms, on which the other hosts refresh at once.

@@ -73,6 +73,9 @@ constexpr auto kShortRetry = std::chrono::milliseconds(150);
 // Every share's lease ends this early on this host's clock: the round trip
 // plus this, so that no host uses a share past Redis's view of its lease.
 constexpr uint64_t kExpiryMarginNs = 50 * kMsNs;
+// A lease request's deadline (LeaseRequest::deadline_ms) is this much past
+// the host's timeout: room for the error of its idea of Redis time.
+constexpr int64_t kStaleMarginMs = 100;
 
 uint64_t MonoNs() noexcept {
   timespec ts{};
@@ -660,6 +663,11 @@ void MeshJob::Impl::RefreshLoop() {
     req.lease_ms = lease_ms;
     req.headroom = config.headroom;
     req.learning_quiet_ms = static_cast<uint64_t>(3 * config.refresh * 1000);
+    // This host gives up on the reply after its timeout (twice, for a script
+    // Redis must load first): Redis refuses the request after that.
+    if (offset.valid()) {
+      req.deadline_ms = offset.ToRedisMs(MonoNs()) + static_cast<int64_t>(2 * config.timeout * 1000) + kStaleMarginMs;
+    }
     for (const std::string& id : order) {
       const KeyRuntime& k = rt.at(id);
       LeaseKey lk;
@@ -674,6 +682,12 @@ void MeshJob::Impl::RefreshLoop() {
     const uint64_t sent = MonoNs();
     Result<LeaseReply> reply = store->Lease(req);
     const uint64_t got = MonoNs();
+    if (reply.ok() && reply->stale) {
+      // A refused request whose refusal came back in time: this host's idea
+      // of Redis time is off (Redis's clock stepped). Resync, then retry.
+      offset.Set(reply->now_ms, sent + (got - sent) / 2);
+      reply = keymesh::Status(Code::kIoError, "mesh: Redis's clock moved against this host's; resynced");
+    }
     if (reply.ok() && reply->keys.size() != req.keys.size()) {
       reply = keymesh::Status(Code::kProtocolError, "mesh: lease reply has " + std::to_string(reply->keys.size()) +
                                                         " keys for " + std::to_string(req.keys.size()));

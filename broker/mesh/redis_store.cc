@@ -176,6 +176,9 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
       (*request.now_ms_for_testing < 0 || *request.now_ms_for_testing > (int64_t{1} << 52))) {
     return Status(Code::kInvalidArgument, "mesh: now_ms_for_testing out of range");
   }
+  if (request.deadline_ms < 0 || request.deadline_ms > (int64_t{1} << 52)) {
+    return Status(Code::kInvalidArgument, "mesh: deadline_ms out of range");
+  }
   std::vector<std::string> args = {prefix_,
                                    request.host,
                                    std::to_string(request.seq),
@@ -215,10 +218,18 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
   }
   args.push_back(std::to_string(request.learning_quiet_ms));
   args.push_back(std::to_string(kStreamMaxLen));
+  args.push_back(std::to_string(request.deadline_ms));
   Result<RedisReply> r = conn_.Eval(kLeaseScript, args);
   if (!r.ok()) return r.status();
   const RedisReply& top = *r;
   constexpr int64_t kMaxMs = int64_t{1} << 52;
+  if (IsArray(top, 2) && top.elements[0].is_string() && top.elements[0].str == "stale") {
+    if (!IsInt(top.elements[1], 0, kMaxMs)) return Bad("lease: unexpected reply");
+    LeaseReply out;
+    out.stale = true;
+    out.now_ms = top.elements[1].integer;
+    return out;
+  }
   if (!IsArray(top, 8) || !IsInt(top.elements[0], 0, kMaxMs) || !IsInt(top.elements[1], 0, kMaxMs) ||
       !IsInt(top.elements[2], 0, 1) || !top.elements[3].is_string() || top.elements[3].str.size() > 64 ||
       !IsInt(top.elements[4], 1, 1 << 20) || !top.elements[5].is_array() ||

@@ -53,6 +53,11 @@ struct LeaseRequest {
   // always lasts the whole lease. The job passes 3 x refresh.
   uint64_t learning_quiet_ms = 0;
   std::vector<LeaseKey> keys;
+  // Redis time (ms) after which the request is stale: the host gave up on
+  // its reply, so Redis refuses it without recording anything (a request
+  // that waited in a frozen Redis must not record a grant the host never
+  // got). 0: none.
+  int64_t deadline_ms = 0;
   // Unset in production (the script reads Redis TIME). Tests of the
   // allocator drive a fake clock through it.
   std::optional<int64_t> now_ms_for_testing;
@@ -78,6 +83,9 @@ struct LeaseReply {
   // Some grant fell short of this host's fair part because other hosts
   // still hold it; they were asked to refresh (EventKind::kRebalance).
   bool short_of_share = false;
+  // Redis ran the request after its deadline_ms and recorded nothing; only
+  // now_ms is set (the host's idea of Redis time was off: resync it).
+  bool stale = false;
 };
 
 // A change of a key's shared state. Deadlines are Redis time (ms).

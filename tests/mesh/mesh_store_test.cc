@@ -106,6 +106,7 @@ struct Host {
     r.headroom = kHeadroom;
     r.now_ms_for_testing = now_ms;
     r.learning_quiet_ms = quiet_ms;
+    r.deadline_ms = deadline_ms;
     for (size_t i = 0; i < defs.size(); ++i) {
       LeaseKey k;
       k.pool = defs[i].pool;
@@ -117,7 +118,7 @@ struct Host {
       r.keys.push_back(k);
     }
     Result<LeaseReply> reply = store.Lease(r);
-    if (reply.ok()) {
+    if (reply.ok() && !reply->stale) {
       expires = reply->expires_ms;
       for (size_t i = 0; i < defs.size(); ++i) {
         has_req[i] = reply->keys[i].req;
@@ -134,6 +135,7 @@ struct Host {
   }
   bool live(int64_t now) const { return expires > now; }
   uint64_t quiet_ms = 0;
+  int64_t deadline_ms = 0;
 
   std::string name;
   std::vector<KeyDef> defs;
@@ -719,6 +721,44 @@ BOOST_FIXTURE_TEST_CASE(an_interrupt_ends_a_blocked_read, Fresh) {
   Result<EventBatch> next = b.ReadEvents(start->last_id, 0);
   BOOST_REQUIRE_MESSAGE(next.ok(), next.status().ToString());
   BOOST_TEST(next->events.size() == 1u);
+}
+
+// A lease request Redis runs after the host gave up on its reply (it waited
+// in a frozen Redis past the host's timeout) is refused and records
+// nothing: the host, which never sees that grant, keeps pacing at what it
+// holds, and no other host is granted that part meanwhile.
+BOOST_FIXTURE_TEST_CASE(a_lease_run_after_its_deadline_records_nothing, Fresh) {
+  SeedEpoch();
+  Host a("a", kTwoKeys);
+  Host b("b", kTwoKeys);
+  a.wants_req = {8, 8};
+  b.wants_req = {8, 8};
+  BOOST_REQUIRE(a.Refresh(1000).ok());
+  BOOST_REQUIRE(b.Refresh(1001).ok());
+  BOOST_REQUIRE(a.Refresh(1002).ok());
+  const std::vector<double> held = a.has_req;
+  BOOST_REQUIRE(held[0] > 4);
+  // a asks for little (it would give back most), but Redis runs the request
+  // after its deadline.
+  a.wants_req = {1, 1};
+  a.deadline_ms = 1500;
+  Result<LeaseReply> late = a.Refresh(2000);
+  BOOST_REQUIRE_MESSAGE(late.ok(), late.status().ToString());
+  BOOST_TEST(late->stale);
+  BOOST_TEST(late->now_ms == 2000);
+  BOOST_TEST(late->keys.empty());
+  // b, asking for the whole keys, is granted nothing of what a still holds.
+  b.wants_req = {10, 10};
+  BOOST_REQUIRE(b.Refresh(2001).ok());
+  for (size_t k = 0; k < kTwoKeys.size(); ++k) {
+    BOOST_TEST(held[k] + b.has_req[k] <= kTwoKeys[k].req_limit * (1 - kHeadroom) + 1e-9, "key " << k);
+  }
+  // The same request in time is run: a gives back.
+  a.deadline_ms = 2500;
+  Result<LeaseReply> on_time = a.Refresh(2002);
+  BOOST_REQUIRE(on_time.ok());
+  BOOST_TEST(!on_time->stale);
+  BOOST_TEST(a.has_req[0] < held[0]);
 }
 
 BOOST_FIXTURE_TEST_CASE(snapshot_holds_every_live_state, Fresh) {
