@@ -368,10 +368,12 @@ Result<EventBatch> RedisMeshStore::ReadEvents(const std::string& after_id, uint3
   }
   EventBatch batch;
   std::string from = after_id;
-  if (!cursor_ || cursor_->id != after_id) {
+  // Where this read starts. The store is placed again only by a read that
+  // succeeds: any failure or gap leaves it unplaced.
+  std::optional<Cursor> at = std::exchange(cursor_, std::nullopt);
+  if (!at || at->id != after_id) {
     // Not where this store's last read or snapshot ended: find out where
     // `after_id` stands first (one more round trip, once).
-    cursor_.reset();
     Result<RedisReply> meta = conn_.Eval(kReadMetaScript, {prefix_, after_id});
     if (!meta.ok()) return meta.status();
     if (!IsArray(*meta, 4) || !meta->elements[0].is_string() || meta->elements[0].str.size() > 64 ||
@@ -387,7 +389,7 @@ Result<EventBatch> RedisMeshStore::ReadEvents(const std::string& after_id, uint3
     }
     // "$" resolved now, so that nothing published between two calls is lost.
     from = after_id == "$" ? meta->elements[2].str : (after_id == "0" ? "0-0" : after_id);
-    cursor_ = Cursor{from, static_cast<uint64_t>(meta->elements[3].integer)};
+    at = Cursor{from, static_cast<uint64_t>(meta->elements[3].integer)};
   }
   std::vector<std::string> cmd = {"XREAD", "COUNT", std::to_string(kReadCount)};
   if (block_ms > 0) {
@@ -396,17 +398,16 @@ Result<EventBatch> RedisMeshStore::ReadEvents(const std::string& after_id, uint3
   }
   cmd.insert(cmd.end(), {"STREAMS", prefix_ + "events", from});
   Result<RedisReply> r = conn_.Command(cmd, block_ms);
-  if (!r.ok()) {
-    cursor_.reset();
-    return r.status();
-  }
+  if (!r.ok()) return r.status();
   batch.last_id = from;
-  if (r->is_nil()) return batch;
+  if (r->is_nil()) {
+    cursor_ = std::move(at);
+    return batch;
+  }
   if (!IsArray(*r, 1) || !IsArray(r->elements[0], 2) || !r->elements[0].elements[1].is_array()) {
-    cursor_.reset();
     return Bad("xread: unexpected reply");
   }
-  Cursor next = *cursor_;
+  Cursor next = *at;
   for (const RedisReply& entry : r->elements[0].elements[1].elements) {
     KeyEvent ev;
     if (!ParseEntry(entry, &ev)) {
@@ -415,7 +416,6 @@ Result<EventBatch> RedisMeshStore::ReadEvents(const std::string& after_id, uint3
         batch.last_id = next.id = entry.elements[0].str;
         continue;
       }
-      cursor_.reset();
       return Bad("xread: unexpected entry");
     }
     if (ev.seq != 0) {
@@ -423,7 +423,6 @@ Result<EventBatch> RedisMeshStore::ReadEvents(const std::string& after_id, uint3
         // Entries between the last one read and this one are gone (the
         // stream was trimmed past this reader, or Redis lost its state and
         // numbers from 1 again): the caller resyncs from a snapshot.
-        cursor_.reset();
         EventBatch lost;
         lost.gap = true;
         lost.last_id = ev.stream_id;

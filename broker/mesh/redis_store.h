@@ -3,8 +3,9 @@
 // (ReadEvents: plus its block), a failure drops the connection and the next
 // call reconnects. ReadEvents is one XREAD when it reads on from where the
 // store's last read or snapshot ended (it tells a gap by the entries'
-// sequence numbers), else one more round trip first to place `after_id`. Replies are parsed defensively: a wrong shape
-// is kProtocolError, never trusted.
+// sequence numbers), else one more round trip first to place `after_id`.
+// Replies are parsed defensively: a wrong shape is kProtocolError, never
+// trusted.
 //
 // Threading: as MeshStore, one store per thread.
 #ifndef KEYMESH_BROKER_MESH_REDIS_STORE_H_
