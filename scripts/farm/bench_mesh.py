@@ -57,13 +57,13 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
     count_redis = mesh is not None and not fault
     if count_redis and args.idle > 0:
         # Every host leased, no worker yet: what an idle mesh asks of Redis.
-        reset_redis_stats(c)
+        c.redis.call("CONFIG", "RESETSTAT")
         r0 = total_refreshes(c)
         time.sleep(args.idle)  # the measurement window, not a settle
         idle_load = redis_load(c, r0)
     c.provider_reset()
     if count_redis:
-        reset_redis_stats(c)
+        c.redis.call("CONFIG", "RESETSTAT")
         busy_r0 = total_refreshes(c)
     events: list[tuple[float, Any]] = []
     fault_at = args.seconds / 3
@@ -115,25 +115,13 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
 
 def redis_commands(c: mf.Cluster) -> dict[str, int]:
     """redis-server's calls per command since the last CONFIG RESETSTAT."""
-    r = mf.Resp(c.redis.port)
-    try:
-        text = r.call("INFO", "commandstats")
-    finally:
-        r.close()
+    text = c.redis.call("INFO", "commandstats")
     out: dict[str, int] = {}
     for line in (text or b"").decode(errors="replace").splitlines():
         if line.startswith("cmdstat_") and ":calls=" in line:
             name, rest = line[len("cmdstat_"):].split(":", 1)
             out[name] = int(rest.split(",", 1)[0][len("calls="):])
     return out
-
-
-def reset_redis_stats(c: mf.Cluster) -> None:
-    r = mf.Resp(c.redis.port)
-    try:
-        r.call("CONFIG", "RESETSTAT")
-    finally:
-        r.close()
 
 
 def total_refreshes(c: mf.Cluster) -> int:

@@ -165,17 +165,21 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                r = Resp(self.port, timeout=1)
-                try:
-                    if r.call("PING") == "PONG":
-                        return
-                finally:
-                    r.close()
+                if self.call("PING", timeout=1) == "PONG":
+                    return
             except (OSError, RedisError):
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("mesh: redis-server did not start (see its log in " + self.dir + ")")
             time.sleep(0.02)  # waiting for it to accept connections, bounded by the deadline
+
+    def call(self, *args: Any, timeout: float = 5.0) -> Any:
+        """One command on a connection of its own."""
+        r = Resp(self.port, timeout=timeout)
+        try:
+            return r.call(*args)
+        finally:
+            r.close()
 
     def freeze(self) -> None:
         assert self.proc is not None
