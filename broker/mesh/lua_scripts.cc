@@ -7,7 +7,9 @@ namespace keymesh::broker::mesh {
 // cap = limit * (1 - headroom) (the smallest limit any live host has for
 // the key): this host's grant <= cap - (sum of the
 // other live hosts' recorded grants), so the sum over live hosts never
-// exceeds cap. A cooling/open/revoked/disabled key grants 0; a mismatched
+// exceeds cap. A host's record is max(grant, min(has, its record)): a
+// grant below what the host holds counts only once the host reported it
+// (its next request), as its reply may be lost. A revoked/disabled key grants 0; a mismatched
 // fingerprint grants 0 and records nothing; while learning (the epoch was
 // just recreated) a host gets at most min(has, wants), a newcomer 0.
 const LuaScript kLeaseScript = {"lease", R"lua(
@@ -109,12 +111,17 @@ for i = 1, n do
   -- field ' fp' (no host name holds a space) is the registered fingerprint.
   local others = {}
   local reg = false
+  -- This host's own live record: what the others were granted around.
+  local mine = nil
   local all = redis.call('HGETALL', lk)
   if #all == 0 then redis.call('SADD', p .. 'keys', id) end
   for j = 1, #all, 2 do
     if all[j] == ' fp' then
       reg = all[j + 1]
-    elseif all[j] ~= host then
+    elseif all[j] == host then
+      local e = parse(all[j + 1])
+      if e ~= nil and e.expiry > now then mine = e end
+    else
       local e = parse(all[j + 1])
       if e == nil or e.expiry <= now then
         redis.call('HDEL', lk, all[j])
@@ -191,7 +198,17 @@ for i = 1, n do
         b = burst
       end
     end
-    redis.call('HSET', lk, host, table.concat({fmt(g[1]), fmt(g[2]), fmt(wants[1]), fmt(wants[2]),
+    -- What is recorded as this host's is what it may be pacing at: a grant
+    -- smaller than what it holds now counts as what it holds (no more than
+    -- its live record, around which the others were granted) until its next
+    -- request reports the smaller one, since the reply may never reach it (a
+    -- timeout, a reset) and it would then pace at its old share until its
+    -- lease ends while the others took the difference.
+    local rec = {g[1], g[2]}
+    if mine ~= nil then
+      for d = 1, 2 do rec[d] = math.max(g[d], math.min(has[d], mine.has[d])) end
+    end
+    redis.call('HSET', lk, host, table.concat({fmt(rec[1]), fmt(rec[2]), fmt(wants[1]), fmt(wants[2]),
       string.format('%.0f', now + lease), ARGV[3], used[1], used[2], fmt(lim[1]), fmt(lim[2])}, ' '), ' fp', fp)
     redis.call('PEXPIRE', lk, ttl)
   end

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <random>
 #include <set>
+#include <tuple>
 #include <utility>
 
 #include <boost/uuid/detail/sha1.hpp>
@@ -70,6 +71,11 @@ constexpr double kClearFallOfLimit = 0.1;
 // short refreshes again this soon, once the others gave back.
 constexpr auto kRebalanceGap = std::chrono::milliseconds(50);
 constexpr auto kShortRetry = std::chrono::milliseconds(150);
+// A refresh on a rebalance that lowered a grant by more than this part of
+// the key's limit is followed at once by another: Redis counts a lowered
+// grant as the old one until the host's next request reports it (the reply
+// may be lost), and the short host retries kShortRetry later.
+constexpr double kGiveBackOfLimit = 0.01;
 // Every share's lease ends this early on this host's clock: the round trip
 // plus this, so that no host uses a share past Redis's view of its lease.
 constexpr uint64_t kExpiryMarginNs = 50 * kMsNs;
@@ -329,12 +335,16 @@ struct MeshJob::Impl {
   // The refresh thread's wait for its next refresh: until `next`, or until
   // another host asked for a rebalance, but not before `earliest`. False
   // when the job stops.
-  bool SleepUntilRefresh(std::chrono::steady_clock::time_point next, std::chrono::steady_clock::time_point earliest) {
+  // *rebalance tells whether the wait ended for a rebalance.
+  bool SleepUntilRefresh(std::chrono::steady_clock::time_point next, std::chrono::steady_clock::time_point earliest,
+                         bool* rebalance) {
     std::unique_lock lock(mu);
+    *rebalance = false;
     if (!cv.wait_until(lock, next, [&] { return stop.load() || refresh_now; })) return true;
     if (stop.load()) return false;
     const bool stopped = cv.wait_until(lock, earliest, [&] { return stop.load(); });
     refresh_now = false;
+    *rebalance = true;
     return !stopped;
   }
   void RequestRefresh() {
@@ -629,6 +639,7 @@ void MeshJob::Impl::RefreshLoop() {
   bool applied_any = false;
   const auto refresh = std::chrono::nanoseconds(static_cast<int64_t>(config.refresh * 1e9));
   const uint64_t lease_ms = static_cast<uint64_t>(config.lease * 1000);
+  bool on_rebalance = false;  // this refresh is one another host asked for
   while (!stop.load()) {
     const auto t0 = std::chrono::steady_clock::now();
     auto [defs, g] = Keys();
@@ -656,6 +667,19 @@ void MeshJob::Impl::RefreshLoop() {
     // An early refresh (a rebalance) hands back what this host holds
     // beyond its wants; it measures too, but its wants only grow.
     MeasureDemand(rt, MonoNs(), &last_demand_ns, &demand);
+    // What this host holds beyond its wants it reports as given back: Redis
+    // records the smaller share at once (a give-back it learns of only in
+    // the reply counts until the next request, as the reply may be lost),
+    // and the reply lends back what nobody else wants. Should the reply not
+    // come while the request may have run, this host paces at what it
+    // reported (below).
+    const bool leased = applied_any && (applied == MeshMode::kLeased || applied == MeshMode::kLearning);
+    std::vector<std::pair<double, double>> reported;
+    for (const std::string& id : order) {
+      const KeyRuntime& k = rt.at(id);
+      reported.emplace_back(leased ? std::min(k.has_req, k.wants_req) : k.has_req,
+                            leased ? std::min(k.has_tok, k.wants_tok) : k.has_tok);
+    }
 
     LeaseRequest req;
     req.host = config.host;
@@ -668,15 +692,15 @@ void MeshJob::Impl::RefreshLoop() {
     if (offset.valid()) {
       req.deadline_ms = offset.ToRedisMs(MonoNs()) + static_cast<int64_t>(2 * config.timeout * 1000) + kStaleMarginMs;
     }
-    for (const std::string& id : order) {
-      const KeyRuntime& k = rt.at(id);
+    for (size_t i = 0; i < order.size(); ++i) {
+      const KeyRuntime& k = rt.at(order[i]);
       LeaseKey lk;
       lk.pool = k.def.pool;
       lk.key = k.def.key;
       lk.fingerprint = k.def.fingerprint;
       lk.burst = Burst(k.def);
-      lk.req = Dimension{k.def.rpm / 60.0, k.wants_req, k.has_req, k.acquires};
-      lk.tok = Dimension{static_cast<double>(k.def.tpm) / 60.0, k.wants_tok, k.has_tok, k.tokens};
+      lk.req = Dimension{k.def.rpm / 60.0, k.wants_req, reported[i].first, k.acquires};
+      lk.tok = Dimension{static_cast<double>(k.def.tpm) / 60.0, k.wants_tok, reported[i].second, k.tokens};
       req.keys.push_back(std::move(lk));
     }
     const uint64_t sent = MonoNs();
@@ -703,12 +727,21 @@ void MeshJob::Impl::RefreshLoop() {
       lease_until_ns.store(until, std::memory_order_relaxed);
       last_refresh_ns.store(got, std::memory_order_relaxed);
       last_hosts = std::max<uint32_t>(reply->hosts, 1);
+      bool gave_back = false;
       for (size_t i = 0; i < order.size(); ++i) {
         KeyRuntime& k = rt.at(order[i]);
         const KeyGrant& kg = reply->keys[i];
         auto finite = [](double v) { return std::isfinite(v) && v > 0 ? v : 0.0; };
-        k.has_req = std::min(finite(kg.req), k.def.rpm / 60.0);
-        k.has_tok = std::min(finite(kg.tok), static_cast<double>(k.def.tpm) / 60.0);
+        const double limit_req = k.def.rpm / 60.0;
+        const double limit_tok = static_cast<double>(k.def.tpm) / 60.0;
+        const double req = std::min(finite(kg.req), limit_req);
+        const double tok = std::min(finite(kg.tok), limit_tok);
+        if (reported[i].first - req > kGiveBackOfLimit * limit_req ||
+            reported[i].second - tok > kGiveBackOfLimit * limit_tok) {
+          gave_back = true;  // more than it reported: Redis counts that until the next request
+        }
+        k.has_req = req;
+        k.has_tok = tok;
         k.burst = std::clamp(finite(kg.burst), 1.0, Burst(k.def));
         k.holders = kg.holders;
         k.mismatch = kg.mismatch;
@@ -748,9 +781,29 @@ void MeshJob::Impl::RefreshLoop() {
       backoff.Reset();
       PublishKeyStatus(rt, order);
       auto next = t0 + refresh;
-      if (reply->short_of_share) next = std::min(next, std::chrono::steady_clock::now() + kShortRetry);
-      if (!SleepUntilRefresh(next, t0 + kRebalanceGap)) break;
+      const auto now = std::chrono::steady_clock::now();
+      if (reply->short_of_share) next = std::min(next, now + kShortRetry);
+      if (on_rebalance && gave_back) {
+        // Tell Redis now that this host paces at what it gave back, so
+        // that the host short of it gets it at its retry.
+        on_rebalance = false;
+        continue;
+      }
+      if (!SleepUntilRefresh(next, t0 + kRebalanceGap, &on_rebalance)) break;
       continue;
+    }
+    if (leased && store->lease_may_have_run()) {
+      // Redis may have recorded what this host reported (its grant
+      // counts as no more than that once it got the request), so this host
+      // paces at no more from now on, before the others could be granted
+      // the rest: within its timeout, not its lease.
+      bool lowered = false;
+      for (size_t i = 0; i < order.size(); ++i) {
+        KeyRuntime& k = rt.at(order[i]);
+        lowered = lowered || reported[i].first < k.has_req || reported[i].second < k.has_tok;
+        std::tie(k.has_req, k.has_tok) = reported[i];
+      }
+      if (lowered) ApplyShares(rt, order, applied, last_hosts);
     }
     store->Disconnect();
     {
@@ -775,6 +828,7 @@ void MeshJob::Impl::RefreshLoop() {
       SetMode(outage_mode);
     }
     PublishKeyStatus(rt, order);
+    on_rebalance = false;
     if (!Sleep(std::min<std::chrono::nanoseconds>(backoff.Next(), refresh))) break;
   }
 }

@@ -69,6 +69,7 @@ struct World {
   std::vector<std::string> left;
   int64_t cool_until_ms = 0;    // every key's cool_until in lease replies
   bool short_of_share = false;  // every lease reply says this host is short
+  bool lose_replies = false;    // Lease runs, then fails as if its reply was lost
   int reads = 0;                // ReadEvents calls
   int interrupts = 0;           // Interrupt() calls
 
@@ -86,11 +87,15 @@ class FakeStore : public MeshStore {
   Status Connect() override { return Down() ? Status(Code::kIoError, "mesh: fake redis down") : Status::Ok(); }
   bool connected() const override { return true; }
   void Disconnect() override {}
+  bool lease_may_have_run() const override { return ran_; }
   Result<LeaseReply> Lease(const LeaseRequest& r) override {
     std::lock_guard lock(w_.mu);
+    ran_ = false;
     if (w_.down) return Status(Code::kIoError, "mesh: fake redis down");
     w_.leases.push_back(r);
     if (w_.on_lease) w_.on_lease(w_.leases.size());
+    ran_ = true;
+    if (w_.lose_replies) return Status(Code::kIoError, "mesh: fake redis: timed out");
     LeaseReply reply;
     reply.now_ms = NowMs();
     reply.expires_ms = reply.now_ms + static_cast<int64_t>(r.lease_ms);
@@ -165,6 +170,7 @@ class FakeStore : public MeshStore {
 
  private:
   bool interrupted_ = false;  // under w_.mu
+  bool ran_ = false;          // the last Lease reached the "Redis"
   bool Down() {
     std::lock_guard lock(w_.mu);
     return w_.down;
@@ -334,6 +340,63 @@ BOOST_AUTO_TEST_CASE(a_rebalance_or_a_short_grant_refreshes_at_once) {
   // The refresh a rebalance brings is told it is short: one more soon after.
   before = rebalance(true);
   BOOST_TEST(WaitFor([&] { return Leases(f) >= before + 2; }, 2));
+}
+
+// A refresh on a rebalance that gives back more than this host reported
+// it could (its grant fell below its wants) is followed at once by one
+// that tells Redis what it holds now (Redis counts what it reported until
+// then: the reply might have been lost).
+BOOST_AUTO_TEST_CASE(a_give_back_on_a_rebalance_is_reported_at_once) {
+  Fixture f(OutageMode::kShare, 5.0);
+  {
+    std::lock_guard lock(f.world.mu);
+    f.world.grant_fraction = 0.02;  // what an idle host wants (kWantsFloor): it keeps all of it
+  }
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased && f.job->Status().resyncs > 0; }));
+  size_t before = 0;
+  {
+    std::lock_guard lock(f.world.mu);
+    f.world.grant_fraction = 0;  // the other host's demand rose: this one gets nothing
+    KeyEvent e;
+    e.kind = EventKind::kRebalance;
+    e.origin = "h2";
+    f.world.Append(e);
+    before = f.world.leases.size();
+  }
+  BOOST_REQUIRE(WaitFor([&] { return Leases(f) >= before + 2; }, 2));
+  std::lock_guard lock(f.world.mu);
+  const LeaseRequest& on_rebalance = f.world.leases[before];
+  const LeaseRequest& report = f.world.leases[before + 1];
+  BOOST_TEST(on_rebalance.keys[0].req.has == 0.2, boost::test_tools::tolerance(1e-9));  // 0.02 of 10 a second
+  BOOST_TEST(on_rebalance.keys[1].tok.has == 20.0, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(report.keys[0].req.has == 0.0);  // what it was given back to
+  BOOST_TEST(report.keys[1].tok.has == 0.0);
+}
+
+// What a host holds beyond its wants it reports as given back; a request
+// that may have run but whose reply is lost leaves the host pacing at what
+// it reported, not at what it held; one that certainly did not run leaves
+// the share alone (share_mode_after_the_lease_expired).
+BOOST_AUTO_TEST_CASE(a_lost_reply_leaves_the_host_at_what_it_reported) {
+  Fixture f;  // refresh 50 ms, lease 0.5 s
+  f.job->Start();
+  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased; }));
+  BOOST_TEST(f.Key("a").share_rpm == 300.0, boost::test_tools::tolerance(0.01));  // lent: it wants 12 a minute
+  // A request after the first grant reports 0.2 a second of the 5 held.
+  BOOST_REQUIRE(WaitFor([&] {
+    std::lock_guard lock(f.world.mu);
+    return f.world.leases.back().keys[0].req.has > 0;
+  }));
+  {
+    std::lock_guard lock(f.world.mu);
+    BOOST_TEST(f.world.leases.back().keys[0].req.has == 0.2, boost::test_tools::tolerance(1e-9));
+    f.world.lose_replies = true;
+  }
+  BOOST_REQUIRE(WaitFor([&] { return !f.job->Status().redis_ok; }));
+  BOOST_TEST(f.Key("a").share_rpm == 12.0, boost::test_tools::tolerance(0.01));  // its wants, kWantsFloor of 600
+  BOOST_TEST(f.Key("b").share_tpm == 1200.0, boost::test_tools::tolerance(0.01));
+  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kShare; }));
 }
 
 // Workers queueing for the shares (blocking acquires, none given up): the

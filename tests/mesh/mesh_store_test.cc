@@ -127,6 +127,17 @@ struct Host {
     }
     return reply;
   }
+  // A request Redis runs whose reply never reaches the host (a timeout, a
+  // reset): the host keeps what it holds.
+  void RefreshLosingTheReply(int64_t now_ms) {
+    const std::vector<double> req = has_req, tok = has_tok;
+    const int64_t was = expires;
+    Result<LeaseReply> r = Refresh(now_ms);
+    BOOST_REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+    has_req = req;
+    has_tok = tok;
+    expires = was;
+  }
   void Leave() {
     BOOST_REQUIRE(store.Leave(name).ok());
     std::fill(has_req.begin(), has_req.end(), 0);
@@ -198,6 +209,10 @@ BOOST_FIXTURE_TEST_CASE(grants_never_sum_above_the_cap, Fresh) {
     } else if (action == 1 && running[i]) {
       running[i] = false;  // dies: keeps its grant until it expires, never refreshes
       what = "death";
+    } else if (action == 2 && running[i]) {
+      for (size_t k = 0; k < defs.size(); ++k) h.wants_req[k] = demand(rng) / 10;  // would give back
+      h.RefreshLosingTheReply(now);
+      what = "refresh whose reply was lost";
     } else if (action <= 3) {
       now += rng() % 700;
       what = "time";
@@ -225,7 +240,9 @@ BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Fresh) {
   a.wants_req = {8, 8};
   b.wants_req = {1, 1};
   int64_t now = 5000;
-  for (int i = 0; i < 2; ++i) {
+  // a, first alone, is lent the whole key; it gives back in its second
+  // reply, which its third request confirms.
+  for (int i = 0; i < 3; ++i) {
     BOOST_REQUIRE(a.Refresh(now += 100).ok());
     BOOST_REQUIRE(b.Refresh(now += 100).ok());
   }
@@ -233,9 +250,11 @@ BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Fresh) {
   BOOST_TEST(a.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
   BOOST_TEST(b.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
   // The busy host goes idle and the idle one gets busy. a's refresh still
-  // sees b's old wants and lends a itself half of what is free; b, short of
-  // its fair part while a holds it, is told so (and the others asked to
-  // refresh at once); a's next refresh gives it back, b's takes it.
+  // sees b's old wants and lends a itself half of what is free (4.75; until
+  // a's next request Redis counts a's 8.25, as a may not have got the
+  // reply); b, short of its fair part while a holds it, is told so (and the
+  // others asked to refresh at once); a's next refresh gives it back, and
+  // the one after tells Redis a got that reply; b's takes it.
   a.wants_req = {1, 1};
   b.wants_req = {8, 8};
   BOOST_REQUIRE(a.Refresh(now += 100).ok());
@@ -243,7 +262,9 @@ BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Fresh) {
   BOOST_REQUIRE(rb.ok());
   BOOST_TEST(rb->short_of_share);
   BOOST_TEST(a.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));
-  BOOST_TEST(b.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(b.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
+  BOOST_REQUIRE(a.Refresh(now += 100).ok());
+  BOOST_TEST(a.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
   BOOST_REQUIRE(a.Refresh(now += 100).ok());
   rb = b.Refresh(now += 100);
   BOOST_REQUIRE(rb.ok());
@@ -254,7 +275,7 @@ BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Fresh) {
   a.wants_req = {50, 50};
   b.wants_req = {50, 50};
   Result<LeaseReply> last = Status(Code::kInternal, "");
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < 3; ++i) {
     BOOST_REQUIRE(a.Refresh(now += 100).ok());
     last = b.Refresh(now += 100);
     BOOST_REQUIRE(last.ok());
@@ -297,9 +318,11 @@ BOOST_FIXTURE_TEST_CASE(a_short_host_asks_the_others_to_refresh, Fresh) {
   BOOST_TEST(got->events[0].origin == "b");
   BOOST_TEST(got->events[0].pool.empty());
   BOOST_TEST(got->events[0].key.empty());
-  // a gives back what it was lent; b takes its part, no longer short.
+  // a gives back what it was lent (and says so with its next request); b
+  // takes its part, no longer short.
   BOOST_REQUIRE(a.Refresh(1003).ok());
-  r = b.Refresh(1004);
+  BOOST_REQUIRE(a.Refresh(1004).ok());
+  r = b.Refresh(1005);
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(!r->short_of_share);
   BOOST_TEST(a.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
@@ -311,6 +334,43 @@ BOOST_FIXTURE_TEST_CASE(a_short_host_asks_the_others_to_refresh, Fresh) {
   e.kind = EventKind::kRebalance;
   e.origin = "a";
   BOOST_TEST(a.store.Publish(e).status().code() == Code::kInvalidArgument);
+}
+
+// A reply that never reached its host must not let the others take what
+// the host gave back in it: the host still paces at what it held.
+BOOST_FIXTURE_TEST_CASE(a_grant_whose_reply_was_lost_is_not_granted_twice, Fresh) {
+  SeedEpoch();
+  Host a("a", kTwoKeys);
+  Host b("b", kTwoKeys);
+  a.wants_req = {8, 8};
+  b.wants_req = {1, 1};
+  int64_t now = 5000;
+  for (int i = 0; i < 2; ++i) {
+    BOOST_REQUIRE(a.Refresh(now += 100).ok());
+    BOOST_REQUIRE(b.Refresh(now += 100).ok());
+  }
+  BOOST_REQUIRE(a.has_req[0] > 8);
+  const double cap = kTwoKeys[0].req_limit * (1 - kHeadroom);
+  // a gives back in a reply it never gets; b asks for the key.
+  a.wants_req = {1, 1};
+  a.RefreshLosingTheReply(now += 100);
+  b.wants_req = {8, 8};
+  BOOST_REQUIRE(b.Refresh(now += 100).ok());
+  BOOST_TEST(a.has_req[0] + b.has_req[0] <= cap + 1e-9);
+  // a's next reply gives back; Redis counts a's old share until a's request
+  // after that reports the smaller one.
+  BOOST_REQUIRE(a.Refresh(now += 100).ok());
+  BOOST_TEST(a.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
+  BOOST_REQUIRE(b.Refresh(now += 100).ok());
+  BOOST_TEST(b.has_req[0] <= cap - 8 + 1e-9);
+  BOOST_REQUIRE(a.Refresh(now += 100).ok());
+  BOOST_REQUIRE(b.Refresh(now += 100).ok());
+  BOOST_TEST(b.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
+  // A host reporting more than its record gets no more counted than that.
+  a.has_req = {9.5, 9.5};
+  BOOST_REQUIRE(a.Refresh(now += 100).ok());
+  BOOST_REQUIRE(b.Refresh(now += 100).ok());
+  BOOST_TEST(b.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
 }
 
 BOOST_FIXTURE_TEST_CASE(a_dead_hosts_share_returns_after_its_lease, Fresh) {
@@ -364,7 +424,7 @@ BOOST_FIXTURE_TEST_CASE(learning_after_redis_lost_its_state_grants_nothing_twice
   b.wants_req = {50, 50};
   int64_t now = 20'000;
   const uint64_t lease = 3000;
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < 3; ++i) {
     BOOST_REQUIRE(a.Refresh(now, lease).ok());
     BOOST_REQUIRE(b.Refresh(now, lease).ok());
   }
@@ -457,8 +517,9 @@ BOOST_FIXTURE_TEST_CASE(a_new_mesh_learns_only_until_it_is_quiet, Fresh) {
   BOOST_TEST(!r->learning);
   BOOST_TEST(c.has_req[0] == 0);
   BOOST_TEST(r->short_of_share);
-  BOOST_REQUIRE(a.Refresh(now + 1, lease).ok());
-  BOOST_REQUIRE(c.Refresh(now + 1, lease).ok());
+  BOOST_REQUIRE(a.Refresh(now + 1, lease).ok());  // gives back
+  BOOST_REQUIRE(a.Refresh(now + 2, lease).ok());  // and reports it
+  BOOST_REQUIRE(c.Refresh(now + 2, lease).ok());
   BOOST_TEST(c.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));
 }
 
@@ -853,6 +914,35 @@ BOOST_FIXTURE_TEST_CASE(a_frozen_redis_fails_within_the_timeout_and_recovers, Fr
   Result<MeshStore::TimeSample> back = s.Time();
   BOOST_REQUIRE_MESSAGE(back.ok(), back.status().ToString());
   BOOST_TEST(s.connected());
+}
+
+// A lease that timed out may have run (Redis reads it when it thaws); one
+// that could not connect, or that Redis refused as stale, did not.
+BOOST_FIXTURE_TEST_CASE(a_failed_lease_tells_whether_it_may_have_run, Fresh) {
+  SeedEpoch();
+  LeaseRequest r;
+  r.host = "h";
+  r.lease_ms = 1000;
+  r.keys.push_back(LeaseKey{"p", "a", "f00d", 1, Dimension{10, 1, 0, 0}, Dimension{}});
+  {
+    RedisMeshStore s(Config(0, 0.1));
+    BOOST_REQUIRE(s.Lease(r).ok());
+    Server().Pause();
+    struct Thaw {
+      ~Thaw() { Server().Resume(); }
+    } thaw;
+    BOOST_TEST(s.Lease(r).status().code() == Code::kIoError);
+    BOOST_TEST(s.lease_may_have_run());
+    Server().Resume();
+    r.deadline_ms = 1;  // long past: refused unrecorded
+    Result<LeaseReply> stale = s.Lease(r);
+    BOOST_REQUIRE_MESSAGE(stale.ok(), stale.status().ToString());
+    BOOST_TEST(stale->stale);
+    BOOST_TEST(!s.lease_may_have_run());
+  }
+  RedisMeshStore refused(Config(RedisServer::FreePort()));
+  BOOST_TEST(refused.Lease(r).status().code() == Code::kIoError);
+  BOOST_TEST(!refused.lease_may_have_run());
 }
 
 BOOST_FIXTURE_TEST_CASE(a_restarted_redis_costs_one_failed_call_then_works, Fresh) {
