@@ -91,10 +91,14 @@ local function parse(s)
 end
 
 local out = {}
--- Whether some key's grant fell short of this host's fair part because
--- other hosts still hold it (lent while nobody wanted it, or wanted before):
--- they give it back at their next refresh, which the rebalance event below
--- makes come at once.
+-- Whether some key's grant fell short of this host's fair part, by more
+-- than 5 % of the key's limit, because other hosts still hold it (lent
+-- while nobody wanted it, or wanted before): they give it back at their
+-- next refresh, which the rebalance event below makes come at once. A
+-- smaller shortfall (a steady host's use wandering past its 4 % margin)
+-- waits for the others' own refreshes rather than costing every host two
+-- calls to Redis.
+local short_of = 0.05
 local short = false
 for i = 1, n do
   local o = 7 + (i - 1) * 11
@@ -184,7 +188,7 @@ for i = 1, n do
             end
             x = mine + math.max(left, 0) / #ws
           end
-          if not learning and x - (cap - others_has) > limit * 0.01 then short = true end
+          if not learning and x - (cap - others_has) > limit * short_of then short = true end
           x = math.min(x, cap - others_has)
           if not (x > 0) then x = 0 end
           g[d] = x

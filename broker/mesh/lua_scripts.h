@@ -37,8 +37,8 @@ struct LuaScript {
 //   then learning_quiet_ms stream_maxlen deadline_ms (0: none)
 // -> {now, expires, learning 0|1, epoch, nhosts, {members}, {{req, tok, burst, mismatch, cool_until, holders}...},
 //     short 0|1}, or {'stale', now} (nothing written) when now > deadline_ms
-// short: some grant fell short of this host's fair part because other hosts
-// still hold it; the script then XADDs a kind-7 (rebalance) event, at most
+// short: some grant fell short of this host's fair part, by more than 5 %
+// of the key's limit, because other hosts still hold it; the script then XADDs a kind-7 (rebalance) event, at most
 // one per namespace per 200 ms, on which the other hosts refresh at once.
 extern const LuaScript kLeaseScript;
 // ARGV: P ID pool key kind until version origin mono maxlen

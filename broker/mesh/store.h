@@ -80,8 +80,9 @@ struct LeaseReply {
   uint32_t hosts = 0;                // live hosts in the namespace (this one included)
   std::vector<std::string> members;  // their names, sorted
   std::vector<KeyGrant> keys;        // one per request key, in request order
-  // Some grant fell short of this host's fair part because other hosts
-  // still hold it; they were asked to refresh (EventKind::kRebalance).
+  // Some grant fell short of this host's fair part (by more than 5 % of
+  // the key's limit) because other hosts still hold it; they were asked to
+  // refresh (EventKind::kRebalance).
   bool short_of_share = false;
   // Redis ran the request after its deadline_ms and recorded nothing; only
   // now_ms is set (the host's idea of Redis time was off: resync it).
