@@ -58,13 +58,13 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
     if count_redis and args.idle > 0:
         # Every host leased, no worker yet: what an idle mesh asks of Redis.
         c.redis.call("CONFIG", "RESETSTAT")
-        r0 = total_refreshes(c)
+        r0 = total_refreshes(c), time.monotonic()
         time.sleep(args.idle)  # the measurement window, not a settle
-        idle_load = redis_load(c, r0)
+        idle_load = redis_load(c, r0, args.refresh)
     c.provider_reset()
     if count_redis:
         c.redis.call("CONFIG", "RESETSTAT")
-        busy_r0 = total_refreshes(c)
+        busy_r0 = total_refreshes(c), time.monotonic()
     events: list[tuple[float, Any]] = []
     fault_at = args.seconds / 3
     if fault == "frozen":
@@ -89,7 +89,7 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
                 print(f"  t={t:5.1f}s share/wants per key (req/s): " + " | ".join(cells), flush=True)
             events += [(float(t), trace) for t in range(1, int(args.seconds))]
     result = mf.run_farm(c, mode, args.seconds, plans, events=events, gcra=gcra)
-    busy_load = redis_load(c, busy_r0) if count_redis else None
+    busy_load = redis_load(c, busy_r0, args.refresh) if count_redis else None
     stats = c.provider_stats()
     counts = mf.totals(result.reports)
     calls = counts["ok"] + counts["429"] + counts["401"] + counts["other"]
@@ -133,15 +133,19 @@ def total_refreshes(c: mf.Cluster) -> int:
 BROKER_COMMANDS = ("evalsha", "eval", "xread", "script|load", "auth", "select", "ping")
 
 
-def redis_load(c: mf.Cluster, since_refreshes: int) -> dict[str, Any]:
-    """The brokers' calls to Redis since the last reset per host refresh
-    (all hosts' refreshes since `since_refreshes`), in all and by command.
+def redis_load(c: mf.Cluster, since: tuple[int, float], refresh_s: float) -> dict[str, Any]:
+    """The brokers' calls to Redis since the last reset (at `since`: all
+    hosts' refreshes then, and time.monotonic()) per host and refresh period
+    (the hosts times the seconds since over the refresh period), in all and
+    by command, and per refresh done (the early ones too: a rebalance's).
     TIME is left out: the scripts call it too, and a broker only once per
     connection."""
     cmds = {k: v for k, v in redis_commands(c).items() if k in BROKER_COMMANDS}
-    refreshes = max(1, total_refreshes(c) - since_refreshes)
-    return {"per_refresh": sum(cmds.values()) / refreshes, "refreshes": refreshes,
-            "by": {k: v / refreshes for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])}}
+    refreshes = max(1, total_refreshes(c) - since[0])
+    periods = max(1e-9, len(c.hosts) * (time.monotonic() - since[1]) / refresh_s)
+    return {"per_period": sum(cmds.values()) / periods, "periods": periods,
+            "per_refresh": sum(cmds.values()) / refreshes, "refreshes": refreshes,
+            "by": {k: v / periods for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])}}
 
 
 def fastpath(args: argparse.Namespace, mesh: dict[str, Any]) -> list[dict[str, Any]]:
@@ -393,8 +397,9 @@ def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, fast: list[d
                            ("under the row's load", r.get("redis_busy"))):
             if load:
                 by = ", ".join(f"{k} {v:.2f}" for k, v in load["by"].items())
-                print(f"\nredis calls per host per refresh, {r['label']} {what}: {load['per_refresh']:.2f} "
-                      f"over {load['refreshes']} refreshes ({by})")
+                print(f"\nredis calls per host per refresh period, {r['label']} {what}: {load['per_period']:.2f} "
+                      f"over {load['periods']:.0f} periods ({by}); per refresh done {load['per_refresh']:.2f} "
+                      f"over {load['refreshes']} (early ones, on a rebalance, included)")
     if any(r.get("redis_busy") for r in rows):
         print("(evalsha: the lease, one per refresh for all keys, and publishes, one per change; xread: the event "
               "reader's blocking read, one per batch of other hosts' changes or 30 s; target: at most one per host per "
