@@ -86,18 +86,22 @@ local function parse(s)
     if v == nil then return nil end
     f[#f + 1] = v
   end
-  if #f ~= 10 then return nil end
-  return {has = {f[1], f[2]}, wants = {f[3], f[4]}, expiry = f[5], lim = {f[9], f[10]}}
+  -- has: what the host may pace at (Redis counts it); grant: what it was
+  -- last granted (a record written before there was a grant field: has).
+  if #f == 10 then f[11], f[12] = f[1], f[2] end
+  if #f ~= 12 then return nil end
+  return {has = {f[1], f[2]}, wants = {f[3], f[4]}, expiry = f[5], lim = {f[9], f[10]}, grant = {f[11], f[12]}}
 end
 
 local out = {}
 -- Whether some key's grant fell short of this host's fair part, by more
--- than 5 % of the key's limit, because other hosts still hold it (lent
+-- than 5 % of the key's limit, because other hosts were granted it (lent
 -- while nobody wanted it, or wanted before): they give it back at their
 -- next refresh, which the rebalance event below makes come at once. A
 -- smaller shortfall (a steady host's use wandering past its 4 % margin)
 -- waits for the others' own refreshes rather than costing every host two
--- calls to Redis.
+-- calls to Redis; so does one that is only what the others gave back but
+-- have not yet reported having (their next request reports it).
 local short_of = 0.05
 local short = false
 for i = 1, n do
@@ -116,7 +120,7 @@ for i = 1, n do
   local others = {}
   local reg = false
   -- This host's own live record: what the others were granted around.
-  local mine = nil
+  local own = nil
   local all = redis.call('HGETALL', lk)
   if #all == 0 then redis.call('SADD', p .. 'keys', id) end
   for j = 1, #all, 2 do
@@ -124,7 +128,7 @@ for i = 1, n do
       reg = all[j + 1]
     elseif all[j] == host then
       local e = parse(all[j + 1])
-      if e ~= nil and e.expiry > now then mine = e end
+      if e ~= nil and e.expiry > now then own = e end
     else
       local e = parse(all[j + 1])
       if e == nil or e.expiry <= now then
@@ -159,8 +163,10 @@ for i = 1, n do
           -- host first) share the smallest.
           local limit = lim[d]
           local others_has = 0
+          local others_grant = 0
           for _, e in ipairs(others) do
             others_has = others_has + e.has[d]
+            others_grant = others_grant + e.grant[d]
             if e.lim[d] > 0 and e.lim[d] < limit then limit = e.lim[d] end
           end
           local cap = limit * (1 - headroom)
@@ -188,7 +194,7 @@ for i = 1, n do
             end
             x = mine + math.max(left, 0) / #ws
           end
-          if not learning and x - (cap - others_has) > limit * short_of then short = true end
+          if not learning and x - (cap - others_grant) > limit * short_of then short = true end
           x = math.min(x, cap - others_has)
           if not (x > 0) then x = 0 end
           g[d] = x
@@ -209,11 +215,12 @@ for i = 1, n do
     -- timeout, a reset) and it would then pace at its old share until its
     -- lease ends while the others took the difference.
     local rec = {g[1], g[2]}
-    if mine ~= nil then
-      for d = 1, 2 do rec[d] = math.max(g[d], math.min(has[d], mine.has[d])) end
+    if own ~= nil then
+      for d = 1, 2 do rec[d] = math.max(g[d], math.min(has[d], own.has[d])) end
     end
     redis.call('HSET', lk, host, table.concat({fmt(rec[1]), fmt(rec[2]), fmt(wants[1]), fmt(wants[2]),
-      string.format('%.0f', now + lease), ARGV[3], used[1], used[2], fmt(lim[1]), fmt(lim[2])}, ' '), ' fp', fp)
+      string.format('%.0f', now + lease), ARGV[3], used[1], used[2], fmt(lim[1]), fmt(lim[2]), fmt(g[1]), fmt(g[2])}, ' '),
+      ' fp', fp)
     redis.call('PEXPIRE', lk, ttl)
   end
   local holders = #others

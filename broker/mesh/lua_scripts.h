@@ -7,8 +7,10 @@
 //   P epoch        hash   id (changes when Redis lost its state), learning_until (ms)
 //   P hosts        zset   host -> lease expiry (ms)
 //   P keys         set    every ID ever leased or published
-//   P lease:ID     hash   host -> "has_r has_t wants_r wants_t expiry seq used_r used_t lim_r lim_t"
-//                         (has: max(grant, min(reported has, record)): what it may pace at),
+//   P lease:ID     hash   host -> "has_r has_t wants_r wants_t expiry seq used_r used_t lim_r lim_t grant_r grant_t"
+//                         (has: max(grant, min(reported has, record)), what it may pace at, which
+//                         the cap counts; grant: its last grant, which shortfalls are judged by;
+//                         a record of 10 fields, from before grants were kept: grant = has),
 //                         and ' fp' -> the fingerprint registered first (kept while a
 //                         lease of it lives; no host name holds a space)
 //   P state:ID     hash   cool_until, open_until, revoked, disabled, version, origin, mono

@@ -9,7 +9,6 @@
 #include <cstdio>
 #include <random>
 #include <set>
-#include <tuple>
 #include <utility>
 
 #include <boost/uuid/detail/sha1.hpp>
@@ -71,11 +70,14 @@ constexpr double kClearFallOfLimit = 0.1;
 // short refreshes again this soon, once the others gave back.
 constexpr auto kRebalanceGap = std::chrono::milliseconds(50);
 constexpr auto kShortRetry = std::chrono::milliseconds(150);
-// A refresh on a rebalance that lowered a grant by more than this part of
-// the key's limit is followed at once by another: Redis counts a lowered
-// grant as the old one until the host's next request reports it (the reply
-// may be lost), and the short host retries kShortRetry later.
-constexpr double kGiveBackOfLimit = 0.01;
+// A refresh that lowered a grant by more than this part of the key's limit
+// (on a rebalance: kGiveBackOnRebalance) is followed at once by another:
+// Redis counts a lowered grant as the old one until the host's next request
+// reports it (the reply may be lost), and whoever wanted it (the short host
+// retries kShortRetry later) gets it only then. A smaller give-back waits
+// for the next refresh (a steady host's use wanders by a few per cent).
+constexpr double kGiveBack = 0.05;
+constexpr double kGiveBackOnRebalance = 0.01;
 // Every share's lease ends this early on this host's clock: the round trip
 // plus this, so that no host uses a share past Redis's view of its lease.
 constexpr uint64_t kExpiryMarginNs = 50 * kMsNs;
@@ -640,6 +642,7 @@ void MeshJob::Impl::RefreshLoop() {
   const auto refresh = std::chrono::nanoseconds(static_cast<int64_t>(config.refresh * 1e9));
   const uint64_t lease_ms = static_cast<uint64_t>(config.lease * 1000);
   bool on_rebalance = false;  // this refresh is one another host asked for
+  bool reporting = false;     // this refresh reports a give-back at once
   while (!stop.load()) {
     const auto t0 = std::chrono::steady_clock::now();
     auto [defs, g] = Keys();
@@ -667,19 +670,6 @@ void MeshJob::Impl::RefreshLoop() {
     // An early refresh (a rebalance) hands back what this host holds
     // beyond its wants; it measures too, but its wants only grow.
     MeasureDemand(rt, MonoNs(), &last_demand_ns, &demand);
-    // What this host holds beyond its wants it reports as given back: Redis
-    // records the smaller share at once (a give-back it learns of only in
-    // the reply counts until the next request, as the reply may be lost),
-    // and the reply lends back what nobody else wants. Should the reply not
-    // come while the request may have run, this host paces at what it
-    // reported (below).
-    const bool leased = applied_any && (applied == MeshMode::kLeased || applied == MeshMode::kLearning);
-    std::vector<std::pair<double, double>> reported;
-    for (const std::string& id : order) {
-      const KeyRuntime& k = rt.at(id);
-      reported.emplace_back(leased ? std::min(k.has_req, k.wants_req) : k.has_req,
-                            leased ? std::min(k.has_tok, k.wants_tok) : k.has_tok);
-    }
 
     LeaseRequest req;
     req.host = config.host;
@@ -692,15 +682,15 @@ void MeshJob::Impl::RefreshLoop() {
     if (offset.valid()) {
       req.deadline_ms = offset.ToRedisMs(MonoNs()) + static_cast<int64_t>(2 * config.timeout * 1000) + kStaleMarginMs;
     }
-    for (size_t i = 0; i < order.size(); ++i) {
-      const KeyRuntime& k = rt.at(order[i]);
+    for (const std::string& id : order) {
+      const KeyRuntime& k = rt.at(id);
       LeaseKey lk;
       lk.pool = k.def.pool;
       lk.key = k.def.key;
       lk.fingerprint = k.def.fingerprint;
       lk.burst = Burst(k.def);
-      lk.req = Dimension{k.def.rpm / 60.0, k.wants_req, reported[i].first, k.acquires};
-      lk.tok = Dimension{static_cast<double>(k.def.tpm) / 60.0, k.wants_tok, reported[i].second, k.tokens};
+      lk.req = Dimension{k.def.rpm / 60.0, k.wants_req, k.has_req, k.acquires};
+      lk.tok = Dimension{static_cast<double>(k.def.tpm) / 60.0, k.wants_tok, k.has_tok, k.tokens};
       req.keys.push_back(std::move(lk));
     }
     const uint64_t sent = MonoNs();
@@ -727,7 +717,8 @@ void MeshJob::Impl::RefreshLoop() {
       lease_until_ns.store(until, std::memory_order_relaxed);
       last_refresh_ns.store(got, std::memory_order_relaxed);
       last_hosts = std::max<uint32_t>(reply->hosts, 1);
-      bool gave_back = false;
+      // The largest give-back of this reply, as a part of its key's limit.
+      double gave_back = 0;
       for (size_t i = 0; i < order.size(); ++i) {
         KeyRuntime& k = rt.at(order[i]);
         const KeyGrant& kg = reply->keys[i];
@@ -736,10 +727,8 @@ void MeshJob::Impl::RefreshLoop() {
         const double limit_tok = static_cast<double>(k.def.tpm) / 60.0;
         const double req = std::min(finite(kg.req), limit_req);
         const double tok = std::min(finite(kg.tok), limit_tok);
-        if (reported[i].first - req > kGiveBackOfLimit * limit_req ||
-            reported[i].second - tok > kGiveBackOfLimit * limit_tok) {
-          gave_back = true;  // more than it reported: Redis counts that until the next request
-        }
+        if (limit_req > 0) gave_back = std::max(gave_back, (k.has_req - req) / limit_req);
+        if (limit_tok > 0) gave_back = std::max(gave_back, (k.has_tok - tok) / limit_tok);
         k.has_req = req;
         k.has_tok = tok;
         k.burst = std::clamp(finite(kg.burst), 1.0, Burst(k.def));
@@ -783,27 +772,17 @@ void MeshJob::Impl::RefreshLoop() {
       auto next = t0 + refresh;
       const auto now = std::chrono::steady_clock::now();
       if (reply->short_of_share) next = std::min(next, now + kShortRetry);
-      if (on_rebalance && gave_back) {
+      if (!reporting && gave_back > (on_rebalance ? kGiveBackOnRebalance : kGiveBack)) {
         // Tell Redis now that this host paces at what it gave back, so
-        // that the host short of it gets it at its retry.
+        // that whoever wants it gets it at its next request (once: the
+        // report itself is not followed by another).
         on_rebalance = false;
+        reporting = true;
         continue;
       }
+      reporting = false;
       if (!SleepUntilRefresh(next, t0 + kRebalanceGap, &on_rebalance)) break;
       continue;
-    }
-    if (leased && store->lease_may_have_run()) {
-      // Redis may have recorded what this host reported (its grant
-      // counts as no more than that once it got the request), so this host
-      // paces at no more from now on, before the others could be granted
-      // the rest: within its timeout, not its lease.
-      bool lowered = false;
-      for (size_t i = 0; i < order.size(); ++i) {
-        KeyRuntime& k = rt.at(order[i]);
-        lowered = lowered || reported[i].first < k.has_req || reported[i].second < k.has_tok;
-        std::tie(k.has_req, k.has_tok) = reported[i];
-      }
-      if (lowered) ApplyShares(rt, order, applied, last_hosts);
     }
     store->Disconnect();
     {
@@ -829,6 +808,7 @@ void MeshJob::Impl::RefreshLoop() {
     }
     PublishKeyStatus(rt, order);
     on_rebalance = false;
+    reporting = false;
     if (!Sleep(std::min<std::chrono::nanoseconds>(backoff.Next(), refresh))) break;
   }
 }

@@ -224,13 +224,8 @@ Status RedisConnection::Connect() {
 
 Result<std::vector<RedisReply>> RedisConnection::Pipeline(const std::vector<std::vector<std::string>>& commands,
                                                           uint32_t extra_ms) {
-  sent_ = false;
   if (impl_->TakeWake()) return Fail(Code::kIoError, "interrupted");
-  if (Status st = Connect(); !st.ok()) {
-    sent_ = false;  // AUTH or SELECT may have gone out, never these commands
-    return st;
-  }
-  sent_ = false;
+  if (Status st = Connect(); !st.ok()) return st;
   redisContext* c = impl_->ctx;
   const auto deadline = Clock::now() + std::chrono::microseconds(static_cast<int64_t>(options_.timeout * 1e6)) +
                         std::chrono::milliseconds(extra_ms);
@@ -272,10 +267,7 @@ Result<std::vector<RedisReply>> RedisConnection::Pipeline(const std::vector<std:
   int done = 0;
   while (done == 0) {
     if (const Waited w = wait(POLLOUT); w != Waited::kReady) return waited(w);
-    // A write that fails wrote nothing (write(2) is all or part, or -1);
-    // one that succeeds may have written part.
     if (redisBufferWrite(c, &done) != REDIS_OK) return Fail(Code::kIoError, DescribeHiredisError(c->err, c->errstr));
-    sent_ = true;
   }
   std::vector<RedisReply> out;
   out.reserve(commands.size());
@@ -326,7 +318,6 @@ Result<RedisReply> RedisConnection::Eval(const LuaScript& script, const std::vec
     auto it = impl_->shas.find(script.name);
     if (it == impl_->shas.end()) {
       Result<RedisReply> loaded = Command({"SCRIPT", "LOAD", script.source});
-      sent_ = false;  // the script itself has not gone out
       if (!loaded.ok()) return loaded.status();
       if (!loaded->is_string() || !IsSha(loaded->str)) {
         return Fail(Code::kProtocolError, "SCRIPT LOAD: unexpected reply");
@@ -347,7 +338,6 @@ Result<RedisReply> RedisConnection::Eval(const LuaScript& script, const std::vec
     }
     return std::move(reply);
   }
-  sent_ = false;  // NOSCRIPT: Redis ran nothing
   return Status(Code::kIoError, prefix_ + std::string(script.name) + ": NOSCRIPT after SCRIPT LOAD");
 }
 

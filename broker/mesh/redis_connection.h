@@ -80,12 +80,6 @@ class RedisConnection {
   // then one retry). A Redis error reply is kIoError.
   Result<RedisReply> Eval(const LuaScript& script, const std::vector<std::string>& args);
 
-  // Whether the last Pipeline, Command or Eval wrote any of its commands
-  // to the socket. False after a failure: Redis cannot have run them (a
-  // refused connect, a write that failed at once); true: it may have, also
-  // when the call failed (a timeout, a reset before the reply).
-  bool sent() const noexcept { return sent_; }
-
   // "mesh: redis 127.0.0.1:6379: " (the prefix of every message).
   const std::string& prefix() const noexcept { return prefix_; }
 
@@ -96,7 +90,6 @@ class RedisConnection {
 
   Options options_;
   std::string prefix_;
-  bool sent_ = false;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -164,7 +164,6 @@ bool RedisMeshStore::NoteEpoch(const std::string& epoch) {
 }
 
 Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
-  lease_sent_ = false;
   if (Status st = CheckName("host", request.host); !st.ok()) return st;
   if (request.lease_ms == 0 || request.lease_ms > 86400000) {
     return Status(Code::kInvalidArgument, "mesh: lease must be 1 ms .. 1 day");
@@ -221,13 +220,11 @@ Result<LeaseReply> RedisMeshStore::Lease(const LeaseRequest& request) {
   args.push_back(std::to_string(kStreamMaxLen));
   args.push_back(std::to_string(request.deadline_ms));
   Result<RedisReply> r = conn_.Eval(kLeaseScript, args);
-  lease_sent_ = conn_.sent();
   if (!r.ok()) return r.status();
   const RedisReply& top = *r;
   constexpr int64_t kMaxMs = int64_t{1} << 52;
   if (IsArray(top, 2) && top.elements[0].is_string() && top.elements[0].str == "stale") {
     if (!IsInt(top.elements[1], 0, kMaxMs)) return Bad("lease: unexpected reply");
-    lease_sent_ = false;  // refused unrecorded
     LeaseReply out;
     out.stale = true;
     out.now_ms = top.elements[1].integer;

@@ -44,7 +44,6 @@ class RedisMeshStore final : public MeshStore {
   bool connected() const override;
   void Disconnect() override;
   Result<LeaseReply> Lease(const LeaseRequest& request) override;
-  bool lease_may_have_run() const override { return lease_sent_; }
   Status Leave(const std::string& host) override;
   Result<KeyEvent> Publish(const KeyEvent& event) override;
   Result<EventBatch> ReadEvents(const std::string& after_id, uint32_t block_ms) override;
@@ -64,7 +63,6 @@ class RedisMeshStore final : public MeshStore {
 
   RedisConnection conn_;
   std::string prefix_;
-  bool lease_sent_ = false;  // the last Lease's request was written
   std::string epoch_;
   bool epoch_known_ = false;
   // Where the last read or snapshot ended: the stream id and the sequence

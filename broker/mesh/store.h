@@ -145,15 +145,10 @@ class MeshStore {
   // min(has, wants) and a newcomer 0. A grant below the `has` a host
   // reported is counted as that `has` (at most its live record) until its
   // next request: the reply may be lost, and the host then keeps pacing at
-  // what it holds. So what a host gives back reaches the others one request
-  // later (the mesh job sends that one at once when another host is short).
+  // what it holds until its lease ends. So what a host gives back reaches
+  // the others one request later (the mesh job sends that one at once
+  // after a large give-back, or any on a rebalance).
   virtual Result<LeaseReply> Lease(const LeaseRequest& request) = 0;
-  // After a Lease that failed: whether its request may have reached Redis
-  // (a timeout, a reset before the reply: Redis may have run it and
-  // recorded its grants); false when Redis certainly did not run it (the
-  // connect was refused, nothing was written, the request was refused
-  // before Redis).
-  virtual bool lease_may_have_run() const = 0;
   // A clean stop: this host's leases and membership end at once.
   virtual Status Leave(const std::string& host) = 0;
 

@@ -617,7 +617,6 @@ class UnreachableStore : public kb::mesh::MeshStore {
   bool connected() const override { return false; }
   void Disconnect() override {}
   km::Result<kb::mesh::LeaseReply> Lease(const kb::mesh::LeaseRequest&) override { return Down(); }
-  bool lease_may_have_run() const override { return false; }
   km::Status Leave(const std::string&) override { return Down(); }
   km::Result<kb::mesh::KeyEvent> Publish(const kb::mesh::KeyEvent&) override { return Down(); }
   km::Result<kb::mesh::EventBatch> ReadEvents(const std::string&, uint32_t) override { return Down(); }
