@@ -15,17 +15,22 @@ bound with ``@pytest.mark.slow_callback(seconds)``.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
+import gc
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -176,36 +181,131 @@ class DebugLoopPolicy(asyncio.DefaultEventLoopPolicy):
         return loop
 
 
-class SlowCallbacks(logging.Handler):
-    """Collects asyncio's "Executing <handle> took N seconds" warnings."""
+def _run_delay_s(tid: Optional[int] = None) -> Optional[float]:
+    """The seconds a thread (this one by default) has waited for a CPU so far
+    (the kernel's run-queue delay, field 2 of schedstat); None if unknown."""
+    path = "/proc/thread-self/schedstat" if tid is None else f"/proc/self/task/{tid}/schedstat"
+    try:
+        with open(path, "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuWaits:
+    """When each thread of this process waited for a CPU (sampled every 5 ms)
+    and when the garbage collector ran: the parts of a slow step that are no
+    blocking call. On a loaded machine (the suite runs beside others on two
+    cores) a step that waits for a CPU, or for a collection, runs long
+    without blocking anything."""
+
+    PERIOD = 0.005
 
     def __init__(self) -> None:
+        self.samples: Dict[int, Deque[Tuple[float, float]]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=4000))
+        self.collections: Deque[Tuple[float, float]] = collections.deque(maxlen=1000)
+        self._gc_start = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="cpu-waits", daemon=True)
+
+    def __enter__(self) -> "CpuWaits":
+        gc.callbacks.append(self._on_gc)
+        self._sample_once()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: Dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.monotonic()
+        else:
+            self.collections.append((self._gc_start, time.monotonic()))
+
+    def _sample_once(self) -> None:
+        try:
+            tids = [int(t) for t in os.listdir("/proc/self/task")]
+        except OSError:
+            return
+        now = time.monotonic()
+        for tid in tids:
+            d = _run_delay_s(tid)
+            if d is not None:
+                self.samples[tid].append((now, d))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.PERIOD):
+            self._sample_once()
+
+    def discount(self, tid: int, start: float, end: float, delay_at_end: Optional[float]) -> float:
+        """The seconds of [start, end] this thread waited for a CPU (from the
+        last sample at or before start: a little more, never less) or the
+        collector ran."""
+        # list() copies a deque in one step under the GIL: the sampler and
+        # the collector's callback append to them from other threads.
+        waited = 0.0
+        s = list(self.samples.get(tid) or ())
+        if s and delay_at_end is not None:
+            i = bisect.bisect_right([t for t, _ in s], start) - 1
+            if i >= 0:
+                waited = max(0.0, delay_at_end - s[i][1])
+        collected = sum(max(0.0, min(end, b) - max(start, a)) for a, b in list(self.collections))
+        return waited + collected
+
+
+_TOOK = re.compile(r" took (\d+(?:\.\d+)?) seconds")
+
+
+class SlowCallbacks(logging.Handler):
+    """Collects asyncio's "Executing <handle> took N seconds" warnings whose
+    step, less the time it waited for a CPU or the garbage collector
+    (`waits`, when given), still ran at least `bound` seconds: a blocking
+    call (a sleep, a lock, I/O) where an await belongs."""
+
+    def __init__(self, waits: Optional[CpuWaits] = None, bound: float = SLOW_CALLBACK) -> None:
         super().__init__(logging.WARNING)
         self.slow: List[str] = []
+        self.waits = waits
+        self.bound = bound
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        if msg.startswith("Executing ") and " took " in msg:
-            self.slow.append(msg)
+        if not (msg.startswith("Executing ") and " took " in msg):
+            return
+        m = _TOOK.search(msg)
+        if self.waits is not None and m is not None:
+            end = time.monotonic()  # asyncio logs right after the step
+            took = float(m.group(1))
+            spared = self.waits.discount(threading.get_native_id(), end - took, end, _run_delay_s())
+            if took - spared < self.bound:
+                return
+            msg += f" ({spared:.3f} s of it waiting for a CPU or the garbage collector)"
+        self.slow.append(msg)
 
 
 @pytest.fixture
 def asyncio_debug(request: Any) -> Iterator[SlowCallbacks]:
     marker = request.node.get_closest_marker("slow_callback")
+    bound = float(marker.args[0]) if marker else SLOW_CALLBACK
     old_policy = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(DebugLoopPolicy(float(marker.args[0]) if marker else SLOW_CALLBACK))
+    asyncio.set_event_loop_policy(DebugLoopPolicy(bound))
     logger = logging.getLogger("asyncio")
     old_level = logger.level
-    handler = SlowCallbacks()
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.WARNING:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-        asyncio.set_event_loop_policy(old_policy)
+    with CpuWaits() as waits:
+        handler = SlowCallbacks(waits, bound)
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield handler
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            asyncio.set_event_loop_policy(old_policy)
     if handler.slow:
         pytest.fail("a blocking call in the event loop (asyncio debug mode): " + "; ".join(handler.slow[:3]),
                     pytrace=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import keymesh
-from conftest import DebugLoopPolicy, SlowCallbacks, secret
+from conftest import CpuWaits, DebugLoopPolicy, SlowCallbacks, _run_delay_s, secret
 from keymesh.concurrency import SemaphoreGroup
 from keymesh.cooldown import CooldownManager
 from keymesh.metrics import PoolMetrics
@@ -431,6 +431,52 @@ def test_asyncio_debug_flags_a_blocking_call():
         asyncio.set_event_loop_policy(old)
         logger.removeHandler(handler)
     assert handler.slow and "took" in handler.slow[0]
+
+
+def test_asyncio_debug_still_flags_a_sleep_when_it_spares_cpu_waits():
+    old = asyncio.get_event_loop_policy()
+    logger = logging.getLogger("asyncio")
+    with CpuWaits() as waits:
+        handler = SlowCallbacks(waits)
+        logger.addHandler(handler)
+        asyncio.set_event_loop_policy(DebugLoopPolicy())
+        try:
+            async def blocks():
+                time.sleep(0.2)  # blocked, not waiting for a CPU
+
+            asyncio.run(blocks())
+        finally:
+            asyncio.set_event_loop_policy(old)
+            logger.removeHandler(handler)
+    assert handler.slow and "took" in handler.slow[0] and "waiting for a CPU" in handler.slow[0]
+
+
+def test_cpu_waits_spare_run_queue_delay_and_collections():
+    w = CpuWaits()  # not started: samples by hand
+    w.samples[7].extend([(10.0, 1.0), (10.1, 1.02), (10.2, 1.30)])
+    # A step over [10.15, 10.3] on thread 7, which had waited 1.35 s in all at
+    # its end: from the sample before its start (1.02), 0.33 s for a CPU.
+    assert abs(w.discount(7, 10.15, 10.3, 1.35) - 0.33) < 1e-9
+    assert w.discount(8, 10.15, 10.3, 1.35) == 0.0  # an unsampled thread: nothing spared
+    assert w.discount(7, 9.0, 10.3, 1.35) == 0.0  # no sample before the start: nothing spared
+    w.collections.extend([(10.25, 10.28), (10.29, 10.5)])
+    assert abs(w.discount(8, 10.15, 10.3, None) - 0.04) < 1e-9  # the collections within the step
+    # The handler judges a logged step by what it spares: this thread "waited
+    # for a CPU" 0.1 s since a sample a second ago.
+    delay = _run_delay_s()
+    if delay is None:
+        pytest.skip("no /proc/thread-self/schedstat here")
+    w.samples[threading.get_native_id()].append((time.monotonic() - 1, delay - 0.1))
+    handler = SlowCallbacks(w, bound=0.08)
+
+    def log(took):
+        handler.emit(logging.LogRecord("asyncio", logging.WARNING, __file__, 1,
+                                       f"Executing <Task x> took {took} seconds", None, None))
+
+    log(0.132)
+    assert handler.slow == []  # 0.03 s of it ran or blocked
+    log(0.3)
+    assert len(handler.slow) == 1 and "waiting for a CPU" in handler.slow[0]
 
 
 # ---- burst and rate_margin, per key and per pool -------------------------------
