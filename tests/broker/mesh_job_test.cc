@@ -374,23 +374,30 @@ BOOST_AUTO_TEST_CASE(a_give_back_is_reported_at_once) {
   BOOST_TEST(f.world.leases[before + 1].keys[1].tok.has == 380.0, boost::test_tools::tolerance(1e-9));
 }
 
-// A lease whose reply is lost leaves the share as it was (Redis counts what
-// the host reported holding until its next request says otherwise) until
-// the lease ends; then the outage mode.
-BOOST_AUTO_TEST_CASE(a_lost_reply_keeps_the_share_until_the_lease_ends) {
-  Fixture f;  // refresh 50 ms, lease 0.5 s
+// Cuts the fake Redis off once the job is leased, `how`: down (nothing
+// reaches it), or every reply lost (Redis counts what the host reported
+// holding until its next request says otherwise). Either way the lease
+// (0.5 s) still holds, and so does the share; then the outage mode.
+void CutUntilShareMode(Fixture& f, bool World::*how) {
   f.job->Start();
   BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased; }));
   const auto cut = std::chrono::steady_clock::now();
   {
     std::lock_guard lock(f.world.mu);
-    f.world.lose_replies = true;
+    f.world.*how = true;
   }
   BOOST_REQUIRE(WaitFor([&] { return !f.job->Status().redis_ok; }));
   if (std::chrono::steady_clock::now() - cut < std::chrono::milliseconds(300)) {
+    BOOST_TEST(f.job->Status().mode == MeshMode::kLeased);
     BOOST_TEST(f.Key("a").share_rpm == 300.0, boost::test_tools::tolerance(0.01));
   }
-  BOOST_TEST(WaitFor([&] { return f.job->Status().mode == MeshMode::kShare; }));
+  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kShare; }));
+  BOOST_TEST((std::chrono::steady_clock::now() - cut >= std::chrono::milliseconds(400)));
+}
+
+BOOST_AUTO_TEST_CASE(a_lost_reply_keeps_the_share_until_the_lease_ends) {
+  Fixture f;  // refresh 50 ms, lease 0.5 s
+  CutUntilShareMode(f, &World::lose_replies);
 }
 
 // Workers queueing for the shares (blocking acquires, none given up): the
@@ -477,21 +484,7 @@ BOOST_AUTO_TEST_CASE(learning_is_reported) {
 
 BOOST_AUTO_TEST_CASE(share_mode_after_the_lease_expired) {
   Fixture f;
-  f.job->Start();
-  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kLeased; }));
-  const auto cut = std::chrono::steady_clock::now();
-  {
-    std::lock_guard lock(f.world.mu);
-    f.world.down = true;
-  }
-  // The lease (0.5 s) still holds: the share stays.
-  BOOST_REQUIRE(WaitFor([&] { return !f.job->Status().redis_ok; }));
-  if (std::chrono::steady_clock::now() - cut < std::chrono::milliseconds(300)) {
-    BOOST_TEST(f.job->Status().mode == MeshMode::kLeased);
-    BOOST_TEST(f.Key("a").share_rpm == 300.0, boost::test_tools::tolerance(0.01));
-  }
-  BOOST_REQUIRE(WaitFor([&] { return f.job->Status().mode == MeshMode::kShare; }));
-  BOOST_TEST((std::chrono::steady_clock::now() - cut >= std::chrono::milliseconds(400)));
+  CutUntilShareMode(f, &World::down);
   // 1/N of the limit less the headroom, N = 2 as Redis last said.
   BOOST_TEST(f.Key("a").share_rpm == 600 * (1 - MeshConfig{}.headroom) / 2, boost::test_tools::tolerance(0.01));
   // Redis back: leased again.

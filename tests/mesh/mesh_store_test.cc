@@ -233,22 +233,31 @@ BOOST_FIXTURE_TEST_CASE(grants_never_sum_above_the_cap, Fresh) {
   }
 }
 
-BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Fresh) {
-  SeedEpoch();
-  Host a("a", kTwoKeys);
-  Host b("b", kTwoKeys);
-  a.wants_req = {8, 8};
-  b.wants_req = {1, 1};
-  int64_t now = 5000;
-  // a, first alone, is lent the whole key; it gives back in its second
-  // reply, which its third request confirms.
-  for (int i = 0; i < 3; ++i) {
-    BOOST_REQUIRE(a.Refresh(now += 100).ok());
-    BOOST_REQUIRE(b.Refresh(now += 100).ok());
+// a's refresh, then b's, 100 ms apart.
+void RefreshBoth(Host& a, Host& b, int64_t* now) {
+  BOOST_REQUIRE(a.Refresh(*now += 100).ok());
+  BOOST_REQUIRE(b.Refresh(*now += 100).ok());
+}
+
+// Two hosts on kTwoKeys, a busy (8 a second of each key) and b nearly idle
+// (1), refreshed until settled: a holds 8.25, b 1.25 (what neither asked for
+// is lent to both alike). a, first alone, is lent the whole key; it gives
+// back in its second reply, which its third request reports.
+struct Settled : Fresh {
+  Settled() {
+    SeedEpoch();
+    a.wants_req = {8, 8};
+    b.wants_req = {1, 1};
+    for (int i = 0; i < 3; ++i) RefreshBoth(a, b, &now);
+    BOOST_REQUIRE(std::fabs(a.has_req[0] - 8.25) < 1e-9);
+    BOOST_REQUIRE(std::fabs(b.has_req[0] - 1.25) < 1e-9);
   }
-  // What neither asked for (9.5 - 8 - 1) is lent to both alike.
-  BOOST_TEST(a.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
-  BOOST_TEST(b.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
+  Host a{"a", kTwoKeys};
+  Host b{"b", kTwoKeys};
+  int64_t now = 5000;
+};
+
+BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Settled) {
   // The busy host goes idle and the idle one gets busy. a's refresh still
   // sees b's old wants and lends a itself half of what is free (4.75; until
   // a's next request Redis counts a's 8.25, as a may not have got the
@@ -338,18 +347,7 @@ BOOST_FIXTURE_TEST_CASE(a_short_host_asks_the_others_to_refresh, Fresh) {
 
 // A reply that never reached its host must not let the others take what
 // the host gave back in it: the host still paces at what it held.
-BOOST_FIXTURE_TEST_CASE(a_grant_whose_reply_was_lost_is_not_granted_twice, Fresh) {
-  SeedEpoch();
-  Host a("a", kTwoKeys);
-  Host b("b", kTwoKeys);
-  a.wants_req = {8, 8};
-  b.wants_req = {1, 1};
-  int64_t now = 5000;
-  for (int i = 0; i < 2; ++i) {
-    BOOST_REQUIRE(a.Refresh(now += 100).ok());
-    BOOST_REQUIRE(b.Refresh(now += 100).ok());
-  }
-  BOOST_REQUIRE(a.has_req[0] > 8);
+BOOST_FIXTURE_TEST_CASE(a_grant_whose_reply_was_lost_is_not_granted_twice, Settled) {
   const double cap = kTwoKeys[0].req_limit * (1 - kHeadroom);
   // a gives back in a reply it never gets; b asks for the key.
   a.wants_req = {1, 1};
@@ -363,31 +361,18 @@ BOOST_FIXTURE_TEST_CASE(a_grant_whose_reply_was_lost_is_not_granted_twice, Fresh
   BOOST_TEST(a.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
   BOOST_REQUIRE(b.Refresh(now += 100).ok());
   BOOST_TEST(b.has_req[0] <= cap - 8 + 1e-9);
-  BOOST_REQUIRE(a.Refresh(now += 100).ok());
-  BOOST_REQUIRE(b.Refresh(now += 100).ok());
+  RefreshBoth(a, b, &now);
   BOOST_TEST(b.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
   // A host reporting more than its record gets no more counted than that.
   a.has_req = {9.5, 9.5};
-  BOOST_REQUIRE(a.Refresh(now += 100).ok());
-  BOOST_REQUIRE(b.Refresh(now += 100).ok());
+  RefreshBoth(a, b, &now);
   BOOST_TEST(b.has_req[0] == 8.25, boost::test_tools::tolerance(1e-9));
 }
 
 // A shortfall that is only what another host gave back and has not yet
 // reported having asks nobody to refresh (that host's next request frees
 // it); one that another host still holds by its grant does.
-BOOST_FIXTURE_TEST_CASE(a_shortfall_of_unreported_give_backs_asks_no_rebalance, Fresh) {
-  SeedEpoch();
-  Host a("a", kTwoKeys);
-  Host b("b", kTwoKeys);
-  a.wants_req = {8, 8};
-  b.wants_req = {1, 1};
-  int64_t now = 5000;
-  for (int i = 0; i < 3; ++i) {
-    BOOST_REQUIRE(a.Refresh(now += 100).ok());
-    BOOST_REQUIRE(b.Refresh(now += 100).ok());
-  }
-  BOOST_REQUIRE(a.has_req[0] == 8.25);
+BOOST_FIXTURE_TEST_CASE(a_shortfall_of_unreported_give_backs_asks_no_rebalance, Settled) {
   // b wants more before a refreshed: a still holds it by its grant.
   b.wants_req = {8, 8};
   Result<LeaseReply> r = b.Refresh(now += 100);
@@ -402,8 +387,7 @@ BOOST_FIXTURE_TEST_CASE(a_shortfall_of_unreported_give_backs_asks_no_rebalance, 
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(!r->short_of_share);
   BOOST_TEST(b.has_req[0] == 1.25, boost::test_tools::tolerance(1e-9));
-  BOOST_REQUIRE(a.Refresh(now += 100).ok());
-  BOOST_REQUIRE(b.Refresh(now += 100).ok());
+  RefreshBoth(a, b, &now);
   BOOST_TEST(b.has_req[0] == 4.75, boost::test_tools::tolerance(1e-9));
 }
 
