@@ -228,6 +228,30 @@ BOOST_FIXTURE_TEST_CASE(ResetClosesWithRstAndRefusesUntilPass, Fixture) {
   BOOST_CHECK_EQUAL(after.Call(kPing).value_or("none"), kPong);
 }
 
+BOOST_FIXTURE_TEST_CASE(DropRepliesActsOnRequestsAndLosesTheirAnswers, Fixture) {
+  Conn lossy(proxy.port());
+  Conn direct(redis.port());
+  BOOST_REQUIRE(lossy.connected() && direct.connected());
+  BOOST_REQUIRE_EQUAL(lossy.Call(kPing).value_or("none"), kPong);
+  BOOST_REQUIRE(proxy.DropReplies());
+  BOOST_REQUIRE(proxy.mode() == FaultProxy::Mode::kDropReplies);
+  // The server acts on the request; its answer never arrives (a deliberate
+  // wait: silence is what is being checked), and the connection stays open.
+  BOOST_CHECK(!lossy.Call(Command({"INCR", "n"}), 0.3).has_value());
+  BOOST_CHECK(!lossy.closed());
+  BOOST_CHECK_EQUAL(direct.Call(Command({"GET", "n"})).value_or("none"), "$1\r\n1\r\n");
+  BOOST_CHECK(Eventually([&] { return proxy.bytes_dropped() >= 4; }));  // ":1\r\n"
+  // A new connection is forwarded too, and hears nothing.
+  Conn during(proxy.port());
+  BOOST_REQUIRE(during.connected());
+  BOOST_CHECK(!during.Call(Command({"INCR", "n"}), 0.3).has_value());
+  BOOST_CHECK_EQUAL(direct.Call(Command({"GET", "n"})).value_or("none"), "$1\r\n2\r\n");
+  // Healed: answers flow again; what was dropped stays lost.
+  BOOST_REQUIRE(proxy.Pass());
+  BOOST_CHECK_EQUAL(lossy.Call(kPing).value_or("none"), kPong);
+  BOOST_CHECK_EQUAL(during.Call(Command({"INCR", "n"})).value_or("none"), ":3\r\n");
+}
+
 BOOST_FIXTURE_TEST_CASE(UpstreamDeathClosesClientsAndRestartServesAgain, Fixture) {
   Conn before(proxy.port());
   BOOST_REQUIRE(before.connected());

@@ -1014,6 +1014,67 @@ BOOST_AUTO_TEST_CASE(one_host_cut_off_while_the_others_are_not) {
   BOOST_CHECK_LE(mesh.WorstOverspend(), bound);
 }
 
+// A host whose answers from Redis are lost (its requests reach Redis and
+// are acted on; the replies never come back, as with a timeout or a reset
+// after the script ran): it keeps pacing at its whole lease, and Redis goes
+// on counting what it paces at, so a host that turns busy meanwhile is
+// granted only what is left. Had Redis recorded the smaller grant of a
+// reply that was lost, both hosts would pace the same share.
+BOOST_AUTO_TEST_CASE(lost_replies_grant_nothing_twice) {
+  Mesh mesh({TwoKeys().front()});
+  const std::string key = mesh.keys().front().name;
+  Host& lossy = mesh.AddHost(/*proxied=*/true);
+  Host& other = mesh.AddHost();
+  for (Host* h : {&lossy, &other}) BOOST_REQUIRE(mesh.Start(*h));
+  BOOST_REQUIRE(WaitLeased(mesh, {&lossy, &other}));
+  const double cap = kRpm * (1 - kHeadroom);
+  mesh.Spawn(lossy, 2, 0);  // busy, the other host idle: it holds most of the key
+  BOOST_REQUIRE(mesh.WaitWorkersConnected());
+  BOOST_REQUIRE(Eventually([&] { return ShareRpm(lossy, key) > 0.8 * cap; }, 5));
+  auto failures = [&] {
+    std::optional<json::object> m = MeshOp(lossy);
+    return m ? Number(*m, "refresh_failures") : -1;
+  };
+  const double failed_before = failures();
+  BOOST_REQUIRE_GE(failed_before, 0);
+  BOOST_REQUIRE(lossy.proxy->DropReplies());
+  // One request acted on and unanswered: from here lossy's share is frozen.
+  BOOST_REQUIRE(Eventually([&] { return failures() > failed_before; }, 3));
+  const double held = ShareRpm(lossy, key);
+  BOOST_REQUIRE_GT(held, 0.8 * cap);
+  const uint64_t busy = MonoNanos();
+  mesh.Spawn(other, 2, 0);  // its fair part is now half the key; lossy still paces at `held`
+  BOOST_REQUIRE(mesh.WaitWorkersConnected());
+  // Sampled until lossy's lease ends on its side (then it follows `outage`).
+  double worst = 0;
+  size_t samples = 0;
+  while (Mode(lossy) == "leased" && Seconds(MonoNanos() - busy) < kLease + 2) {
+    const double a = ShareRpm(lossy, key);
+    const double b = ShareRpm(other, key);
+    if (a >= 0 && b >= 0) {
+      BOOST_CHECK_EQUAL(a, held);  // the whole lease, kept
+      worst = std::max(worst, a + b);
+      ++samples;
+    }
+    ::usleep(50'000);  // the sampling period, not a settle
+  }
+  const uint64_t lease_ended = MonoNanos();
+  BOOST_TEST_MESSAGE("lossy held " << held << " rpm for " << Seconds(lease_ended - busy) << " s; worst sum " << worst
+                                   << " of " << cap << " over " << samples << " samples; "
+                                   << lossy.proxy->bytes_dropped() << " bytes of replies dropped");
+  BOOST_CHECK_GE(samples, 5u);
+  BOOST_CHECK_LE(worst, cap * (1 + 1e-9));
+  BOOST_CHECK_GT(lossy.proxy->bytes_dropped(), 0u);
+  // The ground truth: the provider saw nothing beyond the key's limit.
+  BOOST_CHECK_LE(mesh.WorstOverspend(busy, lease_ended), 1.0);
+  // Healed: lossy's next answered request reports what it paces at, and
+  // the share moves to the other host within a few refreshes.
+  BOOST_REQUIRE(lossy.proxy->Pass());
+  BOOST_CHECK(Eventually([&] { return ShareRpm(other, key) > 0.4 * cap; }, 10 * kRefresh + 2));
+  mesh.StopAllWorkers();
+  BOOST_CHECK_LE(mesh.WorstOverspend(), 1.0);
+}
+
 // A broker whose Redis is not there starts, serves its own host in the
 // outage mode, and joins the mesh when Redis appears.
 BOOST_AUTO_TEST_CASE(broker_starts_and_serves_with_redis_absent) {

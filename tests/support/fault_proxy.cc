@@ -152,6 +152,12 @@ void FaultProxy::Run() {
   Mode mode = Mode::kPass;
   uint64_t delay_ns = 0;
 
+  // In drop_replies: what the upstream answered is gone.
+  auto drop_down = [&](Conn& c) {
+    bytes_dropped_.fetch_add(c.down.queued);
+    c.down.q.clear();
+    c.down.queued = 0;
+  };
   auto kill_conn = [&](Conn& c) {
     CloseWithReset(c.client);
     CloseWithReset(c.upstream);
@@ -220,6 +226,9 @@ void FaultProxy::Run() {
           }
         }
         mode = want;
+        if (mode == Mode::kDropReplies) {
+          for (Conn& c : conns) drop_down(c);
+        }
         delay_ns = static_cast<uint64_t>(delay_ms_) * 1'000'000ull;
         conns.remove_if([&](const Conn& c) { return c.dead; });
         open_.store(conns.size());
@@ -231,7 +240,7 @@ void FaultProxy::Run() {
     open_.store(conns.size());
 
     const uint64_t now = MonoNs();
-    const bool flowing = mode == Mode::kPass || mode == Mode::kDelay;
+    const bool flowing = mode == Mode::kPass || mode == Mode::kDelay || mode == Mode::kDropReplies;
     if (flowing) {
       for (Conn& c : conns) {
         if (c.upstream >= 0) continue;
@@ -307,6 +316,7 @@ void FaultProxy::Run() {
           kill_conn(c);
           continue;
         }
+        if (!client_side && mode == Mode::kDropReplies) drop_down(c);
       }
       if (re & POLLOUT) {
         if (!push(fd, out, after, client_side ? bytes_down_ : bytes_up_)) kill_conn(c);

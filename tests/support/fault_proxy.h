@@ -10,6 +10,11 @@
 //              connected upstream; what was in flight is held, as TCP would
 //              retransmit it, and flows on when the mode goes back to pass
 //              or delay
+//   drop_replies  forwards what the clients send, and reads and discards
+//              what the upstream answers (also what was held for the
+//              clients): a reply lost on its way back after the server
+//              acted on the request, as a timeout or a reset after the
+//              request reached the server looks to the client
 //   reset      every connection is closed with RST (what was held is
 //              dropped) and the listening socket is closed, so new
 //              connections are refused (ECONNREFUSED) like a dead server;
@@ -38,7 +43,7 @@ namespace keymesh::testing {
 
 class FaultProxy {
  public:
-  enum class Mode : uint8_t { kPass = 0, kDelay = 1, kBlackhole = 2, kReset = 3 };
+  enum class Mode : uint8_t { kPass = 0, kDelay = 1, kBlackhole = 2, kReset = 3, kDropReplies = 4 };
 
   // Forwards to 127.0.0.1:upstream_port.
   explicit FaultProxy(uint16_t upstream_port);
@@ -58,6 +63,7 @@ class FaultProxy {
   bool Delay(uint32_t ms) { return SetMode(Mode::kDelay, ms); }
   bool Blackhole() { return SetMode(Mode::kBlackhole); }
   bool Reset() { return SetMode(Mode::kReset); }
+  bool DropReplies() { return SetMode(Mode::kDropReplies); }
   Mode mode() const;
 
   uint16_t port() const noexcept { return port_; }
@@ -70,6 +76,8 @@ class FaultProxy {
   // Bytes forwarded to the upstream and back to the clients.
   uint64_t bytes_up() const noexcept { return bytes_up_.load(); }
   uint64_t bytes_down() const noexcept { return bytes_down_.load(); }
+  // Bytes of the upstream's answers discarded in drop_replies.
+  uint64_t bytes_dropped() const noexcept { return bytes_dropped_.load(); }
 
  private:
   struct Loop;
@@ -94,6 +102,7 @@ class FaultProxy {
   std::atomic<uint64_t> open_{0};
   std::atomic<uint64_t> bytes_up_{0};
   std::atomic<uint64_t> bytes_down_{0};
+  std::atomic<uint64_t> bytes_dropped_{0};
 };
 
 }  // namespace keymesh::testing
