@@ -15,6 +15,10 @@ other in one run, with the same demand:
   mesh, killed   the mesh with redis-server SIGKILLed a third of the way in
                  (the rest of the run without Redis: the lease, then `outage`)
 
+Beside the mesh row's calls to Redis, the 'keys' row runs the same farm
+against --many-keys keys (default 20) and reports only its calls to Redis:
+one lease call per refresh, whatever the number of keys.
+
 Then the cooldown propagation: one host's worker gets a 429 with
 Retry-After from the provider and reports it; the time until every other
 host's segment shows the key cooling (read by an attached pool's status(),
@@ -71,6 +75,13 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
         events += [(fault_at, lambda _t: c.redis.freeze()), (fault_at + args.freeze, lambda _t: c.redis.thaw())]
     elif fault == "killed":
         events.append((fault_at, lambda _t: c.redis.kill()))
+    half_stats: dict[str, Any] = {}
+    if count_redis:
+        def note_half(_t: float) -> None:
+            # The steady state's calls: the second half's, from these counts.
+            half_stats["cmds"] = redis_commands(c)
+            half_stats["since"] = total_refreshes(c), time.monotonic()
+        events.append((args.seconds / 2, note_half))
     if mesh is not None:
         def note_modes(_t: float) -> None:
             for h in c.hosts:
@@ -90,6 +101,8 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
             events += [(float(t), trace) for t in range(1, int(args.seconds))]
     result = mf.run_farm(c, mode, args.seconds, plans, events=events, gcra=gcra)
     busy_load = redis_load(c, busy_r0, args.refresh) if count_redis else None
+    half_load = redis_load(c, half_stats["since"], args.refresh, half_stats["cmds"]) \
+        if count_redis and half_stats else None
     stats = c.provider_stats()
     counts = mf.totals(result.reports)
     calls = counts["ok"] + counts["429"] + counts["401"] + counts["other"]
@@ -109,7 +122,7 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
            "per_host": [s / args.seconds for s in served], "p50": p50, "p99": p99,
            "no_key": counts["no_key"], "failed": result.failed,
            "modes": "/".join(modes_end.get(h.name, "?") for h in c.hosts) if mesh is not None else "",
-           "redis_idle": idle_load, "redis_busy": busy_load, "refused_at": refused_at}
+           "redis_idle": idle_load, "redis_busy": busy_load, "redis_half": half_load, "refused_at": refused_at}
     return row
 
 
@@ -133,14 +146,17 @@ def total_refreshes(c: mf.Cluster) -> int:
 BROKER_COMMANDS = ("evalsha", "eval", "xread", "script|load", "auth", "select", "ping")
 
 
-def redis_load(c: mf.Cluster, since: tuple[int, float], refresh_s: float) -> dict[str, Any]:
-    """The brokers' calls to Redis since the last reset (at `since`: all
-    hosts' refreshes then, and time.monotonic()) per host and refresh period
-    (the hosts times the seconds since over the refresh period), in all and
-    by command, and per refresh done (the early ones too: a rebalance's).
-    TIME is left out: the scripts call it too, and a broker only once per
-    connection."""
-    cmds = {k: v for k, v in redis_commands(c).items() if k in BROKER_COMMANDS}
+def redis_load(c: mf.Cluster, since: tuple[int, float], refresh_s: float,
+               base: dict[str, int] | None = None) -> dict[str, Any]:
+    """The brokers' calls to Redis since the last reset, or since the counts
+    `base` (at `since`: all hosts' refreshes then, and time.monotonic()) per
+    host and refresh period (the hosts times the seconds since over the
+    refresh period), in all and by command, and per refresh done (the early
+    ones too: a rebalance's). TIME is left out: the scripts call it too, and
+    a broker only once per connection."""
+    base = base or {}
+    cmds = {k: v - base.get(k, 0) for k, v in redis_commands(c).items() if k in BROKER_COMMANDS}
+    cmds = {k: v for k, v in cmds.items() if v > 0}
     refreshes = max(1, total_refreshes(c) - since[0])
     periods = max(1e-9, len(c.hosts) * (time.monotonic() - since[1]) / refresh_s)
     return {"per_period": sum(cmds.values()) / periods, "periods": periods,
@@ -189,6 +205,25 @@ def fastpath(args: argparse.Namespace, mesh: dict[str, Any]) -> list[dict[str, A
     finally:
         c.cleanup()
     return out
+
+
+def many_keys(args: argparse.Namespace, workers: list[int], plans: list[mf.WorkerPlan],
+              mesh: dict[str, Any]) -> dict[str, Any]:
+    """The mesh row again with --many-keys keys of 600 rpm (the same farm,
+    which then never contends for them), in its own cluster: only its calls
+    to Redis per host and refresh period are reported, beside the mesh
+    row's, to show that a refresh is one call whatever the number of keys."""
+    keys = [mf.KeySpec(f"key-{i:03d}", 600) for i in range(args.many_keys)]
+    c = mf.Cluster(args.build, keys, workers, concurrency=8, prefix="keymesh-bench-keys-")
+    try:
+        c.start_provider()
+        c.redis.start()
+        row = run_row(c, f"mesh, {len(keys)} keys", "keymesh", args, plans, mesh)
+        c.stop_brokers()
+    finally:
+        c.cleanup()
+    row["table"] = False
+    return row
 
 
 def propagation(c: mf.Cluster, trials: int, retry_after: float) -> dict[str, Any]:
@@ -290,7 +325,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=20, help="cooldown propagation trials")
     parser.add_argument("--idle", type=float, default=10.0,
                         help="seconds the mesh row first counts Redis commands with no load (0: not)")
-    parser.add_argument("--rows", default="mesh,isolated,redis-gcra,frozen,killed,propagation,fastpath")
+    parser.add_argument("--many-keys", type=int, default=20,
+                        help="keys of the 'keys' row, which counts the mesh's Redis calls with that many keys")
+    parser.add_argument("--rows", default="mesh,keys,isolated,redis-gcra,frozen,killed,propagation,fastpath")
     parser.add_argument("--trace", action="store_true",
                         help="print each host's share and wants of each key every second of the mesh rows")
     parser.add_argument("--build", default=os.path.join(mf.ROOT, "build"))
@@ -299,6 +336,8 @@ def main() -> int:
     workers = [int(n) for n in args.workers.split(",") if n.strip()]
     if not workers or any(n < 1 for n in workers) or len(workers) > 8:
         parser.error("--workers: 1 to 8 hosts, each at least 1 worker")
+    if not 1 <= args.many_keys <= 256:
+        parser.error("--many-keys: 1 to 256")
     if args.freeze >= args.lease:
         parser.error("--freeze must be shorter than --lease")
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -336,6 +375,8 @@ def main() -> int:
                 if "propagation" in rows_wanted:
                     prop = propagation(c, args.trials, 0.3)
                 c.stop_brokers()
+            elif name == "keys":
+                rows.append(many_keys(args, workers, plans, mesh))
             elif name == "isolated":
                 rows.append(run_row(c, "isolated", "keymesh", args, plans, None))
                 c.stop_brokers()
@@ -371,6 +412,8 @@ def main() -> int:
 
 def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, fast: list[dict[str, Any]], c: mf.Cluster,
            args: argparse.Namespace) -> None:
+    redis_rows = rows
+    rows = [r for r in rows if r.get("table", True)]
     if rows:
         hosts = "/".join(h.name for h in c.hosts)
         print()
@@ -392,15 +435,16 @@ def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, fast: list[d
         print("\nwhen the provider refused (seconds into the row): " + "; ".join(
             f"{r['label']}: " + ", ".join(f"{t:.1f}" for t in r["refused_at"][:12]) +
             (" ..." if len(r["refused_at"]) > 12 else "") for r in late))
-    for r in rows:
+    for r in redis_rows:
         for what, load in (("idle (hosts leased, no worker)", r.get("redis_idle")),
-                           ("under the row's load", r.get("redis_busy"))):
+                           ("under the row's load", r.get("redis_busy")),
+                           ("under the row's load, its second half", r.get("redis_half"))):
             if load:
                 by = ", ".join(f"{k} {v:.2f}" for k, v in load["by"].items())
                 print(f"\nredis calls per host per refresh period, {r['label']} {what}: {load['per_period']:.2f} "
                       f"over {load['periods']:.0f} periods ({by}); per refresh done {load['per_refresh']:.2f} "
                       f"over {load['refreshes']} (early ones, on a rebalance, included)")
-    if any(r.get("redis_busy") for r in rows):
+    if any(r.get("redis_busy") for r in redis_rows):
         print("(evalsha: the lease, one per refresh for all keys, and publishes, one per change; xread: the event "
               "reader's blocking read, one per batch of other hosts' changes or 30 s; target: at most one per host per "
               "refresh, whatever the number of keys)")
