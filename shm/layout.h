@@ -51,7 +51,9 @@ inline constexpr uint64_t kMagic = 0x314853454D59454Bull;  // "KEYMESH1"
 // 4: KeyConfig's mesh share fields, PoolHeader::events_seq and share_until. A worker
 // built before them would pace a key at its whole configured rate while a
 // mesh broker gave this host only a share of it: it must refuse the segment.
-inline constexpr uint32_t kLayoutVersion = 4;
+// 5: PoolHeader::wait_clock_ms (was padding): a worker built before it would
+// queue for a mesh share without the mesh job seeing it wait.
+inline constexpr uint32_t kLayoutVersion = 5;
 inline constexpr uint32_t kNoSlot = UINT32_MAX;
 inline constexpr uint64_t kNever = UINT64_MAX;
 
@@ -243,6 +245,10 @@ static_assert(sizeof(Journal) % 64 == 0, "Journal layout");
 // PoolHeader::use.
 enum class PoolUse : uint32_t { kFree = 0, kInUse = 1 };
 
+// A waiting acquire adds its time to PoolHeader::wait_clock_ms at least this
+// often (it wakes to, and looks at the keys again while it is up).
+inline constexpr uint64_t kWaitClockNs = 50'000'000;
+
 struct alignas(64) PoolHeader {
   // --- line 0: the lock and what every acquire or release writes ---
   RobustMutex mutex;                 // guards this header and the pool's data region
@@ -266,7 +272,13 @@ struct alignas(64) PoolHeader {
   uint64_t wait_sum_ns;
   // --- cold ---
   PoolUse use;  // written once by CreatePool (under SegmentHeader::admin_mutex)
-  uint32_t pad0;
+  // Milliseconds the pool's acquires have waited in all, those still
+  // waiting included: each waiter adds its own time as it goes (at least
+  // every kWaitClockNs), so a waiter that died adds nothing more. Lock-free;
+  // wraps at 2^32 (49 days of waiting): read as the difference of two
+  // readings. The mesh job's sign of workers queueing for a share, before
+  // any of them is granted.
+  std::atomic<uint32_t> wait_clock_ms;
   uint64_t vtime;                  // weighted: pass of the last pick
   uint64_t created_mono;           // CLOCK_MONOTONIC ns at creation (write-once)
   uint64_t created_wall;           // wall-clock ns at creation (write-once)

@@ -367,6 +367,15 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
   // the lease's grant time (a clock read costs tens of ns on a VM).
   uint64_t start = 0;
   uint64_t deadline = 0;
+  uint64_t clocked_ms = 0;  // of this wait, added to the pool's wait clock
+  // This wait until `mono`, on the pool's wait clock (lock-free).
+  auto clock_wait = [&](uint64_t mono) {
+    const uint64_t ms = mono > start ? (mono - start) / 1'000'000 : 0;
+    if (ms > clocked_ms) {
+      ph->wait_clock_ms.fetch_add(static_cast<uint32_t>(ms - clocked_ms), std::memory_order_relaxed);
+      clocked_ms = ms;
+    }
+  };
   for (bool first = true;; first = false) {
     uint32_t seq = 0;
     uint64_t earliest = kNever;
@@ -376,6 +385,9 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
         return g.status();
       const uint64_t now = core_.Now();
       const uint64_t waited = first ? 0 : std::max<uint64_t>(MonotonicNowNanos() - start, 1);
+      // This wait so far (whatever comes next: a grant, a timeout, a cancel
+      // or more sleep).
+      if (!first) clock_wait(start + waited);
       Result<LeaseHandle> r =
           core_.Checked([&] { return core_.TryAcquireLocked(selector, now, &earliest, tokens, waited, holder); });
       if (r.ok()) [[likely]]
@@ -419,7 +431,17 @@ Result<LeaseHandle> PoolUser::Acquire(uint64_t timeout_ns, const Selector* selec
     uint64_t wait = deadline == kNever ? kNever : (deadline > real_now ? deadline - real_now : 0);
     if (earliest != kNever) wait = std::min(wait, earliest + 1);
     if (wait == 0) continue;
-    FutexWait(&ph->wake_seq, seq, wait);
+    // Asleep in slices of at most kWaitClockNs, to add each to the wait
+    // clock; only a change (wake_seq moved) or the end of the whole wait
+    // makes it look at the keys again.
+    const uint64_t wake_at = wait >= kNever - real_now ? kNever : real_now + wait;
+    for (uint64_t t = real_now;;) {
+      FutexWait(&ph->wake_seq, seq, std::min(wake_at - t, kWaitClockNs));
+      if (ph->wake_seq.load(std::memory_order_acquire) != seq) break;
+      t = MonotonicNowNanos();
+      clock_wait(t);
+      if (t >= wake_at) break;
+    }
   }
 }
 

@@ -116,6 +116,7 @@ Result<PoolStatus> PoolUser::Snapshot() {
   }
   out.acquire_wait.sum = NanosToSeconds(ph->wait_sum_ns);
   t.timeouts = ph->timeouts.load(std::memory_order_relaxed);
+  t.wait_clock_ms = ph->wait_clock_ms.load(std::memory_order_relaxed);
   const uint32_t hw = core_.HighWater();
   for (uint32_t s = 0; s < hw; ++s) {
     const KeySlot& k = core_.key(s);

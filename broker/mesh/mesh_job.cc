@@ -157,7 +157,7 @@ struct Known {
 // over the last intervals (requests or tokens; summed over the pool's keys).
 struct PoolDemand {
   uint64_t gave_up = 0;
-  double wait_sum = -1;  // the pool's acquire_wait.sum last seen; -1: none yet
+  int64_t wait_clock = -1;  // the pool's wait clock (ms, wraps at 2^32) last seen; -1: none yet
   // Since when the pool's workers queue (every measurement since saw them
   // queue); 0: they do not.
   uint64_t queued_since = 0;
@@ -477,9 +477,14 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     std::vector<std::pair<KeyRuntime*, bool>> keys;  // and whether it serves
     PoolDemand::Interval in;
     in.dt = dt;
-    const double wait_sum = snap->acquire_wait.sum;
-    in.waited = d.wait_sum >= 0 && wait_sum >= d.wait_sum ? wait_sum - d.wait_sum : 0;
-    d.wait_sum = wait_sum;
+    // The pool's wait clock counts the waits still going on too (each
+    // waiter adds its time at least every 50 ms), so workers that queue for
+    // a small share show before any of them is granted, or times out.
+    const uint32_t clock = snap->totals.wait_clock_ms;
+    in.waited = d.wait_clock >= 0
+                    ? static_cast<double>(static_cast<uint32_t>(clock - static_cast<uint32_t>(d.wait_clock))) / 1e3
+                    : 0;
+    d.wait_clock = clock;
     double limits_req = 0, limits_tok = 0, has_req = 0, has_tok = 0;
     for (const KeyStatus& ks : snap->keys) {
       auto it = rt.find(KeyOf(pool, ks.name));

@@ -153,6 +153,10 @@ struct PoolTotals {
   uint64_t reclaimed = 0;
   uint64_t no_key_available = 0;  // failed acquires, once each
   uint64_t timeouts = 0;          // acquires that gave up after waiting
+  // Milliseconds all acquires have waited, those waiting now included (each
+  // adds its part at least every 50 ms); wraps at 2^32: compare two
+  // readings modulo 2^32.
+  uint32_t wait_clock_ms = 0;
 };
 
 // Upper bounds (seconds) of the acquire wait-time histogram buckets; the

@@ -269,6 +269,55 @@ BOOST_AUTO_TEST_CASE(release_wakes_a_blocked_waiter_promptly) {
   BOOST_CHECK_EQUAL(t.Snap().keys[0].in_flight, 0u);
 }
 
+// A waiting acquire adds its time to the pool's wait clock as it goes (the
+// mesh job's sign of workers queueing for a share), not only once it ends;
+// a waiter SIGKILLed in its sleep adds nothing more; and one that waited
+// to the end left all of its wait on the clock.
+BOOST_AUTO_TEST_CASE(a_waiter_shows_on_the_wait_clock_while_it_waits) {
+  TestPool t(1, testing::MakeConfig(Strategy::kLeastBusy), SystemClock::Instance(), Capacities{1, 8, 64},
+             /*max_concurrency=*/1);
+  Result<LeaseHandle> held = t.pool->TryAcquire();
+  BOOST_REQUIRE(held.ok());
+  const uint32_t before = t.Snap().totals.wait_clock_ms;
+  Pipe ready, result;
+  ChildGuard child(ForkWaiter(*t.pool, ready, result, 20 * kNanosPerSecond));
+  ready.CloseWrite();
+  result.CloseWrite();
+  char c = 0;
+  BOOST_REQUIRE(ready.Get(&c));
+  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(*t.pool, child.pid), "the waiter never went to sleep");
+  auto clocked = [&] { return static_cast<uint32_t>(t.Snap().totals.wait_clock_ms - before); };
+  const uint64_t give_up = MonotonicNowNanos() + 5 * kNanosPerSecond;
+  while (clocked() < 300 && MonotonicNowNanos() < give_up) {
+    timespec ts{0, 5'000'000};  // polling a condition, bounded by give_up
+    nanosleep(&ts, nullptr);
+  }
+  BOOST_CHECK_GE(clocked(), 300u);
+  BOOST_CHECK_EQUAL(t.Snap().keys[0].in_flight, 1u);  // still waiting: nothing granted
+  BOOST_CHECK_EQUAL(child.KillAndWait(), 128 + SIGKILL);
+  const uint32_t at_kill = clocked();
+  const uint64_t hold_until = MonotonicNowNanos() + 3 * kWaitClockNs;  // the scenario: time passes
+  while (MonotonicNowNanos() < hold_until) {
+    timespec ts{0, 10'000'000};
+    nanosleep(&ts, nullptr);
+  }
+  BOOST_CHECK_EQUAL(clocked(), at_kill);
+  // A waiter that times out leaves its whole wait on the clock.
+  Pipe ready2, result2;
+  ChildGuard timed(ForkWaiter(*t.pool, ready2, result2, 300'000'000));
+  ready2.CloseWrite();
+  result2.CloseWrite();
+  WaitResult w;
+  BOOST_REQUIRE(result2.Get(&w));
+  BOOST_CHECK(static_cast<Code>(w.code) == Code::kNoAvailableKey);
+  BOOST_CHECK_EQUAL(timed.Wait(), 0);
+  BOOST_CHECK_GE(clocked() - at_kill, 299u);
+  BOOST_CHECK_LE(clocked() - at_kill, (w.returned - w.started) / 1'000'000 + 1);
+  CheckNoSpin(w);
+  BOOST_REQUIRE(t.pool->Release(*held, Outcome{}).ok());
+  BOOST_CHECK(t.pool->CheckConsistency().ok());
+}
+
 BOOST_AUTO_TEST_CASE(cooldown_end_wakes_a_waiter_without_any_release) {
   TestPool t(1, testing::MakeConfig(Strategy::kLeastBusy), SystemClock::Instance(), Capacities{1, 8, 64});
   Result<LeaseHandle> h = t.pool->TryAcquire();
