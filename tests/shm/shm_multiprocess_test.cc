@@ -187,6 +187,25 @@ pid_t ForkWaiter(PoolAdmin& pool, Pipe& ready, Pipe& result, uint64_t timeout_ns
 }
 
 // The waiter burned at most a small fraction of the time it waited.
+// After ForkWaiter: the child signalled and now sleeps in its acquire.
+void SeeAsleep(PoolAdmin& pool, pid_t pid, Pipe& ready, Pipe& result) {
+  ready.CloseWrite();
+  result.CloseWrite();
+  char c = 0;
+  BOOST_REQUIRE(ready.Get(&c));
+  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(pool, pid), "the waiter never went to sleep");
+}
+
+// A scenario's own duration (a waiter left asleep): never a wait for
+// something to settle.
+void Hold(uint64_t ns) {
+  const uint64_t until = MonotonicNowNanos() + ns;
+  while (MonotonicNowNanos() < until) {
+    timespec ts{0, 10'000'000};
+    nanosleep(&ts, nullptr);
+  }
+}
+
 void CheckNoSpin(const WaitResult& w) {
   const uint64_t wall = w.returned - w.started;
   BOOST_TEST_MESSAGE("waited " << NanosToSeconds(wall) << " s using " << NanosToSeconds(w.cpu) << " s CPU");
@@ -245,17 +264,8 @@ BOOST_AUTO_TEST_CASE(release_wakes_a_blocked_waiter_promptly) {
   BOOST_REQUIRE(held.ok());
   Pipe ready, result;
   ChildGuard child(ForkWaiter(*t.pool, ready, result, 20 * kNanosPerSecond));
-  ready.CloseWrite();
-  result.CloseWrite();
-  char c = 0;
-  BOOST_REQUIRE(ready.Get(&c));
-  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(*t.pool, child.pid), "the waiter never went to sleep");
-  // Asleep for a while: a spinning waiter would burn this time.
-  const uint64_t hold_until = MonotonicNowNanos() + 200'000'000;
-  while (MonotonicNowNanos() < hold_until) {
-    timespec ts{0, 10'000'000};
-    nanosleep(&ts, nullptr);
-  }
+  SeeAsleep(*t.pool, child.pid, ready, result);
+  Hold(200'000'000);  // asleep for a while: a spinning waiter would burn this time
   const uint64_t released = MonotonicNowNanos();
   BOOST_REQUIRE(t.pool->Release(*held, Outcome{}).ok());
   WaitResult w;
@@ -281,11 +291,7 @@ BOOST_AUTO_TEST_CASE(a_waiter_shows_on_the_wait_clock_while_it_waits) {
   const uint32_t before = t.Snap().totals.wait_clock_ms;
   Pipe ready, result;
   ChildGuard child(ForkWaiter(*t.pool, ready, result, 20 * kNanosPerSecond));
-  ready.CloseWrite();
-  result.CloseWrite();
-  char c = 0;
-  BOOST_REQUIRE(ready.Get(&c));
-  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(*t.pool, child.pid), "the waiter never went to sleep");
+  SeeAsleep(*t.pool, child.pid, ready, result);
   auto clocked = [&] { return static_cast<uint32_t>(t.Snap().totals.wait_clock_ms - before); };
   const uint64_t give_up = MonotonicNowNanos() + 5 * kNanosPerSecond;
   while (clocked() < 300 && MonotonicNowNanos() < give_up) {
@@ -296,11 +302,7 @@ BOOST_AUTO_TEST_CASE(a_waiter_shows_on_the_wait_clock_while_it_waits) {
   BOOST_CHECK_EQUAL(t.Snap().keys[0].in_flight, 1u);  // still waiting: nothing granted
   BOOST_CHECK_EQUAL(child.KillAndWait(), 128 + SIGKILL);
   const uint32_t at_kill = clocked();
-  const uint64_t hold_until = MonotonicNowNanos() + 3 * kWaitClockNs;  // the scenario: time passes
-  while (MonotonicNowNanos() < hold_until) {
-    timespec ts{0, 10'000'000};
-    nanosleep(&ts, nullptr);
-  }
+  Hold(3 * kWaitClockNs);  // time passes with nobody waiting
   BOOST_CHECK_EQUAL(clocked(), at_kill);
   // A waiter that times out leaves its whole wait on the clock.
   Pipe ready2, result2;
@@ -349,11 +351,7 @@ BOOST_AUTO_TEST_CASE(enabling_a_key_wakes_a_waiter) {
   BOOST_REQUIRE(t.pool->SetEnabled("k1", false).ok());
   Pipe ready, result;
   ChildGuard child(ForkWaiter(*t.pool, ready, result, 20 * kNanosPerSecond));
-  ready.CloseWrite();
-  result.CloseWrite();
-  char c = 0;
-  BOOST_REQUIRE(ready.Get(&c));
-  BOOST_REQUIRE_MESSAGE(WaitUntilAsleep(*t.pool, child.pid), "the waiter never went to sleep");
+  SeeAsleep(*t.pool, child.pid, ready, result);
   const uint64_t enabled = MonotonicNowNanos();
   BOOST_REQUIRE(t.pool->SetEnabled("k1", true).ok());
   WaitResult w;
