@@ -246,7 +246,8 @@ static_assert(sizeof(Journal) % 64 == 0, "Journal layout");
 enum class PoolUse : uint32_t { kFree = 0, kInUse = 1 };
 
 // A waiting acquire adds its time to PoolHeader::wait_clock_ms at least this
-// often (it wakes to, and looks at the keys again while it is up).
+// often (it wakes only to count; a change or the end of its wait makes it
+// look at the keys again).
 inline constexpr uint64_t kWaitClockNs = 50'000'000;
 
 struct alignas(64) PoolHeader {

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <random>
 #include <set>
 #include <utility>
@@ -157,7 +158,7 @@ struct Known {
 // over the last intervals (requests or tokens; summed over the pool's keys).
 struct PoolDemand {
   uint64_t gave_up = 0;
-  int64_t wait_clock = -1;  // the pool's wait clock (ms, wraps at 2^32) last seen; -1: none yet
+  std::optional<uint32_t> wait_clock;  // the pool's wait clock (ms, wraps at 2^32) last seen
   // Since when the pool's workers queue (every measurement since saw them
   // queue); 0: they do not.
   uint64_t queued_since = 0;
@@ -481,9 +482,7 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     // waiter adds its time at least every 50 ms), so workers that queue for
     // a small share show before any of them is granted, or times out.
     const uint32_t clock = snap->totals.wait_clock_ms;
-    in.waited = d.wait_clock >= 0
-                    ? static_cast<double>(static_cast<uint32_t>(clock - static_cast<uint32_t>(d.wait_clock))) / 1e3
-                    : 0;
+    in.waited = d.wait_clock ? static_cast<uint32_t>(clock - *d.wait_clock) / 1e3 : 0;
     d.wait_clock = clock;
     double limits_req = 0, limits_tok = 0, has_req = 0, has_tok = 0;
     for (const KeyStatus& ks : snap->keys) {

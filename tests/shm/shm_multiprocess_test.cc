@@ -186,7 +186,6 @@ pid_t ForkWaiter(PoolAdmin& pool, Pipe& ready, Pipe& result, uint64_t timeout_ns
   });
 }
 
-// The waiter burned at most a small fraction of the time it waited.
 // After ForkWaiter: the child signalled and now sleeps in its acquire.
 void SeeAsleep(PoolAdmin& pool, pid_t pid, Pipe& ready, Pipe& result) {
   ready.CloseWrite();
@@ -206,6 +205,7 @@ void Hold(uint64_t ns) {
   }
 }
 
+// The waiter burned at most a small fraction of the time it waited.
 void CheckNoSpin(const WaitResult& w) {
   const uint64_t wall = w.returned - w.started;
   BOOST_TEST_MESSAGE("waited " << NanosToSeconds(wall) << " s using " << NanosToSeconds(w.cpu) << " s CPU");
