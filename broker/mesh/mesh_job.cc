@@ -52,6 +52,8 @@ constexpr double kSaturatedGrowth = 1.5;
 // however long).
 constexpr double kDemandWindow = 2;
 constexpr double kSaturatedSpan = 0.5;
+// Demand samples per refresh period (the last one is the refresh's own).
+constexpr int kDemandSamples = 4;
 // A saturated pool whose workers queued this long (refresh periods) asks for
 // the whole key: its queue outlasted what kSaturatedGrowth brought, so its
 // demand is more than a squeeze of a moment, and the allocator's max-min
@@ -68,7 +70,9 @@ constexpr double kClearFall = 0.5;
 constexpr double kClearFallOfLimit = 0.1;
 // A rebalance (another host is short of its fair part): this host refreshes
 // at once, but not sooner than this after its last refresh; a host that was
-// short refreshes again this soon, once the others gave back.
+// short refreshes again kShortRetry later, once the others gave back, or
+// half a refresh period when that is less (but twice the gap at least: the
+// others' rebalance and its report come first).
 constexpr auto kRebalanceGap = std::chrono::milliseconds(50);
 constexpr auto kShortRetry = std::chrono::milliseconds(150);
 // A refresh that lowered a grant by more than this part of the key's limit
@@ -162,6 +166,9 @@ struct PoolDemand {
   // Since when the pool's workers queue (every measurement since saw them
   // queue); 0: they do not.
   uint64_t queued_since = 0;
+  // A sample called the refresh for this queue already (once per queue: a
+  // verdict that flips at the refresh does not make every sample one).
+  bool escalated = false;
   // One refresh interval (dt seconds): what the pool's keys admitted
   // (requests, tokens), the shares they held over it (share x seconds) and
   // the seconds its workers waited in acquire.
@@ -204,7 +211,10 @@ struct PoolDemand {
   static bool Saturated(const Interval& s, bool tokens) {
     const double used = tokens ? s.used_tok : s.used_req;
     const double held = tokens ? s.held_tok : s.held_req;
-    return Queued(s) && held > 0 && used >= kSaturatedUse * held;
+    // Requests come whole: a share of less than a request or two over the
+    // span is used up by one request more than was counted.
+    const double grain = tokens ? 0.0 : 1.0;
+    return Queued(s) && held > 0 && used + grain >= kSaturatedUse * held;
   }
   // The pool's use per second (requests or tokens): over the window, or
   // over about the last refresh period when that is more (a rise counts at
@@ -212,12 +222,13 @@ struct PoolDemand {
   // kClearFallOfLimit of the pool's `limits` (a host whose workers left
   // gives back a refresh sooner; a use that wanders, a few requests' chance,
   // or a use a cooldown or a squeeze holds down waits for the window).
-  double Rate(bool tokens, double refresh, bool queued, double limits) const {
+  // *fell tells whether the rate is such a fall.
+  double Rate(bool tokens, double refresh, bool queued, double limits, bool* fell) const {
     const auto rate = [tokens](const Interval& s) { return s.dt > 0 ? (tokens ? s.used_tok : s.used_req) / s.dt : 0; };
     const double wide = rate(Since(kDemandWindow * refresh));
     const double narrow = rate(Since(kRiseSpan * refresh));
-    if (!queued && narrow < kClearFall * wide && wide - narrow >= kClearFallOfLimit * limits) return narrow;
-    return std::max(wide, narrow);
+    *fell = !queued && narrow < kClearFall * wide && wide - narrow >= kClearFallOfLimit * limits;
+    return *fell ? narrow : std::max(wide, narrow);
   }
 };
 
@@ -411,8 +422,14 @@ struct MeshJob::Impl {
   // After less than half a refresh period since the last measurement (an
   // early refresh: a rebalance) the wants only grow: a fraction of a
   // refresh period shows a rise, not a fall.
-  void MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
-                     std::map<std::string, PoolDemand>* demand);
+  // `wants` false: a sample between refreshes, which only adds an interval
+  // (so a queue and a rise show at the refresh with the resolution of the
+  // samples, not of a refresh period); `last_wants_ns` is the time of the
+  // last measurement that set the wants.
+  // A sample returns true when a pool's queue now calls for the whole key
+  // of a key whose wants are less (the refresh should come at once).
+  bool MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns, uint64_t* last_wants_ns,
+                     std::map<std::string, PoolDemand>* demand, bool wants);
   void PublishKeyStatus(const std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order);
 
   // --- watcher -------------------------------------------------------------
@@ -443,11 +460,14 @@ double Wants(double rate, double held, double limit, bool saturated, bool presse
 
 }  // namespace
 
-void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
-                                  std::map<std::string, PoolDemand>* demand) {
+bool MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_t now, uint64_t* last_ns,
+                                  uint64_t* last_wants_ns, std::map<std::string, PoolDemand>* demand, bool wants) {
+  bool escalate = false;
   const double dt = *last_ns == 0 ? 0 : static_cast<double>(now - *last_ns) / 1e9;
-  const bool early = *last_ns != 0 && dt < kSaturatedSpan * config.refresh;
+  const bool early =
+      *last_wants_ns != 0 && static_cast<double>(now - *last_wants_ns) / 1e9 < kSaturatedSpan * config.refresh;
   *last_ns = now;
+  if (wants) *last_wants_ns = now;
   std::set<std::string> pool_names;
   for (const auto& [id, k] : rt) pool_names.insert(k.def.pool);
   for (const std::string& pool : pool_names) {
@@ -459,8 +479,8 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     // more than it has.
     const uint64_t gave_up = snap->totals.no_key_available + snap->totals.timeouts;
     PoolDemand& d = (*demand)[pool];
-    const bool pressed = d.gave_up != 0 && gave_up > d.gave_up;
-    d.gave_up = gave_up == 0 ? 1 : gave_up;
+    const bool pressed = wants && d.gave_up != 0 && gave_up > d.gave_up;
+    if (wants) d.gave_up = gave_up == 0 ? 1 : gave_up;
     // Saturation is the pool's, not each key's: a worker takes whichever
     // key is ready, so how its use splits between the keys follows the
     // shares (judged per key, the keys whose share just grew looked idle
@@ -516,20 +536,37 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     }
     d.Add(in);
     const PoolDemand::Interval recent = d.Since(kSaturatedSpan * config.refresh);
-    const bool sat_req = PoolDemand::Saturated(recent, false);
-    const bool sat_tok = PoolDemand::Saturated(recent, true);
     // A queue that lasted a refresh period while the pool is saturated: the
     // whole key (each interval's use of a few requests may fall below the
     // saturation's mark now and then; the queue is what lasts).
     const bool queued = PoolDemand::Queued(recent);
-    if (!queued) d.queued_since = 0;
+    if (!queued) {
+      d.queued_since = 0;
+      d.escalated = false;
+    }
     if (queued && d.queued_since == 0) d.queued_since = now;
+    const bool sat_req = PoolDemand::Saturated(recent, false);
+    const bool sat_tok = PoolDemand::Saturated(recent, true);
     const bool lasting =
         queued && static_cast<double>(now - d.queued_since) >= kSaturatedEscalation * config.refresh * 1e9;
+    if (!wants) {
+      // A queue that just outlasted the escalation's span: the refresh
+      // that asks for the whole key comes now, not up to a period later.
+      for (const auto& [k, serves] : keys) {
+        if (!serves || d.escalated) continue;
+        if ((sat_req && lasting && k->def.rpm > 0 && k->wants_req < k->def.rpm / 60.0) ||
+            (sat_tok && lasting && k->def.tpm > 0 && k->wants_tok < static_cast<double>(k->def.tpm) / 60.0)) {
+          d.escalated = true;
+          escalate = true;
+        }
+      }
+      continue;
+    }
     const bool pressed_req = pressed || (sat_req && lasting);
     const bool pressed_tok = pressed || (sat_tok && lasting);
-    const double rate_req = d.Rate(false, config.refresh, queued, limits_req);
-    const double rate_tok = d.Rate(true, config.refresh, queued, limits_tok);
+    bool fell_req = false, fell_tok = false;
+    const double rate_req = d.Rate(false, config.refresh, queued, limits_req, &fell_req);
+    const double rate_tok = d.Rate(true, config.refresh, queued, limits_tok, &fell_tok);
     for (const auto& [k, serves] : keys) {
       const double limit_req = k->def.rpm / 60.0;
       const double limit_tok = static_cast<double>(k->def.tpm) / 60.0;
@@ -539,10 +576,11 @@ void MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
           Wants(rate_req * part_req, has_req * part_req, limit_req, serves && sat_req, serves && pressed_req);
       const double w_tok =
           Wants(rate_tok * part_tok, has_tok * part_tok, limit_tok, serves && sat_tok, serves && pressed_tok);
-      k->wants_req = early ? std::max(k->wants_req, w_req) : w_req;
-      k->wants_tok = early ? std::max(k->wants_tok, w_tok) : w_tok;
+      k->wants_req = early && !fell_req ? std::max(k->wants_req, w_req) : w_req;
+      k->wants_tok = early && !fell_tok ? std::max(k->wants_tok, w_tok) : w_tok;
     }
   }
+  return escalate;
 }
 
 void MeshJob::Impl::ApplyShares(std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order,
@@ -636,6 +674,7 @@ void MeshJob::Impl::RefreshLoop() {
   uint64_t gen = UINT64_MAX;
   uint64_t seq = 0;
   uint64_t last_demand_ns = 0;
+  uint64_t last_wants_ns = 0;
   std::map<std::string, PoolDemand> demand;
   uint32_t last_hosts = 1;
   MeshMode outage_mode = config.outage == OutageMode::kShare    ? MeshMode::kShare
@@ -644,6 +683,8 @@ void MeshJob::Impl::RefreshLoop() {
   MeshMode applied = MeshMode::kLeased;
   bool applied_any = false;
   const auto refresh = std::chrono::nanoseconds(static_cast<int64_t>(config.refresh * 1e9));
+  const std::chrono::nanoseconds short_retry =
+      std::clamp<std::chrono::nanoseconds>(refresh / 2, 2 * kRebalanceGap, kShortRetry);
   const uint64_t lease_ms = static_cast<uint64_t>(config.lease * 1000);
   bool on_rebalance = false;  // this refresh is one another host asked for
   bool reporting = false;     // this refresh reports a give-back at once
@@ -673,7 +714,7 @@ void MeshJob::Impl::RefreshLoop() {
     }
     // An early refresh (a rebalance) hands back what this host holds
     // beyond its wants; it measures too, but its wants only grow.
-    MeasureDemand(rt, MonoNs(), &last_demand_ns, &demand);
+    MeasureDemand(rt, MonoNs(), &last_demand_ns, &last_wants_ns, &demand, true);
 
     LeaseRequest req;
     req.host = config.host;
@@ -775,7 +816,7 @@ void MeshJob::Impl::RefreshLoop() {
       PublishKeyStatus(rt, order);
       auto next = t0 + refresh;
       const auto now = std::chrono::steady_clock::now();
-      if (reply->short_of_share) next = std::min(next, now + kShortRetry);
+      if (reply->short_of_share) next = std::min(next, now + short_retry);
       if (!reporting && gave_back > (on_rebalance ? kGiveBackOnRebalance : kGiveBack)) {
         // Tell Redis now that this host paces at what it gave back, so
         // that whoever wants it gets it at its next request (once: the
@@ -785,7 +826,19 @@ void MeshJob::Impl::RefreshLoop() {
         continue;
       }
       reporting = false;
-      if (!SleepUntilRefresh(next, t0 + kRebalanceGap, &on_rebalance)) break;
+      // Until the next refresh, a demand sample every kDemandSamples-th of
+      // a period (local: the segment only).
+      bool stopped = false;
+      for (;;) {
+        const auto sample = std::chrono::steady_clock::now() + refresh / kDemandSamples;
+        if (!SleepUntilRefresh(std::min(next, sample), t0 + kRebalanceGap, &on_rebalance)) {
+          stopped = true;
+          break;
+        }
+        if (on_rebalance || std::chrono::steady_clock::now() >= next) break;
+        if (MeasureDemand(rt, MonoNs(), &last_demand_ns, &last_wants_ns, &demand, false)) break;
+      }
+      if (stopped) break;
       continue;
     }
     store->Disconnect();
