@@ -419,9 +419,10 @@ struct MeshJob::Impl {
   void RefreshLoop();
   void ApplyShares(std::map<std::string, KeyRuntime>& rt, const std::vector<std::string>& order, MeshMode mode,
                    uint32_t hosts);
-  // After less than half a refresh period since the last measurement (an
-  // early refresh: a rebalance) the wants only grow: a fraction of a
-  // refresh period shows a rise, not a fall.
+  // After less than half a refresh period since the wants were last set (an
+  // early refresh: a rebalance) they only grow, as a fraction of a period
+  // shows a rise, not a fall; but a clear fall (PoolDemand::Rate), which
+  // the last whole period shows, lowers them.
   // `wants` false: a sample between refreshes, which only adds an interval
   // (so a queue and a rise show at the refresh with the resolution of the
   // samples, not of a refresh period); `last_wants_ns` is the time of the
@@ -553,9 +554,9 @@ bool MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
       // A queue that just outlasted the escalation's span: the refresh
       // that asks for the whole key comes now, not up to a period later.
       for (const auto& [k, serves] : keys) {
-        if (!serves || d.escalated) continue;
-        if ((sat_req && lasting && k->def.rpm > 0 && k->wants_req < k->def.rpm / 60.0) ||
-            (sat_tok && lasting && k->def.tpm > 0 && k->wants_tok < static_cast<double>(k->def.tpm) / 60.0)) {
+        if (!serves || !lasting || d.escalated) continue;
+        if ((sat_req && k->def.rpm > 0 && k->wants_req < k->def.rpm / 60.0) ||
+            (sat_tok && k->def.tpm > 0 && k->wants_tok < static_cast<double>(k->def.tpm) / 60.0)) {
           d.escalated = true;
           escalate = true;
         }
@@ -713,7 +714,8 @@ void MeshJob::Impl::RefreshLoop() {
       if (!applied_any) ApplyShares(rt, order, MeshMode::kClosed, 1);
     }
     // An early refresh (a rebalance) hands back what this host holds
-    // beyond its wants; it measures too, but its wants only grow.
+    // beyond its wants; it measures too, but its wants only grow (unless a
+    // whole period without use shows a clear fall).
     MeasureDemand(rt, MonoNs(), &last_demand_ns, &last_wants_ns, &demand, true);
 
     LeaseRequest req;
