@@ -553,12 +553,14 @@ bool MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     if (!wants) {
       // A queue that just outlasted the escalation's span: the refresh
       // that asks for the whole key comes now, not up to a period later.
-      for (const auto& [k, serves] : keys) {
-        if (!serves || !lasting || d.escalated) continue;
-        if ((sat_req && k->def.rpm > 0 && k->wants_req < k->def.rpm / 60.0) ||
-            (sat_tok && k->def.tpm > 0 && k->wants_tok < static_cast<double>(k->def.tpm) / 60.0)) {
-          d.escalated = true;
-          escalate = true;
+      if (lasting && !d.escalated) {
+        for (const auto& [k, serves] : keys) {
+          if (serves && ((sat_req && k->def.rpm > 0 && k->wants_req < k->def.rpm / 60.0) ||
+                         (sat_tok && k->def.tpm > 0 && k->wants_tok < static_cast<double>(k->def.tpm) / 60.0))) {
+            d.escalated = true;
+            escalate = true;
+            break;
+          }
         }
       }
       continue;
@@ -828,19 +830,18 @@ void MeshJob::Impl::RefreshLoop() {
         continue;
       }
       reporting = false;
-      // Until the next refresh, a demand sample every kDemandSamples-th of
-      // a period (local: the segment only).
-      bool stopped = false;
-      for (;;) {
-        const auto sample = std::chrono::steady_clock::now() + refresh / kDemandSamples;
-        if (!SleepUntilRefresh(std::min(next, sample), t0 + kRebalanceGap, &on_rebalance)) {
-          stopped = true;
-          break;
+      // Until the next refresh (or a rebalance, or a sample that calls
+      // it), a demand sample every kDemandSamples-th of a period (local:
+      // the segment only); false when the job stops.
+      auto sleep_sampling = [&] {
+        for (;;) {
+          const auto sample = std::chrono::steady_clock::now() + refresh / kDemandSamples;
+          if (!SleepUntilRefresh(std::min(next, sample), t0 + kRebalanceGap, &on_rebalance)) return false;
+          if (on_rebalance || std::chrono::steady_clock::now() >= next) return true;
+          if (MeasureDemand(rt, MonoNs(), &last_demand_ns, &last_wants_ns, &demand, false)) return true;
         }
-        if (on_rebalance || std::chrono::steady_clock::now() >= next) break;
-        if (MeasureDemand(rt, MonoNs(), &last_demand_ns, &last_wants_ns, &demand, false)) break;
-      }
-      if (stopped) break;
+      };
+      if (!sleep_sampling()) break;
       continue;
     }
     store->Disconnect();
