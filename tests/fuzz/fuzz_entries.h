@@ -35,6 +35,11 @@ void StateInput(const uint8_t* data, size_t size);
 // attached one.
 void SegmentInput(const uint8_t* data, size_t size);
 
+// Redis's replies as untrusted input (fuzz_redis.cc): the mesh's store
+// against a "Redis" on a loopback socket that answers with the input's
+// bytes, through a sequence of store calls the input chooses.
+void RedisInput(const uint8_t* data, size_t size);
+
 }  // namespace keymesh::fuzz
 
 #endif  // KEYMESH_TESTS_FUZZ_FUZZ_ENTRIES_H_

@@ -50,3 +50,4 @@ BOOST_AUTO_TEST_CASE(protocol_inputs) { Replay("protocol", keymesh::fuzz::Protoc
 BOOST_AUTO_TEST_CASE(config_inputs) { Replay("config", keymesh::fuzz::ConfigInput); }
 BOOST_AUTO_TEST_CASE(state_inputs) { Replay("state", keymesh::fuzz::StateInput); }
 BOOST_AUTO_TEST_CASE(segment_inputs) { Replay("segment", keymesh::fuzz::SegmentInput); }
+BOOST_AUTO_TEST_CASE(redis_inputs) { Replay("redis", keymesh::fuzz::RedisInput); }

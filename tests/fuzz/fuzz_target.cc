@@ -1,5 +1,6 @@
 // One libFuzzer executable per entry point of fuzz_entries.h, chosen at
-// compile time by KEYMESH_FUZZ_TARGET (protocol, config, state or segment).
+// compile time by KEYMESH_FUZZ_TARGET (protocol, config, state, segment or
+// redis).
 #include <cstddef>
 #include <cstdint>
 
@@ -13,6 +14,7 @@ namespace {
 [[maybe_unused]] void config_entry(const uint8_t* d, size_t n) { keymesh::fuzz::ConfigInput(d, n); }
 [[maybe_unused]] void state_entry(const uint8_t* d, size_t n) { keymesh::fuzz::StateInput(d, n); }
 [[maybe_unused]] void segment_entry(const uint8_t* d, size_t n) { keymesh::fuzz::SegmentInput(d, n); }
+[[maybe_unused]] void redis_entry(const uint8_t* d, size_t n) { keymesh::fuzz::RedisInput(d, n); }
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
