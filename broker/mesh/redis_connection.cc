@@ -5,6 +5,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <chrono>
@@ -56,6 +57,9 @@ struct ReplyBuilder {
   }
 };
 
+// What an array reserves before its elements arrive (Place).
+constexpr size_t kReserveElements = 16;
+
 uint32_t Depth(const redisReadTask* task) {
   uint32_t depth = 0;
   for (const redisReadTask* t = task->parent; t != nullptr; t = t->parent) ++depth;
@@ -63,12 +67,16 @@ uint32_t Depth(const redisReadTask* task) {
 }
 
 // Places a new node: the root is heap-allocated (hiredis hands it back or
-// frees it with FreeObject), a child lives in its parent's vector.
+// frees it with FreeObject), a child is appended to its parent's vector.
+// An array grows as its elements arrive, not to the count its header
+// announces: "*1000000" alone would otherwise cost 70 MB. Growing moves
+// only finished siblings (hiredis fills depth first and keeps pointers to
+// the open path alone: each open array is the last element of its parent).
 RedisReply* Place(const redisReadTask* task) {
   if (task->parent == nullptr) return new RedisReply();  // NOLINT(cppcoreguidelines-owning-memory): hiredis owns it
   auto* parent = static_cast<RedisReply*>(task->parent->obj);
-  if (parent == nullptr || task->idx < 0 || static_cast<size_t>(task->idx) >= parent->elements.size()) return nullptr;
-  return &parent->elements[static_cast<size_t>(task->idx)];
+  if (parent == nullptr || task->idx < 0 || static_cast<size_t>(task->idx) != parent->elements.size()) return nullptr;
+  return &parent->elements.emplace_back();
 }
 
 ReplyBuilder* BuilderOf(const redisReadTask* task) { return static_cast<ReplyBuilder*>(task->privdata); }
@@ -102,7 +110,7 @@ void* CreateArray(const redisReadTask* task, int count) {
   RedisReply* r = Place(task);
   if (r == nullptr) return nullptr;
   r->type = RedisReply::Type::kArray;
-  r->elements.resize(static_cast<size_t>(count));
+  r->elements.reserve(std::min<size_t>(static_cast<size_t>(count), kReserveElements));
   return r;
 }
 
