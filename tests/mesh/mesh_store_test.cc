@@ -10,7 +10,6 @@
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -1132,9 +1131,7 @@ BOOST_AUTO_TEST_CASE(a_hostile_server_gets_protocol_errors_not_a_crash) {
 // peak resident set grew by far less than the 70 MB the count would have
 // taken up front. In a forked child, whose peak starts at what it has.
 BOOST_AUTO_TEST_CASE(an_announced_array_costs_nothing_until_its_elements_come) {
-  const pid_t pid = fork();
-  BOOST_REQUIRE(pid >= 0);
-  if (pid == 0) {
+  keymesh::testing::ChildGuard child(keymesh::testing::ForkChild([] {
     rusage before{};
     getrusage(RUSAGE_SELF, &before);
     Status st;
@@ -1150,12 +1147,9 @@ BOOST_AUTO_TEST_CASE(an_announced_array_costs_nothing_until_its_elements_come) {
     getrusage(RUSAGE_SELF, &after);
     const long grown_kb = after.ru_maxrss - before.ru_maxrss;  // NOLINT(google-runtime-int): rusage's type
     std::fprintf(stderr, "announced 2^20 elements: %s; peak grew %ld KB\n", st.ToString().c_str(), grown_kb);
-    _exit(st.code() == Code::kIoError && grown_kb < 20 * 1024 ? 0 : 1);
-  }
-  int status = 0;
-  BOOST_REQUIRE(waitpid(pid, &status, 0) == pid);
-  BOOST_TEST(WIFEXITED(status));
-  BOOST_TEST(WEXITSTATUS(status) == 0);
+    return st.code() == Code::kIoError && grown_kb < 20 * 1024 ? 0 : 1;
+  }));
+  BOOST_TEST(child.Wait() == 0);
 }
 
 BOOST_AUTO_TEST_CASE(wrong_reply_shapes_are_protocol_errors) {
