@@ -427,7 +427,8 @@ def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, fast: list[d
         print("\n'of cap': successful calls / the provider's capacity over the run ('2nd half': the calls that completed "
               "in its second half, the steady state, / the capacity over that half); "
               "'refused': the provider's 429s / calls (every refused call is one the hosts overspent); 'acq': the time a "
-              "worker waits in acquire; 'no key': acquires that timed out.")
+              "worker waits in acquire; 'no key': acquires that failed or timed out (5 s) before the row ended (a wait "
+              "the row's end cut short is not counted).")
         print("targets (mesh): of cap >= 0.95, refused <= 0.5 %, per-host served following demand; refused 0 "
               f"while redis is frozen for less than the lease ({args.lease:g} s)")
     late = [r for r in rows if r.get("refused_at")]
