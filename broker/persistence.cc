@@ -198,13 +198,15 @@ int64_t WallMinusMono(std::optional<int64_t> previous) {
   return (raw + half) / kSecond * kSecond;
 }
 
-std::string SerializeState(const StateImage& image) {
+std::string SerializeState(const StateImage& image) { return SerializeState(image, shm::WallNowNanos()); }
+
+std::string SerializeState(const StateImage& image, uint64_t written_at) {
   json::object body = BodyJson(image);
   const std::string body_text = json::serialize(body);
   json::object file;
   file["format"] = kFormat;
   file["version"] = kStateFormatVersion;
-  file["written_at"] = shm::WallNowNanos();
+  file["written_at"] = written_at;
   file["body"] = std::move(body);
   file["checksum"] = Checksum(body_text);
   std::string out = json::serialize(file);

@@ -77,8 +77,10 @@ StateImage CaptureState(const shm::Segment& segment, int64_t wall_minus_mono, ui
 // (no rewrite per tick from measuring jitter or a slewing clock).
 int64_t WallMinusMono(std::optional<int64_t> previous);
 
-// File content for `image` (newline-terminated) and its parse.
+// File content for `image` (newline-terminated) and its parse; written at
+// `written_at` (wall-clock ns; the first form: now).
 std::string SerializeState(const StateImage& image);
+std::string SerializeState(const StateImage& image, uint64_t written_at);
 // kCorruptState with a message saying what is wrong.
 Result<StateImage> ParseState(std::string_view text);
 

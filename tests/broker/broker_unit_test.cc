@@ -142,6 +142,10 @@ BOOST_AUTO_TEST_CASE(state_file_round_trip_and_corruption) {
   BOOST_CHECK_EQUAL(b.state.successes, 99u);
   BOOST_CHECK_EQUAL(b.state.ema_latency, 0.123456789);
   BOOST_CHECK_EQUAL(b.cooldown_until_wall_ns, k.cooldown_until_wall_ns);
+  // Written at a given time (the fuzz harness's fixed clock).
+  const std::string at = kb::SerializeState(image, 42);
+  BOOST_CHECK(boost::json::parse(at).as_object().at("written_at") == 42);
+  BOOST_CHECK(kb::ParseState(at).ok());
 
   std::string tampered = text;
   tampered.replace(tampered.find("\"successes\":99"), 14, "\"successes\":98");

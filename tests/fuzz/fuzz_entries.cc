@@ -23,6 +23,7 @@
 #include "broker/recovery.h"
 #include "broker/session.h"
 #include "common/text.h"
+#include "fuzz_env.h"
 #include "protocol/framing.h"
 #include "shm/pool.h"
 #include "shm/segment.h"
@@ -244,9 +245,11 @@ void StateInput(const uint8_t* data, size_t size) {
     v.as_object().erase("written_at");
     return boost::json::serialize(v);
   };
-  const std::string again = broker::SerializeState(*image);
+  const std::string again = broker::SerializeState(*image, kFuzzWallNs);
   Result<broker::StateImage> reparsed = broker::ParseState(again);
-  if (!reparsed.ok() || without_time(broker::SerializeState(*reparsed)) != without_time(again)) std::abort();
+  if (!reparsed.ok() || without_time(broker::SerializeState(*reparsed, kFuzzWallNs)) != without_time(again)) {
+    std::abort();
+  }
 
   shm::Capacities caps;
   caps.max_pools = 2;
@@ -254,6 +257,7 @@ void StateInput(const uint8_t* data, size_t size) {
   caps.leases_per_pool = 16;
   Result<std::unique_ptr<shm::Segment>> seg = shm::Segment::CreateAnonymous(caps);
   if (!seg.ok()) std::abort();
+  PinSegment(**seg);
   std::vector<broker::PoolConfigEntry> pools(2);
   pools[0].name = "p";
   pools[1].name = "q";
@@ -271,9 +275,11 @@ void StateInput(const uint8_t* data, size_t size) {
   add(pools[0], "b", "sk-fuzz-bbbbbbbb2222", 1, 0, 600);
   add(pools[1], "c", "sk-fuzz-cccccccc3333", 3, 1, 0);
   if (!broker::ReconcileSegment(**seg, pools).ok()) std::abort();
-  broker::RestoreFromImage(**seg, *image);
+  PinSegment(**seg);  // the pools' creation times
+  broker::RestoreFromImage(**seg, *image, kFuzzWallNs, kFuzzMonoNs);
+  const shm::FakeClock clock(kFuzzMonoNs);
   for (uint32_t i = 0; i < 2; ++i) {
-    shm::PoolAdmin access(**seg, i);
+    shm::PoolAdmin access(**seg, i, clock);
     if (!access.CheckConsistency().ok()) std::abort();
     if (!access.Snapshot().ok()) std::abort();
     Result<shm::LeaseHandle> h = access.TryAcquire();

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "fuzz_entries.h"
+#include "fuzz_env.h"
 #include "shm/clock.h"
 #include "shm/pool.h"
 #include "shm/segment.h"
@@ -77,6 +78,7 @@ struct SegmentEnv {
     q.strategy = Strategy::kWeighted;
     pools[0] = Must(segment->CreatePool("p", static_cast<uint32_t>(p.strategy), shm::ToPoolConfig(p)));
     pools[1] = Must(segment->CreatePool("q", static_cast<uint32_t>(q.strategy), shm::ToPoolConfig(q)));
+    PinSegment(*segment);  // before the keys: their fingerprints use the salt
     shm::PoolAdmin a(*segment, pools[0], clock), b(*segment, pools[1], clock);
     AddKey(a, "a", 1, 0, 0);
     AddKey(a, "b", 2, 2, 600);
