@@ -257,7 +257,7 @@ void StateInput(const uint8_t* data, size_t size) {
   caps.leases_per_pool = 16;
   Result<std::unique_ptr<shm::Segment>> seg = shm::Segment::CreateAnonymous(caps);
   if (!seg.ok()) std::abort();
-  PinSegment(**seg);
+  PinSegment(**seg);  // before the keys: their fingerprints use the salt
   std::vector<broker::PoolConfigEntry> pools(2);
   pools[0].name = "p";
   pools[1].name = "q";

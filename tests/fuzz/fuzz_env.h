@@ -1,9 +1,11 @@
-// What a fixed-seed fuzz run must not take from the machine it runs on.
-// libFuzzer mutates with the operands of the comparisons it saw (a random
-// salt, a clock reading, a pid): a value that differs between runs steers
-// the same seed to other inputs, and CI's fixed-seed run would then reach
-// a different verdict on the same commit. So the harnesses run on fixed
-// clocks and pin what a segment's creator writes from the machine.
+// What a fuzz harness must not take from the machine it runs on. CI's
+// fixed-seed run must reach the same inputs, and so the same verdict, on
+// every run of a commit. scripts/fuzz --ci turns off compare-guided mutation
+// (a pid or a clock reading in a traced comparison would steer it); this
+// keeps the branches themselves from following the machine or the calendar
+// (a restored cooldown read against today's clock, a random salt's
+// fingerprints). So the harnesses run on fixed clocks and pin what a
+// segment's creator writes from the machine.
 #ifndef KEYMESH_TESTS_FUZZ_FUZZ_ENV_H_
 #define KEYMESH_TESTS_FUZZ_FUZZ_ENV_H_
 
