@@ -143,13 +143,7 @@ Result<std::string> NewSegmentName() {
     }
     got += static_cast<size_t>(n);
   }
-  std::string name(kSegmentPrefix);
-  static constexpr char kHex[] = "0123456789abcdef";
-  for (uint8_t b : bytes) {
-    name.push_back(kHex[b >> 4]);
-    name.push_back(kHex[b & 15]);
-  }
-  return name;
+  return std::string(kSegmentPrefix) + Hex(std::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
 }
 
 bool IsSegmentName(std::string_view name) {

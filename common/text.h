@@ -31,6 +31,9 @@ std::string OneLine(std::string_view text);
 // True when `text` holds a control character (what Escaped() rewrites).
 bool HasControl(std::string_view text) noexcept;
 
+// `bytes` as lower-case hex, two digits per byte.
+std::string Hex(std::string_view bytes);
+
 }  // namespace keymesh
 
 #endif  // KEYMESH_COMMON_TEXT_H_

@@ -46,7 +46,7 @@ void MeshJob::Impl::WatchLoop() {
   std::map<std::string, std::set<std::string>> mesh_keys;  // pool -> key names
   const uint64_t probe_ttl_ns = static_cast<uint64_t>(std::max(1.0, 2 * config.refresh) * 1e9);
   while (Sleep(kWatchInterval)) {
-    const uint64_t now = MonoNs();
+    const uint64_t now = shm::MonotonicNowNanos();
     if (now < next_attempt) continue;
     if (keys_gen.load(std::memory_order_acquire) != watched_gen) {
       auto [defs, g] = Keys();
@@ -73,7 +73,7 @@ void MeshJob::Impl::WatchLoop() {
         std::vector<shm::ExportedKey> exported;
         if (!admin->ExportKeyStates(&exported).ok()) continue;  // busy: next round
         seen_seq[pool] = seq;
-        const uint64_t t = MonoNs();
+        const uint64_t t = shm::MonotonicNowNanos();
         for (const shm::ExportedKey& x : exported) {
           if (names.count(x.name) == 0) continue;
           const std::string id = KeyOf(pool, x.name);
@@ -129,8 +129,8 @@ void MeshJob::Impl::WatchLoop() {
       if (!events.empty() && !offset.valid()) {
         Result<MeshStore::TimeSample> ts = store->Time();
         if (ts.ok()) {
-          offset.Set(ts->redis_ms, MonoNs() - ts->rtt_ns / 2);
-          retry_at = MonoNs();  // re-diff now with deadlines convertible
+          offset.Set(ts->redis_ms, shm::MonotonicNowNanos() - ts->rtt_ns / 2);
+          retry_at = shm::MonotonicNowNanos();  // re-diff now with deadlines convertible
         } else {
           failed = true;
         }
@@ -164,7 +164,7 @@ void MeshJob::Impl::WatchLoop() {
     // the winner's event (closed, or open again).
     for (auto it = open.begin(); it != open.end() && !failed;) {
       const Open& o = it->second;
-      const uint64_t t = MonoNs();
+      const uint64_t t = shm::MonotonicNowNanos();
       if (o.deadline <= t + kProbeLeadNs && probe_done[it->first] != o.deadline) {
         Result<bool> won = store->ClaimProbe(o.pool, o.key, config.host, probe_ttl_ns / kMsNs);
         if (!won.ok()) {
@@ -190,8 +190,8 @@ void MeshJob::Impl::WatchLoop() {
     }
     if (failed) {
       store->Disconnect();
-      retry_at = MonoNs() + kRetryNs;
-      next_attempt = MonoNs() + static_cast<uint64_t>(backoff.Next().count());
+      retry_at = shm::MonotonicNowNanos() + kRetryNs;
+      next_attempt = shm::MonotonicNowNanos() + static_cast<uint64_t>(backoff.Next().count());
     } else {
       if (retry) retry_at = 0;
       backoff.Reset();
@@ -205,7 +205,7 @@ void MeshJob::Impl::Apply(const KeyEvent& e, bool count) {
   shm::PoolAdmin* admin = pools(e.pool);
   if (admin == nullptr) return;
   shm::RemoteKeyState r;
-  const uint64_t t = MonoNs();
+  const uint64_t t = shm::MonotonicNowNanos();
   switch (e.kind) {
     case EventKind::kCooldown:
       r.cool_until = offset.ToMonoNs(e.until_ms);
@@ -251,7 +251,7 @@ void MeshJob::Impl::Apply(const KeyEvent& e, bool count) {
   std::lock_guard lock(mu);
   ++status.events_applied;
   if (e.origin_mono_ns != 0 && e.origin_mono_ns <= t && t - e.origin_mono_ns < 3600 * kSecNs) {
-    const double d = static_cast<double>(MonoNs() - e.origin_mono_ns) / 1e9;
+    const double d = static_cast<double>(shm::MonotonicNowNanos() - e.origin_mono_ns) / 1e9;
     constexpr size_t kRing = 1024;
     if (delays.size() < kRing) {
       delays.push_back(d);
@@ -286,7 +286,7 @@ void MeshJob::Impl::ReadLoop() {
         if (!Sleep(backoff.Next())) break;
         continue;
       }
-      offset.Set(ts->redis_ms, MonoNs() - ts->rtt_ns / 2);
+      offset.Set(ts->redis_ms, shm::MonotonicNowNanos() - ts->rtt_ns / 2);
     }
     if (need_sync) {
       Result<EventBatch> snap = store->Snapshot();

@@ -9,20 +9,10 @@
 #include <boost/uuid/detail/sha1.hpp>
 
 #include "broker/mesh/mesh_job_impl.h"
+#include "common/text.h"
 
 namespace keymesh::broker::mesh {
 namespace {
-
-std::string Hex(const unsigned char* p, size_t n) {
-  static const char* kDigits = "0123456789abcdef";
-  std::string out;
-  out.reserve(n * 2);
-  for (size_t i = 0; i < n; ++i) {
-    out.push_back(kDigits[p[i] >> 4]);
-    out.push_back(kDigits[p[i] & 15]);
-  }
-  return out;
-}
 
 void Sha1(const std::string& a, const std::string& b, unsigned char out[20]) {
   boost::uuids::detail::sha1 h;
@@ -59,7 +49,7 @@ std::string MeshFingerprint(const std::string& ns, const std::string& secret) {
   unsigned char inner[20], outer[20];
   Sha1(ipad, secret, inner);
   Sha1(opad, std::string(reinterpret_cast<const char*>(inner), 20), outer);
-  return Hex(outer, 20);
+  return Hex(std::string_view(reinterpret_cast<const char*>(outer), 20));
 }
 
 // --- the job -------------------------------------------------------------------
@@ -135,7 +125,7 @@ void MeshJob::SetKeys(std::vector<MeshKey> keys, std::map<std::string, shm::Pool
 
 MeshStatus MeshJob::Status() const {
   const Impl& m = *impl_;
-  const uint64_t now = MonoNs();
+  const uint64_t now = shm::MonotonicNowNanos();
   std::lock_guard lock(m.mu);
   MeshStatus s = m.status;
   const uint64_t last = m.last_refresh_ns.load(std::memory_order_relaxed);

@@ -8,8 +8,6 @@
 #ifndef KEYMESH_BROKER_MESH_MESH_JOB_IMPL_H_
 #define KEYMESH_BROKER_MESH_MESH_JOB_IMPL_H_
 
-#include <time.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -26,18 +24,13 @@
 #include "broker/log.h"
 #include "broker/mesh/mesh_demand.h"
 #include "broker/mesh/mesh_job.h"
+#include "shm/clock.h"
 #include "shm/pool.h"
 
 namespace keymesh::broker::mesh {
 
 inline constexpr uint64_t kMsNs = 1'000'000;
 inline constexpr uint64_t kSecNs = 1'000'000'000;
-
-inline uint64_t MonoNs() noexcept {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * kSecNs + static_cast<uint64_t>(ts.tv_nsec);
-}
 
 inline std::string KeyOf(const std::string& pool, const std::string& key) {
   std::string id = pool;

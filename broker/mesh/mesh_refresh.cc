@@ -166,7 +166,7 @@ void MeshJob::Impl::RefreshLoop() {
     // An early refresh (a rebalance) hands back what this host holds
     // beyond its wants; it measures too, but its wants only grow (unless a
     // whole period without use shows a clear fall).
-    MeasureDemand(rt, MonoNs(), &last_demand_ns, &last_wants_ns, &demand, true);
+    MeasureDemand(rt, shm::MonotonicNowNanos(), &last_demand_ns, &last_wants_ns, &demand, true);
 
     LeaseRequest req;
     req.host = config.host;
@@ -177,7 +177,8 @@ void MeshJob::Impl::RefreshLoop() {
     // This host gives up on the reply after its timeout (twice, for a script
     // Redis must load first): Redis refuses the request after that.
     if (offset.valid()) {
-      req.deadline_ms = offset.ToRedisMs(MonoNs()) + static_cast<int64_t>(2 * config.timeout * 1000) + kStaleMarginMs;
+      req.deadline_ms =
+          offset.ToRedisMs(shm::MonotonicNowNanos()) + static_cast<int64_t>(2 * config.timeout * 1000) + kStaleMarginMs;
     }
     for (const std::string& id : order) {
       const KeyRuntime& k = rt.at(id);
@@ -190,9 +191,9 @@ void MeshJob::Impl::RefreshLoop() {
       lk.tok = Dimension{static_cast<double>(k.def.tpm) / 60.0, k.wants_tok, k.has_tok, k.tokens};
       req.keys.push_back(std::move(lk));
     }
-    const uint64_t sent = MonoNs();
+    const uint64_t sent = shm::MonotonicNowNanos();
     Result<LeaseReply> reply = store->Lease(req);
-    const uint64_t got = MonoNs();
+    const uint64_t got = shm::MonotonicNowNanos();
     if (reply.ok() && reply->stale) {
       // A refused request whose refusal came back in time: this host's idea
       // of Redis time is off (Redis's clock stepped). Resync, then retry.
@@ -286,7 +287,7 @@ void MeshJob::Impl::RefreshLoop() {
           const auto sample = std::chrono::steady_clock::now() + refresh / kDemandSamples;
           if (!SleepUntilRefresh(std::min(next, sample), t0 + kRebalanceGap, &on_rebalance)) return false;
           if (on_rebalance || std::chrono::steady_clock::now() >= next) return true;
-          if (MeasureDemand(rt, MonoNs(), &last_demand_ns, &last_wants_ns, &demand, false)) return true;
+          if (MeasureDemand(rt, shm::MonotonicNowNanos(), &last_demand_ns, &last_wants_ns, &demand, false)) return true;
         }
       };
       if (!sleep_sampling()) break;
@@ -298,7 +299,7 @@ void MeshJob::Impl::RefreshLoop() {
       ++status.refresh_failures;
     }
     NoteRedis(false, reply.status().message());
-    if (MonoNs() >= lease_until_ns.load(std::memory_order_relaxed)) {
+    if (shm::MonotonicNowNanos() >= lease_until_ns.load(std::memory_order_relaxed)) {
       // The lease ran out with Redis away: the outage mode, with N as
       // Redis last said.
       if (!applied_any || applied != outage_mode) {
@@ -311,7 +312,7 @@ void MeshJob::Impl::RefreshLoop() {
         applied_any = true;
       }
       // The outage shares hold while this broker runs to renew them.
-      Vouch(MonoNs() + static_cast<uint64_t>(config.lease * 1e9));
+      Vouch(shm::MonotonicNowNanos() + static_cast<uint64_t>(config.lease * 1e9));
       SetMode(outage_mode);
     }
     PublishKeyStatus(rt, order);

@@ -31,3 +31,8 @@ BOOST_AUTO_TEST_CASE(one_line_keeps_backslashes_of_a_formed_message) {
   BOOST_CHECK(km::HasControl("a\nb"));
   BOOST_CHECK(!km::HasControl("a\\nb"));
 }
+
+BOOST_AUTO_TEST_CASE(hex_is_two_lower_case_digits_per_byte) {
+  BOOST_CHECK_EQUAL(km::Hex(std::string_view("\x00\x0f\xa5\xff", 4)), "000fa5ff");
+  BOOST_CHECK_EQUAL(km::Hex(""), "");
+}
