@@ -10,18 +10,20 @@ namespace keymesh::broker::mesh {
 
 // ProportionalShare's local half: what this host asks of a key, per
 // dimension: `rate` its part of the pool's use, `held` of the pool's shares.
-// A pool that is not saturated asks for its use and a margin. One that is
+// A pool that is not saturated asks for its use and a margin, or while its
+// use rises for what it holds, up to kRiseGrowth x its use. One that is
 // (MeasureDemand judges it for the pool as a whole) has a demand it cannot
 // show: it asks for kSaturatedGrowth x what it has (a host squeezed for a
 // moment below its use asks for about its use again), and once it stayed
 // saturated for a refresh period (`pressed`), or its workers gave up on an
 // acquire, for the whole key; the allocator's max-min split gives it at most
 // an equal part of what the hosts that are not saturated leave.
-double Wants(double rate, double held, double limit, bool saturated, bool pressed) {
+double Wants(double rate, double held, double limit, const DemandSignals& signals) {
   if (limit <= 0) return 0.0;
   double w = std::max(rate * kWantsMargin, limit * kWantsFloor);
-  if (pressed) w = limit;
-  if (saturated) w = std::max(w, kSaturatedGrowth * std::max(rate, held));
+  if (signals.rising) w = std::max(w, std::min(held, kRiseGrowth * rate));
+  if (signals.pressed) w = limit;
+  if (signals.saturated) w = std::max(w, kSaturatedGrowth * std::max(rate, held));
   return std::min(w, limit);
 }
 
@@ -134,15 +136,17 @@ bool MeshJob::Impl::MeasureDemand(std::map<std::string, KeyRuntime>& rt, uint64_
     bool fell_req = false, fell_tok = false;
     const double rate_req = d.Rate(false, config.refresh, queued, limits_req, &fell_req);
     const double rate_tok = d.Rate(true, config.refresh, queued, limits_tok, &fell_tok);
+    const DemandSignals signals_req{sat_req, pressed_req, d.Rising(false, config.refresh)};
+    const DemandSignals signals_tok{sat_tok, pressed_tok, d.Rising(true, config.refresh)};
     for (const auto& [k, serves] : keys) {
       const double limit_req = k->def.rpm / 60.0;
       const double limit_tok = static_cast<double>(k->def.tpm) / 60.0;
       const double part_req = serves && limits_req > 0 ? limit_req / limits_req : 0;
       const double part_tok = serves && limits_tok > 0 ? limit_tok / limits_tok : 0;
-      const double w_req =
-          Wants(rate_req * part_req, has_req * part_req, limit_req, serves && sat_req, serves && pressed_req);
-      const double w_tok =
-          Wants(rate_tok * part_tok, has_tok * part_tok, limit_tok, serves && sat_tok, serves && pressed_tok);
+      // A key out of rotation asks for the floor only.
+      const DemandSignals none;
+      const double w_req = Wants(rate_req * part_req, has_req * part_req, limit_req, serves ? signals_req : none);
+      const double w_tok = Wants(rate_tok * part_tok, has_tok * part_tok, limit_tok, serves ? signals_tok : none);
       k->wants_req = early && !fell_req ? std::max(k->wants_req, w_req) : w_req;
       k->wants_tok = early && !fell_tok ? std::max(k->wants_tok, w_tok) : w_tok;
     }

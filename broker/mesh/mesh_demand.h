@@ -42,6 +42,16 @@ inline constexpr double kSaturatedEscalation = 0.9;
 // The span of the use that counts as a rise (a shorter one reads a few
 // requests' chance as a rise).
 inline constexpr double kRiseSpan = 1;
+// A use over the last refresh period this many times the window's or more
+// is a rise: a host whose workers just began measures a window that reaches
+// back into the idle time before, so its use reads low. It keeps what it
+// holds, up to kRiseGrowth x that use, rather than asking for the low use
+// and being squeezed below its demand by a saturated host (its workers then
+// queue, it asks for the whole key, and the saturated host loses what it
+// takes beyond its demand while its queue drains: 2-4 s at the start of
+// every bench-mesh run).
+inline constexpr double kRising = 1.25;
+inline constexpr double kRiseGrowth = 2;
 // A use over the last refresh period below this part of the window's, and
 // lower by this part of the pool's limits, is a fall that shows at once
 // (PoolDemand::Rate).
@@ -115,16 +125,36 @@ struct PoolDemand {
   // or a use a cooldown or a squeeze holds down waits for the window).
   // *fell tells whether the rate is such a fall.
   double Rate(bool tokens, double refresh, bool queued, double limits, bool* fell) const {
-    const auto rate = [tokens](const Interval& s) { return s.dt > 0 ? (tokens ? s.used_tok : s.used_req) / s.dt : 0; };
-    const double wide = rate(Since(kDemandWindow * refresh));
-    const double narrow = rate(Since(kRiseSpan * refresh));
+    const double wide = Use(tokens, kDemandWindow * refresh);
+    const double narrow = Use(tokens, kRiseSpan * refresh);
     *fell = !queued && narrow < kClearFall * wide && wide - narrow >= kClearFallOfLimit * limits;
     return *fell ? narrow : std::max(wide, narrow);
   }
+  // The use over about the last refresh period is kRising x the window's or
+  // more (and not nothing).
+  bool Rising(bool tokens, double refresh) const {
+    const double narrow = Use(tokens, kRiseSpan * refresh);
+    return narrow > 0 && narrow >= kRising * Use(tokens, kDemandWindow * refresh);
+  }
+
+ private:
+  // The use per second (requests or tokens) of the newest intervals back
+  // until they span `span` seconds.
+  double Use(bool tokens, double span) const {
+    const Interval s = Since(span);
+    return s.dt > 0 ? (tokens ? s.used_tok : s.used_req) / s.dt : 0;
+  }
+};
+
+// What a pool's demand shows besides its use (MeasureDemand).
+struct DemandSignals {
+  bool saturated = false;  // its workers queue while it uses its shares
+  bool pressed = false;    // that queue lasted, or workers gave up
+  bool rising = false;     // its use rises (PoolDemand::Rising)
 };
 
 // ProportionalShare's local half for one key and dimension (mesh_demand.cc).
-double Wants(double rate, double held, double limit, bool saturated, bool pressed);
+double Wants(double rate, double held, double limit, const DemandSignals& signals);
 
 }  // namespace keymesh::broker::mesh
 

@@ -1,6 +1,7 @@
 // The demand estimate's rules on their own (mesh_demand.h): when a pool
 // counts as saturated, how its use is measured (a rise at once, a clear fall
-// at once, a wander not at all), and what a host then asks of a key. The
+// at once, a wander not at all), when it rises, and what a host then asks of
+// a key. The
 // mesh job's tests drive them through a fake store; these pin each rule.
 #define BOOST_TEST_MODULE mesh_demand_test
 #include "broker/mesh/mesh_demand.h"
@@ -93,21 +94,48 @@ BOOST_AUTO_TEST_CASE(a_rise_counts_at_once_a_clear_fall_too_a_wander_not) {
   AddSteady(wander, 4, 0.25, 4);
   BOOST_TEST(wander.Rate(false, refresh, false, 10, &fell) == 5.0);
   BOOST_TEST(!fell);
+  // Rising: the last period's use kRising x the window's or more.
+  BOOST_TEST(rise.Rising(false, refresh));
+  BOOST_TEST(!wander.Rising(false, refresh));  // 6/s over the window's 5/s
+  BOOST_TEST(!fall.Rising(false, refresh));
+  // Workers that began half a period ago, after an idle second and a half:
+  // the window reads 1.5/s of their 6/s, the last period 3/s; a rise.
+  PoolDemand began;
+  AddSteady(began, 6, 0.25, 0);
+  AddSteady(began, 2, 0.25, 6);
+  BOOST_TEST(began.Rising(false, refresh));
+  BOOST_TEST(began.Rate(false, refresh, false, 10, &fell) == 3.0);
+  // A steady use, or none, is no rise.
+  PoolDemand steady;
+  AddSteady(steady, 8, 0.25, 6);
+  BOOST_TEST(!steady.Rising(false, refresh));
+  PoolDemand idle;
+  AddSteady(idle, 8, 0.25, 0);
+  BOOST_TEST(!idle.Rising(false, refresh));
 }
 
 BOOST_AUTO_TEST_CASE(what_a_host_asks_of_a_key) {
   const double limit = 10;
   // Its use and a margin, at least the floor every host keeps.
-  BOOST_TEST(Wants(5, 6, limit, false, false) == 5 * kWantsMargin);
-  BOOST_TEST(Wants(0, 6, limit, false, false) == limit * kWantsFloor);
+  const DemandSignals steady;
+  const DemandSignals saturated{true, false, false};
+  const DemandSignals pressed{false, true, false};
+  const DemandSignals rising{false, false, true};
+  BOOST_TEST(Wants(5, 6, limit, steady) == 5 * kWantsMargin);
+  BOOST_TEST(Wants(0, 6, limit, steady) == limit * kWantsFloor);
+  // Rising: what it holds, up to kRiseGrowth x its use, and at least its
+  // use and margin.
+  BOOST_TEST(Wants(2, 6, limit, rising) == kRiseGrowth * 2);
+  BOOST_TEST(Wants(2, 3, limit, rising) == 3.0);
+  BOOST_TEST(Wants(5, 3, limit, rising) == 5 * kWantsMargin);
   // Saturated: more than it has (or uses), so a squeeze is undone.
-  BOOST_TEST(Wants(3, 4, limit, true, false) == kSaturatedGrowth * 4);
-  BOOST_TEST(Wants(4, 3, limit, true, false) == kSaturatedGrowth * 4);
+  BOOST_TEST(Wants(3, 4, limit, saturated) == kSaturatedGrowth * 4);
+  BOOST_TEST(Wants(4, 3, limit, saturated) == kSaturatedGrowth * 4);
   // Pressed (a queue that lasted, or workers that gave up): the whole key.
-  BOOST_TEST(Wants(3, 4, limit, false, true) == limit);
+  BOOST_TEST(Wants(3, 4, limit, pressed) == limit);
   // Never more than the key, and nothing of an unlimited dimension.
-  BOOST_TEST(Wants(9, 9, limit, true, false) == limit);
-  BOOST_TEST(Wants(9, 9, 0, true, true) == 0.0);
+  BOOST_TEST(Wants(9, 9, limit, saturated) == limit);
+  BOOST_TEST(Wants(9, 9, 0, DemandSignals{true, true, true}) == 0.0);
 }
 
 }  // namespace keymesh::broker::mesh
