@@ -1,8 +1,8 @@
 // The demand estimate's rules on their own (mesh_demand.h): when a pool
 // counts as saturated, how its use is measured (a rise at once, a clear fall
 // at once, a wander not at all), when it rises, and what a host then asks of
-// a key. The
-// mesh job's tests drive them through a fake store; these pin each rule.
+// a key. The mesh job's tests drive them through a fake store; these pin
+// each rule.
 #define BOOST_TEST_MODULE mesh_demand_test
 #include "broker/mesh/mesh_demand.h"
 
