@@ -108,6 +108,7 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
     calls = counts["ok"] + counts["429"] + counts["401"] + counts["other"]
     refused = sum(k["rate_limited"] for k in stats["keys"].values())
     refused_at = sorted(t for k in stats["keys"].values() for t in k.get("refused_at", []))
+    over = {w: worst_window(stats, w) for w in OVER_WINDOWS}
     p50, p99 = mf.wait_percentiles(result.reports)
     halves = mf.per_host(result.reports, len(c.hosts))
     served = [sum(row) for row in halves]
@@ -122,8 +123,35 @@ def run_row(c: mf.Cluster, label: str, mode: str, args: argparse.Namespace, plan
            "per_host": [s / args.seconds for s in served], "p50": p50, "p99": p99,
            "no_key": counts["no_key"], "failed": result.failed,
            "modes": "/".join(modes_end.get(h.name, "?") for h in c.hosts) if mesh is not None else "",
-           "redis_idle": idle_load, "redis_busy": busy_load, "redis_half": half_load, "refused_at": refused_at}
+           "redis_idle": idle_load, "redis_busy": busy_load, "redis_half": half_load, "refused_at": refused_at,
+           "over": over}
     return row
+
+
+# The sliding windows (seconds) over which the bench counts a key's calls
+# beyond its limit: the provider's own second, then longer ones, over which
+# the shares' pre-accounting (their sum at most the limit less the headroom)
+# leaves no room for the hosts' bursts (at most one call per host and key).
+OVER_WINDOWS = (1, 5, 15)
+# The mesh's default headroom (docs/MESH.md), which the bench's config keeps.
+MESH_HEADROOM = 0.02
+
+
+def worst_window(stats: dict[str, Any], seconds: float) -> int:
+    """The most calls any key got, in any window of `seconds` (sliding, from
+    one of its calls), beyond its limit over that window; 0 when none did."""
+    worst = 0
+    for k in stats["keys"].values():
+        times = sorted(k.get("calls_at") or [])
+        cap = int(k.get("per_second") or 0) * seconds
+        if not cap:
+            continue
+        j = 0
+        for i, t in enumerate(times):
+            while j < len(times) and times[j] < t + seconds:
+                j += 1
+            worst = max(worst, j - i - cap)
+    return int(worst)
 
 
 def redis_commands(c: mf.Cluster) -> dict[str, int]:
@@ -431,6 +459,17 @@ def report(rows: list[dict[str, Any]], prop: dict[str, Any] | None, fast: list[d
               "the row's end cut short is not counted).")
         print("targets (mesh): of cap >= 0.95, refused <= 0.5 %, per-host served following demand; refused 0 "
               f"while redis is frozen for less than the lease ({args.lease:g} s)")
+    if rows:
+        print("\ncalls beyond a key's limit in its worst sliding window of " +
+              ", ".join(f"{w:g} s" for w in OVER_WINDOWS) + ": " + "; ".join(
+                  f"{r['label']} " + "/".join(f"{r['over'][w]:+d}" if r["over"][w] else "0" for w in OVER_WINDOWS)
+                  for r in rows if "over" in r))
+        per_key = min(max(1, k.rpm // 60) for k in c.keys if not k.revoked and k.rpm > 0)
+        print("(the provider counts per wall-clock second, so its refusals are the 1 s figure's; the shares' sum is "
+              "at most the limit less the headroom, so no window of hosts x burst / (headroom x limit) or more, here "
+              f"{len(c.hosts)} x 1 / ({MESH_HEADROOM:.0%} x {per_key}/s) = "
+              f"{len(c.hosts) / (MESH_HEADROOM * per_key):g} s, holds a call beyond the limit; target: 0 there, in "
+              "the mesh rows)")
     late = [r for r in rows if r.get("refused_at")]
     if late:
         print("\nwhen the provider refused (seconds into the row): " + "; ".join(

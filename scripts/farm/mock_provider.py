@@ -12,7 +12,9 @@ A test hook for the cooldown propagation benchmark: a request with the header
 or 1>" whatever the key's budget (counted under "forced", not as a refusal).
 
 It listens on 127.0.0.1 only. Counters are kept per key and served as JSON
-at GET /stats. Run standalone:  python3 mock_provider.py CONFIG.json
+at GET /stats, with the times of the rate refusals and of every call the
+rate counted or refused (the first 100,000 a key, seconds after the last
+POST /reset). Run standalone:  python3 mock_provider.py CONFIG.json
 where CONFIG.json is {"port": 0, "latency_ms": 20, "jitter_ms": 5,
 "keys": {"sk-...": {"rpm": 600, "max_concurrency": 8, "revoked": false}}};
 it prints "listening PORT" on stdout once ready.
@@ -43,6 +45,7 @@ class KeyLimits:
         self.unauthorized = 0
         self.forced = 0
         self.refused_at: list[float] = []  # seconds after the last reset of each rate refusal (the first 1000)
+        self.calls_at: list[float] = []  # seconds after the last reset of each call the rate counts or refuses
         self.lock = threading.Lock()
 
 
@@ -72,6 +75,8 @@ class Provider:
                 return 401, 0.0
             now = time.time()
             window = math.floor(now)
+            if limits.per_second and len(limits.calls_at) < 100000:
+                limits.calls_at.append(round(now - self.reset_at, 4))
             if window != limits.window:
                 limits.window = window
                 limits.in_window = 0
@@ -109,7 +114,7 @@ class Provider:
                 out["keys"]["..." + secret[-4:]] = {
                     "ok": k.ok, "rate_limited": k.rate_limited, "unauthorized": k.unauthorized,
                     "per_second": k.per_second, "revoked": k.revoked, "forced": k.forced,
-                    "refused_at": list(k.refused_at),
+                    "refused_at": list(k.refused_at), "calls_at": list(k.calls_at),
                 }
         return out
 
@@ -119,6 +124,7 @@ class Provider:
             with k.lock:
                 k.ok = k.rate_limited = k.unauthorized = k.forced = 0
                 k.refused_at = []
+                k.calls_at = []
                 k.window = -1
                 k.in_window = 0
         self.unknown = 0
