@@ -12,6 +12,10 @@ namespace keymesh::broker::mesh {
 // (its next request), as its reply may be lost. A revoked/disabled key grants 0; a mismatched
 // fingerprint grants 0 and records nothing; while learning (the epoch was
 // just recreated) a host gets at most min(has, wants), a newcomer 0.
+// Requests are split max-min fair over the live wants; when several hosts
+// are capped at one fractional level and their ceilings could pass the
+// limit in one wall-clock second, all of them but one (a lease each, in
+// turn) get the level's whole part and that one the rest.
 const LuaScript kLeaseScript = {"lease", R"lua(
 local p = ARGV[1]
 local host = ARGV[2]
@@ -134,6 +138,7 @@ for i = 1, n do
       if e == nil or e.expiry <= now then
         redis.call('HDEL', lk, all[j])
       else
+        e.name = all[j]
         others[#others + 1] = e
       end
     end
@@ -180,17 +185,41 @@ for i = 1, n do
             -- part of the idle capacity rather than from its small wants
             -- (a lender gives it back at its own next refresh, once others
             -- want it).
-            local ws = {{w = wants[d], me = true}}
-            for _, e in ipairs(others) do ws[#ws + 1] = {w = e.wants[d], me = false} end
+            local ws = {{w = wants[d], me = true, name = host}}
+            for _, e in ipairs(others) do ws[#ws + 1] = {w = e.wants[d], me = false, name = e.name} end
             table.sort(ws, function(a, c) return a.w < c.w end)
             local left = cap
             local mine = 0
+            local capped, level, whole = {}, 0, 0
             for k, e in ipairs(ws) do
-              local level = left / (#ws - k + 1)
+              level = left / (#ws - k + 1)
               local a = e.w
-              if a > level then a = level end
+              if a > level then
+                a = level
+                capped[#capped + 1] = e.name
+              end
               if e.me then mine = a end
+              -- What a host pacing at a (one request per 1/a s) can send
+              -- in one wall-clock second: ceil(a).
+              whole = whole + math.ceil(a - 1e-9)
               left = left - a
+            end
+            -- Whole requests a second. Hosts capped at the same fractional
+            -- level, all pacing as fast as their share lets them, each send
+            -- ceil(level) in the seconds where their sends fall that way;
+            -- when that can add up past the limit (three hosts at 3.2 of a
+            -- 10/s key: 4 + 4 + 4), a provider that counts per second
+            -- refuses. So every capped host but one is granted the whole
+            -- part of the level, and that one (in turn, a lease each, in
+            -- name order) the rest: none sends more than its whole part in
+            -- any second, and the one more than its share's ceiling.
+            local q = math.floor(level + 1e-9)
+            if d == 1 and #capped >= 2 and q >= 1 and level - q > 1e-9 and whole > math.floor(limit + 1e-9) then
+              table.sort(capped)
+              local rest = capped[math.floor(now / lease) % #capped + 1]
+              for _, name in ipairs(capped) do
+                if name == host then mine = (name == rest) and (level + (#capped - 1) * (level - q)) or q end
+              end
             end
             x = mine + math.max(left, 0) / #ws
           end

@@ -303,6 +303,58 @@ BOOST_FIXTURE_TEST_CASE(share_follows_demand_within_two_refreshes, Settled) {
   BOOST_TEST(std::fabs(last->keys[1].tok - 475) < 1e-9);
 }
 
+// Hosts capped at a fractional level of a key that counts per second could
+// each send its ceiling in the same second (three at 3.17 of a 10/s key:
+// 4 + 4 + 4). So all but one are granted the whole part of the level (3)
+// and that one the rest (3.5), in turn, a lease each, in name order: no
+// second holds more than 3 + 3 + 4. Two hosts at 4.75 (5 + 5 fits) and
+// three at 3.8 of a 12/s key (4 + 4 + 4 fits) keep the plain split.
+BOOST_FIXTURE_TEST_CASE(hosts_capped_together_get_whole_requests_but_one, Fresh) {
+  SeedEpoch();
+  const std::vector<KeyDef> defs = {{"p", "ten", 10, 0, 1}, {"p", "twelve", 12, 0, 1}};
+  std::vector<std::unique_ptr<Host>> hosts;
+  for (const char* name : {"c", "a", "b"}) {
+    hosts.push_back(std::make_unique<Host>(name, defs));
+    hosts.back()->wants_req = {50, 50};
+  }
+  constexpr uint64_t kLease = 10'000;
+  auto rounds = [&](int64_t* now, int n) {
+    for (int i = 0; i < n; ++i) {
+      for (auto& h : hosts) {
+        Result<LeaseReply> r = h->Refresh(*now += 100, kLease);
+        BOOST_REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+      }
+    }
+  };
+  // Which host holds the rest: its lease-long turn is floor(now / lease)
+  // modulo the capped hosts, in name order.
+  auto check = [&](const std::string& rest, const std::string& when) {
+    int whole_seconds = 0;
+    for (const auto& h : hosts) {
+      BOOST_TEST_INFO(when << ": " << h->name);
+      BOOST_TEST(h->has_req[0] == (h->name == rest ? 3.5 : 3.0), boost::test_tools::tolerance(1e-9));
+      whole_seconds += static_cast<int>(std::ceil(h->has_req[0] - 1e-9));
+      BOOST_TEST_INFO(when << ": " << h->name);
+      BOOST_TEST(h->has_req[1] == 11.4 / 3, boost::test_tools::tolerance(1e-9));
+    }
+    BOOST_TEST(whole_seconds <= 10);
+  };
+  int64_t now = 2 * kLease;  // turn 2: "c"
+  rounds(&now, 4);
+  check("c", "turn 2");
+  now = 3 * kLease;  // turn 3: "a"; c's 3.5 counts until it reports the 3
+  rounds(&now, 3);
+  check("a", "turn 3");
+  CheckSums(hosts, defs, now, "turn 3");
+  // One of them turns light: the other two are capped at 4.4, and 5 + 5 +
+  // its ceiling would pass 10, so one of them gets 4 and the other 4.8.
+  hosts[0]->wants_req = {0.7, 50};  // c
+  rounds(&now, 3);
+  BOOST_TEST(hosts[0]->has_req[0] == 0.7, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(hosts[1]->has_req[0] + hosts[2]->has_req[0] == 9.5 - 0.7, boost::test_tools::tolerance(1e-9));
+  BOOST_TEST(std::min(hosts[1]->has_req[0], hosts[2]->has_req[0]) == 4.0, boost::test_tools::tolerance(1e-9));
+}
+
 // A host short of its fair part because another holds it (lent while
 // nobody wanted it) asks every other host to refresh at once: one
 // rebalance event (kind 7, no key), at most one per 200 ms.
