@@ -175,7 +175,7 @@ for i = 1, n do
             if e.lim[d] > 0 and e.lim[d] < limit then limit = e.lim[d] end
           end
           local cap = limit * (1 - headroom)
-          local x
+          local x, due
           if learning then
             x = math.min(has[d], wants[d])
           else
@@ -217,13 +217,17 @@ for i = 1, n do
             if d == 1 and #capped >= 2 and q >= 1 and level - q > 1e-9 and whole > math.floor(limit + 1e-9) then
               table.sort(capped)
               local rest = capped[math.floor(now / lease) % #capped + 1]
+              -- The one holding the rest is short only of the whole part:
+              -- the rest moves to it at a turn, once its last holder has
+              -- reported giving it back, which no rebalance would hasten.
               for _, name in ipairs(capped) do
-                if name == host then mine = (name == rest) and (level + (#capped - 1) * (level - q)) or q end
+                if name == host then mine, due = (name == rest) and (level + (#capped - 1) * (level - q)) or q, q end
               end
             end
             x = mine + math.max(left, 0) / #ws
+            due = math.min(due or x, x)
           end
-          if not learning and x - (cap - others_grant) > limit * short_of then short = true end
+          if not learning and due - (cap - others_grant) > limit * short_of then short = true end
           x = math.min(x, cap - others_has)
           if not (x > 0) then x = 0 end
           g[d] = x
