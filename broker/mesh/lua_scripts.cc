@@ -14,8 +14,8 @@ namespace keymesh::broker::mesh {
 // just recreated) a host gets at most min(has, wants), a newcomer 0.
 // Requests are split max-min fair over the live wants; when several hosts
 // are capped at one fractional level and their ceilings could pass the
-// limit in one wall-clock second, all of them but one (a lease each, in
-// turn) get the level's whole part and that one the rest.
+// limit in one wall-clock second, all of them but one (in turn, ten leases
+// each) get the level's whole part and that one the rest.
 const LuaScript kLeaseScript = {"lease", R"lua(
 local p = ARGV[1]
 local host = ARGV[2]
@@ -41,6 +41,12 @@ local function num(s)
   return v
 end
 local ttl = math.floor(lease * 2 + 60000)
+-- A small number from a key's name, the same on every host.
+local function spread(s)
+  local h = 0
+  for k = 1, #s do h = (h * 31 + string.byte(s, k)) % 65521 end
+  return h
+end
 
 local ek = p .. 'epoch'
 local epoch = redis.call('HGET', ek, 'id')
@@ -210,13 +216,16 @@ for i = 1, n do
             -- when that can add up past the limit (three hosts at 3.2 of a
             -- 10/s key: 4 + 4 + 4), a provider that counts per second
             -- refuses. So every capped host but one is granted the whole
-            -- part of the level, and that one (in turn, a lease each, in
-            -- name order) the rest: none sends more than its whole part in
-            -- any second, and the one more than its share's ceiling.
+            -- part of the level, and that one the rest: none sends more
+            -- than its whole part in any second, and the one more than its
+            -- share's ceiling. The rest moves on in name order every ten
+            -- leases (a move costs its last holder a report to Redis), from
+            -- a start that differs key by key, so that a host's keys do not
+            -- all give it the rest at once.
             local q = math.floor(level + 1e-9)
             if d == 1 and #capped >= 2 and q >= 1 and level - q > 1e-9 and whole > math.floor(limit + 1e-9) then
               table.sort(capped)
-              local rest = capped[math.floor(now / lease) % #capped + 1]
+              local rest = capped[(math.floor(now / (10 * lease)) + spread(id)) % #capped + 1]
               -- The one holding the rest is short only of the whole part:
               -- the rest moves to it at a turn, once its last holder has
               -- reported giving it back, which no rebalance would hasten.
