@@ -8,9 +8,9 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <ctime>
 
 #include "common/text.h"
+#include "shm/clock.h"
 
 namespace keymesh::broker {
 namespace {
@@ -31,9 +31,7 @@ std::string TempNameFor(const std::string& path) {
   if (::getrandom(&r, sizeof(r), 0) != static_cast<ssize_t>(sizeof(r))) {
     // No entropy source: O_EXCL below still refuses any file planted at
     // the name, so a predictable suffix only risks a clear failure.
-    timespec ts{};
-    ::clock_gettime(CLOCK_MONOTONIC, &ts);
-    r = static_cast<uint64_t>(ts.tv_nsec) ^ (static_cast<uint64_t>(ts.tv_sec) << 30);
+    r = shm::MonotonicNowNanos();
   }
   char suffix[32];
   std::snprintf(suffix, sizeof(suffix), "%016llx", static_cast<unsigned long long>(r));

@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "common/text.h"
+#include "shm/clock.h"
 
 namespace keymesh::broker {
 namespace {
@@ -64,13 +65,14 @@ bool LogEnabled(LogLevel level) { return static_cast<int>(level) >= g_level.load
 
 void Log(LogLevel level, std::string_view event, std::initializer_list<LogField> fields) {
   if (!LogEnabled(level)) return;
-  timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
+  const uint64_t wall = shm::WallNowNanos();
+  const time_t sec = static_cast<time_t>(wall / shm::kNanosPerSecond);
   struct tm tm;
-  gmtime_r(&ts.tv_sec, &tm);
+  gmtime_r(&sec, &tm);
   char stamp[64];
-  std::snprintf(stamp, sizeof(stamp), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+  std::snprintf(stamp, sizeof(stamp), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                static_cast<int>(wall % shm::kNanosPerSecond / 1'000'000));
   std::string line = "ts=";
   line += stamp;
   line += " level=";
