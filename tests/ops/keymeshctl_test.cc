@@ -75,17 +75,19 @@ std::string g_all_output;
 CtlResult Ctl(const std::string& dir, const std::vector<std::string>& args) {
   static int counter = 0;
   const std::string base = dir + "/ctl-" + std::to_string(++counter);
+  // Built before the fork: the child only opens, dup2s and execs.
+  const std::string out_path = base + ".out", err_path = base + ".err";
+  std::vector<std::string> all = {KEYMESHCTL_BIN};
+  all.insert(all.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : all) argv.push_back(a.data());
+  argv.push_back(nullptr);
   const pid_t pid = ::fork();
   if (pid == 0) {
-    const int out = ::open((base + ".out").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    const int err = ::open((base + ".err").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    const int out = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    const int err = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     ::dup2(out, STDOUT_FILENO);
     ::dup2(err, STDERR_FILENO);
-    std::vector<std::string> all = {KEYMESHCTL_BIN};
-    all.insert(all.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (auto& a : all) argv.push_back(a.data());
-    argv.push_back(nullptr);
     ::execv(argv[0], argv.data());
     _exit(127);
   }

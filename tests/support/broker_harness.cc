@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "shm/segment.h"
 
@@ -32,6 +33,7 @@ BrokerProcess::BrokerProcess() {
   socket_ = dir_ + "/km.sock";
   state_file_ = dir_ + "/state.json";
   config_file_ = dir_ + "/config.json";
+  log_file_ = dir_ + "/broker.stderr";
 }
 
 std::string BrokerProcess::segment() {
@@ -46,7 +48,7 @@ std::string BrokerProcess::segment() {
 
 BrokerProcess::~BrokerProcess() {
   if (pid_ > 0) Kill();
-  JoinReader();
+  CloseLog();
   (void)segment();
   for (const std::string& name : segments_seen_) (void)shm::Segment::Remove(name);
   std::error_code ec;
@@ -62,69 +64,84 @@ void BrokerProcess::WriteConfig(const std::string& pools, const std::string& ext
 }
 
 bool BrokerProcess::Start(const std::vector<std::string>& extra_args, double timeout) {
-  JoinReader();
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) return false;
+  CloseLog();
   {
     std::lock_guard<std::mutex> lock(mu_);
     log_.clear();
   }
+  // Truncated here, before the fork: a read must never see the last run's.
+  const int out = ::open(log_file_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+  if (out < 0) return false;
+  log_fd_ = ::open(log_file_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (log_fd_ < 0) {
+    ::close(out);
+    return false;
+  }
+  // Everything the child needs is built before the fork: between fork and
+  // exec it only calls dup2 and execv.
   std::vector<std::string> args = {KEYMESH_BROKER_BIN, "--config", config_file_};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
   const pid_t pid = ::fork();
   if (pid == 0) {
-    ::dup2(fds[1], STDERR_FILENO);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
+    ::dup2(out, STDERR_FILENO);
     ::execv(argv[0], argv.data());
     _exit(127);
   }
-  ::close(fds[1]);
+  ::close(out);
+  if (pid < 0) return false;
   pid_ = pid;
-  log_fd_ = fds[0];
-  const int fd = log_fd_;
-  reader_ = std::thread([this, fd] {
-    char buf[4096];
-    for (;;) {
-      const ssize_t n = ::read(fd, buf, sizeof(buf));
-      if (n < 0 && errno == EINTR) continue;
-      std::lock_guard<std::mutex> lock(mu_);
-      if (n <= 0) {
-        log_ += "\n<eof>\n";
-        cv_.notify_all();
-        return;
-      }
-      log_.append(buf, static_cast<size_t>(n));
-      cv_.notify_all();
-    }
-  });
   return WaitLog("event=ready", timeout);
 }
 
-void BrokerProcess::JoinReader() {
-  if (reader_.joinable()) reader_.join();
+void BrokerProcess::CloseLog() {
   if (log_fd_ >= 0) ::close(log_fd_);
   log_fd_ = -1;
 }
 
+bool BrokerProcess::Alive() const {
+  if (pid_ <= 0) return false;
+  siginfo_t info{};
+  if (::waitid(P_PID, static_cast<id_t>(pid_), &info, WEXITED | WNOHANG | WNOWAIT) != 0) return false;
+  return info.si_pid == 0;
+}
+
+void BrokerProcess::ReadLogLocked() {
+  if (log_fd_ < 0) return;
+  char buf[8192];
+  for (;;) {
+    const ssize_t n = ::read(log_fd_, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    log_.append(buf, static_cast<size_t>(n));
+  }
+}
+
 bool BrokerProcess::WaitLog(const std::string& needle, double timeout, int count) {
-  std::unique_lock<std::mutex> lock(mu_);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
   auto found = [&] {
     int n = 0;
     for (size_t pos = log_.find(needle); pos != std::string::npos; pos = log_.find(needle, pos + 1)) ++n;
     return n >= count;
   };
-  while (!found()) {
-    if (log_.find("<eof>") != std::string::npos) return found();
-    if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) return found();
+  for (;;) {
+    // Asked before the read: a broker that exited wrote everything by then.
+    const bool gone = !Alive();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ReadLogLocked();
+      if (found()) return true;
+    }
+    if (gone || std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // the file has no wake-up; a poll
   }
-  return true;
 }
 
 std::string BrokerProcess::Log() {
   std::lock_guard<std::mutex> lock(mu_);
+  ReadLogLocked();
   return log_;
 }
 
@@ -137,7 +154,6 @@ int BrokerProcess::Stop() {
   ::kill(pid_, SIGTERM);
   const int code = WaitChild(pid_, &core_dumped_);
   pid_ = -1;
-  JoinReader();
   return code;
 }
 
@@ -146,15 +162,17 @@ void BrokerProcess::Kill() {
   ::kill(pid_, SIGKILL);
   WaitChild(pid_, &core_dumped_);
   pid_ = -1;
-  JoinReader();
 }
 
 std::optional<int> BrokerProcess::WaitExit(double timeout) {
   if (pid_ <= 0) return std::nullopt;
-  if (!WaitLog("<eof>", timeout)) return std::nullopt;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
+  while (Alive()) {
+    if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // waitpid has no timeout; a poll
+  }
   const int code = WaitChild(pid_, &core_dumped_);
   pid_ = -1;
-  JoinReader();
   return code;
 }
 

@@ -1,7 +1,14 @@
 // Test harness for the broker integration tests: a private directory, the
-// real keymesh-broker binary in a child process (its stderr captured so
-// tests wait for its log lines instead of sleeping) and a raw protocol
-// client. Forked workers, pipes and latches come from support/process.h.
+// real keymesh-broker binary in a child process (its stderr captured in a
+// file of that directory, so tests wait for its log lines instead of
+// sleeping) and a raw protocol client. Forked workers, pipes and latches
+// come from support/process.h.
+//
+// The capture takes no thread: a test process that forks workers (which run
+// library code before any exec) must have no other thread then, or the
+// child may inherit a lock held mid-operation (ThreadSanitizer's runtime
+// before its 2024 fix took its allocator's lock unguarded, and a forked
+// child of a multi-threaded process under it hung now and then).
 //
 // Every BrokerProcess uses names derived from the test process's pid and a
 // counter; its destructor kills a still-running broker, removes the segments
@@ -11,12 +18,10 @@
 
 #include <sys/types.h>
 
-#include <condition_variable>
 #include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <boost/json.hpp>
@@ -51,8 +56,10 @@ class BrokerProcess {
   bool core_dumped() const noexcept { return core_dumped_; }
   bool running() const noexcept { return pid_ > 0; }
   pid_t pid() const noexcept { return pid_; }
-  // Waits until the captured stderr contains `needle` `count` times.
+  // Waits until the captured stderr contains `needle` `count` times (false
+  // once the broker exited without it, or at `timeout`).
   bool WaitLog(const std::string& needle, double timeout, int count = 1);
+  // The broker's stderr since its last Start.
   std::string Log();
 
   const std::string& dir() const noexcept { return dir_; }
@@ -66,16 +73,18 @@ class BrokerProcess {
   std::string segment_name_file() const { return socket_ + ".segment"; }
 
  private:
-  void JoinReader();
+  // Whether the broker process has not exited yet (it is not reaped).
+  bool Alive() const;
+  // Appends what the broker wrote since the last read to log_ (under mu_).
+  void ReadLogLocked();
+  void CloseLog();
 
-  std::string dir_, socket_, state_file_, config_file_;
+  std::string dir_, socket_, state_file_, config_file_, log_file_;
   std::vector<std::string> segments_seen_;
   pid_t pid_ = -1;
   bool core_dumped_ = false;
-  int log_fd_ = -1;
-  std::thread reader_;
+  int log_fd_ = -1;  // the capture, read-only
   std::mutex mu_;
-  std::condition_variable cv_;
   std::string log_;
 };
 
