@@ -67,13 +67,14 @@ bool RedisServer::Start(double timeout) {
   } else {
     args.insert(args.end(), {"--appendonly", "no"});
   }
+  // Built before the fork: the child only execs (a test may run threads).
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
   std::fflush(nullptr);
   const pid_t pid = fork();
   if (pid < 0) return false;
   if (pid == 0) {
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
     execvp("redis-server", argv.data());
     _exit(127);
   }
@@ -125,15 +126,15 @@ std::string RedisServer::Cli(const std::vector<std::string>& args, bool* ok) con
     if (ok) *ok = false;
     return "";
   }
+  std::vector<std::string> all = {"redis-cli", "-h", "127.0.0.1", "-p", std::to_string(port_)};
+  all.insert(all.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : all) argv.push_back(a.data());
+  argv.push_back(nullptr);
   std::fflush(nullptr);
   const pid_t pid = fork();
   if (pid == 0) {
     dup2(fds[1], STDOUT_FILENO);
-    std::vector<std::string> all = {"redis-cli", "-h", "127.0.0.1", "-p", std::to_string(port_)};
-    all.insert(all.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (auto& a : all) argv.push_back(a.data());
-    argv.push_back(nullptr);
     execvp("redis-cli", argv.data());
     _exit(127);
   }
