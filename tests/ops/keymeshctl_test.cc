@@ -40,6 +40,7 @@ using keymesh::testing::BrokerProcess;
 using keymesh::testing::Exposition;
 using keymesh::testing::NowSeconds;
 using keymesh::testing::ParseExposition;
+using keymesh::testing::SpawnProgram;
 using keymesh::testing::WaitChild;
 
 // Distinctive secrets: none of them may appear in any log or output beyond
@@ -75,24 +76,15 @@ std::string g_all_output;
 CtlResult Ctl(const std::string& dir, const std::vector<std::string>& args) {
   static int counter = 0;
   const std::string base = dir + "/ctl-" + std::to_string(++counter);
-  // Built before the fork: the child only opens, dup2s and execs.
-  const std::string out_path = base + ".out", err_path = base + ".err";
   std::vector<std::string> all = {KEYMESHCTL_BIN};
   all.insert(all.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : all) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    const int out = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    const int err = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    ::dup2(out, STDOUT_FILENO);
-    ::dup2(err, STDERR_FILENO);
-    ::execv(argv[0], argv.data());
-    _exit(127);
-  }
+  const int out = ::open((base + ".out").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  const int err = ::open((base + ".err").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  const pid_t pid = SpawnProgram(all, out, err);
+  ::close(out);
+  ::close(err);
   CtlResult r;
-  r.code = WaitChild(pid);
+  r.code = pid > 0 ? WaitChild(pid) : -1;
   r.out = ReadFile(base + ".out");
   r.err = ReadFile(base + ".err");
   g_all_output += r.out + r.err;
@@ -556,13 +548,10 @@ BOOST_AUTO_TEST_CASE(commands_take_effect_for_workers_and_secrets_never_show) {
 
   // watch: refreshes until interrupted, then exits 0.
   const std::string watch_out = b.dir() + "/watch.out";
-  const pid_t watch = ::fork();
-  if (watch == 0) {
-    const int fd = ::open(watch_out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    ::dup2(fd, STDOUT_FILENO);
-    ::execl(KEYMESHCTL_BIN, KEYMESHCTL_BIN, "--socket", b.socket().c_str(), "watch", "p", static_cast<char*>(nullptr));
-    _exit(127);
-  }
+  const int watch_fd = ::open(watch_out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  const pid_t watch = SpawnProgram({KEYMESHCTL_BIN, "--socket", b.socket(), "watch", "p"}, watch_fd);
+  ::close(watch_fd);
+  BOOST_REQUIRE(watch > 0);
   const double deadline = NowSeconds() + 10;
   while (ReadFile(watch_out).find("pool p") == std::string::npos && NowSeconds() < deadline) ::usleep(10'000);
   BOOST_CHECK(ReadFile(watch_out).find("pool p") != std::string::npos);

@@ -77,19 +77,9 @@ bool BrokerProcess::Start(const std::vector<std::string>& extra_args, double tim
     ::close(out);
     return false;
   }
-  // Everything the child needs is built before the fork: between fork and
-  // exec it only calls dup2 and execv.
   std::vector<std::string> args = {KEYMESH_BROKER_BIN, "--config", config_file_};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(out, STDERR_FILENO);
-    ::execv(argv[0], argv.data());
-    _exit(127);
-  }
+  const pid_t pid = SpawnProgram(args, -1, out);
   ::close(out);
   if (pid < 0) return false;
   pid_ = pid;

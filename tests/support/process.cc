@@ -27,6 +27,21 @@ pid_t ForkChild(const std::function<int()>& fn) {
   return pid;
 }
 
+pid_t SpawnProgram(const std::vector<std::string>& argv, int out_fd, int err_fd) {
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    if (out_fd >= 0) ::dup2(out_fd, STDOUT_FILENO);
+    if (err_fd >= 0) ::dup2(err_fd, STDERR_FILENO);
+    ::execvp(args[0], args.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
 int WaitChild(pid_t pid, bool* core_dumped) {
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0) {

@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <functional>
 #include <new>
+#include <string>
+#include <vector>
 
 namespace keymesh::testing {
 
@@ -19,6 +21,15 @@ namespace keymesh::testing {
 // threw). Flushes stdio first so the child does not repeat buffered output.
 // Returns the child's pid to the parent.
 pid_t ForkChild(const std::function<int()>& fn);
+
+// Forks and execs `argv` (argv[0] searched in PATH when it has no '/'),
+// with `out_fd` and `err_fd`, when >= 0, as the child's stdout and stderr.
+// Everything the child needs is built before the fork: between fork and exec
+// it only calls dup2 and exec, so a test may run threads when it spawns (a
+// child forked from a multi-threaded process may inherit a lock held
+// mid-operation, ThreadSanitizer's allocator lock among them). The child
+// _exits 127 if exec fails. Returns its pid, or -1 if fork failed.
+pid_t SpawnProgram(const std::vector<std::string>& argv, int out_fd = -1, int err_fd = -1);
 
 // Waits for `pid` (retrying on EINTR); its exit code (0..255), 128 + the
 // signal when killed, -1 on error. *core_dumped (if given) says whether the

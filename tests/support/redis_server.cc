@@ -67,17 +67,8 @@ bool RedisServer::Start(double timeout) {
   } else {
     args.insert(args.end(), {"--appendonly", "no"});
   }
-  // Built before the fork: the child only execs (a test may run threads).
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  std::fflush(nullptr);
-  const pid_t pid = fork();
+  const pid_t pid = SpawnProgram(args);
   if (pid < 0) return false;
-  if (pid == 0) {
-    execvp("redis-server", argv.data());
-    _exit(127);
-  }
   pid_ = pid;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
   while (std::chrono::steady_clock::now() < deadline) {
@@ -128,16 +119,7 @@ std::string RedisServer::Cli(const std::vector<std::string>& args, bool* ok) con
   }
   std::vector<std::string> all = {"redis-cli", "-h", "127.0.0.1", "-p", std::to_string(port_)};
   all.insert(all.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : all) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  std::fflush(nullptr);
-  const pid_t pid = fork();
-  if (pid == 0) {
-    dup2(fds[1], STDOUT_FILENO);
-    execvp("redis-cli", argv.data());
-    _exit(127);
-  }
+  const pid_t pid = SpawnProgram(all, fds[1]);
   close(fds[1]);
   std::string out;
   char buf[4096];
